@@ -1,0 +1,370 @@
+"""The LLaMA family (1/2/3, GQA, llama3 rope scaling, tied embeddings) in flax.linen.
+
+Owns `LlamaConfig` (+ presets) and the model: RMSNorm, rotary embeddings in HF's rotate_half
+convention, causal GQA attention with positions / segment masking and a KV cache, the SwiGLU MLP
+and the `nn.scan`-stacked blocks. It knows nothing about LoRA, weights on disk or sharding.
+
+Einsum letters, used in every shape comment of the package:
+  B batch, T query sequence, S key sequence, D model width, N query heads, K kv heads,
+  G query heads per kv head (N = K*G), H head dim, F ffn width, V vocab, L layers, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of one LLaMA-family model. Field names follow HF's config.json."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None = MHA
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs, hashable
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    name: str = "llama"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots_saveable
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        rope_type = self.rope_type
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
+
+    @property
+    def rope_type(self) -> str:
+        scaling = dict(self.rope_scaling or ())
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides) -> "LlamaConfig":
+        """Build from the dict of an HF `config.json` (transformers 4 and 5 spellings)."""
+        archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral") or not any(a in SUPPORTED_ARCHS for a in archs):
+            raise ValueError(f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs LlamaForCausalLM")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        names = {f.name for f in dataclasses.fields(cls)} - {"name", "dtype", "param_dtype", "remat", "rope_scaling"}
+        kwargs = {k: hf[k] for k in names if k in hf and hf[k] is not None}
+        kwargs.update(rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) or None)
+        kwargs["name"] = hf.get("_name_or_path") or model_type
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict:
+        """The config.json dict transformers reads back into the same model."""
+        out = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
+            "pretraining_tp": 1,
+            "attention_dropout": 0.0,
+        }
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "dtype", "param_dtype", "remat", "rope_scaling"):
+                out[f.name] = getattr(self, f.name)
+        if isinstance(out["eos_token_id"], tuple):
+            out["eos_token_id"] = list(out["eos_token_id"])
+        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return out
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, **overrides) -> "LlamaConfig":
+        """Build from a GGUF header (keys like `llama.block_count`), values already decoded to Python."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"unsupported GGUF architecture {arch!r}; jlora runs 'llama'")
+        heads = int(meta["llama.attention.head_count"])
+        hidden = int(meta["llama.embedding_length"])
+        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        rope = {}
+        if meta.get("llama.rope.scaling.type") == "linear":
+            rope = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+        return cls(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(meta["llama.feed_forward_length"]),
+            num_hidden_layers=int(meta["llama.block_count"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+            head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
+            rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(meta.get("llama.context_length", 4096)),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            rope_scaling=tuple(sorted(rope.items())) or None,
+            tie_word_embeddings=overrides.pop("tie_word_embeddings", True),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            name=str(meta.get("general.name", "gguf")),
+            **overrides,
+        )
+
+
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+
+_LLAMA3_ROPE = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2-7b": LlamaConfig(name="llama2-7b", rms_norm_eps=1e-5),
+    "llama2-13b": LlamaConfig(name="llama2-13b", hidden_size=5120, intermediate_size=13824,
+                              num_hidden_layers=40, num_attention_heads=40, rms_norm_eps=1e-5),
+    "llama2-70b": LlamaConfig(name="llama2-70b", hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                              rms_norm_eps=1e-5),
+    "llama3-8b": LlamaConfig(name="llama3-8b", vocab_size=128256, intermediate_size=14336,
+                             num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                             rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    "llama3.2-1b": LlamaConfig(name="llama3.2-1b", vocab_size=128256, hidden_size=2048,
+                               intermediate_size=8192, num_hidden_layers=16, num_key_value_heads=8,
+                               head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                               rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
+                               bos_token_id=128000, eos_token_id=128001),
+    "llama3.2-3b": LlamaConfig(name="llama3.2-3b", vocab_size=128256, hidden_size=3072,
+                               intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                               num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                               rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
+                               bos_token_id=128000, eos_token_id=128001),
+    "smollm2-135m": LlamaConfig(name="smollm2-135m", vocab_size=49152, hidden_size=576,
+                                intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                                rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "tiny": LlamaConfig(name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        rms_norm_eps=1e-5, max_position_embeddings=512),
+}
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float64, with llama3 / linear scaling as HF computes them."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    scaling = dict(cfg.rope_scaling or ())
+    if cfg.rope_type == "linear":
+        inv = inv / scaling["factor"]
+    elif cfg.rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [B,T,N,H] by positions [B,T], HF's rotate_half layout (halves, not interleaved)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,H]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(x.dtype) * normed.astype(x.dtype)  # HF casts to input dtype before the weight
+
+
+def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        inv_freq = rope_inv_freq(cfg)
+        q = _dense(cfg, n * h, cfg.attention_bias, "q_proj")(x).reshape(b, t, n, h)  # [B,T,N,H]
+        kk = _dense(cfg, k * h, cfg.attention_bias, "k_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
+        v = _dense(cfg, k * h, cfg.attention_bias, "v_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
+        q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+
+        q_slot = jnp.arange(t)  # [T] query order within this call
+        if self.decode:
+            if not self.has_variable("cache", "k"):
+                raise ValueError("decode=True needs a KV cache: pass {'cache': jlora.llama.init_cache(...)}")
+            ck, cv = self.variable("cache", "k", None), self.variable("cache", "v", None)
+            cseg, cidx = self.variable("cache", "segment_ids", None), self.variable("cache", "index", None)
+            start = cidx.value
+            ck.value = jax.lax.dynamic_update_slice(ck.value, kk.astype(ck.value.dtype), (0, start, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
+            cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32), (0, start))
+            cidx.value = start + t
+            kk, v, k_seg = ck.value.astype(q.dtype), cv.value.astype(q.dtype), cseg.value  # [B,S,K,H], [B,S]
+            q_slot = q_slot + start
+        else:
+            k_seg = segment_ids
+        s = kk.shape[1]
+        causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T,S]
+        same = (segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
+        mask = (causal[None] & same)[:, None, None]  # [B,1,1,T,S]
+
+        qg = q.reshape(b, t, k, n // k, h)  # [B,T,K,G,H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, kk).astype(jnp.float32) / math.sqrt(h)  # [B,K,G,T,S]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n * h)  # [B,T,N*H]
+        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out)  # [B,T,D]
+
+
+class Mlp(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)  # [B,T,F]
+        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)  # [B,T,F]
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)  # [B,T,D]
+
+
+class Block(nn.Module):
+    """One decoder layer; the scan carry is the residual stream x [B,T,D]."""
+
+    cfg: LlamaConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
+        x = x + Attention(cfg, self.decode, name="self_attn")(h, positions, segment_ids)
+        h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
+        x = x + Mlp(cfg, name="mlp")(h)
+        return x, None
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM. `__call__(ids [B,T], positions, segment_ids) -> logits [B,T,V]` in float32.
+
+    positions default to 0..T-1; segment_ids (0 = padding, equal ids attend to each other) default to
+    all ones. With decode=True the call appends to the KV cache from `init_cache`.
+    """
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, decode: bool = False,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=DTYPES[cfg.dtype],
+                         param_dtype=DTYPES[cfg.param_dtype], embedding_init=nn.initializers.normal(0.02),
+                         name="embed_tokens")
+        x = embed(input_ids)  # [B,T,D]
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        # Every collection is stacked on the layer axis, so extra collections (a KV cache, LoRA
+        # pairs routed in from outside) are sliced per layer just like the params.
+        stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
+        x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids)  # [B,T,D]
+        x = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name="norm")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)  # [B,T,V]
+        else:
+            logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)  # [B,T,V]
+        return logits.astype(jnp.float32)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """A zeroed KV cache for `decode=True` calls: per layer k/v [L,B,S,K,H], slot segment ids, fill index."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    attn = {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros(shape[:3], jnp.int32),
+        "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32),
+    }
+    return {"layers": {"self_attn": attn}}
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> dict:
+    """Random params (HF-style normal(0.02) init) as a plain nested dict."""
+    model = Llama(cfg)
+    return model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def param_shapes(cfg: LlamaConfig) -> dict:
+    """The params tree as ShapeDtypeStructs, without allocating memory."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
