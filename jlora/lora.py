@@ -1,0 +1,286 @@
+"""LoRA as a transformation of parameter trees: `LoraConfig`, `split`, `merge`, `unmerge`, `describe`.
+
+`split` turns a params tree into a frozen tree and a trainable tree. The trainable tree mirrors
+only what is trained: a `LoraPair` (A [..., in, R], B [..., R, out], optional DoRA magnitude, and
+its static scale) at the path of each targeted kernel, plus any parameter trained in full
+(`train_extra`). It never needs the config again. Running a model with the two trees is
+`jlora.lora_apply.apply`; this module knows nothing about flax modules or any model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jlora.lora_apply import KernelLayout, LoraPair, infer_layouts, pair_delta
+
+INITS = ("lora", "gaussian", "b_random", "pissa")
+ADAPTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class LoraError(ValueError):
+    """Bad LoRA configuration or mismatched trees; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how. Patterns are (regex, value) pairs, first match wins."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # module names, regexes, or "all-linear"
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None  # subset of scanned layer indices; None = all
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    use_rslora: bool = False
+    init: str = "lora"
+    use_dora: bool = False
+    train_extra: str | None = None  # regex over dotted param paths trained in full, e.g. "norm"
+    adapter_dtype: str = "float32"
+
+    def __post_init__(self):
+        fix = lambda name, conv: object.__setattr__(self, name, conv(getattr(self, name)))  # noqa: E731
+        if isinstance(self.targets, list):
+            fix("targets", tuple)
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            fix("targets", lambda t: (t,))
+        fix("exclude", tuple)
+        for name in ("rank_pattern", "alpha_pattern"):
+            fix(name, lambda p: tuple(p.items()) if isinstance(p, dict) else tuple(tuple(kv) for kv in p))
+        if self.layers is not None:
+            fix("layers", lambda ls: tuple(int(i) for i in ls))
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise LoraError(f"LoRA rank must be a positive integer, got rank={self.rank!r}")
+        if not self.alpha > 0:
+            raise LoraError(f"LoRA alpha must be > 0, got alpha={self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
+        if self.init not in INITS:
+            raise LoraError(f"unknown LoRA init {self.init!r}; expected one of {', '.join(INITS)}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise LoraError(f"adapter_dtype={self.adapter_dtype!r}: expected one of {sorted(ADAPTER_DTYPES)}")
+        for key, value in self.rank_pattern:
+            if int(value) <= 0:
+                raise LoraError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern:
+            if not float(value) > 0:
+                raise LoraError(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
+        if not self.targets and not self.train_extra:
+            raise LoraError("LoraConfig trains nothing: give targets or train_extra")
+
+    def scale(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _first_match(patterns, name: str, default):
+    for pattern, value in patterns:
+        if _name_matches(pattern, name):
+            return value
+    return default
+
+
+def _name_matches(pattern: str, dotted: str) -> bool:
+    """PEFT's rule: the last component equals the pattern, the path ends with it, or a full regex match."""
+    return dotted == pattern or dotted.endswith("." + pattern) or re.fullmatch(pattern, dotted) is not None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def layer_names(module: str, stack: tuple[int, ...]) -> list[str]:
+    """Per-layer names of a (possibly scanned) module: 'layers.self_attn.q_proj' -> 'layers.3.self_attn.q_proj'."""
+    if not stack:
+        return [module]
+    head, _, rest = module.partition(".")
+    return [f"{head}.{i}.{rest}" if rest else f"{head}.{i}" for i in range(int(np.prod(stack)))]
+
+
+def select_targets(params, lcfg: LoraConfig, layouts: dict[tuple, KernelLayout] | None = None) -> dict[tuple, KernelLayout]:
+    """The kernels to adapt: {param path: layout}, in tree order; a target matching nothing is an error."""
+    layouts = layouts if layouts is not None else infer_layouts(params)
+    modules = {_dotted(path[:-1]): path for path in layouts}
+    chosen = {}
+    targets = lcfg.targets
+    if targets == "all-linear":
+        chosen = {p: l for p, l in layouts.items() if l.kind != "embed" and p[-2] != "lm_head"}
+    else:
+        for target in targets:
+            hits = [path for name, path in modules.items() if _name_matches(target, name)]
+            if not hits:
+                close = difflib.get_close_matches(target, list(modules), n=3, cutoff=0.0)
+                raise LoraError(f"LoRA target {target!r} matches no module; closest: {', '.join(close)}")
+            chosen.update({p: layouts[p] for p in hits})
+    chosen = {p: l for p, l in chosen.items() if not any(_name_matches(x, _dotted(p[:-1])) for x in lcfg.exclude)}
+    order = list(layouts)
+    return dict(sorted(chosen.items(), key=lambda kv: order.index(kv[0])))
+
+
+def _init_pair(key, w: jax.Array, layout: KernelLayout, lcfg: LoraConfig, rank: int, scales: np.ndarray):
+    """A, B (and W adjusted for PiSSA) for one kernel w [*stack, *in, *out]."""
+    dt = ADAPTER_DTYPES[lcfg.adapter_dtype]
+    stack, n_in, n_out = layout.stack_shape(w.shape), layout.n_in(w.shape), layout.n_out(w.shape)
+    a_shape, b_shape = (*stack, n_in, rank), (*stack, rank, n_out)
+    ka, kb = jax.random.split(key)
+    zeros = lambda s: jnp.zeros(s, dt)  # noqa: E731
+    if lcfg.init == "pissa":
+        w32 = w.astype(jnp.float32).reshape(*stack, n_in, n_out)
+        u, s, vh = jnp.linalg.svd(w32, full_matrices=False)  # [*S,in,k], [*S,k], [*S,k,out]
+        s_r = s[..., :rank] / scales.reshape(*stack, 1)
+        a = u[..., :, :rank] * jnp.sqrt(s_r)[..., None, :]
+        b = jnp.sqrt(s_r)[..., :, None] * vh[..., :rank, :]
+        w_res = w32 - scales.reshape(*stack, 1, 1) * (a @ b)
+        return a.astype(dt), b.astype(dt), w_res.reshape(w.shape).astype(w.dtype)
+    if layout.kind == "embed":  # PEFT: embedding A zero, B normal
+        return zeros(a_shape), jax.random.normal(kb, b_shape, dt), w
+    if lcfg.init == "lora":  # kaiming-uniform(a=sqrt 5) on A [r, in] is U(+-1/sqrt(in))
+        bound = 1.0 / math.sqrt(n_in)
+        return jax.random.uniform(ka, a_shape, dt, -bound, bound), zeros(b_shape), w
+    if lcfg.init == "gaussian":
+        return jax.random.normal(ka, a_shape, dt) / rank, zeros(b_shape), w
+    bound = 1.0 / math.sqrt(rank)  # b_random
+    return zeros(a_shape), jax.random.uniform(kb, b_shape, dt, -bound, bound), w
+
+
+def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = None):
+    """params -> (frozen, trainable). `layouts` (from `trace_layouts`) is needed only for DenseGeneral/Einsum models."""
+    flat = traverse_util.flatten_dict(params)
+    chosen = select_targets(params, lcfg, layouts) if lcfg.targets else {}
+    trainable, frozen = {}, dict(flat)
+    for i, (path, layout) in enumerate(chosen.items()):
+        w = flat[path]
+        module = _dotted(path[:-1])
+        stack = layout.stack_shape(w.shape)
+        n_in, n_out = layout.n_in(w.shape), layout.n_out(w.shape)
+        names = layer_names(module, stack)
+        ranks = {_first_match(lcfg.rank_pattern, n, lcfg.rank) for n in names}
+        if len(ranks) > 1:
+            raise LoraError(f"rank_pattern gives {module} different ranks across its stacked layers {sorted(ranks)}")
+        rank = int(ranks.pop())
+        if rank > min(n_in, n_out):
+            raise LoraError(f"LoRA rank {rank} exceeds min(in={n_in}, out={n_out}) of {module}")
+        if lcfg.use_dora and layout.kind != "dense":
+            raise LoraError(f"DoRA needs a plain [in, out] Dense kernel; {module} is a {layout.kind} kernel {tuple(w.shape)}")
+        active = [lcfg.layers is None or j in lcfg.layers for j in range(len(names))] if stack else [True]
+        scales = np.array([lcfg.scale(rank, float(_first_match(lcfg.alpha_pattern, n, lcfg.alpha))) if on else 0.0
+                           for n, on in zip(names, active)], np.float32)
+        a, b, w_new = _init_pair(jax.random.fold_in(key, i), w, layout, lcfg, rank, scales)
+        if not all(active):  # inactive layers keep zero A and B, and scale 0: exactly no gradient, no delta
+            on = jnp.asarray(active).reshape(*stack, 1, 1)
+            a, b = jnp.where(on, a, 0), jnp.where(on, b, 0)
+            w_new = jnp.where(on.reshape(*stack, *[1] * (w.ndim - len(stack))), w_new, w)
+        magnitude = None
+        if lcfg.use_dora:
+            pair = LoraPair(a, b, None, tuple(scales.tolist()), layout, lcfg.dropout)
+            magnitude = jnp.linalg.norm(pair_delta(w_new, pair, add_base=True), axis=-2).astype(a.dtype)
+        frozen[path] = w_new
+        scale = tuple(scales.tolist()) if stack else float(scales[0])
+        trainable[path] = LoraPair(a, b, magnitude, scale, layout, lcfg.dropout)
+    if lcfg.train_extra:
+        extra = [p for p in flat if re.search(lcfg.train_extra, _dotted(p)) and p not in chosen]
+        if not extra:
+            close = difflib.get_close_matches(lcfg.train_extra, [_dotted(p) for p in flat], n=3, cutoff=0.0)
+            raise LoraError(f"train_extra {lcfg.train_extra!r} matches no parameter; closest: {', '.join(close)}")
+        for path in extra:
+            trainable[path] = frozen.pop(path)
+    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trainable)
+
+
+def _flat_trainable(trainable) -> dict:
+    return traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
+
+
+@jax.jit
+def _merge(frozen, trainable):
+    flat = traverse_util.flatten_dict(frozen)
+    for path, leaf in _flat_trainable(trainable).items():
+        if isinstance(leaf, LoraPair):
+            flat[path] = pair_delta(flat[path], leaf, add_base=True, dora=True).astype(flat[path].dtype)
+        else:
+            flat[path] = leaf
+    return traverse_util.unflatten_dict(flat)
+
+
+def _check_fits(frozen, trainable, merged: bool) -> None:
+    flat = traverse_util.flatten_dict(frozen)
+    for path, leaf in _flat_trainable(trainable).items():
+        name = _dotted(path)
+        if isinstance(leaf, LoraPair):
+            if path not in flat:
+                raise LoraError(f"the trainable tree adapts {name}, which the frozen tree does not have")
+            if not leaf.fits(flat[path].shape):
+                raise LoraError(f"LoRA pair for {name} (A {tuple(leaf.a.shape)}, B {tuple(leaf.b.shape)}) "
+                                f"does not fit kernel {tuple(flat[path].shape)}")
+        elif path in flat and not merged:
+            raise LoraError(f"{name} is both frozen and trained in full")
+
+
+def merge(frozen, trainable):
+    """A plain params tree for the unmodified model: W + s*A@B accumulated in fp32, cast to W's dtype."""
+    _check_fits(frozen, trainable, merged=False)
+    return _merge(frozen, trainable)
+
+
+def unmerge(merged, trainable):
+    """Undo `merge`: frozen = merged - s*A@B (DoRA cannot be undone without the weight norms)."""
+    flat = traverse_util.flatten_dict(merged)
+    _check_fits(merged, trainable, merged=True)
+    for path, leaf in _flat_trainable(trainable).items():
+        if isinstance(leaf, LoraPair):
+            if leaf.magnitude is not None:
+                raise LoraError(f"cannot unmerge the DoRA adapter of {_dotted(path)}: the weight norm is lost")
+            w = flat[path]
+            flat[path] = (w.astype(jnp.float32) - pair_delta(w, leaf, add_base=False)).astype(w.dtype)
+        else:
+            del flat[path]
+    return traverse_util.unflatten_dict(flat)
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a tree; a LoRA pair counts only its active (scale != 0) layers."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, LoraPair)):
+        if isinstance(leaf, LoraPair):
+            scales = np.atleast_1d(np.asarray(leaf.scale))
+            size = leaf.a.size + leaf.b.size + (leaf.magnitude.size if leaf.magnitude is not None else 0)
+            total += int(size * np.count_nonzero(scales) // scales.size)
+        else:
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def describe(trainable, frozen: Any = None) -> str:
+    """A table of what is trained: module, shapes, rank, scale, parameter count (and % of the base)."""
+    rows = [("module", "kind", "A", "B", "rank", "scale", "params")]
+    for path, leaf in _flat_trainable(trainable).items():
+        name = _dotted(path[:-1] if isinstance(leaf, LoraPair) else path)
+        if isinstance(leaf, LoraPair):
+            scales = sorted({round(s, 6) for s in np.atleast_1d(leaf.scale) if s})
+            kind = "dora" if leaf.magnitude is not None else "lora"
+            rows.append((name, kind, "x".join(map(str, leaf.a.shape)), "x".join(map(str, leaf.b.shape)),
+                         str(leaf.a.shape[-1]), "/".join(f"{s:g}" for s in scales), f"{count_params(leaf):,}"))
+        else:
+            rows.append((name, "full", "x".join(map(str, leaf.shape)), "", "", "", f"{int(np.prod(leaf.shape)):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    total = count_params(trainable)
+    tail = f"trainable params: {total:,}"
+    if frozen is not None:
+        base = count_params(frozen) + sum(int(np.prod(x.shape)) for x in _flat_trainable(trainable).values()
+                                          if not isinstance(x, LoraPair))
+        tail += f" of {base:,} ({100.0 * total / max(base, 1):.3f}%)"
+    return "\n".join([*lines, tail])
+
+
+__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "unmerge", "count_params", "describe",
+           "select_targets"]

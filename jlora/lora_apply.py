@@ -1,0 +1,272 @@
+"""The factored LoRA forward: `lora_apply`, and `apply`, which runs any flax.linen model with LoRA.
+
+`apply` intercepts the `__call__` of nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed and, where
+the trainable tree holds a `LoraPair` for the module's kernel, adds `scale * ((x @ A) @ B)` to the
+module's own output. The model is not edited and never sees `W + A@B`. The pairs travel into the
+model as an extra variable collection, so `nn.scan` slices stacked A/B per layer like the params
+(the model must scan all collections: `variable_axes={True: 0}`). Owns `LoraPair` and kernel layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct, traverse_util
+
+COLLECTION = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel's dims split: `stack` leading (scanned) dims, then its input dims, then output dims.
+
+    kind is dense | dense_general | einsum | embed. For einsum, `equation` is the module's einsum string.
+    """
+
+    kind: str
+    stack: int = 0
+    n_in_dims: int = 1
+    equation: str | None = None
+
+    def stack_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape[: self.stack])
+
+    def _in_out(self, shape):
+        per_call = tuple(shape[self.stack:])
+        if self.kind == "einsum":
+            x_spec, k_spec, o_spec = _parse(self.equation)
+            ins = [d for c, d in zip(k_spec, per_call) if c in x_spec and c not in o_spec]
+            outs = [d for c, d in zip(k_spec, per_call) if c in o_spec]
+            return ins, outs
+        return per_call[: self.n_in_dims], per_call[self.n_in_dims:]
+
+    def n_in(self, shape) -> int:
+        return int(np.prod(self._in_out(shape)[0]))
+
+    def n_out(self, shape) -> int:
+        return int(np.prod(self._in_out(shape)[1]))
+
+
+def _parse(equation: str) -> tuple[str, str, str]:
+    lhs, out = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    return x_spec, k_spec, out
+
+
+@struct.dataclass
+class LoraPair:
+    """One adapted kernel: A [*stack, in, R], B [*stack, R, out], optional DoRA magnitude [*stack, out].
+
+    scale (alpha/r or alpha/sqrt r; a tuple per stacked layer, 0 where a layer is not adapted),
+    layout and dropout are static: they are not trainable leaves.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    magnitude: jax.Array | None
+    scale: float | tuple[float, ...] = struct.field(pytree_node=False)
+    layout: KernelLayout = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[-1])
+
+    def fits(self, kernel_shape) -> bool:
+        lay = self.layout
+        stack = lay.stack_shape(kernel_shape)
+        return (len(kernel_shape) > lay.stack and tuple(self.a.shape) == (*stack, lay.n_in(kernel_shape), self.rank)
+                and tuple(self.b.shape) == (*stack, self.rank, lay.n_out(kernel_shape)))
+
+    def scale_array(self) -> np.ndarray:
+        return np.asarray(self.scale, np.float32).reshape(self.a.shape[: self.layout.stack])
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+    """scale * ((x @ a) @ b) for x [..., in], a [in, R], b [R, out]: the one place the delta is computed.
+
+    The association is fixed, so neither this nor its gradient ever forms an [in, out] matrix.
+    """
+    xa = jnp.einsum("...i,ir->...r", x, a)  # [..., R]
+    return jnp.einsum("...r,ro->...o", xa, b) * jnp.asarray(scale, x.dtype)  # [..., out]
+
+
+def lora_apply(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale, x_lora: jax.Array | None = None):
+    """x @ w + scale * ((x @ a) @ b), without forming w + a@b. x_lora is x after LoRA dropout, if any."""
+    return jnp.einsum("...i,io->...o", x, w) + lora_delta(x if x_lora is None else x_lora, a, b, scale)
+
+
+def pair_delta(w: jax.Array, pair: LoraPair, *, add_base: bool, dora: bool = False) -> jax.Array:
+    """The dense delta s*A@B in W's layout, fp32 (+ W, and DoRA's column rescale). For merge/init only."""
+    lay = pair.layout
+    stack = lay.stack_shape(w.shape)
+    s = pair.scale_array().reshape(*stack, 1, 1)
+    delta = s * (pair.a.astype(jnp.float32) @ pair.b.astype(jnp.float32))  # [*stack, in, out]
+    if lay.kind == "einsum":
+        x_spec, k_spec, o_spec = _parse(lay.equation)
+        ins = [c for c in k_spec if c in x_spec and c not in o_spec]
+        outs = [c for c in k_spec if c in o_spec]
+        dims = dict(zip(k_spec, w.shape[lay.stack:]))
+        delta = delta.reshape(*stack, *[dims[c] for c in ins + outs])
+        perm = [(ins + outs).index(c) for c in k_spec]
+        delta = jnp.transpose(delta, (*range(len(stack)), *[len(stack) + p for p in perm]))
+    delta = delta.reshape(w.shape)
+    if not add_base:
+        return delta
+    full = w.astype(jnp.float32) + delta
+    if dora and pair.magnitude is not None:
+        full = full * (pair.magnitude.astype(jnp.float32) / jnp.linalg.norm(full, axis=-2))[..., None, :]
+    return full
+
+
+def infer_layouts(params) -> dict[tuple, KernelLayout]:
+    """Layouts read off a params tree alone: `kernel` leaves are Dense [*stack, in, out], `embedding` leaves Embed."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if path[-1] == "kernel" and leaf.ndim >= 2:
+            out[path] = KernelLayout("dense", stack=leaf.ndim - 2)
+        elif path[-1] == "embedding" and leaf.ndim >= 2:
+            out[path] = KernelLayout("embed", stack=leaf.ndim - 2)
+    return out
+
+
+def _call_layout(module: nn.Module, args) -> tuple[str, KernelLayout] | None:
+    """(param name, per-call layout) of a routable module, or None."""
+    if isinstance(module, nn.Dense):
+        return "kernel", KernelLayout("dense")
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            return None
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        return "kernel", KernelLayout("dense_general", n_in_dims=len(axis))
+    if isinstance(module, nn.Einsum):
+        eq = args[1] if len(args) > 1 and args[1] is not None else module.einsum_str
+        return "kernel", KernelLayout("einsum", equation=eq)
+    if isinstance(module, nn.Embed):
+        return "embedding", KernelLayout("embed")
+    return None
+
+
+def trace_layouts(model: nn.Module, *args, **kwargs) -> dict[tuple, KernelLayout]:
+    """Layouts of every routable kernel, found by tracing `model.init` (shapes only). For split(layouts=...)."""
+    seen = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if context.method_name == "__call__":
+            found = _call_layout(context.module, call_args)
+            if found is not None:
+                seen[tuple(context.module.path) + (found[0],)] = found[1]
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"]
+    flat = traverse_util.flatten_dict(params)
+    return {p: dataclasses.replace(lay, stack=flat[p].ndim - len(_per_call_shape(lay, flat[p])))
+            for p, lay in seen.items() if p in flat}
+
+
+def _per_call_shape(lay: KernelLayout, leaf) -> tuple:
+    if lay.kind == "einsum":
+        return tuple(leaf.shape[leaf.ndim - len(_parse(lay.equation)[1]):])
+    if lay.kind == "dense_general":
+        return tuple(leaf.shape[-(lay.n_in_dims + 1):]) if leaf.ndim else ()
+    return tuple(leaf.shape[-2:])
+
+
+def _to_rows(x: jax.Array, lay: KernelLayout, kernel_shape, module_axis) -> tuple[jax.Array, Any]:
+    """Move a module input into [..., in] rows; returns rows and how to shape [..., out] back."""
+    if lay.kind == "dense":
+        return x, lambda y: y
+    if lay.kind == "dense_general":
+        axis = tuple(a % x.ndim for a in (module_axis if isinstance(module_axis, tuple) else (module_axis,)))
+        keep = [d for d in range(x.ndim) if d not in axis]
+        rows = jnp.transpose(x, (*keep, *axis)).reshape(*[x.shape[d] for d in keep], -1)
+        out_dims = tuple(kernel_shape[len(axis):])
+        return rows, lambda y: y.reshape(*y.shape[:-1], *out_dims)
+    x_spec, k_spec, o_spec = _parse(lay.equation)
+    ins = [c for c in k_spec if c in x_spec and c not in o_spec]
+    batch = [c for c in x_spec if c not in ins]
+    outs = [c for c in k_spec if c in o_spec]
+    dims = {**dict(zip(k_spec, kernel_shape)), **dict(zip(x_spec, x.shape))}
+    rows = jnp.einsum(f"{x_spec}->{''.join(batch + ins)}", x).reshape(*[dims[c] for c in batch], -1)
+    unrows = lambda y: jnp.einsum(  # noqa: E731
+        f"{''.join(batch + outs)}->{o_spec}", y.reshape(*y.shape[:-1], *[dims[c] for c in outs]))
+    return rows, unrows
+
+
+def _dropout(module: nn.Module, x: jax.Array, rate: float, training: bool) -> jax.Array:
+    if not training or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _make_interceptor(statics: dict, training: bool):
+    def route(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not module.has_variable(COLLECTION, "a"):
+            return next_fun(*args, **kwargs)
+        pname, layout, rate = statics[tuple(module.path)]
+        a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
+        scale = module.get_variable(COLLECTION, "scale")
+        y = next_fun(*args, **kwargs)
+        x = args[0]
+        if layout.kind == "embed":  # PEFT's embedding LoRA: rows of A, no dropout
+            return y + lora_delta(jnp.take(a, x, axis=0), jnp.eye(a.shape[-1], dtype=y.dtype), b.astype(y.dtype), scale)
+        kernel = module.get_variable("params", pname)
+        x = x.astype(y.dtype)
+        rows, unrows = _to_rows(x, layout, kernel.shape, getattr(module, "axis", -1))
+        rows_l = _dropout(module, rows, rate, training)
+        a, b = a.astype(y.dtype), b.astype(y.dtype)
+        if not module.has_variable(COLLECTION, "magnitude"):
+            return y + unrows(lora_delta(rows_l, a, b, scale))
+        # DoRA (PEFT's formula): y = base + (m/|W+sAB| - 1) * x_l@W + m/|W+sAB| * s*(x_l@A)@B
+        w = kernel.astype(jnp.float32)
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32)), axis=0))
+        mns = (module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm).astype(y.dtype)  # [out]
+        base_l = rows_l @ kernel.astype(y.dtype)
+        return y + unrows((mns - 1) * base_l + mns * lora_delta(rows_l, a, b, scale))
+
+    return route
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, LoraPair)
+
+
+def routed_variables(frozen, trainable) -> tuple[dict, dict]:
+    """({"params": frozen + full-trained leaves, "lora": pair arrays by module}, static per-module info)."""
+    params = traverse_util.flatten_dict(frozen)
+    lora, statics = {}, {}
+    for path, leaf in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: _is_pair(x)).items():
+        if not _is_pair(leaf):
+            params[path] = leaf
+            continue
+        module = path[:-1]
+        lora[module + ("a",)], lora[module + ("b",)] = leaf.a, leaf.b
+        lora[module + ("scale",)] = jnp.asarray(leaf.scale_array())
+        if leaf.magnitude is not None:
+            lora[module + ("magnitude",)] = leaf.magnitude
+        statics[module] = (path[-1], leaf.layout, leaf.dropout)
+    variables = {"params": traverse_util.unflatten_dict(params)}
+    if lora:
+        variables[COLLECTION] = traverse_util.unflatten_dict(lora)
+    return variables, statics
+
+
+def apply(model: nn.Module, frozen, trainable, *args, rngs: dict | None = None, variables: dict | None = None,
+          **kwargs):
+    """`model.apply` with LoRA routed in. Pass rngs={"dropout": key} to train with LoRA dropout.
+
+    `variables` adds other collections (e.g. {"cache": ...}); kwargs go to `model.apply` (mutable, method, ...).
+    """
+    routed, statics = routed_variables(frozen, trainable)
+    training = bool(rngs) and "dropout" in rngs
+    with nn.intercept_methods(_make_interceptor(statics, training)):
+        return model.apply({**routed, **(variables or {})}, *args, rngs=rngs, **kwargs)
+
