@@ -10,10 +10,10 @@ key and, when loading, the file (or the `--set` argument).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +25,14 @@ import yaml
 from jlora.lora import LoraConfig
 
 Dtype = Literal["float32", "bfloat16"]
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 1e-4 (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"), list("-+0123456789."))
 
 
 class ConfigError(ValueError):
@@ -239,8 +247,8 @@ def _is_pair(hint: Any) -> bool:
 _SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
-def _unknown(key: str, prefix: str, names: Sequence[str]) -> ConfigError:
-    near = difflib.get_close_matches(key.rpartition(".")[2], list(names), n=1)
+def _unknown(key: str, part: str, prefix: str, names: Sequence[str]) -> ConfigError:
+    near = difflib.get_close_matches(part, list(names), n=1)
     return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{prefix}{near[0]}'?)" if near else ""))
 
 
@@ -248,14 +256,10 @@ def _coerce(v: Any, hint: Any, key: str) -> Any:
     """`v` (from YAML or Python) as the type `hint`, or a ConfigError naming `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     bad = ConfigError(f"expected {_type_name(hint)}, got {v!r}", key)
-    if hint is Any:
-        return v
     if dataclasses.is_dataclass(hint):
-        if isinstance(v, hint):
-            return v
-        if isinstance(v, Mapping):
-            return _build(hint, v, key + ".")
-        raise bad
+        if not isinstance(v, (hint, Mapping)):
+            raise bad
+        return v if isinstance(v, hint) else _build(hint, v, key + ".")
     if origin is Literal:
         if any(v == a and type(v) is type(a) for a in args):
             return v
@@ -275,9 +279,6 @@ def _coerce(v: Any, hint: Any, key: str) -> Any:
             return hint(v)
         if hint is int and isinstance(v, float) and v.is_integer():
             return int(v)
-        if hint is float and isinstance(v, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                return float(v)
         raise bad
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
@@ -298,7 +299,7 @@ def _build(cls: type, raw: Mapping, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     for k in raw:
         if k not in fields:
-            raise _unknown(f"{prefix}{k}", prefix, fields)
+            raise _unknown(f"{prefix}{k}", str(k), prefix, fields)
     for name, f in fields.items():
         if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{prefix}{name}'")
@@ -320,11 +321,9 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
     if str_like or (optional_str and text.strip() not in ("null", "~", "None")):
         return _coerce(text, hint, key)
     try:
-        v = yaml.safe_load(text) if text.strip() else ""
+        v = None if text.strip() == "None" else yaml.load(text, Loader=_Loader) if text.strip() else ""
     except yaml.YAMLError:
         v = text  # e.g. a regex like "[qv]_proj": not YAML, so a plain string
-    if text.strip() == "None":
-        v = None
     return _coerce(v, hint, key)
 
 
@@ -338,7 +337,7 @@ def _set(raw: dict, override: str) -> None:
     for i, part in enumerate(parts):  # walk the dataclass hints and the raw mapping together
         names = [f.name for f in dataclasses.fields(hint)] if dataclasses.is_dataclass(hint) else []
         if part not in names:
-            raise _unknown(key, ".".join(parts[:i] + [""]).lstrip("."), names)
+            raise _unknown(key, part, ".".join(parts[:i] + [""]).lstrip("."), names)
         hint = typing.get_type_hints(hint)[part]
         if i < len(parts) - 1:
             node = node.setdefault(part, {})
@@ -363,7 +362,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config and apply `--set` style overrides ("optim.lr=1e-4")."""
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_Loader)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     except yaml.YAMLError as e:
