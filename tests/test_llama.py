@@ -1,0 +1,194 @@
+"""Model parity: jlora.Llama vs HF transformers' LlamaForCausalLM (tiny random models and real SmolLM2),
+the KV-cached decode path vs the full forward, and preset parameter counts."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
+from jlora.weights import load_pretrained
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+CASES = {
+    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3_rope": dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
+    "attention_bias": dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    "sharded": dict(num_key_value_heads=2, tie_word_embeddings=False),
+}
+
+
+def tiny_hf_model(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    """A tiny random HF model, with weights large enough (std 0.1, norms ~1) that errors show in the logits."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY, **overrides}, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, ids: np.ndarray, **kwargs) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.as_tensor(ids), **kwargs).logits.float().numpy()
+
+
+@functools.cache  # one jitted forward per config, so tests sharing a config share compiles
+def jlora_forward(cfg: LlamaConfig):
+    return jax.jit(lambda params, ids, pos=None, seg=None: Llama(cfg).apply({"params": params}, ids, pos, seg))
+
+
+def random_ids(shape, vocab, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int64)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_hf_on_tiny_checkpoints(case, tmp_path):
+    model = tiny_hf_model(**CASES[case])
+    shard = {"max_shard_size": "20KB"} if case == "sharded" else {}
+    model.save_pretrained(tmp_path, **shard)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert ("model.safetensors.index.json" in files) == (case == "sharded"), files
+
+    cfg, params = load_pretrained(tmp_path)
+    assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
+    assert ("lm_head" in params) != cfg.tie_word_embeddings
+    if case == "llama3_rope":
+        assert cfg.rope_type == "llama3"
+    if case == "attention_bias":
+        assert "bias" in params["layers"]["self_attn"]["q_proj"]
+    ids = random_ids((2, 40), TINY["vocab_size"])
+    ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, hf_logits(model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tmp_path_factory):
+    """(HF model, cfg, params) of one tiny GQA checkpoint, shared by the masking and cache tests."""
+    path = tmp_path_factory.mktemp("tiny_gqa")
+    model = tiny_hf_model(seed=1, num_key_value_heads=2)
+    model.save_pretrained(path)
+    return (model, *load_pretrained(path))
+
+
+def padded_batch():
+    """ids [3,24] with rows 0 and 2 left-padded (mask 0), and positions counting from each row's first token."""
+    ids = random_ids((3, 24), TINY["vocab_size"], seed=1)
+    mask = np.ones_like(ids)
+    mask[0, :5], mask[2, :11] = 0, 0
+    return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def test_left_padded_batch_matches_hf_attention_mask(tiny_gqa):
+    model, cfg, params = tiny_gqa
+    ids, mask, positions = padded_batch()
+    theirs = hf_logits(model, ids, attention_mask=torch.as_tensor(mask), position_ids=torch.as_tensor(positions))
+    ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
+                                         jnp.asarray(mask, jnp.int32)))
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(ours[keep], theirs[keep], atol=1e-4, rtol=0)
+    # And a padded row gives the logits of the same tokens run alone, unpadded.
+    alone = hf_logits(model, ids[2:, 11:])
+    np.testing.assert_allclose(ours[2, 11:], alone[0], atol=1e-4, rtol=0)
+
+
+def _decode_step_fn(cfg: LlamaConfig):
+    def step(params, cache, ids, pos, seg):
+        logits, mutated = Llama(cfg).apply({"params": params, "cache": cache}, ids, pos, seg, decode=True,
+                                           mutable=["cache"])
+        return logits, mutated["cache"]
+    return jax.jit(step)
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_gqa):
+    _, cfg, params = tiny_gqa
+    ids, seg, pos = (jnp.asarray(a, jnp.int32) for a in padded_batch())
+    b, t = ids.shape
+    prompt = 8  # row 2's padding runs past the prefill: pads go into the cache through both paths
+    full = np.asarray(jlora_forward(cfg)(params, ids, pos, seg))
+
+    step = _decode_step_fn(cfg)
+    cache = init_cache(cfg, b, t + 4)
+    logits, cache = step(params, cache, ids[:, :prompt], pos[:, :prompt], seg[:, :prompt])  # prefill
+    chunks = [np.asarray(logits)]
+    for i in range(prompt, t):
+        logits, cache = step(params, cache, ids[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1])
+        chunks.append(np.asarray(logits))
+    cached = np.concatenate(chunks, axis=1)
+    keep = np.asarray(seg).astype(bool)
+    np.testing.assert_allclose(cached[keep], full[keep], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, published", [("llama2-7b", 6.74e9), ("llama3-8b", 8.03e9),
+                                             ("smollm2-135m", 134.5e6)])
+def test_preset_parameter_counts(name, published):
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(PRESETS[name])))
+    assert abs(count - published) / published < 0.005, (name, count)
+
+
+# ---- the real SmolLM2-135M-Instruct (Q4_1 GGUF), against HF transformers reading the same file ----
+
+# "The history of the Roman Empire spans many centuries. It began when Augustus became the first emperor,
+# and in the years that followed", by the model's own (gpt2-BPE) tokenizer.
+PROMPT = [504, 1463, 282, 260, 4469, 7057, 22389, 800, 5034, 30, 657, 2585, 645, 29465, 2163, 260, 808, 15870,
+          28, 284, 281, 260, 929, 338, 3922]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    path = pathlib.Path(smollm2_gguf)
+    return transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def jlora_smollm2(smollm2_gguf):
+    return load_pretrained(smollm2_gguf)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_hf(hf_smollm2, jlora_smollm2):
+    cfg, params = jlora_smollm2
+    ids = np.asarray([PROMPT])
+    ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
+    theirs = hf_logits(hf_smollm2, ids)
+    assert np.abs(ours - theirs).max() <= 1e-3
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_continuation_matches_hf(hf_smollm2, jlora_smollm2):
+    cfg, params = jlora_smollm2
+    new = 16
+    with torch.inference_mode():
+        ref = hf_smollm2.generate(torch.as_tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                                  max_new_tokens=new, do_sample=False, pad_token_id=cfg.eos_token_id)
+    ref = ref[0, len(PROMPT):].tolist()
+
+    step = _decode_step_fn(cfg)
+    cache = init_cache(cfg, 1, len(PROMPT) + new)
+    ids = jnp.asarray([PROMPT], jnp.int32)
+    pos = jnp.arange(len(PROMPT), dtype=jnp.int32)[None]
+    logits, cache = step(params, cache, ids, pos, jnp.ones_like(ids))
+    out = []
+    for i in range(len(ref)):
+        token = int(jnp.argmax(logits[0, -1]))
+        out.append(token)
+        if token == cfg.eos_token_id:
+            break
+        one = jnp.full((1, 1), token, jnp.int32)
+        logits, cache = step(params, cache, one, jnp.full((1, 1), len(PROMPT) + i, jnp.int32), jnp.ones_like(one))
+    assert out == ref
