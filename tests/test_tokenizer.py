@@ -238,6 +238,18 @@ def test_sentencepiece_special_tokens_in_text(sp_dir):
     assert ours.token_to_id("<unk>") == 0 and ours.token_to_id("no such piece") is None
 
 
+def test_sentencepiece_reads_tokenizer_config(sp_dir, tmp_path):
+    """tokenizer_config.json beside a tokenizer.model: add_bos_token, pad_token, named chat templates."""
+    config = {"add_bos_token": False, "pad_token": {"content": "<|im_end|>", "__type": "AddedToken"},
+              "chat_template": [{"name": "tool_use", "template": "x"},
+                                {"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"}]}
+    d = _copy_dir(sp_dir, tmp_path, {})
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(d)
+    assert ours.add_bos is False and ours.pad_id == 4 and ours.encode("hi") == load_tokenizer(sp_dir).encode("hi")[1:]
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>hi"
+
+
 @pytest.fixture(scope="module")
 def sp_gguf(sp_ref, tmp_path_factory):
     """A SentencePiece-kind GGUF holding the trained model's pieces, scores and types (tokenizer only)."""
