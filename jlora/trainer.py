@@ -1,0 +1,213 @@
+"""The LoRA train step: loss, optimizer, sharded state init, the jitted train and eval steps.
+
+Owns the masked mean cross-entropy, the optax chain (clip, then AdamW on a warmup + constant /
+linear / cosine schedule, inside `apply_if_finite`: a non-finite step is skipped and counted),
+sharded init of (frozen, trainable, optimizer state), placing host batches on the mesh, and one
+jitted call per global step that accumulates gradients over micro-batches with `lax.scan`.
+Gradients are taken w.r.t. the trainable tree only; the frozen tree is an input that is never
+donated. The loop, metrics and CLI live in jlora.train_loop (`main` here is the `jlora-train` entry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jlora.config import OptimConfig
+from jlora.llama import LlamaConfig, init_params
+from jlora.lora import LoraConfig, LoraPair, split
+from jlora.lora_apply import apply
+from jlora.sharding import (BATCH_AXES, batch_spec, opt_state_specs, param_specs, shard_init, shard_params,
+                            to_shardings, trainable_specs)
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row: training diverged."""
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses where mask, number of such tokens) for logits [B,T,V], targets/mask [B,T].
+
+    Sums, not a mean, so micro-batches and hosts add up to the exact mean of the global batch."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B,T]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None):
+    """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`."""
+    logits = apply(model, frozen, trainable, batch["input_ids"], batch["positions"], batch["segment_ids"],
+                   rngs=rngs)  # [B,T,V] fp32
+    return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+def make_schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_steps`, then constant, or linear / cosine decay to 0 at `total_steps`."""
+    warm = ocfg.warmup_steps
+    rest = max(total_steps - warm, 1)
+    after = {
+        "constant": optax.constant_schedule(ocfg.lr),
+        "linear": optax.linear_schedule(ocfg.lr, 0.0, rest),
+        "cosine": optax.cosine_decay_schedule(ocfg.lr, rest),
+    }[ocfg.schedule]
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, ocfg.lr, warm), after], [warm])
+
+
+def make_optimizer(ocfg: OptimConfig, total_steps: int, max_nonfinite: int = 10
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(apply_if_finite(clip_by_global_norm -> adamw(schedule)), schedule).
+
+    apply_if_finite would give up after `max_consecutive_errors` and apply a NaN update; the loop
+    stops at `max_nonfinite` first, so it is set one higher and never reached."""
+    schedule = make_schedule(ocfg, total_steps)
+    parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip else []
+    parts.append(optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay))
+    return optax.apply_if_finite(optax.chain(*parts), max_nonfinite + 1), schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The arrays of a run, all placed on `mesh`. opt_state is None until `init_opt_state`."""
+
+    frozen: Any
+    trainable: Any
+    opt_state: Any
+    mesh: Mesh
+
+    def shardings(self, optimizer: optax.GradientTransformation | None = None):
+        """(frozen, trainable, opt_state) NamedSharding trees, from the rules table."""
+        t_specs = trainable_specs(self.trainable, self.mesh)
+        fsh = to_shardings(self.mesh, param_specs(self.frozen, self.mesh))
+        tsh = to_shardings(self.mesh, t_specs)
+        osh = None
+        if optimizer is not None and self.opt_state is not None:
+            osh = to_shardings(self.mesh, opt_state_specs(optimizer, self.opt_state, t_specs))
+        return fsh, tsh, osh
+
+
+def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, optimizer: optax.GradientTransformation,
+               params: Any = None, model_key: jax.Array | None = None) -> TrainState:
+    """Sharded (frozen, trainable, opt_state). params: host (numpy) weights, or None for a random
+    model from `model_key`. Shapes come from eval_shape and every array is created in place."""
+    if params is None:
+        params = shard_init(lambda k: init_params(cfg, k), mesh, lambda s: param_specs(s, mesh),
+                            key if model_key is None else model_key)
+    else:
+        params = shard_params(params, mesh)
+    do_split = lambda p, k: split(p, lcfg, k)  # noqa: E731
+    f_shape, t_shape = jax.eval_shape(do_split, params, key)
+    out = (to_shardings(mesh, param_specs(f_shape, mesh)), to_shardings(mesh, trainable_specs(t_shape, mesh)))
+    # donating params lets the untouched kernels pass through as the frozen tree without a copy
+    frozen, trainable = jax.jit(do_split, out_shardings=out, donate_argnums=0)(params, key)
+    t_specs = trainable_specs(trainable, mesh)
+    opt_state = shard_init(optimizer.init, mesh, lambda s: opt_state_specs(optimizer, s, t_specs), trainable)
+    return TrainState(frozen, trainable, opt_state, mesh)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = None) -> dict[str, jax.Array]:
+    """Host rows [L,T] (this process's share) -> global arrays, rows over ('data', 'fsdp').
+
+    With n_micro, the result is [n_micro, micro_B, T]: every micro-batch takes L/n_micro rows of
+    each host, so all hosts' devices work on every micro-batch."""
+    n_proc = jax.process_count()
+    rows_axes = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if rows_axes % n_proc:
+        raise ValueError(f"mesh data*fsdp = {rows_axes} must be a multiple of the {n_proc} processes: "
+                         "each host feeds its own rows")
+    out = {}
+    for k in BATCH_KEYS:
+        x = np.asarray(batch[k])
+        if n_micro is None:
+            sh, gshape = NamedSharding(mesh, batch_spec(2, 0)), (x.shape[0] * n_proc, x.shape[1])
+        else:
+            if x.shape[0] % n_micro:
+                raise ValueError(f"{x.shape[0]} rows per host do not split into {n_micro} micro-batches")
+            x = x.reshape(n_micro, x.shape[0] // n_micro, x.shape[1])
+            sh, gshape = NamedSharding(mesh, batch_spec(3, 1)), (n_micro, x.shape[1] * n_proc, x.shape[2])
+        out[k] = jax.make_array_from_process_local_data(sh, x, gshape)
+    return out
+
+
+def _uses_dropout(trainable) -> bool:
+    leaves = jax.tree_util.tree_leaves(trainable, is_leaf=lambda x: isinstance(x, LoraPair))
+    return any(isinstance(x, LoraPair) and x.dropout > 0 for x in leaves)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState) -> Callable:
+    """A jitted `step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, metrics)`.
+
+    batch holds [n_micro, micro_B, T] arrays (`put_batch(..., n_micro)`); gradients are summed
+    over micro-batches in a lax.scan and divided by the global count of loss tokens once, so the
+    result equals one pass over the whole batch. trainable and opt_state are donated."""
+    dropout = _uses_dropout(state.trainable)
+    fsh, tsh, osh = state.shardings(optimizer)
+    mesh = state.mesh
+    rep = NamedSharding(mesh, P())
+    bsh = {k: NamedSharding(mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
+
+    def step(frozen, trainable, opt_state, batch, rng):
+        def grads_of(mb, i):
+            rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
+            fn = lambda t: loss_terms(model, frozen, t, mb, rngs)  # noqa: E731
+            (lsum, count), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
+            return lsum, count, grads
+
+        n_micro = batch["input_ids"].shape[0]
+        if n_micro == 1:
+            lsum, count, grads = grads_of(jax.tree.map(lambda x: x[0], batch), 0)
+        else:
+            def body(carry, xs):
+                mb, i = xs
+                lsum, count, grads = grads_of(mb, i)
+                acc_l, acc_n, acc_g = carry
+                return (acc_l + lsum, acc_n + count, jax.tree.map(jnp.add, acc_g, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+            (lsum, count, grads), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, new_opt = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": lsum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
+                   "skipped": jnp.logical_not(new_opt.last_finite), "nonfinite_run": new_opt.notfinite_count,
+                   "nonfinite_total": new_opt.total_notfinite}
+        return new_trainable, new_opt, metrics
+
+    return jax.jit(step, in_shardings=(fsh, tsh, osh, bsh, rep), out_shardings=(tsh, osh, rep),
+                   donate_argnums=(1, 2))
+
+
+def make_eval_step(model: nn.Module, state: TrainState) -> Callable:
+    """A jitted `eval_step(frozen, trainable, batch) -> (loss sum, token count)` over [B,T] rows."""
+    fsh, tsh, _ = state.shardings()
+    bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
+    rep = NamedSharding(state.mesh, P())
+    return jax.jit(lambda f, t, b: loss_terms(model, f, t, b), in_shardings=(fsh, tsh, bsh),
+                   out_shardings=(rep, rep))
+
+
+def check_nonfinite(metrics: dict, max_nonfinite: int, step: int) -> None:
+    """Raise NonFiniteError once `max_nonfinite` steps in a row had non-finite gradients."""
+    run = int(metrics["nonfinite_run"])
+    if run >= max_nonfinite:
+        raise NonFiniteError(f"step {step}: {run} steps in a row had non-finite gradients (train.max_nonfinite="
+                             f"{max_nonfinite}); stopping. Lower optim.lr, or check the data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jlora-train --config X.yaml [--set k=v ...] [--resume]`: see jlora.train_loop.main."""
+    from jlora.train_loop import main as loop_main  # imported here: the loop imports this module
+
+    return loop_main(argv)
