@@ -1,0 +1,91 @@
+"""The adapter command lines: `jlora-export-peft` (jlora adapter -> HF PEFT dir) and `jlora-merge`.
+
+`jlora-merge` folds an adapter (a jlora adapter dir, or a PEFT dir, told apart by its
+adapter_config.json) into the base weights and writes an HF safetensors checkpoint that
+transformers loads, with the base's tokenizer files copied beside it. Thin: the work is in
+jlora.checkpoint, jlora.peft, jlora.lora and jlora.weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import sys
+
+from flax import traverse_util
+
+from jlora.checkpoint import load_adapter
+from jlora.llama import LlamaConfig
+from jlora.lora import LoraConfig, merge
+from jlora.lora_apply import LoraPair
+from jlora.peft import CONFIG_FILE, export_peft, import_peft
+from jlora.weights import load_pretrained, save_pretrained
+
+# What an HF model dir carries besides weights that a merged copy should keep.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def load_any_adapter(path: str | pathlib.Path, cfg: LlamaConfig, params=None) -> tuple[LoraConfig, dict]:
+    """A jlora adapter dir or an HF PEFT dir (it has adapter_config.json), checked against the base."""
+    if (pathlib.Path(path) / CONFIG_FILE).is_file():
+        return import_peft(path, cfg, params)
+    return load_adapter(path, base=cfg, params=params)
+
+
+def merged_params(params: dict, trainable) -> dict:
+    """The base params with the adapter folded in (full-trained params replace the base's)."""
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair)).items():
+        if not isinstance(leaf, LoraPair):
+            flat.pop(path, None)
+    return merge(traverse_util.unflatten_dict(flat), trainable)
+
+
+def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
+    p.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT for jlora-merge)")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv, body) -> int:
+    args = parser.parse_args(argv)
+    try:
+        body(args)
+    except ValueError as e:  # every jlora error is a one-line ValueError
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """jlora-export-peft --model PATH --adapter DIR --out DIR [--base-name NAME]"""
+    parser = _parser("jlora-export-peft", "Write a jlora adapter as an HF PEFT LoRA adapter directory.")
+    parser.add_argument("--base-name", help="base_model_name_or_path to record (default: --model)")
+
+    def body(args):
+        cfg, params = load_pretrained(args.model)
+        lcfg, trainable = load_adapter(args.adapter, base=cfg, params=params)
+        export_peft(args.out, trainable, lcfg, cfg, base_name=args.base_name or args.model)
+        print(f"wrote {args.out}/adapter_model.safetensors and adapter_config.json", file=sys.stderr)
+
+    return _run(parser, argv, body)
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """jlora-merge --model PATH --adapter DIR --out DIR"""
+    parser = _parser("jlora-merge", "Merge an adapter into its base model; write an HF safetensors checkpoint.")
+
+    def body(args):
+        cfg, params = load_pretrained(args.model)
+        _, trainable = load_any_adapter(args.adapter, cfg, params)
+        save_pretrained(merged_params(params, trainable), cfg, args.out)
+        model_dir = pathlib.Path(args.model)
+        for name in _TOKENIZER_FILES if model_dir.is_dir() else ():
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, pathlib.Path(args.out) / name)
+        print(f"wrote merged model to {args.out}", file=sys.stderr)
+
+    return _run(parser, argv, body)

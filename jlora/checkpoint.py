@@ -1,0 +1,407 @@
+"""Orbax checkpoints of what training changes, and the adapter files a run leaves behind.
+
+A training checkpoint (`open_manager` / `save_checkpoint` / `restore_latest`) holds only the
+trainable tree, the optimizer state, the step, the data position and the rng, plus a metadata
+JSON (LoraConfig, run config, jlora version, base model identity) in the same atomic step dir.
+`save_adapter` / `load_adapter` keep the final adapter the same way and refuse one made for
+another base or rank, or one that is truncated. Trees are stored as nested dicts of arrays (a
+`LoraPair` becomes {a, b, magnitude}); its static scale/layout live in the metadata. No pickle.
+Does not own the train loop (jlora.trainer) or PEFT files (jlora.peft).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from jlora.llama import LlamaConfig
+from jlora.lora import LoraConfig
+from jlora.lora_apply import KernelLayout, LoraPair
+
+STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")
+# The fields that decide which base an adapter fits: shapes and positional encoding, not dtypes or names.
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings",
+             "attention_bias", "mlp_bias")
+# Fields of LoraConfig that decide the trainable tree's shapes and scales.
+SHAPE_KEYS = ("rank", "rank_pattern", "alpha", "alpha_pattern", "use_rslora", "use_dora", "targets", "exclude",
+              "layers", "train_extra")
+_HASHED = (("norm", "weight"), ("layers", "input_layernorm", "weight"))  # small tensors, content-hashed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt or made for something else; one-line message."""
+
+
+class AdapterError(CheckpointError):
+    """An adapter that does not fit: another base model, another rank, or a damaged directory."""
+
+
+def jlora_version() -> str:
+    try:
+        return importlib.metadata.version("jlora")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def fingerprint(params) -> dict:
+    """Shapes of every base tensor, plus sha256 of a few small ones (rounded to bf16, so fp32 and bf16
+    loads of one checkpoint agree). Pass the params as loaded, before `split`."""
+    flat = traverse_util.flatten_dict(params)
+    out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
+    for key in _HASHED:
+        if key in flat:
+            x = np.asarray(jnp.asarray(flat[key][0] if key[0] == "layers" else flat[key], jnp.bfloat16).view(jnp.uint16))
+            out["sha256"][".".join(key)] = hashlib.sha256(x.tobytes()).hexdigest()
+    return out
+
+
+def _lora_config_dict(lcfg: LoraConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(lcfg)))  # tuples -> lists
+
+
+def lora_config_from_dict(d: dict) -> LoraConfig:
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def _describe_tree(trainable) -> dict:
+    """The static half of a trainable tree, which arrays alone cannot restore."""
+    pairs, extra = {}, []
+    for path, leaf in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair)).items():
+        name = ".".join(path)
+        if isinstance(leaf, LoraPair):
+            pairs[name] = {"scale": list(leaf.scale) if isinstance(leaf.scale, tuple) else leaf.scale,
+                           "layout": dataclasses.asdict(leaf.layout), "dropout": leaf.dropout,
+                           "dora": leaf.magnitude is not None, "rank": leaf.rank}
+        else:
+            extra.append(name)
+    return {"pairs": pairs, "extra": extra}
+
+
+def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None) -> dict:
+    """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to."""
+    return {
+        "jlora_version": jlora_version(),
+        "lora_config": _lora_config_dict(lcfg),
+        "run_config": run_config,
+        "base": {"name": base.name, "config": base.to_hf_config(),
+                 "fingerprint": fingerprint(params) if params is not None else None},
+    }
+
+
+def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str) -> None:
+    """Raise AdapterError unless `meta` was made for this base config (and these weights, if given)."""
+    saved = (meta.get("base") or {})
+    if base is not None:
+        mine, theirs = base.to_hf_config(), saved.get("config") or {}
+        diff = [k for k in ARCH_KEYS if _norm(mine.get(k)) != _norm(theirs.get(k))]
+        if diff:
+            k = diff[0]
+            raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
+                               f"there, {mine.get(k)!r} here ({len(diff)} config field(s) differ)")
+    if params is not None and saved.get("fingerprint"):
+        mine, theirs = fingerprint(params), saved["fingerprint"]
+        for kind in ("shapes", "sha256"):
+            bad = sorted(k for k in theirs[kind].keys() & mine[kind].keys() if theirs[kind][k] != mine[kind][k])
+            if kind == "shapes":
+                bad += sorted(theirs[kind].keys() ^ mine[kind].keys())
+            if bad:
+                raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): weight "
+                                   f"{bad[0]} differs ({kind} fingerprint)")
+
+
+def check_lora_config(meta: dict, expect: LoraConfig, *, where: str) -> None:
+    """Raise AdapterError if the saved LoraConfig differs from `expect` in rank, targets or scale."""
+    saved, mine = meta.get("lora_config") or {}, _lora_config_dict(expect)
+    for k in SHAPE_KEYS:
+        if _norm(saved.get(k)) != _norm(mine.get(k)):
+            raise AdapterError(f"{where}: adapter has {k}={saved.get(k)!r}, expected {k}={mine.get(k)!r}")
+
+
+def _norm(v):
+    """Compare JSON-ish values with tuples and lists alike."""
+    return json.dumps(v, sort_keys=True, default=list)
+
+
+# --------------------------------------------------------------------------- tree <-> storage
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    raise CheckpointError(f"cannot name pytree key {k!r}")
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_storage(tree) -> dict:
+    """Any pytree -> nested dict of arrays keyed by its key paths; typed rng keys -> raw uint32 key data."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        elif not isinstance(leaf, (jax.Array, np.ndarray)):
+            leaf = np.asarray(leaf)
+        flat[tuple(_key_name(k) for k in path)] = leaf
+    return traverse_util.unflatten_dict(flat)
+
+
+def _target_leaf(x):
+    """The orbax restore target for one leaf of an abstract state."""
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if _is_key(x):
+            if isinstance(sharding, jax.sharding.NamedSharding):
+                sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return np.asarray(x)  # numpy and Python scalars come back as numpy
+
+
+def _from_storage(stored: dict, abstract):
+    """Inverse of `_to_storage`, shaped like `abstract` (python scalars and rng keys restored as such)."""
+    flat = traverse_util.flatten_dict(stored)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = []
+    for path, like in paths:
+        value = flat[tuple(_key_name(k) for k in path)]
+        if _is_key(like):
+            # the key dtype carries its impl; jax.random.key_impl refuses a ShapeDtypeStruct
+            value = jax.random.wrap_key_data(value, impl=like.dtype._impl)
+        elif isinstance(like, (bool, int, float)):
+            value = type(like)(np.asarray(value).item())
+        leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _check_shapes(saved_meta, target: dict, where: str) -> None:
+    """Compare the stored tree (orbax item metadata) with the restore target before reading any data."""
+    if saved_meta is None:
+        raise CheckpointError(f"{where}: truncated or corrupt checkpoint (no array metadata)")
+    saved = traverse_util.flatten_dict(getattr(saved_meta, "tree", saved_meta))
+    want = traverse_util.flatten_dict(target)
+    missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    if missing or extra:
+        what = f"lacks {'/'.join(missing[0])}" if missing else f"has unexpected {'/'.join(extra[0])}"
+        raise CheckpointError(f"{where}: checkpoint does not match this run: it {what} "
+                              f"({len(missing)} missing, {len(extra)} unexpected)")
+    for k, t in want.items():
+        if tuple(saved[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: {'/'.join(k)} has shape {tuple(saved[k].shape)} in the checkpoint, "
+                                  f"{tuple(t.shape)} in this run")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+
+def open_manager(directory: str | pathlib.Path, keep: int = 3, interval: int = 500, *,
+                 create: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager for training: saves every `interval` steps (0 = only forced saves), keeps the last `keep`.
+
+    Saves are synchronous: adapter state is small, and a save that returned is a save on disk.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=False,
+        should_save_fn=lambda step, _last: interval > 0 and step % interval == 0)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, metadata: dict, *,
+                    force: bool = False) -> bool:
+    """Save `state` ({trainable, opt_state, step, data, rng}) at `step` if the interval says so (or `force`).
+
+    `metadata` comes from `make_metadata`; the trainable tree's static half is added here. Returns
+    whether a checkpoint was written. Orbax writes into a tmp dir and renames it when complete.
+    """
+    unknown = sorted(set(state) - set(STATE_KEYS))
+    if unknown or "trainable" not in state:
+        raise CheckpointError(f"a checkpoint holds only {', '.join(STATE_KEYS)} (with trainable); got {sorted(state)}")
+    if not force and not manager.should_save(step):
+        return False
+    meta = {**metadata, "kind": "checkpoint", "step": int(step), "trainable": _describe_tree(state["trainable"])}
+    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_storage(state)),
+                                                       metadata=ocp.args.JsonSave(meta)), force=force)
+    manager.wait_until_finished()
+    return bool(saved)
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+    """The metadata JSON of `step` (default: the latest), or None when there is no checkpoint."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    where = f"{manager.directory}/{step}"
+    try:
+        return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    except Exception as e:  # orbax/tensorstore raise many types; all mean the same thing here
+        raise CheckpointError(f"{where}: truncated or corrupt checkpoint: metadata unreadable ({_one_line(e)})") from None
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: LlamaConfig | None = None,
+                   params=None, lcfg: LoraConfig | None = None) -> dict | None:
+    """The latest checkpoint restored into `abstract_state`'s structure, shardings and dtypes, or None.
+
+    `abstract_state` is the state as `save_checkpoint` got it, or `jax.eval_shape` of it (with
+    shardings, to restore onto a mesh). With base/params/lcfg, a checkpoint made for another base
+    model or LoRA config is refused. Values come back bit-identical.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    where = f"{manager.directory}/{step}"
+    meta = read_metadata(manager, step)
+    check_base(meta, base, params, where=where)
+    if lcfg is not None:
+        check_lora_config(meta, lcfg, where=where)
+    target = jax.tree_util.tree_map(_target_leaf, _to_storage_abstract(abstract_state))
+    try:
+        item_meta = manager.item_metadata(step)["state"]
+    except Exception as e:
+        raise CheckpointError(f"{where}: truncated or corrupt checkpoint ({_one_line(e)})") from None
+    _check_shapes(item_meta, target, where)
+    try:
+        stored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:
+        raise CheckpointError(f"{where}: truncated or corrupt checkpoint ({_one_line(e)})") from None
+    return _from_storage(stored, abstract_state)
+
+
+def _to_storage_abstract(abstract) -> dict:
+    """Like `_to_storage` but keeps abstract leaves (ShapeDtypeStructs, typed keys) for `_target_leaf`."""
+    flat = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    return traverse_util.unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------- final adapters
+
+
+def _content_hash(stored: dict) -> str | None:
+    """sha256 over names, dtypes, shapes and bytes: catches corruption that still decodes. None if not addressable."""
+    h = hashlib.sha256()
+    for path, x in sorted(traverse_util.flatten_dict(stored).items()):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        x = np.asarray(x)
+        h.update(f"{'/'.join(path)}:{x.dtype}:{x.shape};".encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def _adapter_checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+        adapter=ocp.StandardCheckpointHandler(), metadata=ocp.JsonCheckpointHandler()))
+
+
+def is_adapter_dir(directory: str | pathlib.Path) -> bool:
+    return (pathlib.Path(directory) / "metadata" / "metadata").is_file()
+
+
+def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base: LlamaConfig, params=None,
+                 run_config: dict | None = None) -> None:
+    """Write the trainable tree + metadata to `out_dir` (orbax, atomic). Pass the base params to fingerprint them."""
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()) and not is_adapter_dir(out):
+        raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
+    stored = _to_storage(trainable)
+    meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
+            "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
+    _adapter_checkpointer().save(out, args=ocp.args.Composite(adapter=ocp.args.StandardSave(stored),
+                                                              metadata=ocp.args.JsonSave(meta)), force=True)
+
+
+def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
+    """The metadata JSON of a jlora adapter dir; AdapterError if it is missing or unreadable."""
+    where = pathlib.Path(directory)
+    if not where.is_dir():
+        raise AdapterError(f"{where}: no such adapter directory")
+    if not is_adapter_dir(where):
+        raise AdapterError(f"{where}: not a jlora adapter, or truncated (metadata/metadata is missing)")
+    try:
+        meta = json.loads((where / "metadata" / "metadata").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{where}/metadata/metadata: truncated or corrupt ({_one_line(e)})") from None
+    if meta.get("kind") != "adapter" or "trainable" not in meta:
+        raise AdapterError(f"{where}: metadata does not describe a jlora adapter (kind={meta.get('kind')!r})")
+    return meta
+
+
+def load_adapter(directory: str | pathlib.Path, base: LlamaConfig | None = None, params=None,
+                 expect: LoraConfig | None = None) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, trainable tree) from `save_adapter`'s dir, on the default device.
+
+    Refuses (AdapterError) an adapter for another base config, or other weights when `params` is
+    given, one whose LoraConfig differs from `expect` in rank, targets or scale, and a damaged one.
+    """
+    where = pathlib.Path(directory).absolute()
+    meta = read_adapter_metadata(where)
+    check_base(meta, base, params, where=str(where))
+    if expect is not None:
+        check_lora_config(meta, expect, where=str(where))
+    ckpt = _adapter_checkpointer()
+    try:
+        tree_meta = ckpt.metadata(where).item_metadata["adapter"]
+    except Exception as e:
+        raise AdapterError(f"{where}: truncated or corrupt adapter ({_one_line(e)})") from None
+    if tree_meta is None:
+        raise AdapterError(f"{where}: truncated or corrupt adapter (adapter/_METADATA is missing)")
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                                    dict(tree_meta.tree))
+    _check_described(meta["trainable"], traverse_util.flatten_dict(target), str(where))
+    try:
+        stored = ckpt.restore(where, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target)))["adapter"]
+    except Exception as e:
+        raise AdapterError(f"{where}: truncated or corrupt adapter ({_one_line(e)})") from None
+    if meta.get("content_sha256") and _content_hash(stored) != meta["content_sha256"]:
+        raise AdapterError(f"{where}: corrupt adapter: array contents do not match the saved checksum")
+    return lora_config_from_dict(meta["lora_config"]), _rebuild(stored, meta["trainable"])
+
+
+def _check_described(desc: dict, flat: dict, where: str) -> None:
+    """The stored arrays must be exactly what the metadata describes, with the recorded ranks."""
+    want = {tuple(p.split(".")) for p in desc["extra"]}
+    for name, info in desc["pairs"].items():
+        path = tuple(name.split("."))
+        want |= {path + ("a",), path + ("b",)} | ({path + ("magnitude",)} if info["dora"] else set())
+        if path + ("a",) in flat and flat[path + ("a",)].shape[-1] != info["rank"]:
+            raise AdapterError(f"{where}: {name} has rank {flat[path + ('a',)].shape[-1]} on disk but "
+                               f"{info['rank']} in its metadata")
+    if want != set(flat):
+        odd = sorted(want ^ set(flat))[0]
+        raise AdapterError(f"{where}: truncated or corrupt adapter: {'/'.join(odd)} is "
+                           f"{'missing' if odd in want else 'unexpected'}")
+
+
+def _rebuild(stored: dict, desc: dict) -> dict:
+    flat = traverse_util.flatten_dict(stored)
+    out = {tuple(p.split(".")): flat[tuple(p.split("."))] for p in desc["extra"]}
+    for name, info in desc["pairs"].items():
+        path = tuple(name.split("."))
+        scale = tuple(info["scale"]) if isinstance(info["scale"], list) else info["scale"]
+        out[path] = LoraPair(flat[path + ("a",)], flat[path + ("b",)], flat.get(path + ("magnitude",)), scale,
+                             KernelLayout(**info["layout"]), info["dropout"])
+    return traverse_util.unflatten_dict(out)
