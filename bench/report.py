@@ -1,0 +1,168 @@
+"""Runs the benchmark scripts and writes docs/benchmarks.md from what they measured.
+
+The contract every bench script follows: its LAST line of stdout is
+    JSON: {"bench": "<name>", "config": {...}, "rows": [ROW, ...]}
+one line, where each ROW is
+    {"metric": str, "unit": str, "jlora": float, "peer": str | null, "peer_value": float | null,
+     "better": "higher" | "lower"}
+(peer null: a figure with nothing to compare against, e.g. compile time). "config" is free-form
+shape information, printed as given. This script computes ratio = jlora / peer_value itself.
+`bench/gpu_train.py` prints the same line; its output can come from another machine (--gpu-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf")
+
+
+class BenchError(RuntimeError):
+    """A bench script that failed or broke the output contract; the message names it."""
+
+
+def parse_json_line(text: str, source: str) -> dict:
+    """The `JSON: {...}` result from the last non-empty line of a bench's stdout."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines or not lines[-1].startswith("JSON: "):
+        raise BenchError(f"{source}: the last line of stdout is not 'JSON: {{...}}'")
+    try:
+        result = json.loads(lines[-1][len("JSON: "):])
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{source}: bad JSON on the last line: {e}") from None
+    rows = result.get("rows") if isinstance(result, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "metric" in r and "jlora" in r for r in rows):
+        raise BenchError(f"{source}: the JSON needs 'rows', a list of objects with 'metric' and 'jlora'")
+    return result
+
+
+def run_bench(name: str, args: list[str], timeout: float) -> tuple[str, dict | str]:
+    """(command, result or the reason it has none) for bench/<name>.py."""
+    script = ROOT / "bench" / f"{name}.py"
+    cmd = ["python", f"bench/{name}.py", *args]
+    if not script.exists():
+        return shlex.join(cmd), f"not run: {script.relative_to(ROOT)} does not exist"
+    print(f"[report] running {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return shlex.join(cmd), f"not run: timed out after {timeout:.0f} s"
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        return shlex.join(cmd), f"failed (exit {proc.returncode}): {tail}"
+    try:
+        return shlex.join(cmd), parse_json_line(proc.stdout, f"bench/{name}.py")
+    except BenchError as e:
+        return shlex.join(cmd), f"failed: {e}"
+
+
+def hardware() -> dict[str, str]:
+    """CPU model, cores, RAM and the library versions the figures were taken with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = "unknown"
+    try:
+        kb = int(next(ln.split()[1] for ln in pathlib.Path("/proc/meminfo").read_text().splitlines()
+                      if ln.startswith("MemTotal")))
+        ram = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = []
+    for mod in ("jax", "flax", "torch", "transformers", "peft"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    return {"CPU": cpu, "cores usable": str(usable), "RAM": ram,
+            "OS": f"{platform.system()} {platform.release()}", "Python": platform.python_version(),
+            "libraries": ", ".join(versions)}
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def _table(name: str, result: dict) -> list[str]:
+    out = ["| metric | jlora | peer | peer value | jlora / peer | better |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        unit = f" ({r['unit']})" if r.get("unit") else ""
+        peer_v = r.get("peer_value")
+        ratio = r["jlora"] / peer_v if peer_v else None
+        out.append(f"| {r['metric']}{unit} | {_fmt(r['jlora'])} | {r.get('peer') or '—'} | {_fmt(peer_v)} "
+                   f"| {_fmt(ratio) + 'x' if ratio is not None else '—'} | {r.get('better', '')} |")
+    if result.get("config"):
+        out.append("")
+        out.append("Setup: " + ", ".join(f"{k}={v}" for k, v in result["config"].items()))
+    return out
+
+
+def gpu_section(gpu_log: str | None) -> list[str]:
+    """The GPU section: bench/gpu_train.py's result from `gpu_log`, or why there is none."""
+    lines = ["## GPU: LoRA training at the LLaMA-3.2-1B shape", "",
+             "Command (one GPU, no arguments): `python bench/gpu_train.py`", ""]
+    if not gpu_log:
+        return lines + ["Not run: no GPU was lent to the session that generated this report. "
+                        "The script is tested on CPU with `python bench/gpu_train.py --smoke`."]
+    text = pathlib.Path(gpu_log).read_text()
+    result = parse_json_line(text, gpu_log)
+    lines += _table("gpu_train", result)
+    if result.get("flops_formula"):
+        lines += ["", f"MFU formula: {result['flops_formula']}"]
+    return lines
+
+
+def render(results: dict[str, tuple[str, dict | str]], gpu_log: str | None) -> str:
+    """docs/benchmarks.md as text."""
+    lines = ["# Benchmarks", "",
+             f"Generated by `python bench/report.py` on {datetime.date.today().isoformat()}. Every figure is "
+             "measured by the command shown, on the hardware below; none is an estimate. A ratio above 1 "
+             "means jlora's number is larger (good for throughput, bad for memory and time).", "",
+             "## Hardware", ""]
+    lines += [f"- {k}: {v}" for k, v in hardware().items()]
+    for name, (cmd, result) in results.items():
+        lines += ["", f"## {name}", "", f"Reproduce: `{cmd}`", ""]
+        lines += _table(name, result) if isinstance(result, dict) else [result]
+    lines += [""] + gpu_section(gpu_log)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Run the bench scripts and write docs/benchmarks.md.")
+    p.add_argument("--only", action="append", choices=BENCHES, help="run only these benches (repeatable)")
+    p.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
+                   help="extra arguments for one bench, e.g. train_vs_peft='--steps 5'")
+    p.add_argument("--gpu-log", help="stdout of `python bench/gpu_train.py` taken on a GPU machine")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per bench")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    a = p.parse_args(argv)
+    extra = {}
+    for item in a.bench_args:
+        name, eq, args = item.partition("=")
+        if not eq or name not in BENCHES:
+            p.error(f"--bench-args: expected NAME=ARGS with NAME in {BENCHES}, got {item!r}")
+        extra[name] = shlex.split(args)
+    results = {name: run_bench(name, extra.get(name, []), a.timeout) for name in (a.only or BENCHES)}
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(results, a.gpu_log), encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
