@@ -25,27 +25,35 @@ from jlora.llama import DTYPES, LlamaConfig, param_shapes, rope_inv_freq
 class WeightsError(ValueError):
     """A checkpoint that cannot be loaded or written; the message is one line naming the file."""
 
-    def __init__(self, file: str | pathlib.Path, problem: str):
+    def __init__(self, file: str | pathlib.Path, problem: object):
         super().__init__(f"{file}: {' '.join(str(problem).split())}")  # always one line
 
 
-# jlora param path -> (HF tensor name, GGUF tensor name). "{i}" marks a per-layer tensor, stored in
-# jlora on a leading layer axis. Leaves called "kernel" are [in, out] in jlora, [out, in] on disk.
-RENAMES: dict[tuple[str, ...], tuple[str, str]] = {
-    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", "token_embd.weight"),
-    ("norm", "weight"): ("model.norm.weight", "output_norm.weight"),
-    ("lm_head", "kernel"): ("lm_head.weight", "output.weight"),
-    ("layers", "input_layernorm", "weight"): ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
-    ("layers", "post_attention_layernorm", "weight"):
-        ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-}
-for _proj, _gguf in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")]:
-    for _leaf, _suffix in [("kernel", "weight"), ("bias", "bias")]:
-        RENAMES[("layers", "self_attn", _proj, _leaf)] = (
-            f"model.layers.{{i}}.self_attn.{_proj}.{_suffix}", f"blk.{{i}}.{_gguf}.{_suffix}")
-for _proj, _gguf in [("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")]:
-    for _leaf, _suffix in [("kernel", "weight"), ("bias", "bias")]:
-        RENAMES[("layers", "mlp", _proj, _leaf)] = (f"model.layers.{{i}}.mlp.{_proj}.{_suffix}", f"blk.{{i}}.{_gguf}.{_suffix}")
+# The one rename table, read in every direction: jlora param path, HF tensor name, GGUF tensor name.
+# "{i}" marks a per-layer tensor, which jlora stacks on a leading layer axis. Leaves called "kernel"
+# are [in, out] in jlora and [out, in] on disk (HF and GGUF alike).
+_TABLE = [
+    ("embed_tokens/embedding",                 "model.embed_tokens.weight",                        "token_embd.weight"),
+    ("norm/weight",                            "model.norm.weight",                                "output_norm.weight"),
+    ("lm_head/kernel",                         "lm_head.weight",                                   "output.weight"),
+    ("layers/input_layernorm/weight",          "model.layers.{i}.input_layernorm.weight",          "blk.{i}.attn_norm.weight"),
+    ("layers/post_attention_layernorm/weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers/self_attn/q_proj/kernel",         "model.layers.{i}.self_attn.q_proj.weight",         "blk.{i}.attn_q.weight"),
+    ("layers/self_attn/q_proj/bias",           "model.layers.{i}.self_attn.q_proj.bias",           "blk.{i}.attn_q.bias"),
+    ("layers/self_attn/k_proj/kernel",         "model.layers.{i}.self_attn.k_proj.weight",         "blk.{i}.attn_k.weight"),
+    ("layers/self_attn/k_proj/bias",           "model.layers.{i}.self_attn.k_proj.bias",           "blk.{i}.attn_k.bias"),
+    ("layers/self_attn/v_proj/kernel",         "model.layers.{i}.self_attn.v_proj.weight",         "blk.{i}.attn_v.weight"),
+    ("layers/self_attn/v_proj/bias",           "model.layers.{i}.self_attn.v_proj.bias",           "blk.{i}.attn_v.bias"),
+    ("layers/self_attn/o_proj/kernel",         "model.layers.{i}.self_attn.o_proj.weight",         "blk.{i}.attn_output.weight"),
+    ("layers/self_attn/o_proj/bias",           "model.layers.{i}.self_attn.o_proj.bias",           "blk.{i}.attn_output.bias"),
+    ("layers/mlp/gate_proj/kernel",            "model.layers.{i}.mlp.gate_proj.weight",            "blk.{i}.ffn_gate.weight"),
+    ("layers/mlp/gate_proj/bias",              "model.layers.{i}.mlp.gate_proj.bias",              "blk.{i}.ffn_gate.bias"),
+    ("layers/mlp/up_proj/kernel",              "model.layers.{i}.mlp.up_proj.weight",              "blk.{i}.ffn_up.weight"),
+    ("layers/mlp/up_proj/bias",                "model.layers.{i}.mlp.up_proj.bias",                "blk.{i}.ffn_up.bias"),
+    ("layers/mlp/down_proj/kernel",            "model.layers.{i}.mlp.down_proj.weight",            "blk.{i}.ffn_down.weight"),
+    ("layers/mlp/down_proj/bias",              "model.layers.{i}.mlp.down_proj.bias",              "blk.{i}.ffn_down.bias"),
+]
+RENAMES: dict[tuple[str, ...], tuple[str, str]] = {tuple(path.split("/")): (hf, gg) for path, hf, gg in _TABLE}
 
 # Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
 _HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -70,9 +78,16 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
 
 def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None,
                     param_dtype: str | None = None) -> tuple[LlamaConfig, dict]:
-    """Load an HF checkpoint directory or a .gguf file as (config, params); params are numpy arrays."""
+    """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
+
+    Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
+    the compute dtype in the returned config.
+    """
     path = pathlib.Path(resolve_model_path(path))
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    for key, value in overrides.items():
+        if value not in DTYPES:
+            raise ValueError(f"load_pretrained({key}={value!r}): expected one of {sorted(DTYPES)}")
     if path.is_dir():
         return _load_hf_dir(path, overrides)
     if path.suffix == ".gguf":
@@ -85,11 +100,19 @@ def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path)
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
+    flat, expected = traverse_util.flatten_dict(params), traverse_util.flatten_dict(param_shapes(cfg))
+    for key in flat.keys() | expected.keys():
+        where = "/".join(key)
+        if key not in expected:
+            raise WeightsError(out, f"param {where} is not part of a {cfg.name} model (a LoRA tree? merge it first)")
+        if key not in flat:
+            raise WeightsError(out, f"param {where} is missing from the params to save")
+        if tuple(flat[key].shape) != tuple(expected[key].shape):
+            raise WeightsError(out, f"param {where} has shape {tuple(flat[key].shape)}, "
+                                    f"expected {tuple(expected[key].shape)}")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for key, leaf in traverse_util.flatten_dict(params).items():
-        if key not in RENAMES:
-            raise WeightsError(out, f"param {'/'.join(key)} has no HF name (is it a LoRA tree? merge it first)")
+    for key, leaf in flat.items():
         hf_name = RENAMES[key][0]
         leaf = np.asarray(leaf)
         if "{i}" in hf_name:
@@ -118,8 +141,7 @@ def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Call
         pattern = RENAMES[key][fmt]
         stacked = "{i}" in pattern
         out = np.empty(spec.shape, pdt)
-        want = tuple(reversed(spec.shape[1:] if stacked else spec.shape)) if key[-1] == "kernel" \
-            else tuple(spec.shape[1:] if stacked else spec.shape)  # disk layout
+        want = _to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
         for i in range(cfg.num_hidden_layers if stacked else 1):
             name = pattern.format(i=i)
             if name not in names:

@@ -21,12 +21,11 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             max_position_embeddings=256, rms_norm_eps=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# Features are combined so that three compiles cover MHA/GQA/MQA, tied/untied, llama3 rope, biases, sharding.
 CASES = {
-    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
-    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "llama3_rope": dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
-    "attention_bias": dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True),
-    "sharded": dict(num_key_value_heads=2, tie_word_embeddings=False),
+    "mha_untied_sharded": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied_llama3_rope": dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "mqa_biases": dict(num_key_value_heads=1, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
 }
 
 
@@ -58,18 +57,18 @@ def random_ids(shape, vocab, seed=0) -> np.ndarray:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_hf_on_tiny_checkpoints(case, tmp_path):
     model = tiny_hf_model(**CASES[case])
-    shard = {"max_shard_size": "20KB"} if case == "sharded" else {}
-    model.save_pretrained(tmp_path, **shard)
+    sharded = "sharded" in case
+    model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if sharded else {}))
     files = {p.name for p in tmp_path.iterdir()}
-    assert ("model.safetensors.index.json" in files) == (case == "sharded"), files
+    assert ("model.safetensors.index.json" in files) == sharded, files
 
     cfg, params = load_pretrained(tmp_path)
     assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
     assert ("lm_head" in params) != cfg.tie_word_embeddings
-    if case == "llama3_rope":
-        assert cfg.rope_type == "llama3"
-    if case == "attention_bias":
-        assert "bias" in params["layers"]["self_attn"]["q_proj"]
+    assert cfg.num_key_value_heads == model.config.num_key_value_heads
+    assert cfg.rope_type == ("llama3" if "llama3" in case else "default")
+    assert ("bias" in params["layers"]["self_attn"]["q_proj"]) == ("bias" in case)
+    assert ("bias" in params["layers"]["mlp"]["up_proj"]) == ("bias" in case)
     ids = random_ids((2, 40), TINY["vocab_size"])
     ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, hf_logits(model, ids), atol=1e-4, rtol=0)

@@ -201,9 +201,16 @@ def test_bf16_load_and_save(tiny_untied, tmp_path):
     np.testing.assert_array_equal(again["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
 
 
-def test_save_pretrained_rejects_unknown_params(tmp_path):
+def test_save_pretrained_rejects_params_that_do_not_fit(tiny_untied, tmp_path):
+    cfg, params = load_pretrained(tiny_untied[1])
+    lora = {**params, "layers": {**params["layers"], "lora_a": np.zeros((2, 64, 4))}}
     with pytest.raises(WeightsError, match="lora_a"):
-        save_pretrained({"layers": {"self_attn": {"q_proj": {"lora_a": np.zeros((2, 4, 4))}}}}, None, tmp_path)
+        save_pretrained(lora, cfg, tmp_path)
+    with pytest.raises(WeightsError, match=r"norm/weight has shape \(32,\), expected \(64,\)"):
+        save_pretrained({**params, "norm": {"weight": np.ones(32, np.float32)}}, cfg, tmp_path)
+    with pytest.raises(WeightsError, match="lm_head/kernel is missing"):
+        save_pretrained({k: v for k, v in params.items() if k != "lm_head"}, cfg, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def _flat(tree, prefix=()):
