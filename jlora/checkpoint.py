@@ -286,7 +286,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     try:
         stored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:
-        raise CheckpointError(f"{where}: truncated or corrupt checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings that do not "
+                              f"fit ({_one_line(e)})") from None
     return _from_storage(stored, abstract_state)
 
 
@@ -339,7 +340,7 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
     if not where.is_dir():
         raise AdapterError(f"{where}: no such adapter directory")
     if not is_adapter_dir(where):
-        raise AdapterError(f"{where}: not a jlora adapter, or truncated (metadata/metadata is missing)")
+        raise AdapterError(f"{where}: not a jlora adapter, or truncated or corrupt (metadata/metadata is missing)")
     try:
         meta = json.loads((where / "metadata" / "metadata").read_text())
     except (OSError, ValueError) as e:
