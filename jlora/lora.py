@@ -191,8 +191,9 @@ def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = No
         if not extra:
             close = difflib.get_close_matches(lcfg.train_extra, [_dotted(p) for p in flat], n=3, cutoff=0.0)
             raise LoraError(f"train_extra {lcfg.train_extra!r} matches no parameter; closest: {', '.join(close)}")
-        for path in extra:
-            trainable[path] = frozen.pop(path)
+        for path in extra:  # a copy: train steps donate the trainable tree, which must not free the caller's params
+            leaf = frozen.pop(path)
+            trainable[path] = leaf.copy() if isinstance(leaf, jax.Array) else leaf
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trainable)
 
 
