@@ -120,7 +120,9 @@ def pair_delta(w: jax.Array, pair: LoraPair, *, add_base: bool, dora: bool = Fal
         return delta
     full = w.astype(jnp.float32) + delta
     if dora and pair.magnitude is not None:
-        full = full * (pair.magnitude.astype(jnp.float32) / jnp.linalg.norm(full, axis=-2))[..., None, :]
+        rescale = pair.magnitude.astype(jnp.float32) / jnp.linalg.norm(full, axis=-2)  # [*stack, out]
+        rescale = jnp.where(s[..., 0] != 0, rescale, 1.0)  # a layer left out by `layers` keeps W exactly
+        full = full * rescale[..., None, :]
     return full
 
 
@@ -228,7 +230,8 @@ def _make_interceptor(statics: dict, training: bool):
         # DoRA (PEFT's formula): y = base + (m/|W+sAB| - 1) * x_l@W + m/|W+sAB| * s*(x_l@A)@B
         w = kernel.astype(jnp.float32)
         norm = jax.lax.stop_gradient(jnp.linalg.norm(w + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32)), axis=0))
-        mns = (module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm).astype(y.dtype)  # [out]
+        mns = module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm  # [out]
+        mns = jnp.where(scale != 0, mns, 1.0).astype(y.dtype)  # a layer left out by `layers`: no change, no gradient
         base_l = rows_l @ kernel.astype(y.dtype)
         return y + unrows((mns - 1) * base_l + mns * lora_delta(rows_l, a, b, scale))
 
