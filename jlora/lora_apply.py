@@ -137,20 +137,21 @@ def infer_layouts(params) -> dict[tuple, KernelLayout]:
     return out
 
 
-def _call_layout(module: nn.Module, args) -> tuple[str, KernelLayout] | None:
-    """(param name, per-call layout) of a routable module, or None."""
+def _call_layout(module: nn.Module, args, kwargs) -> tuple[str, KernelLayout, int] | None:
+    """(param name, per-call layout, per-call kernel ndim) of a routable module, or None."""
     if isinstance(module, nn.Dense):
-        return "kernel", KernelLayout("dense")
+        return "kernel", KernelLayout("dense"), 2
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             return None
         axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        return "kernel", KernelLayout("dense_general", n_in_dims=len(axis))
+        features = module.features if isinstance(module.features, tuple) else (module.features,)
+        return "kernel", KernelLayout("dense_general", n_in_dims=len(axis)), len(axis) + len(features)
     if isinstance(module, nn.Einsum):
-        eq = args[1] if len(args) > 1 and args[1] is not None else module.einsum_str
-        return "kernel", KernelLayout("einsum", equation=eq)
+        eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+        return "kernel", KernelLayout("einsum", equation=eq), len(_parse(eq)[1])
     if isinstance(module, nn.Embed):
-        return "embedding", KernelLayout("embed")
+        return "embedding", KernelLayout("embed"), 2
     return None
 
 
@@ -160,24 +161,16 @@ def trace_layouts(model: nn.Module, *args, **kwargs) -> dict[tuple, KernelLayout
 
     def record(next_fun, call_args, call_kwargs, context):
         if context.method_name == "__call__":
-            found = _call_layout(context.module, call_args)
+            found = _call_layout(context.module, call_args, call_kwargs)
             if found is not None:
-                seen[tuple(context.module.path) + (found[0],)] = found[1]
+                seen[tuple(context.module.path) + (found[0],)] = found[1:]
         return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(record):
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))["params"]
     flat = traverse_util.flatten_dict(params)
-    return {p: dataclasses.replace(lay, stack=flat[p].ndim - len(_per_call_shape(lay, flat[p])))
-            for p, lay in seen.items() if p in flat}
-
-
-def _per_call_shape(lay: KernelLayout, leaf) -> tuple:
-    if lay.kind == "einsum":
-        return tuple(leaf.shape[leaf.ndim - len(_parse(lay.equation)[1]):])
-    if lay.kind == "dense_general":
-        return tuple(leaf.shape[-(lay.n_in_dims + 1):]) if leaf.ndim else ()
-    return tuple(leaf.shape[-2:])
+    # Leading dims beyond what one call uses are stacked (scanned) layers.
+    return {p: dataclasses.replace(lay, stack=flat[p].ndim - ndim) for p, (lay, ndim) in seen.items() if p in flat}
 
 
 def _to_rows(x: jax.Array, lay: KernelLayout, kernel_shape, module_axis) -> tuple[jax.Array, Any]:
