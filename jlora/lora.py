@@ -20,14 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.lora_apply import KernelLayout, LoraPair, infer_layouts, pair_delta
+from jlora.lora_apply import KernelLayout, LoraError, LoraPair, infer_layouts, pair_delta
 
 INITS = ("lora", "gaussian", "b_random", "pissa")
 ADAPTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class LoraError(ValueError):
-    """Bad LoRA configuration or mismatched trees; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)

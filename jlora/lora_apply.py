@@ -21,6 +21,10 @@ from flax import struct, traverse_util
 COLLECTION = "lora"
 
 
+class LoraError(ValueError):
+    """Bad LoRA configuration or mismatched trees; the message is one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
     """How a kernel's dims split: `stack` leading (scanned) dims, then its input dims, then output dims.
@@ -209,6 +213,12 @@ def _make_interceptor(statics: dict, training: bool):
         pname, layout, rate = statics[tuple(module.path)]
         a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
         scale = module.get_variable(COLLECTION, "scale")
+        found = _call_layout(module, args, kwargs)
+        if found is None or found[1] != dataclasses.replace(layout, stack=0) or a.ndim != 2:
+            # e.g. a DenseGeneral/Einsum kernel split from its params alone, which read it as a stacked Dense
+            raise LoraError(f"the LoRA pair of {'/'.join(module.path)} was made for a {layout.kind} kernel with "
+                            f"{layout.stack} stacked dims, but the module is nn.{type(module).__name__}; "
+                            f"split this model with layouts=trace_layouts(model, *inputs)")
         y = next_fun(*args, **kwargs)
         x = args[0]
         if layout.kind == "embed":  # PEFT's embedding LoRA: rows of A, no dropout
