@@ -84,24 +84,28 @@ def tiny_gqa(tmp_path_factory):
 
 
 def padded_batch():
-    """ids [3,24] with rows 0 and 2 left-padded (mask 0), and positions counting from each row's first token."""
+    """ids, segment_ids, positions [3,24]: rows 0 and 2 left-padded (segment 0), row 1 two packed segments."""
     ids = random_ids((3, 24), TINY["vocab_size"], seed=1)
-    mask = np.ones_like(ids)
-    mask[0, :5], mask[2, :11] = 0, 0
-    return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    seg = np.ones_like(ids)
+    seg[0, :5], seg[2, :11], seg[1, 10:] = 0, 0, 2
+    starts = np.diff(seg, axis=1, prepend=-1) != 0  # a segment (or a run of padding) begins here
+    pos = np.arange(24) - np.maximum.accumulate(np.where(starts, np.arange(24), 0), axis=1)
+    return ids, seg, np.where(seg > 0, pos, 0)
 
 
-def test_left_padded_batch_matches_hf_attention_mask(tiny_gqa):
+def test_padding_and_packing_match_hf(tiny_gqa):
     model, cfg, params = tiny_gqa
-    ids, mask, positions = padded_batch()
+    ids, seg, positions = padded_batch()
+    ours = np.asarray(jlora_forward(cfg)(params, *(jnp.asarray(a, jnp.int32) for a in (ids, positions, seg))))
+    # Left-padded rows vs HF's attention_mask, at the real tokens.
+    mask = (seg > 0).astype(np.int64)
     theirs = hf_logits(model, ids, attention_mask=torch.as_tensor(mask), position_ids=torch.as_tensor(positions))
-    ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
-                                         jnp.asarray(mask, jnp.int32)))
-    keep = mask.astype(bool)
-    np.testing.assert_allclose(ours[keep], theirs[keep], atol=1e-4, rtol=0)
-    # And a padded row gives the logits of the same tokens run alone, unpadded.
-    alone = hf_logits(model, ids[2:, 11:])
-    np.testing.assert_allclose(ours[2, 11:], alone[0], atol=1e-4, rtol=0)
+    for row in (0, 2):
+        keep = mask[row].astype(bool)
+        np.testing.assert_allclose(ours[row, keep], theirs[row, keep], atol=1e-4, rtol=0)
+    # Every segment (the padded row's tokens, each packed piece) equals the same tokens run alone.
+    for row, lo, hi in [(2, 11, 24), (1, 0, 10), (1, 10, 24)]:
+        np.testing.assert_allclose(ours[row, lo:hi], hf_logits(model, ids[row:row + 1, lo:hi])[0], atol=1e-4, rtol=0)
 
 
 def _decode_step_fn(cfg: LlamaConfig):
@@ -116,7 +120,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_gqa):
     _, cfg, params = tiny_gqa
     ids, seg, pos = (jnp.asarray(a, jnp.int32) for a in padded_batch())
     b, t = ids.shape
-    prompt = 8  # row 2's padding runs past the prefill: pads go into the cache through both paths
+    prompt = 8  # row 2's padding and row 1's second segment both cross the prefill boundary
     full = np.asarray(jlora_forward(cfg)(params, ids, pos, seg))
 
     step = _decode_step_fn(cfg)
