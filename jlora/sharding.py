@@ -166,21 +166,19 @@ def shard_params(params, mesh: Mesh):
 
     Each device receives only its slice (`make_array_from_callback`), so on several hosts every
     host reads just what its devices hold."""
-    shardings = to_shardings(mesh, param_specs(params, mesh))
+    return jax.tree.map(_put, params, to_shardings(mesh, param_specs(params, mesh)))
 
-    def put(x, sh):
-        if isinstance(x, jax.Array) and x.sharding == sh:
-            return x
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
-    return jax.tree.map(put, params, shardings)
+def _put(x, sh: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array) and x.sharding == sh:
+        return x
+    x = np.asarray(x)  # a host copy that every process holds: each device takes its slice
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
 
 def shard_trainable(trainable, mesh: Mesh):
     """Place a trainable tree (LoraPair nodes) on the mesh by `trainable_specs`."""
-    shardings = to_shardings(mesh, trainable_specs(trainable, mesh))
-    return jax.tree.map(lambda x, sh: jax.device_put(x, sh), trainable, shardings)
+    return jax.tree.map(_put, trainable, to_shardings(mesh, trainable_specs(trainable, mesh)))
 
 
 def describe_mesh(mesh: Mesh) -> str:

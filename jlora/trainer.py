@@ -26,7 +26,7 @@ from jlora.llama import LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraPair, split
 from jlora.lora_apply import apply
 from jlora.sharding import (BATCH_AXES, batch_spec, opt_state_specs, param_specs, shard_init, shard_params,
-                            to_shardings, trainable_specs)
+                            shard_trainable, to_shardings, trainable_specs)
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -116,6 +116,15 @@ def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, o
     return TrainState(frozen, trainable, opt_state, mesh)
 
 
+def place_state(frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
+    """A TrainState from existing trees (host numpy or jax arrays, e.g. a loaded adapter): each is
+    placed by the rules, and a fresh optimizer state is created sharded."""
+    frozen, trainable = shard_params(frozen, mesh), shard_trainable(trainable, mesh)
+    t_specs = trainable_specs(trainable, mesh)
+    opt_state = shard_init(optimizer.init, mesh, lambda s: opt_state_specs(optimizer, s, t_specs), trainable)
+    return TrainState(frozen, trainable, opt_state, mesh)
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = None) -> dict[str, jax.Array]:
     """Host rows [L,T] (this process's share) -> global arrays, rows over ('data', 'fsdp').
 
@@ -145,12 +154,14 @@ def _uses_dropout(trainable) -> bool:
     return any(isinstance(x, LoraPair) and x.dropout > 0 for x in leaves)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState) -> Callable:
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState,
+                    compiler_options: dict | None = None) -> Callable:
     """A jitted `step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, metrics)`.
 
     batch holds [n_micro, micro_B, T] arrays (`put_batch(..., n_micro)`); gradients are summed
     over micro-batches in a lax.scan and divided by the global count of loss tokens once, so the
-    result equals one pass over the whole batch. trainable and opt_state are donated."""
+    result equals one pass over the whole batch. trainable and opt_state are donated.
+    compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU)."""
     dropout = _uses_dropout(state.trainable)
     fsh, tsh, osh = state.shardings(optimizer)
     mesh = state.mesh
@@ -180,22 +191,22 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": lsum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
+        metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "loss_tokens": count,
                    "skipped": jnp.logical_not(new_opt.last_finite), "nonfinite_run": new_opt.notfinite_count,
                    "nonfinite_total": new_opt.total_notfinite}
         return new_trainable, new_opt, metrics
 
     return jax.jit(step, in_shardings=(fsh, tsh, osh, bsh, rep), out_shardings=(tsh, osh, rep),
-                   donate_argnums=(1, 2))
+                   donate_argnums=(1, 2), compiler_options=compiler_options)
 
 
-def make_eval_step(model: nn.Module, state: TrainState) -> Callable:
+def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
     """A jitted `eval_step(frozen, trainable, batch) -> (loss sum, token count)` over [B,T] rows."""
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
     rep = NamedSharding(state.mesh, P())
     return jax.jit(lambda f, t, b: loss_terms(model, f, t, b), in_shardings=(fsh, tsh, bsh),
-                   out_shardings=(rep, rep))
+                   out_shardings=(rep, rep), compiler_options=compiler_options)
 
 
 def check_nonfinite(metrics: dict, max_nonfinite: int, step: int) -> None:

@@ -1,0 +1,279 @@
+"""The training loop behind `jlora-train`: a RunConfig in, a trained adapter and metrics out.
+
+Owns building a run (jax.distributed, tokenizer, model, per-host data, mesh, sharded state), the
+start-of-run summary, the loop (progress bar, metrics.jsonl + TensorBoard, eval, the non-finite
+guard, periodic checkpoints, resume) and the CLI. The step itself is jlora.trainer; placement is
+jlora.sharding; files on disk are jlora.checkpoint. Only process 0 prints and writes metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jlora import checkpoint as ckpt
+from jlora.config import ConfigError, RunConfig, load, to_dict
+from jlora.data import ByteTokenizer, DataError, make_batches
+from jlora.llama import PRESETS, Llama, LlamaConfig
+from jlora.lora import LoraError, count_params, describe
+from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh
+from jlora.trainer import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
+                           make_train_step, put_batch)
+
+log = logging.getLogger(__name__)
+
+# Any of these means a multi-process launch that jax.distributed.initialize() can pick up.
+CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+               "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def init_distributed(setting: bool | str = "auto") -> bool:
+    """Call jax.distributed.initialize() when `setting` is True, or "auto" and a cluster is detected.
+
+    Besides jax's own cluster detection (TPU pods, SLURM, Open MPI), JAX_COORDINATOR_ADDRESS with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID launch processes by hand. Returns whether it initialized."""
+    if setting is False or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
+    if setting == "auto" and not any(os.environ.get(k) for k in CLUSTER_ENV):
+        return False
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                  "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def load_tok(run: RunConfig):
+    """The run's tokenizer; ByteTokenizer for a random model without one."""
+    path = run.tokenizer_path
+    if path is None:
+        return ByteTokenizer()
+    from jlora.tokenizer import load_tokenizer
+    from jlora.weights import resolve_model_path
+
+    return load_tokenizer(resolve_model_path(path))
+
+
+def build_model(run: RunConfig, tok) -> tuple[LlamaConfig, dict | None]:
+    """(config, host params) of the base model, or (config, None) for a random preset ("tiny")."""
+    m = run.model
+    overrides = dict(m.overrides)
+    common = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": run.train.remat}
+    if m.path == "tiny" or m.preset:
+        name = m.preset or "tiny"
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}", "model.preset")
+        if m.path == "tiny" and "vocab_size" not in overrides:  # follow the tokenizer, padded to shard evenly
+            overrides["vocab_size"] = -(-tok.vocab_size // 64) * 64
+        try:
+            return PRESETS[name].replace(**common, **overrides), None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{e}", "model.overrides") from None
+    from jlora.weights import load_pretrained
+
+    cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+    return cfg.replace(remat=run.train.remat, **overrides), params
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, appended) and TensorBoard events, on process 0."""
+
+    def __init__(self, out_dir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, float]:
+    """(mean validation loss, loss tokens) over the first `n_batches` batches (0: all) of one pass."""
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(val_it.one_pass()):
+        if n_batches and i >= n_batches:
+            break
+        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0), count
+
+
+def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run a whole training job; returns a summary (steps, losses, val_loss, tokens_per_s, ...).
+
+    resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
+    requires one; False starts over."""
+    init_distributed(run.mesh.distributed)
+    main_proc = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not main_proc else (lambda *a: print(*a, flush=True))
+    out_dir = pathlib.Path(run.output_dir)
+    tok = load_tok(run)
+    cfg, params = build_model(run, tok)
+    train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+    steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if run.train.micro_batch % rows:
+        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}", "train.micro_batch")
+
+    optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
+    key = jax.random.key(run.train.seed)
+    state = init_state(cfg, run.lora, mesh, jax.random.fold_in(key, 0), optimizer, params,
+                       model_key=jax.random.key(run.model.seed))
+    host_params, params = params, None  # the host copy is only needed for the fingerprint below
+    rng, start = jax.random.fold_in(key, 1), 0
+    fingerprint_src = state.frozen if jax.process_count() == 1 else None
+    meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run))
+    manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
+    want_resume = run.checkpoint.resume if resume is None else resume
+    if want_resume:
+        abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
+                    "data": train_it.state(), "rng": rng}
+        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.lora)
+        if restored is None and resume:
+            raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
+        if restored is not None:
+            state.trainable, state.opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
+            train_it.restore(restored["data"])
+            start = int(restored["step"])
+            say(f"resumed from {out_dir / 'checkpoints'} at step {start}")
+    del host_params
+
+    n_micro = run.train.grad_accum
+    tokens_per_step = run.train.global_batch * run.data.max_seq_len
+    say(f"model: {cfg.name}  layers={cfg.num_hidden_layers} d={cfg.hidden_size} vocab={cfg.vocab_size} "
+        f"dtype={cfg.dtype} param_dtype={cfg.param_dtype} remat={cfg.remat}  base params "
+        f"{count_params(state.frozen):,}")
+    say(f"mesh: {describe_mesh(mesh)}  processes: {jax.process_count()}")
+    say(describe(state.trainable, state.frozen))
+    say(f"data: {stats.summary()}")
+    say(f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
+        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})")
+
+    model = Llama(cfg)
+    step_fn = make_train_step(model, optimizer, state)
+    eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
+    metrics_log = MetricsLog(out_dir, main_proc)
+    summary: dict[str, Any] = {"steps": steps, "start_step": start, "losses": [], "val_losses": [], "skipped": 0,
+                               "output_dir": str(out_dir), "tokens_per_step": tokens_per_step}
+    # optimizer updates so far: skipped steps do not advance the schedule
+    applied = start - int(jax.device_get(state.opt_state.total_notfinite))
+    window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+    bar = tqdm(total=steps, initial=start, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            batch = put_batch(next(train_it), mesh, n_micro)
+            t0 = time.perf_counter()
+            state.trainable, state.opt_state, m = step_fn(state.frozen, state.trainable, state.opt_state, batch,
+                                                          jax.random.fold_in(rng, step))
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            if step == start:
+                summary["first_step_s"] = dt  # includes compilation
+            else:
+                window["time"] += dt
+                window["steps"] += 1
+            lr = float(schedule(applied))
+            applied += not bool(m["skipped"])
+            summary["losses"].append(float(m["loss"]))
+            summary["skipped"] = int(m["nonfinite_total"])
+            window["loss"].append(float(m["loss"]))
+            window["skipped"] += int(bool(m["skipped"]))
+            check_nonfinite(m, run.train.max_nonfinite, step + 1)
+            tps = tokens_per_step * window["steps"] / window["time"] if window["time"] else float("nan")
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            if done % run.train.log_interval == 0 or done == steps:
+                finite = [x for x in window["loss"] if math.isfinite(x)]
+                metrics_log.write({"step": done, "loss": float(np.mean(finite)) if finite else float("nan"), "lr": lr,
+                                   "tokens_per_s": tps if math.isfinite(tps) else None,
+                                   "grad_norm": float(m["grad_norm"]), "skipped": window["skipped"]})
+                if math.isfinite(tps):
+                    summary["tokens_per_s"] = tps
+                window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+            if eval_fn is not None and (done % run.train.eval_interval == 0 or done == steps):
+                val_loss, val_tokens = evaluate(eval_fn, state, val_it, run.train.eval_batches)
+                summary["val_losses"].append((done, val_loss))
+                metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
+                if main_proc and not quiet:
+                    bar.write(f"step {done}: val_loss {val_loss:.4f}")
+            ckpt.save_checkpoint(manager, done, {"trainable": state.trainable, "opt_state": state.opt_state,
+                                                 "step": done, "data": train_it.state(), "rng": rng}, meta,
+                                 force=done == steps)
+    finally:
+        bar.close()
+        metrics_log.close()
+    ckpt.save_adapter(out_dir / "adapter", state.trainable, run.lora, cfg, fingerprint_src, to_dict(run))
+    summary.update(final_loss=summary["losses"][-1] if summary["losses"] else None,
+                   val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
+                   adapter_dir=str(out_dir / "adapter"))
+    say(f"done: {steps - start} steps, final loss {summary['final_loss']}, adapter in {out_dir / 'adapter'}")
+    summary["state"] = state
+    return summary
+
+
+EXPECTED_ERRORS = (ConfigError, DataError, LoraError, ShardingError, NonFiniteError, ckpt.CheckpointError,
+                   FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
+    p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir (an error if there is none)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir holds a checkpoint")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
+    args = parse_args(argv)
+    try:
+        from jlora.weights import WeightsError
+    except ImportError:  # pragma: no cover
+        WeightsError = ConfigError  # noqa: N806
+    try:
+        run = load(args.config, args.overrides)
+        train(run, resume=True if args.resume else (False if args.no_resume else None))
+    except NonFiniteError as e:
+        print(f"jlora-train: {e}", file=sys.stderr)
+        return 1
+    except (*EXPECTED_ERRORS, WeightsError) as e:
+        print(f"jlora-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
