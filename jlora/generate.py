@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora import lora_apply
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm
 from jlora.lora_apply import LoraPair
+from jlora.lora_apply import apply as apply_lora
 
-_PROMPT_BUCKET = 16  # prompt lengths round up to this, so nearby lengths share one compiled prefill
+_BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
 
 class GenerateError(ValueError):
@@ -88,8 +88,8 @@ def _init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
 def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last_only):
     """Last-position logits [B,V] and the updated cache; LoRA unmerged when `trainable` is non-empty."""
     if trainable:
-        logits, new = lora_apply.apply(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
-                                       variables={"cache": cache}, mutable=["cache"])
+        logits, new = apply_lora(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
+                                 variables={"cache": cache}, mutable=["cache"])
     else:
         logits, new = dmodel.apply({"params": frozen, "cache": cache}, ids, positions, segment_ids, last_only,
                                    mutable=["cache"])
@@ -207,10 +207,10 @@ class Generator:
         if stop_strings and tokenizer is None:
             raise GenerateError("stop_strings need a tokenizer to decode with (tokenizer=...)")
         eos = _eos_list(eos_id, cfg)
-        greedy = temperature == 0.0 or top_k == 1  # top-k 1 is greedy whatever the temperature
+        greedy = temperature == 0.0
         mode = (greedy, None if greedy else top_k, not greedy and top_p is not None and top_p < 1.0)
         b, n_max = len(rows), max(len(r) for r in rows)
-        p = -(-n_max // _PROMPT_BUCKET) * _PROMPT_BUCKET
+        p, n_buf = (-(-n // _BUCKET) * _BUCKET for n in (n_max, n_new))
         ids = np.full((b, p), pad_id, np.int32)
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column
@@ -220,7 +220,7 @@ class Generator:
         eos_ids = jnp.asarray(eos or [-1], jnp.int32)
         state = _prefill(self.model, self.frozen, self.trainable, ids, positions, segs,
                          jnp.asarray([len(r) for r in rows], jnp.int32), key, temp, tp, eos_ids,
-                         max_len=p + n_new, n_new=n_new, mode=mode)
+                         max_len=p + n_buf, n_new=n_buf, mode=mode)
         out: list[list[int]] = [[] for _ in rows]
         finished, emitted, step = [False] * b, 0, 1
         while True:
