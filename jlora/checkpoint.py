@@ -16,7 +16,6 @@ import hashlib
 import importlib.metadata
 import json
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +46,6 @@ class AdapterError(CheckpointError):
     """An adapter that does not fit: another base model, another rank, or a damaged directory."""
 
 
-def jlora_version() -> str:
-    try:
-        return importlib.metadata.version("jlora")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 # --------------------------------------------------------------------------- metadata
 
 
@@ -64,9 +56,17 @@ def fingerprint(params) -> dict:
     out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
     for key in _HASHED:
         if key in flat:
-            x = np.asarray(jnp.asarray(flat[key][0] if key[0] == "layers" else flat[key], jnp.bfloat16).view(jnp.uint16))
+            x = jnp.asarray(flat[key][0] if key[0] == "layers" else flat[key], jnp.bfloat16)
+            x = np.asarray(x.view(jnp.uint16))
             out["sha256"][".".join(key)] = hashlib.sha256(x.tobytes()).hexdigest()
     return out
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("jlora")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _lora_config_dict(lcfg: LoraConfig) -> dict:
@@ -95,9 +95,9 @@ def _describe_tree(trainable) -> dict:
 def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to."""
     return {
-        "jlora_version": jlora_version(),
+        "jlora_version": _version(),
         "lora_config": _lora_config_dict(lcfg),
-        "run_config": run_config,
+        "run_config": json.loads(json.dumps(run_config, default=str)),  # tuples -> lists, odd types -> str
         "base": {"name": base.name, "config": base.to_hf_config(),
                  "fingerprint": fingerprint(params) if params is not None else None},
     }
@@ -133,8 +133,12 @@ def check_lora_config(meta: dict, expect: LoraConfig, *, where: str) -> None:
 
 
 def _norm(v):
-    """Compare JSON-ish values with tuples and lists alike."""
-    return json.dumps(v, sort_keys=True, default=list)
+    """A comparable form of a JSON-ish value: tuples as lists, 16 == 16.0."""
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return sorted((k, _norm(x)) for k, x in v.items())
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 # --------------------------------------------------------------------------- tree <-> storage
@@ -151,22 +155,22 @@ def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _to_storage(tree) -> dict:
-    """Any pytree -> nested dict of arrays keyed by its key paths; typed rng keys -> raw uint32 key data."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_key(leaf):
-            leaf = jax.random.key_data(leaf)
-        elif not isinstance(leaf, (jax.Array, np.ndarray)):
-            leaf = np.asarray(leaf)
-        flat[tuple(_key_name(k) for k in path)] = leaf
-    return traverse_util.unflatten_dict(flat)
+def _keyed(tree, leaf_fn) -> dict:
+    """Any pytree -> nested dict keyed by its key paths (a LoraPair becomes {a, b, magnitude}), leaves mapped."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return traverse_util.unflatten_dict({tuple(_key_name(k) for k in p): leaf_fn(x) for p, x in leaves})
+
+
+def _storable(leaf):
+    if _is_key(leaf):
+        return jax.random.key_data(leaf)  # raw uint32 key data
+    return leaf if isinstance(leaf, (jax.Array, np.ndarray)) else np.asarray(leaf)  # Python scalars
 
 
 def _target_leaf(x):
     """The orbax restore target for one leaf of an abstract state."""
     if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
-        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if _is_key(x):
             if isinstance(sharding, jax.sharding.NamedSharding):
                 sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -177,7 +181,7 @@ def _target_leaf(x):
 
 
 def _from_storage(stored: dict, abstract):
-    """Inverse of `_to_storage`, shaped like `abstract` (python scalars and rng keys restored as such)."""
+    """Inverse of `_keyed(tree, _storable)`, shaped like `abstract` (python scalars and rng keys restored as such)."""
     flat = traverse_util.flatten_dict(stored)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     leaves = []
@@ -214,6 +218,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
+def _guarded(fn, error: type, message: str):
+    """fn(), with any orbax/tensorstore failure (they raise many types) turned into one clear line."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        raise error(f"{message} ({_one_line(e)})") from None
+
+
 # --------------------------------------------------------------------------- training checkpoints
 
 
@@ -240,10 +252,10 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, meta
     unknown = sorted(set(state) - set(STATE_KEYS))
     if unknown or "trainable" not in state:
         raise CheckpointError(f"a checkpoint holds only {', '.join(STATE_KEYS)} (with trainable); got {sorted(state)}")
-    if not force and not manager.should_save(step):
-        return False
+    if step in manager.all_steps() or not (force or manager.should_save(step)):
+        return False  # a final forced save right after an interval save is the same checkpoint
     meta = {**metadata, "kind": "checkpoint", "step": int(step), "trainable": _describe_tree(state["trainable"])}
-    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_storage(state)),
+    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keyed(state, _storable)),
                                                        metadata=ocp.args.JsonSave(meta)), force=force)
     manager.wait_until_finished()
     return bool(saved)
@@ -254,11 +266,9 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
-    where = f"{manager.directory}/{step}"
-    try:
-        return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-    except Exception as e:  # orbax/tensorstore raise many types; all mean the same thing here
-        raise CheckpointError(f"{where}: truncated or corrupt checkpoint: metadata unreadable ({_one_line(e)})") from None
+    args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
+    return _guarded(lambda: manager.restore(step, args=args)["metadata"], CheckpointError,
+                    f"{manager.directory}/{step}: truncated or corrupt checkpoint: metadata unreadable")
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: LlamaConfig | None = None,
@@ -277,24 +287,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     check_base(meta, base, params, where=where)
     if lcfg is not None:
         check_lora_config(meta, lcfg, where=where)
-    target = jax.tree_util.tree_map(_target_leaf, _to_storage_abstract(abstract_state))
-    try:
-        item_meta = manager.item_metadata(step)["state"]
-    except Exception as e:
-        raise CheckpointError(f"{where}: truncated or corrupt checkpoint ({_one_line(e)})") from None
+    target = _keyed(abstract_state, _target_leaf)
+    item_meta = _guarded(lambda: manager.item_metadata(step)["state"], CheckpointError,
+                         f"{where}: truncated or corrupt checkpoint")
     _check_shapes(item_meta, target, where)
-    try:
-        stored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:
-        raise CheckpointError(f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings that do not "
-                              f"fit ({_one_line(e)})") from None
+    stored = _guarded(lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))),
+                      CheckpointError, f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings "
+                      f"that do not fit")["state"]
     return _from_storage(stored, abstract_state)
 
-
-def _to_storage_abstract(abstract) -> dict:
-    """Like `_to_storage` but keeps abstract leaves (ShapeDtypeStructs, typed keys) for `_target_leaf`."""
-    flat = {tuple(_key_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    return traverse_util.unflatten_dict(flat)
 
 
 # --------------------------------------------------------------------------- final adapters
@@ -327,7 +328,7 @@ def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base:
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()) and not is_adapter_dir(out):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
-    stored = _to_storage(trainable)
+    stored = _keyed(trainable, _storable)
     meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
             "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
     _adapter_checkpointer().save(out, args=ocp.args.Composite(adapter=ocp.args.StandardSave(stored),
@@ -337,10 +338,11 @@ def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base:
 def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
     """The metadata JSON of a jlora adapter dir; AdapterError if it is missing or unreadable."""
     where = pathlib.Path(directory)
-    if not where.is_dir():
-        raise AdapterError(f"{where}: no such adapter directory")
     if not is_adapter_dir(where):
-        raise AdapterError(f"{where}: not a jlora adapter, or truncated or corrupt (metadata/metadata is missing)")
+        peft = (where / "adapter_config.json").is_file()
+        raise AdapterError(f"{where}: no such adapter directory" if not where.is_dir() else
+                           f"{where}: an HF PEFT adapter, not a jlora one: use jlora.peft.import_peft" if peft else
+                           f"{where}: not a jlora adapter, or truncated or corrupt (metadata/metadata is missing)")
     try:
         meta = json.loads((where / "metadata" / "metadata").read_text())
     except (OSError, ValueError) as e:
@@ -363,20 +365,16 @@ def load_adapter(directory: str | pathlib.Path, base: LlamaConfig | None = None,
     if expect is not None:
         check_lora_config(meta, expect, where=str(where))
     ckpt = _adapter_checkpointer()
-    try:
-        tree_meta = ckpt.metadata(where).item_metadata["adapter"]
-    except Exception as e:
-        raise AdapterError(f"{where}: truncated or corrupt adapter ({_one_line(e)})") from None
+    tree_meta = _guarded(lambda: ckpt.metadata(where).item_metadata["adapter"], AdapterError,
+                         f"{where}: truncated or corrupt adapter")
     if tree_meta is None:
         raise AdapterError(f"{where}: truncated or corrupt adapter (adapter/_METADATA is missing)")
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
                                     dict(tree_meta.tree))
     _check_described(meta["trainable"], traverse_util.flatten_dict(target), str(where))
-    try:
-        stored = ckpt.restore(where, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target)))["adapter"]
-    except Exception as e:
-        raise AdapterError(f"{where}: truncated or corrupt adapter ({_one_line(e)})") from None
+    stored = _guarded(lambda: ckpt.restore(where, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))),
+                      AdapterError, f"{where}: truncated or corrupt adapter")["adapter"]
     if meta.get("content_sha256") and _content_hash(stored) != meta["content_sha256"]:
         raise AdapterError(f"{where}: corrupt adapter: array contents do not match the saved checksum")
     return lora_config_from_dict(meta["lora_config"]), _rebuild(stored, meta["trainable"])

@@ -13,7 +13,7 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.adapter_cli import merge_main
+from jlora.adapter_cli import export_main, merge_main
 from jlora.checkpoint import save_adapter
 from jlora.peft import PeftError, export_peft, import_peft
 from jlora.weights import load_pretrained
@@ -138,13 +138,15 @@ def test_import_peft_made_adapter(base, tmp_path):
     np.testing.assert_allclose(np.asarray(logits(params, trainable)), want, atol=1e-5, rtol=0)
 
 
-def test_merge_cli_matches_factored_apply(base, tmp_path):
+def test_cli_export_and_merge(base, tmp_path):
     path, cfg, params, logits = base
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets="all-linear", train_extra="^norm")
     frozen, trainable = random_adapter(params, lcfg, 5)
     want = np.asarray(logits(frozen, trainable))
     save_adapter(tmp_path / "adapter", trainable, lcfg, base=cfg, params=params)
     export_peft(tmp_path / "peft", trainable, lcfg, cfg)
+    assert export_main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "cli")]) == 0
+    assert _leaves_equal(import_peft(tmp_path / "cli", cfg)[1], trainable)
     for src in ("adapter", "peft"):  # a jlora adapter dir and a PEFT dir both merge
         assert merge_main(["--model", str(path), "--adapter", str(tmp_path / src), "--out", str(tmp_path / f"m-{src}")]) == 0
         merged = LlamaForCausalLM.from_pretrained(tmp_path / f"m-{src}")
@@ -210,3 +212,15 @@ def test_shape_and_type_errors(base, peft_dir, tmp_path):
     other = cfg.replace(hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
     _one_line_error(lambda: import_peft(peft_dir, other), "does not fit base")
     _one_line_error(lambda: import_peft(tmp_path / "nowhere", cfg), "missing; not a PEFT adapter directory")
+
+
+def test_cli_errors_are_one_line(base, peft_dir, tmp_path, capsys):
+    path = base[0]
+    with pytest.raises(SystemExit) as info:
+        merge_main(["--model", str(path), "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jlora-merge: error:") and "no such adapter directory" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(path), "--adapter", str(peft_dir), "--out", str(tmp_path / "e")])
+    assert "an HF PEFT adapter, not a jlora one" in capsys.readouterr().err
