@@ -35,7 +35,9 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 # Fields of LoraConfig that decide the trainable tree's shapes and scales.
 SHAPE_KEYS = ("rank", "rank_pattern", "alpha", "alpha_pattern", "use_rslora", "use_dora", "targets", "exclude",
               "layers", "train_extra")
-_HASHED = (("norm", "weight"), ("layers", "input_layernorm", "weight"))  # small tensors, content-hashed
+# Small slices of the base, content-hashed: norms, and embedding rows (norms may be trained in full).
+_HASHED = {("norm", "weight"): lambda x: x, ("layers", "input_layernorm", "weight"): lambda x: x[0],
+           ("embed_tokens", "embedding"): lambda x: x[:8]}
 
 
 class CheckpointError(ValueError):
@@ -51,13 +53,12 @@ class AdapterError(CheckpointError):
 
 def fingerprint(params) -> dict:
     """Shapes of every base tensor, plus sha256 of a few small ones (rounded to bf16, so fp32 and bf16
-    loads of one checkpoint agree). Pass the params as loaded, before `split`."""
+    loads of one checkpoint agree). Params as loaded or the frozen tree: only shared tensors are compared."""
     flat = traverse_util.flatten_dict(params)
     out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
-    for key in _HASHED:
+    for key, part in _HASHED.items():
         if key in flat:
-            x = jnp.asarray(flat[key][0] if key[0] == "layers" else flat[key], jnp.bfloat16)
-            x = np.asarray(x.view(jnp.uint16))
+            x = np.asarray(jnp.asarray(part(flat[key]), jnp.bfloat16).view(jnp.uint16))
             out["sha256"][".".join(key)] = hashlib.sha256(x.tobytes()).hexdigest()
     return out
 
@@ -116,9 +117,8 @@ def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str)
     if params is not None and saved.get("fingerprint"):
         mine, theirs = fingerprint(params), saved["fingerprint"]
         for kind in ("shapes", "sha256"):
+            # Only tensors both sides have: a frozen tree lacks what train_extra trains in full.
             bad = sorted(k for k in theirs[kind].keys() & mine[kind].keys() if theirs[kind][k] != mine[kind][k])
-            if kind == "shapes":
-                bad += sorted(theirs[kind].keys() ^ mine[kind].keys())
             if bad:
                 raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): weight "
                                    f"{bad[0]} differs ({kind} fingerprint)")
