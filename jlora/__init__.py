@@ -1,14 +1,19 @@
 """jlora: LoRA fine-tuning of LLaMA-family models in JAX/Flax, as a transformation of parameter trees."""
 
+from jlora.checkpoint import load_adapter, save_adapter
+from jlora.generate import generate
 from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, init_params
-from jlora.lora import LoraConfig, LoraError, count_params, describe, merge, split, unmerge
+from jlora.lora import LoraConfig, count_params, describe, merge, split, unmerge
+from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layouts
+from jlora.peft import export_peft, import_peft
 from jlora.tokenizer import load_tokenizer
-from jlora.lora_apply import LoraPair, apply, lora_apply, trace_layouts
+from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Llama", "LlamaConfig", "init_cache", "init_params",
-    "LoraConfig", "LoraError", "LoraPair", "apply", "count_params", "describe", "lora_apply", "merge", "split",
-    "load_tokenizer", "trace_layouts", "unmerge",
+    "PRESETS", "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "apply", "count_params", "describe",
+    "export_peft", "generate", "import_peft", "init_cache", "init_params", "load_adapter", "load_pretrained",
+    "load_tokenizer", "lora_apply", "merge", "resolve_model_path", "save_adapter", "save_pretrained", "split",
+    "trace_layouts", "unmerge",
 ]
