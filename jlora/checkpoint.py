@@ -106,7 +106,7 @@ def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: 
 
 def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str) -> None:
     """Raise AdapterError unless `meta` was made for this base config (and these weights, if given)."""
-    saved = (meta.get("base") or {})
+    saved = meta.get("base") or {}
     if base is not None:
         mine, theirs = base.to_hf_config(), saved.get("config") or {}
         diff = [k for k in ARCH_KEYS if _norm(mine.get(k)) != _norm(theirs.get(k))]
@@ -151,7 +151,7 @@ def _key_name(k) -> str:
     raise CheckpointError(f"cannot name pytree key {k!r}")
 
 
-def _is_key(x) -> bool:
+def _is_key(x) -> bool:  # a typed jax rng key (or its abstract value)
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
@@ -389,8 +389,7 @@ def _check_described(desc: dict, flat: dict, where: str) -> None:
         if path + ("a",) in flat and flat[path + ("a",)].shape[-1] != info["rank"]:
             raise AdapterError(f"{where}: {name} has rank {flat[path + ('a',)].shape[-1]} on disk but "
                                f"{info['rank']} in its metadata")
-    if want != set(flat):
-        odd = sorted(want ^ set(flat))[0]
+    for odd in sorted(want ^ set(flat))[:1]:
         raise AdapterError(f"{where}: truncated or corrupt adapter: {'/'.join(odd)} is "
                            f"{'missing' if odd in want else 'unexpected'}")
 

@@ -196,6 +196,6 @@ def read_peft_config(directory: str | pathlib.Path) -> dict:
     for key, off in _UNSUPPORTED:
         if config.get(key, off) not in (off, [], {}):
             raise PeftError(f"{file}: {key}={config[key]!r} is not supported by jlora (needs {off!r})")
-    if config.get("target_modules") == "all-linear":
+    if isinstance(config.get("target_modules"), str) and config["target_modules"].lower() == "all-linear":
         config["target_modules"] = r".*\.(self_attn|mlp)\.[a-z_]+_proj"  # PEFT: every Linear but the output head
     return config
