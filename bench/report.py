@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -82,10 +83,10 @@ def hardware() -> dict[str, str]:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = []
-    for mod in ("jax", "flax", "torch", "transformers", "peft"):
-        try:
-            versions.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
+    for dist in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
+        try:  # metadata, not import: importing torch + transformers takes tens of seconds
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
             pass
     return {"CPU": cpu, "cores usable": str(usable), "RAM": ram,
             "OS": f"{platform.system()} {platform.release()}", "Python": platform.python_version(),

@@ -185,6 +185,7 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
         raise DataError(f"{run.data.train}: no held-out examples: set data.val or data.val_fraction")
 
     say(f"Evaluating the base model on {len(items)} held-out examples ...")
+    t0 = time.perf_counter()
     cfg, params = build_model(run, tok)
     if params is None:  # a random preset: the weights init_state makes from the same seed
         params = init_params(cfg, jax.random.key(run.model.seed))
@@ -194,15 +195,19 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
     base = {"loss": held_out_loss(model, base_state, val_it)}
     base["accuracy"], base_out = score(model, base_state.frozen, None, items, tok)
     del params, base_state
-    say(f"base: held-out loss {base['loss']:.4f}, accuracy {100 * base['accuracy']:.1f}%")
+    base["eval_s"] = time.perf_counter() - t0
+    say(f"base: held-out loss {base['loss']:.4f}, accuracy {100 * base['accuracy']:.1f}% ({base['eval_s']:.0f} s)")
 
     say(f"Fine-tuning ({run.output_dir}) ...")
     t_train = time.perf_counter()
     summary = train(run)
     train_s = time.perf_counter() - t_train
     state: TrainState = summary["state"]
+    say("Evaluating the fine-tuned model ...")
+    t0 = time.perf_counter()
     tuned = {"loss": held_out_loss(model, state, val_it)}
     tuned["accuracy"], tuned_out = score(model, state.frozen, state.trainable, items, tok)
+    tuned["eval_s"] = time.perf_counter() - t0
 
     out_dir = pathlib.Path(run.output_dir)
     peft_dir = out_dir / "peft"
@@ -230,9 +235,10 @@ def report(result: dict[str, Any]) -> str:
         lines += [f"--- example {k} " + "-" * 50, f"input      : {ex['question'].splitlines()[-1]}",
                   f"expected   : {ex['reference']}", f"base       : [{mark(ex['base'])}] {_one_line(ex['base'])}",
                   f"fine-tuned : [{mark(ex['finetuned'])}] {_one_line(ex['finetuned'])}"]
-    lines += ["", f"held-out split, {result['n_eval']} examples   base      fine-tuned",
-              f"  loss (per answer token)         {b['loss']:<9.4f} {t['loss']:.4f}",
-              f"  accuracy (exact match)          {100 * b['accuracy']:<8.1f}% {100 * t['accuracy']:.1f}%",
+    acc = lambda x: f"{100 * x['accuracy']:.1f}%"  # noqa: E731
+    lines += ["", f"{'held-out split (' + str(result['n_eval']) + ' examples)':34}{'base':>10}{'fine-tuned':>12}",
+              f"{'  loss (mean per answer token)':34}{b['loss']:>10.4f}{t['loss']:>12.4f}",
+              f"{'  accuracy (exact match)':34}{acc(b):>10}{acc(t):>12}",
               f"training: {result['train_steps']} steps in {result['train_s']:.0f} s"
               + (f" ({result['tokens_per_s']:,.0f} tokens/s)" if result.get("tokens_per_s") else "")
               + f"; demo wall time {result['wall_s']:.0f} s"]
