@@ -118,14 +118,19 @@ def _sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Arra
     return choice.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("dmodel", "max_len", "n_new", "mode"))
-def _prefill(dmodel, frozen, trainable, ids, positions, segment_ids, lengths, key, temperature, top_p, eos_ids,
-             *, max_len: int, n_new: int, mode: tuple) -> dict:
-    """Run the prompts [B,P] through a fresh cache and sample the first token: the decode loop's state."""
+@functools.partial(jax.jit, static_argnames=("dmodel", "max_len"))
+def _prefill(dmodel, frozen, trainable, ids, positions, segment_ids, *, max_len: int):
+    """Run the prompts [B,P] through a fresh cache: (last-position logits [B,V], cache)."""
     cache = _init_cache(dmodel.cfg, ids.shape[0], max_len)
-    logits, cache = _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
+    return _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
+
+
+@functools.partial(jax.jit, static_argnames=("n_new", "mode"), donate_argnames=("cache",))
+def _first(logits, cache, lengths, key, temperature, top_p, eos_ids, *, n_new: int, mode: tuple) -> dict:
+    """Sample the first token: the decode loop's state. Apart from the prefill, so sampling settings
+    never recompile the model."""
     tok = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode)
-    tokens = jnp.zeros((ids.shape[0], n_new), jnp.int32).at[:, 0].set(tok)  # [B,N]
+    tokens = jnp.zeros((logits.shape[0], n_new), jnp.int32).at[:, 0].set(tok)  # [B,N]
     return {"cache": cache, "tokens": tokens, "last": tok, "done": jnp.isin(tok, eos_ids),
             "step": jnp.ones((), jnp.int32), "lengths": lengths}
 
@@ -218,9 +223,9 @@ class Generator:
         key = jax.random.key(seed)
         temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0)
         eos_ids = jnp.asarray(eos or [-1], jnp.int32)
-        state = _prefill(self.model, self.frozen, self.trainable, ids, positions, segs,
-                         jnp.asarray([len(r) for r in rows], jnp.int32), key, temp, tp, eos_ids,
-                         max_len=p + n_buf, n_new=n_buf, mode=mode)
+        logits, cache = _prefill(self.model, self.frozen, self.trainable, ids, positions, segs, max_len=p + n_buf)
+        state = _first(logits, cache, jnp.asarray([len(r) for r in rows], jnp.int32), key, temp, tp, eos_ids,
+                       n_new=n_buf, mode=mode)
         out: list[list[int]] = [[] for _ in rows]
         finished, emitted, step = [False] * b, 0, 1
         while True:
