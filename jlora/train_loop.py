@@ -142,7 +142,8 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if run.train.micro_batch % rows:
-        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}", "train.micro_batch")
+        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}",
+                          "train.micro_batch")
 
     optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
     key = jax.random.key(run.train.seed)
@@ -189,11 +190,16 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
     bar = tqdm(total=steps, initial=start, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
     try:
+        batch = put_batch(next(train_it), mesh, n_micro) if start < steps else None
+        data_state = train_it.state()  # the position after this step's batch: what a checkpoint records
+        t0 = time.perf_counter()
         for step in range(start, steps):
-            batch = put_batch(next(train_it), mesh, n_micro)
-            t0 = time.perf_counter()
             state.trainable, state.opt_state, m = step_fn(state.frozen, state.trainable, state.opt_state, batch,
                                                           jax.random.fold_in(rng, step))
+            step_data_state = data_state
+            if step + 1 < steps:  # build the next batch on the host while the device runs this step
+                batch = put_batch(next(train_it), mesh, n_micro)
+                data_state = train_it.state()
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             if step == start:
@@ -227,8 +233,9 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
                 if main_proc and not quiet:
                     bar.write(f"step {done}: val_loss {val_loss:.4f}")
             ckpt.save_checkpoint(manager, done, {"trainable": state.trainable, "opt_state": state.opt_state,
-                                                 "step": done, "data": train_it.state(), "rng": rng}, meta,
+                                                 "step": done, "data": step_data_state, "rng": rng}, meta,
                                  force=done == steps)
+            t0 = time.perf_counter()  # evaluation and checkpointing are not step time
     finally:
         bar.close()
         metrics_log.close()

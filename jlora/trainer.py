@@ -11,6 +11,7 @@ donated. The loop, metrics and CLI live in jlora.train_loop (`main` here is the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,11 +46,93 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None):
-    """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`."""
-    logits = apply(model, frozen, trainable, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                   rngs=rngs)  # [B,T,V] fp32
-    return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+# Logits of one CE chunk stay under this many elements (64 MB in fp32).
+CE_CHUNK_ELEMENTS = 1 << 24
+
+
+def ce_chunk_size(batch: int, seq: int, vocab: int, max_elements: int = CE_CHUNK_ELEMENTS) -> int:
+    """The largest divisor c of seq with batch * c * vocab <= max_elements (at least 1)."""
+    fits = [c for c in range(1, seq + 1) if seq % c == 0 and batch * c * vocab <= max_elements]
+    return max(fits, default=1)
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
+    eq = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
+    return jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
+
+
+def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
+    """[B,T,...] -> [T/c, B, c, ...]: scan over sequence chunks, rows stay sharded."""
+    b, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, tied: bool,
+                          chunk: int) -> jax.Array:
+    """sum(mask * CE(h @ head, targets)) for hidden h [B,T,D], head w ([V,D] if tied else [D,V]),
+    computed `chunk` positions at a time, so the [B,T,V] logits never exist. The gradient (w.r.t. h
+    only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D]."""
+    def body(total, xs):
+        hc, tc, mc = xs
+        ce = optax.softmax_cross_entropy_with_integer_labels(_chunk_logits(hc, w, tied), tc)  # [B,c]
+        return total + jnp.sum(ce * mc), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk),
+                                                               _by_chunk(mask, chunk)))
+    return total
+
+
+def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
+    def body(total, xs):
+        hc, tc, mc = xs
+        logits = _chunk_logits(hc, w, tied)  # [B,c,V]
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [B,c]
+        ce = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tc, logits.shape[-1])) * mc[..., None]
+        eq = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
+        dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
+        return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
+
+    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk),
+                                                                _by_chunk(mask, chunk)))
+    return total, jnp.swapaxes(dh, 0, 1).reshape(h.shape)
+
+
+def _chunked_ce_bwd(tied, chunk, dh, g):
+    return (g * dh).astype(dh.dtype), None, None, None
+
+
+chunked_cross_entropy.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+def _frozen_head(cfg: LlamaConfig, frozen, trainable) -> jax.Array | None:
+    """The output projection, if it is frozen and not adapted (else None: the plain logits path)."""
+    path = ("embed_tokens", "embedding") if cfg.tie_word_embeddings else ("lm_head", "kernel")
+    flat_t = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
+    if path in flat_t:
+        return None
+    return traverse_util.flatten_dict(frozen).get(path)
+
+
+def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None,
+               ce_chunk: int | None = None):
+    """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`.
+
+    With a frozen output head the loss is `chunked_cross_entropy` over the final hidden states
+    (ce_chunk positions at a time; default from CE_CHUNK_ELEMENTS), else CE over full fp32 logits."""
+    args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
+    cfg = model.cfg
+    head = _frozen_head(cfg, frozen, trainable)
+    if head is None:
+        logits = apply(model, frozen, trainable, *args, rngs=rngs)  # [B,T,V] fp32
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    b, t = batch["input_ids"].shape
+    chunk = ce_chunk or ce_chunk_size(b, t, cfg.vocab_size)
+    hidden = apply(model, frozen, trainable, *args, rngs=rngs, return_hidden=True)  # [B,T,D]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    total = chunked_cross_entropy(hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk)
+    return total, jnp.sum(mask)
 
 
 def make_schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:

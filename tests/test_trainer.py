@@ -38,7 +38,8 @@ def _optimizer():
 def _batch(seed: int = 0, rows: int = B) -> dict:
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, CFG.vocab_size, (rows, SEQ + 1)).astype(np.int32)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": (rng.random((rows, SEQ)) > 0.25).astype(np.float32),
+    mask = (rng.random((rows, SEQ)) > 0.25).astype(np.float32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
             "positions": np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1)), "segment_ids": np.ones((rows, SEQ), np.int32)}
 
 
@@ -157,6 +158,19 @@ def test_packed_and_unpacked_losses_are_equal(init_trees):
     np.testing.assert_allclose(float(s_p) / float(n_p), float(s_u) / float(n_u), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_cross_entropy_matches_full_logits(tied):
+    k = jax.random.split(jax.random.key(5), 4)
+    b, t, d, v = 2, 16, 8, 40
+    h, w = jax.random.normal(k[0], (b, t, d)), jax.random.normal(k[1], (v, d))
+    targets, mask = jax.random.randint(k[2], (b, t), 0, v), (jax.random.uniform(k[3], (b, t)) > 0.3).astype(np.float32)
+    full = lambda h: T.masked_cross_entropy(jax.numpy.einsum("btd,vd->btv", h, w), targets, mask)[0]  # noqa: E731
+    chunked = lambda h: T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4)  # noqa: E731
+    np.testing.assert_allclose(chunked(h), full(h), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda h: 2 * chunked(h))(h), 2 * jax.grad(full)(h), atol=1e-5)
+    assert T.ce_chunk_size(4, 256, 49152) == 64 and T.ce_chunk_size(8, 32, 512) == 32
+
+
 WORKER = r"""
 import json, sys
 import jax
@@ -171,7 +185,8 @@ import test_trainer as tt
 from jlora import trainer as T
 from jlora.llama import Llama
 trees = np.load(sys.argv[1])
-frozen, trainable = jax.tree.unflatten(jax.tree.structure(tt._tree_shapes()), [trees[f"a{i}"] for i in range(len(trees.files))])
+leaves = [trees[f"a{i}"] for i in range(len(trees.files))]
+frozen, trainable = jax.tree.unflatten(jax.tree.structure(tt._tree_shapes()), leaves)
 opt, mesh = tt._optimizer(), tt._mesh((8, 1, 1))
 state = T.place_state(frozen, trainable, mesh, opt)
 step = T.make_train_step(Llama(tt.CFG), opt, state, tt.FAST)
