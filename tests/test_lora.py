@@ -243,19 +243,15 @@ def test_train_step_moves_only_the_trainable_leaves_of_the_chosen_layers(tiny):
 
 def test_train_extra_moves_named_norms_into_the_trainable_tree(tiny):
     _, params, _ = tiny
-    frozen, trainable = split(params, LoraConfig(targets=("q_proj",), train_extra=r"(^|\.)norm\.|layernorm"),
-                              KEY(0))
-    extra = {k for k, v in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x)).items()
-             if not is_pair(v)}
+    frozen, trainable = split(params, LoraConfig(targets=("q_proj",), train_extra=r"(^|\.)norm\.|layernorm"), KEY(0))
+    extra = set(traverse_util.flatten_dict(trainable)) - {("layers", "self_attn", "q_proj", "kernel")}
     assert extra == {("norm", "weight"), ("layers", "input_layernorm", "weight"),
                      ("layers", "post_attention_layernorm", "weight")}
-    flat_frozen = traverse_util.flatten_dict(frozen)
-    assert not extra & set(flat_frozen)
+    assert not extra & set(traverse_util.flatten_dict(frozen))
     assert count_params(trainable) == 2 * (64 * 8 + 8 * 64) + 64 + 2 * 2 * 64  # q_proj r=8, three norms
     merged = traverse_util.flatten_dict(merge(frozen, trainable))  # a plain tree again, norms back in place
     assert set(merged) == set(traverse_util.flatten_dict(params))
-    # train_extra only: no LoRA pairs at all
-    only = split(params, LoraConfig(targets=(), train_extra="lm_head"), KEY(0))[1]
+    only = split(params, LoraConfig(targets=(), train_extra="lm_head"), KEY(0))[1]  # no LoRA pairs at all
     assert count_params(only) == 64 * 256 and not pairs(only)
 
 
@@ -326,6 +322,19 @@ def test_unmerge_undoes_merge(case, seed):
     merged = merge(frozen, trainable)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     assert_trees_close(unmerge(merged, trainable), frozen, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_stay_fp32_on_a_bf16_base_and_merge_accumulates_in_fp32():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.bfloat16)
+    frozen, trainable = split({"fc": {"kernel": w}}, LoraConfig(rank=2, alpha=4, targets=("fc",)), KEY(0))
+    pair = trainable["fc"]["kernel"]
+    assert pair.a.dtype == pair.b.dtype == jnp.float32 and frozen["fc"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(merge(frozen, trainable)["fc"]["kernel"]), np.asarray(w))
+    pair = randomize(trainable)["fc"]["kernel"]
+    merged = merge(frozen, {"fc": {"kernel": pair}})["fc"]["kernel"]
+    expected = (w.astype(jnp.float32) + 2.0 * np.asarray(pair.a) @ np.asarray(pair.b)).astype(jnp.bfloat16)
+    assert merged.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(merged, np.float32), np.asarray(expected, np.float32), rtol=2**-8, atol=0)
 
 
 # ---- bad input: one clear line ----
