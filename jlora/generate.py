@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import pathlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -24,9 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora.checkpoint import load_adapter
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm
+from jlora.lora import merge as merge_trees
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
+from jlora.peft import import_peft
+from jlora.tokenizer import load_tokenizer
+from jlora.weights import load_pretrained, resolve_model_path
 
 _BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
@@ -36,7 +42,10 @@ class GenerateError(ValueError):
 
 
 class _DecodeLlama(nn.Module):
-    """`Llama` for decoding: same blocks and names, layers unrolled as `layer_{i}`, the head always a Dense."""
+    """`Llama` for decoding: same blocks and names, layers unrolled as `layer_{i}`, the head always a Dense.
+
+    It mirrors `Llama.__call__` around the blocks; the tests hold the two to the same greedy tokens.
+    """
 
     cfg: LlamaConfig
 
@@ -208,7 +217,7 @@ class Generator:
         cfg = self.cfg
         rows = _rows(prompt_ids, lengths)
         n_new = int(max_new_tokens)
-        _check(rows, n_new, cfg, temperature, top_k, top_p, chunk)
+        _check(rows, n_new, cfg, temperature, top_k, top_p, chunk, pad_id)
         if stop_strings and tokenizer is None:
             raise GenerateError("stop_strings need a tokenizer to decode with (tokenizer=...)")
         eos = _eos_list(eos_id, cfg)
@@ -216,7 +225,7 @@ class Generator:
         mode = (greedy, None if greedy else top_k, not greedy and top_p is not None and top_p < 1.0)
         b, n_max = len(rows), max(len(r) for r in rows)
         p, n_buf = (-(-n // _BUCKET) * _BUCKET for n in (n_max, n_new))
-        ids = np.full((b, p), pad_id, np.int32)
+        ids = np.zeros((b, p), np.int32)  # pad slots hold a valid id: a NaN there would leak through 0 * NaN
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column
             ids[i, p - len(r):], positions[i, p - len(r):], segs[i, p - len(r):] = r, np.arange(len(r)), 1
@@ -264,7 +273,7 @@ class Generator:
         return rows or []
 
 
-def _check(rows, n_new, cfg: LlamaConfig, temperature, top_k, top_p, chunk) -> None:
+def _check(rows, n_new, cfg: LlamaConfig, temperature, top_k, top_p, chunk, pad_id) -> None:
     if not rows:
         raise GenerateError("no prompts given")
     for i, r in enumerate(rows):
@@ -287,6 +296,8 @@ def _check(rows, n_new, cfg: LlamaConfig, temperature, top_k, top_p, chunk) -> N
         raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
     if chunk < 1:
         raise GenerateError(f"chunk must be >= 1, got {chunk}")
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise GenerateError(f"pad_id {pad_id} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
 def _stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) -> int | None:
@@ -316,22 +327,14 @@ def generate_stream(model: Llama, frozen: dict, trainable: dict | None, prompt_i
 
 def load_for_generation(model_path: str, adapter: str | None = None, merge: bool = False):
     """(Generator, tokenizer) for a model path or "smollm2-135m", with a jlora or HF PEFT adapter dir."""
-    import pathlib
-
-    from jlora.lora import merge as merge_trees
-    from jlora.tokenizer import load_tokenizer
-    from jlora.weights import load_pretrained, resolve_model_path
-
     path = resolve_model_path(model_path)
     cfg, params = load_pretrained(path)
     trainable = None
     if adapter:
         if (pathlib.Path(adapter) / "adapter_config.json").is_file():
-            from jlora.peft import import_peft
-            _, trainable = import_peft(adapter, cfg)
-        else:
-            from jlora.checkpoint import load_adapter
-            _, trainable = load_adapter(adapter, base=cfg)
+            _, trainable = import_peft(adapter, cfg, params)
+        else:  # refuses an adapter made for other base weights
+            _, trainable = load_adapter(adapter, base=cfg, params=params)
         full = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
         trained = {p for p, x in full.items() if not isinstance(x, LoraPair)}  # trained in full: not frozen
         params = traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(params).items()

@@ -70,6 +70,14 @@ def test_lora_unmerged_equals_full_forward_and_merged(tiny, adapter):
     assert generate(model, frozen, None, PROMPTS, max_new_tokens=N, eos_id=()) != unmerged  # the adapter matters
 
 
+def test_bfloat16_decoding_equals_its_full_forward(tiny):
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    model, params = jlora.Llama(cfg), jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), tiny[1])
+    forward = jax.jit(lambda x: model.apply({"params": params}, x))
+    out = generate(model, params, None, PROMPTS[:1], max_new_tokens=8, eos_id=())
+    assert out == [full_forward_greedy(forward, PROMPTS[0], 8)]
+
+
 def test_mixed_length_batch_equals_one_by_one(tiny, adapter):
     model, _ = tiny
     frozen, trainable = adapter
