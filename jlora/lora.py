@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from typing import Any
@@ -127,8 +128,6 @@ def _init_pair(key, w: jax.Array, layout: KernelLayout, lcfg: LoraConfig, rank: 
     dt = ADAPTER_DTYPES[lcfg.adapter_dtype]
     stack, n_in, n_out = layout.stack_shape(w.shape), layout.n_in(w.shape), layout.n_out(w.shape)
     a_shape, b_shape = (*stack, n_in, rank), (*stack, rank, n_out)
-    ka, kb = jax.random.split(key)
-    zeros = lambda s: jnp.zeros(s, dt)  # noqa: E731
     if lcfg.init == "pissa":
         w32 = w.astype(jnp.float32).reshape(*stack, n_in, n_out)
         u, s, vh = jnp.linalg.svd(w32, full_matrices=False)  # [*S,in,k], [*S,k], [*S,k,out]
@@ -137,15 +136,25 @@ def _init_pair(key, w: jax.Array, layout: KernelLayout, lcfg: LoraConfig, rank: 
         b = jnp.sqrt(s_r)[..., :, None] * vh[..., :rank, :]
         w_res = w32 - scales.reshape(*stack, 1, 1) * (a @ b)
         return a.astype(dt), b.astype(dt), w_res.reshape(w.shape).astype(w.dtype)
-    if layout.kind == "embed":  # PEFT: embedding A zero, B normal
-        return zeros(a_shape), jax.random.normal(kb, b_shape, dt), w
-    if lcfg.init == "lora":  # kaiming-uniform(a=sqrt 5) on A [r, in] is U(+-1/sqrt(in))
+    a, b = _random_pair(key, a_shape, b_shape, lcfg.adapter_dtype, layout.kind == "embed", lcfg.init)
+    return a, b, w
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _random_pair(key, a_shape: tuple, b_shape: tuple, dtype: str, embed: bool, init: str):
+    """A [*stack, in, R] and B [*stack, R, out] drawn in one jitted call (eager draws compile per op)."""
+    dt = ADAPTER_DTYPES[dtype]
+    ka, kb = jax.random.split(key)
+    n_in, rank = a_shape[-2], a_shape[-1]
+    if embed:  # PEFT: embedding A zero, B normal
+        return jnp.zeros(a_shape, dt), jax.random.normal(kb, b_shape, dt)
+    if init == "lora":  # kaiming-uniform(a=sqrt 5) on A [r, in] is U(+-1/sqrt(in))
         bound = 1.0 / math.sqrt(n_in)
-        return jax.random.uniform(ka, a_shape, dt, -bound, bound), zeros(b_shape), w
-    if lcfg.init == "gaussian":
-        return jax.random.normal(ka, a_shape, dt) / rank, zeros(b_shape), w
+        return jax.random.uniform(ka, a_shape, dt, -bound, bound), jnp.zeros(b_shape, dt)
+    if init == "gaussian":
+        return jax.random.normal(ka, a_shape, dt) / rank, jnp.zeros(b_shape, dt)
     bound = 1.0 / math.sqrt(rank)  # b_random
-    return zeros(a_shape), jax.random.uniform(kb, b_shape, dt, -bound, bound), w
+    return jnp.zeros(a_shape, dt), jax.random.uniform(kb, b_shape, dt, -bound, bound)
 
 
 def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = None):
