@@ -190,7 +190,13 @@ def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, o
                             key if model_key is None else model_key)
     else:
         params = shard_params(params, mesh)
-    do_split = lambda p, k: split(p, lcfg, k)  # noqa: E731
+
+    def do_split(p, k):
+        frozen, trainable = split(p, lcfg, k)
+        # parameters trained in full (train_extra) keep fp32 master copies, like the adapters
+        return frozen, jax.tree.map(lambda x: x if isinstance(x, LoraPair) else x.astype(jnp.float32), trainable,
+                                    is_leaf=lambda x: isinstance(x, LoraPair))
+
     f_shape, t_shape = jax.eval_shape(do_split, params, key)
     out = (to_shardings(mesh, param_specs(f_shape, mesh)), to_shardings(mesh, trainable_specs(t_shape, mesh)))
     # donating params lets the untouched kernels pass through as the frozen tree without a copy
