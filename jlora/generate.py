@@ -310,18 +310,24 @@ def _stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) 
     return len(new)
 
 
-def generate(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, **kwargs) -> list[list[int]]:
-    """Generate for a batch of prompts (lists of ids of any lengths, or [B,T] + lengths=...).
+def generate(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
+             pad_id: int = 0, lengths=None) -> list[list[int]]:
+    """New ids per row for a batch of prompts (lists of ids of any lengths, or [B,T] with `lengths`).
 
-    Returns the new ids per row, without EOS. kwargs: max_new_tokens=64, temperature=0.0 (greedy),
-    top_k, top_p, seed, eos_id (None = the config's; () = never stop), stop_strings with tokenizer,
-    pad_id. `trainable` None or {} runs `frozen` as plain params (merged); else LoRA runs unmerged.
+    temperature 0 is greedy. eos_id (an id or several) ends a row and is not returned: None means the
+    config's, () never. stop_strings (decoded with `tokenizer`) end a row just after the string.
+    `trainable` None or {} runs `frozen` as plain (e.g. merged) params; otherwise LoRA runs unmerged.
+    For several calls on one model, build a `Generator` once (it re-lays the weights per layer).
     """
-    return Generator(model, frozen, trainable).generate(prompt_ids, **kwargs)
+    return Generator(model, frozen, trainable).generate(
+        prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_id=eos_id, stop_strings=stop_strings, tokenizer=tokenizer, pad_id=pad_id, lengths=lengths)
 
 
 def generate_stream(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, **kwargs):
-    """`generate`, yielding each row's new ids every `chunk` tokens (default 1) as they are produced."""
+    """`Generator.stream`: yields each row's new ids every `chunk` tokens (default 1) as they are produced."""
     return Generator(model, frozen, trainable).stream(prompt_ids, **kwargs)
 
 
