@@ -51,7 +51,11 @@ def init_distributed(setting: bool | str = "auto") -> bool:
     if os.environ.get("JAX_NUM_PROCESSES"):
         kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
                   "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # no coordinator found, bad env, timeout: say which setting
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError(f"jax.distributed.initialize() failed: {msg}", "mesh.distributed") from None
     return True
 
 
