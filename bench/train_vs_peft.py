@@ -5,7 +5,7 @@ that same checkpoint. Workload: batch 4 x 256 random tokens, every token trained
 q_proj and v_proj, AdamW (lr 1e-4, weight decay 0.01) after global-norm clipping at 1.0. Each side
 runs in its own subprocess, so each peak RSS (getrusage ru_maxrss) is that side's alone: loading,
 compiling and training included. tokens/s is from the median of the timed steps (the machine is shared).
-Prints both, the ratios, jlora's first-step time (compile + one step), then the `JSON: {...}` line
+Prints both, the ratios, jlora's compile time of the step, then the `JSON: {...}` line
 that bench/report.py reads. Usage: python bench/train_vs_peft.py [--steps 6] [--remat none]
 """
 
@@ -70,15 +70,18 @@ def side_jlora(a: argparse.Namespace) -> dict:
             "positions": np.tile(np.arange(a.seq, dtype=np.int32), (a.batch, 1)),
             "segment_ids": np.ones((a.batch, a.seq), np.int32)}
     batch = put_batch(host, mesh, 1)
-    step = make_train_step(Llama(cfg), opt, state)
     f, t, o = state.frozen, state.trainable, state.opt_state
+    t0 = time.perf_counter()
+    step = make_train_step(Llama(cfg), opt, state).lower(f, t, o, batch, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
     times, losses = [], []
-    for i in range(a.steps + 2):  # the first includes compilation, the second warms up
+    for i in range(a.steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
         t, o, m = step(f, t, o, batch, jax.random.key(i))
         losses.append(float(m["loss"]))  # blocks
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": times[0], "step_s": times[2:], "losses": losses, "rss_mb": peak_rss_mb()}
+    return {"compile_s": compile_s, "first_step_s": compile_s + times[0], "step_s": times[2:], "losses": losses,
+            "rss_mb": peak_rss_mb()}
 
 
 def side_peft(a: argparse.Namespace) -> dict:
@@ -158,7 +161,8 @@ def main() -> None:
               f"losses {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
     rows = []
     if "jlora" in res:
-        print(f"jlora first step (compile + run): {res['jlora']['first_step_s']:.1f} s")
+        print(f"jlora compile: {res['jlora']['compile_s']:.1f} s (target <= 20); first step incl. compile "
+              f"{res['jlora']['first_step_s']:.1f} s")
     if len(res) == 2:
         print(f"ratio jlora/PEFT: tokens/s {tps['jlora'] / tps['peft']:.2f}x (target >= 1.2), "
               f"peak RSS {res['jlora']['rss_mb'] / res['peft']['rss_mb']:.2f}x (target <= 0.6)")
@@ -166,7 +170,7 @@ def main() -> None:
                  "peer_value": tps["peft"], "better": "higher"},
                 {"metric": "peak RSS", "unit": "MB", "jlora": res["jlora"]["rss_mb"], "peer": "HF PEFT",
                  "peer_value": res["peft"]["rss_mb"], "better": "lower"},
-                {"metric": "first step incl. compile", "unit": "s", "jlora": res["jlora"]["first_step_s"],
+                {"metric": "train step compile", "unit": "s", "jlora": res["jlora"]["compile_s"],
                  "peer": None, "peer_value": None, "better": "lower"}]
     config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": a.batch, "seq": a.seq,
               "lora": f"r={RANK} alpha={ALPHA:g} {','.join(TARGETS)}", "remat": a.remat, "timed_steps": a.steps,
