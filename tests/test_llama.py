@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
+from jlora.llama import PRESETS, Llama, LlamaConfig, attention, causal_attention, init_cache, param_shapes
 from jlora.weights import load_pretrained
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -106,6 +106,38 @@ def test_padding_and_packing_match_hf(tiny_gqa):
     # Every segment (the padded row's tokens, each packed piece) equals the same tokens run alone.
     for row, lo, hi in [(2, 11, 24), (1, 0, 10), (1, 10, 24)]:
         np.testing.assert_allclose(ours[row, lo:hi], hf_logits(model, ids[row:row + 1, lo:hi])[0], atol=1e-4, rtol=0)
+
+
+def reference_attention(q, k, v, mask):
+    """Plain softmax attention, differentiated by JAX itself: q [B,K,G,T,H], k/v [B,K,S,H]."""
+    scores = jnp.where(mask, jnp.einsum("bkgth,bksh->bkgts", q, k), -1e30)
+    return jnp.einsum("bkgts,bksh->bkgth", jax.nn.softmax(scores, axis=-1), v)
+
+
+def test_attention_and_its_gradient_match_plain_softmax():
+    b, k, g, t, h = 3, 2, 2, 24, 8
+    rng = np.random.default_rng(0)
+    q, kk, v, d_out = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                       for s in [(b, k, g, t, h), (b, k, t, h), (b, k, t, h), (b, k, g, t, h)])
+    _, seg, _ = padded_batch()  # left padding (fully masked rows) and two packed segments
+    seg = jnp.asarray(seg)
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    mask = (causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0))[:, None, None]
+    valid = np.asarray(seg > 0)[:, None, None, :, None]  # fully masked (padding) rows are don't-care
+    want, want_vjp = jax.vjp(lambda *a: reference_attention(*a, mask), q, kk, v)
+    for name, fn in [("one block", attention), ("blocks of 8", functools.partial(causal_attention, block=8))]:
+        got, got_vjp = jax.vjp(lambda *a: fn(*a, mask), q, kk, v)  # noqa: B023
+        np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-6, err_msg=name)
+        d_pad = jnp.where(valid, d_out, 0)
+        for wrt, ours, theirs in zip("qkv", got_vjp(d_pad), want_vjp(d_pad)):
+            np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=f"{name}: d{wrt}")
+
+
+def test_blocked_causal_attention_matches_hf_at_256_tokens(tiny_gqa):
+    model, cfg, params = tiny_gqa
+    ids = random_ids((1, 256), TINY["vocab_size"], seed=2)  # two query blocks of 128 in the forward
+    ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, hf_logits(model, ids), atol=1e-4, rtol=0)
 
 
 def _decode_step_fn(cfg: LlamaConfig):
