@@ -11,6 +11,7 @@ Usage: python bench/generate_vs_hf.py [--new-tokens 128] [--iters 2]
 
 import argparse
 import copy
+import json
 import os
 import pathlib
 import time
@@ -148,6 +149,14 @@ def main() -> None:
         ours, theirs = outputs["jlora unmerged", b], outputs["HF peft", b]
         first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(ours, theirs)]
         print(f"batch {b}: first token where jlora and HF peft differ, per row ({n} = none): {first}")
+    rows = [{"metric": f"greedy decode, batch {b}, {label}", "unit": "tokens/s", "jlora": rate[ours, b],
+             "peer": theirs, "peer_value": rate[theirs, b], "better": "higher"}
+            for b in prompts
+            for label, ours, theirs in (("adapter unmerged", "jlora unmerged", "HF peft"),
+                                        ("adapter merged", "jlora merged", "HF merged"))]
+    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "new_tokens": n,
+              "lora": "random r=8 q_proj,v_proj", "hf_threads": hf_threads, "best_of": args.iters}
+    print("JSON: " + json.dumps({"bench": "generate_vs_hf", "config": config, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 
 from jlora.config import OptimConfig
 from jlora.llama import PRESETS, LlamaConfig, Llama, param_shapes
-from jlora.lora import LoraConfig, LoraPair, count_params
+from jlora.lora import LoraConfig, count_params
 from jlora.sharding import make_mesh
 from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
 

@@ -29,8 +29,8 @@ from jlora.data import Batches, DataError, encode_record, make_batches, read_rec
 from jlora.generate import Generator
 from jlora.llama import Llama, init_params
 from jlora.sharding import make_mesh, shard_params
-from jlora.train_loop import EXPECTED_ERRORS, build_model, evaluate, load_tok, train
-from jlora.trainer import NonFiniteError, TrainState, make_eval_step
+from jlora.train_loop import build_model, evaluate, load_tok, run_cli, train
+from jlora.trainer import TrainState, make_eval_step
 from jlora.weights import WeightsError, resolve_model_path
 
 DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
@@ -270,19 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.eval_limit < 0:
         p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
-    try:
+    def job():
         if not pathlib.Path(a.config).is_file():
             raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
                               "or pass --config)")
         run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None)
-    except NonFiniteError as e:
-        print(f"jlora-demo: {e}", file=sys.stderr)
-        return 1
-    except (*EXPECTED_ERRORS, WeightsError) as e:
-        print(f"jlora-demo: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
 
+    return run_cli("jlora-demo", job)
 
 if __name__ == "__main__":
     sys.exit(main())

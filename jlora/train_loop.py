@@ -16,7 +16,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from jlora.lora import LoraError, count_params, describe
 from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh
 from jlora.trainer import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
                            make_train_step, put_batch)
+from jlora.weights import WeightsError, load_pretrained, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ def load_tok(run: RunConfig):
     if path is None:
         return ByteTokenizer()
     from jlora.tokenizer import load_tokenizer
-    from jlora.weights import resolve_model_path
 
     return load_tokenizer(resolve_model_path(path))
 
@@ -85,7 +85,6 @@ def build_model(run: RunConfig, tok) -> tuple[LlamaConfig, dict | None]:
             return PRESETS[name].replace(**common, **overrides), None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{e}", "model.overrides") from None
-    from jlora.weights import load_pretrained
 
     cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
     return cfg.replace(remat=run.train.remat, **overrides), params
@@ -252,8 +251,22 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     return summary
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, LoraError, ShardingError, NonFiniteError, ckpt.CheckpointError,
+EXPECTED_ERRORS = (ConfigError, DataError, LoraError, ShardingError, ckpt.CheckpointError, WeightsError,
                    FileNotFoundError)
+
+
+def run_cli(prog: str, job: Callable[[], Any]) -> int:
+    """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr
+    for a bad input (EXPECTED_ERRORS)."""
+    try:
+        job()
+    except NonFiniteError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except EXPECTED_ERRORS as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -270,20 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
     args = parse_args(argv)
-    try:
-        from jlora.weights import WeightsError
-    except ImportError:  # pragma: no cover
-        WeightsError = ConfigError  # noqa: N806
-    try:
-        run = load(args.config, args.overrides)
-        train(run, resume=True if args.resume else (False if args.no_resume else None))
-    except NonFiniteError as e:
-        print(f"jlora-train: {e}", file=sys.stderr)
-        return 1
-    except (*EXPECTED_ERRORS, WeightsError) as e:
-        print(f"jlora-train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    resume = True if args.resume else (False if args.no_resume else None)
+    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume))
 
 
 if __name__ == "__main__":

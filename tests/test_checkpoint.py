@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora

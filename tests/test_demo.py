@@ -118,7 +118,13 @@ def test_bench_report_contract(tmp_path):
     result = report.parse_json_line("noise\nJSON: " + json.dumps({"bench": "x", "rows": [row]}) + "\n", "x")
     with pytest.raises(report.BenchError, match="last line"):
         report.parse_json_line("JSON: {}\nmore", "x")
+    demo = tmp_path / "demo_results.json"
+    demo.write_text(json.dumps({"n_eval": 100, "base": {"loss": 0.8, "accuracy": 0.0}, "train_steps": 12,
+                                "finetuned": {"loss": 0.08, "accuracy": 0.71}, "train_s": 300.0,
+                                "tokens_per_s": 90.0, "wall_s": 540.0}))
     text = report.render({"train_vs_peft": ("python bench/train_vs_peft.py", result),
-                          "forward_vs_hf": ("python bench/forward_vs_hf.py", "not run: missing")}, None)
+                          "forward_vs_hf": ("python bench/forward_vs_hf.py", "not run: missing")}, None, demo)
     assert "| train (tokens/s) | 300 | HF PEFT | 150 | 2x | higher |" in text
     assert "not run: missing" in text and "## Hardware" in text and "Not run: no GPU" in text
+    assert "| exact-match accuracy | 0.0% | 71.0% |" in text and "took 540 s" in text
+    assert "Not run:" in report.render({}, None, tmp_path / "absent.json").split("## GPU")[0]

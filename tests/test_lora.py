@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 import jlora
 from jlora.llama import PRESETS, Llama, LlamaConfig, param_shapes
 from jlora.lora import LoraConfig, LoraError, count_params, describe, merge, split, unmerge
-from jlora.lora_apply import LoraPair, apply
+from jlora.lora_apply import apply
 from jlora.weights import load_pretrained
+from lora_testing import is_pair, randomize
 
 HF_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -36,30 +37,9 @@ TOL = dict(atol=1e-5, rtol=0)
 KEY = functools.partial(jax.random.key, impl="rbg")
 
 
-def is_pair(x) -> bool:
-    return isinstance(x, LoraPair)
-
-
 def pairs(trainable) -> dict:
     return {k: v for k, v in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x)).items()
             if is_pair(v)}
-
-
-def randomize(trainable, seed: int = 0, std: float = 0.1):
-    """Nonzero A and B (DoRA magnitudes scaled off their init), keeping left-out (scale 0) layers at zero."""
-    rng = np.random.default_rng(seed)
-
-    def one(x):
-        if not is_pair(x):
-            return x
-        on = (x.scale_array() != 0)[..., None, None]
-        a, b = (jnp.asarray(rng.normal(0, std, s) * on, jnp.float32) for s in (x.a.shape, x.b.shape))
-        m = x.magnitude
-        if m is not None:
-            m = m * jnp.asarray(1 + 0.2 * on[..., 0] * rng.normal(size=m.shape), m.dtype)
-        return x.replace(a=a, b=b, magnitude=m)
-
-    return jax.tree.map(one, trainable, is_leaf=is_pair)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from flax import traverse_util
 from jlora.llama import Llama, LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraError, count_params, merge, split, unmerge
 from jlora.lora_apply import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
+from lora_testing import randomize
 
 TOL = dict(atol=1e-5, rtol=0)
 KEY = lambda i: jax.random.key(i, impl="rbg")  # noqa: E731  (XLA:CPU compiles eager threefry slowly, per shape)
@@ -20,23 +21,6 @@ KEY = lambda i: jax.random.key(i, impl="rbg")  # noqa: E731  (XLA:CPU compiles e
 def pairs(trainable) -> dict:
     flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
     return {k: v for k, v in flat.items() if isinstance(v, LoraPair)}
-
-
-def randomize(trainable, std: float = 0.3, seed: int = 0):
-    """Nonzero A and B (DoRA magnitudes scaled off their init), keeping left-out (scale 0) layers at zero."""
-    rng = np.random.default_rng(seed)
-
-    def one(x):
-        if not isinstance(x, LoraPair):
-            return x
-        on = (x.scale_array() != 0)[..., None, None]
-        a, b = (jnp.asarray(rng.normal(0, std, s) * on, jnp.float32) for s in (x.a.shape, x.b.shape))
-        m = x.magnitude
-        if m is not None:
-            m = m * jnp.asarray(1 + 0.2 * on[..., 0] * rng.normal(size=m.shape), m.dtype)
-        return x.replace(a=a, b=b, magnitude=m)
-
-    return jax.tree.map(one, trainable, is_leaf=lambda x: isinstance(x, LoraPair))
 
 
 def test_lora_apply_is_x_w_plus_the_scaled_low_rank_term():
