@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from jlora.llama import PRESETS, Llama, LlamaConfig, attention, causal_attention, init_cache, param_shapes
+from jlora.attention import attention, causal_attention
+from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
 from jlora.weights import load_pretrained
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
