@@ -87,9 +87,11 @@ def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
     def body(total, xs):
         hc, tc, mc = xs
         logits = _chunk_logits(hc, w, tied)  # [B,c,V]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B,c]
-        ce = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tc, logits.shape[-1])) * mc[..., None]
+        top = jnp.max(logits, axis=-1, keepdims=True)  # [B,c,1]
+        e = jnp.exp(logits - top)  # one exp per logit serves the loss and its gradient
+        total_e = jnp.sum(e, axis=-1, keepdims=True)
+        ce = (top + jnp.log(total_e))[..., 0] - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [B,c]
+        dlogits = (e / total_e - jax.nn.one_hot(tc, logits.shape[-1])) * mc[..., None]
         eq = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
         dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
         return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
