@@ -247,9 +247,10 @@ def test_dropout_needs_an_rng_and_is_deterministic_per_key(tiny):
     one, again, two = (np.asarray(train(trainable, KEY(k))) for k in (1, 1, 2))
     np.testing.assert_array_equal(one, again)
     assert np.abs(one - evaluate).max() > 1e-3 and np.abs(one - two).max() > 1e-3
-    # dropout touches only the LoRA input: with B = 0 the base output is untouched
+    # dropout touches only the LoRA input: with B = 0 the base output is untouched (dropout on the
+    # base input would move it by O(1); two differently compiled programs may differ by rounding)
     zero_b = jax.tree.map(lambda p: p.replace(b=jnp.zeros_like(p.b)), trainable, is_leaf=is_pair)
-    np.testing.assert_array_equal(np.asarray(train(zero_b, KEY(1))), np.asarray(forwards(cfg)[0](params, IDS)))
+    np.testing.assert_allclose(np.asarray(train(zero_b, KEY(1))), np.asarray(forwards(cfg)[0](params, IDS)), **TOL)
 
 
 # ---- properties over random MLP-like trees ----
