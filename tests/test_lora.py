@@ -172,7 +172,8 @@ def test_zero_b_init_is_the_base_model_and_nonzero_ab_equals_merged(tiny):
     base_fwd, lora_fwd = forwards(cfg)
     frozen, trainable = split(params, LoraConfig(rank=4, alpha=8, targets="all-linear"), KEY(1))
     assert {p[-2] for p in pairs(trainable)} == set(LINEAR)  # all-linear: not lm_head, not the embedding
-    np.testing.assert_array_equal(np.asarray(lora_fwd(frozen, trainable, IDS)), np.asarray(base_fwd(params, IDS)))
+    # B = 0 adds exact zeros; the two compiled programs may still round differently (fused differently)
+    np.testing.assert_allclose(np.asarray(lora_fwd(frozen, trainable, IDS)), np.asarray(base_fwd(params, IDS)), **TOL)
     trainable = randomize(trainable)
     ours = np.asarray(lora_fwd(frozen, trainable, IDS))
     assert np.abs(ours - np.asarray(base_fwd(params, IDS))).max() > 1e-2
