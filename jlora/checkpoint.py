@@ -26,6 +26,7 @@ from flax import traverse_util
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
+from jlora.tree_storage import from_storage, restore_target, to_storage
 
 STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")
 # The fields that decide which base an adapter fits: shapes and positional encoding, not dtypes or names.
@@ -141,61 +142,6 @@ def _norm(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-# --------------------------------------------------------------------------- tree <-> storage
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    raise CheckpointError(f"cannot name pytree key {k!r}")
-
-
-def _is_key(x) -> bool:  # a typed jax rng key (or its abstract value)
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _keyed(tree, leaf_fn) -> dict:
-    """Any pytree -> nested dict keyed by its key paths (a LoraPair becomes {a, b, magnitude}), leaves mapped."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return traverse_util.unflatten_dict({tuple(_key_name(k) for k in p): leaf_fn(x) for p, x in leaves})
-
-
-def _storable(leaf):
-    if _is_key(leaf):
-        return jax.random.key_data(leaf)  # raw uint32 key data
-    return leaf if isinstance(leaf, (jax.Array, np.ndarray)) else np.asarray(leaf)  # Python scalars
-
-
-def _target_leaf(x):
-    """The orbax restore target for one leaf of an abstract state."""
-    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
-        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        if _is_key(x):
-            if isinstance(sharding, jax.sharding.NamedSharding):
-                sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return np.asarray(x)  # numpy and Python scalars come back as numpy
-
-
-def _from_storage(stored: dict, abstract):
-    """Inverse of `_keyed(tree, _storable)`, shaped like `abstract` (python scalars and rng keys restored as such)."""
-    flat = traverse_util.flatten_dict(stored)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    leaves = []
-    for path, like in paths:
-        value = flat[tuple(_key_name(k) for k in path)]
-        if _is_key(like):
-            # the key dtype carries its impl; jax.random.key_impl refuses a ShapeDtypeStruct
-            value = jax.random.wrap_key_data(value, impl=like.dtype._impl)
-        elif isinstance(like, (bool, int, float)):
-            value = type(like)(np.asarray(value).item())
-        leaves.append(value)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 def _check_shapes(saved_meta, target: dict, where: str) -> None:
     """Compare the stored tree (orbax item metadata) with the restore target before reading any data."""
     if saved_meta is None:
@@ -255,7 +201,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, meta
     if step in manager.all_steps() or not (force or manager.should_save(step)):
         return False  # a final forced save right after an interval save is the same checkpoint
     meta = {**metadata, "kind": "checkpoint", "step": int(step), "trainable": _describe_tree(state["trainable"])}
-    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keyed(state, _storable)),
+    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_storage(state)),
                                                        metadata=ocp.args.JsonSave(meta)), force=force)
     manager.wait_until_finished()
     return bool(saved)
@@ -287,14 +233,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     check_base(meta, base, params, where=where)
     if lcfg is not None:
         check_lora_config(meta, lcfg, where=where)
-    target = _keyed(abstract_state, _target_leaf)
+    target = restore_target(abstract_state)
     item_meta = _guarded(lambda: manager.item_metadata(step)["state"], CheckpointError,
                          f"{where}: truncated or corrupt checkpoint")
     _check_shapes(item_meta, target, where)
     stored = _guarded(lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))),
                       CheckpointError, f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings "
                       f"that do not fit")["state"]
-    return _from_storage(stored, abstract_state)
+    return from_storage(stored, abstract_state)
 
 
 
@@ -328,7 +274,7 @@ def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base:
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()) and not is_adapter_dir(out):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
-    stored = _keyed(trainable, _storable)
+    stored = to_storage(trainable)
     meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
             "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
     _adapter_checkpointer().save(out, args=ocp.args.Composite(adapter=ocp.args.StandardSave(stored),

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jlora
 from jlora import checkpoint as ck
 from jlora.llama import PRESETS, param_shapes
+from jlora.tree_storage import is_rng_key
 
 CFG = PRESETS["tiny"]
 
@@ -24,7 +25,7 @@ def random_adapter(params, lcfg, seed):
 
 
 def _leaves_equal(a, b) -> bool:
-    unkey = lambda x: jax.random.key_data(x) if ck._is_key(x) else x  # noqa: E731
+    unkey = lambda x: jax.random.key_data(x) if is_rng_key(x) else x  # noqa: E731
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(unkey(x), unkey(y)) for x, y in zip(la, lb))
 
