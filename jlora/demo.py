@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.eval_limit < 0:
         p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
+
     def job():
         if not pathlib.Path(a.config).is_file():
             raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None)
 
     return run_cli("jlora-demo", job)
+
 
 if __name__ == "__main__":
     sys.exit(main())
