@@ -2,7 +2,8 @@
 
 `attention(q, k, v, mask)` takes the G query heads of each KV head stacked as rows, so both products
 are batched matmuls over (B, K). Its custom VJP keeps only the output and the row log-sum-exp and
-recomputes the probabilities, instead of saving [B,K,G,T,S] per layer. `causal_attention` splits the
+recomputes the probabilities, instead of saving [B,K,G,T,S] per layer; those residuals carry the
+checkpoint name SAVE_NAME, so a remat policy can keep them. `causal_attention` splits the
 queries into blocks and skips the keys above the diagonal, for calls without a KV cache (training,
 evaluation); cached decoding uses `attention`. Einsum letters as in llama.py.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+SAVE_NAME = "attention_residual"  # the tensors the backward pass needs, for `jax.checkpoint` policies
 MASKED = -1e30  # score of a masked key: exp underflows to exactly 0, and a fully masked row stays finite
 
 
@@ -21,13 +24,15 @@ def _scores(q, k, mask):
 
 
 def _attention_fwd(q, k, v, mask):
+    # Named, so a remat policy can keep the backward's inputs instead of rerunning this forward.
+    q, k, v = (checkpoint_name(x, SAVE_NAME) for x in (q, k, v))
     s = _scores(q, k, mask)
     m = jnp.max(s, axis=-1)  # [B,K,G,T]
     e = jnp.exp(s - m[..., None])
     total = jnp.sum(e, axis=-1)
     out = jnp.einsum("bkgts,bksh->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out / total[..., None]).astype(v.dtype)
-    return out, (q, k, v, mask, out, m + jnp.log(total))
+    out = checkpoint_name((out / total[..., None]).astype(v.dtype), SAVE_NAME)
+    return out, (q, k, v, mask, out, checkpoint_name(m + jnp.log(total), SAVE_NAME))
 
 
 def _attention_bwd(res, d_out):

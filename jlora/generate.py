@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.checkpoint import load_adapter
-from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm
+from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, rope_tables
 from jlora.lora import merge as merge_trees
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
@@ -53,8 +53,9 @@ class _DecodeLlama(nn.Module):
     def __call__(self, ids, positions, segment_ids, last_only: bool = False):
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens")(ids)  # [B,T,D]
+        rope = rope_tables(cfg, positions)
         for i in range(cfg.num_hidden_layers):
-            x, _ = Block(cfg, True, name=f"layer_{i}")(x, positions, segment_ids)  # [B,T,D]
+            x, _ = Block(cfg, True, name=f"layer_{i}")(x, rope, segment_ids)  # [B,T,D]
         if last_only:  # prefill needs only the last position's logits
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)

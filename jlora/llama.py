@@ -20,13 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import attention as attn
 from jlora.attention import attention, causal_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    # Matmul outputs plus attention's inputs and outputs: the backward pass then reruns only cheap
+    # elementwise work, never the attention forward or the rotary embedding.
+    "dots_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(attn.SAVE_NAME)),
 }
 
 
@@ -209,11 +214,20 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate x [B,T,N,H] by positions [B,T], HF's rotate_half layout (halves, not interleaved)."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B,T,1,H] of positions [B,T] in float32, for `apply_rope`.
+
+    Computed once per model call and shared by every layer: fused into each layer's rotation, the
+    trig functions were recomputed per head and per layer, ~8x the cost of the rotation itself on CPU.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B,T,H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,H]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate x [B,T,N,H] by the `rope_tables` (cos, sin), HF's rotate_half layout (halves, not interleaved)."""
+    cos, sin = rope
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
@@ -241,15 +255,14 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, rope, segment_ids):
         cfg = self.cfg
         b, t, _ = x.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        inv_freq = rope_inv_freq(cfg)
         q = _dense(cfg, n * h, cfg.attention_bias, "q_proj")(x).reshape(b, t, n, h)  # [B,T,N,H]
         kk = _dense(cfg, k * h, cfg.attention_bias, "k_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
         v = _dense(cfg, k * h, cfg.attention_bias, "v_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
-        q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+        q, kk = apply_rope(q, rope), apply_rope(kk, rope)
 
         q_slot = jnp.arange(t)  # [T] query order within this call
         if self.decode:
@@ -292,16 +305,16 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; the scan carry is the residual stream x [B,T,D]."""
+    """One decoder layer; the scan carry is the residual stream x [B,T,D], `rope` the (cos, sin) tables."""
 
     cfg: LlamaConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, rope, segment_ids):
         cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
-        x = x + Attention(cfg, self.decode, name="self_attn")(h, positions, segment_ids)
+        x = x + Attention(cfg, self.decode, name="self_attn")(h, rope, segment_ids)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = x + Mlp(cfg, name="mlp")(h)
         return x, None
@@ -338,7 +351,7 @@ class Llama(nn.Module):
         # loop iteration (unroll=2) made the CPU train step ~3% faster for ~2 s more compile.
         stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers, unroll=2)
-        x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids)  # [B,T,D]
+        x, _ = stack(cfg, decode, name="layers")(x, rope_tables(cfg, positions), segment_ids)  # [B,T,D]
         x = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name="norm")(x)
         if return_hidden:
             return x

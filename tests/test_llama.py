@@ -134,6 +134,36 @@ def test_attention_and_its_gradient_match_plain_softmax():
             np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=f"{name}: d{wrt}")
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of primitive `name` in a jaxpr and all its sub-jaxprs (scan, remat, custom_vjp, ...)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _count_primitive(sub, name)
+    return n
+
+
+def test_remat_policies_keep_the_gradients_and_dots_saveable_never_reruns_attention(tiny_gqa):
+    _, cfg, params = tiny_gqa
+    ids, seg, positions = (jnp.asarray(a, jnp.int32) for a in padded_batch())
+
+    def loss(p, remat):
+        logits = Llama(cfg.replace(remat=remat)).apply({"params": p}, ids, positions, seg)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    want = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
+    exps = {}
+    for remat in ("full", "dots_saveable"):
+        got = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=remat), got, want)
+    for remat in ("none", "full", "dots_saveable"):
+        exps[remat] = _count_primitive(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, remat).jaxpr, "exp")
+    # Softmax exps of the forward pass and of the custom backward; full remat adds a forward rerun,
+    # dots_saveable keeps attention's named residuals and so runs exactly what no remat runs.
+    assert exps["dots_saveable"] == exps["none"] < exps["full"], exps
+
+
 def test_blocked_causal_attention_matches_hf_at_256_tokens(tiny_gqa):
     model, cfg, params = tiny_gqa
     ids = random_ids((1, 256), TINY["vocab_size"], seed=2)  # two query blocks of 128 in the forward
