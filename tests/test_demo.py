@@ -123,8 +123,12 @@ def test_bench_report_contract(tmp_path):
                                 "finetuned": {"loss": 0.08, "accuracy": 0.71}, "train_s": 300.0,
                                 "tokens_per_s": 90.0, "wall_s": 540.0}))
     text = report.render({"train_vs_peft": ("python bench/train_vs_peft.py", result),
-                          "forward_vs_hf": ("python bench/forward_vs_hf.py", "not run: missing")}, None, demo)
+                          "forward_vs_hf": ("python bench/forward_vs_hf.py", "not run: missing")}, None,
+                         report.load_demo(demo))
     assert "| train (tokens/s) | 300 | HF PEFT | 150 | 2x | higher |" in text
     assert "not run: missing" in text and "## Hardware" in text and "Not run: no GPU" in text
     assert "| exact-match accuracy | 0.0% | 71.0% |" in text and "took 540 s" in text
-    assert "Not run:" in report.render({}, None, tmp_path / "absent.json").split("## GPU")[0]
+    absent = tmp_path / "absent.json"
+    assert "Not run:" in report.render({}, None, report.load_demo(absent)).split("## GPU")[0]
+    # no new demo run: the results saved with the last report are kept
+    assert report.load_demo(absent, report.load_demo(demo)) == json.loads(demo.read_text())
