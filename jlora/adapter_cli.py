@@ -2,8 +2,10 @@
 
 `jlora-merge` folds an adapter (a jlora adapter dir, or a PEFT dir, told apart by its
 adapter_config.json) into the base weights and writes an HF safetensors checkpoint that
-transformers loads, with the base's tokenizer files copied beside it. Thin: the work is in
-jlora.checkpoint, jlora.peft, jlora.lora and jlora.weights.
+transformers loads, with the base's tokenizer files copied beside it. Both refuse an --out that
+is a file, that is or holds or lies inside --model or --adapter, or (without --force) an existing
+non-empty dir; they build the output beside --out and swap it in whole (jlora.atomic_dir). Thin:
+the work is in jlora.checkpoint, jlora.peft, jlora.lora and jlora.weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 from flax import traverse_util
 
+from jlora.atomic_dir import replace_dir
 from jlora.checkpoint import load_adapter
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig, LoraError, merge
@@ -47,49 +50,79 @@ def merged_params(params: dict, trainable, cfg: LlamaConfig) -> dict:
     return merge(traverse_util.unflatten_dict(flat), trainable)
 
 
+class OutDirError(ValueError):
+    """An --out that would overwrite or destroy something; one-line message."""
+
+
+def check_out_dir(out: str | pathlib.Path, *, force: bool, inputs: dict[str, str | pathlib.Path]) -> pathlib.Path:
+    """`out` made absolute, or OutDirError if writing there could destroy a file the user has.
+
+    `inputs` ({"--model": path, ...}) may neither be `out`, nor lie inside it, nor hold it; even
+    --force does not allow that. An existing non-empty dir is replaced only with --force."""
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"--out {out}: exists and is a file, not a directory; choose another --out")
+    real = out.resolve()
+    for flag, path in inputs.items():
+        src = pathlib.Path(path).absolute().resolve()
+        if real == src or src in real.parents or real in src.parents:
+            how = "is" if real == src else "lies inside" if src in real.parents else "holds"
+            raise OutDirError(f"--out {out}: {how} the {flag} {'dir' if src.is_dir() else 'file'} {src}; writing "
+                              f"there would destroy it: choose an --out outside it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutDirError(f"--out {out}: exists and is not empty; choose a new directory, or pass --force to "
+                          f"replace it")
+    return out
+
+
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=doc)
     p.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
     p.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT for jlora-merge)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out directory")
     return p
 
 
 def _run(parser: argparse.ArgumentParser, argv, body) -> int:
     args = parser.parse_args(argv)
     try:
-        body(args)
+        out = check_out_dir(args.out, force=args.force, inputs={"--model": args.model, "--adapter": args.adapter})
+        with replace_dir(out) as partial:
+            body(args, partial)
     except ValueError as e:  # every jlora error is a one-line ValueError
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except OSError as e:  # a read-only or full disk: the path and the cause
+        parser.exit(2, f"{parser.prog}: error: {e.filename or args.out}: {e.strerror or e}\n")
     return 0
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """jlora-export-peft --model PATH --adapter DIR --out DIR [--base-name NAME]"""
+    """jlora-export-peft --model PATH --adapter DIR --out DIR [--force] [--base-name NAME]"""
     parser = _parser("jlora-export-peft", "Write a jlora adapter as an HF PEFT LoRA adapter directory.")
     parser.add_argument("--base-name", help="base_model_name_or_path to record (default: --model)")
 
-    def body(args):
+    def body(args, partial: pathlib.Path):
         cfg, params = load_pretrained(args.model)
         lcfg, trainable = load_adapter(args.adapter, base=cfg, params=params)
-        export_peft(args.out, trainable, lcfg, cfg, base_name=args.base_name or args.model)
+        export_peft(partial, trainable, lcfg, cfg, base_name=args.base_name or args.model)
         print(f"wrote {args.out}/adapter_model.safetensors and adapter_config.json", file=sys.stderr)
 
     return _run(parser, argv, body)
 
 
 def merge_main(argv: list[str] | None = None) -> int:
-    """jlora-merge --model PATH --adapter DIR --out DIR"""
+    """jlora-merge --model PATH --adapter DIR --out DIR [--force]"""
     parser = _parser("jlora-merge", "Merge an adapter into its base model; write an HF safetensors checkpoint.")
 
-    def body(args):
+    def body(args, partial: pathlib.Path):
         cfg, params = load_pretrained(args.model)
         _, trainable = load_any_adapter(args.adapter, cfg, params)
-        save_pretrained(merged_params(params, trainable, cfg), cfg, args.out)
+        save_pretrained(merged_params(params, trainable, cfg), cfg, partial)
         model_dir = pathlib.Path(args.model)
         for name in _TOKENIZER_FILES if model_dir.is_dir() else ():
             if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, pathlib.Path(args.out) / name)
+                shutil.copy2(model_dir / name, partial / name)
         print(f"wrote merged model to {args.out}", file=sys.stderr)
 
     return _run(parser, argv, body)

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jlora.atomic_dir import replace_dir
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
@@ -270,15 +271,26 @@ def is_adapter_dir(directory: str | pathlib.Path) -> bool:
 
 def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base: LlamaConfig, params=None,
                  run_config: dict | None = None) -> None:
-    """Write the trainable tree + metadata to `out_dir` (orbax, atomic). Pass the base params to fingerprint them."""
+    """Write the trainable tree + metadata to `out_dir` (orbax). Pass the base params to fingerprint them.
+
+    Atomic: the adapter is written beside `out_dir` and swapped into place when complete, so a crash
+    at any moment leaves the previous adapter (or the new one) whole at `out_dir`."""
     out = pathlib.Path(out_dir).absolute()
-    if out.exists() and any(out.iterdir()) and not is_adapter_dir(out):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_adapter_dir(out)):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
     stored = to_storage(trainable)
     meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
             "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
-    _adapter_checkpointer().save(out, args=ocp.args.Composite(adapter=ocp.args.StandardSave(stored),
-                                                              metadata=ocp.args.JsonSave(meta)), force=True)
+    args = ocp.args.Composite(adapter=ocp.args.StandardSave(stored), metadata=ocp.args.JsonSave(meta))
+    with replace_dir(out, primary=jax.process_index() == 0, sync=_barrier) as partial:
+        _adapter_checkpointer().save(partial, args=args)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
