@@ -84,15 +84,21 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None,
     the compute dtype in the returned config.
     """
     path = pathlib.Path(resolve_model_path(path))
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-    for key, value in overrides.items():
-        if value not in DTYPES:
-            raise ValueError(f"load_pretrained({key}={value!r}): expected one of {sorted(DTYPES)}")
+    overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
     if path.is_dir():
         return _load_hf_dir(path, overrides)
     if path.suffix == ".gguf":
         return _load_gguf(path, overrides)
     raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+
+
+def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> dict[str, str]:
+    """The given dtype keywords as LlamaConfig overrides, each checked against DTYPES."""
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    for key, value in overrides.items():
+        if value not in DTYPES:
+            raise ValueError(f"{caller}({key}={value!r}): expected one of {sorted(DTYPES)}")
+    return overrides
 
 
 def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
@@ -124,33 +130,54 @@ def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _to_disk(key: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-    return x.T if key[-1] == "kernel" else x
+def _to_disk(key: tuple[str, ...], x):
+    """A leaf of param `key` (or a per-dim tuple such as a block index) in disk layout: kernels transposed.
+    The transpose is its own inverse, so this also maps disk layout back to jlora's."""
+    if key[-1] != "kernel":
+        return x
+    return x[::-1] if isinstance(x, tuple) else x.T
+
+
+def expected_tensors(cfg: LlamaConfig, fmt: int):
+    """Yield (param key, ShapeDtypeStruct, disk names, disk shape of one name) for every param of `cfg`.
+
+    `fmt` picks the HF (0) or GGUF (1) column of RENAMES. A layer-stacked leaf [L, ...] has L names,
+    one per layer; any other leaf has one. Disk shapes are per name, kernels transposed ([out, in]).
+    """
+    for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
+        pattern = RENAMES[key][fmt]
+        stacked = "{i}" in pattern
+        names = [pattern.format(i=i) for i in range(cfg.num_hidden_layers)] if stacked else [pattern]
+        want = _to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
+        yield key, spec, names, want
+
+
+def check_present(file: str | pathlib.Path, name: str, names, want: tuple[int, ...]) -> None:
+    if name not in names:
+        raise WeightsError(file, f"tensor {name} is missing (expected shape {want})")
+
+
+def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...]) -> None:
+    if tuple(shape) != want:
+        raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
 
 
 def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Callable[[str], np.ndarray],
               fmt: int) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
-    `fmt` picks the HF (0) or GGUF (1) column of RENAMES. Layers go straight into a preallocated
-    stacked array, so the peak is one checkpoint-sized copy, not two.
+    Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
     """
     pdt = np.dtype(DTYPES[cfg.param_dtype])
     used, flat = set(), {}
-    for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
-        pattern = RENAMES[key][fmt]
-        stacked = "{i}" in pattern
+    for key, spec, layer_names, want in expected_tensors(cfg, fmt):
         out = np.empty(spec.shape, pdt)
-        want = _to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
-        for i in range(cfg.num_hidden_layers if stacked else 1):
-            name = pattern.format(i=i)
-            if name not in names:
-                raise WeightsError(file, f"tensor {name} is missing (expected shape {want})")
+        for i, name in enumerate(layer_names):
+            check_present(file, name, names, want)
             arr = fetch(name)
-            if tuple(arr.shape) != want:
-                raise WeightsError(file, f"tensor {name} has shape {tuple(arr.shape)}, expected {want}")
-            value = _to_disk(key, arr)  # the transpose is its own inverse
-            if stacked:
+            check_shape(file, name, arr.shape, want)
+            value = _to_disk(key, arr)
+            if len(spec.shape) > len(want):  # layer-stacked
                 out[i] = value
             else:
                 out[...] = value
@@ -159,9 +186,28 @@ def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Call
     return traverse_util.unflatten_dict(flat), names - used
 
 
-def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+def open_safetensors(file: pathlib.Path):
+    """`safe_open(file)` (numpy), or a one-line WeightsError; the caller closes it (a context manager)."""
     from safetensors import SafetensorError, safe_open
 
+    if not file.is_file():
+        raise WeightsError(file, "missing shard listed in model.safetensors.index.json")
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(file, f"cannot read safetensors ({e})") from None
+
+
+def read_error(file: pathlib.Path, name: str, e: Exception) -> WeightsError:
+    return WeightsError(file, f"cannot read tensor {name} ({e})")
+
+
+def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict[str, pathlib.Path]]:
+    """(config, tensor name -> safetensors file) of an HF checkpoint directory.
+
+    Checks config.json, the index, and that every shard opens and holds the tensors the index lists
+    (so truncation surfaces here as one clean error). Reads headers only, no tensor data.
+    """
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise WeightsError(cfg_file, "missing: an HF checkpoint directory needs config.json")
@@ -178,50 +224,56 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict
             raise WeightsError(index, f"not a safetensors index ({e!r})") from None
         where = {name: path / shard for name, shard in weight_map.items()}
     elif single.is_file():
-        where = None
+        with open_safetensors(single) as f:
+            return cfg, {name: single for name in f.keys()}
     else:
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
         hint = f"; found {pickled[0]}, which would need pickle: convert it to safetensors" if pickled else ""
         raise WeightsError(path, f"no model.safetensors or model.safetensors.index.json{hint}")
+    for file in sorted(set(where.values())):
+        with open_safetensors(file) as f:
+            keys = set(f.keys())
+        missing = [n for n, shard in where.items() if shard == file and n not in keys]
+        if missing:
+            raise WeightsError(file, f"tensor {missing[0]} is listed in the index but not in this shard")
+    return cfg, where
 
+
+def check_leftovers(cfg: LlamaConfig, path: pathlib.Path, where: dict[str, pathlib.Path], extra: set[str],
+                    head_is_embedding: Callable[[], bool]) -> None:
+    """Refuse tensors no param used, except recomputed ones and a tied checkpoint's copy of the embedding."""
+    extra = {n for n in extra if not _HARMLESS_HF.search(n)}
+    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+        # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
+        if not head_is_embedding():
+            raise WeightsError(where["lm_head.weight"], "lm_head.weight differs from the embedding but "
+                               "config.json says tie_word_embeddings=true")
+        extra.discard("lm_head.weight")
+    _refuse_extra(path, extra)
+
+
+def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
+    if extra:
+        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+
+
+def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+    from safetensors import SafetensorError
+
+    cfg, where = hf_checkpoint(path, overrides)
     with contextlib.ExitStack() as stack:
-        handles = {}
-
-        def open_file(file: pathlib.Path):
-            if file not in handles:
-                if not file.is_file():
-                    raise WeightsError(file, "missing shard listed in model.safetensors.index.json")
-                try:
-                    handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
-                except (SafetensorError, OSError) as e:
-                    raise WeightsError(file, f"cannot read safetensors ({e})") from None
-            return handles[file]
-
-        if where is None:
-            where = {name: single for name in open_file(single).keys()}
-        for file in set(where.values()):  # open every shard now so truncation surfaces as one clean error
-            keys = set(open_file(file).keys())
-            missing = [n for n, f in where.items() if f == file and n not in keys]
-            if missing:
-                raise WeightsError(file, f"tensor {missing[0]} is listed in the index but not in this shard")
+        handles = {file: stack.enter_context(open_safetensors(file)) for file in set(where.values())}
 
         def fetch(name: str) -> np.ndarray:
             try:
                 return handles[where[name]].get_tensor(name)
             except SafetensorError as e:
-                raise WeightsError(where[name], f"cannot read tensor {name} ({e})") from None
+                raise read_error(where[name], name, e) from None
 
         params, extra = _assemble(cfg, path, set(where), fetch, 0)
-        extra = {n for n in extra if not _HARMLESS_HF.search(n)}
-        if cfg.tie_word_embeddings and "lm_head.weight" in extra:
-            # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
-            embedding = params["embed_tokens"]["embedding"]
-            if not np.array_equal(fetch("lm_head.weight").astype(embedding.dtype), embedding):
-                raise WeightsError(where["lm_head.weight"], "lm_head.weight differs from the embedding but "
-                                   "config.json says tie_word_embeddings=true")
-            extra.discard("lm_head.weight")
-    if extra:
-        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+        embedding = params["embed_tokens"]["embedding"]
+        check_leftovers(cfg, path, where, extra, lambda: np.array_equal(
+            fetch("lm_head.weight").astype(embedding.dtype), embedding))
     return cfg, params
 
 
@@ -290,6 +342,5 @@ def _load_gguf(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
         cfg = _llama3_rope_from_factors(cfg, fetch("rope_freqs.weight"), path)
         names.discard("rope_freqs.weight")
     params, extra = _assemble(cfg, path, names, fetch, 1)
-    if extra:
-        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+    _refuse_extra(path, extra)
     return cfg, params

@@ -263,11 +263,10 @@ def _env(**extra) -> dict:
     return env
 
 
-def test_two_processes_give_the_same_loss_as_one(runs, init_trees, tmp_path):
-    leaves = jax.tree.leaves(init_trees)
-    np.savez(tmp_path / "trees.npz", **{f"a{i}": x for i, x in enumerate(leaves)})
+def run_two_processes(args: list[str]) -> list[str]:
+    """`python *args` as processes 0 and 1 of a jax.distributed job on localhost; each one's output."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "trees.npz"), str(ROOT / "tests")],
+    procs = [subprocess.Popen([sys.executable, *args],
                               env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -278,7 +277,15 @@ def test_two_processes_give_the_same_loss_as_one(runs, init_trees, tmp_path):
         finally:
             p.kill()
         assert p.returncode == 0, out[-3000:]
-        outs.append(json.loads(out.split("LOSSES ")[1].splitlines()[0]))
+        outs.append(out)
+    return outs
+
+
+def test_two_processes_give_the_same_loss_as_one(runs, init_trees, tmp_path):
+    leaves = jax.tree.leaves(init_trees)
+    np.savez(tmp_path / "trees.npz", **{f"a{i}": x for i, x in enumerate(leaves)})
+    outs = [json.loads(out.split("LOSSES ")[1].splitlines()[0])
+            for out in run_two_processes(["-c", WORKER, str(tmp_path / "trees.npz"), str(ROOT / "tests")])]
     assert outs[0] == outs[1]
     np.testing.assert_allclose(outs[0], runs[(8, 1, 1)][0], atol=1e-5, rtol=0)
 
