@@ -8,12 +8,13 @@ from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layou
 from jlora.peft import export_peft, import_peft
 from jlora.tokenizer import load_tokenizer
 from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
+from jlora.weights_sharded import load_pretrained_sharded
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "apply", "count_params", "describe",
     "export_peft", "generate", "import_peft", "init_cache", "init_params", "load_adapter", "load_pretrained",
-    "load_tokenizer", "lora_apply", "merge", "resolve_model_path", "save_adapter", "save_pretrained", "split",
-    "trace_layouts", "unmerge",
+    "load_pretrained_sharded", "load_tokenizer", "lora_apply", "merge", "resolve_model_path", "save_adapter",
+    "save_pretrained", "split", "trace_layouts", "unmerge",
 ]

@@ -123,14 +123,14 @@ def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path)
         leaf = np.asarray(leaf)
         if "{i}" in hf_name:
             for i in range(leaf.shape[0]):
-                tensors[hf_name.format(i=i)] = np.ascontiguousarray(_to_disk(key, leaf[i]))
+                tensors[hf_name.format(i=i)] = np.ascontiguousarray(to_disk(key, leaf[i]))
         else:
-            tensors[hf_name] = np.ascontiguousarray(_to_disk(key, leaf))
+            tensors[hf_name] = np.ascontiguousarray(to_disk(key, leaf))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _to_disk(key: tuple[str, ...], x):
+def to_disk(key: tuple[str, ...], x):
     """A leaf of param `key` (or a per-dim tuple such as a block index) in disk layout: kernels transposed.
     The transpose is its own inverse, so this also maps disk layout back to jlora's."""
     if key[-1] != "kernel":
@@ -148,7 +148,7 @@ def expected_tensors(cfg: LlamaConfig, fmt: int):
         pattern = RENAMES[key][fmt]
         stacked = "{i}" in pattern
         names = [pattern.format(i=i) for i in range(cfg.num_hidden_layers)] if stacked else [pattern]
-        want = _to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
+        want = to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
         yield key, spec, names, want
 
 
@@ -176,7 +176,7 @@ def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Call
             check_present(file, name, names, want)
             arr = fetch(name)
             check_shape(file, name, arr.shape, want)
-            value = _to_disk(key, arr)
+            value = to_disk(key, arr)
             if len(spec.shape) > len(want):  # layer-stacked
                 out[i] = value
             else:

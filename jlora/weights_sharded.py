@@ -3,9 +3,10 @@
 `load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own
 devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
 one layer at a time, transposes it to jlora's layout and places it on the device. A process's peak
-host memory is therefore its share of the model plus about one on-disk tensor. Checkpoint discovery,
-name and shape checks and their one-line errors are jlora.weights' own; placement follows
-`sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
+host memory is therefore its share of the model (on CPU, where device buffers are host memory) plus
+one block and a 16 MiB window of the file. Checkpoint discovery, name and shape checks and their
+one-line errors are jlora.weights' own; placement follows `sharding.param_specs`. GGUF files (small
+models) are loaded whole and then sliced.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from jlora.llama import DTYPES, LlamaConfig, param_shapes
 from jlora.sharding import param_specs, to_shardings
-from jlora.weights import (_to_disk, check_leftovers, check_present, check_shape, dtype_overrides,
-                           expected_tensors, hf_checkpoint, load_pretrained, open_safetensors, read_error,
-                           resolve_model_path)
+from jlora.weights import (check_leftovers, check_present, check_shape, dtype_overrides, expected_tensors,
+                           hf_checkpoint, load_pretrained, open_safetensors, read_error, resolve_model_path,
+                           to_disk)
 
 Index = tuple[slice, ...]  # one device's block of a global array, as jax.sharding hands it out
 _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
@@ -53,14 +54,11 @@ def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str 
         with open_safetensors(file) as f:  # headers only
             disk_shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if where.get(n) == file})
     pdt = np.dtype(DTYPES[cfg.param_dtype])
-    shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
-    used, flat = set(), {}
-    for key, spec, names, want in expected_tensors(cfg, 0):
-        for name in names:  # every name and shape is checked before any data is read
+    expected = list(expected_tensors(cfg, 0))
+    for _, _, names, want in expected:  # every name and shape is checked before any data is read
+        for name in names:
             check_present(path, name, where, want)
             check_shape(path, name, disk_shapes[name], want)
-        used.update(names)
-        flat[key] = _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
 
     def head_is_embedding() -> bool:
         rows = np.empty((2, 1, cfg.hidden_size), pdt)  # [head/embedding, 1, D]
@@ -71,7 +69,11 @@ def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str 
                 return False
         return True
 
-    check_leftovers(cfg, path, where, set(where) - used, head_is_embedding)
+    check_leftovers(cfg, path, where, set(where).difference(*(names for _, _, names, _ in expected)),
+                    head_is_embedding)
+    shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
+    flat = {key: _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
+            for key, spec, names, want in expected}
     return cfg, traverse_util.unflatten_dict(flat)
 
 
@@ -79,7 +81,9 @@ def _place(shape: tuple[int, ...], sharding: NamedSharding, read: Callable[[Inde
     """A global array whose local blocks come from `read(index)`, each put on its device before the next is read.
 
     Not `jax.make_array_from_callback`: that reads every local device's block of a leaf before placing
-    any, so its host peak is a process's share of the largest leaf rather than one block.
+    any. On a GPU/TPU host those blocks are host staging, so its host peak would be the process's share
+    of the largest leaf (GBs for 70B) rather than one block. On CPU the two are alike: blocks become
+    the device buffers (see _aligned_empty).
     """
     groups: dict[tuple, tuple[Index, list]] = {}  # replicas (e.g. over 'data') share one read
     for device, index in sharding.addressable_devices_indices_map(shape).items():
@@ -103,9 +107,9 @@ def _block_reader(key: tuple[str, ...], shape: tuple[int, ...], names: list[str]
     def read(index: Index) -> np.ndarray:
         out = _aligned_empty(tuple(len(range(n)[s]) for n, s in zip(shape, index)), pdt)  # e.g. [l, in, out]
         layers = range(len(names))[index[0]] if stacked else range(1)
-        disk_index = _to_disk(key, index[1:] if stacked else index)  # kernels are [out, in] on disk
+        disk_index = to_disk(key, index[1:] if stacked else index)  # kernels are [out, in] on disk
         for j, i in enumerate(layers):  # a leaf that is not stacked is a stack of one
-            dest = _to_disk(key, (out if stacked else out[None])[j])  # a disk-layout view into `out`
+            dest = to_disk(key, (out if stacked else out[None])[j])  # a disk-layout view into `out`
             _read_into(dest, where[names[i]], names[i], disk_index, want)
         return out
 
