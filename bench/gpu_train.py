@@ -1,10 +1,11 @@
 """LoRA training throughput and MFU at the LLaMA-3.2-1B shape on one GPU (random weights).
 
-bf16 frozen weights and compute, fp32 LoRA adapters (r=16, all linear layers), seq 2048, with
-jlora's own sharded train step (jlora.trainer: init_state, make_train_step, put_batch), so the
-figure is the library's, not a benchmark-only path. Prints tokens/s and MFU against the dense
-bf16 peak of an H100 / H200 SXM (989 TFLOP/s), then the `JSON: {...}` line that bench/report.py
-reads. `--smoke` runs a tiny shape for a few steps on any backend (CPU included) as a check.
+bf16 frozen weights and compute, fp32 LoRA adapters (r=16, all linear layers), seq 2048, cuDNN flash
+attention (LlamaConfig.attention="cudnn"; --smoke lets "auto" pick), with jlora's own sharded train
+step (jlora.trainer: init_state, make_train_step, put_batch), so the figure is the library's, not a
+benchmark-only path. Prints tokens/s and MFU against the dense bf16 peak of an H100 / H200 SXM
+(989 TFLOP/s), then the `JSON: {...}` line that bench/report.py reads. `--smoke` runs a tiny shape
+for a few steps on any backend (CPU included) as a check.
 Run: python bench/gpu_train.py            (one GPU, no arguments needed)
 """
 
@@ -17,8 +18,9 @@ import time
 import jax
 import numpy as np
 
+from jlora.attention import TRAIN_IMPLS, resolve_impl
 from jlora.config import OptimConfig
-from jlora.llama import PRESETS, LlamaConfig, Llama, param_shapes
+from jlora.llama import DTYPES, PRESETS, LlamaConfig, Llama, param_shapes
 from jlora.lora import LoraConfig, count_params
 from jlora.sharding import make_mesh
 from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
@@ -64,14 +66,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--targets", default="all-linear", help='"all-linear" or comma-separated module names')
     p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"])
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
+    p.add_argument("--attention", choices=TRAIN_IMPLS,
+                   help='training attention kernel (default: "cudnn", so the figure is never the fallback\'s; '
+                        '"auto" with --smoke)')
     a = p.parse_args(argv)
     if a.smoke:
         a.preset, a.seq, a.batch, a.micro_batch, a.steps = "tiny", 128, 4, 2, 3
+    a.attention = a.attention or ("auto" if a.smoke else "cudnn")
     if a.batch % a.micro_batch:
         p.error(f"--micro-batch {a.micro_batch} must divide --batch {a.batch}")
 
     dev = jax.devices()[0]
-    cfg = PRESETS[a.preset].replace(dtype="bfloat16", param_dtype="bfloat16", remat=a.remat)
+    cfg = PRESETS[a.preset].replace(dtype="bfloat16", param_dtype="bfloat16", remat=a.remat, attention=a.attention)
+    try:
+        kernel = resolve_impl(cfg.attention, DTYPES[cfg.dtype], cfg.head_dim)  # what the step will trace
+    except ValueError as e:
+        p.error(str(e))
     if a.seq > cfg.max_position_embeddings:
         p.error(f"--seq {a.seq} exceeds {a.preset}'s context of {cfg.max_position_embeddings}")
     targets = a.targets if a.targets == "all-linear" else tuple(a.targets.split(","))
@@ -108,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     peak_gib = mem.get("peak_bytes_in_use", 0) / 2**30
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}")
     print(f"shape: {a.preset}, bf16 weights + compute, fp32 LoRA r={a.rank} on {a.targets} "
-          f"({n_lora:,} trainable / {matmul_params(cfg):,} frozen matmul params), remat={a.remat}")
+          f"({n_lora:,} trainable / {matmul_params(cfg):,} frozen matmul params), remat={a.remat}, "
+          f"attention={kernel}")
     print(f"batch {a.batch} x seq {a.seq} = {tokens:,} tokens/step, micro-batch {a.micro_batch}; "
           f"init {init_s:.1f} s, first step (compile) {compile_s:.1f} s, loss {loss:.3f}")
     print(f"step {step_s * 1e3:.1f} ms -> {tokens / step_s:,.0f} tokens/s; "
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"bench": "gpu_train", "flops_formula": FLOPS_FORMULA,
               "config": {"device": dev.device_kind, "preset": a.preset, "seq": a.seq, "batch": a.batch,
                          "micro_batch": a.micro_batch, "rank": a.rank, "targets": a.targets, "remat": a.remat,
+                         "attention": kernel,
                          "dtype": "bf16 base + compute, fp32 adapters", "timed_steps": a.steps},
               "rows": [{"metric": "train throughput", "unit": "tokens/s", "jlora": tokens / step_s,
                         "peer": None, "peer_value": None, "better": "higher"},

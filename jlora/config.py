@@ -167,12 +167,14 @@ class TrainConfig(_Section):
 class MeshConfig(_Section):
     """Device mesh ('data', 'fsdp', 'tensor'); one size may be -1 to take the remaining devices.
     distributed: call jax.distributed.initialize() (True), never (False), or when a cluster
-    (TPU pod, SLURM, ...) is detected ("auto")."""
+    (TPU pod, SLURM, ...) is detected ("auto"). allow_replication: a frozen weight over 1 MiB that
+    the fsdp / tensor sizes cannot split is an error unless this is true (then a warning)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     distributed: bool | Literal["auto"] = "auto"
+    allow_replication: bool = False
 
     def _validate(self) -> None:
         for name in ("data", "fsdp", "tensor"):

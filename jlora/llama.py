@@ -2,7 +2,9 @@
 
 Owns `LlamaConfig` (+ presets) and the model: RMSNorm, rotary embeddings in HF's rotate_half
 convention, causal GQA attention with positions / segment masking and a KV cache, the SwiGLU MLP
-and the `nn.scan`-stacked blocks. It knows nothing about LoRA, weights on disk or sharding.
+and the `nn.scan`-stacked blocks. It knows nothing about LoRA, weights on disk or meshes: it only
+names its activations' dims logically for `constrain` ("batch", "heads", "mlp"; jlora.sharding
+places them) and names the projection outputs the "dots_saveable" remat policy keeps.
 
 Einsum letters, used in every shape comment of the package:
   B batch, T query sequence, S key sequence, D model width, N query heads, K kv heads,
@@ -19,19 +21,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jlora import attention as attn
-from jlora.attention import attention, causal_attention
+from jlora.attention import attention
+from jlora.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PROJ_NAME = "projection"  # the output of each q/k/v/o/gate/up/down projection, for remat policies
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
     "full": _policies.nothing_saveable,
-    # Matmul outputs plus attention's inputs and outputs: the backward pass then reruns only cheap
-    # elementwise work, never the attention forward or the rotary embedding.
-    "dots_saveable": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(attn.SAVE_NAME)),
+    # Each projection's output plus attention's inputs and outputs: the backward pass then reruns
+    # only cheap elementwise work, never the attention forward or the rotary embedding. Saving by
+    # name, not every dot, keeps one copy per projection: an adapter's (x@A)@B routed into the
+    # projection is part of the named sum and is not kept again at full width.
+    "dots_saveable": _policies.save_from_both_policies(_policies.save_only_these_names(PROJ_NAME), attn.saveable),
 }
 
 
@@ -59,6 +65,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots_saveable
+    attention: str = "auto"  # auto | blocked | cudnn: the training attention kernel, see jlora.attention.resolve_impl
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -79,6 +86,8 @@ class LlamaConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in attn.TRAIN_IMPLS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {', '.join(attn.TRAIN_IMPLS)}")
         rope_type = self.rope_type
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, llama3)")
@@ -102,7 +111,8 @@ class LlamaConfig:
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) == "default":
             rope = {}
-        names = {f.name for f in dataclasses.fields(cls)} - {"name", "dtype", "param_dtype", "remat", "rope_scaling"}
+        runtime = {"name", "dtype", "param_dtype", "remat", "attention", "rope_scaling"}
+        names = {f.name for f in dataclasses.fields(cls)} - runtime
         kwargs = {k: hf[k] for k in names if k in hf and hf[k] is not None}
         kwargs.update(rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) or None)
         kwargs["name"] = hf.get("_name_or_path") or model_type
@@ -122,7 +132,7 @@ class LlamaConfig:
             "attention_dropout": 0.0,
         }
         for f in dataclasses.fields(self):
-            if f.name not in ("name", "dtype", "param_dtype", "remat", "rope_scaling"):
+            if f.name not in ("name", "dtype", "param_dtype", "remat", "attention", "rope_scaling"):
                 out[f.name] = getattr(self, f.name)
         if isinstance(out["eos_token_id"], tuple):
             out["eos_token_id"] = list(out["eos_token_id"])
@@ -250,6 +260,11 @@ def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
                     kernel_init=nn.initializers.normal(0.02), name=name)
 
 
+def _projected(y: jax.Array, *dims: str | None) -> jax.Array:
+    """A projection's output, pinned to the mesh by logical dims and named for the remat policy."""
+    return checkpoint_name(constrain(y, *dims), PROJ_NAME)
+
+
 class Attention(nn.Module):
     cfg: LlamaConfig
     decode: bool = False
@@ -259,13 +274,15 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, n * h, cfg.attention_bias, "q_proj")(x).reshape(b, t, n, h)  # [B,T,N,H]
-        kk = _dense(cfg, k * h, cfg.attention_bias, "k_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
-        v = _dense(cfg, k * h, cfg.attention_bias, "v_proj")(x).reshape(b, t, k, h)  # [B,T,K,H]
+        heads = ("batch", None, "heads")
+        q = _projected(_dense(cfg, n * h, cfg.attention_bias, "q_proj")(x), *heads).reshape(b, t, n, h)  # [B,T,N,H]
+        kk = _projected(_dense(cfg, k * h, cfg.attention_bias, "k_proj")(x), *heads).reshape(b, t, k, h)  # [B,T,K,H]
+        v = _projected(_dense(cfg, k * h, cfg.attention_bias, "v_proj")(x), *heads).reshape(b, t, k, h)  # [B,T,K,H]
         q, kk = apply_rope(q, rope), apply_rope(kk, rope)
 
-        q_slot = jnp.arange(t)  # [T] query order within this call
-        if self.decode:
+        if not self.decode:  # training / evaluation: cuDNN flash attention or the blocked kernel, by cfg.attention
+            out = attn.train_attention(q, kk, v, segment_ids, cfg.attention)  # [B,T,N,H]
+        else:
             if not self.has_variable("cache", "k"):
                 raise ValueError("decode=True needs a KV cache: pass {'cache': jlora.llama.init_cache(...)}")
             ck, cv = self.variable("cache", "k", None), self.variable("cache", "v", None)
@@ -276,21 +293,16 @@ class Attention(nn.Module):
             cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32), (0, start))
             cidx.value = start + t
             kk, v, k_seg = ck.value.astype(q.dtype), cv.value.astype(q.dtype), cseg.value  # [B,S,K,H], [B,S]
-            q_slot = q_slot + start
-        else:
-            k_seg = segment_ids
-        s = kk.shape[1]
-        causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T,S]
-        same = (segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
-        mask = (causal[None] & same)[:, None, None]  # [B,1,1,T,S]
-
-        # Batch dims (b, k) lead every operand, so both products are plain batched matmuls with the
-        # G query heads of a KV head stacked as extra rows (no transposes inside the dots).
-        qg = (q * (1 / math.sqrt(h))).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
-        kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,H]
-        out = attention(qg, kk, v, mask) if self.decode else causal_attention(qg, kk, v, mask)  # [B,K,G,T,H]
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)  # [B,T,N*H]
-        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out)  # [B,T,D]
+            causal = jnp.arange(kk.shape[1])[None, :] <= (jnp.arange(t) + start)[:, None]  # [T,S]
+            same = (segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
+            mask = (causal[None] & same)[:, None, None]  # [B,1,1,T,S]
+            # Batch dims (b, k) lead every operand, so both products are plain batched matmuls with the
+            # G query heads of a KV head stacked as extra rows (no transposes inside the dots).
+            qg = (q * (1 / math.sqrt(h))).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+            kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,H]
+            out = attention(qg, kk, v, mask).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
+        out = constrain(out.reshape(b, t, n * h), *heads)  # [B,T,N*H]
+        return _projected(_dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), "batch", None, None)
 
 
 class Mlp(nn.Module):
@@ -299,9 +311,11 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)  # [B,T,F]
-        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)  # [B,T,F]
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)  # [B,T,D]
+        hidden = ("batch", None, "mlp")
+        gate = _projected(_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x), *hidden)  # [B,T,F]
+        up = _projected(_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x), *hidden)  # [B,T,F]
+        down = _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(constrain(nn.silu(gate) * up, *hidden))
+        return _projected(down, "batch", None, None)  # [B,T,D]
 
 
 class Block(nn.Module):
@@ -313,11 +327,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, rope, segment_ids):
         cfg, pdt = self.cfg, DTYPES[self.cfg.param_dtype]
+        x = constrain(x, "batch", None, None)  # the residual stream: rows split, D whole
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x)
         x = x + Attention(cfg, self.decode, name="self_attn")(h, rope, segment_ids)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         x = x + Mlp(cfg, name="mlp")(h)
-        return x, None
+        return constrain(x, "batch", None, None), None
 
 
 class Llama(nn.Module):
@@ -341,7 +356,7 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=DTYPES[cfg.dtype],
                          param_dtype=DTYPES[cfg.param_dtype], embedding_init=nn.initializers.normal(0.02),
                          name="embed_tokens")
-        x = embed(input_ids)  # [B,T,D]
+        x = constrain(embed(input_ids), "batch", None, None)  # [B,T,D]
 
         block = Block
         if cfg.remat != "none":
@@ -352,7 +367,7 @@ class Llama(nn.Module):
         stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers, unroll=2)
         x, _ = stack(cfg, decode, name="layers")(x, rope_tables(cfg, positions), segment_ids)  # [B,T,D]
-        x = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name="norm")(x)
+        x = constrain(RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name="norm")(x), "batch", None, None)
         if return_hidden:
             return x
         if cfg.tie_word_embeddings:

@@ -4,16 +4,22 @@ Owns `make_mesh`, the ONE ordered rules table (`RULES`: regex over a dotted para
 PartitionSpec of the per-layer leaf, first match wins, no match is an error), and the specs and
 shardings derived from it for the frozen tree, the trainable tree (`LoraPair` A takes its
 kernel's input-dim spec, B its output-dim spec, the rank dim is replicated), the optimizer state
-(mirrors the trainable tree) and batches (rows over ('data', 'fsdp')). A dim that its mesh axes
-do not divide is replicated instead, so every preset runs on any mesh. It does not build models
-or optimizers.
+(mirrors the trainable tree) and batches (rows over ('data', 'fsdp')). A rule's axis that does
+not divide its dim moves to another dim of the leaf that it divides; a frozen leaf over 1 MiB that
+still ends up replicated over fsdp or tensor is an error (`ReplicationError`) unless allowed.
+Also owns the one activation-constraint helper, `constrain`: the model names its activation dims
+logically ("batch", "heads", "mlp", "vocab") and ACTIVATION_AXES places them on the mesh that
+`activation_sharding` makes current while a step is traced. It does not build models or optimizers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -42,8 +48,22 @@ RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+# Logical activation dims -> mesh axes. Batch rows are split like the batch itself; with tensor > 1
+# attention heads, the MLP hidden dim and the vocab are split Megatron-style (column-parallel
+# projections produce them sharded, row-parallel ones reduce them back).
+ACTIVATION_AXES: dict[str, Any] = {"batch": BATCH_AXES, "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+# A frozen leaf bigger than this must not be silently replicated over fsdp or tensor.
+REPLICATION_LIMIT_BYTES = 1 << 20
+_WARNED: set[str] = set()
+
+
 class ShardingError(ValueError):
     """A parameter no rule covers, or a mesh that does not fit the devices; one line."""
+
+
+class ReplicationError(ShardingError):
+    """A big frozen leaf that no dim lets the mesh shard; one line naming leaf, shape, mesh and fix."""
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
@@ -67,36 +87,84 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
 
 
-def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "") -> P:
-    """`spec` with every dim its mesh axes do not divide replaced by None (replicated)."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is not None and dim % _axis_size(mesh, axes):
-            log.debug("%s: dim %d of %s is not divisible by mesh axes %s; replicated", name, dim, shape, axes)
-            axes = None
-        out.append(axes)
-    return P(*out)
+def _names(axes) -> tuple[str, ...]:
+    return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+
+
+def _join(names: tuple[str, ...]):
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "", movable: int = 0) -> P:
+    """`spec` made to divide `shape`. A dim's mesh axes that do not divide it move to another of the
+    last `movable` dims that they divide (the largest such dim); else they are dropped (replicated).
+
+    E.g. fsdp=6 on an embedding [128256, 4096] with P("tensor", "fsdp"): 4096 is no multiple of 6,
+    128256 is, so the table becomes P(("tensor", "fsdp"), None) instead of replicated over fsdp."""
+    dims = [list(_names(a)) for a in tuple(spec) + (None,) * (len(shape) - len(spec))]
+    for i in range(len(shape)):
+        while dims[i] and shape[i] % _axis_size(mesh, tuple(dims[i])):
+            axis = dims[i].pop()
+            homes = [j for j in range(len(shape) - movable, len(shape))
+                     if j != i and shape[j] % (_axis_size(mesh, tuple(dims[j])) * mesh.shape[axis]) == 0]
+            if homes:
+                dims[max(homes, key=lambda j: shape[j])].append(axis)
+            else:
+                log.debug("%s: no dim of %s is divisible by mesh axis %s; replicated over it", name, shape, axis)
+    return P(*[_join(tuple(d)) for d in dims])
+
+
+def _rule(name: str) -> P:
+    for pattern, spec in RULES:
+        if re.search(pattern, name):
+            return spec
+    raise ShardingError(f"no sharding rule matches parameter {name!r}; add one to jlora.sharding.RULES")
 
 
 def rule_spec(name: str, ndim: int) -> P:
     """The spec of dotted param path `name` with `ndim` dims: first matching rule, leading None for stacked dims."""
-    for pattern, spec in RULES:
-        if re.search(pattern, name):
-            if len(spec) > ndim:
-                raise ShardingError(f"sharding rule {pattern!r} has {len(spec)} dims but {name} has {ndim}")
-            return P(*((None,) * (ndim - len(spec)) + tuple(spec)))
-    raise ShardingError(f"no sharding rule matches parameter {name!r}; add one to jlora.sharding.RULES")
+    spec = _rule(name)
+    if len(spec) > ndim:
+        raise ShardingError(f"sharding rule for {name} has {len(spec)} dims but the parameter has {ndim}")
+    return P(*((None,) * (ndim - len(spec)) + tuple(spec)))
+
+
+def _leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[str]]:
+    """(fitted spec, mesh axes of size > 1 the rule wanted but could not place) of one full leaf.
+    Axes move only among the leaf's own dims, never onto the stacked layer dim the scan slices."""
+    wanted = rule_spec(name, len(shape))
+    got = fit_spec(wanted, shape, mesh, name, movable=len(_rule(name)))
+    have = {a for axes in got for a in _names(axes)}
+    return got, [a for axes in wanted for a in _names(axes) if a not in have and mesh.shape[a] > 1]
 
 
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def param_specs(params, mesh: Mesh):
-    """PartitionSpecs for a plain params tree (frozen, or full), arrays or ShapeDtypeStructs."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {k: fit_spec(rule_spec(_dotted(k), len(v.shape)), v.shape, mesh, _dotted(k)) for k, v in flat.items()})
+def param_specs(params, mesh: Mesh, allow_replication: bool = False):
+    """PartitionSpecs for a plain params tree (frozen, or full), arrays or ShapeDtypeStructs.
+
+    A leaf over REPLICATION_LIMIT_BYTES that the mesh's fsdp / tensor axes cannot split is a
+    ReplicationError; with `allow_replication`, one warning line on stderr instead."""
+    specs, lost = {}, []
+    for k, v in traverse_util.flatten_dict(params).items():
+        specs[k], axes = _leaf_spec(_dotted(k), tuple(v.shape), mesh)
+        nbytes = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+        if axes and nbytes > REPLICATION_LIMIT_BYTES:
+            lost.append((nbytes, _dotted(k), tuple(v.shape), axes))
+    if lost:
+        nbytes, name, shape, axes = max(lost)
+        sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        what = (f"{name} {shape} ({nbytes / 2**20:,.0f} MiB) would be replicated over mesh {sizes}: no dim of it "
+                f"divides by that size ({len(lost)} leaves over {REPLICATION_LIMIT_BYTES >> 20} MiB in all)")
+        if not allow_replication:
+            raise ReplicationError(f"{what}. Use mesh sizes that divide the model's dims (e.g. powers of two), "
+                                   f"or set mesh.allow_replication: true")
+        if what not in _WARNED:  # specs are computed several times per run: say it once
+            _WARNED.add(what)
+            print(f"warning: {what}; replicated, as mesh.allow_replication is set", file=sys.stderr)
+    return traverse_util.unflatten_dict(specs)
 
 
 def _pair_specs(path: tuple, pair: LoraPair, mesh: Mesh) -> LoraPair:
@@ -129,7 +197,7 @@ def trainable_specs(trainable, mesh: Mesh):
         if _is_pair(leaf):
             out[path] = _pair_specs(path, leaf, mesh)
         else:
-            out[path] = fit_spec(rule_spec(_dotted(path), len(leaf.shape)), leaf.shape, mesh, _dotted(path))
+            out[path] = _leaf_spec(_dotted(path), tuple(leaf.shape), mesh)[0]
     return traverse_util.unflatten_dict(out)
 
 
@@ -152,6 +220,43 @@ def batch_spec(ndim: int = 2, row_axis: int = 0) -> P:
     return P(*[BATCH_AXES if i == row_axis else None for i in range(ndim)])
 
 
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """Make `constrain` pin activations to `mesh` for what is traced inside (a jitted step's body)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
+    """Pin activation `x` to the current `activation_sharding` mesh, one logical name (ACTIVATION_AXES)
+    or None per dim, e.g. constrain(h, "batch", None, None). Without XLA would be free to keep the
+    whole batch on every device. Axes that do not divide their dim are dropped; a no-op outside
+    `activation_sharding` (plain model.apply, generation)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.devices.size == 1:
+        return x
+    spec = P(*(ACTIVATION_AXES[d] if d else None for d in dims))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
+
+
+def batch_shards() -> int:
+    """Devices the batch rows are split over under the current `activation_sharding` (1 outside it)."""
+    mesh = _ACTIVATION_MESH.get()
+    return 1 if mesh is None else _axis_size(mesh, BATCH_AXES)
+
+
+def vocab_shards() -> int:
+    """Devices the vocab dim of the logits is split over under the current `activation_sharding`."""
+    mesh = _ACTIVATION_MESH.get()
+    return 1 if mesh is None else _axis_size(mesh, ACTIVATION_AXES["vocab"])
+
+
 def shard_init(init_fn, mesh: Mesh, specs_fn, *args) -> Any:
     """Run `init_fn(*args)` with its outputs created already sharded: `jax.eval_shape` gives the
     output shapes, `specs_fn(shapes)` their specs, then jit with out_shardings, so no device ever
@@ -161,12 +266,12 @@ def shard_init(init_fn, mesh: Mesh, specs_fn, *args) -> Any:
     return jax.jit(init_fn, out_shardings=shardings)(*args)
 
 
-def shard_params(params, mesh: Mesh):
+def shard_params(params, mesh: Mesh, allow_replication: bool = False):
     """Place a host params tree (numpy or jax) on the mesh by the rules, one leaf at a time.
 
     Each device receives only its slice (`make_array_from_callback`), so on several hosts every
     host reads just what its devices hold."""
-    return jax.tree.map(_put, params, to_shardings(mesh, param_specs(params, mesh)))
+    return jax.tree.map(_put, params, to_shardings(mesh, param_specs(params, mesh, allow_replication)))
 
 
 def _put(x, sh: NamedSharding) -> jax.Array:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jlora import checkpoint as ckpt
@@ -27,10 +28,11 @@ from jlora.config import ConfigError, RunConfig, load, to_dict
 from jlora.data import ByteTokenizer, DataError, make_batches
 from jlora.llama import PRESETS, Llama, LlamaConfig
 from jlora.lora import LoraError, count_params, describe
-from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh
+from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
 from jlora.trainer import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
                            make_train_step, put_batch)
 from jlora.weights import WeightsError, load_pretrained, resolve_model_path
+from jlora.weights_sharded import load_pretrained_sharded
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,25 @@ def load_tok(run: RunConfig):
     return load_tokenizer(resolve_model_path(path))
 
 
-def build_model(run: RunConfig, tok) -> tuple[LlamaConfig, dict | None]:
-    """(config, host params) of the base model, or (config, None) for a random preset ("tiny")."""
+def model_overrides(run: RunConfig) -> dict[str, Any]:
+    """The LlamaConfig fields the run sets on top of the base model's: model.overrides, train.remat,
+    and the blocked attention kernel for packed rows (cuDNN's mask is causal + per-row lengths)."""
+    overrides = {"remat": run.train.remat, **dict(run.model.overrides)}
+    if run.data.packing:
+        if overrides.get("attention") == "cudnn":
+            raise ConfigError("attention 'cudnn' cannot keep packed rows apart; use 'auto' or 'blocked'",
+                              "model.overrides")
+        overrides["attention"] = "blocked"
+    return overrides
+
+
+def build_model(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[LlamaConfig, Any]:
+    """(config, params) of the base model, or (config, None) for a random preset ("tiny"). With a
+    `mesh`, an HF checkpoint is read per host straight onto it (each process reads only its share);
+    otherwise params are host numpy arrays."""
     m = run.model
-    overrides = dict(m.overrides)
-    common = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": run.train.remat}
+    overrides = model_overrides(run)
+    common = {"dtype": m.dtype, "param_dtype": m.param_dtype}
     if m.path == "tiny" or m.preset:
         name = m.preset or "tiny"
         if name not in PRESETS:
@@ -86,8 +102,12 @@ def build_model(run: RunConfig, tok) -> tuple[LlamaConfig, dict | None]:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{e}", "model.overrides") from None
 
-    cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
-    return cfg.replace(remat=run.train.remat, **overrides), params
+    if mesh is None:
+        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+    else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
+        cfg, params = load_pretrained_sharded(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
+                                              specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication))
+    return cfg.replace(**overrides), params
 
 
 class MetricsLog:
@@ -138,11 +158,11 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     say = (lambda *a: None) if quiet or not main_proc else (lambda *a: print(*a, flush=True))
     out_dir = pathlib.Path(run.output_dir)
     tok = load_tok(run)
-    cfg, params = build_model(run, tok)
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    cfg, params = build_model(run, tok, mesh)
     train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
                                            process_count=jax.process_count())
     steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
-    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if run.train.micro_batch % rows:
         raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}",
@@ -151,7 +171,7 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
     key = jax.random.key(run.train.seed)
     state = init_state(cfg, run.lora, mesh, jax.random.fold_in(key, 0), optimizer, params,
-                       model_key=jax.random.key(run.model.seed))
+                       model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
     fingerprint_src = state.frozen if jax.process_count() == 1 else None
@@ -277,12 +297,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in output_dir (an error if there is none)")
     p.add_argument("--no-resume", action="store_true", help="start over even if output_dir holds a checkpoint")
+    p.add_argument("--plan", action="store_true",
+                   help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
+                        "communication and which accelerators it fits (last line: PLAN: {json})")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="with --plan: devices to plan for (default: the mesh's product)")
     return p.parse_args(argv)
+
+
+def plan_main(run: RunConfig, devices: int | None) -> None:
+    """`--plan`: print jlora.plan's report for `run` compiled on fake CPU devices."""
+    from jlora import plan
+
+    plan.use_fake_devices(plan.plan_devices(run, devices))
+    print(plan.report(plan.plan(run)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
     args = parse_args(argv)
+    if args.plan:
+        return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
     resume = True if args.resume else (False if args.no_resume else None)
     return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume))
 

@@ -27,8 +27,9 @@ from jlora.config import OptimConfig
 from jlora.llama import LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraPair, split
 from jlora.lora_apply import apply
-from jlora.sharding import (BATCH_AXES, batch_spec, opt_state_specs, param_specs, shard_init, shard_params,
-                            shard_trainable, to_shardings, trainable_specs)
+from jlora.sharding import (BATCH_AXES, activation_sharding, batch_shards, batch_spec, constrain, opt_state_specs,
+                            param_specs, shard_init, shard_params, shard_trainable, to_shardings, trainable_specs,
+                            vocab_shards)
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -75,7 +76,8 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: 
     only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D]."""
     def body(total, xs):
         hc, tc, mc = xs
-        ce = optax.softmax_cross_entropy_with_integer_labels(_chunk_logits(hc, w, tied), tc)  # [B,c]
+        logits = constrain(_chunk_logits(hc, w, tied), "batch", None, "vocab")  # [B,c,V]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)  # [B,c]
         return total + jnp.sum(ce * mc), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk),
@@ -86,7 +88,7 @@ def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: 
 def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
     def body(total, xs):
         hc, tc, mc = xs
-        logits = _chunk_logits(hc, w, tied)  # [B,c,V]
+        logits = constrain(_chunk_logits(hc, w, tied), "batch", None, "vocab")  # [B,c,V]
         top = jnp.max(logits, axis=-1, keepdims=True)  # [B,c,1]
         e = jnp.exp(logits - top)  # one exp per logit serves the loss and its gradient
         total_e = jnp.sum(e, axis=-1, keepdims=True)
@@ -122,16 +124,20 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
     """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`.
 
     With a frozen output head the loss is `chunked_cross_entropy` over the final hidden states
-    (ce_chunk positions at a time; default from CE_CHUNK_ELEMENTS), else CE over full fp32 logits."""
+    (ce_chunk positions at a time; default: CE_CHUNK_ELEMENTS of logits on each device, from the rows
+    and vocab entries one device holds under `activation_sharding`), else CE over full fp32 logits."""
     args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
     cfg = model.cfg
     head = _frozen_head(cfg, frozen, trainable)
     if head is None:
-        logits = apply(model, frozen, trainable, *args, rngs=rngs)  # [B,T,V] fp32
+        logits = constrain(apply(model, frozen, trainable, *args, rngs=rngs), "batch", None, "vocab")  # [B,T,V] fp32
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     b, t = batch["input_ids"].shape
-    chunk = ce_chunk or ce_chunk_size(b, t, cfg.vocab_size)
+    rows, vocab = max(b // batch_shards(), 1), max(cfg.vocab_size // vocab_shards(), 1)
+    chunk = ce_chunk or ce_chunk_size(rows, t, vocab)
     hidden = apply(model, frozen, trainable, *args, rngs=rngs, return_hidden=True)  # [B,T,D]
+    # Gather the head's fsdp shards once here, not in every chunk of the scan; vocab stays split over tensor.
+    head = constrain(head, "vocab", None) if cfg.tie_word_embeddings else constrain(head, None, "vocab")
     mask = batch["loss_mask"].astype(jnp.float32)
     total = chunked_cross_entropy(hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk)
     return total, jnp.sum(mask)
@@ -171,11 +177,12 @@ class TrainState:
     trainable: Any
     opt_state: Any
     mesh: Mesh
+    allow_replication: bool = False  # mesh.allow_replication: big frozen leaves may be replicated
 
     def shardings(self, optimizer: optax.GradientTransformation | None = None):
         """(frozen, trainable, opt_state) NamedSharding trees, from the rules table."""
         t_specs = trainable_specs(self.trainable, self.mesh)
-        fsh = to_shardings(self.mesh, param_specs(self.frozen, self.mesh))
+        fsh = to_shardings(self.mesh, param_specs(self.frozen, self.mesh, self.allow_replication))
         tsh = to_shardings(self.mesh, t_specs)
         osh = None
         if optimizer is not None and self.opt_state is not None:
@@ -183,38 +190,42 @@ class TrainState:
         return fsh, tsh, osh
 
 
+def split_for_training(params, key: jax.Array, lcfg: LoraConfig):
+    """`split`, with fp32 master copies of the parameters trained in full (train_extra), like the adapters."""
+    frozen, trainable = split(params, lcfg, key)
+    return frozen, jax.tree.map(lambda x: x if isinstance(x, LoraPair) else x.astype(jnp.float32), trainable,
+                                is_leaf=lambda x: isinstance(x, LoraPair))
+
+
 def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, optimizer: optax.GradientTransformation,
-               params: Any = None, model_key: jax.Array | None = None) -> TrainState:
-    """Sharded (frozen, trainable, opt_state). params: host (numpy) weights, or None for a random
-    model from `model_key`. Shapes come from eval_shape and every array is created in place."""
+               params: Any = None, model_key: jax.Array | None = None, allow_replication: bool = False) -> TrainState:
+    """Sharded (frozen, trainable, opt_state). params: host (numpy) weights or arrays already on the
+    mesh, or None for a random model from `model_key`. Shapes come from eval_shape and every array
+    is created in place. allow_replication: see sharding.param_specs."""
+    specs = lambda s: param_specs(s, mesh, allow_replication)  # noqa: E731
     if params is None:
-        params = shard_init(lambda k: init_params(cfg, k), mesh, lambda s: param_specs(s, mesh),
-                            key if model_key is None else model_key)
+        params = shard_init(lambda k: init_params(cfg, k), mesh, specs, key if model_key is None else model_key)
     else:
-        params = shard_params(params, mesh)
+        params = shard_params(params, mesh, allow_replication)
 
-    def do_split(p, k):
-        frozen, trainable = split(p, lcfg, k)
-        # parameters trained in full (train_extra) keep fp32 master copies, like the adapters
-        return frozen, jax.tree.map(lambda x: x if isinstance(x, LoraPair) else x.astype(jnp.float32), trainable,
-                                    is_leaf=lambda x: isinstance(x, LoraPair))
-
+    do_split = functools.partial(split_for_training, lcfg=lcfg)
     f_shape, t_shape = jax.eval_shape(do_split, params, key)
-    out = (to_shardings(mesh, param_specs(f_shape, mesh)), to_shardings(mesh, trainable_specs(t_shape, mesh)))
+    out = (to_shardings(mesh, specs(f_shape)), to_shardings(mesh, trainable_specs(t_shape, mesh)))
     # donating params lets the untouched kernels pass through as the frozen tree without a copy
     frozen, trainable = jax.jit(do_split, out_shardings=out, donate_argnums=0)(params, key)
     t_specs = trainable_specs(trainable, mesh)
     opt_state = shard_init(optimizer.init, mesh, lambda s: opt_state_specs(optimizer, s, t_specs), trainable)
-    return TrainState(frozen, trainable, opt_state, mesh)
+    return TrainState(frozen, trainable, opt_state, mesh, allow_replication)
 
 
-def place_state(frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation) -> TrainState:
+def place_state(frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation,
+                allow_replication: bool = False) -> TrainState:
     """A TrainState from existing trees (host numpy or jax arrays, e.g. a loaded adapter): each is
     placed by the rules, and a fresh optimizer state is created sharded."""
-    frozen, trainable = shard_params(frozen, mesh), shard_trainable(trainable, mesh)
+    frozen, trainable = shard_params(frozen, mesh, allow_replication), shard_trainable(trainable, mesh)
     t_specs = trainable_specs(trainable, mesh)
     opt_state = shard_init(optimizer.init, mesh, lambda s: opt_state_specs(optimizer, s, t_specs), trainable)
-    return TrainState(frozen, trainable, opt_state, mesh)
+    return TrainState(frozen, trainable, opt_state, mesh, allow_replication)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = None) -> dict[str, jax.Array]:
@@ -260,6 +271,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     rep = NamedSharding(mesh, P())
     bsh = {k: NamedSharding(mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
 
+    @activation_sharding(mesh)
     def step(frozen, trainable, opt_state, batch, rng):
         def grads_of(mb, i):
             rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
@@ -297,8 +309,8 @@ def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict |
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
     rep = NamedSharding(state.mesh, P())
-    return jax.jit(lambda f, t, b: loss_terms(model, f, t, b), in_shardings=(fsh, tsh, bsh),
-                   out_shardings=(rep, rep), compiler_options=compiler_options)
+    return jax.jit(activation_sharding(state.mesh)(lambda f, t, b: loss_terms(model, f, t, b)),
+                   in_shardings=(fsh, tsh, bsh), out_shardings=(rep, rep), compiler_options=compiler_options)
 
 
 def check_nonfinite(metrics: dict, max_nonfinite: int, step: int) -> None:

@@ -195,3 +195,44 @@ def test_forward_backward_never_forms_the_full_delta(remat):
     assert (2, 7, 4) in factored  # the x@A activations are seen, so the walk did go inside the scan
     naive = shapes_from_trainable(lambda t, f: xent(model.apply({"params": merge(f, t)}, ids), ids))
     assert naive & forbidden  # the same check does catch W + A@B
+
+
+# ---- what the remat policy keeps for the backward pass ----
+
+def _saved_residual_shapes(fn, *args) -> list[str]:
+    """The shapes (e.g. 'f32[2,2,16,128]') of every residual `jax.grad(fn)` keeps from forward to backward."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return [line.split()[0] for line in out.getvalue().splitlines() if line.strip()]
+
+
+def test_dots_saveable_keeps_one_full_width_copy_per_projection_with_lora():
+    """Under remat="dots_saveable" an adapted projection keeps its output once, like a frozen one: the
+    LoRA term (x@A)@B is part of the saved sum, never saved again at full width ([.., T, F] or [.., T, D])."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, remat="dots_saveable")
+    params = init_params(cfg, KEY(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 16)), jnp.int32)
+    model = Llama(cfg)
+    frozen, trainable = split(params, LoraConfig(rank=4, targets="all-linear"), KEY(1))
+    q_frozen, q_only = split(params, LoraConfig(rank=4, targets=("q_proj",)), KEY(1))
+
+    def loss(t, f):
+        return jnp.sum(apply(model, f, t, ids, return_hidden=True) ** 2)
+
+    def full_width(shapes):  # saved [L, B, T, width] activations, by width
+        widths = {}
+        for s in shapes:
+            dims = [int(d) for d in s[s.index("[") + 1:-1].split(",") if d]
+            if len(dims) == 4 and dims[:3] == [2, 2, 16]:
+                widths[dims[3]] = widths.get(dims[3], 0) + 1
+        return widths
+
+    with_lora = full_width(_saved_residual_shapes(lambda t: loss(t, frozen), trainable))
+    attention_only = full_width(_saved_residual_shapes(lambda t: loss(t, q_frozen), q_only))
+    assert with_lora[160] == 2  # gate_proj and up_proj outputs, nothing else at width F
+    assert with_lora == attention_only  # adapting 6 more projections saves nothing more at full width

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora import sharding as S
@@ -11,40 +12,66 @@ from jlora.llama import PRESETS, param_shapes
 from jlora.lora import LoraConfig, LoraPair, split
 
 
-def _axis(mesh, axes):
-    if axes is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
-
-
-def _check_divides(tree, specs, mesh):
+def _per_device_bytes(tree, specs, mesh) -> tuple[int, int]:
+    """(bytes on one device, bytes in all) of `tree` placed by `specs`; shard_shape raises if a spec does not divide."""
     leaves = jax.tree.leaves(tree)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
     assert len(leaves) == len(spec_leaves)
+    local = total = 0
     for x, spec in zip(leaves, spec_leaves):
-        assert len(spec) == len(x.shape)
-        for dim, axes in zip(x.shape, spec):
-            assert dim % _axis(mesh, axes) == 0, (x.shape, spec)
+        item = np.dtype(x.dtype).itemsize
+        local += int(np.prod(NamedSharding(mesh, spec).shard_shape(x.shape))) * item
+        total += int(np.prod(x.shape)) * item
+    return local, total
 
 
 @pytest.fixture(scope="module")
 def meshes():
-    return [S.make_mesh(2, 2, 2), S.make_mesh(1, 8, 1), S.make_mesh(1, 1, 8)]
+    return [S.make_mesh(2, 2, 2), S.make_mesh(1, 8, 1), S.make_mesh(1, 1, 8), S.make_mesh(1, 4, 2)]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_param_matches_a_rule_and_divides(name, meshes):
+def test_every_preset_is_split_over_fsdp_and_tensor(name, meshes):
+    """On power-of-two meshes each device holds 1/(fsdp*tensor) of the frozen weights, up to the tiny
+    replicated norms, and the adapters and optimizer state are placed without error."""
     shapes = param_shapes(PRESETS[name])
     lcfg = LoraConfig(rank=8, targets="all-linear", use_dora=True)
     frozen, trainable = jax.eval_shape(lambda p: split(p, lcfg, jax.random.key(0)), shapes)
     opt = optax.adamw(1e-3)
     opt_shapes = jax.eval_shape(opt.init, trainable)
     for mesh in meshes:
-        _check_divides(shapes, S.param_specs(shapes, mesh), mesh)
-        _check_divides(frozen, S.param_specs(frozen, mesh), mesh)
+        split_over = mesh.shape["fsdp"] * mesh.shape["tensor"]
+        local, total = _per_device_bytes(frozen, S.param_specs(frozen, mesh), mesh)
+        norms = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                    for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0] if "norm" in jax.tree_util.keystr(path))
+        assert local <= total / split_over + norms, (name, dict(mesh.shape), local, total)
         t_specs = S.trainable_specs(trainable, mesh)
-        _check_divides(trainable, t_specs, mesh)
-        _check_divides(opt_shapes, S.opt_state_specs(opt, opt_shapes, t_specs), mesh)
+        _per_device_bytes(trainable, t_specs, mesh)
+        _per_device_bytes(opt_shapes, S.opt_state_specs(opt, opt_shapes, t_specs), mesh)
+
+
+def test_big_leaf_that_cannot_be_split_is_an_error_naming_it_and_the_fix(capsys):
+    mesh = S.make_mesh(1, 6, 1, devices=jax.devices()[:6])  # 4096 and 14336 are no multiples of 6
+    shapes = param_shapes(PRESETS["llama3-8b"])
+    with pytest.raises(S.ReplicationError) as err:
+        S.param_specs(shapes, mesh)
+    msg = str(err.value)
+    assert "layers.mlp" in msg and "(32, 4096, 14336)" in msg and "fsdp=6" in msg
+    assert "mesh.allow_replication: true" in msg and "\n" not in msg
+    # allowed: one warning line, and the dims that 6 divides are still split (vocab 128256 = 6 * 21376)
+    specs = S.param_specs(shapes, mesh, allow_replication=True)
+    assert capsys.readouterr().err.count("warning:") == 1
+    assert specs["embed_tokens"]["embedding"] == P(("tensor", "fsdp"), None)
+    assert specs["layers"]["mlp"]["up_proj"]["kernel"] == P(None, None, "tensor")
+
+
+def test_an_axis_that_does_not_divide_its_dim_moves_to_one_that_does():
+    mesh = S.make_mesh(1, 7, 1, devices=jax.devices()[:7])
+    # gate [D=4096, F=14336]: 7 divides F only, so fsdp moves from D to F instead of replicating 112 MiB
+    assert S.fit_spec(P("fsdp", "tensor"), (4096, 14336), mesh, movable=2) == P(None, ("tensor", "fsdp"))
+    # never onto the stacked layer dim the scan slices (movable=2 of 3 dims), nor anywhere with movable=0
+    assert S.fit_spec(P(None, "fsdp", None), (7, 4096, 4096), mesh, movable=2) == P(None, None, None)
+    assert S.fit_spec(P("fsdp", None), (4096, 14336), mesh) == P(None, None)
 
 
 def test_frozen_kernel_specs_follow_the_table():
@@ -68,11 +95,11 @@ def test_lora_pairs_take_their_kernel_dims_and_replicate_rank():
     assert (o.a, o.b) == (P(None, "tensor", None), P(None, None, "fsdp"))
 
 
-def test_indivisible_dim_falls_back_to_replication():
+def test_indivisible_vocab_moves_tensor_onto_the_hidden_dim():
     mesh = S.make_mesh(1, 2, 4)
     cfg = PRESETS["tiny"].replace(vocab_size=259)  # the ByteTokenizer's vocab: odd
     specs = S.param_specs(param_shapes(cfg), mesh)
-    assert specs["embed_tokens"]["embedding"] == P(None, "fsdp")
+    assert specs["embed_tokens"]["embedding"] == P(None, ("fsdp", "tensor"))  # D=64 divides by 2*4
     # k_proj out = 2 kv heads * 16 = 32 divides by 4; gate out 128 too; D=64 by fsdp=2
     assert specs["layers"]["self_attn"]["k_proj"]["kernel"] == P(None, "fsdp", "tensor")
 
