@@ -157,10 +157,34 @@ def _random_pair(key, a_shape: tuple, b_shape: tuple, dtype: str, embed: bool, i
     return jnp.zeros(a_shape, dt), jax.random.uniform(kb, b_shape, dt, -bound, bound)
 
 
+def _check_patterns_match(lcfg: LoraConfig, stacks: dict[tuple, tuple[int, ...]]) -> None:
+    """A rank/alpha pattern key or a `layers` index that selects nothing is a typo, not a no-op: LoraError."""
+    names = [n for path, stack in stacks.items() for n in layer_names(_dotted(path[:-1]), stack)]
+    shorts = sorted({n.rpartition(".")[2] for n in names})
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key, _ in getattr(lcfg, field):
+            if not any(_name_matches(key, n) for n in names):
+                close = difflib.get_close_matches(key, shorts + names, n=3, cutoff=0.0)
+                raise LoraError(f"{field} key {key!r} matches no target module; closest: {', '.join(close)} "
+                                f"(keys match a target's name, its per-layer path, or a regex over it)")
+    if lcfg.layers is None:
+        return
+    counts = {int(np.prod(stack)) for stack in stacks.values() if stack}
+    if not counts:
+        raise LoraError(f"lora.layers={list(lcfg.layers)} selects layers, but no target is a stacked layer "
+                        f"({', '.join(_dotted(p[:-1]) for p in stacks) or 'none'}); drop layers or target a layer")
+    n = min(counts)
+    bad = [i for i in lcfg.layers if not 0 <= i < n]
+    if bad:
+        raise LoraError(f"lora.layers={list(lcfg.layers)}: index {bad[0]} is out of range for the model's {n} "
+                        f"layers (valid: 0-{n - 1})")
+
+
 def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = None):
     """params -> (frozen, trainable). `layouts` (from `trace_layouts`) is needed only for DenseGeneral/Einsum models."""
     flat = traverse_util.flatten_dict(params)
     chosen = select_targets(params, lcfg, layouts) if lcfg.targets else {}
+    _check_patterns_match(lcfg, {p: l.stack_shape(flat[p].shape) for p, l in chosen.items()})
     trainable, frozen = {}, dict(flat)
     for i, (path, layout) in enumerate(chosen.items()):
         w = flat[path]

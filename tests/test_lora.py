@@ -379,3 +379,39 @@ def test_smollm2_135m_q_v_rank_8_trains_460800_params():
     trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=8, targets=("q_proj", "v_proj")),
                                                KEY(0))[1], shapes)
     assert count_params(trainable) == 460_800
+
+
+# ---- patterns and layers that match nothing (issue 13, item 7) ----
+
+def test_patterns_and_layers_that_match_nothing_are_errors(tiny):
+    _, params, _ = tiny
+    key = KEY(0)
+    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"qproj": 2}), key),
+                   "rank_pattern", "'qproj'", "q_proj")
+    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), alpha_pattern={"vproj": 2.0}), key),
+                   "alpha_pattern", "'vproj'", "v_proj")
+    # a module of the model that is not a target is a typo too: the pattern would change nothing
+    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj",), rank_pattern={"k_proj": 2}), key),
+                   "rank_pattern", "'k_proj'", "q_proj")
+    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj",), layers=(0, 5)), key),
+                   "layers", "5", "2 layers", "0-1")
+    # patterns that do match, per layer or by short name, still work
+    _, trainable = split(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"v_proj": 2},
+                                            alpha_pattern={"layers.1.self_attn.q_proj": 4.0}, layers=(1,)), key)
+    assert trainable["layers"]["self_attn"]["v_proj"]["kernel"].rank == 2
+
+
+@pytest.mark.parametrize("setting, words", [("lora.layers=[0, 5]", ["lora.layers", "5", "0-1"]),
+                                            ("lora.rank_pattern={qproj: 2}", ["rank_pattern", "'qproj'", "q_proj"])])
+def test_cli_refuses_patterns_and_layers_that_match_nothing(setting, words):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cli = [sys.executable, "-c", "import sys; from jlora.trainer import main; sys.exit(main())"]  # jlora-train
+    run = subprocess.run([*cli, "--config", str(root / "configs/tiny-cpu.yaml"), "--plan", "--devices", "1",
+                          "--set", setting], capture_output=True, text=True, timeout=300, cwd=root)
+    err = run.stderr.strip()
+    assert run.returncode != 0 and len(err.splitlines()) == 1, err[-2000:]
+    assert all(w in err for w in words), err
