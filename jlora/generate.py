@@ -5,8 +5,10 @@
 rows are done. Greedy, temperature, top-k and top-p sampling; stop strings are checked on the host
 between chunks, which is also how `Generator.stream` yields tokens as they are produced. An adapter
 runs unmerged (routed through `jlora.lora_apply.apply`) or merged (pass no trainable tree).
-The model code is `jlora.llama`'s; only the layer loop is unrolled here over per-layer weight buffers,
-because slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token.
+The model code is `jlora.llama`'s, and so is the one decode path: the cache layout (`init_cache`), its
+writes and their bound check (`Attention`). Only the layer loop is unrolled here over per-layer weight
+buffers, because slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token.
+The cache is sized to the longest prompt + max_new_tokens (rounded up), so generation never runs past it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.checkpoint import load_adapter
-from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, rope_tables
+from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
 from jlora.lora import merge as merge_trees
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
@@ -87,12 +89,9 @@ def _per_layer(tree: dict, n_layers: int) -> dict:
 
 
 def _init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
-    """One zeroed cache buffer per layer, so each layer's update is in place."""
-    kv = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {f"layer_{i}": {"self_attn": {
-        "k": jnp.zeros(kv, DTYPES[cfg.dtype]), "v": jnp.zeros(kv, DTYPES[cfg.dtype]),
-        "segment_ids": jnp.zeros(kv[:2], jnp.int32), "index": jnp.zeros((), jnp.int32)}}
-        for i in range(cfg.num_hidden_layers)}
+    """`jlora.llama.init_cache`'s cache cut into one buffer per layer, so each layer's update is in place."""
+    stacked = init_cache(cfg, batch, max_len)["layers"]  # inside jit: the zeros are never materialized stacked
+    return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.num_hidden_layers)}
 
 
 def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last_only):

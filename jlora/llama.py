@@ -287,7 +287,10 @@ class Attention(nn.Module):
                 raise ValueError("decode=True needs a KV cache: pass {'cache': jlora.llama.init_cache(...)}")
             ck, cv = self.variable("cache", "k", None), self.variable("cache", "v", None)
             cseg, cidx = self.variable("cache", "segment_ids", None), self.variable("cache", "index", None)
-            start = cidx.value
+            start, slots = cidx.value, ck.value.shape[1]
+            if t > slots:  # static: refuse here, before dynamic_update_slice fails deep inside jax
+                raise ValueError(f"decode=True: a call of {t} tokens does not fit a KV cache of {slots} slots; "
+                                 f"make the cache longer (init_cache max_len >= prompt + new tokens)")
             ck.value = jax.lax.dynamic_update_slice(ck.value, kk.astype(ck.value.dtype), (0, start, 0, 0))
             cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
             cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32), (0, start))
@@ -301,6 +304,9 @@ class Attention(nn.Module):
             qg = (q * (1 / math.sqrt(h))).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
             kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,H]
             out = attention(qg, kk, v, mask).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
+            # The fill index is traced, so running past the end cannot be refused here; dynamic_update_slice
+            # would clamp and overwrite the last slots. NaN output makes that visible instead of plausible.
+            out = jnp.where(start + t <= slots, out, jnp.nan)
         out = constrain(out.reshape(b, t, n * h), *heads)  # [B,T,N*H]
         return _projected(_dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), "batch", None, None)
 

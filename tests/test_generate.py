@@ -227,3 +227,22 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_gguf, tmp_path):
     eos = cfg.eos_token_id
     assert ours == [r[: r.index(eos)] if eos in r else r for r in ref]
     assert any(len(out) < 20 for out in ours) and any(len(out) == 20 for out in ours)  # EOS both hit and not
+
+
+def test_decoding_past_the_cache_is_refused_or_poisoned_never_clamped(tiny):
+    """Llama(decode=True): a call longer than the cache is a one-line error before anything runs; a write
+    that would run past the cache's end (the position is a traced value there) gives NaN logits, where
+    dynamic_update_slice alone would clamp and silently overwrite the last slots."""
+    model, params = tiny
+    step = jax.jit(lambda c, ids: model.apply({"params": params, "cache": c}, ids, decode=True, mutable=["cache"]))
+    ids = jnp.asarray([PROMPTS[1][:6]], jnp.int32)
+    with pytest.raises(ValueError) as err:
+        step(jlora.init_cache(CFG, 1, 4), ids)
+    assert "6 tokens" in str(err.value) and "cache of 4" in str(err.value) and "\n" not in str(err.value)
+    logits, cache = step(jlora.init_cache(CFG, 1, 8), ids)  # 6 of 8 slots
+    assert np.isfinite(np.asarray(logits)).all()
+    for i in range(2):  # slots 7 and 8: still inside
+        logits, cache = step(cache["cache"], jnp.asarray([[5 + i]], jnp.int32))
+        assert np.isfinite(np.asarray(logits)).all()
+    logits, _ = step(cache["cache"], jnp.asarray([[9]], jnp.int32))  # a 9th token in 8 slots
+    assert np.isnan(np.asarray(logits)).all()
