@@ -155,6 +155,46 @@ def demo_section(demo: dict | str) -> list[str]:
         f"the whole demo (both evaluations, export) took {demo['wall_s']:.0f} s."]
 
 
+FIT_RESULTS = ROOT / "docs" / "results" / "will_it_fit.json"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f}"
+
+
+def fit_section(path: pathlib.Path = FIT_RESULTS) -> list[str]:
+    """"Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
+    lines = ["## Will it fit? (`jlora-train --plan`)", "",
+             "Command: `python bench/will_it_fit.py` (each row's own command is below the table). The real "
+             "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
+             "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
+             "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
+             "\"Fits\" means the need is at most 90% of the memory.", ""]
+    if not path.is_file():
+        return lines + [f"Not run: {path.relative_to(ROOT)} does not exist."]
+    res = json.loads(path.read_text())
+    lines += [f"Measured at commit {res['commit']} on {res['date']}, {res['machine']}, load average "
+              f"{res['load_average']} (before) / {res.get('load_average_after', '?')} (after).", "",
+              "| config | devices (data, fsdp, tensor) | micro-batch x seq | frozen / adapters / optimizer per device "
+              "(GiB) | temp per device (GiB) | needs per device (GiB) | dot GFLOP per token | collectives per step "
+              "per device (GiB) | fits |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in res["cases"]:
+        config = case["command"].split("--config ")[1].split()[0]
+        if "error" in case:
+            lines.append(f"| {config} | — | — | — | — | — | — | — | failed: {case['error']} |")
+            continue
+        p = case["plan"]
+        mesh = p["mesh"]
+        coll = ", ".join(f"{k} {_gib(v)}" for k, v in p["collective_bytes"].items())
+        fits = ", ".join(k for k, ok in p["fits"].items() if ok) or "none listed"
+        lines.append(f"| {config} | {p['devices']} ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
+                     f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum) | {_gib(p['param_bytes'])} / "
+                     f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
+                     f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |")
+    lines += [""] + [f"- `{case['command']}`" for case in res["cases"]]
+    return lines
+
+
 def render(results: dict[str, tuple[str, dict | str]], gpu_log: str | None, demo: dict | str) -> str:
     """docs/benchmarks.md as text."""
     lines = ["# Benchmarks", "",
@@ -167,6 +207,7 @@ def render(results: dict[str, tuple[str, dict | str]], gpu_log: str | None, demo
         lines += ["", f"## {name}", "", f"Reproduce: `{cmd}`", ""]
         lines += _table(name, result) if isinstance(result, dict) else [result]
     lines += [""] + demo_section(demo)
+    lines += [""] + fit_section()
     lines += [""] + gpu_section(gpu_log)
     return "\n".join(lines) + "\n"
 

@@ -198,7 +198,7 @@ def test_kv_cache_decode_matches_full_forward(tiny_gqa):
     np.testing.assert_allclose(cached[keep], full[keep], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, published", [("llama2-7b", 6.74e9), ("llama3-8b", 8.03e9),
+@pytest.mark.parametrize("name, published", [("llama2-7b", 6.74e9), ("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9),
                                              ("smollm2-135m", 134.5e6)])
 def test_preset_parameter_counts(name, published):
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(PRESETS[name])))
