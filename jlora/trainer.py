@@ -57,6 +57,12 @@ def ce_chunk_size(batch: int, seq: int, vocab: int, max_elements: int = CE_CHUNK
     return max(fits, default=1)
 
 
+def device_ce_chunk(batch: int, seq: int, vocab: int) -> int:
+    """`ce_chunk_size` for the rows and vocab entries ONE device holds under the current
+    `activation_sharding`: sized from the global batch, 70B on 64 chips got 2-position chunks."""
+    return ce_chunk_size(max(batch // batch_shards(), 1), seq, max(vocab // vocab_shards(), 1))
+
+
 def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
     eq = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
     return jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
@@ -133,8 +139,7 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
         logits = constrain(apply(model, frozen, trainable, *args, rngs=rngs), "batch", None, "vocab")  # [B,T,V] fp32
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     b, t = batch["input_ids"].shape
-    rows, vocab = max(b // batch_shards(), 1), max(cfg.vocab_size // vocab_shards(), 1)
-    chunk = ce_chunk or ce_chunk_size(rows, t, vocab)
+    chunk = ce_chunk or device_ce_chunk(b, t, cfg.vocab_size)
     hidden = apply(model, frozen, trainable, *args, rngs=rngs, return_hidden=True)  # [B,T,D]
     # Gather the head's fsdp shards once here, not in every chunk of the scan; vocab stays split over tensor.
     head = constrain(head, "vocab", None) if cfg.tie_word_embeddings else constrain(head, None, "vocab")

@@ -314,3 +314,15 @@ def test_cli_bad_override_is_one_line(tmp_path):
                            "--set", "optim.lr=-1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["jlora-train: error: configs/tiny-cpu.yaml: optim.lr: must be > 0"]
+
+
+def test_ce_chunks_are_sized_from_the_rows_one_device_holds():
+    """8 rows over fsdp=8 is one row per device: chunks of 128 positions of a 128256 vocab stay under
+    CE_CHUNK_ELEMENTS per device; sized from all 8 rows they would be 8x shorter."""
+    from jlora.sharding import activation_sharding
+
+    assert T.device_ce_chunk(8, 2048, 128256) == 16  # no mesh: the whole batch on one device
+    with activation_sharding(make_mesh(1, 8, 1)):
+        assert T.device_ce_chunk(8, 2048, 128256) == 128
+    with activation_sharding(make_mesh(1, 4, 2)):  # 2 rows each, the vocab split over tensor=2
+        assert T.device_ce_chunk(8, 2048, 128256) == 128
