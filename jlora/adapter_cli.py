@@ -15,13 +15,10 @@ import pathlib
 import shutil
 import sys
 
-from flax import traverse_util
-
 from jlora.atomic_dir import replace_dir
 from jlora.checkpoint import load_adapter
 from jlora.llama import LlamaConfig
-from jlora.lora import LoraConfig, LoraError, merge
-from jlora.lora_apply import LoraPair
+from jlora.lora import LoraConfig, merge_for_inference
 from jlora.peft import CONFIG_FILE, export_peft, import_peft
 from jlora.weights import load_pretrained, save_pretrained
 
@@ -35,19 +32,6 @@ def load_any_adapter(path: str | pathlib.Path, cfg: LlamaConfig, params=None) ->
     if (pathlib.Path(path) / CONFIG_FILE).is_file():
         return import_peft(path, cfg, params)
     return load_adapter(path, base=cfg, params=params)
-
-
-def merged_params(params: dict, trainable, cfg: LlamaConfig) -> dict:
-    """The base params with the adapter folded in (full-trained params replace the base's)."""
-    flat = traverse_util.flatten_dict(params)
-    for path, leaf in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair)).items():
-        if not isinstance(leaf, LoraPair):
-            flat.pop(path, None)
-        elif path == ("embed_tokens", "embedding") and cfg.tie_word_embeddings:
-            # The factored path adapts only the lookup; merged, the tied output head would change too.
-            raise LoraError("cannot merge an embed_tokens adapter into a model with tied embeddings: the tied "
-                            "lm_head would change too; run it unmerged")
-    return merge(traverse_util.unflatten_dict(flat), trainable)
 
 
 class OutDirError(ValueError):
@@ -118,7 +102,8 @@ def merge_main(argv: list[str] | None = None) -> int:
     def body(args, partial: pathlib.Path):
         cfg, params = load_pretrained(args.model)
         _, trainable = load_any_adapter(args.adapter, cfg, params)
-        save_pretrained(merged_params(params, trainable, cfg), cfg, partial)
+        merged = merge_for_inference(params, trainable, tie_word_embeddings=cfg.tie_word_embeddings)
+        save_pretrained(merged, cfg, partial)
         model_dir = pathlib.Path(args.model)
         for name in _TOKENIZER_FILES if model_dir.is_dir() else ():
             if (model_dir / name).is_file():

@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from jlora.checkpoint import load_adapter
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
-from jlora.lora import merge as merge_trees
+from jlora.lora import merge_for_inference
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
 from jlora.peft import import_peft
@@ -341,12 +341,14 @@ def load_for_generation(model_path: str, adapter: str | None = None, merge: bool
             _, trainable = import_peft(adapter, cfg, params)
         else:  # refuses an adapter made for other base weights
             _, trainable = load_adapter(adapter, base=cfg, params=params)
-        full = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
-        trained = {p for p, x in full.items() if not isinstance(x, LoraPair)}  # trained in full: not frozen
-        params = traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(params).items()
-                                               if p not in trained})
         if merge:
-            params, trainable = merge_trees(params, trainable), None
+            tied = cfg.tie_word_embeddings
+            params, trainable = merge_for_inference(params, trainable, tie_word_embeddings=tied), None
+        else:
+            full = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
+            trained = {p for p, x in full.items() if not isinstance(x, LoraPair)}  # trained in full: not frozen
+            params = traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(params).items()
+                                                   if p not in trained})
     return Generator(Llama(cfg), params, trainable), load_tokenizer(path)
 
 

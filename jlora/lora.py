@@ -74,6 +74,17 @@ class LoraConfig:
                 raise LoraError(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
         if not self.targets and not self.train_extra:
             raise LoraError("LoraConfig trains nothing: give targets or train_extra")
+        # every pattern compiles now, so a typo is one line naming its key rather than an re.error mid-split
+        regexes = [("targets", t) for t in (() if self.targets == "all-linear" else self.targets)]
+        regexes += [("exclude", e) for e in self.exclude]
+        regexes += [(name, k) for name in ("rank_pattern", "alpha_pattern") for k, _ in getattr(self, name)]
+        regexes += [("train_extra", self.train_extra)] if self.train_extra else []
+        for key, regex in regexes:
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise LoraError(f"{key}: {regex!r} is not a valid regex ({e}); escape special characters "
+                                f"with a backslash") from None
 
     def scale(self, rank: int, alpha: float) -> float:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
@@ -261,6 +272,24 @@ def merge(frozen, trainable):
     return _merge(frozen, trainable)
 
 
+def merge_for_inference(params, trainable, *, tie_word_embeddings: bool = False):
+    """Plain params for inference: the base `params` as loaded, with the adapter folded in and the
+    parameters trained in full replacing the base's. The one merge path of jlora-merge and jlora-generate.
+
+    A tied embedding is also the output head. Factored, an embed_tokens adapter changes only the lookup;
+    merged into the shared table it would change the head too, a different model. That is refused
+    (LoraError): run such an adapter unmerged.
+    """
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in _flat_trainable(trainable).items():
+        if not isinstance(leaf, LoraPair):
+            flat.pop(path, None)
+        elif tie_word_embeddings and path == ("embed_tokens", "embedding"):
+            raise LoraError("cannot merge an embed_tokens adapter into a model with tied embeddings: the tied "
+                            "lm_head would change too, which the unmerged model does not do; run it unmerged")
+    return merge(traverse_util.unflatten_dict(flat), trainable)
+
+
 def unmerge(merged, trainable):
     """Undo `merge`: frozen = merged - s*A@B (DoRA cannot be undone without the weight norms)."""
     flat = traverse_util.flatten_dict(merged)
@@ -312,5 +341,5 @@ def describe(trainable, frozen: Any = None) -> str:
     return "\n".join([*lines, tail])
 
 
-__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "unmerge", "count_params", "describe",
-           "select_targets"]
+__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "merge_for_inference", "unmerge", "count_params",
+           "describe", "select_targets"]

@@ -152,7 +152,7 @@ def test_bad_input_is_a_one_line_error(tiny, prompts, kw, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def _tiny_model_dir(tmp_path, params) -> str:
+def _tiny_model_dir(tmp_path, params, cfg=CFG) -> str:
     """A tiny HF-style model dir: config.json + model.safetensors + a byte-level BPE tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -166,7 +166,7 @@ def _tiny_model_dir(tmp_path, params) -> str:
     tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 10, trainer)
     tok.add_tokens([f"<x{i}>" for i in range(CFG.vocab_size - tok.get_vocab_size())])  # cover every model id
     model_dir = tmp_path / "tiny"
-    save_pretrained(params, CFG.replace(bos_token_id=1, eos_token_id=2), model_dir)
+    save_pretrained(params, cfg.replace(bos_token_id=1, eos_token_id=2), model_dir)
     tok.save(str(model_dir / "tokenizer.json"))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return str(model_dir)
@@ -246,3 +246,29 @@ def test_decoding_past_the_cache_is_refused_or_poisoned_never_clamped(tiny):
         assert np.isfinite(np.asarray(logits)).all()
     logits, _ = step(cache["cache"], jnp.asarray([[9]], jnp.int32))  # a 9th token in 8 slots
     assert np.isnan(np.asarray(logits)).all()
+
+
+def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_path):
+    """`jlora-generate --merge` and `jlora-merge` fold an adapter the same way: on a tied model an
+    embed_tokens adapter is refused by both (merged into the shared table it would change the LM head
+    too, which the unmerged model does not), while the unmerged run works; an untied adapter merges."""
+    from jlora.checkpoint import save_adapter
+
+    tied = CFG.replace(tie_word_embeddings=True)
+    params = {k: v for k, v in tiny[1].items() if k != "lm_head"}
+    model_dir = _tiny_model_dir(tmp_path, params, tied)
+    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("embed_tokens", "q_proj"))
+    frozen, trainable = jlora.split(params, lcfg, jax.random.key(1))
+    save_adapter(tmp_path / "adapter", trainable, lcfg, base=tied.replace(bos_token_id=1, eos_token_id=2))
+    gen = [sys.executable, "-c", "import sys; from jlora.generate import main; sys.exit(main())"]  # jlora-generate
+    merge = [sys.executable, "-c", "import sys; from jlora.adapter_cli import merge_main; sys.exit(merge_main())"]
+    common = ["--model", model_dir, "--adapter", str(tmp_path / "adapter")]
+    runs = {"generate --merge": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2", "--merge"],
+            "jlora-merge": [*merge, *common, "--out", str(tmp_path / "merged")],
+            "generate": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2"]}
+    done = {name: subprocess.run(args, capture_output=True, text=True, timeout=240) for name, args in runs.items()}
+    for name in ("generate --merge", "jlora-merge"):
+        err = done[name].stderr.strip()
+        assert done[name].returncode == 2 and len(err.splitlines()) == 1, (name, err[-2000:])
+        assert "embed_tokens" in err and "tied" in err and "unmerged" in err, (name, err)
+    assert done["generate"].returncode == 0, done["generate"].stderr[-2000:]
