@@ -27,6 +27,7 @@ from jlora.atomic_dir import replace_dir
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
+from jlora.run_dir import allocated_bytes, disk_errors, ensure_free_space
 from jlora.tree_storage import from_storage, restore_target, to_storage
 
 STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")
@@ -202,10 +203,25 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, meta
     if step in manager.all_steps() or not (force or manager.should_save(step)):
         return False  # a final forced save right after an interval save is the same checkpoint
     meta = {**metadata, "kind": "checkpoint", "step": int(step), "trainable": _describe_tree(state["trainable"])}
-    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_storage(state)),
-                                                       metadata=ocp.args.JsonSave(meta)), force=force)
-    manager.wait_until_finished()
+    stored = to_storage(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(stored), metadata=ocp.args.JsonSave(meta))
+    where = pathlib.Path(manager.directory) / str(step)
+    ensure_free_space(manager.directory, _expected_size(manager, stored), where)
+    with disk_errors(where):  # the last complete step stays as it was
+        saved = manager.save(step, args=args, force=force)
+        manager.wait_until_finished()
     return bool(saved)
+
+
+def _expected_size(manager: ocp.CheckpointManager, stored: dict) -> int:
+    """Bytes the next checkpoint will take: about what the last one took (same shapes), or for the
+    first one twice its arrays, plus a margin for the small files orbax writes."""
+    last = manager.latest_step()
+    if last is not None:
+        need = allocated_bytes(pathlib.Path(manager.directory) / str(last))
+    else:
+        need = 2 * sum(x.nbytes for x in jax.tree.leaves(stored))
+    return int(1.1 * need) + (64 << 10)
 
 
 def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:
@@ -282,11 +298,12 @@ def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base:
     meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
             "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
     args = ocp.args.Composite(adapter=ocp.args.StandardSave(stored), metadata=ocp.args.JsonSave(meta))
-    with replace_dir(out, primary=jax.process_index() == 0, sync=_barrier) as partial:
+    with disk_errors(out), replace_dir(out, primary=jax.process_index() == 0, sync=barrier) as partial:
         _adapter_checkpointer().save(partial, args=args)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Wait for every process to get here (a no-op in a single-process run)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -9,7 +9,6 @@ jlora.sharding; files on disk are jlora.checkpoint. Only process 0 prints and wr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -24,11 +23,14 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jlora import checkpoint as ckpt
-from jlora.config import ConfigError, RunConfig, load, to_dict
+from jlora.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.data import ByteTokenizer, DataError, make_batches
 from jlora.llama import PRESETS, Llama, LlamaConfig
 from jlora.lora import LoraError, count_params, describe
+from jlora.metrics_log import MetricsLog
+from jlora.run_dir import RunDirError, claim, os_error_line
 from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
+from jlora.tokenizer import TokenizerError
 from jlora.trainer import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
                            make_train_step, put_batch)
 from jlora.weights import WeightsError, load_pretrained, resolve_model_path
@@ -110,33 +112,6 @@ def build_model(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[LlamaCon
     return cfg.replace(**overrides), params
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line, appended) and TensorBoard events, on process 0."""
-
-    def __init__(self, out_dir: pathlib.Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
-
-
 def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, float]:
     """(mean validation loss, loss tokens) over the first `n_batches` batches (0: all) of one pass."""
     total, count = 0.0, 0.0
@@ -148,11 +123,24 @@ def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[floa
     return total / max(count, 1.0), count
 
 
-def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) -> dict[str, Any]:
+def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
     """Run a whole training job; returns a summary (steps, losses, val_loss, tokens_per_s, ...).
 
     resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
-    requires one; False starts over."""
+    requires one; False starts over, which an output_dir holding checkpoints refuses unless
+    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.run_dir)."""
+    init_distributed(run.mesh.distributed)
+    fresh = not (run.checkpoint.resume if resume is None else resume)
+    with claim(run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0,
+               sync=ckpt.barrier) as aside:
+        if aside is not None and not quiet:
+            print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
+        return _train(run, resume=resume, quiet=quiet)
+
+
+def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any]:
+    """train()'s body, run while the output_dir is claimed."""
     init_distributed(run.mesh.distributed)
     main_proc = jax.process_index() == 0
     say = (lambda *a: None) if quiet or not main_proc else (lambda *a: print(*a, flush=True))
@@ -161,7 +149,7 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     cfg, params = build_model(run, tok, mesh)
     train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+                                           process_count=jax.process_count(), model_vocab=cfg.vocab_size)
     steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
     rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if run.train.micro_batch % rows:
@@ -201,6 +189,9 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
     say(f"data: {stats.summary()}")
     say(f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
         f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})")
+    if main_proc:  # on stderr, even when quiet: settings that are valid but almost surely a mistake
+        for line in run_warnings(run, steps, train_it.steps_per_epoch * run.train.global_batch):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
 
     model = Llama(cfg)
     step_fn = make_train_step(model, optimizer, state)
@@ -272,7 +263,7 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False) ->
 
 
 EXPECTED_ERRORS = (ConfigError, DataError, LoraError, ShardingError, ckpt.CheckpointError, WeightsError,
-                   FileNotFoundError)
+                   RunDirError, TokenizerError, FileNotFoundError)
 
 
 def run_cli(prog: str, job: Callable[[], Any]) -> int:
@@ -286,6 +277,9 @@ def run_cli(prog: str, job: Callable[[], Any]) -> int:
     except EXPECTED_ERRORS as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk mid-run: the file and the cause, not a traceback
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -296,13 +290,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in output_dir (an error if there is none)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if output_dir holds a checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over; refused if output_dir holds checkpoints of an earlier run (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over, first moving an earlier run in output_dir aside to <output_dir>.old-<time>")
     p.add_argument("--plan", action="store_true",
                    help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
                         "communication and which accelerators it fits (last line: PLAN: {json})")
     p.add_argument("--devices", type=int, default=None, metavar="N",
                    help="with --plan: devices to plan for (default: the mesh's product)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and (args.no_resume or args.overwrite):
+        p.error("--resume continues the run in output_dir; it cannot go with --no-resume or --overwrite")
+    return args
 
 
 def plan_main(run: RunConfig, devices: int | None) -> None:
@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plan:
         return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
-    resume = True if args.resume else (False if args.no_resume else None)
-    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume))
+    resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
+    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume,
+                                                overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""jlora-train and its output_dir: one run per dir (a lock), no silent mix of an old and a new run
+(--no-resume refuses, --overwrite moves the old run aside), a dir that is a file or read-only is one
+line, and a disk that fills mid-run stops with one line and resumes from the last whole checkpoint.
+Each test drives the real jlora-train in a subprocess. The read-only and full-disk tests mount small
+tmpfs file systems, which needs root: without it they fail, they do not skip."""
+import contextlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jlora.checkpoint import load_adapter
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+TRAIN = str(ROOT / ".venv" / "bin" / "jlora-train")
+
+
+def _args(out_dir, *extra, steps=4, interval=2, keep=3):
+    sets = [f"train.steps={steps}", "train.log_interval=1", "train.eval_interval=0", f"checkpoint.interval={interval}",
+            f"checkpoint.keep={keep}", f"output_dir={out_dir}"]
+    return [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def _train(out_dir, *extra, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(_args(out_dir, *extra, **kw), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _one_line_error(run, *needles) -> str:
+    """The run failed with exit 2 and one `jlora-train: error:` line naming each needle, no traceback."""
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("jlora-train: error:"), run.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def _steps(out_dir) -> list[int]:
+    ckpts = pathlib.Path(out_dir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+@contextlib.contextmanager
+def _tmpfs(where: pathlib.Path, options: str):
+    """A tmpfs mounted at `where` for the block; a test that cannot mount one fails."""
+    where.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if mount.returncode:
+        pytest.fail(f"this test needs to mount a tmpfs (root): {mount.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_second_run_on_one_output_dir_stops_at_once(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        second = _train(out)
+        err = _one_line_error(second, str(out), f"pid {first.pid}", "in use")
+        assert time.monotonic() - t0 < 60, "the second run did not stop at once"
+        assert first.poll() is None, f"the first run died: {err}"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_no_resume_refuses_checkpoints_overwrite_moves_the_old_run_aside(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, steps=4).returncode == 0
+    assert _steps(out) == [2, 4]
+    old_metrics = (out / "metrics.jsonl").read_text()
+
+    _one_line_error(_train(out, "--no-resume", steps=6), str(out), "--overwrite", "--resume")
+    assert _steps(out) == [2, 4] and (out / "metrics.jsonl").read_text() == old_metrics
+
+    run = _train(out, "--no-resume", "--overwrite", steps=6)
+    assert run.returncode == 0, run.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1, "the old run was not moved aside"
+    assert _steps(aside[0]) == [2, 4] and (aside[0] / "metrics.jsonl").read_text() == old_metrics
+    load_adapter(aside[0] / "adapter")
+    assert _steps(out) == [2, 4, 6]
+    logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(logged) == 6, "the new run's metrics are mixed with the old run's"
+
+    run = _train(out, "--resume", steps=6)  # continues the run started last: step 6, not the old run's 4
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "at step 6" in run.stdout, run.stdout[-2000:]
+
+
+def test_output_dir_that_is_a_file_or_read_only(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _one_line_error(_train(afile), str(afile), "file")
+    assert afile.read_text() == "mine"
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        _one_line_error(_train(ro / "run"), str(ro / "run"), "Read-only")
+        _one_line_error(_train(ro), str(ro), "Read-only")
+
+
+def test_disk_full_mid_run_then_resume(tmp_path):
+    # keep=100: every checkpoint stays, so the run itself fills the 1 MiB disk after a few of them.
+    with _tmpfs(tmp_path / "disk", "size=1m") as disk:
+        out = disk / "run"
+        run = _train(out, steps=40, interval=1, keep=100)
+        _one_line_error(run, "No space left on device", "--resume")
+        whole = _steps(out)
+        assert 0 < whole[-1] < 40, f"the disk did not fill mid-run: checkpoints {whole}"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        run = _train(out, "--resume", steps=40, interval=1, keep=100)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"at step {whole[-1]}" in run.stdout, run.stdout[-2000:]
+        assert _steps(out)[-1] == 40
+        load_adapter(out / "adapter")
