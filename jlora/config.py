@@ -229,6 +229,19 @@ class RunConfig(_Section):
         return None if self.model.path == "tiny" else self.model.path
 
 
+def run_warnings(run: RunConfig, steps: int, rows_per_epoch: float) -> list[str]:
+    """One line per setting that is valid but almost surely not what the user meant, given the
+    run's step count and the training rows in one pass (known only once the data is loaded)."""
+    out = []
+    if run.optim.warmup_steps and run.optim.warmup_steps >= steps:
+        out.append(f"optim.warmup_steps={run.optim.warmup_steps} is not below the run's {steps} steps: the learning "
+                   f"rate never reaches optim.lr={run.optim.lr:g}, and the {run.optim.schedule} schedule never starts")
+    if rows_per_epoch < run.train.global_batch:
+        out.append(f"the training set fills {rows_per_epoch:g} rows, fewer than one train.global_batch="
+                   f"{run.train.global_batch}: rows repeat within every step")
+    return out
+
+
 # ---- generic conversion of YAML values / --set strings to a field's type hint ----
 
 def _type_name(hint: Any) -> str:
@@ -311,6 +324,9 @@ def _build(cls: type, raw: Mapping, prefix: str) -> Any:
     except ConfigError as e:
         raise ConfigError(e.msg, prefix + e.key if e.key else None) from None
     except (ValueError, TypeError) as e:  # a section we don't own (LoraConfig) validating itself
+        field_name, sep, rest = str(e).partition(": ")
+        if sep and field_name in fields:  # its message names a field: "targets: ..." -> key lora.targets
+            raise ConfigError(rest, prefix + field_name) from None
         raise ConfigError(str(e), prefix.rstrip(".") or None) from None
 
 

@@ -32,6 +32,9 @@ ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
 }
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo
+
+
 class DataError(ValueError):
     """Bad or empty data; the message names the file and line (or record)."""
 
@@ -158,6 +161,8 @@ def _check_record(fmt: str, where: str, obj: Any) -> dict:
         for j, m in enumerate(msgs):
             need(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
                  f"messages[{j}] needs string 'role' and 'content'")
+            need(m["role"] in CHAT_ROLES,
+                 f"messages[{j}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
         need(any(m["role"] == "assistant" for m in msgs), "chat record has no assistant message")
     else:
         need(isinstance(obj.get("text"), str), "text record needs a string 'text'")
@@ -189,13 +194,19 @@ def _encode_pieces(tok: TokenizerLike, pieces: list[tuple[str, bool]]) -> tuple[
 
 def _chat_pieces(tok: TokenizerLike, msgs: list[dict], where: str) -> list[tuple[str, bool]]:
     """(text, is_assistant) pieces of a rendered chat, found by rendering its prefixes."""
-    full = tok.apply_chat_template(msgs)
+    def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:  # e.g. the template's raise_exception("roles must alternate")
+            raise DataError(f"{where}: {e}") from None
+
+    full = render(msgs)
     pieces, cursor = [], 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        head = tok.apply_chat_template(msgs[:i], add_generation_prompt=True)
-        turn = tok.apply_chat_template(msgs[: i + 1])
+        head = render(msgs[:i], add_generation_prompt=True)
+        turn = render(msgs[: i + 1])
         if not (full.startswith(head) and full.startswith(turn) and cursor <= len(head) <= len(turn)):
             raise DataError(f"{where}: the chat template does not render message prefixes as prefixes, "
                             "so the assistant turns cannot be located")
@@ -254,6 +265,10 @@ def _examples(path: str, cfg: DataConfig, tok: TokenizerLike, stats: DataStats) 
 def load_examples(cfg: DataConfig, tok: TokenizerLike) -> tuple[list[Example], list[Example], DataStats]:
     """(train, val, stats): the val file, or the last val_fraction of the train examples (in file order)."""
     stats = DataStats()
+    if cfg.format == "chat" and getattr(tok, "chat_template", "") is None:
+        raise DataError(f"data.format: chat renders messages with the tokenizer's chat template, and "
+                        f"{_tok_name(tok)} has none; add chat_template to its tokenizer_config.json, or use "
+                        f"format alpaca or text")
     train = _examples(cfg.train, cfg, tok, stats)
     val = _examples(cfg.val, cfg, tok, stats) if cfg.val else []
     if cfg.val_fraction and train:
@@ -267,6 +282,25 @@ def load_examples(cfg: DataConfig, tok: TokenizerLike) -> tuple[list[Example], l
     stats.train_tokens = sum(len(e.ids) - 1 for e in train)
     stats.train_loss_tokens = sum(int(e.mask[1:].sum()) for e in train)
     return train, val, stats
+
+
+def _tok_name(tok: TokenizerLike) -> str:
+    """Where a tokenizer came from, for messages (a jlora.tokenizer.Tokenizer knows its file)."""
+    return str(getattr(tok, "source", None) or f"the tokenizer {type(tok).__name__}")
+
+
+def check_vocab(tok: TokenizerLike, model_vocab: int, examples: Sequence[tuple[str, Sequence[Example]]]) -> None:
+    """Refuse a tokenizer larger than the model's vocab, or any token id the model has no embedding row
+    for (`examples`: [(data file, its examples)]); either would train on garbage (gather fills NaN)."""
+    n = getattr(tok, "vocab_size", None)
+    if n is not None and n > model_vocab:
+        raise DataError(f"{_tok_name(tok)} has {n} tokens, more than the model's vocab_size {model_vocab}; use the "
+                        f"tokenizer the model was trained with")
+    for path, exs in examples:
+        top = max((int(e.ids.max()) for e in exs if len(e.ids)), default=-1)
+        if top >= model_vocab:
+            raise DataError(f"{path}: token id {top} from {_tok_name(tok)} is beyond the model's vocab_size "
+                            f"{model_vocab}; use the tokenizer the model was trained with")
 
 
 # ---- batches ----
@@ -386,10 +420,13 @@ class Batches:
         self.step = int(state["step"])
 
 
-def make_batches(cfg: RunConfig, tok: TokenizerLike, *, process_index: int = 0,
-                 process_count: int = 1) -> tuple[Batches, Batches | None, DataStats]:
-    """(train stream of global_batch rows, val batches of micro_batch rows or None, stats) for a run."""
+def make_batches(cfg: RunConfig, tok: TokenizerLike, *, process_index: int = 0, process_count: int = 1,
+                 model_vocab: int | None = None) -> tuple[Batches, Batches | None, DataStats]:
+    """(train stream of global_batch rows, val batches of micro_batch rows or None, stats) for a run.
+    model_vocab: the model's vocab_size; the tokenizer and every token id must fit it."""
     train, val, stats = load_examples(cfg.data, tok)
+    if model_vocab is not None:
+        check_vocab(tok, model_vocab, [(cfg.data.train, train), (cfg.data.val or cfg.data.train, val)])
     common = dict(seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, process_index=process_index,
                   process_count=process_count, pad_id=tok.pad_id or 0)
     train_it = Batches(train, global_batch=cfg.train.global_batch, shuffle=cfg.data.shuffle, seed=cfg.train.seed,

@@ -33,6 +33,11 @@ class TokenizerNotFoundError(FileNotFoundError):
     """No tokenizer file where one was asked for."""
 
 
+class TokenizerError(ValueError):
+    """A file that is not a usable tokenizer, or a tokenizer that lacks what was asked of it; one line
+    naming the file."""
+
+
 class Tokenizer:
     """The common interface. Subclasses supply `_encode_text`, `_decode`, `id_to_token`, `token_to_id`, `vocab_size`."""
 
@@ -88,16 +93,19 @@ class Tokenizer:
                             **kwargs: Any) -> str:
         """Render `messages` with the tokenizer's chat template, as HF's apply_chat_template(tokenize=False)."""
         if self.chat_template is None:
-            raise ValueError(f"tokenizer {self.source} has no chat template")
+            raise TokenizerError(f"tokenizer {self.source} has no chat template")
         # HF hands templates its special token strings; pad is the tokenizer's own, without the EOS fallback.
         ids = {"bos_token": self._bos_id, "eos_token": self._eos_id, "unk_token": self._unk_id, "pad_token": self._pad_id}
         variables = {name: self.id_to_token(i) for name, i in ids.items() if i is not None}
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs)
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs)
+        except (TokenizerError, jinja2.TemplateError) as e:  # a template that does not parse, or raise_exception()
+            raise TokenizerError(f"{self.source}: chat template: {' '.join(str(e).split())}") from None
 
     def _need(self, i: int | None, name: str) -> int:
         if i is None:
-            raise ValueError(f"tokenizer {self.source} has no {name} token")
+            raise TokenizerError(f"tokenizer {self.source} has no {name} token")
         return i
 
     def _encode_text(self, text: str) -> list[int]:
@@ -220,13 +228,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     elif not p.is_file():
         raise TokenizerNotFoundError(
             f"{p}: no such file (expected a directory holding {' or '.join(_LOOKED_FOR)}, one of those files, or a .gguf)")
-    if p.suffix == ".gguf":
-        return _from_gguf(p)
-    if p.suffix == ".json":
-        return _from_tokenizer_json(p)
-    if p.suffix == ".model":
-        return _from_sentencepiece(p)
-    raise ValueError(f"{p}: unknown tokenizer file type (expected tokenizer.json, tokenizer.model or a .gguf)")
+    loaders = {".gguf": _from_gguf, ".json": _from_tokenizer_json, ".model": _from_sentencepiece}
+    if p.suffix not in loaders:
+        raise TokenizerError(f"{p}: not a tokenizer (expected a directory holding tokenizer.json or tokenizer.model, "
+                             f"one of those files, or a .gguf)")
+    try:
+        return loaders[p.suffix](p)
+    except TokenizerError:
+        raise
+    except ValueError as e:  # every reader names the file; one type lets the CLIs print it as one line
+        raise TokenizerError(" ".join(str(e).split())) from None
 
 
 def _from_gguf(p: Path) -> Tokenizer:
@@ -333,4 +344,4 @@ def _compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template does not parse: {e} (line {e.lineno})") from e
+        raise TokenizerError(f"does not parse: {e} (line {e.lineno})") from e

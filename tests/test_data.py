@@ -307,3 +307,20 @@ def test_chat_masking_with_the_smollm2_template():
     spans = np.ma.clump_unmasked(np.ma.masked_array(ex.ids, ~ex.mask))
     assert [tok.decode(ex.ids[s].tolist()) for s in spans] == ["Hello!<|im_end|>\n", "4<|im_end|>\n"]
     assert tok.decode(ex.ids.tolist()) == tok.apply_chat_template(msgs)  # no BOS or EOS added
+
+
+def test_a_tokenizer_or_token_id_beyond_the_model_vocab_is_refused(tmp_path):
+    train = write_jsonl(tmp_path / "a.jsonl", ALPACA * 2)
+    run = C.RunConfig(model=C.ModelConfig(path="tiny"), data=data_cfg(train),
+                      train=C.TrainConfig(global_batch=2, micro_batch=2))
+    D.make_batches(run, TOK, model_vocab=TOK.vocab_size)  # fits exactly
+    with pytest.raises(D.DataError) as e:
+        D.make_batches(run, TOK, model_vocab=200)
+    assert "260" in str(e.value) and "200" in str(e.value) and "FakeTok" in str(e.value)
+
+    class Liar(FakeTok):  # claims 100 tokens, but "\n\n" in the Alpaca prompt is id 259
+        vocab_size = 100
+
+    with pytest.raises(D.DataError) as e:
+        D.make_batches(run, Liar(), model_vocab=128)
+    assert train in str(e.value) and "259" in str(e.value) and "128" in str(e.value)

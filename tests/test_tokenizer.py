@@ -333,3 +333,24 @@ def test_bad_files_are_clear_errors(tmp_path, sp_dir):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="no chat template"):
         load_tokenizer(sp_dir).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir):
+    """Every file that is not a tokenizer is a TokenizerError, which the CLIs print as one line (no traceback)."""
+    from jlora.tokenizer import TokenizerError
+    from jlora.train_loop import EXPECTED_ERRORS
+
+    assert issubclass(TokenizerError, EXPECTED_ERRORS)
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    (tmp_path / "config.yaml").write_text("model: {path: tiny}\n")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tokenizer.model").write_bytes(b"garbage")
+    for path, named in ((tmp_path / "x.gguf", "x.gguf"), (tmp_path / "config.yaml", "config.yaml"),
+                        (tmp_path / "j", "j/tokenizer.json"), (tmp_path / "s", "s/tokenizer.model")):
+        with pytest.raises(TokenizerError) as e:
+            load_tokenizer(path)
+        assert named in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        load_tokenizer(sp_dir).apply_chat_template([{"role": "user", "content": "x"}])
