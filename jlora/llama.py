@@ -107,6 +107,12 @@ class LlamaConfig:
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral") or not any(a in SUPPORTED_ARCHS for a in archs):
             raise ValueError(f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs LlamaForCausalLM")
+        window = hf.get("sliding_window")
+        context = hf.get("max_position_embeddings", cls.max_position_embeddings)
+        if window is not None and window < context:  # Mistral v0.1: jlora's attention would see past the window
+            raise ValueError(f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
+                             f"sliding-window attention; up to {window} tokens the model is the same, so set "
+                             f"max_position_embeddings to {window} to use it that far")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) == "default":

@@ -14,7 +14,9 @@ import json
 import math
 import pathlib
 import re
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -101,6 +103,21 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: L
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
               metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        for line in vllm_warnings(config):
+            print(f"warning: PEFT export: {line}", file=sys.stderr, flush=True)
+
+
+def vllm_warnings(config: dict) -> list[str]:
+    """What in an adapter_config.json PEFT loads but vLLM refuses, one line each."""
+    out = []
+    if config.get("use_dora"):
+        out.append("use_dora: true (DoRA) loads in PEFT, but vLLM refuses DoRA adapters; merge it "
+                   "(jlora-merge) to serve it there")
+    if config.get("modules_to_save"):
+        out.append(f"modules_to_save {config['modules_to_save']} (train_extra) loads in PEFT, but vLLM refuses "
+                   f"adapters with modules_to_save; merge it (jlora-merge) to serve it there")
+    return out
 
 
 # --------------------------------------------------------------------------- import

@@ -153,6 +153,26 @@ def test_cli_export_and_merge(base, tmp_path):
         np.testing.assert_allclose(_hf_logits(merged), want, atol=1e-5, rtol=0)
 
 
+def test_export_warns_about_what_vllm_refuses(base, tmp_path, capsys):
+    """DoRA and modules_to_save load in PEFT but not in vLLM: jlora-export-peft says so, one line each."""
+    path, cfg, params, _ = base
+    cases = {"dora": (jlora.LoraConfig(rank=4, alpha=8, use_dora=True), ["use_dora"]),
+             "extra": (jlora.LoraConfig(rank=4, alpha=8, train_extra="^norm"), ["modules_to_save"]),
+             "both": (jlora.LoraConfig(rank=4, alpha=8, use_dora=True, train_extra="^norm"),
+                      ["use_dora", "modules_to_save"]),
+             "plain": (jlora.LoraConfig(rank=4, alpha=8), [])}
+    for name, (lcfg, keys) in cases.items():
+        _, trainable = random_adapter(params, lcfg, 7)
+        save_adapter(tmp_path / name, trainable, lcfg, base=cfg, params=params)
+        capsys.readouterr()
+        assert export_main(["--model", str(path), "--adapter", str(tmp_path / name),
+                            "--out", str(tmp_path / f"peft-{name}")]) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+        assert len(warnings) == len(keys), (name, warnings)
+        for key, line in zip(keys, warnings):
+            assert key in line and "vLLM" in line, line
+
+
 # --------------------------------------------------------------------------- bad input: one-line errors
 
 

@@ -247,6 +247,22 @@ def test_unsupported_architecture(tiny_untied, tmp_path):
     assert "GPT2LMHeadModel" in assert_one_line(e, path / "config.json")
 
 
+def test_sliding_window_is_refused_unless_it_is_a_no_op(tiny_untied, tmp_path):
+    """jlora has no sliding-window attention: a window shorter than the context would be ignored."""
+    hf = json.loads((tiny_untied[1] / "config.json").read_text())
+    n = hf["max_position_embeddings"]
+    for window in (None, n, n * 2):  # no window, or one that never cuts anything
+        path = _copy_ckpt(tiny_untied[1], tmp_path / f"ok-{window}")
+        (path / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": window}))
+        assert load_pretrained(path)[0].max_position_embeddings == n
+    path = _copy_ckpt(tiny_untied[1], tmp_path / "c")
+    (path / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": n // 2}))
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(path)
+    msg = assert_one_line(e, path / "config.json")
+    assert f"sliding_window={n // 2}" in msg and str(n) in msg
+
+
 def test_wrong_shape_tensor(tiny_untied, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
     path = _copy_ckpt(tiny_untied[1], tmp_path / "c", lambda t: {**t, name: t[name][:, :32].copy()})

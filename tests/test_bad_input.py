@@ -1,0 +1,136 @@
+"""Bad input that `jlora-train` used to accept silently or answer with a traceback (issue 13: items 6,
+8, 9, 11, 16). Each test drives the real console script in a subprocess on the tiny CPU config, the
+way a user would meet the problem, and asserts one line on stderr naming the file or key and the fix."""
+import json
+import os
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from jlora.llama import PRESETS, param_shapes
+from jlora.weights import save_pretrained
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+TRAIN = str(ROOT / ".venv" / "bin" / "jlora-train")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"}]
+
+
+def _train(tmp_path, *sets: str) -> subprocess.CompletedProcess:
+    base = ["train.steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
+            f"output_dir={tmp_path / 'run'}"]
+    args = [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in (*base, *sets) for a in ("--set", s)]]
+    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2 and one `jlora-train: error:` line on stderr naming each needle; no traceback."""
+    assert run.returncode == 2, f"exit {run.returncode}\n{run.stderr[-3000:]}"
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("jlora-train: error:"), run.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def _word_tokenizer(d: pathlib.Path, n_words: int = 100, chat_template: str | None = None) -> pathlib.Path:
+    """A real tokenizer.json (word level, `n_words` + 3 special tokens) with its tokenizer_config.json."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(n_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return d
+
+
+# ---- item 6: a tokenizer whose vocab exceeds the model's trained on NaN and exited 0
+
+
+def test_tokenizer_vocab_larger_than_the_models_is_refused(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tok", n_words=100)  # 103 tokens
+    run = _train(tmp_path, f"tokenizer={tok}", "model.overrides={vocab_size: 64}")
+    _one_line_error(run, "103", "64", str(tok))
+
+
+# ---- item 8: a chat role other than system/user/assistant/tool
+
+
+def test_unknown_chat_role_names_the_file_and_line(tmp_path):
+    bad = [{"role": "user", "content": "Say hi."}, {"role": "asistant", "content": "hi"},
+           {"role": "assistant", "content": "hi"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHAT] * 3 + [bad] + [CHAT] * 4))
+    run = _train(tmp_path, f"data.train={data}", "data.format=chat", "data.val_fraction=0")
+    _one_line_error(run, f"{data}:4", "'asistant'", "system, user, assistant, tool")
+
+
+# ---- item 9: warnings the user needs, one line each on stderr
+
+
+def test_warmup_past_the_end_and_a_dataset_smaller_than_a_batch_warn_once(tmp_path):
+    run = _train(tmp_path, "optim.warmup_steps=5", "train.global_batch=64", "train.micro_batch=32")
+    assert run.returncode == 0, run.stderr[-3000:]
+    warnings = [line for line in run.stderr.splitlines() if "warning:" in line]
+    warmup = [w for w in warnings if "optim.warmup_steps" in w]
+    small = [w for w in warnings if "train.global_batch" in w]
+    assert len(warmup) == 1 and "5" in warmup[0] and "2 steps" in warmup[0], run.stderr[-3000:]
+    assert len(small) == 1 and "56" in small[0] and "64" in small[0], run.stderr[-3000:]
+    quiet = _train(tmp_path, "optim.warmup_steps=1", f"output_dir={tmp_path / 'run2'}")
+    assert quiet.returncode == 0 and "warning:" not in quiet.stderr, quiet.stderr[-3000:]
+
+
+# ---- item 11: one-line errors instead of tracebacks
+
+
+def test_a_tokenizer_path_that_is_not_a_tokenizer(tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    _one_line_error(_train(tmp_path, f"tokenizer={tmp_path / 'tok'}"), str(tmp_path / "tok" / "tokenizer.json"))
+    _one_line_error(_train(tmp_path, "tokenizer=configs/tiny-cpu.yaml"), "configs/tiny-cpu.yaml", "tokenizer.json")
+
+
+def test_chat_format_with_a_tokenizer_without_a_chat_template(tmp_path):
+    tok = _word_tokenizer(tmp_path / "tok")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
+    run = _train(tmp_path, f"tokenizer={tok}", f"data.train={data}", "data.format=chat", "data.val_fraction=0")
+    _one_line_error(run, "data.format", str(tok / "tokenizer.json"), "chat template")
+
+
+@pytest.mark.parametrize("key, value, regex", [
+    ("lora.targets", "[q_proj, 'v_proj(']", "v_proj("),
+    ("lora.rank_pattern", "{'q_proj[': 8}", "q_proj["),
+    ("lora.alpha_pattern", "{'*_proj': 8}", "*_proj"),
+    ("lora.train_extra", "norm)", "norm)"),
+])
+def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, regex):
+    run = _train(tmp_path, f"{key}={value}")
+    _one_line_error(run, key, repr(regex))
+
+
+# ---- item 16: Mistral's sliding_window was read and ignored
+
+
+def test_a_sliding_window_config_is_refused(tmp_path):
+    cfg = PRESETS["tiny"].replace(vocab_size=128)
+    rs = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)),
+                          param_shapes(cfg))
+    model = tmp_path / "mistral"
+    save_pretrained(params, cfg, model)
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": 64}))
+    tok = _word_tokenizer(tmp_path / "tok")
+    run = _train(tmp_path, f"model.path={model}", f"tokenizer={tok}")
+    _one_line_error(run, str(model / "config.json"), "sliding_window")
