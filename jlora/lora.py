@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.lora_apply import KernelLayout, LoraError, LoraPair, infer_layouts, pair_delta
+from jlora.lora_apply import KernelLayout, LoraError, LoraPair, dora_column_norm, infer_layouts, pair_delta
 
 INITS = ("lora", "gaussian", "b_random", "pissa")
 ADAPTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -221,8 +221,8 @@ def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = No
             w_new = jnp.where(on.reshape(*stack, *[1] * (w.ndim - len(stack))), w_new, w)
         magnitude = None
         if lcfg.use_dora:
-            pair = LoraPair(a, b, None, tuple(scales.tolist()), layout, lcfg.dropout)
-            magnitude = jnp.linalg.norm(pair_delta(w_new, pair, add_base=True), axis=-2).astype(a.dtype)
+            # the forward's own formula, so a fresh DoRA pair rescales by exactly m/|W + sAB| = 1
+            magnitude = dora_column_norm(w_new, a, b, scales.reshape(stack)).astype(a.dtype)
         frozen[path] = w_new
         scale = tuple(scales.tolist()) if stack else float(scales[0])
         trainable[path] = LoraPair(a, b, magnitude, scale, layout, lcfg.dropout)

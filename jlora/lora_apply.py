@@ -105,6 +105,22 @@ def lora_apply(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale, x_
     return jnp.einsum("...i,io->...o", x, w) + lora_delta(x if x_lora is None else x_lora, a, b, scale)
 
 
+def dora_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+    """|W + s*A@B| per output column, [*stack, out] in fp32, for w [*stack, in, out], a [*stack, in, R],
+    b [*stack, R, out] and scale [*stack] (or a scalar), without forming an [in, out] product of A and B.
+
+    Column by column, |W + sAB|^2 = |W|^2 + 2s * sum_r B*(A^T W) + s^2 * sum_r B*((A^T A) B): besides |W|^2
+    (from the frozen kernel alone) it needs only A^T W [R, out], A^T A [R, R] and B.
+    """
+    w, a, b = (x.astype(jnp.float32) for x in (w, a, b))
+    s = jnp.asarray(scale, jnp.float32)[..., None]  # [*stack, 1]
+    atw = jnp.einsum("...ir,...io->...ro", a, w)  # [*stack, R, out]
+    ata = jnp.einsum("...ir,...is->...rs", a, a)  # [*stack, R, R]
+    ab_sq = jnp.sum(b * jnp.einsum("...rs,...so->...ro", ata, b), axis=-2)  # [*stack, out]: |AB|^2 per column
+    sq = jnp.sum(w * w, axis=-2) + 2 * s * jnp.sum(b * atw, axis=-2) + s * s * ab_sq  # [*stack, out]
+    return jnp.sqrt(jnp.maximum(sq, 0.0))  # rounding may take an all-but-zero column below 0
+
+
 def pair_delta(w: jax.Array, pair: LoraPair, *, add_base: bool, dora: bool = False) -> jax.Array:
     """The dense delta s*A@B in W's layout, fp32 (+ W, and DoRA's column rescale). For merge/init only."""
     lay = pair.layout
@@ -231,8 +247,7 @@ def _make_interceptor(statics: dict, training: bool):
         if not module.has_variable(COLLECTION, "magnitude"):
             return y + unrows(lora_delta(rows_l, a, b, scale))
         # DoRA (PEFT's formula): y = base + (m/|W+sAB| - 1) * x_l@W + m/|W+sAB| * s*(x_l@A)@B
-        w = kernel.astype(jnp.float32)
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + scale * (a.astype(jnp.float32) @ b.astype(jnp.float32)), axis=0))
+        norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, scale))  # [out]; PEFT detaches it too
         mns = module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm  # [out]
         mns = jnp.where(scale != 0, mns, 1.0).astype(y.dtype)  # a layer left out by `layers`: no change, no gradient
         base_l = rows_l @ kernel.astype(y.dtype)

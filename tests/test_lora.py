@@ -275,7 +275,7 @@ def mlp_trees(draw):
                       init=draw(st.sampled_from(["lora", "gaussian", "b_random", "pissa"])),
                       use_rslora=draw(st.booleans()),
                       train_extra=draw(st.sampled_from([None, "bias"] + (["norm"] if "blocks" in params else []))),
-                      layers=draw(st.sampled_from([None, (0, 2)])))
+                      layers=draw(st.sampled_from([None, (0, 2)])) if "proj" in targets else None)  # of 3 blocks
     return jax.tree.map(jnp.asarray, params), lcfg
 
 

@@ -172,14 +172,16 @@ def tainted_shapes(jaxpr, tainted: list[bool]) -> tuple[list[bool], set]:
     return [is_var(v) and env.get(v, False) for v in jaxpr.outvars], shapes
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_forward_backward_never_forms_the_full_delta(remat):
+def test_forward_backward_never_forms_the_full_delta(remat, dora):
+    """Nor does DoRA: its column norms |W + sAB| come from A^T W [R, out], A^T A [R, R] and B."""
     # distinctive sizes: D=48, q_proj [48, 80], o_proj [80, 48], gate/up [48, 112]; batch*seq = 2*7 rows
     cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=20, remat=remat)
     params, model = jax.eval_shape(lambda: init_params(cfg, KEY(0))), Llama(cfg)
     targets = ("q_proj", "o_proj", "gate_proj", "down_proj")
-    frozen, trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=4, targets=targets), KEY(0)),
+    frozen, trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=4, targets=targets, use_dora=dora), KEY(0)),
                                        params)
     ids = jnp.zeros((2, 7), jnp.int32)
     kernels = {tuple(p.a.shape[1:-1]) + tuple(p.b.shape[-1:]) for p in pairs(trainable).values()}
