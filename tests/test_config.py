@@ -46,7 +46,8 @@ def test_lit_llama_recipe():
     cfg = C.load(str(REPO / "configs/llama2-7b-lora.yaml"))
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (8, 16.0, 0.05, ("q_proj", "v_proj"))
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.data.max_seq_len) == (3e-4, 100, 256)
-    assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.train.grad_accum) == (4, 128, 32)
+    # lit-llama's micro-batch of 4 was for one GPU; 8 rows give each of 8 devices one row, same global batch
+    assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.train.grad_accum) == (8, 128, 16)
 
 
 def test_pod_config_shards_fsdp_over_every_device():
