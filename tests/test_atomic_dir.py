@@ -1,5 +1,6 @@
 """Nothing lost when writing a directory: adapters survive SIGKILL mid-save, and jlora-merge /
-jlora-export-peft refuse an --out that would destroy something, and swap their output in whole."""
+jlora-export-peft refuse an --out that would destroy something, and swap their output in whole.
+The read-only --out check mounts a tmpfs, which needs root: without it, it fails rather than skips."""
 import hashlib
 import os
 import pathlib
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from fs_testing import tmpfs
 from jlora import checkpoint as ck
 from jlora.llama import PRESETS, param_shapes
 from jlora.weights import save_pretrained
@@ -149,6 +151,9 @@ def test_export_peft_out_checks_and_swap(tmp_path):
     (busy / "notes.txt").write_text("mine")
     _one_line_error(_cli("jlora-export-peft", *base, busy), "jlora-export-peft", str(busy), "--force")
     assert (busy / "notes.txt").read_text() == "mine"
+
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+        _one_line_error(_cli("jlora-export-peft", *base, ro / "peft"), "jlora-export-peft", str(ro), "Read-only")
 
     run = _cli("jlora-export-peft", *base, busy, "--force")
     assert run.returncode == 0, run.stderr[-2000:]

@@ -8,11 +8,10 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
-import pytest
 
+from fs_testing import tmpfs
 from jlora.checkpoint import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,19 +44,6 @@ def _one_line_error(run, *needles) -> str:
 def _steps(out_dir) -> list[int]:
     ckpts = pathlib.Path(out_dir) / "checkpoints"
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
-
-
-@contextlib.contextmanager
-def _tmpfs(where: pathlib.Path, options: str):
-    """A tmpfs mounted at `where` for the block; a test that cannot mount one fails."""
-    where.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
-    if mount.returncode:
-        pytest.fail(f"this test needs to mount a tmpfs (root): {mount.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 def test_second_run_on_one_output_dir_stops_at_once(tmp_path):
@@ -104,19 +90,24 @@ def test_no_resume_refuses_checkpoints_overwrite_moves_the_old_run_aside(tmp_pat
     assert "at step 6" in run.stdout, run.stdout[-2000:]
 
 
-def test_output_dir_that_is_a_file_or_read_only(tmp_path):
+def test_output_dir_that_is_a_file_read_only_or_full(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
     _one_line_error(_train(afile), str(afile), "file")
     assert afile.read_text() == "mine"
-    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         _one_line_error(_train(ro / "run"), str(ro / "run"), "Read-only")
         _one_line_error(_train(ro), str(ro), "Read-only")
+    with tmpfs(tmp_path / "full", "size=256k") as full:
+        with open(full / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        _one_line_error(_train(full / "run"), str(full / "run"), "No space left on device")
 
 
 def test_disk_full_mid_run_then_resume(tmp_path):
     # keep=100: every checkpoint stays, so the run itself fills the 1 MiB disk after a few of them.
-    with _tmpfs(tmp_path / "disk", "size=1m") as disk:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         out = disk / "run"
         run = _train(out, steps=40, interval=1, keep=100)
         _one_line_error(run, "No space left on device", "--resume")
