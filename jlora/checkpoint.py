@@ -292,6 +292,9 @@ def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base:
     Atomic: the adapter is written beside `out_dir` and swapped into place when complete, so a crash
     at any moment leaves the previous adapter (or the new one) whole at `out_dir`."""
     out = pathlib.Path(out_dir).absolute()
+    if lcfg.init == "pissa":  # its pairs are relative to W_res = W - s*A0@B0, which no adapter file carries
+        raise AdapterError(f"{out}: a PiSSA adapter as trained fits only the residual base W - s*A0@B0; save its "
+                           f"plain-LoRA equivalent: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_adapter_dir(out)):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
     stored = to_storage(trainable)

@@ -290,6 +290,38 @@ def merge_for_inference(params, trainable, *, tie_word_embeddings: bool = False)
     return merge(traverse_util.unflatten_dict(flat), trainable)
 
 
+def pissa_to_lora(trainable, initial, lcfg: LoraConfig) -> tuple[LoraConfig, Any]:
+    """A PiSSA-trained tree as the equivalent plain LoRA for the ORIGINAL base weights (PEFT's conversion).
+
+    PiSSA trains on W_res = W - s*A0@B0, which no saved adapter carries. With A' = [A, A0] and
+    B' = [B, -B0] (rank 2R, same scale), W + s*A'@B' = W_res + s*A@B, so the result loads onto, merges
+    into and exports against the base as it is on disk. `initial` is the trainable tree `split` returned.
+    """
+    if lcfg.init != "pissa":
+        raise LoraError(f"pissa_to_lora converts a PiSSA adapter; this LoraConfig has init={lcfg.init!r}")
+    start = _flat_trainable(initial)
+    out = {}
+    for path, leaf in _flat_trainable(trainable).items():
+        if isinstance(leaf, LoraPair):
+            a0, b0 = start[path].a, start[path].b
+            leaf = leaf.replace(a=jnp.concatenate([leaf.a, a0.astype(leaf.a.dtype)], axis=-1),  # [*S, in, 2R]
+                                b=jnp.concatenate([leaf.b, -b0.astype(leaf.b.dtype)], axis=-2))  # [*S, 2R, out]
+        out[path] = leaf
+    grow = math.sqrt(2.0) if lcfg.use_rslora else 2.0  # alpha/r or alpha/sqrt(r) stays the same at rank 2r
+    converted = dataclasses.replace(
+        lcfg, init="lora", rank=2 * lcfg.rank, alpha=lcfg.alpha * grow,
+        rank_pattern=tuple((k, 2 * int(v)) for k, v in lcfg.rank_pattern),
+        alpha_pattern=tuple((k, float(v) * grow) for k, v in lcfg.alpha_pattern))
+    return converted, traverse_util.unflatten_dict(out)
+
+
+def unadapted(frozen, trainable):
+    """The frozen leaves no LoRA pair adapts: after a PiSSA split, the ones still as the base on disk."""
+    adapted = {p for p, x in _flat_trainable(trainable).items() if isinstance(x, LoraPair)}
+    return traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(frozen).items()
+                                         if p not in adapted})
+
+
 def unmerge(merged, trainable):
     """Undo `merge`: frozen = merged - s*A@B (DoRA cannot be undone without the weight norms)."""
     flat = traverse_util.flatten_dict(merged)
@@ -341,5 +373,5 @@ def describe(trainable, frozen: Any = None) -> str:
     return "\n".join([*lines, tail])
 
 
-__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "merge_for_inference", "unmerge", "count_params",
-           "describe", "select_targets"]
+__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "merge_for_inference", "pissa_to_lora", "unmerge",
+           "count_params", "describe", "select_targets"]

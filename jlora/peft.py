@@ -57,6 +57,9 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: L
     """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s LlamaForCausalLM. Only active layers go out."""
     from safetensors.numpy import save_file
 
+    if lcfg.init == "pissa":  # the pairs are relative to W_res, which PEFT users do not have
+        raise PeftError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
+                        "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
     out = pathlib.Path(out_dir)
     modules = base_modules(cfg)
     by_path = {(p, m.layer): m for m in modules.values() for p in m.params.values()}

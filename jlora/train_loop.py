@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from jlora import checkpoint as ckpt
 from jlora.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.data import ByteTokenizer, DataError, make_batches
 from jlora.llama import PRESETS, Llama, LlamaConfig
-from jlora.lora import LoraError, count_params, describe
+from jlora.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
 from jlora.metrics_log import MetricsLog
 from jlora.run_dir import RunDirError, claim, os_error_line
 from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
@@ -160,6 +161,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     key = jax.random.key(run.train.seed)
     state = init_state(cfg, run.lora, mesh, jax.random.fold_in(key, 0), optimizer, params,
                        model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
+    # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
+    initial = jax.tree.map(jnp.copy, state.trainable) if run.lora.init == "pissa" else None
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
     fingerprint_src = state.frozen if jax.process_count() == 1 else None
@@ -253,7 +256,11 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     finally:
         bar.close()
         metrics_log.close()
-    ckpt.save_adapter(out_dir / "adapter", state.trainable, run.lora, cfg, fingerprint_src, to_dict(run))
+    adapter_lcfg, adapter, adapter_print = run.lora, state.trainable, fingerprint_src
+    if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
+        adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
+        adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
+    ckpt.save_adapter(out_dir / "adapter", adapter, adapter_lcfg, cfg, adapter_print, to_dict(run))
     summary.update(final_loss=summary["losses"][-1] if summary["losses"] else None,
                    val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
                    adapter_dir=str(out_dir / "adapter"))
