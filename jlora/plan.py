@@ -50,22 +50,21 @@ def plan_devices(run: RunConfig, devices: int | None) -> int:
 
 
 def model_config(run: RunConfig):
-    """The base model's LlamaConfig without reading weights: a preset, "tiny", or the HF config.json."""
-    from jlora.llama import LlamaConfig
+    """The base model's LlamaConfig without reading weights: a preset, "tiny", an HF checkpoint's
+    config.json (and safetensors headers), or a GGUF file (small models: loaded whole)."""
     from jlora.train_loop import build_model, load_tok, model_overrides
+    from jlora.weights import hf_checkpoint, load_pretrained, resolve_model_path
 
     m = run.model
     if m.path == "tiny" or m.preset:
         return build_model(run, load_tok(run) if m.path == "tiny" else None)[0]
-    path = pathlib.Path(m.path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{m.path}: --plan reads the model's config.json and found none; plan by shape "
-                          "with --set model.preset=NAME (e.g. llama3-8b)", "model.path")
     try:
-        hf = json.loads((path / "config.json").read_text())
-        cfg = LlamaConfig.from_hf_config(hf, dtype=m.dtype, param_dtype=m.param_dtype)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{path / 'config.json'}: {e}", "model.path") from None
+        path = pathlib.Path(resolve_model_path(m.path))
+    except ValueError as e:
+        raise ConfigError(f"{e}; to plan by shape alone, add --set model.preset=NAME (e.g. llama3-8b)",
+                          "model.path") from None
+    dtypes = {"dtype": m.dtype, "param_dtype": m.param_dtype}
+    cfg = hf_checkpoint(path, dtypes)[0] if path.is_dir() else load_pretrained(path, **dtypes)[0]
     return cfg.replace(**model_overrides(run))
 
 

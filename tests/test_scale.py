@@ -127,3 +127,19 @@ def test_hlo_stats_weights_loop_bodies_by_their_trip_count():
     assert stats.collective_counts == {"all-gather": 8, "all-reduce": 4}
     assert stats.collective_bytes == {"all-gather": 8 * 256 * 256 * 4, "all-reduce": 4 * 256 * 256 * 4}
     assert stats.dot_flops == 3 * 4 * 2 * 8 * 256 * 256  # fwd, dx, dW per layer; 8 rows per device
+
+
+def test_plan_of_an_hf_checkpoint_reads_its_config(tmp_path):
+    """--plan takes the shape from an HF checkpoint's config.json and headers, and the error for a
+    missing checkpoint says how to plan by shape instead."""
+    from jlora.config import ConfigError
+    from jlora.llama import PRESETS, init_params
+    from jlora.weights import save_pretrained
+
+    cfg = PRESETS["tiny"].replace(vocab_size=320, num_hidden_layers=3)
+    save_pretrained(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")
+    run = from_dict({"model": {"path": str(tmp_path / "base")}, "data": {"train": "unused.jsonl"}})
+    got = plan.model_config(run)
+    assert (got.vocab_size, got.num_hidden_layers, got.hidden_size) == (320, 3, 64)
+    with pytest.raises(ConfigError, match="model.preset=NAME"):
+        plan.model_config(from_dict({"model": {"path": str(tmp_path / "nowhere")}, "data": {"train": "x"}}))
