@@ -5,15 +5,16 @@ forward with params as an argument; HF runs under torch.inference_mode() with to
 Prints tokens/s for both, their ratio (jlora / HF, target >= 1.0) and jlora's first-compile time.
 Then the LoRA overhead: the same forward with a random r=16 adapter on every linear layer, jlora
 factored (`jlora.apply`, W+AB never formed) vs the same adapter loaded by HF `peft` from jlora's PEFT
-export, each side's slowdown against its own base forward. Last, the `JSON: {...}` line that
-bench/report.py reads (its contract is described there).
-Usage: python bench/forward_vs_hf.py [--batch 4] [--seq 256] [--iters 5]
+export, each side's slowdown against its own base forward. Writes every figure, with the commit, date,
+machine and load average, to docs/results/forward_vs_hf.json (--out), which bench/report.py renders.
+Usage: python bench/forward_vs_hf.py [--batch 4] [--seq 256] [--iters 5] [--out FILE]
 """
 
 import argparse
-import json
 import os
 import pathlib
+import shlex
+import sys
 import tempfile
 import time
 
@@ -32,7 +33,11 @@ import transformers  # noqa: E402
 import jlora  # noqa: E402
 from jlora.llama import Llama  # noqa: E402
 from jlora.peft import export_peft  # noqa: E402
+from jlora.provenance import provenance, write_result  # noqa: E402
 from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 def timed(fn) -> float:
@@ -64,7 +69,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--out", default=str(RESULTS / "forward_vs_hf.json"), help="the result file")
     args = parser.parse_args()
+    started = provenance()
 
     path = pathlib.Path(resolve_model_path("smollm2-135m"))
     cfg, params = load_pretrained(path)
@@ -125,8 +132,11 @@ def main() -> None:
          "better": "lower"},
     ]
     config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": args.batch,
-              "seq": args.seq, "device": "cpu", "torch_threads": torch.get_num_threads()}
-    print("JSON: " + json.dumps({"bench": "forward_vs_hf", "config": config, "rows": rows}))
+              "seq": args.seq, "device": "cpu", "torch_threads": torch.get_num_threads(), "best_of": args.iters}
+    command = shlex.join(["python", "bench/forward_vs_hf.py", *sys.argv[1:]])
+    out = write_result(args.out, started, {"bench": "forward_vs_hf", "command": command, "config": config,
+                                           "rows": rows})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

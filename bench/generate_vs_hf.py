@@ -5,15 +5,17 @@ through lora_apply) and merged; HF runs the same adapter through `peft` (unmerge
 `merge_and_unload()`. Batch 1 and batch 8 (prompts of different lengths, left-padded), 128 new tokens,
 EOS disabled so every run makes all 128. Each timing is the best of --iters interleaved runs (the machine may
 be shared), after a jlora warm-up run that compiles, and includes prefill. HF runs at its faster torch thread
-setting (a short probe). Prints tokens/s and the ratios jlora / HF (target >= 1.6 at batch 1).
-Usage: python bench/generate_vs_hf.py [--new-tokens 128] [--iters 2]
+setting (a short probe). Prints tokens/s and the ratios jlora / HF (target >= 1.6 at batch 1), and writes
+every figure, with the commit, date, machine and load average, to docs/results/generate_vs_hf.json (--out).
+Usage: python bench/generate_vs_hf.py [--new-tokens 128] [--iters 2] [--out FILE]
 """
 
 import argparse
 import copy
-import json
 import os
 import pathlib
+import shlex
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,9 +28,11 @@ import transformers  # noqa: E402
 
 import jlora  # noqa: E402
 from jlora.generate import Generator  # noqa: E402
+from jlora.provenance import provenance, write_result  # noqa: E402
 from jlora.tokenizer import load_tokenizer  # noqa: E402
 from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
 
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -74,7 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "generate_vs_hf.json"), help="the result file")
     args = parser.parse_args()
+    started = provenance()
     n = args.new_tokens
 
     path = pathlib.Path(resolve_model_path("smollm2-135m"))
@@ -156,7 +162,10 @@ def main() -> None:
                                         ("adapter merged", "jlora merged", "HF merged"))]
     config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "new_tokens": n,
               "lora": "random r=8 q_proj,v_proj", "hf_threads": hf_threads, "best_of": args.iters}
-    print("JSON: " + json.dumps({"bench": "generate_vs_hf", "config": config, "rows": rows}))
+    command = shlex.join(["python", "bench/generate_vs_hf.py", *sys.argv[1:]])
+    out = write_result(args.out, started, {"bench": "generate_vs_hf", "command": command, "config": config,
+                                           "rows": rows})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,18 @@ bf16 frozen weights and compute, fp32 LoRA adapters (r=16, all linear layers), s
 attention (LlamaConfig.attention="cudnn"; --smoke lets "auto" pick), with jlora's own sharded train
 step (jlora.trainer: init_state, make_train_step, put_batch), so the figure is the library's, not a
 benchmark-only path. Prints tokens/s and MFU against the dense bf16 peak of an H100 / H200 SXM
-(989 TFLOP/s), then the `JSON: {...}` line that bench/report.py reads. `--smoke` runs a tiny shape
-for a few steps on any backend (CPU included) as a check.
+(989 TFLOP/s), and writes every figure, with the commit, date, machine (the GPU named) and load average,
+to docs/results/gpu_train.json (--out), which bench/report.py renders. `--smoke` runs a tiny shape for a
+few steps on any backend (CPU included) as a check; it writes a result file only where --out says.
 Run: python bench/gpu_train.py            (one GPU, no arguments needed)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import pathlib
+import shlex
+import sys
 import time
 
 import jax
@@ -22,9 +25,11 @@ from jlora.attention import TRAIN_IMPLS, resolve_impl
 from jlora.config import OptimConfig
 from jlora.llama import DTYPES, PRESETS, LlamaConfig, Llama, param_shapes
 from jlora.lora import LoraConfig, count_params
+from jlora.provenance import provenance, write_result
 from jlora.sharding import make_mesh
 from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
 
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 tensor-core peak (no sparsity)
 FLOPS_FORMULA = ("per step: tokens * (4 * N_base + 6 * N_lora) + 12 * L * T * (N_heads * H) * tokens; "
                  "N_base = every frozen matmul weight (attention, MLP, LM head; not the embedding lookup): "
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention", choices=TRAIN_IMPLS,
                    help='training attention kernel (default: "cudnn", so the figure is never the fallback\'s; '
                         '"auto" with --smoke)')
+    p.add_argument("--out", help="the result file (default: docs/results/gpu_train.json; none with --smoke)")
     a = p.parse_args(argv)
+    command = shlex.join(["python", "bench/gpu_train.py", *(sys.argv[1:] if argv is None else argv)])
     if a.smoke:
         a.preset, a.seq, a.batch, a.micro_batch, a.steps = "tiny", 128, 4, 2, 3
     a.attention = a.attention or ("auto" if a.smoke else "cudnn")
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--micro-batch {a.micro_batch} must divide --batch {a.batch}")
 
     dev = jax.devices()[0]
+    started = provenance(device=dev.device_kind if dev.platform != "cpu" else None)
     cfg = PRESETS[a.preset].replace(dtype="bfloat16", param_dtype="bfloat16", remat=a.remat, attention=a.attention)
     try:
         kernel = resolve_impl(cfg.attention, DTYPES[cfg.dtype], cfg.head_dim)  # what the step will trace
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MFU formula: {FLOPS_FORMULA}")
     if a.smoke or dev.platform != "gpu":
         print("(smoke / non-GPU run: MFU against the H100 peak is meaningless here)")
-    result = {"bench": "gpu_train", "flops_formula": FLOPS_FORMULA,
+    result = {"bench": "gpu_train", "command": command, "smoke": a.smoke, "flops_formula": FLOPS_FORMULA,
               "config": {"device": dev.device_kind, "preset": a.preset, "seq": a.seq, "batch": a.batch,
                          "micro_batch": a.micro_batch, "rank": a.rank, "targets": a.targets, "remat": a.remat,
                          "attention": kernel,
@@ -143,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     if peak_gib:
         result["rows"].append({"metric": "peak device memory", "unit": "GiB", "jlora": peak_gib,
                                "peer": None, "peer_value": None, "better": "lower"})
-    print("JSON: " + json.dumps(result))
+    out = a.out or (None if a.smoke else str(RESULTS / "gpu_train.json"))
+    if out:
+        print(f"wrote {write_result(out, started, result)}")
     return result
 
 

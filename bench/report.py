@@ -1,100 +1,103 @@
-"""Runs the benchmark scripts and writes docs/benchmarks.md from what they measured.
+"""Builds docs/benchmarks.md, and the README's demo figures, from the result files in docs/results/ alone.
 
-The contract every bench script follows: its LAST line of stdout is
-    JSON: {"bench": "<name>", "config": {...}, "rows": [ROW, ...]}
-one line, where each ROW is
+Every bench script (bench/forward_vs_hf.py, train_vs_peft.py, generate_vs_hf.py, gpu_train.py,
+will_it_fit.py) writes docs/results/<bench>.json itself: {"bench", "command", "commit", "date",
+"machine", "load_average", "load_average_after", "libraries", "config", "rows": [ROW, ...]}, where ROW is
     {"metric": str, "unit": str, "jlora": float, "peer": str | null, "peer_value": float | null,
      "better": "higher" | "lower"}
-(peer null: a figure with nothing to compare against, e.g. compile time). "config" is free-form
-shape information, printed as given. This script computes ratio = jlora / peer_value itself.
-`bench/gpu_train.py` prints the same line; its output can come from another machine (--gpu-log).
-The raw results go to docs/benchmarks.json, so `--reuse` can redraw the page (say, with a GPU log
-or a new demo run) without running the CPU benches again. The demo section reads the
-demo_results.json that `jlora-demo` writes (--demo-results); without one, it keeps the saved demo results.
+(peer null: a figure with nothing to compare against, e.g. compile time); this script computes
+ratio = jlora / peer_value. `jlora-demo` writes runs/<name>/demo_results.json with the same provenance;
+`--add FILE` copies such a file (or a gpu_train.json from a GPU machine) into docs/results/, and refuses
+one that does not say where and when it was measured. A section without a result file says "Not run":
+no figure on the page is typed in by hand (DESIGN.md, "Honest records").
+Usage: python bench/report.py [--run NAME ...] [--add FILE ...] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import os
 import pathlib
-import platform
-import shlex
+import shutil
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: jlora.provenance is the one definition
+from jlora.provenance import missing_fields  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
 BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf")
-DEMO_RESULTS = ROOT / "runs" / "smollm2-135m-demo" / "demo_results.json"
+RUNNABLE = (*BENCHES, "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
+README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
+README_END = "<!-- end of demo figures -->"
 
 
-class BenchError(RuntimeError):
-    """A bench script that failed or broke the output contract; the message names it."""
+class ReportError(ValueError):
+    """A result file that cannot be shown; the message names it."""
 
 
-def parse_json_line(text: str, source: str) -> dict:
-    """The `JSON: {...}` result from the last non-empty line of a bench's stdout."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines or not lines[-1].startswith("JSON: "):
-        raise BenchError(f"{source}: the last line of stdout is not 'JSON: {{...}}'")
+def read_result(path: pathlib.Path) -> dict:
+    """A result file, checked for its provenance fields."""
     try:
-        result = json.loads(lines[-1][len("JSON: "):])
-    except json.JSONDecodeError as e:
-        raise BenchError(f"{source}: bad JSON on the last line: {e}") from None
-    rows = result.get("rows") if isinstance(result, dict) else None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "metric" in r and "jlora" in r for r in rows):
-        raise BenchError(f"{source}: the JSON needs 'rows', a list of objects with 'metric' and 'jlora'")
-    return result
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable JSON result file ({e})") from None
+    if not isinstance(record, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    missing = missing_fields(record)
+    if missing:
+        raise ReportError(f"{path}: no {', '.join(missing)}: a result file must say where and when it was "
+                          f"measured (re-run the script that writes it at this commit)")
+    return record
 
 
-def run_bench(name: str, args: list[str], timeout: float) -> tuple[str, dict | str]:
-    """(command, result or the reason it has none) for bench/<name>.py."""
-    script = ROOT / "bench" / f"{name}.py"
-    cmd = ["python", f"bench/{name}.py", *args]
-    if not script.exists():
-        return shlex.join(cmd), f"not run: {script.relative_to(ROOT)} does not exist"
-    print(f"[report] running {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return shlex.join(cmd), f"not run: timed out after {timeout:.0f} s"
+def load_results(results: pathlib.Path = RESULTS) -> dict[str, dict | str]:
+    """{name: result, or why it cannot be shown} for every docs/results/*.json."""
+    out: dict[str, dict | str] = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            out[path.stem] = read_result(path)
+        except ReportError as e:
+            out[path.stem] = f"Not shown: {e}"
+    return out
+
+
+def add_result(src: pathlib.Path, results: pathlib.Path = RESULTS) -> pathlib.Path:
+    """Copy a result file written elsewhere (jlora-demo's demo_results.json, a GPU machine's
+    gpu_train.json) to results/<bench>.json; ReportError if it carries no provenance."""
+    record = read_result(src)
+    name = record.get("bench")
+    if name not in (*RUNNABLE, "gpu_train", "demo"):
+        raise ReportError(f"{src}: no known 'bench' name in it (got {name!r})")
+    if record.get("smoke"):
+        raise ReportError(f"{src}: a --smoke run checks the script; its figures are not a benchmark")
+    results.mkdir(parents=True, exist_ok=True)
+    dst = results / f"{name}.json"
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def run_bench(name: str, args: list[str], timeout: float) -> None:
+    """Run bench/<name>.py, which writes docs/results/<name>.json itself."""
+    cmd = [sys.executable, f"bench/{name}.py", *args]
+    print(f"[report] running {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout)
     if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-        return shlex.join(cmd), f"failed (exit {proc.returncode}): {tail}"
-    try:
-        return shlex.join(cmd), parse_json_line(proc.stdout, f"bench/{name}.py")
-    except BenchError as e:
-        return shlex.join(cmd), f"failed: {e}"
+        raise ReportError(f"bench/{name}.py failed (exit {proc.returncode}); its result file is unchanged")
 
 
-def hardware() -> dict[str, str]:
-    """CPU model, cores, RAM and the library versions the figures were taken with."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        info = pathlib.Path("/proc/cpuinfo").read_text()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = "unknown"
-    try:
-        kb = int(next(ln.split()[1] for ln in pathlib.Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemTotal")))
-        ram = f"{kb / 2**20:.1f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = []
-    for dist in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
-        try:  # metadata, not import: importing torch + transformers takes tens of seconds
-            versions.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {"CPU": cpu, "cores usable": str(usable), "RAM": ram,
-            "OS": f"{platform.system()} {platform.release()}", "Python": platform.python_version(),
-            "libraries": ", ".join(versions)}
+def _rel(path: pathlib.Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def measured_line(res: dict) -> str:
+    """Where and when a result was measured, from its own file."""
+    line = (f"Measured at commit {res['commit']} on {res['date']}, {res['machine']}, load average "
+            f"{res['load_average']} (before) / {res.get('load_average_after', '?')} (after).")
+    return line + (f" Libraries: {res['libraries']}." if res.get("libraries") else "")
 
 
 def _fmt(x: float | None) -> str:
@@ -103,7 +106,7 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
-def _table(name: str, result: dict) -> list[str]:
+def _table(result: dict) -> list[str]:
     out = ["| metric | jlora | peer | peer value | jlora / peer | better |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         unit = f" ({r['unit']})" if r.get("unit") else ""
@@ -112,69 +115,74 @@ def _table(name: str, result: dict) -> list[str]:
         out.append(f"| {r['metric']}{unit} | {_fmt(r['jlora'])} | {r.get('peer') or '—'} | {_fmt(peer_v)} "
                    f"| {_fmt(ratio) + 'x' if ratio is not None else '—'} | {r.get('better', '')} |")
     if result.get("config"):
-        out.append("")
-        out.append("Setup: " + ", ".join(f"{k}={v}" for k, v in result["config"].items()))
+        out += ["", "Setup: " + ", ".join(f"{k}={v}" for k, v in result["config"].items())]
     return out
 
 
-def gpu_section(gpu_log: str | None) -> list[str]:
-    """The GPU section: bench/gpu_train.py's result from `gpu_log`, or why there is none."""
-    lines = ["## GPU: LoRA training at the LLaMA-3.2-1B shape", "",
-             "Command (one GPU, no arguments): `python bench/gpu_train.py`", ""]
-    if not gpu_log:
-        return lines + ["Not run: no GPU was lent to the session that generated this report. "
-                        "The script is tested on CPU with `python bench/gpu_train.py --smoke`."]
-    text = pathlib.Path(gpu_log).read_text()
-    result = parse_json_line(text, gpu_log)
-    lines += _table("gpu_train", result)
-    if result.get("flops_formula"):
-        lines += ["", f"MFU formula: {result['flops_formula']}"]
-    return lines
+def _missing(name: str, how: str) -> str:
+    return f"Not run: {_rel(RESULTS / (name + '.json'))} does not exist. {how}"
 
 
-def load_demo(path: pathlib.Path, saved: dict | None = None) -> dict | str:
-    """jlora-demo's results from `path`, else `saved` (those of the last report), else why there are none."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    return saved or f"Not run: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} does not exist."
+def bench_section(name: str, res: dict | str | None) -> list[str]:
+    lines = ["", f"## {name}", ""]
+    if res is None:
+        return lines + [_missing(name, f"Run `python bench/{name}.py` (or `python bench/report.py --run {name}`).")]
+    if isinstance(res, str):
+        return lines + [res]
+    return lines + [f"Reproduce: `{res.get('command', f'python bench/{name}.py')}`", "", measured_line(res), "",
+                    *_table(res)]
 
 
-def demo_section(demo: dict | str) -> list[str]:
-    """The real fine-tune's outcome from jlora-demo's results (see load_demo), or why there is none."""
-    lines = ["## The demo fine-tune (`jlora-demo`)", "",
+def demo_figures(demo: dict | str | None) -> str:
+    """The README's sentence about the demo's outcome and timings, from docs/results/demo.json."""
+    if not isinstance(demo, dict):
+        return ("No demo run is recorded yet (docs/results/demo.json does not exist), so its accuracy and timings "
+                "are not quoted here. After `jlora-demo`, `python bench/report.py --add "
+                "runs/smollm2-135m-demo/demo_results.json` records them here and in docs/benchmarks.md.")
+    b, t = demo["base"], demo["finetuned"]
+    return (f"Measured on {demo['machine']} (commit {demo['commit']}, {demo['date'][:10]}, load average "
+            f"{demo['load_average']}): the base model gets **{100 * b['accuracy']:.0f}%** of {demo['n_eval']} "
+            f"held-out examples exactly right; after {demo['train_steps']} LoRA steps ({demo['train_s'] / 60:.0f} "
+            f"minutes) it gets **{100 * t['accuracy']:.0f}%**, and the held-out loss falls from {b['loss']:.2f} to "
+            f"{t['loss']:.2f}. The whole command took {demo['wall_s'] / 60:.0f} minutes.")
+
+
+def demo_section(demo: dict | str | None) -> list[str]:
+    lines = ["", "## The demo fine-tune (`jlora-demo`)", "",
              "Command: `jlora-demo` (configs/smollm2-135m-demo.yaml: SmolLM2-135M-Instruct, LoRA r=8 on every "
-             "linear layer, the person-facts-to-JSON task of data/demo/make.py)", ""]
+             "linear layer, the person-facts-to-JSON task of data/demo/make.py), then `python bench/report.py "
+             "--add runs/smollm2-135m-demo/demo_results.json`.", ""]
+    if demo is None:
+        return lines + [_missing("demo", "Run the two commands above.")]
     if isinstance(demo, str):
         return lines + [demo]
     b, t = demo["base"], demo["finetuned"]
-    return lines + [
-        f"| held-out split ({demo['n_eval']} examples) | base | fine-tuned |", "|---|---|---|",
-        f"| loss (mean per answer token) | {b['loss']:.4f} | {t['loss']:.4f} |",
-        f"| exact-match accuracy | {100 * b['accuracy']:.1f}% | {100 * t['accuracy']:.1f}% |", "",
-        f"Training: {demo['train_steps']} steps in {demo['train_s']:.0f} s ({demo['tokens_per_s']:,.0f} tokens/s); "
-        f"the whole demo (both evaluations, export) took {demo['wall_s']:.0f} s."]
-
-
-FIT_RESULTS = ROOT / "docs" / "results" / "will_it_fit.json"
+    tps = f" ({demo['tokens_per_s']:,.0f} tokens/s)" if demo.get("tokens_per_s") else ""
+    return lines + [measured_line(demo), "",
+                    f"| held-out split ({demo['n_eval']} examples) | base | fine-tuned |", "|---|---|---|",
+                    f"| loss (mean per answer token) | {b['loss']:.4f} | {t['loss']:.4f} |",
+                    f"| exact-match accuracy | {100 * b['accuracy']:.1f}% | {100 * t['accuracy']:.1f}% |", "",
+                    f"Training: {demo['train_steps']} steps in {demo['train_s']:.0f} s{tps}; the whole demo (both "
+                    f"evaluations, export) took {demo['wall_s']:.0f} s."]
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f}"
 
 
-def fit_section(path: pathlib.Path = FIT_RESULTS) -> list[str]:
+def fit_section(res: dict | str | None) -> list[str]:
     """"Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
-    lines = ["## Will it fit? (`jlora-train --plan`)", "",
+    lines = ["", "## Will it fit? (`jlora-train --plan`)", "",
              "Command: `python bench/will_it_fit.py` (each row's own command is below the table). The real "
              "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
              "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
              "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
              "\"Fits\" means the need is at most 90% of the memory.", ""]
-    if not path.is_file():
-        return lines + [f"Not run: {path.relative_to(ROOT)} does not exist."]
-    res = json.loads(path.read_text())
-    lines += [f"Measured at commit {res['commit']} on {res['date']}, {res['machine']}, load average "
-              f"{res['load_average']} (before) / {res.get('load_average_after', '?')} (after).", "",
+    if res is None:
+        return lines + [_missing("will_it_fit", "Run `python bench/will_it_fit.py`.")]
+    if isinstance(res, str):
+        return lines + [res]
+    lines += [measured_line(res), "",
               "| config | devices (data, fsdp, tensor) | micro-batch x seq | frozen / adapters / optimizer per device "
               "(GiB) | temp per device (GiB) | needs per device (GiB) | dot GFLOP per token | collectives per step "
               "per device (GiB) | fits |", "|---|---|---|---|---|---|---|---|---|"]
@@ -191,62 +199,87 @@ def fit_section(path: pathlib.Path = FIT_RESULTS) -> list[str]:
                      f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum) | {_gib(p['param_bytes'])} / "
                      f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
                      f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |")
-    lines += [""] + [f"- `{case['command']}`" for case in res["cases"]]
-    return lines
+    return lines + [""] + [f"- `{case['command']}`" for case in res["cases"]]
 
 
-def render(results: dict[str, tuple[str, dict | str]], gpu_log: str | None, demo: dict | str) -> str:
-    """docs/benchmarks.md as text."""
+def gpu_section(res: dict | str | None) -> list[str]:
+    lines = ["", "## GPU: LoRA training at the LLaMA-3.2-1B shape", "",
+             "Command (one GPU, no arguments): `python bench/gpu_train.py`; it writes docs/results/gpu_train.json, "
+             "which `python bench/report.py --add FILE` takes in when it was written on another machine.", ""]
+    if res is None:
+        return lines + [_missing("gpu_train", "No GPU run is recorded. The script is tested on CPU with "
+                                              "`python bench/gpu_train.py --smoke`.")]
+    if isinstance(res, str):
+        return lines + [res]
+    lines += [measured_line(res), "", *_table(res)]
+    return lines + (["", f"MFU formula: {res['flops_formula']}"] if res.get("flops_formula") else [])
+
+
+def render(results: dict[str, dict | str]) -> str:
+    """docs/benchmarks.md as text: a function of the result files alone (no date, no machine of its own)."""
     lines = ["# Benchmarks", "",
-             f"Generated by `python bench/report.py` on {datetime.date.today().isoformat()}. Every figure is "
-             "measured by the command shown, on the hardware below; none is an estimate. A ratio above 1 "
-             "means jlora's number is larger (good for throughput, bad for memory and time).", "",
-             "## Hardware", ""]
-    lines += [f"- {k}: {v}" for k, v in hardware().items()]
-    for name, (cmd, result) in results.items():
-        lines += ["", f"## {name}", "", f"Reproduce: `{cmd}`", ""]
-        lines += _table(name, result) if isinstance(result, dict) else [result]
-    lines += [""] + demo_section(demo)
-    lines += [""] + fit_section()
-    lines += [""] + gpu_section(gpu_log)
+             "Generated by `python bench/report.py` from the result files in docs/results/, each written by the "
+             "script its section names, with the commit, date, machine and load average of its run. Nothing here "
+             "is typed in by hand; a section with no result file says so. A ratio above 1 means jlora's number is "
+             "larger (good for throughput, bad for memory and time)."]
+    for name in BENCHES:
+        lines += bench_section(name, results.get(name))
+    lines += demo_section(results.get("demo"))
+    lines += fit_section(results.get("will_it_fit"))
+    lines += gpu_section(results.get("gpu_train"))
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Run the bench scripts and write docs/benchmarks.md.")
-    p.add_argument("--only", action="append", choices=BENCHES,
-                   help="run only these benches, keeping the others' saved results (repeatable)")
+def with_readme_figures(readme: str, results: dict[str, dict | str]) -> str:
+    """README.md's text with the block between README_BEGIN and README_END rewritten from the demo result."""
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ReportError(f"{_rel(README)}: the markers {README_BEGIN!r} ... {README_END!r} are missing")
+    return readme[:start + len(README_BEGIN)] + "\n" + demo_figures(results.get("demo")) + "\n" + readme[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", action="append", choices=RUNNABLE, default=[],
+                   help="run this bench first; it writes its own result file (repeatable)")
     p.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
-                   help="extra arguments for one bench, e.g. train_vs_peft='--steps 5'")
-    p.add_argument("--gpu-log", help="stdout of `python bench/gpu_train.py` taken on a GPU machine")
-    p.add_argument("--demo-results", default=str(DEMO_RESULTS), help="the demo_results.json of a jlora-demo run")
-    p.add_argument("--reuse", action="store_true", help="redraw from the saved .json instead of running the benches")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per bench")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+                   help="extra arguments for one bench run by --run, e.g. train_vs_peft='--steps 5'")
+    p.add_argument("--add", action="append", default=[], metavar="FILE",
+                   help="copy a result file written elsewhere (jlora-demo's demo_results.json, a GPU machine's "
+                        "gpu_train.json) into docs/results/; refused without commit, date, machine, load average")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per bench run")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if docs/benchmarks.md or the README's demo figures differ from "
+                        "what the result files give")
     a = p.parse_args(argv)
     extra = {}
     for item in a.bench_args:
         name, eq, args = item.partition("=")
-        if not eq or name not in BENCHES:
-            p.error(f"--bench-args: expected NAME=ARGS with NAME in {BENCHES}, got {item!r}")
-        extra[name] = shlex.split(args)
-    out = pathlib.Path(a.out)
-    saved = out.with_suffix(".json")
-    if a.reuse and not saved.is_file():
-        p.error(f"--reuse: {saved} does not exist (run without --reuse first)")
-    # --only reruns some benches and keeps the others' saved results; --reuse reruns none
-    old = json.loads(saved.read_text()) if saved.is_file() else {}
-    demo = load_demo(pathlib.Path(a.demo_results), old.pop("demo", None))
-    results = {name: tuple(v) for name, v in old.items()} if a.reuse or a.only else {}
-    if not a.reuse:
-        results.update({name: run_bench(name, extra.get(name, []), a.timeout) for name in (a.only or BENCHES)})
-    results = {name: results[name] for name in BENCHES if name in results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keep = {**results, **({"demo": demo} if isinstance(demo, dict) else {})}
-    saved.write_text(json.dumps(keep, indent=1) + "\n", encoding="utf-8")
-    out.write_text(render(results, a.gpu_log, demo), encoding="utf-8")
-    print(f"wrote {out}")
+        if not eq or name not in RUNNABLE:
+            p.error(f"--bench-args: expected NAME=ARGS with NAME in {RUNNABLE}, got {item!r}")
+        extra[name] = args.split()
+    try:
+        for src in a.add:
+            print(f"added {_rel(add_result(pathlib.Path(src)))}")
+        for name in a.run:
+            run_bench(name, extra.get(name, []), a.timeout)
+        results = load_results()
+        page, readme = render(results), with_readme_figures(README.read_text(encoding="utf-8"), results)
+    except ReportError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 2
+    if a.check:
+        stale = [_rel(f) for f, text in ((PAGE, page), (README, readme))
+                 if not f.is_file() or f.read_text(encoding="utf-8") != text]
+        if stale:
+            print(f"report.py: out of date with docs/results/: {', '.join(stale)} (run python bench/report.py)",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    PAGE.write_text(page, encoding="utf-8")
+    README.write_text(readme, encoding="utf-8")
+    print(f"wrote {_rel(PAGE)} and the demo figures in {_rel(README)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

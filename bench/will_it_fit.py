@@ -11,14 +11,13 @@ Run: python bench/will_it_fit.py            (about 10-20 minutes on 2 CPU cores)
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
+
+from jlora.provenance import provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "will_it_fit.json"
@@ -30,23 +29,6 @@ CASES = [
     ("configs/llama3-70b-tpu-pod.yaml", 64, "llama3-70b", []),
     ("configs/llama3-70b-tpu-pod.yaml", 256, "llama3-70b", ["train.micro_batch=256"]),  # 1 row per chip
 ]
-
-
-def provenance() -> dict[str, str]:
-    """Commit, date, machine and load average of this run."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    cpu = platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"commit": commit.stdout.strip() + ("+dirty" if dirty else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 def run_case(config: str, devices: int, preset: str, extra: list[str], timeout: float) -> dict:
@@ -69,11 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
-    result = {**provenance(), "cases": [run_case(*case, a.timeout) for case in CASES]}
-    result["load_average_after"] = provenance()["load_average"]
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    started = provenance()
+    out = write_result(a.out, started, {"bench": "will_it_fit", "command": "python bench/will_it_fit.py",
+                                        "cases": [run_case(*case, a.timeout) for case in CASES]})
     print(f"wrote {out}")
 
 
