@@ -2,7 +2,9 @@
 
 `jlora-merge` folds an adapter (a jlora adapter dir, or a PEFT dir, told apart by its
 adapter_config.json) into the base weights and writes an HF safetensors checkpoint that
-transformers loads, with the base's tokenizer files copied beside it. Both refuse an --out that
+transformers loads, with the base's tokenizer beside it (an HF dir's files copied; a GGUF's vocabulary
+written as tokenizer.json or tokenizer.model + tokenizer_config.json), so jlora-generate and
+transformers can use the merged dir alone. Both refuse an --out that
 is a file, that is or holds or lies inside --model or --adapter, or (without --force) an existing
 non-empty dir; they build the output beside --out and swap it in whole (jlora.atomic_dir). Thin:
 the work is in jlora.checkpoint, jlora.peft, jlora.lora and jlora.weights.
@@ -20,7 +22,8 @@ from jlora.checkpoint import load_adapter
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig, merge_for_inference
 from jlora.peft import CONFIG_FILE, export_peft, import_peft
-from jlora.weights import load_pretrained, save_pretrained
+from jlora.tokenizer import load_tokenizer, save_hf_files
+from jlora.weights import hub_name, load_pretrained, resolve_model_path, save_pretrained
 
 # What an HF model dir carries besides weights that a merged copy should keep.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -84,13 +87,14 @@ def _run(parser: argparse.ArgumentParser, argv, body) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     """jlora-export-peft --model PATH --adapter DIR --out DIR [--force] [--base-name NAME]"""
     parser = _parser("jlora-export-peft", "Write a jlora adapter as an HF PEFT LoRA adapter directory.")
-    parser.add_argument("--base-name", help="base_model_name_or_path to record (default: --model)")
+    parser.add_argument("--base-name", help="base_model_name_or_path to record (default: --model, or the HF hub "
+                                            "id of an alias such as smollm2-135m)")
 
     def body(args, partial: pathlib.Path):
         cfg, params = load_pretrained(args.model)
         lcfg, trainable = load_adapter(args.adapter, base=cfg, params=params)
-        export_peft(partial, trainable, lcfg, cfg, base_name=args.base_name or args.model)
-        print(f"wrote {args.out}/adapter_model.safetensors and adapter_config.json", file=sys.stderr)
+        export_peft(partial, trainable, lcfg, cfg, base_name=args.base_name or hub_name(args.model))
+        print(f"wrote {pathlib.Path(args.out) / 'adapter_model.safetensors'} and adapter_config.json", file=sys.stderr)
 
     return _run(parser, argv, body)
 
@@ -104,10 +108,13 @@ def merge_main(argv: list[str] | None = None) -> int:
         _, trainable = load_any_adapter(args.adapter, cfg, params)
         merged = merge_for_inference(params, trainable, tie_word_embeddings=cfg.tie_word_embeddings)
         save_pretrained(merged, cfg, partial)
-        model_dir = pathlib.Path(args.model)
-        for name in _TOKENIZER_FILES if model_dir.is_dir() else ():
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, partial / name)
+        model = pathlib.Path(resolve_model_path(args.model))
+        if model.is_dir():
+            for name in _TOKENIZER_FILES:
+                if (model / name).is_file():
+                    shutil.copy2(model / name, partial / name)
+        else:  # a GGUF holds its tokenizer as metadata: write it out in HF's form
+            save_hf_files(load_tokenizer(model), partial)
         print(f"wrote merged model to {args.out}", file=sys.stderr)
 
     return _run(parser, argv, body)

@@ -15,7 +15,9 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -23,15 +25,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jlora.config import ConfigError, RunConfig, load
 from jlora.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.generate import Generator
 from jlora.llama import Llama, init_params
+from jlora.provenance import load_average, provenance
 from jlora.sharding import make_mesh, shard_params
 from jlora.train_loop import build_model, evaluate, load_tok, run_cli, train
 from jlora.trainer import TrainState, make_eval_step
-from jlora.weights import WeightsError, resolve_model_path
+from jlora.weights import WeightsError, hub_name, resolve_model_path
 
 DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
 DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
@@ -133,17 +137,31 @@ def score(model: Llama, frozen, trainable, items: list[EvalItem], tok, batch: in
     max_new = max(1, min(longest + 8, room))  # enough for the longest reference, so none is cut short
     gen = Generator(model, frozen, trainable)
     outs: list[str] = []
-    for i in range(0, len(items), batch):
-        rows = gen.generate([it.prompt_ids for it in items[i:i + batch]], max_new_tokens=max_new, temperature=0.0,
-                            eos_id=eos, pad_id=tok.pad_id or 0)
-        # a model's vocab may be padded past the tokenizer's (the tiny preset): such ids are no text
-        outs += [tok.decode([i for i in r if i < tok.vocab_size], skip_special_tokens=True).strip() for r in rows]
+    # a batch of greedy generations takes minutes on a CPU: the bar says the demo is not stuck
+    with tqdm(total=len(items), desc="generating answers", unit="example", dynamic_ncols=True) as bar:
+        for i in range(0, len(items), batch):
+            rows = gen.generate([it.prompt_ids for it in items[i:i + batch]], max_new_tokens=max_new,
+                                temperature=0.0, eos_id=eos, pad_id=tok.pad_id or 0)
+            # a model's vocab may be padded past the tokenizer's (the tiny preset): such ids are no text
+            outs += [tok.decode([i for i in r if i < tok.vocab_size], skip_special_tokens=True).strip() for r in rows]
+            bar.update(len(rows))
     return sum(answers_match(o, it.reference) for o, it in zip(outs, items)) / len(items), outs
 
 
-def held_out_loss(model: Llama, state: TrainState, val_it) -> float:
+class _WithBar:
+    """`batches` whose one_pass() shows a progress bar (the trainer's evaluate only calls one_pass)."""
+
+    def __init__(self, batches: Batches, desc: str):
+        self.batches, self.desc = batches, desc
+
+    def one_pass(self):
+        return tqdm(self.batches.one_pass(), total=math.ceil(self.batches.steps_per_epoch), desc=self.desc,
+                    unit="batch", dynamic_ncols=True)
+
+
+def held_out_loss(model: Llama, state: TrainState, val_it: Batches) -> float:
     """Mean loss per trained token over all batches of `val_it` (the trainer's own eval step)."""
-    return evaluate(make_eval_step(model, state), state, val_it, 0)[0]
+    return evaluate(make_eval_step(model, state), state, _WithBar(val_it, "held-out loss"), 0)[0]
 
 
 def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
@@ -172,11 +190,14 @@ def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
     return f"wrote {out_png}"
 
 
-def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print) -> dict[str, Any]:
-    """The whole demo for `run`; returns {base, finetuned: {loss, accuracy}, n_eval, peft_dir, ...}."""
+def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print,
+             command: str = "jlora-demo") -> dict[str, Any]:
+    """The whole demo for `run`; returns {base, finetuned: {loss, accuracy}, n_eval, peft_dir, ...} and
+    writes it, with the `command` and where and when it ran (jlora.provenance), to demo_results.json."""
     from jlora.peft import export_peft
 
     t_start = time.perf_counter()
+    started = provenance()  # where and when: bench/report.py shows only results that say so
     ensure_model(run, say)
     ensure_data(run, say)
     tok = load_tok(run)
@@ -215,14 +236,15 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
 
     out_dir = pathlib.Path(run.output_dir)
     peft_dir = out_dir / "peft"
-    export_peft(peft_dir, jax.device_get(state.trainable), run.lora, cfg, base_name=run.model.path)
+    export_peft(peft_dir, jax.device_get(state.trainable), run.lora, cfg, base_name=hub_name(run.model.path))
     plot_msg = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    result = {"n_eval": len(items), "base": base, "finetuned": tuned, "train_s": train_s,
+    result = {"bench": "demo", "command": command, **started,
+              "n_eval": len(items), "base": base, "finetuned": tuned, "train_s": train_s,
               "train_steps": summary["steps"] - summary["start_step"], "tokens_per_s": summary.get("tokens_per_s"),
               "peft_dir": str(peft_dir), "adapter_dir": summary["adapter_dir"],
               "examples": [{"question": it.question, "reference": it.reference, "base": b, "finetuned": t}
                            for it, b, t in list(zip(items, base_out, tuned_out))[:show]],
-              "wall_s": time.perf_counter() - t_start}
+              "wall_s": time.perf_counter() - t_start, "load_average_after": load_average()}
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out_dir / "eval_generations.jsonl", "w", encoding="utf-8") as fh:  # every answer, for inspection
         for it, b, t in zip(items, base_out, tuned_out):
@@ -275,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if not pathlib.Path(a.config).is_file():
             raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
                               "or pass --config)")
-        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None)
+        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None,
+                 command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]))
 
     return run_cli("jlora-demo", job)
 

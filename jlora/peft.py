@@ -26,7 +26,7 @@ from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
 from jlora.peft_config import (CONFIG_FILE, HFModule, PeftError, base_modules, export_config, nice, pattern_value,
                                peft_targets, read_peft_config)
-from jlora.weights import RENAMES
+from jlora.weights import RENAMES, save_safetensors
 
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -55,8 +55,6 @@ def _alpha(scale: float, rank: int, rslora: bool):
 def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: LlamaConfig,
                 base_name: str | None = None) -> None:
     """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s LlamaForCausalLM. Only active layers go out."""
-    from safetensors.numpy import save_file
-
     if lcfg.init == "pissa":  # the pairs are relative to W_res, which PEFT users do not have
         raise PeftError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
                         "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
@@ -103,8 +101,7 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: L
         raise PeftError("some pairs are DoRA and some are not; PEFT's use_dora is one flag for the whole adapter")
     config = export_config(adapted, extra_modules, modules, lcfg, cfg, base_name, dora.pop())
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if jax.process_index() == 0:
         for line in vllm_warnings(config):

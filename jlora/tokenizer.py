@@ -23,6 +23,7 @@ import sentencepiece as spm
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import processors
 
 from jlora.gguf_vocab import read_gguf_vocab
 
@@ -238,6 +239,38 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise
     except ValueError as e:  # every reader names the file; one type lets the CLIs print it as one line
         raise TokenizerError(" ".join(str(e).split())) from None
+
+
+def save_hf_files(tok: Tokenizer, out_dir: str | Path) -> list[str]:
+    """Write `tok` as files that transformers' AutoTokenizer and `load_tokenizer` both read: tokenizer.json
+    (a `tokenizers`-backed vocabulary) or tokenizer.model (SentencePiece), and tokenizer_config.json with
+    the special tokens, add_bos_token and the chat template. For a GGUF's tokenizer, which has no such
+    files; an HF dir's own files are better copied. Returns the names written."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {"add_bos_token": bool(tok.add_bos), "add_eos_token": False}
+    for name in ("bos", "eos", "pad", "unk"):
+        i = getattr(tok, f"_{name}_id")
+        if i is not None:
+            config[f"{name}_token"] = tok.id_to_token(i)
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    if isinstance(tok, HFTokenizer):
+        hf = _HFTokenizer.from_str(tok._tok.to_str())  # a copy: the post-processor below is for the file only
+        if tok.add_bos and tok.bos_id is not None:  # transformers adds BOS through the post-processor
+            bos = tok.id_to_token(tok.bos_id)
+            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                              special_tokens=[(bos, tok.bos_id)])
+        hf.save(str(d / "tokenizer.json"))
+        written, config["tokenizer_class"] = ["tokenizer.json"], "PreTrainedTokenizerFast"
+    elif isinstance(tok, SentencePieceTokenizer):
+        (d / "tokenizer.model").write_bytes(tok._sp.serialized_model_proto())
+        # legacy=False: Metaspace prepend_scheme="first", as SentencePieceTokenizer encodes
+        written, config["tokenizer_class"], config["legacy"] = ["tokenizer.model"], "LlamaTokenizer", False
+    else:
+        raise TokenizerError(f"{tok.source}: a {type(tok).__name__} has no HF file form")
+    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [*written, "tokenizer_config.json"]
 
 
 def _from_gguf(p: Path) -> Tokenizer:

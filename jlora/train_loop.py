@@ -205,11 +205,13 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     # optimizer updates so far: skipped steps do not advance the schedule
     applied = start - int(jax.device_get(state.opt_state.total_notfinite))
     window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
-    bar = tqdm(total=steps, initial=start, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
+    bar = None  # made after the first step, so its rate and ETA leave the compile out
     try:
         batch = put_batch(next(train_it), mesh, n_micro) if start < steps else None
         data_state = train_it.state()  # the position after this step's batch: what a checkpoint records
         t0 = time.perf_counter()
+        if start < steps:
+            say(f"step {start + 1}/{steps}: compiling the train step (the first step includes it) ...")
         for step in range(start, steps):
             state.trainable, state.opt_state, m = step_fn(state.frozen, state.trainable, state.opt_state, batch,
                                                           jax.random.fold_in(rng, step))
@@ -232,9 +234,14 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             window["skipped"] += int(bool(m["skipped"]))
             check_nonfinite(m, run.train.max_nonfinite, step + 1)
             tps = tokens_per_step * window["steps"] / window["time"] if window["time"] else float("nan")
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update(1)
             done = step + 1
+            if bar is None:
+                bar = tqdm(total=steps, initial=done, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
+            else:
+                bar.update(1)
+            # tok_s from the second step on: the first one's time is mostly compilation
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{lr:.2e}",
+                            **({"tok_s": f"{tps:,.0f}"} if math.isfinite(tps) else {}))
             if done % run.train.log_interval == 0 or done == steps:
                 finite = [x for x in window["loss"] if math.isfinite(x)]
                 metrics_log.write({"step": done, "loss": float(np.mean(finite)) if finite else float("nan"), "lr": lr,
@@ -254,7 +261,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
                                  force=done == steps)
             t0 = time.perf_counter()  # evaluation and checkpointing are not step time
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         metrics_log.close()
     adapter_lcfg, adapter, adapter_print = run.lora, state.trainable, fingerprint_src
     if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
@@ -264,7 +272,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     summary.update(final_loss=summary["losses"][-1] if summary["losses"] else None,
                    val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
                    adapter_dir=str(out_dir / "adapter"))
-    say(f"done: {steps - start} steps, final loss {summary['final_loss']}, adapter in {out_dir / 'adapter'}")
+    final = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    say(f"done: {steps - start} steps, final loss {final}, adapter in {out_dir / 'adapter'}")
     summary["state"] = state
     return summary
 

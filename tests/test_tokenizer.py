@@ -353,3 +353,25 @@ def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir)
         assert named in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(TokenizerError, match="no chat template"):
         load_tokenizer(sp_dir).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("source", ["smollm2", "sp_gguf"])
+def test_a_gguf_tokenizer_saved_as_hf_files_loads_the_same_in_jlora_and_transformers(source, request, tmp_path):
+    """save_hf_files (what jlora-merge writes beside a model merged from a GGUF): jlora and transformers'
+    AutoTokenizer read the files back as the GGUF's own tokenizer: ids, specials, BOS default, chat."""
+    from jlora.tokenizer import save_hf_files
+
+    gguf_tok = request.getfixturevalue(source)
+    gguf_tok = gguf_tok[0] if isinstance(gguf_tok, tuple) else load_tokenizer(gguf_tok)
+    assert save_hf_files(gguf_tok, tmp_path)[-1] == "tokenizer_config.json"
+    ours, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = [t for t in TEXTS if not t[:1].isspace()]  # transformers' Metaspace differs there (module doc)
+    for t in texts:
+        assert ours.encode(t) == gguf_tok.encode(t) == hf.encode(t), t
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.add_bos) == \
+        (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id, gguf_tok.add_bos)
+    assert (hf.bos_token_id, hf.eos_token_id) == (gguf_tok.bos_id, gguf_tok.eos_id)
+    for chat in CHATS:
+        want = gguf_tok.apply_chat_template(chat, add_generation_prompt=True)
+        assert ours.apply_chat_template(chat, add_generation_prompt=True) == want
+        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want
