@@ -2,7 +2,8 @@
 
 A training checkpoint (`open_manager` / `save_checkpoint` / `restore_latest`) holds only the
 trainable tree, the optimizer state, the step, the data position and the rng, plus a metadata
-JSON (LoraConfig, run config, jlora version, base model identity) in the same atomic step dir.
+JSON (LoraConfig, run config, jlora version, base model identity, the data stream's identity) in
+the same atomic step dir; a resume onto another base, LoRA config or data stream is refused.
 `save_adapter` / `load_adapter` keep the final adapter the same way and refuse one made for
 another base or rank, or one that is truncated. Trees are stored as nested dicts of arrays (a
 `LoraPair` becomes {a, b, magnitude}); its static scale/layout live in the metadata. No pickle.
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jlora.atomic_dir import replace_dir
+from jlora.data import stream_change
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
@@ -96,15 +98,33 @@ def _describe_tree(trainable) -> dict:
     return {"pairs": pairs, "extra": extra}
 
 
-def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None) -> dict:
-    """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to."""
-    return {
+def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None,
+                  data_stream: dict | None = None) -> dict:
+    """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
+    for a training checkpoint also `data_stream` (jlora.data.stream_identity), which a resume must match."""
+    meta = {
         "jlora_version": _version(),
         "lora_config": _lora_config_dict(lcfg),
         "run_config": json.loads(json.dumps(run_config, default=str)),  # tuples -> lists, odd types -> str
         "base": {"name": base.name, "config": base.to_hf_config(),
                  "fingerprint": fingerprint(params) if params is not None else None},
     }
+    if data_stream is not None:
+        meta["data_stream"] = json.loads(json.dumps(data_stream))
+    return meta
+
+
+def check_data_stream(meta: dict, data_stream: dict, *, where: str) -> None:
+    """Raise CheckpointError unless the checkpoint's data stream continues as `data_stream` from its
+    position; the message names the setting that changed (old -> new) and how to start over."""
+    saved = meta.get("data_stream")
+    if saved is None:
+        raise CheckpointError(f"{where}: made by an older jlora that did not record its data stream, so a resume "
+                              f"cannot be checked; start over (jlora-train --overwrite)")
+    change = stream_change(saved, data_stream)
+    if change is not None:
+        raise CheckpointError(f"{where}: cannot resume: {change} changed since this checkpoint, and with it the "
+                              f"rows each step trains on; set it back, or start over (jlora-train --overwrite)")
 
 
 def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str) -> None:
@@ -235,12 +255,12 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: LlamaConfig | None = None,
-                   params=None, lcfg: LoraConfig | None = None) -> dict | None:
+                   params=None, lcfg: LoraConfig | None = None, data_stream: dict | None = None) -> dict | None:
     """The latest checkpoint restored into `abstract_state`'s structure, shardings and dtypes, or None.
 
     `abstract_state` is the state as `save_checkpoint` got it, or `jax.eval_shape` of it (with
-    shardings, to restore onto a mesh). With base/params/lcfg, a checkpoint made for another base
-    model or LoRA config is refused. Values come back bit-identical.
+    shardings, to restore onto a mesh). With base/params/lcfg/data_stream, a checkpoint made for
+    another base model, LoRA config or data stream is refused. Values come back bit-identical.
     """
     step = manager.latest_step()
     if step is None:
@@ -250,6 +270,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     check_base(meta, base, params, where=where)
     if lcfg is not None:
         check_lora_config(meta, lcfg, where=where)
+    if data_stream is not None:
+        check_data_stream(meta, data_stream, where=where)
     target = restore_target(abstract_state)
     item_meta = _guarded(lambda: manager.item_metadata(step)["state"], CheckpointError,
                          f"{where}: truncated or corrupt checkpoint")

@@ -166,20 +166,21 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
     fingerprint_src = state.frozen if jax.process_count() == 1 else None
-    meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run))
+    meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume
     if want_resume:
         abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
                     "data": train_it.state(), "rng": rng}
-        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.lora)
+        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.lora,
+                                       data_stream=train_it.identity)
         if restored is None and resume:
             raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
         if restored is not None:
             state.trainable, state.opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
             train_it.restore(restored["data"])
             start = int(restored["step"])
-            say(f"resumed from {out_dir / 'checkpoints'} at step {start}")
+            say(f"resumed from {out_dir / 'checkpoints'} at step {start} (data row {train_it.row})")
     del host_params
 
     n_micro = run.train.grad_accum

@@ -249,6 +249,39 @@ def test_resume_yields_the_same_following_batches(packing):
         D.Batches(exs[:8], **kw).restore(state)
 
 
+def test_resume_after_a_global_batch_change_continues_at_the_next_row():
+    exs = toy_examples(n=9)
+    it = D.Batches(exs, global_batch=4, seq_len=16, seed=7)
+    rows = np.concatenate([next(it)["input_ids"] for _ in range(3)])  # rows 0..11
+    rows = np.concatenate([rows, next(it)["input_ids"]])  # rows 12..15
+    wide = D.Batches(exs, global_batch=8, seq_len=16, seed=7)
+    state = {**it.state(), "row": 8}  # saved after two steps of 4 rows, resumed with 8-row steps
+    wide.restore(state)
+    assert (next(wide)["input_ids"] == rows[8:16]).all()
+    with pytest.raises(D.DataError, match="step-based"):
+        wide.restore({"step": 2, "seed": 7, "num_examples": 9})
+
+
+def test_stream_change_names_the_setting_that_moves_the_rows(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = C.load("configs/tiny-cpu.yaml")
+
+    def ident(**data):
+        run = C.load("configs/tiny-cpu.yaml", [f"data.{k}={v}" for k, v in data.items()])
+        return D.make_batches(run, D.ByteTokenizer())[0].identity
+
+    saved = ident()
+    assert D.stream_change(saved, ident()) is None
+    assert D.stream_change(saved, ident(max_seq_len=4096)) is None  # unpacked, and nothing was cut at 256
+    assert D.stream_change(saved, ident(max_seq_len=200)) == "data.max_seq_len (256 -> 200)"
+    assert D.stream_change(saved, ident(packing="true")) == "data.packing (False -> True)"
+    assert D.stream_change(saved, ident(val_fraction=0.25)) == "data.val_fraction (0.125 -> 0.25)"
+    assert D.stream_change(saved, ident(template="alpaca")) is None
+    assert D.stream_change(saved, {**saved, "tokenizer": "0" * 64, "train_examples": "1" * 64}).startswith(
+        "tokenizer (sha256 ")
+    assert cfg.train.global_batch and "train.global_batch" not in saved  # the position is a row: not part of it
+
+
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_host_shares_partition_the_global_batch(packing, hosts):
