@@ -19,13 +19,13 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jlora.atomic_dir import replace_dir
 from jlora.data import stream_change
+from jlora.fingerprint import fingerprint, mismatch
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
@@ -40,9 +40,6 @@ ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 # Fields of LoraConfig that decide the trainable tree's shapes and scales.
 SHAPE_KEYS = ("rank", "rank_pattern", "alpha", "alpha_pattern", "use_rslora", "use_dora", "targets", "exclude",
               "layers", "train_extra")
-# Small slices of the base, content-hashed: norms, and embedding rows (norms may be trained in full).
-_HASHED = {("norm", "weight"): lambda x: x, ("layers", "input_layernorm", "weight"): lambda x: x[0],
-           ("embed_tokens", "embedding"): lambda x: x[:8]}
 
 
 class CheckpointError(ValueError):
@@ -54,18 +51,6 @@ class AdapterError(CheckpointError):
 
 
 # --------------------------------------------------------------------------- metadata
-
-
-def fingerprint(params) -> dict:
-    """Shapes of every base tensor, plus sha256 of a few small ones (rounded to bf16, so fp32 and bf16
-    loads of one checkpoint agree). Params as loaded or the frozen tree: only shared tensors are compared."""
-    flat = traverse_util.flatten_dict(params)
-    out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
-    for key, part in _HASHED.items():
-        if key in flat:
-            x = np.asarray(jnp.asarray(part(flat[key]), jnp.bfloat16).view(jnp.uint16))
-            out["sha256"][".".join(key)] = hashlib.sha256(x.tobytes()).hexdigest()
-    return out
 
 
 def _version() -> str:
@@ -137,14 +122,15 @@ def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str)
             k = diff[0]
             raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
                                f"there, {mine.get(k)!r} here ({len(diff)} config field(s) differ)")
-    if params is not None and saved.get("fingerprint"):
-        mine, theirs = fingerprint(params), saved["fingerprint"]
-        for kind in ("shapes", "sha256"):
-            # Only tensors both sides have: a frozen tree lacks what train_extra trains in full.
-            bad = sorted(k for k in theirs[kind].keys() & mine[kind].keys() if theirs[kind][k] != mine[kind][k])
-            if bad:
-                raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): weight "
-                                   f"{bad[0]} differs ({kind} fingerprint)")
+    bad = mismatch(saved["fingerprint"], params) if params is not None and saved.get("fingerprint") else []
+    if bad:
+        name, kind = bad[0]
+        adapted = set((meta.get("trainable") or {}).get("pairs") or ())
+        merged = kind == "sample" and {k for k, _ in bad} <= adapted
+        why = ("only tensors this adapter adapts differ: is it (or another adapter) merged into these weights "
+               "already? use the original base" if merged else "use the weights it was trained on")
+        raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): weight {name} differs "
+                           f"({kind} fingerprint, {len(bad)} tensor(s)); {why}")
 
 
 def check_lora_config(meta: dict, expect: LoraConfig, *, where: str) -> None:

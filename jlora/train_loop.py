@@ -165,7 +165,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     initial = jax.tree.map(jnp.copy, state.trainable) if run.lora.init == "pissa" else None
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
-    fingerprint_src = state.frozen if jax.process_count() == 1 else None
+    fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
     meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume
