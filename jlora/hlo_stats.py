@@ -13,7 +13,6 @@ It does not compile anything (jlora.plan does) and knows nothing about models.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import defaultdict
 
@@ -58,9 +57,6 @@ class HloStats:
     collective_max_bytes: dict[str, int]  # the biggest single op of each kind
     dot_flops: float
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
 
 def _parse(text: str) -> tuple[dict[str, list[_Instr]], str]:
     comps: dict[str, list[_Instr]] = {}
@@ -95,7 +91,7 @@ def _multiplicities(comps: dict[str, list[_Instr]], entry: str) -> dict[str, int
             continue
         for ins in comps[name]:
             trip = 1
-            if ins.op == "while":
+            if ins.op == "while":  # scans carry their trip count; a data-dependent loop counts once
                 t = _TRIP.search(ins.rest)
                 trip = int(t.group(1)) if t else 1
             for attr, callee in _CALLS.findall(ins.rest):
