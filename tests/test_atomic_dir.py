@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from cli_testing import one_line_error
 from fs_testing import tmpfs
 from jlora import checkpoint as ck
 from jlora.llama import PRESETS, param_shapes
@@ -80,15 +81,6 @@ def _cli(name, *args):
                           capture_output=True, text=True, timeout=300)
 
 
-def _one_line_error(run, prog, *needles):
-    err = run.stderr.strip()
-    assert run.returncode == 2, run.stderr[-2000:]
-    assert "\n" not in err and err.startswith(f"{prog}: error:"), err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def _digest(directory: pathlib.Path) -> dict:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -110,22 +102,22 @@ def test_merge_refuses_an_out_that_would_destroy_data(tmp_path):
     model, adapter = _model_and_adapter(tmp_path)
     before = _digest(model)
     base = ["--model", model, "--adapter", adapter, "--out"]
-    _one_line_error(_cli("jlora-merge", *base, model), "jlora-merge", str(model), "model")
-    _one_line_error(_cli("jlora-merge", *base, model, "--force"), "jlora-merge", str(model))
-    _one_line_error(_cli("jlora-merge", *base, model / "merged"), "jlora-merge", str(model / "merged"))
+    one_line_error(_cli("jlora-merge", *base, model), str(model), "model", prog="jlora-merge", only_line=True)
+    one_line_error(_cli("jlora-merge", *base, model, "--force"), str(model), prog="jlora-merge", only_line=True)
+    one_line_error(_cli("jlora-merge", *base, model / "merged"), str(model / "merged"), prog="jlora-merge", only_line=True)
     assert _digest(model) == before, "the base model was changed"
-    _one_line_error(_cli("jlora-merge", *base, adapter, "--force"), "jlora-merge", str(adapter))
+    one_line_error(_cli("jlora-merge", *base, adapter, "--force"), str(adapter), prog="jlora-merge", only_line=True)
     assert ck.load_adapter(adapter, base=CFG)
 
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    _one_line_error(_cli("jlora-merge", *base, busy), "jlora-merge", str(busy), "--force")
+    one_line_error(_cli("jlora-merge", *base, busy), str(busy), "--force", prog="jlora-merge", only_line=True)
     assert (busy / "notes.txt").read_text() == "mine"
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    _one_line_error(_cli("jlora-merge", *base, afile), "jlora-merge", str(afile), "file")
-    _one_line_error(_cli("jlora-merge", *base, afile, "--force"), "jlora-merge", str(afile), "file")
+    one_line_error(_cli("jlora-merge", *base, afile), str(afile), "file", prog="jlora-merge", only_line=True)
+    one_line_error(_cli("jlora-merge", *base, afile, "--force"), str(afile), "file", prog="jlora-merge", only_line=True)
     assert afile.read_text() == "mine"
 
     run = _cli("jlora-merge", *base, tmp_path / "merged")
@@ -142,18 +134,18 @@ def test_export_peft_out_checks_and_swap(tmp_path):
     base = ["--model", model, "--adapter", adapter, "--out"]
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    _one_line_error(_cli("jlora-export-peft", *base, afile), "jlora-export-peft", str(afile), "file")
+    one_line_error(_cli("jlora-export-peft", *base, afile), str(afile), "file", prog="jlora-export-peft", only_line=True)
     assert afile.read_text() == "mine"
-    _one_line_error(_cli("jlora-export-peft", *base, adapter), "jlora-export-peft", str(adapter))
+    one_line_error(_cli("jlora-export-peft", *base, adapter), str(adapter), prog="jlora-export-peft", only_line=True)
     assert ck.load_adapter(adapter, base=CFG)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    _one_line_error(_cli("jlora-export-peft", *base, busy), "jlora-export-peft", str(busy), "--force")
+    one_line_error(_cli("jlora-export-peft", *base, busy), str(busy), "--force", prog="jlora-export-peft", only_line=True)
     assert (busy / "notes.txt").read_text() == "mine"
 
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
-        _one_line_error(_cli("jlora-export-peft", *base, ro / "peft"), "jlora-export-peft", str(ro), "Read-only")
+        one_line_error(_cli("jlora-export-peft", *base, ro / "peft"), str(ro), "Read-only", prog="jlora-export-peft", only_line=True)
 
     run = _cli("jlora-export-peft", *base, busy, "--force")
     assert run.returncode == 0, run.stderr[-2000:]

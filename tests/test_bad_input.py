@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from cli_testing import one_line_error
 from jlora.llama import PRESETS, param_shapes
 from jlora.weights import save_pretrained
 
@@ -27,17 +28,6 @@ def _train(tmp_path, *sets: str) -> subprocess.CompletedProcess:
             f"output_dir={tmp_path / 'run'}"]
     args = [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in (*base, *sets) for a in ("--set", s)]]
     return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2 and one `jlora-train: error:` line on stderr naming each needle; no traceback."""
-    assert run.returncode == 2, f"exit {run.returncode}\n{run.stderr[-3000:]}"
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("jlora-train: error:"), run.stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
 
 
 def _word_tokenizer(d: pathlib.Path, n_words: int = 100, chat_template: str | None = None) -> pathlib.Path:
@@ -60,7 +50,7 @@ def _word_tokenizer(d: pathlib.Path, n_words: int = 100, chat_template: str | No
 def test_tokenizer_vocab_larger_than_the_models_is_refused(tmp_path):
     tok = _word_tokenizer(tmp_path / "tok", n_words=100)  # 103 tokens
     run = _train(tmp_path, f"tokenizer={tok}", "model.overrides={vocab_size: 64}")
-    _one_line_error(run, "103", "64", str(tok))
+    one_line_error(run, "103", "64", str(tok))
 
 
 # ---- item 8: a chat role other than system/user/assistant/tool
@@ -72,7 +62,7 @@ def test_unknown_chat_role_names_the_file_and_line(tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHAT] * 3 + [bad] + [CHAT] * 4))
     run = _train(tmp_path, f"data.train={data}", "data.format=chat", "data.val_fraction=0")
-    _one_line_error(run, f"{data}:4", "'asistant'", "system, user, assistant, tool")
+    one_line_error(run, f"{data}:4", "'asistant'", "system, user, assistant, tool")
 
 
 # ---- item 9: warnings the user needs, one line each on stderr
@@ -96,8 +86,8 @@ def test_warmup_past_the_end_and_a_dataset_smaller_than_a_batch_warn_once(tmp_pa
 def test_a_tokenizer_path_that_is_not_a_tokenizer(tmp_path):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
-    _one_line_error(_train(tmp_path, f"tokenizer={tmp_path / 'tok'}"), str(tmp_path / "tok" / "tokenizer.json"))
-    _one_line_error(_train(tmp_path, "tokenizer=configs/tiny-cpu.yaml"), "configs/tiny-cpu.yaml", "tokenizer.json")
+    one_line_error(_train(tmp_path, f"tokenizer={tmp_path / 'tok'}"), str(tmp_path / "tok" / "tokenizer.json"))
+    one_line_error(_train(tmp_path, "tokenizer=configs/tiny-cpu.yaml"), "configs/tiny-cpu.yaml", "tokenizer.json")
 
 
 def test_chat_format_with_a_tokenizer_without_a_chat_template(tmp_path):
@@ -105,7 +95,7 @@ def test_chat_format_with_a_tokenizer_without_a_chat_template(tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(8)))
     run = _train(tmp_path, f"tokenizer={tok}", f"data.train={data}", "data.format=chat", "data.val_fraction=0")
-    _one_line_error(run, "data.format", str(tok / "tokenizer.json"), "chat template")
+    one_line_error(run, "data.format", str(tok / "tokenizer.json"), "chat template")
 
 
 @pytest.mark.parametrize("key, value, regex", [
@@ -116,7 +106,7 @@ def test_chat_format_with_a_tokenizer_without_a_chat_template(tmp_path):
 ])
 def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, regex):
     run = _train(tmp_path, f"{key}={value}")
-    _one_line_error(run, key, repr(regex))
+    one_line_error(run, key, repr(regex))
 
 
 # ---- item 16: Mistral's sliding_window was read and ignored
@@ -133,4 +123,4 @@ def test_a_sliding_window_config_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": 64}))
     tok = _word_tokenizer(tmp_path / "tok")
     run = _train(tmp_path, f"model.path={model}", f"tokenizer={tok}")
-    _one_line_error(run, str(model / "config.json"), "sliding_window")
+    one_line_error(run, str(model / "config.json"), "sliding_window")

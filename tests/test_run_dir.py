@@ -11,6 +11,7 @@ import subprocess
 import time
 
 
+from cli_testing import one_line_error
 from fs_testing import tmpfs
 from jlora.checkpoint import load_adapter
 
@@ -30,17 +31,6 @@ def _train(out_dir, *extra, **kw) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def _one_line_error(run, *needles) -> str:
-    """The run failed with exit 2 and one `jlora-train: error:` line naming each needle, no traceback."""
-    assert run.returncode == 2, run.stderr[-3000:]
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("jlora-train: error:"), run.stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
-
-
 def _steps(out_dir) -> list[int]:
     ckpts = pathlib.Path(out_dir) / "checkpoints"
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
@@ -58,7 +48,7 @@ def test_second_run_on_one_output_dir_stops_at_once(tmp_path):
             time.sleep(0.1)
         t0 = time.monotonic()
         second = _train(out)
-        err = _one_line_error(second, str(out), f"pid {first.pid}", "in use")
+        err = one_line_error(second, str(out), f"pid {first.pid}", "in use")
         assert time.monotonic() - t0 < 60, "the second run did not stop at once"
         assert first.poll() is None, f"the first run died: {err}"
     finally:
@@ -72,7 +62,7 @@ def test_no_resume_refuses_checkpoints_overwrite_moves_the_old_run_aside(tmp_pat
     assert _steps(out) == [2, 4]
     old_metrics = (out / "metrics.jsonl").read_text()
 
-    _one_line_error(_train(out, "--no-resume", steps=6), str(out), "--overwrite", "--resume")
+    one_line_error(_train(out, "--no-resume", steps=6), str(out), "--overwrite", "--resume")
     assert _steps(out) == [2, 4] and (out / "metrics.jsonl").read_text() == old_metrics
 
     run = _train(out, "--no-resume", "--overwrite", steps=6)
@@ -93,16 +83,16 @@ def test_no_resume_refuses_checkpoints_overwrite_moves_the_old_run_aside(tmp_pat
 def test_output_dir_that_is_a_file_read_only_or_full(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    _one_line_error(_train(afile), str(afile), "file")
+    one_line_error(_train(afile), str(afile), "file")
     assert afile.read_text() == "mine"
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        _one_line_error(_train(ro / "run"), str(ro / "run"), "Read-only")
-        _one_line_error(_train(ro), str(ro), "Read-only")
+        one_line_error(_train(ro / "run"), str(ro / "run"), "Read-only")
+        one_line_error(_train(ro), str(ro), "Read-only")
     with tmpfs(tmp_path / "full", "size=256k") as full:
         with open(full / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 4096)
-        _one_line_error(_train(full / "run"), str(full / "run"), "No space left on device")
+        one_line_error(_train(full / "run"), str(full / "run"), "No space left on device")
 
 
 def test_disk_full_mid_run_then_resume(tmp_path):
@@ -110,7 +100,7 @@ def test_disk_full_mid_run_then_resume(tmp_path):
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         out = disk / "run"
         run = _train(out, steps=40, interval=1, keep=100)
-        _one_line_error(run, "No space left on device", "--resume")
+        one_line_error(run, "No space left on device", "--resume")
         whole = _steps(out)
         assert 0 < whole[-1] < 40, f"the disk did not fill mid-run: checkpoints {whole}"
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
