@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jlora.atomic_dir import replace_dir
-from jlora.data import stream_change
+from jlora.data_stream import stream_change
 from jlora.fingerprint import fingerprint, mismatch
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig
@@ -86,7 +86,7 @@ def _describe_tree(trainable) -> dict:
 def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None,
                   data_stream: dict | None = None) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
-    for a training checkpoint also `data_stream` (jlora.data.stream_identity), which a resume must match."""
+    for a training checkpoint also `data_stream` (jlora.data_stream.stream_identity), which a resume must match."""
     meta = {
         "jlora_version": _version(),
         "lora_config": _lora_config_dict(lcfg),

@@ -8,6 +8,7 @@ import pytest
 
 from jlora import config as C
 from jlora import data as D
+from jlora import data_stream
 
 
 class FakeTok:
@@ -271,13 +272,13 @@ def test_stream_change_names_the_setting_that_moves_the_rows(monkeypatch):
         return D.make_batches(run, D.ByteTokenizer())[0].identity
 
     saved = ident()
-    assert D.stream_change(saved, ident()) is None
-    assert D.stream_change(saved, ident(max_seq_len=4096)) is None  # unpacked, and nothing was cut at 256
-    assert D.stream_change(saved, ident(max_seq_len=200)) == "data.max_seq_len (256 -> 200)"
-    assert D.stream_change(saved, ident(packing="true")) == "data.packing (False -> True)"
-    assert D.stream_change(saved, ident(val_fraction=0.25)) == "data.val_fraction (0.125 -> 0.25)"
-    assert D.stream_change(saved, ident(template="alpaca")) is None
-    assert D.stream_change(saved, {**saved, "tokenizer": "0" * 64, "train_examples": "1" * 64}).startswith(
+    assert data_stream.stream_change(saved, ident()) is None
+    assert data_stream.stream_change(saved, ident(max_seq_len=4096)) is None  # unpacked, and nothing was cut at 256
+    assert data_stream.stream_change(saved, ident(max_seq_len=200)) == "data.max_seq_len (256 -> 200)"
+    assert data_stream.stream_change(saved, ident(packing="true")) == "data.packing (False -> True)"
+    assert data_stream.stream_change(saved, ident(val_fraction=0.25)) == "data.val_fraction (0.125 -> 0.25)"
+    assert data_stream.stream_change(saved, ident(template="alpaca")) is None
+    assert data_stream.stream_change(saved, {**saved, "tokenizer": "0" * 64, "train_examples": "1" * 64}).startswith(
         "tokenizer (sha256 ")
     assert cfg.train.global_batch and "train.global_batch" not in saved  # the position is a row: not part of it
 
