@@ -26,3 +26,16 @@ def randomize(trainable, seed: int = 0, std: float = 0.1):
         return x.replace(a=a, b=b, magnitude=m)
 
     return jax.tree.map(one, trainable, is_leaf=is_pair)
+
+
+def save_tiny_hf_llama(path):
+    """A random 2-layer HF LlamaForCausalLM (vocab 128, d=64, GQA 4/2, untied head) saved at `path`."""
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hc = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(hc).save_pretrained(path)
+    return path

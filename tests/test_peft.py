@@ -9,7 +9,6 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
-from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import jlora
@@ -17,17 +16,14 @@ from jlora.adapter_cli import export_main, merge_main
 from jlora.checkpoint import save_adapter
 from jlora.peft import PeftError, export_peft, import_peft
 from jlora.weights import load_pretrained
+from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    hc = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(hc).save_pretrained(path)
+    path = save_tiny_hf_llama(tmp_path_factory.mktemp("base"))
     cfg, params = load_pretrained(path)
     model = jlora.Llama(cfg)
     logits = jax.jit(lambda fr, tr: jlora.apply(model, fr, tr, jnp.asarray(IDS)))

@@ -19,13 +19,13 @@ import optax
 import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import jlora
 from jlora.checkpoint import AdapterError, load_adapter, save_adapter
 from jlora.peft import PeftError, export_peft
 from jlora.weights import load_pretrained
+from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,11 +36,7 @@ CLI = {name: [sys.executable, "-c", f"import sys; from jlora.{mod} import {fn}; 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    torch.manual_seed(0)
-    hc = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("base")
-    LlamaForCausalLM(hc).save_pretrained(path)
+    path = save_tiny_hf_llama(tmp_path_factory.mktemp("base"))
     return path
 
 
