@@ -1,6 +1,13 @@
 """Checks shared by the tests that drive a jlora console script in a subprocess."""
 
+import pathlib
 import subprocess
+import sys
+
+
+def script(name: str) -> str:
+    """The path of console script `name`, installed next to the interpreter running the tests (any venv)."""
+    return str(pathlib.Path(sys.executable).parent / name)
 
 
 def one_line_error(run: subprocess.CompletedProcess, *needles: str, prog: str = "jlora-train",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from cli_testing import one_line_error
+from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 from jlora import checkpoint as ck
 from jlora.llama import PRESETS, param_shapes
@@ -77,7 +77,7 @@ def test_sigkill_during_save_adapter_leaves_one_whole_adapter(tmp_path):
 
 
 def _cli(name, *args):
-    return subprocess.run([str(ROOT / ".venv" / "bin" / name), *map(str, args)], cwd=ROOT, env=ENV,
+    return subprocess.run([script(name), *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from cli_testing import one_line_error
+from cli_testing import one_line_error, script
 from jlora.llama import PRESETS, param_shapes
 from jlora.weights import save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-TRAIN = str(ROOT / ".venv" / "bin" / "jlora-train")
+TRAIN = script("jlora-train")
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
         {"role": "assistant", "content": "hi"}]
 

@@ -9,15 +9,15 @@ import pathlib
 import re
 import stat
 import subprocess
-import sys
 
 import jax
 import pytest
 
 import jlora
 
+from cli_testing import script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BIN = pathlib.Path(sys.executable).parent
 
 
 def _run(cmd: list[str], umask: int = 0o022, **kw) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def _modes(d: pathlib.Path) -> dict[str, int]:
 def test_train_progress_says_compiling_shows_no_nan_and_rounds_the_final_loss(tmp_path):
     sets = [f"output_dir={tmp_path / 'run'}", "train.steps=3", "train.eval_interval=0", "train.log_interval=1",
             "checkpoint.interval=0", "data.max_seq_len=192", "train.global_batch=8", "train.micro_batch=8"]
-    proc = _run([str(BIN / "jlora-train"), "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
+    proc = _run([script("jlora-train"), "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "step 1/3: compiling the train step" in proc.stdout
@@ -63,7 +63,7 @@ def smollm2_adapter(smollm2_gguf, tmp_path_factory):
 @pytest.mark.slow
 def test_export_peft_of_the_demo_model(smollm2_adapter, tmp_path):
     out = f"{tmp_path / 'peft-adapter'}/"  # the README writes --out peft-adapter/
-    proc = _run([str(BIN / "jlora-export-peft"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
+    proc = _run([script("jlora-export-peft"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
                  "--out", out], umask=0o027)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "//" not in proc.stderr and f"{tmp_path / 'peft-adapter' / 'adapter_model.safetensors'}" in proc.stderr
@@ -80,7 +80,7 @@ def test_merge_of_the_demo_model_is_usable_alone(smollm2_adapter, smollm2_gguf, 
     import transformers
 
     merged = tmp_path / "merged-model"
-    proc = _run([str(BIN / "jlora-merge"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
+    proc = _run([script("jlora-merge"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
                  "--out", str(merged)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = _modes(merged)
@@ -90,6 +90,6 @@ def test_merge_of_the_demo_model_is_usable_alone(smollm2_adapter, smollm2_gguf, 
     hf = transformers.AutoTokenizer.from_pretrained(merged)
     text = "Turn this into JSON: Ana Li, 34, lives in Porto."
     assert hf.encode(text) == ours.encode(text) and hf.eos_token_id == ours.eos_id
-    gen = _run([str(BIN / "jlora-generate"), "--model", str(merged), "--prompt", "Hi", "--chat",
+    gen = _run([script("jlora-generate"), "--model", str(merged), "--prompt", "Hi", "--chat",
                 "--max-new-tokens", "3"])
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-3000:]

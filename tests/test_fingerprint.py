@@ -21,9 +21,11 @@ from jlora import fingerprint as fp
 from jlora.llama import PRESETS, param_shapes
 from jlora.weights import save_pretrained
 
+from cli_testing import script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-BIN = ROOT / ".venv" / "bin"
+
 CFG = PRESETS["tiny"].replace(vocab_size=128, bos_token_id=1, eos_token_id=2)
 
 
@@ -45,7 +47,7 @@ def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
 
 
 def _cli(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / name), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+    return subprocess.run([script(name), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=600)
 
 

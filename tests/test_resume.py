@@ -13,6 +13,8 @@ import numpy as np
 
 from jlora.checkpoint import load_adapter
 
+from cli_testing import script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from jlora.trainer import main; sys.exit(main())"]  # = jlora-train
 STEPS, INTERVAL, KILL_AFTER = 24, 4, 8
@@ -66,7 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 # ---- issue 13 item 5: resume continues the data stream it saved, or refuses one that differs
 
-TRAIN = str(ROOT / ".venv" / "bin" / "jlora-train")
+TRAIN = script("jlora-train")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 

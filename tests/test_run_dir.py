@@ -11,13 +11,13 @@ import subprocess
 import time
 
 
-from cli_testing import one_line_error
+from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 from jlora.checkpoint import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-TRAIN = str(ROOT / ".venv" / "bin" / "jlora-train")
+TRAIN = script("jlora-train")
 
 
 def _args(out_dir, *extra, steps=4, interval=2, keep=3):
