@@ -2,7 +2,7 @@
 
 `apply` intercepts the `__call__` of nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed and, where
 the trainable tree holds a `LoraPair` for the module's kernel, adds `scale * ((x @ A) @ B)` to the
-module's own output. The model is not edited and never sees `W + A@B`. The pairs travel into the
+module's own output. A quantized frozen weight (jlora.quantize) is multiplied by `qmatmul` there too. The model is not edited and never sees `W + A@B`. The pairs travel into the
 model as an extra variable collection, so `nn.scan` slices stacked A/B per layer like the params
 (the model must scan all collections: `variable_axes={True: 0}`). Owns `LoraPair` and kernel layouts.
 """
@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
+
+from jlora.quantize import dense_value, quantized_call
 
 COLLECTION = "lora"
 
@@ -224,8 +226,9 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float, training: bool) -> ja
 def _make_interceptor(statics: dict, training: bool):
     def route(next_fun, args, kwargs, context):
         module = context.module
+        base = quantized_call(module, context.method_name, args, kwargs)  # None: the weight is not quantized
         if context.method_name != "__call__" or not module.has_variable(COLLECTION, "a"):
-            return next_fun(*args, **kwargs)
+            return next_fun(*args, **kwargs) if base is None else base
         pname, layout, rate = statics[tuple(module.path)]
         a, b = module.get_variable(COLLECTION, "a"), module.get_variable(COLLECTION, "b")
         scale = module.get_variable(COLLECTION, "scale")
@@ -235,11 +238,12 @@ def _make_interceptor(statics: dict, training: bool):
             raise LoraError(f"the LoRA pair of {'/'.join(module.path)} was made for a {layout.kind} kernel with "
                             f"{layout.stack} stacked dims, but the module is nn.{type(module).__name__}; "
                             f"split this model with layouts=trace_layouts(model, *inputs)")
-        y = next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs) if base is None else base
         x = args[0]
         if layout.kind == "embed":  # PEFT's embedding LoRA: rows of A, no dropout
             return y + lora_delta(jnp.take(a, x, axis=0), jnp.eye(a.shape[-1], dtype=y.dtype), b.astype(y.dtype), scale)
-        kernel = module.get_variable("params", pname)
+        kernel = dense_value(module.get_variable("params", pname)) if module.has_variable(COLLECTION, "magnitude") \
+            else module.get_variable("params", pname)  # only DoRA needs the kernel's values
         x = x.astype(y.dtype)
         rows, unrows = _to_rows(x, layout, kernel.shape, getattr(module, "axis", -1))
         rows_l = _dropout(module, rows, rate, training)
