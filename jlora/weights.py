@@ -1,8 +1,9 @@
 """Pretrained weights on disk <-> jlora params (plain nested dicts, kernels [in, out], layers stacked).
 
 Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
-model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, llama.cpp's q/k
-rope permutation undone), and writes HF safetensors checkpoints that transformers loads. One rename
+model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
+quantize="gguf" kept as their own blocks via jlora.gguf_blocks; llama.cpp's q/k rope permutation
+undone either way), and writes HF safetensors checkpoints that transformers loads. One rename
 table (`RENAMES`) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
 Does not own the model (jlora.llama), tokenizers (jlora.tokenizer) or LoRA adapters (jlora.peft).
 """
@@ -20,7 +21,9 @@ from collections.abc import Callable
 import numpy as np
 from flax import traverse_util
 
+from jlora import gguf_blocks
 from jlora.llama import DTYPES, LlamaConfig, param_shapes, rope_inv_freq
+from jlora.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
 
 
 class WeightsError(ValueError):
@@ -88,20 +91,33 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     return str(name_or_path)
 
 
-def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None,
-                    param_dtype: str | None = None) -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None,
+                    quantize: str = "none") -> tuple[LlamaConfig, dict]:
     """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
-    the compute dtype in the returned config.
+    the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's Q4_0, Q4_1,
+    Q8_0, Q4_K and Q6_K tensors stay as their own blocks, jlora.quantize.QuantizedKernel leaves that
+    dequantize to exactly the dense load), or "int8" / "nf4" (loaded dense, then jlora.quantize.quantize).
     """
     path = pathlib.Path(resolve_model_path(path))
     overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
+    if quantize not in METHODS:
+        raise ValueError(f"load_pretrained(quantize={quantize!r}): expected one of {', '.join(METHODS)}")
     if path.is_dir():
-        return _load_hf_dir(path, overrides)
-    if path.suffix == ".gguf":
-        return _load_gguf(path, overrides)
-    raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+        if quantize == "gguf":
+            raise WeightsError(path, "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
+                                     "use quantize='int8' or 'nf4' for other checkpoints")
+        cfg, params = _load_hf_dir(path, overrides)
+    elif path.suffix == ".gguf":
+        cfg, params = _load_gguf(path, overrides, keep_blocks=quantize == "gguf")
+    else:
+        raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+    if quantize in ("int8", "nf4"):
+        from jlora.quantize import quantize as quantize_tree
+
+        params = quantize_tree(params, quantize)
+    return cfg, params
 
 
 def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> dict[str, str]:
@@ -183,26 +199,39 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
         raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
 
 
-def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str], fetch: Callable[[str], np.ndarray],
-              fmt: int) -> tuple[dict, set[str]]:
+def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str],
+              fetch: Callable[[str], np.ndarray | QuantizedKernel], fmt: int) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
     Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
+    `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param whose layers all come
+    as one format is stacked per field; one whose layers mix formats (llama.cpp's Q4_K_M gives some layers
+    Q6_K) or mix blocks and dense tensors is dequantized into the dense array.
     """
     pdt = np.dtype(DTYPES[cfg.param_dtype])
     used, flat = set(), {}
     for key, spec, layer_names, want in expected_tensors(cfg, fmt):
-        out = np.empty(spec.shape, pdt)
+        stacked = len(spec.shape) > len(want)
+        out, held = None, {}
         for i, name in enumerate(layer_names):
             check_present(file, name, names, want)
             arr = fetch(name)
-            check_shape(file, name, arr.shape, want)
-            value = to_disk(key, arr)
-            if len(spec.shape) > len(want):  # layer-stacked
-                out[i] = value
+            if is_quantized(arr):
+                check_shape(file, name, to_disk(key, arr.shape), want)
+                held[i] = arr
             else:
-                out[...] = value
+                check_shape(file, name, arr.shape, want)
+                out = np.empty(spec.shape, pdt) if out is None else out
+                out[i if stacked else ...] = to_disk(key, arr)
             used.add(name)
+        if held and out is None:
+            whole = gguf_blocks.stack_kernels(list(held.values())) if stacked else held[0]
+            if whole is not None:
+                flat[key] = whole
+                continue
+        out = np.empty(spec.shape, pdt) if out is None else out
+        for i, q in held.items():
+            out[i if stacked else ...] = np.asarray(dequantize(q, pdt))
         flat[key] = out
     return traverse_util.unflatten_dict(flat), names - used
 
@@ -321,7 +350,35 @@ def _llama3_rope_from_factors(cfg: LlamaConfig, factors: np.ndarray, file: pathl
     return candidate
 
 
-def _load_gguf(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+def _rope_heads(path: pathlib.Path, cfg: LlamaConfig, name: str, rows: int) -> int | None:
+    """The head count whose llama.cpp rope permutation tensor `name` (with `rows` rows) carries, or None."""
+    if not (name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k")):
+        return None
+    heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+    if rows != heads * cfg.head_dim:
+        raise WeightsError(path, f"tensor {name} has {rows} rows, expected {heads * cfg.head_dim}")
+    return heads
+
+
+def _gguf_blocks(path: pathlib.Path, cfg: LlamaConfig, name: str, t) -> QuantizedKernel:
+    """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
+    kind = t.tensor_type.name
+    if not gguf_blocks.supports(kind):
+        raise WeightsError(path, f"tensor {name} has GGML type {kind}, which quantize='gguf' cannot keep "
+                                 f"(supported: {', '.join(gguf_blocks.LAYOUTS)}); load it with quantize='none', "
+                                 f"'int8' or 'nf4'")
+    raw = np.asarray(t.data)  # [rows, bytes]
+    heads = _rope_heads(path, cfg, name, raw.shape[0])
+    try:
+        return gguf_blocks.gguf_kernel(raw, kind, embedding=name == "token_embd.weight", dense_dtype=cfg.param_dtype,
+                                       rows=None if heads is None else (lambda f: _unpermute(f, heads)))
+    except QuantizeError as e:
+        raise WeightsError(path, f"tensor {name}: {e}") from None
+
+
+def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[LlamaConfig, dict]:
+    """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
+    2-D ones kept as QuantizedKernels (see `_gguf_blocks`)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -341,8 +398,10 @@ def _load_gguf(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
     except KeyError as e:
         raise WeightsError(path, f"GGUF header lacks the key {e}") from None
 
-    def fetch(name: str) -> np.ndarray:
+    def fetch(name: str) -> np.ndarray | QuantizedKernel:
         t = tensors[name]
+        if keep_blocks and len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16"):
+            return _gguf_blocks(path, cfg, name, t)
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -351,12 +410,8 @@ def _load_gguf(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
         except ValueError as e:
             raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
-        if name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
-            heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-            if w.shape[0] != heads * cfg.head_dim:
-                raise WeightsError(path, f"tensor {name} has shape {w.shape}, expected rows {heads * cfg.head_dim}")
-            w = _unpermute(w, heads)
-        return w
+        heads = _rope_heads(path, cfg, name, w.shape[0])
+        return w if heads is None else _unpermute(w, heads)
 
     names = set(tensors)
     if "rope_freqs.weight" in names:

@@ -1,0 +1,195 @@
+"""jlora.gguf_blocks: GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks kept as QuantizedKernels decode to
+gguf-py's dequantize bit for bit (kernels, embeddings, take_rows), load_pretrained(quantize="gguf") gives
+the dense load's values on a tiny mixed-type file and the real SmolLM2 file, and bad input is one line."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+import jlora
+from jlora import gguf_blocks
+from jlora.quantize import dequantize, frozen_bytes, is_quantized, take_rows
+from jlora.weights import WeightsError, load_pretrained
+from lora_testing import save_tiny_hf_llama
+
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+# Where each block's fp16 scales sit (byte offsets), per llama.cpp's block structs; written out here, not
+# taken from gguf_blocks, so random bytes get finite scales exactly where gguf-py reads them.
+FP16_AT = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def bits(x) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def random_fp16(rng, n: int, scale: float) -> np.ndarray:
+    """n finite fp16 scales of either sign, spread over magnitudes below `scale`, some exactly zero."""
+    d = rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 1.0, n) * scale * 2.0 ** -rng.integers(0, 8, n)
+    d[rng.random(n) < 0.05] = 0.0
+    return d.astype(np.float16)
+
+
+def gguf_blocks_for(kind: str, rows: int, cols: int, rng, scale: float = 1.0) -> np.ndarray:
+    """Raw GGUF data [rows, bytes] of type `kind`: gguf-py's quantizer where it has one, else random bytes
+    with finite fp16 scales."""
+    if kind in ("Q4_0", "Q4_1", "Q8_0", "Q5_0"):
+        return gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32) * scale, T[kind])
+    block, size = gguf.GGML_QUANT_SIZES[T[kind]]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in FP16_AT[kind]:
+        raw[..., at:at + 2] = random_fp16(rng, rows * cols // block, scale).view(np.uint8).reshape(rows, -1, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", BLOCK_TYPES)
+def test_blocks_decode_like_gguf_py(kind):
+    rng = np.random.default_rng(BLOCK_TYPES.index(kind))
+    rows, cols = 48, 512
+    raw = gguf_blocks_for(kind, rows, cols, rng)
+    ref = gguf_dequantize(raw, T[kind])  # [rows, cols] float32
+    assert ref.shape == (rows, cols) and np.isfinite(ref).all()
+
+    # the fields are the file's bytes, only split: put back together they are the raw data
+    fields = gguf_blocks.split_blocks(raw, T[kind])
+    joined = np.concatenate([np.asarray(f).reshape(rows, cols // gguf_blocks.LAYOUTS[kind][0], -1).view(np.uint8)
+                             for f in fields.values()], axis=-1)
+    np.testing.assert_array_equal(joined.reshape(rows, -1), raw)
+
+    # a linear weight [out, in] -> kernel [in, out], blocked along in
+    kernel = gguf_blocks.gguf_kernel(raw, T[kind])
+    assert (kernel.shape, kernel.axis, kernel.fmt) == ((cols, rows), -2, kind)
+    assert all(f.shape[:2] == (cols // gguf_blocks.LAYOUTS[kind][0], rows) for f in kernel.fields.values())
+    np.testing.assert_array_equal(bits(dequantize(kernel)), bits(ref.T))
+    np.testing.assert_array_equal(bits(jax.jit(dequantize)(kernel)), bits(ref.T))
+
+    # an embedding table [V, D], blocked along D; take_rows decodes just the gathered rows
+    table = gguf_blocks.gguf_kernel(raw, kind, embedding=True)
+    assert (table.shape, table.axis) == ((rows, cols), -1)
+    np.testing.assert_array_equal(bits(dequantize(table)), bits(ref))
+    ids = rng.integers(0, rows, (3, 5))
+    np.testing.assert_array_equal(bits(take_rows(table, jnp.asarray(ids))), bits(ref[ids]))
+
+
+# ---- loading a GGUF file ----
+
+TINY = dict(vocab=64, hidden=256, ffn=512, heads=4, kv_heads=2, layers=2)
+# Every block type, a Q4_K_M-style param whose layers differ (ffn_up), q/k rows permuted as llama.cpp does.
+TINY_TYPES = {"token_embd.weight": "Q8_0", "output.weight": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q4_0",
+              "attn_v": "Q4_1", "attn_output": "Q6_K", "ffn_gate": "Q4_K", "ffn_down": "Q6_K",
+              "blk.0.ffn_up.weight": "Q4_0", "blk.1.ffn_up.weight": "Q8_0"}
+
+
+def write_tiny_gguf(path, types: dict[str, str], seed: int = 0):
+    """A random 2-layer llama GGUF (d=256 so K-quant blocks fit); `types` maps tensor names (or their
+    per-layer stem) to a block type; norms are F32."""
+    rng = np.random.default_rng(seed)
+    c = TINY
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c["layers"])
+    w.add_context_length(128)
+    w.add_embedding_length(c["hidden"])
+    w.add_feed_forward_length(c["ffn"])
+    w.add_head_count(c["heads"])
+    w.add_head_count_kv(c["kv_heads"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(c["vocab"])
+    hd, d = c["hidden"] // c["heads"], c["hidden"]
+    shapes = {"token_embd.weight": (c["vocab"], d), "output.weight": (c["vocab"], d)}
+    for i in range(c["layers"]):
+        shapes.update({f"blk.{i}.attn_q.weight": (c["heads"] * hd, d), f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, d),
+                       f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_output.weight": (d, d),
+                       f"blk.{i}.ffn_gate.weight": (c["ffn"], d), f"blk.{i}.ffn_up.weight": (c["ffn"], d),
+                       f"blk.{i}.ffn_down.weight": (d, c["ffn"]), f"blk.{i}.attn_norm.weight": (d,),
+                       f"blk.{i}.ffn_norm.weight": (d,)})
+    shapes["output_norm.weight"] = (d,)
+    for name, shape in shapes.items():
+        kind = types.get(name) or types.get(name.split(".")[2] if name.startswith("blk.") else name)
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+        else:
+            # the K-quants' random bytes get small scales so the model's activations stay tame
+            raw = gguf_blocks_for(kind, *shape, rng, scale=0.05 if kind in FP16_AT else 0.1)
+            w.add_tensor(name, raw, raw_dtype=T[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_gguf_blocks_equal_dense_load(tmp_path):
+    """Layer-stacked blocks (q/k rows un-permuted on the fields) dequantize to the dense load bit for bit;
+    a param whose layers mix types is dense; logits through jlora.apply equal the dense model's."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", TINY_TYPES)
+    cfg, dense = load_pretrained(path)
+    qcfg, quant = load_pretrained(path, quantize="gguf")
+    assert qcfg == cfg
+    flat_d, flat_q = traverse_util.flatten_dict(dense), traverse_util.flatten_dict(quant)
+    assert flat_d.keys() == flat_q.keys()
+    kinds = {}
+    for key, leaf in flat_q.items():
+        if is_quantized(leaf):
+            kinds["/".join(key)] = leaf.fmt
+            assert leaf.shape == flat_d[key].shape
+            np.testing.assert_array_equal(bits(dequantize(leaf)), bits(flat_d[key]), err_msg="/".join(key))
+        else:
+            np.testing.assert_array_equal(leaf, flat_d[key])
+    assert kinds == {"embed_tokens/embedding": "Q8_0", "lm_head/kernel": "Q6_K",
+                     "layers/self_attn/q_proj/kernel": "Q4_K", "layers/self_attn/k_proj/kernel": "Q4_0",
+                     "layers/self_attn/v_proj/kernel": "Q4_1", "layers/self_attn/o_proj/kernel": "Q6_K",
+                     "layers/mlp/gate_proj/kernel": "Q4_K", "layers/mlp/down_proj/kernel": "Q6_K"}
+    assert quant["layers"]["self_attn"]["q_proj"]["kernel"].fields["qs"].shape == (2, 1, 256, 128)  # [L, A, B, 128]
+    assert quant["embed_tokens"]["embedding"].fields["qs"].shape == (64, 8, 32)  # [V, D/32, 32]
+
+    model = jlora.Llama(cfg)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
+    want = np.asarray(model.apply({"params": dense}, ids))
+    got = np.asarray(jlora.apply(model, quant, {}, ids))
+    assert np.isfinite(want).all() and np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_blocks(smollm2_gguf):
+    """The real Q4_1 file (Q8_0 embedding): logits equal the dense fp32 load's, at <= 0.2x its bytes."""
+    cfg, dense = load_pretrained(jlora.resolve_model_path("smollm2-135m"))
+    _, quant = load_pretrained(smollm2_gguf, quantize="gguf")
+    fmts = {"/".join(k): v.fmt for k, v in traverse_util.flatten_dict(quant).items() if is_quantized(v)}
+    assert fmts["embed_tokens/embedding"] == "Q8_0" and len(fmts) == 8
+    assert {v for k, v in fmts.items() if k.startswith("layers/")} == {"Q4_1"}
+    assert frozen_bytes(quant) <= 0.2 * frozen_bytes(dense), (frozen_bytes(quant), frozen_bytes(dense))
+
+    model = jlora.Llama(cfg)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)), jnp.int32)
+    want = np.asarray(model.apply({"params": dense}, ids))
+    got = np.asarray(jax.jit(lambda p, x: jlora.apply(model, p, {}, x))(quant, ids))
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+# ---- bad input ----
+
+def test_unsupported_block_type_is_one_line(tmp_path):
+    path = write_tiny_gguf(tmp_path / "q5.gguf", {**TINY_TYPES, "blk.1.attn_v.weight": "Q5_0"})
+    load_pretrained(path)  # dequantized, Q5_0 loads as today
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(path, quantize="gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "blk.1.attn_v.weight" in msg and "Q5_0" in msg, msg
+
+
+def test_gguf_quantize_on_hf_dir_is_one_line(tmp_path):
+    path = save_tiny_hf_llama(tmp_path / "hf")
+    with pytest.raises(WeightsError) as e:
+        load_pretrained(path, quantize="gguf")
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "int8" in msg and "nf4" in msg, msg
