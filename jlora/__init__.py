@@ -2,6 +2,7 @@
 
 from jlora.checkpoint import load_adapter, save_adapter
 from jlora.generate import generate
+from jlora.gguf_adapter import export_gguf_adapter
 from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, init_params
 from jlora.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, split, unmerge
 from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layouts
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "apply", "count_params", "describe",
-    "export_peft", "generate", "import_peft", "init_cache", "init_params", "load_adapter", "load_pretrained",
-    "load_pretrained_sharded", "load_tokenizer", "lora_apply", "merge", "merge_for_inference", "pissa_to_lora",
-    "resolve_model_path", "save_adapter", "save_pretrained", "split", "trace_layouts", "unmerge",
+    "export_gguf_adapter", "export_peft", "generate", "import_peft", "init_cache", "init_params", "load_adapter",
+    "load_pretrained", "load_pretrained_sharded", "load_tokenizer", "lora_apply", "merge", "merge_for_inference",
+    "pissa_to_lora", "resolve_model_path", "save_adapter", "save_pretrained", "split", "trace_layouts", "unmerge",
 ]

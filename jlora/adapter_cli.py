@@ -1,4 +1,5 @@
-"""The adapter command lines: `jlora-export-peft` (jlora adapter -> HF PEFT dir) and `jlora-merge`.
+"""The adapter command lines: `jlora-export-peft` (jlora adapter -> HF PEFT dir), `jlora-merge`, and
+`jlora-export-gguf` (an adapter -> one llama.cpp GGUF LoRA file, written beside --out and renamed in).
 
 `jlora-merge` folds an adapter (a jlora adapter dir, or a PEFT dir, told apart by its
 adapter_config.json) into the base weights and writes an HF safetensors checkpoint that
@@ -19,6 +20,7 @@ import sys
 
 from jlora.atomic_dir import replace_dir
 from jlora.checkpoint import load_adapter
+from jlora.gguf_adapter import check_out_file, export_gguf_adapter
 from jlora.llama import LlamaConfig
 from jlora.lora import LoraConfig, merge_for_inference
 from jlora.peft import CONFIG_FILE, export_peft, import_peft
@@ -118,3 +120,27 @@ def merge_main(argv: list[str] | None = None) -> int:
         print(f"wrote merged model to {args.out}", file=sys.stderr)
 
     return _run(parser, argv, body)
+
+
+def gguf_main(argv: list[str] | None = None) -> int:
+    """jlora-export-gguf --model PATH --adapter DIR --out FILE.gguf [--force]"""
+    parser = argparse.ArgumentParser(prog="jlora-export-gguf", description="Write an adapter (jlora or HF PEFT) "
+                                     "as a llama.cpp GGUF LoRA adapter file (llama-cli --lora FILE).")
+    parser.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
+    parser.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT)")
+    parser.add_argument("--out", required=True, help="the .gguf adapter file to write (new)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args(argv)
+    try:
+        model = resolve_model_path(args.model)  # an alias names the GGUF, which --out must not overwrite
+        out = check_out_file(args.out, force=args.force, inputs={"--model": model, "--adapter": args.adapter})
+        cfg, params = load_pretrained(args.model)
+        lcfg, trainable = load_any_adapter(args.adapter, cfg, params)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_gguf_adapter(out, trainable, lcfg, cfg, base_name=hub_name(args.model))
+        print(f"wrote {args.out}", file=sys.stderr)
+    except ValueError as e:  # every jlora error is a one-line ValueError
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except OSError as e:  # a read-only or full disk: the path and the cause
+        parser.exit(2, f"{parser.prog}: error: {e.filename or args.out}: {e.strerror or e}\n")
+    return 0

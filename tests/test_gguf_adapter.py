@@ -1,0 +1,188 @@
+"""GGUF LoRA adapter export (jlora.gguf_adapter, jlora-export-gguf): the file as gguf reads it back, the
+refusals, and llama.cpp itself (llama-cpp-python) running the exported adapter on the SmolLM2 GGUF."""
+import subprocess
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+import jlora
+from jlora.checkpoint import save_adapter
+from jlora.gguf_adapter import GGUFAdapterError, export_gguf_adapter, permute_rows
+from jlora.weights import _unpermute
+from cli_testing import one_line_error, script
+from lora_testing import is_pair, randomize
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GGUF_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _read(path):
+    reader = gguf.GGUFReader(path)
+    meta = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    return meta, {t.name: np.asarray(t.data) for t in reader.tensors}
+
+
+def test_permute_rows_is_the_inverse_of_the_loaders_unpermute():
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)  # 4 heads of head_dim 8, 3 columns
+    assert not np.array_equal(permute_rows(w, 4), w)
+    np.testing.assert_array_equal(_unpermute(permute_rows(w, 4), 4), w)
+
+
+def test_file_reads_back_with_llama_cpp_names_shapes_metadata_and_deltas(tmp_path):
+    cfg = jlora.PRESETS["tiny"]  # untied: embed_tokens and lm_head are separate tensors
+    params = jlora.init_params(cfg, jax.random.key(0))
+    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=(*ALL, "lm_head", "embed_tokens"), use_rslora=True,
+                            rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3.0}, layers=(1,))
+    _, trainable = jlora.split(params, lcfg, jax.random.key(1))
+    trainable = randomize(trainable)
+    export_gguf_adapter(tmp_path / "a.gguf", trainable, lcfg, cfg, base_name="tiny-base")
+    meta, tensors = _read(tmp_path / "a.gguf")
+    assert meta == {"general.architecture": "llama", "general.type": "adapter", "general.name": "tiny-base",
+                    "adapter.type": "lora", "adapter.lora.alpha": 8.0}
+    layer1 = [f"blk.1.{n}.weight" for n in GGUF_NAMES]  # layers=(1,): layer 0 is left out, as llama.cpp allows
+    assert set(tensors) == {f"{n}.lora_{ab}" for n in [*layer1, "token_embd.weight", "output.weight"] for ab in "ab"}
+    assert not list(tmp_path.glob(".*partial*"))
+
+    # llama.cpp's reading (ggml ne reversed -> numpy): lora_a [R, in], lora_b [out, R] with scale alpha/R,
+    # token_embd's lora_a [V, R] looked up by row. Every delta must be jlora's s * (A @ B), in disk layout.
+    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x))
+    hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    want_shapes = {"attn_q": (heads * hd, 64), "attn_k": (kv * hd, 64), "attn_v": (kv * hd, 64),
+                   "attn_output": (64, heads * hd), "ffn_gate": (128, 64), "ffn_up": (128, 64),
+                   "ffn_down": (64, 128)}
+    for hf, name in zip(ALL, GGUF_NAMES):
+        pair = flat[("layers", "self_attn" if name.startswith("attn") else "mlp", hf, "kernel")]
+        a, b = tensors[f"blk.1.{name}.weight.lora_a"], tensors[f"blk.1.{name}.weight.lora_b"]
+        r = pair.rank
+        assert (a.shape, b.shape, a.dtype) == ((r, want_shapes[name][1]), (want_shapes[name][0], r), np.float32)
+        got = 8.0 / r * b @ a  # [out, in]
+        if name in ("attn_q", "attn_k"):
+            got = _unpermute(got, heads if name == "attn_q" else kv)
+        want = pair.scale[1] * (np.asarray(pair.a[1]) @ np.asarray(pair.b[1])).T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    for name, path, rows in (("token_embd", ("embed_tokens", "embedding"), 512), ("output", ("lm_head", "kernel"), 64)):
+        pair, r = flat[path], flat[path].rank
+        a, b = tensors[f"{name}.weight.lora_a"], tensors[f"{name}.weight.lora_b"]
+        want = pair.scale * np.asarray(pair.a) @ np.asarray(pair.b)  # [V, D] (embed) or [D, V] (head kernel)
+        if name == "token_embd":
+            assert (a.shape, b.shape) == ((512, r), (64, r))
+            np.testing.assert_allclose(8.0 / r * a @ b.T, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert (a.shape, b.shape) == ((r, rows), (512, r))
+            np.testing.assert_allclose(8.0 / r * b @ a, want.T, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_what_llama_cpp_cannot_run(tmp_path):
+    cfg = jlora.PRESETS["tiny"]
+    params = jlora.init_params(cfg, jax.random.key(0))
+    cases = {"DoRA": (jlora.LoraConfig(targets=("q_proj",), use_dora=True), cfg),
+             "train_extra": (jlora.LoraConfig(targets=("q_proj",), train_extra="norm"), cfg),
+             "ties its output head": (jlora.LoraConfig(targets=("embed_tokens",)), cfg.replace(tie_word_embeddings=True))}
+    for needle, (lcfg, base) in cases.items():
+        _, trainable = jlora.split(params, lcfg, jax.random.key(1))
+        with pytest.raises(GGUFAdapterError, match=needle) as e:
+            export_gguf_adapter(tmp_path / "x.gguf", trainable, lcfg, base)
+        assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_one_line_errors(tmp_path):
+    from lora_testing import save_tiny_hf_llama
+
+    model = save_tiny_hf_llama(tmp_path / "base")
+    cfg, params = jlora.load_pretrained(model)
+    run = lambda adapter, out, *extra: subprocess.run(  # noqa: E731
+        [script("jlora-export-gguf"), "--model", str(model), "--adapter", str(adapter), "--out", str(out), *extra],
+        capture_output=True, text=True)
+    dora = jlora.LoraConfig(targets=("q_proj", "v_proj"), use_dora=True)
+    save_adapter(tmp_path / "dora", jlora.split(params, dora, jax.random.key(0))[1], dora, base=cfg, params=params)
+    one_line_error(run(tmp_path / "dora", tmp_path / "d.gguf"), "DoRA", "jlora-merge", prog="jlora-export-gguf")
+    assert not (tmp_path / "d.gguf").exists()
+
+    lcfg = jlora.LoraConfig(targets=ALL)
+    save_adapter(tmp_path / "ok", jlora.split(params, lcfg, jax.random.key(0))[1], lcfg, base=cfg, params=params)
+    one_line_error(run(tmp_path / "ok", model / "model.safetensors", "--force"), "lies inside the --model",
+                   prog="jlora-export-gguf")
+    one_line_error(run(tmp_path / "ok", tmp_path / "ok"), "is a directory", prog="jlora-export-gguf")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "a.gguf").write_text("keep me")
+    one_line_error(run(tmp_path / "ok", tmp_path / "ro" / "a.gguf"), "exists", "--force", prog="jlora-export-gguf")
+    assert (tmp_path / "ro" / "a.gguf").read_text() == "keep me"
+    done = run(tmp_path / "ok", tmp_path / "ro" / "a.gguf", "--force")
+    assert done.returncode == 0, done.stderr
+    assert _read(tmp_path / "ro" / "a.gguf")[0]["general.type"] == "adapter"
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+
+
+def _memorise(model, frozen, trainable, prompt, target, steps: int):
+    """A few Adam steps on one sequence: the adapter then says `target` after `prompt`, confidently."""
+    ids = jnp.asarray([prompt + target])  # [1, T]
+
+    def loss_fn(tr, frozen):
+        logits = jlora.apply(model, frozen, tr, ids[:, :-1])  # [1, T-1, V]
+        logp = jax.nn.log_softmax(logits[:, len(prompt) - 1:], -1)
+        return -jnp.take_along_axis(logp, ids[:, len(prompt):, None], -1).mean()
+
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(tr, state, frozen):  # frozen is an argument: closed over, XLA would constant-fold the 135M weights
+        loss, grads = jax.value_and_grad(loss_fn)(tr, frozen)
+        updates, state = opt.update(grads, state, tr)
+        return optax.apply_updates(tr, updates), state, loss
+
+    state = opt.init(trainable)
+    for _ in range(steps):
+        trainable, state, loss = step(trainable, state, frozen)
+    return trainable, float(loss)
+
+
+def _llama_cpp_greedy(model_path: str, prompt: list[int], n: int, lora_path=None) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model_path, lora_path=lora_path, n_ctx=128, n_threads=2, seed=0, verbose=False)
+    out = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_path):
+    cfg, params = jlora.load_pretrained(smollm2_gguf)  # the Q4_1 GGUF, dequantized to fp32
+    tok = jlora.load_tokenizer(smollm2_gguf)
+    model = jlora.Llama(cfg)
+    prompt = tok.encode("The secret password is")
+    target = tok.encode(" purple elephant dances under seven silver moons tonight, said Bob")
+    # rsLoRA (scale alpha/sqrt r, which llama.cpp's alpha/r cannot say) and a left-out layer 0: the export
+    # folds the scales into B and omits layer 0; q/k carry the rope permutation.
+    lcfg = jlora.LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora=True,
+                            layers=tuple(range(1, cfg.num_hidden_layers)))
+    frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
+    trainable, loss = _memorise(model, frozen, trainable, prompt, target, steps=12)
+    n = len(target)
+    ours = jlora.generate(model, frozen, trainable, [prompt], max_new_tokens=n, eos_id=())[0]
+    ours_base = jlora.generate(model, frozen, None, [prompt], max_new_tokens=n, eos_id=())[0]
+    assert ours == target, (loss, tok.decode(ours))
+
+    adapter = tmp_path / "adapter"
+    save_adapter(adapter, trainable, lcfg, base=cfg, params=params)
+    out = tmp_path / "smollm2-lora.gguf"
+    done = subprocess.run([script("jlora-export-gguf"), "--model", "smollm2-135m", "--adapter", str(adapter),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    theirs = _llama_cpp_greedy(smollm2_gguf, prompt, n, lora_path=str(out))
+    theirs_base = _llama_cpp_greedy(smollm2_gguf, prompt, n)
+    print(f"jlora base: {tok.decode(ours_base)!r}\nllama.cpp base: {tok.decode(theirs_base)!r}\n"
+          f"jlora+adapter: {tok.decode(ours)!r}\nllama.cpp+adapter: {tok.decode(theirs)!r}")
+    assert theirs_base != target and ours_base != target  # the adapter is what says the target
+    assert theirs == ours, (tok.decode(theirs), tok.decode(ours))
