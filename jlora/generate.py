@@ -4,7 +4,8 @@
 `lax.while_loop` over a preallocated cache, stopping each row at EOS and leaving the loop when all
 rows are done. Greedy, temperature, top-k and top-p sampling; stop strings are checked on the host
 between chunks, which is also how `Generator.stream` yields tokens as they are produced. An adapter
-runs unmerged (routed through `jlora.lora_apply.apply`) or merged (pass no trainable tree).
+runs unmerged (routed through `jlora.lora_apply.apply`) or merged (pass no trainable tree); with a
+`jlora.adapter_stack.AdapterStack`, each row runs its own adapter of the stack (or the base) in one batch.
 The model code is `jlora.llama`'s, and so is the one decode path: the cache layout (`init_cache`), its
 writes and their bound check (`Attention`). Only the layer loop is unrolled here over per-layer weight
 buffers, because slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token.
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora.adapter_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint import load_adapter
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
 from jlora.lora import merge_for_inference
@@ -95,8 +97,12 @@ def _init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
 
 
 def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last_only):
-    """Last-position logits [B,V] and the updated cache; LoRA unmerged when `trainable` is non-empty."""
-    if trainable:
+    """Last-position logits [B,V] and the updated cache; LoRA unmerged when `trainable` is non-empty,
+    per-row adapters when it is a `RowAdapters`."""
+    if isinstance(trainable, RowAdapters):
+        logits, new = apply_rows(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
+                                 variables={"cache": cache}, mutable=["cache"])
+    elif trainable:
         logits, new = apply_lora(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
                                  variables={"cache": cache}, mutable=["cache"])
     else:
@@ -191,14 +197,18 @@ class Generator:
     """A model with its weights laid out for decoding (one buffer per layer), reusable across calls.
 
     `trainable` None or empty runs `frozen` as plain (e.g. merged) params; otherwise LoRA is unmerged.
+    With a `stack` instead, `stream(..., adapters=[name or None per row])` runs each row's own adapter.
     """
 
-    def __init__(self, model: Llama, frozen: dict, trainable: dict | None = None):
+    def __init__(self, model: Llama, frozen: dict, trainable: dict | None = None, stack: AdapterStack | None = None):
         if not isinstance(getattr(model, "cfg", None), LlamaConfig):
             raise GenerateError(f"generate needs a jlora.Llama model, got {type(model).__name__}")
         cfg = self.cfg = model.cfg
         self.model = _DecodeLlama(cfg)
         trainable = dict(trainable or {})
+        if stack is not None and trainable:
+            raise GenerateError("give a trainable tree or an adapter stack, not both")
+        self.stack = stack
         self.frozen = _per_layer(frozen, cfg.num_hidden_layers)
         self.trainable = _per_layer(trainable, cfg.num_hidden_layers)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
@@ -209,8 +219,10 @@ class Generator:
     def stream(self, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,
                stop_strings: Sequence[str] = (), tokenizer=None, pad_id: int = 0, lengths=None,
-               chunk: int = 1) -> Iterator[list[list[int]]]:
+               chunk: int = 1, adapters: Sequence[str | None] | None = None) -> Iterator[list[list[int]]]:
         """Yield, every `chunk` tokens, the new ids of each row (EOS and what follows a stop string left out).
+
+        `adapters` names each row's adapter in the stack (None = the base); it needs a Generator with a stack.
 
         Concatenated, the yields equal `generate(...)` with the same arguments, whatever `chunk` is.
         """
@@ -229,10 +241,11 @@ class Generator:
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column
             ids[i, p - len(r):], positions[i, p - len(r):], segs[i, p - len(r):] = r, np.arange(len(r)), 1
+        trainable = self._row_adapters(adapters, b)
         key = jax.random.key(seed)
         temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0)
         eos_ids = jnp.asarray(eos or [-1], jnp.int32)
-        logits, cache = _prefill(self.model, self.frozen, self.trainable, ids, positions, segs, max_len=p + n_buf)
+        logits, cache = _prefill(self.model, self.frozen, trainable, ids, positions, segs, max_len=p + n_buf)
         state = _first(logits, cache, jnp.asarray([len(r) for r in rows], jnp.int32), key, temp, tp, eos_ids,
                        n_new=n_buf, mode=mode)
         out: list[list[int]] = [[] for _ in rows]
@@ -258,9 +271,22 @@ class Generator:
                 return
             if stopped:  # rows done by a stop string: stop sampling them on the device too
                 state["done"] = state["done"].at[np.asarray(stopped)].set(True)
-            state = _decode(self.model, self.frozen, self.trainable, state, jnp.int32(min(step + chunk, n_new)),
+            state = _decode(self.model, self.frozen, trainable, state, jnp.int32(min(step + chunk, n_new)),
                             key, temp, tp, eos_ids, jnp.int32(pad_id), mode=mode)
             step = int(state["step"])
+
+    def _row_adapters(self, adapters, b: int):
+        """The trainable argument of the jitted calls: the tree, or the stack with each row's index."""
+        if adapters is None:
+            return self.trainable if self.stack is None else self.stack.rows([None] * b)
+        if self.stack is None:
+            raise GenerateError("adapters=[...] per row needs a Generator built with an adapter stack")
+        if len(adapters) != b:
+            raise GenerateError(f"adapters names {len(adapters)} rows for {b} prompts")
+        try:
+            return self.stack.rows(adapters)
+        except ValueError as e:
+            raise GenerateError(str(e)) from None
 
     def generate(self, prompt_ids, **kwargs) -> list[list[int]]:
         """New ids per row, ending before EOS or just after a stop string. Arguments as `stream`."""
