@@ -4,6 +4,8 @@ A GGUF tensor's blocks are kept as they are in the file, only split into their p
 packed quants) so that each part is an array laid out [*stack, A, B, ...] like any QuantizedKernel
 field. Nothing is dequantized at load: each format's JAX `decode` reproduces gguf-py's
 `gguf.quants.dequantize` bit for bit (same fp32 op order), inside the jitted step at the matmul.
+Every product there (fp16 scale x small integer, then x quant) is exact in fp32, so at most the
+final `+ m` / `- dmin * m` rounds: a backend that fuses it into an FMA gives the same bits.
 Reading the file and the llama tensor names belong to jlora.weights; this module knows only blocks.
 """
 

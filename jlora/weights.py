@@ -18,6 +18,7 @@ import pathlib
 import re
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -199,6 +200,9 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
         raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
 
 
+_dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
+
+
 def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str],
               fetch: Callable[[str], np.ndarray | QuantizedKernel], fmt: int) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
@@ -231,7 +235,7 @@ def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str],
                 continue
         out = np.empty(spec.shape, pdt) if out is None else out
         for i, q in held.items():
-            out[i if stacked else ...] = np.asarray(dequantize(q, pdt))
+            out[i if stacked else ...] = np.asarray(_dequantize_jit(q, pdt))
         flat[key] = out
     return traverse_util.unflatten_dict(flat), names - used
 

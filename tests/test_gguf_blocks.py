@@ -68,15 +68,14 @@ def test_blocks_decode_like_gguf_py(kind):
     kernel = gguf_blocks.gguf_kernel(raw, T[kind])
     assert (kernel.shape, kernel.axis, kernel.fmt) == ((cols, rows), -2, kind)
     assert all(f.shape[:2] == (cols // gguf_blocks.LAYOUTS[kind][0], rows) for f in kernel.fields.values())
-    np.testing.assert_array_equal(bits(dequantize(kernel)), bits(ref.T))
-    np.testing.assert_array_equal(bits(jax.jit(dequantize)(kernel)), bits(ref.T))
+    np.testing.assert_array_equal(bits(jax.jit(dequantize)(kernel)), bits(ref.T))  # jitted, as in a train step
 
     # an embedding table [V, D], blocked along D; take_rows decodes just the gathered rows
     table = gguf_blocks.gguf_kernel(raw, kind, embedding=True)
     assert (table.shape, table.axis) == ((rows, cols), -1)
-    np.testing.assert_array_equal(bits(dequantize(table)), bits(ref))
+    np.testing.assert_array_equal(bits(jax.jit(dequantize)(table)), bits(ref))
     ids = rng.integers(0, rows, (3, 5))
-    np.testing.assert_array_equal(bits(take_rows(table, jnp.asarray(ids))), bits(ref[ids]))
+    np.testing.assert_array_equal(bits(jax.jit(take_rows)(table, jnp.asarray(ids))), bits(ref[ids]))
 
 
 # ---- loading a GGUF file ----
@@ -106,8 +105,8 @@ def write_tiny_gguf(path, types: dict[str, str], seed: int = 0):
     hd, d = c["hidden"] // c["heads"], c["hidden"]
     shapes = {"token_embd.weight": (c["vocab"], d), "output.weight": (c["vocab"], d)}
     for i in range(c["layers"]):
-        shapes.update({f"blk.{i}.attn_q.weight": (c["heads"] * hd, d), f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, d),
-                       f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_output.weight": (d, d),
+        shapes.update({f"blk.{i}.attn_q.weight": (c["heads"] * hd, d),
+                       f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_output.weight": (d, d),
                        f"blk.{i}.ffn_gate.weight": (c["ffn"], d), f"blk.{i}.ffn_up.weight": (c["ffn"], d),
                        f"blk.{i}.ffn_down.weight": (d, c["ffn"]), f"blk.{i}.attn_norm.weight": (d,),
                        f"blk.{i}.ffn_norm.weight": (d,)})
@@ -141,7 +140,7 @@ def test_tiny_gguf_blocks_equal_dense_load(tmp_path):
         if is_quantized(leaf):
             kinds["/".join(key)] = leaf.fmt
             assert leaf.shape == flat_d[key].shape
-            np.testing.assert_array_equal(bits(dequantize(leaf)), bits(flat_d[key]), err_msg="/".join(key))
+            np.testing.assert_array_equal(bits(jax.jit(dequantize)(leaf)), bits(flat_d[key]), err_msg="/".join(key))
         else:
             np.testing.assert_array_equal(leaf, flat_d[key])
     assert kinds == {"embed_tokens/embedding": "Q8_0", "lm_head/kernel": "Q6_K",
@@ -153,8 +152,8 @@ def test_tiny_gguf_blocks_equal_dense_load(tmp_path):
 
     model = jlora.Llama(cfg)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 12)), jnp.int32)
-    want = np.asarray(model.apply({"params": dense}, ids))
-    got = np.asarray(jlora.apply(model, quant, {}, ids))
+    want = np.asarray(jax.jit(model.apply)({"params": dense}, ids))
+    got = np.asarray(jax.jit(lambda p, x: jlora.apply(model, p, {}, x))(quant, ids))
     assert np.isfinite(want).all() and np.abs(want).max() > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
@@ -171,7 +170,7 @@ def test_smollm2_gguf_blocks(smollm2_gguf):
 
     model = jlora.Llama(cfg)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 16)), jnp.int32)
-    want = np.asarray(model.apply({"params": dense}, ids))
+    want = np.asarray(jax.jit(model.apply)({"params": dense}, ids))
     got = np.asarray(jax.jit(lambda p, x: jlora.apply(model, p, {}, x))(quant, ids))
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
 
