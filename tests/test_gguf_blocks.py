@@ -192,3 +192,8 @@ def test_gguf_quantize_on_hf_dir_is_one_line(tmp_path):
         load_pretrained(path, quantize="gguf")
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "int8" in msg and "nf4" in msg, msg
+    # what the message offers works: nf4 quantizes the dense load
+    _, params = load_pretrained(path, quantize="nf4")
+    assert params["layers"]["self_attn"]["q_proj"]["kernel"].fmt == "nf4"
+    with pytest.raises(ValueError, match="quantize='q4'"):
+        load_pretrained(path, quantize="q4")
