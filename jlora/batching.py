@@ -1,0 +1,265 @@
+"""Continuous batching over an adapter stack: the engine behind `jlora-serve`.
+
+One thread owns the device. It keeps `max_batch` rows of one KV cache of `max_len` slots with a
+shared fill index. A request joins at the next step: its prompt is prefilled alone (with its own
+adapter) and copied into a free row so that it ends at the fill index; earlier slots of that row are
+empty (segment 0), and rope positions are per row, so rows of different ages share every decode
+step, whatever adapter each uses. A row leaves as soon as it is done. When the fill index reaches the
+end, every row is shifted left by the oldest live row's start (rows never span more than a request's
+prompt + max_tokens <= max_len, so there is always room). HTTP, tokenization and text live in
+`jlora.serve`; the model code is `jlora.generate`'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.adapter_stack import RowAdapters
+from jlora.generate import _BUCKET, Generator, _forward, _init_cache, _prefill, _sample, _stop_cut
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation; `emit(new_ids, finish)` is called on the engine thread (finish None while running)."""
+
+    prompt: list[int]
+    adapter: str | None
+    max_tokens: int
+    emit: Callable[[list[int], str | None], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    deadline: float = float("inf")  # time.monotonic() after which it ends with finish "timeout"
+    cancelled: bool = False
+    out: list[int] = dataclasses.field(default_factory=list)
+    start: int = 0  # the row's first cache slot
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(cache: dict, small: dict, row, idx) -> dict:
+    """Copy a one-row prefill cache [1,P,...] into row `row` of `cache`, ending at slot `idx`; the rest of
+    the row's slots become empty."""
+
+    def one(big, part):
+        p = part["segment_ids"].shape[1]
+        seg_row = jax.lax.dynamic_update_slice(jnp.zeros_like(big["segment_ids"][:1]), part["segment_ids"], (0, idx - p))
+        return {"k": jax.lax.dynamic_update_slice(big["k"], part["k"].astype(big["k"].dtype), (row, idx - p, 0, 0)),
+                "v": jax.lax.dynamic_update_slice(big["v"], part["v"].astype(big["v"].dtype), (row, idx - p, 0, 0)),
+                "segment_ids": jax.lax.dynamic_update_slice(big["segment_ids"], seg_row, (row, 0)),
+                "index": big["index"]}
+
+    return {name: {"self_attn": one(layer["self_attn"], small[name]["self_attn"])} for name, layer in cache.items()}
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _shift(cache: dict, delta) -> dict:
+    """Every row moved `delta` slots (right if > 0), vacated slots emptied."""
+
+    def move(x, empty):
+        s = x.shape[1]
+        both = jnp.concatenate([x, x], axis=1)
+        out = jax.lax.dynamic_slice_in_dim(both, (s - delta) % s, s, axis=1)  # a roll by delta along slots
+        src = jnp.arange(s) - delta  # where each slot came from
+        keep = ((src >= 0) & (src < s)).reshape((1, s) + (1,) * (x.ndim - 2))
+        return jnp.where(keep, out, empty)
+
+    def one(a):
+        return {"k": move(a["k"], 0), "v": move(a["v"], 0), "segment_ids": move(a["segment_ids"], 0),
+                "index": a["index"]}
+
+    return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("dmodel",), donate_argnames=("cache",))
+def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
+    """One decode step for every row: logits [B,V] of tokens [B] at positions [B] written to slot idx, and the cache."""
+    ids = tokens[:, None]  # [B,1]
+    cache = {name: {"self_attn": {**layer["self_attn"], "index": idx}} for name, layer in cache.items()}
+    return _forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
+
+
+@functools.partial(jax.jit, static_argnames=("use_top_p",))
+def _sample_rows(logits, seeds, steps, temperature, top_p, *, use_top_p: bool):
+    """Row b's token: argmax where temperature[b] == 0, else a draw with fold_in(key(seed[b]), step[b]),
+    the key `jlora.generate` uses for token `step` of a one-row call."""
+
+    def one(row, seed, step, temp, tp):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return _sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, use_top_p))[0]
+
+    drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_p)  # [B]
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+class Engine:
+    """Continuous batching of `Request`s over `gen` (a Generator with an adapter stack) on one thread."""
+
+    def __init__(self, gen: Generator, *, max_batch: int, max_len: int, max_queue: int, eos: list[int],
+                 tokenizer=None):
+        if gen.stack is None:
+            raise ValueError("the engine needs a Generator with an adapter stack")
+        self.gen, self.stack, self.tokenizer, self.eos = gen, gen.stack, tokenizer, set(eos)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = -(-max_len // _BUCKET) * _BUCKET
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.commands: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.idx = 0
+        self.cache = jax.jit(_init_cache, static_argnums=(0, 1, 2))(gen.cfg, max_batch, self.max_len)
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from other threads
+
+    def submit(self, req: Request) -> bool:
+        """Queue a request; False when the queue is full (the caller answers 429)."""
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(req)
+            self.cond.notify()
+        return True
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn on the engine thread between steps (e.g. a stack change); its result or error in the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            self.commands.append((fn, fut))
+            self.cond.notify()
+        return fut
+
+    def in_use(self, name: str) -> bool:
+        with self.cond:
+            return any(r is not None and r.adapter == name for r in [*self.slots, *self.waiting])
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    # ---- the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.waiting or self.commands or any(self.slots)):
+                    self.cond.wait()
+                commands = list(self.commands)
+                self.commands.clear()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller, who answers with it
+                    fut.set_exception(e)
+            try:
+                self._expire()
+                self._admit()
+                if any(self.slots):
+                    self._decode()
+                else:
+                    self.idx = 0  # nothing live: start the next requests at the front of the cache
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one batch
+                for i, req in enumerate(self.slots):
+                    if req is not None:
+                        self._finish(i, f"error: {' '.join(str(e).split())}")
+
+    def _finish(self, i: int, reason: str) -> None:
+        req, self.slots[i] = self.slots[i], None
+        req.emit([], reason)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for i, req in enumerate(self.slots):
+            if req is not None and (req.cancelled or now > req.deadline):
+                self._finish(i, "cancelled" if req.cancelled else "timeout")
+        with self.cond:
+            for req in [r for r in self.waiting if r.cancelled or now > r.deadline]:
+                self.waiting.remove(req)
+                req.emit([], "cancelled" if req.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        while None in self.slots:
+            with self.cond:
+                if not self.waiting:
+                    return
+                req = self.waiting.popleft()
+            try:
+                self._join(self.slots.index(None), req)
+            except Exception as e:  # noqa: BLE001 - e.g. its adapter was removed while it waited
+                req.emit([], f"error: {' '.join(str(e).split())}")
+
+    def _join(self, row: int, req: Request) -> None:
+        n = len(req.prompt)
+        p = -(-n // _BUCKET) * _BUCKET
+        ids, positions, segs = (np.zeros((1, p), np.int32) for _ in range(3))
+        ids[0, p - n:], positions[0, p - n:], segs[0, p - n:] = req.prompt, np.arange(n), 1
+        routed = self.stack.rows([req.adapter])
+        logits, small = _prefill(self.gen.model, self.gen.frozen, routed, ids, positions, segs, max_len=p)
+        if self.idx < p:  # room for the prompt before the fill index: move every live row right
+            self._move(p - self.idx)
+        self.cache = _insert(self.cache, small, jnp.int32(row), jnp.int32(self.idx))
+        req.start = self.idx - n
+        self.slots[row] = req
+        self._take(row, logits[0])
+
+    def _move(self, delta: int) -> None:
+        self.idx += delta
+        self.cache = _shift(self.cache, jnp.int32(delta))
+        for req in self.slots:
+            if req is not None:
+                req.start += delta
+
+    def _take(self, row: int, logits) -> None:
+        """Sample row `row`'s next token from its logits [V] and hand it on (a one-row `_decode` tail)."""
+        req = self.slots[row]
+        tok = int(_sample_rows(logits[None], *self._sampling([req]), use_top_p=req.top_p < 1.0)[0])
+        self._accept(row, tok)
+
+    def _sampling(self, reqs):
+        return (jnp.asarray([r.seed if r else 0 for r in reqs], jnp.uint32),
+                jnp.asarray([len(r.out) if r else 0 for r in reqs], jnp.int32),
+                jnp.asarray([r.temperature if r else 0.0 for r in reqs], jnp.float32),
+                jnp.asarray([r.top_p if r else 1.0 for r in reqs], jnp.float32))
+
+    def _accept(self, row: int, tok: int) -> None:
+        req = self.slots[row]
+        if tok in self.eos:
+            return self._finish(row, "stop")
+        req.out.append(tok)
+        if req.stop and self.tokenizer is not None:
+            cut = _stop_cut(req.out[:-1], [tok], req.stop, self.tokenizer)
+            if cut is not None:
+                req.emit([tok], None)
+                return self._finish(row, "stop")
+        req.emit([tok], None)
+        if len(req.out) >= req.max_tokens:
+            self._finish(row, "length")
+
+    def _decode(self) -> None:
+        if self.idx >= self.max_len:  # full: drop the slots before the oldest live row
+            self._move(-min(r.start for r in self.slots if r is not None))
+        live = list(self.slots)
+        tokens = np.asarray([r.out[-1] if r else 0 for r in live], np.int32)
+        positions = np.asarray([len(r.prompt) + len(r.out) - 1 if r else 0 for r in live], np.int32)
+        routed = self.stack.rows([r.adapter if r else None for r in live])
+        logits, self.cache = _step(self.gen.model, self.gen.frozen, routed, self.cache, tokens, positions,
+                                   jnp.int32(self.idx))
+        self.idx += 1
+        self.steps += 1
+        use_top_p = any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in live)
+        toks = np.asarray(_sample_rows(logits, *self._sampling(live), use_top_p=use_top_p))
+        for i, req in enumerate(live):
+            if req is not None and self.slots[i] is req:
+                self._accept(i, int(toks[i]))
