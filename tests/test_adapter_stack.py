@@ -36,8 +36,8 @@ def tiny():
 def alone(tiny):
     """alone[name][i]: prompt i generated with adapter `name` only (None: the base), by plain `generate`."""
     model, params, adapters = tiny
-    return {name: generate(model, params, adapters[name] if name else None, PROMPTS, max_new_tokens=12, eos_id=())
-            for name in [None, *adapters]}
+    return {name: [generate(model, params, adapters[name] if name else None, [p], max_new_tokens=12, eos_id=())[0]
+                   for p in PROMPTS] for name in [None, *adapters]}  # one row per call, as test_serve's
 
 
 class CompileCounter:
