@@ -50,8 +50,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny, tmp_path_factory):  # noqa: F811
-    """(client, base url, offline reference function) for a live jlora-serve with adapters qv4 and all8
-    loaded at start and od2 waiting in the adapter dir."""
+    """(client, base url, offline reference function) for a live jlora-serve with adapters qv4, all8 and
+    od2 loaded at start (one slot free) and all three in its adapter dir."""
     model, params, adapters = tiny
     work = tmp_path_factory.mktemp("serve")
     base = _model_dir(work / "base", params)
@@ -59,9 +59,9 @@ def served(tiny, tmp_path_factory):  # noqa: F811
         jlora.save_adapter(work / "adapters" / name, tree, LCFGS[name], base=CFG)
     port = _free_port()
     cmd = [script("jlora-serve"), "--model", base, "--name", BASE, "--port", port, "--max-batch", 16,
-           "--max-queue", 16, "--max-len", 64, "--max-adapters", 3, "--max-rank", 8, "--max-body-bytes", 20000,
+           "--max-queue", 16, "--max-len", 64, "--max-adapters", 4, "--max-rank", 8, "--max-body-bytes", 20000,
            "--allow-adapter-loading", "--adapter-dir", work / "adapters"]
-    for name in ("qv4", "all8"):
+    for name in ("qv4", "all8", "od2"):
         cmd += ["--adapter", f"{name}={work / 'adapters' / name}"]
     log = open(work / "server.log", "w")
     proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
@@ -96,7 +96,7 @@ PROMPTS = ["w5 w17 w40", "w400 w22 w9 w13 w77 w5 w6 w301", "w7", "w11 w12 w13 w1
 
 def test_models_list(served):
     client, _, _ = served
-    assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8"]
+    assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8", "od2"]
 
 
 def test_completions_and_chat_for_base_and_adapters_equal_offline(served):
@@ -124,8 +124,8 @@ def test_streaming_equals_the_whole_answer(served):
 
 def test_16_concurrent_requests_over_3_adapters_equal_offline(served):
     client, url, offline = served
-    names = [None, "qv4", "all8"]
-    jobs = [(names[i % 3], PROMPTS[i % 5] + f" w{100 + i}", 4 + i % 9) for i in range(16)]
+    names = ["qv4", "all8", "od2", "qv4", "all8", "od2", None]  # 3 adapters and the base
+    jobs = [(names[i % 7], PROMPTS[i % 5] + f" w{100 + i}", 4 + i % 9) for i in range(16)]
 
     def ask(job):
         name, prompt, n = job
@@ -165,16 +165,16 @@ def test_bad_requests_get_their_4xx_as_openai_errors(served):
 
 def test_hot_load_generate_unload_over_http(served):
     client, url, offline = served
-    status, body = _raw(f"{url}/adapters", json.dumps({"name": "od2", "path": "od2"}).encode())
+    status, body = _raw(f"{url}/adapters", json.dumps({"name": "od2-copy", "path": "od2"}).encode())
     assert status == 200, body
-    assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8", "od2"]
-    got = client.completions.create(model="od2", prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
+    assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8", "od2", "od2-copy"]
+    got = client.completions.create(model="od2-copy", prompt=PROMPTS[2], max_tokens=8, temperature=0).choices[0].text
     assert got == offline("od2", PROMPTS[2])
     status, body = _raw(f"{url}/adapters", json.dumps({"name": "more", "path": "qv4"}).encode())
     assert status == 400 and "the stack is full" in body["error"]["message"]
-    assert _raw(f"{url}/adapters/od2", b"", method="DELETE")[0] == 200
+    assert _raw(f"{url}/adapters/od2-copy", b"", method="DELETE")[0] == 200
     with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="od2", prompt="w5", max_tokens=2)
+        client.completions.create(model="od2-copy", prompt="w5", max_tokens=2)
 
 
 def test_a_flood_gets_429_and_the_server_keeps_serving(served):
