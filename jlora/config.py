@@ -80,9 +80,21 @@ class ModelConfig(_Section):
     seed: int = 0  # init of a random model
     dtype: Dtype = "float32"  # compute
     param_dtype: Dtype = "float32"  # storage of the frozen weights
+    # QLoRA: the frozen kernels and embedding in int8 (per-channel absmax) or nf4 (NormalFloat-4, blocks
+    # of 64), or as a GGUF file's own blocks (gguf); dequantized at each matmul (jlora.quantize)
+    quantize: Literal["none", "int8", "nf4", "gguf"] = "none"
+    double_quant: bool = False  # nf4: the block scales in 8 bits too
 
     def _validate(self) -> None:
         _check(bool(self.path), "path", "must not be empty")
+        if self.quantize == "gguf":
+            gguf_file = self.path.endswith(".gguf") or (self.path not in ("tiny",) and not self.preset
+                                                        and "/" not in self.path and "." not in self.path)
+            _check(gguf_file and not self.preset, "quantize",
+                   f"gguf keeps a GGUF file's own blocks, but model.path {self.path!r} is not a .gguf file; "
+                   f"use int8 or nf4 for other checkpoints")
+        _check(not self.double_quant or self.quantize == "nf4", "double_quant",
+               f"quantizes nf4 block scales; it needs quantize: nf4, not {self.quantize}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jlora.quantize import dequantize, is_quantized
+
 VERSION = 2
 SAMPLE = 2048  # elements per tensor: 4 KiB of bf16, whatever the model's size
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi: j * it mod 2^64 spreads j = 0, 1, ... evenly (a Weyl sequence)
@@ -58,7 +60,9 @@ def _samples(flat: dict[str, object]) -> dict[str, np.ndarray]:
     """Each tensor's sample as a host array: jax arrays one jit per device set, the rest by numpy indexing."""
     out, groups = {}, {}
     for name, x in flat.items():
-        if isinstance(x, jax.Array) and (isinstance(x.sharding, NamedSharding) or x.sharding.is_fully_replicated):
+        if is_quantized(x):  # one leaf dequantized at a time, only the sample leaves the jit
+            out[name] = np.asarray(jax.jit(lambda q, pos=sample_positions(x.shape): dequantize(q)[pos])(x))
+        elif isinstance(x, jax.Array) and (isinstance(x.sharding, NamedSharding) or x.sharding.is_fully_replicated):
             groups.setdefault(frozenset(d.id for d in x.sharding.device_set), {})[name] = x
         else:
             out[name] = np.asarray(x[sample_positions(np.shape(x))])  # numpy (memory-mapped or not): a strided read
@@ -76,12 +80,22 @@ def _digest(sample: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(sample).tobytes()).hexdigest()
 
 
+def is_fingerprint(x) -> bool:
+    return isinstance(x, dict) and x.get("version") == VERSION and "samples" in x
+
+
 def fingerprint(params, names: Iterable[str] | None = None) -> dict:
     """{version, shapes, samples}: every tensor's shape and the sha256 of its sample (only `names`, if given).
-    Params as loaded or the frozen tree; every process of a multi-host run must call it together."""
+    Params as loaded or the frozen tree, or a fingerprint taken before (e.g. of a base before it was
+    quantized to int8 / nf4); every process of a multi-host run must call it together. A quantized
+    leaf (jlora.quantize) is sampled dequantized: a GGUF file's blocks give the dense load's fingerprint."""
+    if is_fingerprint(params):
+        keep = params["samples"].keys() if names is None else set(names)
+        return {**params, "samples": {k: v for k, v in params["samples"].items() if k in keep}}
     flat = {".".join(k): v for k, v in sorted(traverse_util.flatten_dict(params).items())}
     picked = flat if names is None else {k: flat[k] for k in sorted(set(names) & flat.keys())}
-    return {"version": VERSION, "shapes": {k: list(np.shape(v)) for k, v in flat.items()},
+    return {"version": VERSION, "shapes": {k: list(np.shape(v) if not is_quantized(v) else v.shape)
+                                           for k, v in flat.items()},
             "samples": {k: _digest(s) for k, s in sorted(_samples(picked).items())}}
 
 
@@ -101,7 +115,8 @@ def mismatch(saved: dict, params) -> list[tuple[str, str]]:
     if saved.get("version", 1) == 1:
         mine, kinds = _fingerprint_v1(params), {"shapes": "shape", "sha256": "sample"}
     else:
-        shared = set(saved["samples"]) & {".".join(k) for k in traverse_util.flatten_dict(params)}
+        have = params["samples"] if is_fingerprint(params) else {".".join(k) for k in traverse_util.flatten_dict(params)}
+        shared = set(saved["samples"]) & set(have)
         mine, kinds = fingerprint(params, shared), {"shapes": "shape", "samples": "sample"}
     bad = []
     for field, kind in kinds.items():

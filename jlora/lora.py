@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.lora_apply import KernelLayout, LoraError, LoraPair, dora_column_norm, infer_layouts, pair_delta
+from jlora.quantize import dense_value, is_quantized, requantize_like
 
 INITS = ("lora", "gaussian", "b_random", "pissa")
 ADAPTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -140,6 +141,9 @@ def _init_pair(key, w: jax.Array, layout: KernelLayout, lcfg: LoraConfig, rank: 
     stack, n_in, n_out = layout.stack_shape(w.shape), layout.n_in(w.shape), layout.n_out(w.shape)
     a_shape, b_shape = (*stack, n_in, rank), (*stack, rank, n_out)
     if lcfg.init == "pissa":
+        if is_quantized(w):
+            raise LoraError(f"init: pissa rewrites the base kernel as W - s*A@B; it needs a dense base, not a "
+                            f"{w.fmt} one: quantize after split, or use another init")
         w32 = w.astype(jnp.float32).reshape(*stack, n_in, n_out)
         u, s, vh = jnp.linalg.svd(w32, full_matrices=False)  # [*S,in,k], [*S,k], [*S,k,out]
         s_r = s[..., :rank] / scales.reshape(*stack, 1)
@@ -218,11 +222,12 @@ def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = No
         if not all(active):  # inactive layers keep zero A and B, and scale 0: exactly no gradient, no delta
             on = jnp.asarray(active).reshape(*stack, 1, 1)
             a, b = jnp.where(on, a, 0), jnp.where(on, b, 0)
-            w_new = jnp.where(on.reshape(*stack, *[1] * (w.ndim - len(stack))), w_new, w)
+            if not is_quantized(w):
+                w_new = jnp.where(on.reshape(*stack, *[1] * (w.ndim - len(stack))), w_new, w)
         magnitude = None
         if lcfg.use_dora:
             # the forward's own formula, so a fresh DoRA pair rescales by exactly m/|W + sAB| = 1
-            magnitude = dora_column_norm(w_new, a, b, scales.reshape(stack)).astype(a.dtype)
+            magnitude = dora_column_norm(dense_value(w_new), a, b, scales.reshape(stack)).astype(a.dtype)
         frozen[path] = w_new
         scale = tuple(scales.tolist()) if stack else float(scales[0])
         trainable[path] = LoraPair(a, b, magnitude, scale, layout, lcfg.dropout)
@@ -241,14 +246,18 @@ def _flat_trainable(trainable) -> dict:
     return traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
 
 
-@jax.jit
-def _merge(frozen, trainable):
+@functools.partial(jax.jit, static_argnums=2)
+def _merge(frozen, trainable, quantized: str = "dequantize"):
     flat = traverse_util.flatten_dict(frozen)
     for path, leaf in _flat_trainable(trainable).items():
         if isinstance(leaf, LoraPair):
-            flat[path] = pair_delta(flat[path], leaf, add_base=True, dora=True).astype(flat[path].dtype)
+            w = flat[path]
+            merged = pair_delta(dense_value(w), leaf, add_base=True, dora=True).astype(w.dtype)
+            flat[path] = requantize_like(w, merged) if is_quantized(w) and quantized == "requantize" else merged
         else:
             flat[path] = leaf
+    if quantized == "dequantize":
+        flat = {k: dense_value(v) for k, v in flat.items()}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -266,10 +275,16 @@ def _check_fits(frozen, trainable, merged: bool) -> None:
             raise LoraError(f"{name} is both frozen and trained in full")
 
 
-def merge(frozen, trainable):
-    """A plain params tree for the unmodified model: W + s*A@B accumulated in fp32, cast to W's dtype."""
+def merge(frozen, trainable, *, quantized: str = "dequantize"):
+    """A plain params tree for the unmodified model: W + s*A@B accumulated in fp32, cast to W's dtype.
+
+    A quantized base (jlora.quantize) is merged into its dequantized kernels; `quantized="dequantize"`
+    (the default) returns every leaf dense, "requantize" quantizes each adapted kernel again in its own
+    format (int8 / nf4; a GGUF block type cannot be re-encoded) and keeps the other leaves as they are."""
+    if quantized not in ("dequantize", "requantize"):
+        raise LoraError(f"merge quantized={quantized!r}: expected 'dequantize' or 'requantize'")
     _check_fits(frozen, trainable, merged=False)
-    return _merge(frozen, trainable)
+    return _merge(frozen, trainable, quantized)
 
 
 def merge_for_inference(params, trainable, *, tie_word_embeddings: bool = False):
@@ -340,7 +355,7 @@ def unmerge(merged, trainable):
 def count_params(tree) -> int:
     """Number of scalars in a tree; a LoRA pair counts only its active (scale != 0) layers."""
     total = 0
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, LoraPair)):
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, LoraPair) or is_quantized(x)):
         if isinstance(leaf, LoraPair):
             scales = np.atleast_1d(np.asarray(leaf.scale))
             size = leaf.a.size + leaf.b.size + (leaf.magnitude.size if leaf.magnitude is not None else 0)

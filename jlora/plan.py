@@ -78,6 +78,23 @@ def _device_bytes(tree, shardings) -> int:
     return total
 
 
+def quantized_shapes(run: RunConfig, frozen):
+    """The frozen tree's ShapeDtypeStructs as `model.quantize` stores them (a GGUF file's own blocks are read)."""
+    from jlora.quantize import quantize
+
+    m = run.model
+    if m.quantize in ("none", "int8", "nf4"):
+        return quantize(frozen, m.quantize, double_quant=m.double_quant)
+    import jax
+    from flax import traverse_util
+
+    from jlora.weights import load_pretrained, resolve_model_path
+
+    loaded = traverse_util.flatten_dict(load_pretrained(resolve_model_path(m.path), quantize="gguf")[1])
+    flat = traverse_util.flatten_dict(frozen)
+    return traverse_util.unflatten_dict({k: jax.eval_shape(lambda x: x, loaded[k]) for k in flat})
+
+
 def compile_step(run: RunConfig, devices: list | None = None):
     """(compiled train step, its TrainState of ShapeDtypeStructs, LlamaConfig, optimizer) for `run` on the current
     devices (or `devices`): the real `make_train_step`, lowered for abstract inputs, so no weight is
@@ -98,6 +115,7 @@ def compile_step(run: RunConfig, devices: list | None = None):
     optimizer, _ = make_optimizer(run.optim, run.train.steps or 1000, run.train.max_nonfinite)
     key = jax.random.key(0)
     frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, run.lora), param_shapes(cfg), key)
+    frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
     shape = (run.train.grad_accum, run.train.micro_batch, run.data.max_seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
@@ -127,6 +145,7 @@ def plan(run: RunConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
         "remat": cfg.remat,
+        "quantize": run.model.quantize + ("+dq" if run.model.double_quant else ""),
         "micro_batch": run.train.micro_batch,
         "grad_accum": run.train.grad_accum,
         "seq": run.data.max_seq_len,
@@ -152,7 +171,8 @@ def _gib(n: float) -> str:
 def report(p: dict[str, Any]) -> str:
     """The human-readable plan; its last line is `PLAN: {json}`."""
     lines = [
-        f"plan: {p['model']} (dtype={p['dtype']} param_dtype={p['param_dtype']} remat={p['remat']}), "
+        f"plan: {p['model']} (dtype={p['dtype']} param_dtype={p['param_dtype']} remat={p['remat']} "
+        f"quantize={p.get('quantize', 'none')}), "
         f"mesh {p['mesh_text']}",
         f"  step: {p['grad_accum']} micro-batch(es) of {p['micro_batch']} rows x {p['seq']} tokens",
         "per device:",

@@ -260,7 +260,7 @@ def _encode_nf4(w: jax.Array, axis: int, double_quant: bool) -> dict:
 
 # ---- the tree transformation --------------------------------------------------------------------------
 
-def _target(path: tuple, leaf) -> int | None:
+def quantize_axis(path: tuple, leaf) -> int | None:
     """The blocked axis for a leaf that is quantized (kernels along input M, embeddings along row N), or None."""
     if is_quantized(leaf) or getattr(leaf, "ndim", 0) < 2:
         return None
@@ -284,6 +284,15 @@ def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name
     return QuantizedKernel(fields, fmt, (int(m), int(n)), axis, np.dtype(w.dtype).name)
 
 
+def requantize_like(q: QuantizedKernel, w: jax.Array) -> QuantizedKernel:
+    """Dense `w` (e.g. a merged kernel) quantized in q's own format and layout."""
+    method = {"int8": "int8", "nf4": "nf4", "nf4-dq": "nf4"}.get(q.fmt)
+    if method is None:
+        raise QuantizeError(f"cannot re-encode a {q.fmt} kernel: jlora decodes GGUF blocks but does not write "
+                            f"them; merge with quantized='dequantize', or requantize as int8 / nf4")
+    return quantize_leaf(w, method, q.axis, double_quant=q.fmt == "nf4-dq")
+
+
 def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, skip: Callable[[str], bool] | None = None):
     """The frozen tree with every kernel and embedding quantized by `method` ("int8" or "nf4"; "none": unchanged).
 
@@ -293,7 +302,7 @@ def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, skip: C
         return frozen
     out = {}
     for path, leaf in traverse_util.flatten_dict(frozen).items():
-        axis = _target(path, leaf)
+        axis = quantize_axis(path, leaf)
         name = ".".join(map(str, path))
         if axis is None or (skip is not None and skip(name)):
             out[path] = leaf

@@ -29,6 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.lora_apply import LoraPair
+from jlora.quantize import FORMATS, QuantizedKernel, is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,12 @@ def param_specs(params, mesh: Mesh, allow_replication: bool = False):
     ReplicationError; with `allow_replication`, one warning line on stderr instead."""
     specs, lost = {}, []
     for k, v in traverse_util.flatten_dict(params).items():
-        specs[k], axes = _leaf_spec(_dotted(k), tuple(v.shape), mesh)
-        nbytes = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+        if is_quantized(v):
+            specs[k], axes = _quantized_spec(_dotted(k), v, mesh)
+            nbytes = v.nbytes
+        else:
+            specs[k], axes = _leaf_spec(_dotted(k), tuple(v.shape), mesh)
+            nbytes = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
         if axes and nbytes > REPLICATION_LIMIT_BYTES:
             lost.append((nbytes, _dotted(k), tuple(v.shape), axes))
     if lost:
@@ -165,6 +170,20 @@ def param_specs(params, mesh: Mesh, allow_replication: bool = False):
             _WARNED.add(what)
             print(f"warning: {what}; replicated, as mesh.allow_replication is set", file=sys.stderr)
     return traverse_util.unflatten_dict(specs)
+
+
+def _quantized_spec(name: str, q: QuantizedKernel, mesh: Mesh) -> tuple[QuantizedKernel, list[str]]:
+    """A QuantizedKernel of specs: each field [*S, A, B, ...] takes its dense kernel's spec on [*S, A, B]
+    (axes that do not divide A or B move between the two), its within-block dims replicated. The
+    lost axes are those of the biggest field."""
+    fields, lost = {}, []
+    trailing = FORMATS[q.fmt].trailing
+    biggest = max(q.fields, key=lambda k: int(np.prod(q.fields[k].shape)))
+    for key, f in q.fields.items():
+        spec, axes = _leaf_spec(name, tuple(f.shape[: f.ndim - trailing[key]]), mesh)
+        fields[key] = P(*spec, *(None,) * trailing[key])
+        lost = axes if key == biggest else lost
+    return q.replace(fields=fields), lost
 
 
 def _pair_specs(path: tuple, pair: LoraPair, mesh: Mesh) -> LoraPair:

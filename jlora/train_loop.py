@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from jlora import checkpoint as ckpt
 from jlora.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.data import ByteTokenizer, DataError, make_batches
+from jlora.fingerprint import fingerprint
 from jlora.llama import PRESETS, Llama, LlamaConfig
 from jlora.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
 from jlora.metrics_log import MetricsLog
@@ -33,7 +34,7 @@ from jlora.run_dir import RunDirError, claim, os_error_line
 from jlora.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
 from jlora.tokenizer import TokenizerError
 from jlora.trainer import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
-                           make_train_step, put_batch)
+                           make_train_step, put_batch, quantize_frozen)
 from jlora.weights import WeightsError, load_pretrained, resolve_model_path
 from jlora.weights_sharded import load_pretrained_sharded
 
@@ -105,8 +106,9 @@ def build_model(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[LlamaCon
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{e}", "model.overrides") from None
 
-    if mesh is None:
-        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype)
+    if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
+        kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
+        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept)
     else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
         cfg, params = load_pretrained_sharded(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
                                               specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication))
@@ -166,6 +168,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
     fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
+    if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
+        fingerprint_src = fingerprint(state.frozen)
+        quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
     meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume

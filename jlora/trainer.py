@@ -24,9 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.config import OptimConfig
-from jlora.llama import LlamaConfig, init_params
+from jlora.llama import DTYPES, LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraPair, split
 from jlora.lora_apply import apply
+from jlora.quantize import dense_value, quantize_axis, quantize_leaf
 from jlora.sharding import (BATCH_AXES, activation_sharding, batch_shards, batch_spec, constrain, opt_state_specs,
                             param_specs, shard_init, shard_params, shard_trainable, to_shardings, trainable_specs,
                             vocab_shards)
@@ -142,6 +143,8 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
     chunk = ce_chunk or device_ce_chunk(b, t, cfg.vocab_size)
     hidden = apply(model, frozen, trainable, *args, rngs=rngs, return_hidden=True)  # [B,T,D]
     # Gather the head's fsdp shards once here, not in every chunk of the scan; vocab stays split over tensor.
+    # A quantized head is dequantized once for the whole loss (its gradient is not needed).
+    head = dense_value(head, DTYPES[cfg.dtype])
     head = constrain(head, "vocab", None) if cfg.tie_word_embeddings else constrain(head, None, "vocab")
     mask = batch["loss_mask"].astype(jnp.float32)
     total = chunked_cross_entropy(hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk)
@@ -221,6 +224,24 @@ def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, o
     t_specs = trainable_specs(trainable, mesh)
     opt_state = shard_init(optimizer.init, mesh, lambda s: opt_state_specs(optimizer, s, t_specs), trainable)
     return TrainState(frozen, trainable, opt_state, mesh, allow_replication)
+
+
+def quantize_frozen(state: TrainState, method: str, *, double_quant: bool = False) -> None:
+    """Quantize `state.frozen` in place on its mesh (jlora.quantize, "int8" or "nf4"), one leaf at a
+    time: each dense leaf is freed as soon as its packed form is placed by the rules."""
+    flat = traverse_util.flatten_dict(state.frozen)
+    state.frozen = None
+    for path, leaf in flat.items():
+        axis = quantize_axis(path, leaf)
+        if axis is None:
+            continue
+        encode = functools.partial(quantize_leaf, method=method, axis=axis, double_quant=double_quant,
+                                   name=".".join(path))
+        specs = lambda s, path=path: traverse_util.flatten_dict(  # noqa: E731
+            param_specs(traverse_util.unflatten_dict({path: s}), state.mesh, state.allow_replication))[path]
+        flat[path] = shard_init(encode, state.mesh, specs, leaf)
+        leaf.delete()
+    state.frozen = traverse_util.unflatten_dict(flat)
 
 
 def place_state(frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation,
