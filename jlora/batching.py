@@ -47,11 +47,12 @@ class Request:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(cache: dict, small: dict, row, idx) -> dict:
-    """Copy a one-row prefill cache [1,P,...] into row `row` of `cache`, ending at slot `idx`; the rest of
+def _insert(cache: dict, small: dict, j, row, idx) -> dict:
+    """Copy row j of a prefill cache [n,P,...] into row `row` of `cache`, ending at slot `idx`; the rest of
     the row's slots become empty."""
 
     def one(big, part):
+        part = {k: jax.lax.dynamic_slice_in_dim(part[k], j, 1) for k in ("k", "v", "segment_ids")}
         p = part["segment_ids"].shape[1]
         seg_row = jax.lax.dynamic_update_slice(jnp.zeros_like(big["segment_ids"][:1]), part["segment_ids"], (0, idx - p))
         return {"k": jax.lax.dynamic_update_slice(big["k"], part["k"].astype(big["k"].dtype), (row, idx - p, 0, 0)),
@@ -190,29 +191,46 @@ class Engine:
                 req.emit([], "cancelled" if req.cancelled else "timeout")
 
     def _admit(self) -> None:
-        while None in self.slots:
-            with self.cond:
-                if not self.waiting:
-                    return
-                req = self.waiting.popleft()
-            try:
-                self._join(self.slots.index(None), req)
-            except Exception as e:  # noqa: BLE001 - e.g. its adapter was removed while it waited
-                req.emit([], f"error: {' '.join(str(e).split())}")
+        """Every waiting request that a free row can take joins now, prefilled together."""
+        with self.cond:
+            free = [i for i, r in enumerate(self.slots) if r is None]
+            joining = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        ok = []
+        for req in joining:
+            if req.adapter is None or req.adapter in self.stack:
+                ok.append(req)
+            else:  # its adapter was removed while it waited
+                req.emit([], f"error: no adapter named {req.adapter!r} in the stack")
+        try:
+            if ok:
+                self._join(free[: len(ok)], ok)
+        except Exception as e:  # noqa: BLE001 - answer the joining requests, then let the loop end the rest
+            for req in ok:
+                if req not in self.slots:
+                    req.emit([], f"error: {' '.join(str(e).split())}")
+            raise
 
-    def _join(self, row: int, req: Request) -> None:
-        n = len(req.prompt)
-        p = -(-n // _BUCKET) * _BUCKET
-        ids, positions, segs = (np.zeros((1, p), np.int32) for _ in range(3))
-        ids[0, p - n:], positions[0, p - n:], segs[0, p - n:] = req.prompt, np.arange(n), 1
-        routed = self.stack.rows([req.adapter])
+    def _join(self, rows: list[int], reqs: list[Request]) -> None:
+        """Prefill `reqs` as one batch (padded to a power of 2 rows, prompts left-padded to a bucket) and
+        copy each into its free row, ending at the fill index."""
+        n_pad = 1 << (len(reqs) - 1).bit_length()
+        p = -(-max(len(r.prompt) for r in reqs) // _BUCKET) * _BUCKET
+        ids, positions, segs = (np.zeros((n_pad, p), np.int32) for _ in range(3))
+        for j, req in enumerate(reqs):
+            n = len(req.prompt)
+            ids[j, p - n:], positions[j, p - n:], segs[j, p - n:] = req.prompt, np.arange(n), 1
+        routed = self.stack.rows([r.adapter for r in reqs] + [None] * (n_pad - len(reqs)))
         logits, small = _prefill(self.gen.model, self.gen.frozen, routed, ids, positions, segs, max_len=p)
-        if self.idx < p:  # room for the prompt before the fill index: move every live row right
+        if self.idx < p:  # room for the prompts before the fill index: move every live row right
             self._move(p - self.idx)
-        self.cache = _insert(self.cache, small, jnp.int32(row), jnp.int32(self.idx))
-        req.start = self.idx - n
-        self.slots[row] = req
-        self._take(row, logits[0])
+        for j, (row, req) in enumerate(zip(rows, reqs)):
+            self.cache = _insert(self.cache, small, jnp.int32(j), jnp.int32(row), jnp.int32(self.idx))
+            req.start = self.idx - len(req.prompt)
+            self.slots[row] = req
+        padded = reqs + [None] * (n_pad - len(reqs))
+        toks = np.asarray(_sample_rows(logits, *self._sampling(padded), use_top_p=self._use_top_p(padded)))
+        for row, req, tok in zip(rows, reqs, toks):
+            self._accept(row, int(tok))
 
     def _move(self, delta: int) -> None:
         self.idx += delta
@@ -221,11 +239,9 @@ class Engine:
             if req is not None:
                 req.start += delta
 
-    def _take(self, row: int, logits) -> None:
-        """Sample row `row`'s next token from its logits [V] and hand it on (a one-row `_decode` tail)."""
-        req = self.slots[row]
-        tok = int(_sample_rows(logits[None], *self._sampling([req]), use_top_p=req.top_p < 1.0)[0])
-        self._accept(row, tok)
+    @staticmethod
+    def _use_top_p(reqs) -> bool:
+        return any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in reqs)
 
     def _sampling(self, reqs):
         return (jnp.asarray([r.seed if r else 0 for r in reqs], jnp.uint32),
@@ -258,8 +274,7 @@ class Engine:
                                    jnp.int32(self.idx))
         self.idx += 1
         self.steps += 1
-        use_top_p = any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in live)
-        toks = np.asarray(_sample_rows(logits, *self._sampling(live), use_top_p=use_top_p))
+        toks = np.asarray(_sample_rows(logits, *self._sampling(live), use_top_p=self._use_top_p(live)))
         for i, req in enumerate(live):
             if req is not None and self.slots[i] is req:
                 self._accept(i, int(toks[i]))

@@ -1,0 +1,190 @@
+"""Many adapters on one base: jlora's continuous-batching engine (what `jlora-serve` runs) vs HF PEFT's
+mixed-batch `generate(..., adapter_names=[...])`, on SmolLM2-135M from its GGUF (fp32, CPU).
+
+16 requests of 64 new tokens each (EOS disabled), sent at once, in three settings: all on one adapter;
+8 different adapters of rank 8; 8 adapters of ranks 4-32. Adapters are random (A and B nonzero) on
+q_proj and v_proj. jlora: the requests go straight into `jlora.batching.Engine` (the server's engine,
+without HTTP) with a stack sized to the setting; latency is each request's submit-to-last-token time.
+PEFT: the 16 prompts as one left-padded batch, each row naming its adapter (the adapters are written by
+`jlora.export_peft` and loaded with peft's `load_adapter`); every request's latency is the batch's time.
+Each figure is the best of --rounds interleaved rounds after a warm-up round that compiles. Prints
+throughput and p50/p99 latency, the ratios, and writes every figure with the commit, date, machine and
+load average to docs/results/serve_vs_peft.json (--out).
+Targets: 8 adapters >= 0.8x the one-adapter throughput; mixed ranks >= 2x PEFT's mixed batch.
+Usage: python bench/serve_vs_peft.py [--new-tokens 64] [--rounds 2] [--out FILE]
+"""
+
+import argparse
+import os
+import pathlib
+import shlex
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import jlora  # noqa: E402
+from jlora.adapter_stack import AdapterStack  # noqa: E402
+from jlora.batching import Engine, Request  # noqa: E402
+from jlora.generate import Generator  # noqa: E402
+from jlora.provenance import provenance, write_result  # noqa: E402
+from jlora.tokenizer import load_tokenizer  # noqa: E402
+from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
+PROMPTS = [
+    "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "Explain why the sky is blue in one sentence.", "1, 2, 3, 4,", "The three primary colors are",
+    "Translate to French: I would like a cup of coffee, please.", "The largest planet in our solar system is",
+    "List three fruits:", "import numpy as np\n", "A haiku about autumn:", "The opposite of hot is",
+    "Summarize: the meeting moved to Tuesday because the room was booked.", "Q: What is 12 times 12?\nA:",
+    "My favourite book is",
+]
+SETTINGS = {"one adapter": [8] * 1, "8 adapters r=8": [8] * 8, "8 adapters r=4-32": [4, 8, 12, 16, 20, 24, 28, 32]}
+
+
+def random_adapter(params: dict, rank: int, seed: int):
+    """(LoraConfig, trainable) on q_proj and v_proj with random nonzero A and B (alpha = 2 rank)."""
+    lcfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=("q_proj", "v_proj"))
+    _, trainable = jlora.split(params, lcfg, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    fill = lambda p: p.replace(a=np.float32(0.05) * rng.standard_normal(p.a.shape, np.float32),  # noqa: E731
+                               b=np.float32(0.05) * rng.standard_normal(p.b.shape, np.float32))
+    return lcfg, jax.tree.map(fill, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+
+
+def run_engine(engine: Engine, rows: list[list[int]], names: list[str], n: int):
+    """Submit every request at once; (wall seconds, per-request latencies, outputs)."""
+    done, lock, left = threading.Event(), threading.Lock(), [len(rows)]
+    lat, outs = [0.0] * len(rows), [[] for _ in rows]
+    start = time.perf_counter()
+
+    def emitter(i):
+        def emit(new, fin):
+            outs[i].extend(new)
+            if fin:
+                lat[i] = time.perf_counter() - start
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+        return emit
+
+    for i, (ids, name) in enumerate(zip(rows, names)):
+        assert engine.submit(Request(ids, name, n, emitter(i)))
+    done.wait()
+    return time.perf_counter() - start, lat, outs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "serve_vs_peft.json"), help="the result file")
+    args = parser.parse_args()
+    started = provenance()
+    n, b = args.new_tokens, len(PROMPTS)
+
+    path = pathlib.Path(resolve_model_path("smollm2-135m"))
+    cfg, params = load_pretrained(path)
+    tok = load_tokenizer(path)
+    rows = [tok.encode(p) for p in PROMPTS]
+    model = jlora.Llama(cfg)
+    adapters = {s: [random_adapter(params, r, 100 * k + j) for j, r in enumerate(ranks)]
+                for k, (s, ranks) in enumerate(SETTINGS.items())}
+    names = {s: [f"s{k}a{i % len(ranks)}" for i in range(b)] for k, (s, ranks) in enumerate(SETTINGS.items())}
+
+    engines = {}
+    for k, (s, ranks) in enumerate(SETTINGS.items()):
+        stack = AdapterStack(cfg, capacity=len(ranks), max_rank=max(ranks), targets=("q_proj", "v_proj"))
+        for j, (_, tree) in enumerate(adapters[s]):
+            stack.add(f"s{k}a{j}", tree)
+        engines[s] = Engine(Generator(model, params, stack=stack), max_batch=b,
+                            max_len=max(map(len, rows)) + n + 16, max_queue=b, eos=[])
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    peft_model = None
+    for k, s in enumerate(SETTINGS):
+        for j, (lcfg, tree) in enumerate(adapters[s]):
+            d = tmp / f"s{k}a{j}"
+            jlora.export_peft(d, tree, lcfg, cfg)
+            if peft_model is None:
+                peft_model = peft.PeftModel.from_pretrained(hf, str(d), adapter_name=d.name)
+            else:
+                peft_model.load_adapter(str(d), adapter_name=d.name)
+    peft_model.eval()
+    width = max(map(len, rows))
+    hf_in = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+    def run_peft(setting, new_tokens=n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = peft_model.generate(**hf_in, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      adapter_names=names[setting])
+        return time.perf_counter() - start, out[:, -new_tokens:].tolist()
+
+    probe = {}  # torch's spinning threads can cost it several x on a shared machine: take its faster setting
+    for t in sorted({torch.get_num_threads(), 1}):
+        torch.set_num_threads(t)
+        run_peft("one adapter", 2)
+        probe[t] = run_peft("one adapter", 8)[0]
+    torch.set_num_threads(min(probe, key=probe.get))
+
+    best: dict = {}
+    for rnd in range(args.rounds + 1):  # round 0 compiles jlora's shapes and warms both sides
+        for s in SETTINGS:
+            wall, lat, outs = run_engine(engines[s], rows, names[s], n)
+            pwall, pouts = run_peft(s)
+            if rnd and wall < best.get(("jlora", s), (float("inf"),))[0]:
+                best["jlora", s] = (wall, lat, outs)
+            if rnd and pwall < best.get(("peft", s), (float("inf"),))[0]:
+                best["peft", s] = (pwall, [pwall] * b, pouts)
+
+    print(f"SmolLM2-135M fp32, {b} requests x {n} new tokens sent at once, random LoRA on q,v, CPU "
+          f"({os.cpu_count()} cores), best of {args.rounds}; PEFT torch threads {torch.get_num_threads()}")
+    print(f"{'':20s}{'jlora tok/s':>12s}{'p50 s':>8s}{'p99 s':>8s}{'PEFT tok/s':>12s}{'PEFT s':>8s}{'ratio':>7s}")
+    rows_out, rate = [], {}
+    for s in SETTINGS:
+        wall, lat, outs = best["jlora", s]
+        pwall, _, pouts = best["peft", s]
+        rate[s] = b * n / wall
+        p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+        print(f"{s:20s}{rate[s]:12.1f}{p50:8.2f}{p99:8.2f}{b * n / pwall:12.1f}{pwall:8.2f}"
+              f"{rate[s] / (b * n / pwall):7.2f}x")
+        first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(outs, pouts)]
+        print(f"  first token where jlora and PEFT differ, per request ({n} = none): {first}")
+        rows_out += [{"metric": f"{s}: throughput", "unit": "tokens/s", "jlora": rate[s],
+                      "peer": "HF PEFT mixed batch", "peer_value": b * n / pwall, "better": "higher"},
+                     {"metric": f"{s}: p50 latency", "unit": "s", "jlora": float(p50), "peer": "HF PEFT mixed batch",
+                      "peer_value": pwall, "better": "lower"},
+                     {"metric": f"{s}: p99 latency", "unit": "s", "jlora": float(p99), "peer": "HF PEFT mixed batch",
+                      "peer_value": pwall, "better": "lower"}]
+    many, mixed = rate["8 adapters r=8"] / rate["one adapter"], rate["8 adapters r=4-32"]
+    peft_mixed = b * n / best["peft", "8 adapters r=4-32"][0]
+    print(f"8 adapters / one adapter: {many:.2f}x (target >= 0.8); mixed ranks jlora / PEFT: "
+          f"{mixed / peft_mixed:.2f}x (target >= 2)")
+    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "requests": b, "new_tokens": n,
+              "lora": "random, q_proj,v_proj", "settings": {s: r for s, r in SETTINGS.items()},
+              "peft_threads": torch.get_num_threads(), "best_of": args.rounds,
+              "jlora_side": "jlora.batching.Engine in process (jlora-serve's engine, no HTTP)"}
+    command = shlex.join(["python", "bench/serve_vs_peft.py", *sys.argv[1:]])
+    out = write_result(args.out, started, {"bench": "serve_vs_peft", "command": command, "config": config,
+                                           "rows": rows_out})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
