@@ -67,8 +67,9 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[fl
             raise GGUFAdapterError(f"{where}: llama.cpp's LLaMA graph has no LoRA slot for this tensor")
         if path == _EMBED and cfg.tie_word_embeddings:
             raise GGUFAdapterError("embed_tokens: this base ties its output head to token_embd.weight, and llama.cpp "
-                                   "finds adapters by tensor name, so it would apply this adapter to the head too; "
-                                   "jlora applies it to the lookup only: merge it or leave embed_tokens out")
+                                   "finds adapters by tensor name, so it applies this adapter to the head too (and aborts: "
+                                   "GGML_ASSERT ggml_can_mul_mat); jlora applies it to the lookup only: merge it or "
+                                   "leave embed_tokens out")
         a, b = np.asarray(leaf.a, np.float32), np.asarray(leaf.b, np.float32)  # [*S, in, R], [*S, R, out]
         rank = leaf.rank
         for j, s in enumerate(leaf.scale_array().reshape(-1)):

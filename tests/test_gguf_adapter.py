@@ -82,6 +82,7 @@ def test_refuses_what_llama_cpp_cannot_run(tmp_path):
     params = jlora.init_params(cfg, jax.random.key(0))
     cases = {"DoRA": (jlora.LoraConfig(targets=("q_proj",), use_dora=True), cfg),
              "train_extra": (jlora.LoraConfig(targets=("q_proj",), train_extra="norm"), cfg),
+             # exported anyway, llama-cpp-python 0.3.36 aborts the process on SmolLM2: GGML_ASSERT(ggml_can_mul_mat)
              "ties its output head": (jlora.LoraConfig(targets=("embed_tokens",)), cfg.replace(tie_word_embeddings=True))}
     for needle, (lcfg, base) in cases.items():
         _, trainable = jlora.split(params, lcfg, jax.random.key(1))
