@@ -97,7 +97,9 @@ class AdapterStack:
         return self.names.index(name)
 
     def rows(self, names) -> RowAdapters:
-        """RowAdapters for a batch whose row b uses adapter names[b] (None = the base)."""
+        """RowAdapters for a batch whose row b uses adapter names[b] (None = the base).
+
+        It holds the stack's arrays as they are now: an add or remove donates them, so make it again after one."""
         return RowAdapters(self.arrays, jnp.asarray([self.index(n) for n in names], jnp.int32))
 
     def add(self, name: str, trainable: dict) -> int:
