@@ -6,6 +6,7 @@ checkpoints are not on this machine. Writes docs/results/will_it_fit.json: the c
 and load average, then per case the command and its PLAN figures; bench/report.py renders it as the
 "Will it fit" section of docs/benchmarks.md.
 Run: python bench/will_it_fit.py            (about 10-20 minutes on 2 CPU cores)
+     python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json   (the QLoRA cases)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ CASES = [
     ("configs/llama3-8b-lora.yaml", 8, "llama3-8b", []),
     ("configs/llama3-70b-tpu-pod.yaml", 64, "llama3-70b", []),
     ("configs/llama3-70b-tpu-pod.yaml", 256, "llama3-70b", ["train.micro_batch=256"]),  # 1 row per chip
+    # QLoRA: the 8B base in nf4 on ONE device, one 2048-token row per step (a 24 GB GPU?)
+    *[("configs/llama3-8b-lora.yaml", 1, "llama3-8b", ["model.quantize=nf4", "mesh.fsdp=1", "train.micro_batch=1",
+                                                       "train.global_batch=1", f"train.remat={remat}"])
+      for remat in ("dots_saveable", "full")],
 ]
 
 
@@ -50,10 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--only", help="run only the cases whose --set overrides contain this text (e.g. nf4)")
     a = p.parse_args(argv)
     started = provenance()
-    out = write_result(a.out, started, {"bench": "will_it_fit", "command": "python bench/will_it_fit.py",
-                                        "cases": [run_case(*case, a.timeout) for case in CASES]})
+    cases = [c for c in CASES if a.only is None or any(a.only in s for s in c[3])]
+    command = shlex.join(["python", "bench/will_it_fit.py", *(sys.argv[1:] if argv is None else argv)])
+    out = write_result(a.out, started, {"bench": "will_it_fit", "command": command,
+                                        "cases": [run_case(*case, a.timeout) for case in cases]})
     print(f"wrote {out}")
 
 

@@ -22,7 +22,7 @@ from jlora.config import ConfigError, RunConfig
 # Memory per device as sold (bytes). A run "fits" when it needs at most FIT_MARGIN of it: the
 # runtime, the allocator's fragmentation and the compiler's workspace take the rest.
 ACCELERATORS = {
-    "H100-80GB": 80e9, "H200-141GB": 141e9, "A100-40GB": 40e9, "A100-80GB": 80e9,
+    "L4-24GB": 24e9, "H100-80GB": 80e9, "H200-141GB": 141e9, "A100-40GB": 40e9, "A100-80GB": 80e9,
     "TPU-v4": 32 * 2**30, "TPU-v5e": 16 * 2**30, "TPU-v5p": 95 * 2**30, "TPU-v6e": 32 * 2**30,
 }
 FIT_MARGIN = 0.9
