@@ -7,6 +7,7 @@ from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, init_params
 from jlora.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, split, unmerge
 from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layouts
 from jlora.peft import export_peft, import_peft
+from jlora.quantize import QuantizedKernel, dequantize, quantize
 from jlora.tokenizer import load_tokenizer
 from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
 from jlora.weights_sharded import load_pretrained_sharded
@@ -14,8 +15,9 @@ from jlora.weights_sharded import load_pretrained_sharded
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "apply", "count_params", "describe",
-    "export_gguf_adapter", "export_peft", "generate", "import_peft", "init_cache", "init_params", "load_adapter",
-    "load_pretrained", "load_pretrained_sharded", "load_tokenizer", "lora_apply", "merge", "merge_for_inference",
-    "pissa_to_lora", "resolve_model_path", "save_adapter", "save_pretrained", "split", "trace_layouts", "unmerge",
+    "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "PRESETS", "QuantizedKernel", "apply",
+    "count_params", "dequantize", "describe", "export_gguf_adapter", "export_peft", "generate", "import_peft",
+    "init_cache", "init_params", "load_adapter", "load_pretrained", "load_pretrained_sharded", "load_tokenizer",
+    "lora_apply", "merge", "merge_for_inference", "pissa_to_lora", "quantize", "resolve_model_path", "save_adapter",
+    "save_pretrained", "split", "trace_layouts", "unmerge",
 ]
