@@ -53,31 +53,46 @@ def side_prep(hf_dir: str) -> dict:
 
 
 def side_jlora(a: argparse.Namespace) -> dict:
+    from jlora.weights import load_pretrained
+
+    cfg, params = load_pretrained(a.hf_dir)
+    cfg = cfg.replace(remat=a.remat)
+    state, opt = jlora_state(cfg, params, a.steps)
+    del params
+    return time_jlora_steps(cfg, state, opt, a)
+
+
+def jlora_state(cfg, params, steps: int):
+    """(TrainState on one device, optimizer): the bench's LoRA (RANK, ALPHA, TARGETS) and AdamW on `params`."""
+    import jax
+
+    from jlora.config import OptimConfig
+    from jlora.lora import LoraConfig
+    from jlora.sharding import make_mesh
+    from jlora.trainer import init_state, make_optimizer
+
+    lcfg = LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
+    opt, _ = make_optimizer(OptimConfig(lr=LR, schedule="constant", weight_decay=WD, grad_clip=CLIP), steps + 2)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return init_state(cfg, lcfg, mesh, jax.random.key(0), opt, params), opt
+
+
+def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
+    """Compile jlora's train step for `state` and time a.steps steps after two warm-up steps, on random
+    tokens [a.batch, a.seq]; the side's figures (compile, first step, step times, losses, peak RSS)."""
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
     import numpy as np
 
-    from jlora.config import OptimConfig
     from jlora.llama import Llama
-    from jlora.lora import LoraConfig
-    from jlora.sharding import make_mesh
-    from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
-    from jlora.weights import load_pretrained
+    from jlora.trainer import make_train_step, put_batch
 
-    cfg, params = load_pretrained(a.hf_dir)
-    cfg = cfg.replace(remat=a.remat)
-    lcfg = LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
-    opt, _ = make_optimizer(OptimConfig(lr=LR, schedule="constant", weight_decay=WD, grad_clip=CLIP),
-                            a.steps + 2)
-    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    state = init_state(cfg, lcfg, mesh, jax.random.key(0), opt, params)
-    del params
     ids = random_ids(a.batch, a.seq, cfg.vocab_size)
     host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((a.batch, a.seq), np.float32),
             "positions": np.tile(np.arange(a.seq, dtype=np.int32), (a.batch, 1)),
             "segment_ids": np.ones((a.batch, a.seq), np.int32)}
-    batch = put_batch(host, mesh, 1)
+    batch = put_batch(host, state.mesh, 1)
     f, t, o = state.frozen, state.trainable, state.opt_state
     t0 = time.perf_counter()
     step = make_train_step(Llama(cfg), opt, state).lower(f, t, o, batch, jax.random.key(0)).compile()
@@ -93,13 +108,25 @@ def side_jlora(a: argparse.Namespace) -> dict:
 
 
 def side_peft(a: argparse.Namespace) -> dict:
-    import peft
     import torch
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS),
-                                                       lora_dropout=0.0))
+    return time_peft_steps(peft_lora(model), a)
+
+
+def peft_lora(model):
+    """`model` wrapped by HF PEFT with the bench's LoRA (RANK, ALPHA, TARGETS, no dropout)."""
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS),
+                                                      lora_dropout=0.0))
+
+
+def time_peft_steps(model, a: argparse.Namespace) -> dict:
+    """Time a.steps PEFT train steps (AdamW, clipping) after two warm-up steps on random tokens; the side's figures."""
+    import torch
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
@@ -124,14 +151,21 @@ SINGLE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_p
                      "OMP_NUM_THREADS": "1"}
 
 
-def run_side(side: str, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--hf-dir", a.hf_dir, "--batch", str(a.batch),
-           "--seq", str(a.seq), "--steps", str(a.steps), "--remat", a.remat]
+def run_side(side: str, a: argparse.Namespace, script: str = __file__, extra: tuple[str, ...] = (),
+             check: bool = True) -> dict:
+    """Run `script --side SIDE` in its own process and return the JSON its "SIDE: " line carries. A side that
+    fails exits this process, or with check=False gives {"error": its exit status and last stderr line}."""
+    cmd = [sys.executable, script, "--side", side, "--hf-dir", a.hf_dir, "--batch", str(a.batch),
+           "--seq", str(a.seq), "--steps", str(a.steps), "--remat", a.remat, *extra]
     env = {**os.environ, **(SINGLE_THREAD_ENV if a.single_thread and side != "prep" else {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIDE: ")]
     if proc.returncode or not lines:
-        sys.exit(f"train_vs_peft: the {side} side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        if not check:
+            last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            return {"error": f"exit {proc.returncode}: {last}"}
+        sys.exit(f"{pathlib.Path(script).stem}: the {side} side failed (exit {proc.returncode}):\n"
+                 f"{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("SIDE: "):])
 
 
