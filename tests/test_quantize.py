@@ -55,6 +55,20 @@ def test_nf4_code_is_the_papers_normal_float():
     assert NF4_CODE[7] == 0.0 and NF4_CODE[0] == -1.0 and NF4_CODE[-1] == 1.0
 
 
+def test_nf4_equals_bitsandbytes_bit_for_bit():
+    """bitsandbytes (what PEFT's QLoRA uses) quantizes a torch Linear weight [out, in] in blocks of 64 along
+    `in`; jlora's kernel is [in, out] blocked along `in`: the same blocks, so the same dequantized values."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, get_4bit_type, quantize_4bit
+
+    np.testing.assert_array_equal(get_4bit_type("nf4", device="cpu").numpy(), NF4_CODE)
+    w = (np.random.default_rng(0).standard_t(4, size=(384, 256)) * 0.02).astype(np.float32)  # [out, in]
+    packed, state = quantize_4bit(torch.from_numpy(w), quant_type="nf4", blocksize=64)
+    theirs = dequantize_4bit(packed, state).numpy()
+    ours = np.asarray(dequantize(quantize_leaf(jnp.asarray(w.T), "nf4", -2))).T
+    np.testing.assert_array_equal(ours, theirs)
+
+
 @pytest.mark.parametrize("axis", [-2, -1])
 def test_round_trip_errors_are_within_each_formats_bound(axis):
     rng = np.random.default_rng(0)
