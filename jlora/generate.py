@@ -35,6 +35,7 @@ from jlora.lora import merge_for_inference
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
 from jlora.peft import import_peft
+from jlora.quantize import is_quantized, transposed
 from jlora.tokenizer import load_tokenizer
 from jlora.weights import load_pretrained, resolve_model_path
 
@@ -76,7 +77,7 @@ def _per_layer(tree: dict, n_layers: int) -> dict:
         layer = {}
         for path, leaf in flat.items():
             if not is_pair(leaf):
-                layer[path] = jnp.asarray(leaf[i])
+                layer[path] = jax.tree.map(lambda x: jnp.asarray(x[i]), leaf)  # an array or a QuantizedKernel
                 continue
             scales = np.asarray(leaf.scale, np.float32).reshape(-1)
             scale = float(scales[i] if scales.size > 1 else scales[0])
@@ -214,7 +215,8 @@ class Generator:
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")
             emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb
-            self.frozen["lm_head"] = {"kernel": jnp.transpose(jnp.asarray(emb))}
+            head = transposed(emb) if is_quantized(emb) else jnp.transpose(jnp.asarray(emb))
+            self.frozen["lm_head"] = {"kernel": head}
 
     def stream(self, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,

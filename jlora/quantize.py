@@ -121,6 +121,14 @@ def dequantize(q: QuantizedKernel, dtype=None) -> jax.Array:
     return values.reshape(*q.stack, m, n).astype(dtype or q.dense_dtype)
 
 
+def transposed(q: QuantizedKernel) -> QuantizedKernel:
+    """The packed [*stack, N, M] transpose of q (e.g. a tied embedding [V, D] as a [D, V] head), no decoding:
+    the block axis flips with it."""
+    n = len(q.stack)
+    return q.replace(fields={k: jnp.swapaxes(f, n, n + 1) for k, f in q.fields.items()},
+                     dense=q.dense[::-1], axis=-3 - q.axis)
+
+
 def take_rows(q: QuantizedKernel, ids: jax.Array, dtype=None) -> jax.Array:
     """Rows `ids` [...] of an unstacked [M, N] leaf blocked along N (an embedding): [..., N], decoding only those."""
     if q.stack or q.axis != -1:
