@@ -82,25 +82,32 @@ def _shift(cache: dict, delta) -> dict:
     return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}
 
 
+def _pick(logits, seeds, steps, temperature, top_p, mode: str):
+    """Row b's token from logits [B,V]: argmax where temperature[b] == 0, else a draw with
+    fold_in(key(seed[b]), step[b]), the key `jlora.generate` uses for token `step` of a one-row call.
+    mode (static): "greedy" when every row is greedy (no draw is made at all), "sample", or "top_p"."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+
+    def one(row, seed, step, temp, tp):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return _sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, mode == "top_p"))[0]
+
+    drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_p)  # [B]
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
 @functools.partial(jax.jit, static_argnames=("dmodel",), donate_argnames=("cache",))
 def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
-    """One decode step for every row: logits [B,V] of tokens [B] at positions [B] written to slot idx, and the cache."""
+    """One decode step for every row: logits [B,V] of tokens [B] at positions [B] written to slot idx, and the cache.
+    Sampling is a separate call (`_sample_rows`), so the model step compiles once whatever the rows ask for."""
     ids = tokens[:, None]  # [B,1]
     cache = {name: {"self_attn": {**layer["self_attn"], "index": idx}} for name, layer in cache.items()}
     return _forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
 
 
-@functools.partial(jax.jit, static_argnames=("use_top_p",))
-def _sample_rows(logits, seeds, steps, temperature, top_p, *, use_top_p: bool):
-    """Row b's token: argmax where temperature[b] == 0, else a draw with fold_in(key(seed[b]), step[b]),
-    the key `jlora.generate` uses for token `step` of a one-row call."""
-
-    def one(row, seed, step, temp, tp):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        return _sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, use_top_p))[0]
-
-    drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_p)  # [B]
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+_sample_rows = jax.jit(_pick, static_argnames=("mode",))
 
 
 class Engine:
@@ -228,7 +235,7 @@ class Engine:
             req.start = self.idx - len(req.prompt)
             self.slots[row] = req
         padded = reqs + [None] * (n_pad - len(reqs))
-        toks = np.asarray(_sample_rows(logits, *self._sampling(padded), use_top_p=self._use_top_p(padded)))
+        toks = np.asarray(_sample_rows(logits, *self._sampling(padded), mode=self._mode(padded)))
         for row, req, tok in zip(rows, reqs, toks):
             self._accept(row, int(tok))
 
@@ -240,14 +247,19 @@ class Engine:
                 req.start += delta
 
     @staticmethod
-    def _use_top_p(reqs) -> bool:
-        return any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in reqs)
+    def _mode(reqs) -> str:
+        """`_pick`'s mode for these rows (None = an empty row, greedy)."""
+        if all(r is None or r.temperature <= 0 for r in reqs):
+            return "greedy"
+        return "top_p" if any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in reqs) else "sample"
 
-    def _sampling(self, reqs):
-        return (jnp.asarray([r.seed if r else 0 for r in reqs], jnp.uint32),
-                jnp.asarray([len(r.out) if r else 0 for r in reqs], jnp.int32),
-                jnp.asarray([r.temperature if r else 0.0 for r in reqs], jnp.float32),
-                jnp.asarray([r.top_p if r else 1.0 for r in reqs], jnp.float32))
+    @staticmethod
+    def _sampling(reqs):
+        """(seeds, steps, temperatures, top_ps) per row, as host arrays (the jitted call takes them over)."""
+        return (np.asarray([r.seed if r else 0 for r in reqs], np.uint32),
+                np.asarray([len(r.out) if r else 0 for r in reqs], np.int32),
+                np.asarray([r.temperature if r else 0.0 for r in reqs], np.float32),
+                np.asarray([r.top_p if r else 1.0 for r in reqs], np.float32))
 
     def _accept(self, row: int, tok: int) -> None:
         req = self.slots[row]
@@ -271,10 +283,10 @@ class Engine:
         positions = np.asarray([len(r.prompt) + len(r.out) - 1 if r else 0 for r in live], np.int32)
         routed = self.stack.rows([r.adapter if r else None for r in live])
         logits, self.cache = _step(self.gen.model, self.gen.frozen, routed, self.cache, tokens, positions,
-                                   jnp.int32(self.idx))
+                                   np.int32(self.idx))
         self.idx += 1
         self.steps += 1
-        toks = np.asarray(_sample_rows(logits, *self._sampling(live), use_top_p=self._use_top_p(live)))
+        toks = np.asarray(_sample_rows(logits, *self._sampling(live), mode=self._mode(live)))
         for i, req in enumerate(live):
             if req is not None and self.slots[i] is req:
                 self._accept(i, int(toks[i]))
