@@ -1,7 +1,7 @@
 """Builds docs/benchmarks.md, and the README's demo figures, from the result files in docs/results/ alone.
 
-Every bench script (bench/forward_vs_hf.py, train_vs_peft.py, generate_vs_hf.py, gpu_train.py,
-will_it_fit.py) writes docs/results/<bench>.json itself: {"bench", "command", "commit", "date",
+Every bench script (bench/forward_vs_hf.py, train_vs_peft.py, generate_vs_hf.py, qlora_vs_peft.py,
+gpu_train.py, will_it_fit.py) writes docs/results/<bench>.json itself: {"bench", "command", "commit", "date",
 "machine", "load_average", "load_average_after", "libraries", "config", "rows": [ROW, ...]}, where ROW is
     {"metric": str, "unit": str, "jlora": float, "peer": str | null, "peer_value": float | null,
      "better": "higher" | "lower"}
@@ -30,7 +30,7 @@ RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf")
-RUNNABLE = (*BENCHES, "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
+RUNNABLE = (*BENCHES, "qlora_vs_peft", "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
 README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
 README_END = "<!-- end of demo figures -->"
 
@@ -133,6 +133,25 @@ def bench_section(name: str, res: dict | str | None) -> list[str]:
                     *_table(res)]
 
 
+def qlora_section(res: dict | str | None) -> list[str]:
+    """bench/qlora_vs_peft.py: the comparison rows, then every side's own figures, and the error of a side that failed."""
+    lines = bench_section("qlora_vs_peft", res)
+    if not isinstance(res, dict):
+        return lines
+    lines += ["", "Each side (best of its runs; peak RSS: its largest run):", "",
+              "| side | frozen weights (MB) | train tokens/s | median step (s) | peak RSS (MB) | compile (s) "
+              "| first step incl. compile (s) | loss, first -> last step |", "|---|---|---|---|---|---|---|---|"]
+    for side, f in res["sides"].items():
+        name = side if side.startswith("peft") else f"jlora {side}"
+        if "error" in f:
+            lines.append(f"| {name} | failed: {f['error']} | — | — | — | — | — | — |")
+            continue
+        lines.append(f"| {name} | {_fmt(f['frozen_mb'])} | {_fmt(f['tokens_per_s'])} | {_fmt(f['median_step_s'])} "
+                     f"| {_fmt(f['rss_mb'])} | {_fmt(f['compile_s'])} | {_fmt(f['first_step_s'])} "
+                     f"| {f['loss_first']:.3f} -> {f['loss_last']:.3f} |")
+    return lines
+
+
 def demo_figures(demo: dict | str | None) -> str:
     """The README's sentence about the demo's outcome and timings, from docs/results/demo.json."""
     if not isinstance(demo, dict):
@@ -224,6 +243,7 @@ def render(results: dict[str, dict | str]) -> str:
              "larger (good for throughput, bad for memory and time)."]
     for name in BENCHES:
         lines += bench_section(name, results.get(name))
+    lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
     lines += fit_section(results.get("will_it_fit"))
     lines += gpu_section(results.get("gpu_train"))
