@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,8 +30,9 @@ from jlora.provenance import missing_fields  # noqa: E402
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
-BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf")
+BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf", "serve_vs_peft")
 RUNNABLE = (*BENCHES, "qlora_vs_peft", "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
+QLORA_DEMOS = ("demo_nf4", "demo_gguf")  # jlora-demo --set model.quantize=nf4 / gguf, added with --add
 README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
 README_END = "<!-- end of demo figures -->"
 
@@ -70,7 +72,10 @@ def add_result(src: pathlib.Path, results: pathlib.Path = RESULTS) -> pathlib.Pa
     gpu_train.json) to results/<bench>.json; ReportError if it carries no provenance."""
     record = read_result(src)
     name = record.get("bench")
-    if name not in (*RUNNABLE, "gpu_train", "demo"):
+    quantized = re.search(r"model\.quantize=(\w+)", record.get("command", ""))
+    if name == "demo" and quantized and quantized.group(1) != "none":  # a QLoRA demo sits beside the fp32 one
+        name = f"demo_{quantized.group(1)}"
+    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS):
         raise ReportError(f"{src}: no known 'bench' name in it (got {name!r})")
     if record.get("smoke"):
         raise ReportError(f"{src}: a --smoke run checks the script; its figures are not a benchmark")
@@ -189,16 +194,40 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f}"
 
 
-def fit_section(res: dict | str | None) -> list[str]:
+def qlora_demo_section(results: dict[str, dict | str]) -> list[str]:
+    """The demo task with a quantized frozen base (nf4, the GGUF file's own Q4_1 blocks) beside fp32 LoRA."""
+    lines = ["", "## The demo fine-tune on a quantized base (QLoRA)", "",
+             "Commands: `jlora-demo --set model.quantize=nf4 --set output_dir=runs/demo-nf4` and the same with "
+             "`gguf` (the shipped Q4_1 file's own blocks), each then `python bench/report.py --add "
+             "runs/demo-nf4/demo_results.json` (resp. demo-gguf). Same data, steps and held-out examples as the "
+             "fp32 demo above.", ""]
+    rows = []
+    for name, label in (("demo", "fp32 (none)"), ("demo_nf4", "nf4"), ("demo_gguf", "gguf (Q4_1 / Q8_0 blocks)")):
+        res = results.get(name)
+        if res is None:
+            rows.append(f"| {label} | — | — | — | — | Not run: {_rel(RESULTS / (name + '.json'))} does not exist |")
+        elif isinstance(res, str):
+            rows.append(f"| {label} | — | — | — | — | {res} |")
+        else:
+            b, t = res["base"], res["finetuned"]
+            rows.append(f"| {label} | {100 * b['accuracy']:.0f}% | {100 * t['accuracy']:.0f}% | {b['loss']:.2f} -> "
+                        f"{t['loss']:.2f} | {res['train_steps']} steps, {res['train_s']:.0f} s | commit {res['commit']}, "
+                        f"{res['date'][:10]}, load {res['load_average']} |")
+    return lines + ["| frozen base | base exact match | fine-tuned exact match | held-out loss | training | "
+                    "measured |", "|---|---|---|---|---|---|", *rows]
+
+
+def fit_section(res: dict | str | None, name: str = "will_it_fit", title: str = "Will it fit? (`jlora-train --plan`)",
+                command: str = "python bench/will_it_fit.py") -> list[str]:
     """"Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
-    lines = ["", "## Will it fit? (`jlora-train --plan`)", "",
-             "Command: `python bench/will_it_fit.py` (each row's own command is below the table). The real "
+    lines = ["", f"## {title}", "",
+             f"Command: `{command}` (each row's own command is below the table). The real "
              "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
              "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
              "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
              "\"Fits\" means the need is at most 90% of the memory.", ""]
     if res is None:
-        return lines + [_missing("will_it_fit", "Run `python bench/will_it_fit.py`.")]
+        return lines + [_missing(name, f"Run `{command}`.")]
     if isinstance(res, str):
         return lines + [res]
     lines += [measured_line(res), "",
@@ -215,7 +244,7 @@ def fit_section(res: dict | str | None) -> list[str]:
         coll = ", ".join(f"{k} {_gib(v)}" for k, v in p["collective_bytes"].items())
         fits = ", ".join(k for k, ok in p["fits"].items() if ok) or "none listed"
         lines.append(f"| {config} | {p['devices']} ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
-                     f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum) | {_gib(p['param_bytes'])} / "
+                     f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum, remat {p.get('remat', '?')}) | {_gib(p['param_bytes'])} / "
                      f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
                      f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |")
     return lines + [""] + [f"- `{case['command']}`" for case in res["cases"]]
@@ -245,7 +274,11 @@ def render(results: dict[str, dict | str]) -> str:
         lines += bench_section(name, results.get(name))
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
+    lines += qlora_demo_section(results)
     lines += fit_section(results.get("will_it_fit"))
+    lines += fit_section(results.get("qlora_plan"), "qlora_plan",
+                         "QLoRA: LLaMA-3-8B in nf4 on one device, one 2048-token row (`jlora-train --plan`)",
+                         "python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json")
     lines += gpu_section(results.get("gpu_train"))
     return "\n".join(lines) + "\n"
 
