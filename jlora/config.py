@@ -80,8 +80,8 @@ class ModelConfig(_Section):
     seed: int = 0  # init of a random model
     dtype: Dtype = "float32"  # compute
     param_dtype: Dtype = "float32"  # storage of the frozen weights
-    # QLoRA: the frozen kernels and embedding in int8 (per-channel absmax) or nf4 (NormalFloat-4, blocks
-    # of 64), or as a GGUF file's own blocks (gguf); dequantized at each matmul (jlora.quantize)
+    # QLoRA: the frozen kernels in int8 (per-channel absmax) or nf4 (NormalFloat-4, blocks of 64; the
+    # embedding / output head stay int8), or as a GGUF file's own blocks (gguf); dequantized at each matmul
     quantize: Literal["none", "int8", "nf4", "gguf"] = "none"
     double_quant: bool = False  # nf4: the block scales in 8 bits too
 

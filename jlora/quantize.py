@@ -275,6 +275,12 @@ def quantize_axis(path: tuple, leaf) -> int | None:
     return {"kernel": -2, "embedding": -1}.get(path[-1])
 
 
+def _check_method(method: str) -> None:
+    if method not in ("int8", "nf4"):
+        raise QuantizeError(f"quantize method {method!r}: expected one of int8, nf4 "
+                            f"(gguf keeps a GGUF file's own blocks: load it with quantize='gguf')")
+
+
 def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name: str = "") -> QuantizedKernel:
     """One dense leaf [*stack, M, N] as a QuantizedKernel ("int8" or "nf4"), blocked along `axis`."""
     m, n = w.shape[-2:]
@@ -287,8 +293,7 @@ def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name
                                 f"the block size {NF4_BLOCK}; quantize it as int8 or leave it out")
         fields, fmt = _encode_nf4(jnp.asarray(w), axis, double_quant), "nf4-dq" if double_quant else "nf4"
     else:
-        raise QuantizeError(f"quantize method {method!r}: expected one of {', '.join(METHODS[1:3])} "
-                            f"(gguf keeps a GGUF file's own blocks: load it with quantize='gguf')")
+        _check_method(method)
     return QuantizedKernel(fields, fmt, (int(m), int(n)), axis, np.dtype(w.dtype).name)
 
 
@@ -301,13 +306,27 @@ def requantize_like(q: QuantizedKernel, w: jax.Array) -> QuantizedKernel:
     return quantize_leaf(w, method, q.axis, double_quant=q.fmt == "nf4-dq")
 
 
-def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, skip: Callable[[str], bool] | None = None):
-    """The frozen tree with every kernel and embedding quantized by `method` ("int8" or "nf4"; "none": unchanged).
+HEAD_PATHS = (("embed_tokens", "embedding"), ("lm_head", "kernel"))
+
+
+def leaf_method(path: tuple, method: str, head: str = "int8") -> str:
+    """The method one leaf gets: the embedding and the output head in `head` ("int8" by default, as llama.cpp's
+    Q4 files keep token_embd in Q8_0: a tied embedding is the head too, the most sensitive matmul), the rest in
+    `method`."""
+    return head if tuple(path[-2:]) in HEAD_PATHS else method
+
+
+def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, head: str = "int8",
+             skip: Callable[[str], bool] | None = None):
+    """The frozen tree with every kernel quantized by `method` ("int8" or "nf4"; "none": unchanged), and the
+    embedding / output head by `head` (see `leaf_method`; head="nf4" packs them in 4 bits too).
 
     `skip(dotted_path)` keeps a leaf dense. Leaves that already are QuantizedKernels are kept as they are.
-    Runs under jit one leaf at a time, so the device holds one leaf's fp32 and packed copies at once."""
+    One leaf at a time: the device holds one leaf's dense and packed copies at once."""
     if method == "none":
         return frozen
+    _check_method(method)
+    _check_method(head)
     out = {}
     for path, leaf in traverse_util.flatten_dict(frozen).items():
         axis = quantize_axis(path, leaf)
@@ -315,11 +334,9 @@ def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, skip: C
         if axis is None or (skip is not None and skip(name)):
             out[path] = leaf
             continue
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            out[path] = jax.eval_shape(lambda w: quantize_leaf(w, method, axis, double_quant=double_quant,
-                                                              name=name), leaf)
-        else:
-            out[path] = quantize_leaf(leaf, method, axis, double_quant=double_quant, name=name)
+        encode = functools.partial(quantize_leaf, method=leaf_method(path, method, head), axis=axis,
+                                   double_quant=double_quant, name=name)
+        out[path] = jax.eval_shape(encode, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else encode(leaf)
     return traverse_util.unflatten_dict(out)
 
 

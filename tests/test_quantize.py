@@ -155,7 +155,8 @@ def test_qlora_step_trains_only_the_adapters_and_matches_the_dequantized_step(pa
 
     state, before, trainable, losses = two_steps(params, quantized=True)
     q = _quantized_leaves(state.frozen)
-    assert len(q) == 8 and all(v.fmt == "nf4" for v in q.values())
+    assert {k: v.fmt for k, v in q.items() if k[0] == "embed_tokens"} == {("embed_tokens", "embedding"): "int8"}
+    assert len(q) == 8 and all(v.fmt == "nf4" for k, v in q.items() if k[0] != "embed_tokens")  # kernels in 4 bits
     codes = q[("layers", "mlp", "gate_proj", "kernel")].fields["codes"]
     assert codes.sharding.spec[1:3] == ("fsdp", None) or "fsdp" in str(codes.sharding.spec)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, state.frozen))):
