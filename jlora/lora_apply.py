@@ -2,8 +2,9 @@
 
 `apply` intercepts the `__call__` of nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed and, where
 the trainable tree holds a `LoraPair` for the module's kernel, adds `scale * ((x @ A) @ B)` to the
-module's own output. A quantized frozen weight (jlora.quantize) is multiplied by `qmatmul` there too. The model is not edited and never sees `W + A@B`. The pairs travel into the
-model as an extra variable collection, so `nn.scan` slices stacked A/B per layer like the params
+module's own output; a quantized frozen weight (jlora.quantize) is multiplied there by `qmatmul`.
+The model is not edited and never sees `W + A@B`. The pairs travel into the model as an extra
+variable collection, so `nn.scan` slices stacked A/B per layer like the params
 (the model must scan all collections: `variable_axes={True: 0}`). Owns `LoraPair` and kernel layouts.
 """
 
@@ -242,8 +243,7 @@ def _make_interceptor(statics: dict, training: bool):
         x = args[0]
         if layout.kind == "embed":  # PEFT's embedding LoRA: rows of A, no dropout
             return y + lora_delta(jnp.take(a, x, axis=0), jnp.eye(a.shape[-1], dtype=y.dtype), b.astype(y.dtype), scale)
-        kernel = dense_value(module.get_variable("params", pname)) if module.has_variable(COLLECTION, "magnitude") \
-            else module.get_variable("params", pname)  # only DoRA needs the kernel's values
+        kernel = module.get_variable("params", pname)
         x = x.astype(y.dtype)
         rows, unrows = _to_rows(x, layout, kernel.shape, getattr(module, "axis", -1))
         rows_l = _dropout(module, rows, rate, training)
@@ -251,6 +251,7 @@ def _make_interceptor(statics: dict, training: bool):
         if not module.has_variable(COLLECTION, "magnitude"):
             return y + unrows(lora_delta(rows_l, a, b, scale))
         # DoRA (PEFT's formula): y = base + (m/|W+sAB| - 1) * x_l@W + m/|W+sAB| * s*(x_l@A)@B
+        kernel = dense_value(kernel)  # DoRA needs the kernel's values, a quantized one decoded
         norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, scale))  # [out]; PEFT detaches it too
         mns = module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm  # [out]
         mns = jnp.where(scale != 0, mns, 1.0).astype(y.dtype)  # a layer left out by `layers`: no change, no gradient

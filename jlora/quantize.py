@@ -329,15 +329,23 @@ def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, head: s
     _check_method(head)
     out = {}
     for path, leaf in traverse_util.flatten_dict(frozen).items():
-        axis = quantize_axis(path, leaf)
-        name = ".".join(map(str, path))
-        if axis is None or (skip is not None and skip(name)):
+        encode = leaf_encoder(path, leaf, method, double_quant=double_quant, head=head)
+        if encode is None or (skip is not None and skip(".".join(map(str, path)))):
             out[path] = leaf
-            continue
-        encode = functools.partial(quantize_leaf, method=leaf_method(path, method, head), axis=axis,
-                                   double_quant=double_quant, name=name)
-        out[path] = jax.eval_shape(encode, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else encode(leaf)
+        else:
+            out[path] = jax.eval_shape(encode, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else encode(leaf)
     return traverse_util.unflatten_dict(out)
+
+
+def leaf_encoder(path: tuple, leaf, method: str, *, double_quant: bool = False,
+                 head: str = "int8") -> Callable | None:
+    """`w -> QuantizedKernel` for the leaf at `path` (its method by `leaf_method`, its blocked axis by
+    `quantize_axis`), or None for a leaf that stays as it is."""
+    axis = quantize_axis(path, leaf)
+    if axis is None:
+        return None
+    return functools.partial(quantize_leaf, method=leaf_method(path, method, head), axis=axis,
+                             double_quant=double_quant, name=".".join(map(str, path)))
 
 
 def frozen_bytes(tree) -> int:

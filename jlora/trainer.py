@@ -27,7 +27,7 @@ from jlora.config import OptimConfig
 from jlora.llama import DTYPES, LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraPair, split
 from jlora.lora_apply import apply
-from jlora.quantize import dense_value, leaf_method, quantize_axis, quantize_leaf
+from jlora.quantize import dense_value, leaf_encoder
 from jlora.sharding import (BATCH_AXES, activation_sharding, batch_shards, batch_spec, constrain, opt_state_specs,
                             param_specs, shard_init, shard_params, shard_trainable, to_shardings, trainable_specs,
                             vocab_shards)
@@ -232,11 +232,9 @@ def quantize_frozen(state: TrainState, method: str, *, double_quant: bool = Fals
     flat = traverse_util.flatten_dict(state.frozen)
     state.frozen = None
     for path, leaf in flat.items():
-        axis = quantize_axis(path, leaf)
-        if axis is None:
+        encode = leaf_encoder(path, leaf, method, double_quant=double_quant)
+        if encode is None:
             continue
-        encode = functools.partial(quantize_leaf, method=leaf_method(path, method), axis=axis,
-                                   double_quant=double_quant, name=".".join(path))
         specs = lambda s, path=path: traverse_util.flatten_dict(  # noqa: E731
             param_specs(traverse_util.unflatten_dict({path: s}), state.mesh, state.allow_replication))[path]
         flat[path] = shard_init(encode, state.mesh, specs, leaf)
