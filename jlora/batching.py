@@ -48,15 +48,15 @@ class Request:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _insert(cache: dict, small: dict, j, row, idx) -> dict:
-    """Copy row j of a prefill cache [n,P,...] into row `row` of `cache`, ending at slot `idx`; the rest of
-    the row's slots become empty."""
+    """Copy row j of a prefill cache (k/v [n,K,P,H], segment ids [n,P]) into row `row` of `cache`, ending at
+    slot `idx`; the rest of the row's slots become empty."""
 
     def one(big, part):
         part = {k: jax.lax.dynamic_slice_in_dim(part[k], j, 1) for k in ("k", "v", "segment_ids")}
         p = part["segment_ids"].shape[1]
         seg_row = jax.lax.dynamic_update_slice(jnp.zeros_like(big["segment_ids"][:1]), part["segment_ids"], (0, idx - p))
-        return {"k": jax.lax.dynamic_update_slice(big["k"], part["k"].astype(big["k"].dtype), (row, idx - p, 0, 0)),
-                "v": jax.lax.dynamic_update_slice(big["v"], part["v"].astype(big["v"].dtype), (row, idx - p, 0, 0)),
+        return {"k": jax.lax.dynamic_update_slice(big["k"], part["k"].astype(big["k"].dtype), (row, 0, idx - p, 0)),
+                "v": jax.lax.dynamic_update_slice(big["v"], part["v"].astype(big["v"].dtype), (row, 0, idx - p, 0)),
                 "segment_ids": jax.lax.dynamic_update_slice(big["segment_ids"], seg_row, (row, 0)),
                 "index": big["index"]}
 
@@ -67,16 +67,16 @@ def _insert(cache: dict, small: dict, j, row, idx) -> dict:
 def _shift(cache: dict, delta) -> dict:
     """Every row moved `delta` slots (right if > 0), vacated slots emptied."""
 
-    def move(x, empty):
-        s = x.shape[1]
-        both = jnp.concatenate([x, x], axis=1)
-        out = jax.lax.dynamic_slice_in_dim(both, (s - delta) % s, s, axis=1)  # a roll by delta along slots
+    def move(x, axis):
+        s = x.shape[axis]
+        both = jnp.concatenate([x, x], axis=axis)
+        out = jax.lax.dynamic_slice_in_dim(both, (s - delta) % s, s, axis=axis)  # a roll by delta along slots
         src = jnp.arange(s) - delta  # where each slot came from
-        keep = ((src >= 0) & (src < s)).reshape((1, s) + (1,) * (x.ndim - 2))
-        return jnp.where(keep, out, empty)
+        keep = ((src >= 0) & (src < s)).reshape((s,) + (1,) * (x.ndim - axis - 1))
+        return jnp.where(keep, out, 0)
 
-    def one(a):
-        return {"k": move(a["k"], 0), "v": move(a["v"], 0), "segment_ids": move(a["segment_ids"], 0),
+    def one(a):  # slots are axis 2 of k/v [B,K,S,H], axis 1 of segment ids [B,S]
+        return {"k": move(a["k"], 2), "v": move(a["v"], 2), "segment_ids": move(a["segment_ids"], 1),
                 "index": a["index"]}
 
     return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}
