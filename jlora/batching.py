@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter_stack import RowAdapters
-from jlora.generate import _BUCKET, Generator, _forward, _init_cache, _prefill, _sample, _stop_cut
+from jlora.generate import _BUCKET, Generator, _forward, _init_cache, _prefill, _sample, _stop_cut, decode_jit
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,7 +98,7 @@ def _pick(logits, seeds, steps, temperature, top_p, mode: str):
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("dmodel",), donate_argnames=("cache",))
+@decode_jit(static_argnames=("dmodel",), donate_argnames=("cache",))
 def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
     """One decode step for every row: logits [B,V] of tokens [B] at positions [B] written to slot idx, and the cache.
     Sampling is a separate call (`_sample_rows`), so the model step compiles once whatever the rows ask for."""
