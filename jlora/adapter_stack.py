@@ -34,10 +34,11 @@ class AdapterStackError(ValueError):
 
 @struct.dataclass
 class RowAdapters:
-    """What one forward call needs: the stack's arrays and each row's adapter index [B] (-1 = base)."""
+    """What one forward call needs: the stack's arrays and each row's adapter index [B] (-1 = base), or
+    each token's [B,T] (prompts of different adapters packed into one row)."""
 
     arrays: dict  # {module path: {"a": [in,K,R], "b": [K,R,out], "scale": [K]}}
-    rows: jax.Array  # [B] int32
+    rows: jax.Array  # [B] or [B,T] int32
 
 
 def _module_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -174,7 +175,7 @@ def _route(routed: RowAdapters):
     slots as two plain matmuls, x [BT,in] @ A [in,K*R] then, with each row's other slots zeroed and its own
     scaled, @ B [K*R,out]: XLA:CPU gathers a [B,in,R] block per row element by element, which cost more than
     the whole base model at batch 16 (two gathers per module per layer, every token). A large stack gathers
-    instead, reading only the rows' own slots."""
+    instead, reading only the rows' own slots. Per-token indices (a packed prefill) always take the dense way."""
     rows = routed.rows
 
     @route_parts  # a fused q/k/v or gate/up call: each part's delta goes to its slice of the output
@@ -187,11 +188,12 @@ def _route(routed: RowAdapters):
             return y
         x = args[0].astype(y.dtype)  # [B,T,in]
         n_in, k_slots, r = entry["a"].shape
-        if k_slots <= _DENSE_SLOTS_PER_TOKEN * x.shape[0] * x.shape[1]:
-            # row b keeps only slot rows[b], times its scale; a base row (-1) matches no slot
-            w = jnp.where(rows[:, None] == jnp.arange(k_slots)[None, :], entry["scale"][None, :], 0.0)  # [B,K]
+        if rows.ndim == 2 or k_slots <= _DENSE_SLOTS_PER_TOKEN * x.shape[0] * x.shape[1]:
+            # row (or token) b keeps only slot rows[b], times its scale; a base row (-1) matches no slot
+            idx = rows[:, None] if rows.ndim == 1 else rows  # [B,1] or [B,T]
+            w = jnp.where(idx[..., None] == jnp.arange(k_slots), entry["scale"], 0.0)  # [B,1|T,K]
             xa = jnp.einsum("bti,ikr->btkr", x, entry["a"].astype(y.dtype))  # [B,T,K,R]
-            xa = xa * w.astype(y.dtype)[:, None, :, None]
+            xa = xa * w.astype(y.dtype)[..., None]
             return y + jnp.einsum("btkr,kro->bto", xa, entry["b"].astype(y.dtype))  # [B,T,out]
         pick = jnp.maximum(rows, 0)  # a base row gathers slot 0 and is scaled by 0
         a = jnp.take(entry["a"], pick, axis=1).astype(y.dtype)  # [in,B,R]

@@ -89,17 +89,22 @@ class _DecodeLlama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids, positions, segment_ids, last_only: bool = False):
+    def __call__(self, ids, positions, segment_ids, last_only: bool | jax.Array = False):
+        """Logits [B,V] of the last column (every column's, with last_only False, is never needed), or with
+        last_only an index array [B,n], the logits [B,n,V] of those columns (a packed prefill's prompt ends)."""
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens")(ids)  # [B,T,D]
         rope = rope_tables(cfg, positions)
         for i in range(cfg.num_hidden_layers):
             x, _ = Block(cfg, True, name=f"layer_{i}")(x, rope, segment_ids)  # [B,T,D]
-        if last_only:  # prefill needs only the last position's logits
+        columns = not isinstance(last_only, bool)
+        if columns:
+            x = jnp.take_along_axis(x, last_only[..., None], axis=1)  # [B,n,D]
+        elif last_only:  # prefill needs only the last position's logits
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head")(x)
-        return logits[:, -1].astype(jnp.float32)  # [B,V]
+        return (logits if columns else logits[:, -1]).astype(jnp.float32)  # [B,n,V] or [B,V]
 
 
 def _per_layer(tree: dict, n_layers: int) -> dict:
