@@ -2,8 +2,9 @@
 
 A training checkpoint (`open_manager` / `save_checkpoint` / `restore_latest`) holds only the
 trainable tree, the optimizer state, the step, the data position and the rng, plus a metadata
-JSON (LoraConfig, run config, jlora version, base model identity, the data stream's identity) in
-the same atomic step dir; a resume onto another base, LoRA config or data stream is refused.
+JSON (LoraConfig, or the method and AdapterConfig of a LLaMA-Adapter; run config, jlora version, base
+model identity, the data stream's identity) in the same atomic step dir; a resume onto another base,
+method, LoRA / adapter config or data stream is refused.
 `save_adapter` / `load_adapter` keep the final adapter the same way and refuse one made for
 another base or rank, or one that is truncated. Trees are stored as nested dicts of arrays (a
 `LoraPair` becomes {a, b, magnitude}); its static scale/layout live in the metadata. No pickle.
