@@ -116,8 +116,10 @@ def test_logits_equal_peft_on_smollm2(smollm2_gguf):
         state[key + PROMPT], state[key + GATE] = torch.tensor(prompt[j][None]), torch.tensor(gate[j])
     assert not peft_model.load_state_dict(state, strict=False).unexpected_keys
     theirs = _hf_logits(peft_model, ids)
-    assert np.abs(theirs - base_logits).max() > 0.5  # the prompts matter
-    assert np.abs(ours - theirs).max() <= 2e-3  # the base alone agrees to ~1e-3 (test_llama)
+    effect, err = np.abs(theirs - base_logits).max(), np.abs(ours - theirs).max()
+    assert effect > 0.5  # the prompts matter
+    # fp32 through 30 layers: the base alone agrees to ~1e-3 (test_llama); the prompts add a little
+    assert err <= 5e-3 and err <= 0.01 * effect, (err, effect)
     np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
