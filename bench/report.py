@@ -160,6 +160,34 @@ def qlora_section(res: dict | str | None) -> list[str]:
     return lines
 
 
+def profile_section(before: dict | str | None, after: dict | str | None) -> list[str]:
+    """bench/profile_step.py run on a baseline checkout (profile_step_before) and on this one (profile_step)."""
+    lines = ["", "## Where the train step's time goes (bench/profile_step.py)", ""]
+    runs = {"before": before, "after": after}
+    for label, res in runs.items():
+        name = "profile_step" + ("_before" if label == "before" else "")
+        if not isinstance(res, dict):
+            return lines + [res or _missing(name, "Run `python bench/profile_step.py --out "
+                                                  f"{_rel(RESULTS / (name + '.json'))}`.")]
+        lines += [f"- {label}: `{res['command']}`. {measured_line(res)} Traced step {res['step_s']:.2f} s."]
+    parts = {r["part"]: {} for res in runs.values() for r in res["parts"]}
+    for label, res in runs.items():
+        for r in res["parts"]:
+            parts[r["part"]][label] = r
+    lines += ["", "Op time per step (summed over the threads that ran ops), forward + backward:", "",
+              "| part | before (ms) | share | after (ms) | share |", "|---|---|---|---|---|"]
+    for part, by in sorted(parts.items(), key=lambda kv: -kv[1].get("before", {}).get("share", 0)):
+        cells = []
+        for label in runs:
+            r = by.get(label, {})
+            ms = sum(v for k, v in r.items() if k.endswith("_ms"))
+            cells += [_fmt(ms) if r else "—", f"{r['share']:.1%}" if r else "—"]
+        lines.append(f"| {part} | {' | '.join(cells)} |")
+    totals = [_fmt(res["op_ms_per_step"]) for res in runs.values()]
+    return lines + [f"| all ops | {totals[0]} | 100% | {totals[1]} | 100% |", "",
+                    "Setup: " + ", ".join(f"{k}={v}" for k, v in after["config"].items())]
+
+
 def demo_figures(demo: dict | str | None) -> str:
     """The README's sentence about the demo's outcome and timings, from docs/results/demo.json."""
     if not isinstance(demo, dict):
@@ -305,6 +333,9 @@ def render(results: dict[str, dict | str]) -> str:
              "larger (good for throughput, bad for memory and time)."]
     for name in BENCHES:
         lines += bench_section(name, results.get(name))
+        if name == "train_vs_peft":
+            lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
+            lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
     lines += qlora_demo_section(results)

@@ -1,16 +1,25 @@
 """LoRA train-step throughput and memory, jlora vs HF PEFT + transformers, on SmolLM2-135M (fp32, CPU).
 
-The GGUF is dequantized once by jlora and written as an HF safetensors checkpoint; both sides load
-that same checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA r=8 alpha=16 on
-q_proj and v_proj, AdamW (lr 1e-4, weight decay 0.01) after global-norm clipping at 1.0. Each side
-runs in its own subprocess, so each peak RSS (getrusage ru_maxrss) is that side's alone: loading,
-compiling and training included. The sides run --rounds times each, interleaved (jlora, PEFT, jlora,
-PEFT, ...), so a noisy minute on a shared machine hits both alike; a run's step time is the median of
-its timed steps, and each side's figure is its best run (its fastest median; peak RSS: its largest,
-the conservative side; compile: the fastest). Prints both, the ratios and jlora's compile time, and
-writes every figure (each run's too), with the commit, date, machine and the load average after each
-run, to docs/results/train_vs_peft.json (--out), which bench/report.py renders.
-Usage: python bench/train_vs_peft.py [--steps 6] [--rounds 3] [--remat none] [--out FILE]
+The GGUF is dequantized once by jlora and written as an HF safetensors checkpoint; every side loads
+that same checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA alpha=16 with
+r=8 on q_proj and v_proj (--rank, --targets; e.g. 16 and all-linear), AdamW (lr 1e-4, weight decay
+0.01) after global-norm clipping at 1.0. The sides (--sides):
+  jlora  jlora-train's step (jlora.trainer.make_train_step on a one-device TrainState, --remat);
+  api    a user's own loop on the public API, as README shows it: jax.value_and_grad of
+         jlora.causal_lm_loss, optax, jax.jit, with the library's default remat;
+  naive  the same loop over plain logits: jlora.apply, then optax cross-entropy on [B,T,V];
+  peft   HF PEFT on transformers, torch AdamW.
+--baseline DIR adds jlora@base and naive@base: the same two sides importing jlora from another checkout
+(e.g. `git worktree add /tmp/base <commit>`), for a before/after table measured in the same run.
+Each side runs in its own subprocess, so each peak RSS (getrusage ru_maxrss) is that side's alone:
+loading, compiling and training included. The sides run --rounds times each, interleaved, so a noisy
+minute on a shared machine hits all alike; a run's step time is the median of its timed steps, and
+each side's figure is its best run (its fastest median; peak RSS: its largest, the conservative side;
+compile: the fastest). Prints each side, the ratios to PEFT and the compile times, and writes every
+figure (each run's too), with the commit, date, machine and the load average after each run, to
+docs/results/train_vs_peft.json (--out), which bench/report.py renders.
+Usage: python bench/train_vs_peft.py [--steps 6] [--rounds 3] [--rank 8] [--targets q_proj,v_proj]
+                                     [--sides jlora,api,peft] [--baseline DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -52,18 +61,69 @@ def side_prep(hf_dir: str) -> dict:
     return {"hf_dir": hf_dir}
 
 
+def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
+    return "all-linear" if a.targets == "all-linear" else tuple(a.targets.split(","))
+
+
 def side_jlora(a: argparse.Namespace) -> dict:
     from jlora.weights import load_pretrained
 
     cfg, params = load_pretrained(a.hf_dir)
     cfg = cfg.replace(remat=a.remat)
-    state, opt = jlora_state(cfg, params, a.steps)
+    state, opt = jlora_state(cfg, params, a.steps, a.rank, targets_of(a))
     del params
     return time_jlora_steps(cfg, state, opt, a)
 
 
-def jlora_state(cfg, params, steps: int):
-    """(TrainState on one device, optimizer): the bench's LoRA (RANK, ALPHA, TARGETS) and AdamW on `params`."""
+def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
+    """A user's own train step on jlora's public API: jax.value_and_grad, optax, jax.jit, one device.
+
+    The loss is jlora.causal_lm_loss, or with plain_logits optax cross-entropy over jlora.apply's logits."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    cfg, params = jlora.load_pretrained(a.hf_dir)
+    model = jlora.Llama(cfg)
+    frozen, trainable = jlora.split(params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)),
+                                    jax.random.key(0))
+    del params
+    optimizer = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
+    opt_state = optimizer.init(trainable)
+    batch = {k: jnp.asarray(v) for k, v in host_batch(a.batch, a.seq, cfg.vocab_size).items()}
+
+    def loss_fn(trainable, frozen, batch):
+        if not plain_logits:
+            return jlora.causal_lm_loss(model, frozen, trainable, batch)
+        logits = jlora.apply(model, frozen, trainable, batch["input_ids"])  # [B,T,V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    t0 = time.perf_counter()
+    compiled = step.lower(trainable, opt_state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times, losses = [], []
+    for _ in range(a.steps + 2):  # two warm-up steps
+        t0 = time.perf_counter()
+        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
+        losses.append(float(loss))  # blocks
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "first_step_s": compile_s + times[0], "step_s": times[2:], "losses": losses,
+            "rss_mb": peak_rss_mb(), "remat": cfg.remat}
+
+
+def jlora_state(cfg, params, steps: int, rank: int = RANK, targets: tuple[str, ...] = TARGETS):
+    """(TrainState on one device, optimizer): the bench's LoRA (rank, ALPHA, targets) and AdamW on `params`."""
     import jax
 
     from jlora.config import OptimConfig
@@ -71,10 +131,27 @@ def jlora_state(cfg, params, steps: int):
     from jlora.sharding import make_mesh
     from jlora.trainer import init_state, make_optimizer
 
-    lcfg = LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS)
+    lcfg = LoraConfig(rank=rank, alpha=ALPHA, targets=targets)
     opt, _ = make_optimizer(OptimConfig(lr=LR, schedule="constant", weight_decay=WD, grad_clip=CLIP), steps + 2)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     return init_state(cfg, lcfg, mesh, jax.random.key(0), opt, params), opt
+
+
+def host_batch(batch: int, seq: int, vocab: int) -> dict:
+    """The bench's batch as host arrays [batch, seq]: random tokens, every one trained."""
+    import numpy as np
+
+    ids = random_ids(batch, seq, vocab)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+            "segment_ids": np.ones((batch, seq), np.int32)}
+
+
+def train_batch(mesh, batch: int, seq: int, vocab: int) -> dict:
+    """`host_batch` placed on `mesh` as one micro-batch, the trainer's step input."""
+    from jlora.trainer import put_batch
+
+    return put_batch(host_batch(batch, seq, vocab), mesh, 1)
 
 
 def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
@@ -83,16 +160,10 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
-    import numpy as np
-
     from jlora.llama import Llama
-    from jlora.trainer import make_train_step, put_batch
+    from jlora.trainer import make_train_step
 
-    ids = random_ids(a.batch, a.seq, cfg.vocab_size)
-    host = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((a.batch, a.seq), np.float32),
-            "positions": np.tile(np.arange(a.seq, dtype=np.int32), (a.batch, 1)),
-            "segment_ids": np.ones((a.batch, a.seq), np.int32)}
-    batch = put_batch(host, state.mesh, 1)
+    batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)
     f, t, o = state.frozen, state.trainable, state.opt_state
     t0 = time.perf_counter()
     step = make_train_step(Llama(cfg), opt, state).lower(f, t, o, batch, jax.random.key(0)).compile()
@@ -112,14 +183,15 @@ def side_peft(a: argparse.Namespace) -> dict:
     import transformers
 
     model = transformers.LlamaForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
-    return time_peft_steps(peft_lora(model), a)
+    return time_peft_steps(peft_lora(model, a.rank, targets_of(a)), a)
 
 
-def peft_lora(model):
-    """`model` wrapped by HF PEFT with the bench's LoRA (RANK, ALPHA, TARGETS, no dropout)."""
+def peft_lora(model, rank: int = RANK, targets: tuple[str, ...] | str = TARGETS):
+    """`model` wrapped by HF PEFT with the bench's LoRA (rank, ALPHA, targets, no dropout)."""
     import peft
 
-    return peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS),
+    targets = targets if isinstance(targets, str) else list(targets)
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=targets,
                                                       lora_dropout=0.0))
 
 
@@ -152,12 +224,15 @@ SINGLE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_p
 
 
 def run_side(side: str, a: argparse.Namespace, script: str = __file__, extra: tuple[str, ...] = (),
-             check: bool = True) -> dict:
+             check: bool = True, jlora_from: str | None = None) -> dict:
     """Run `script --side SIDE` in its own process and return the JSON its "SIDE: " line carries. A side that
-    fails exits this process, or with check=False gives {"error": its exit status and last stderr line}."""
+    fails exits this process, or with check=False gives {"error": its exit status and last stderr line}.
+    jlora_from: a checkout whose jlora the side imports instead of this one's."""
     cmd = [sys.executable, script, "--side", side, "--hf-dir", a.hf_dir, "--batch", str(a.batch),
            "--seq", str(a.seq), "--steps", str(a.steps), "--remat", a.remat, *extra]
     env = {**os.environ, **(SINGLE_THREAD_ENV if a.single_thread and side != "prep" else {})}
+    if jlora_from:
+        env["PYTHONPATH"] = os.pathsep.join([jlora_from, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIDE: ")]
     if proc.returncode or not lines:
@@ -169,27 +244,55 @@ def run_side(side: str, a: argparse.Namespace, script: str = __file__, extra: tu
     return json.loads(lines[-1][len("SIDE: "):])
 
 
+SIDES = {"jlora": "jlora-train step", "api": "custom loop (causal_lm_loss)", "naive": "custom loop (CE on logits)",
+         "peft": "HF PEFT", "jlora@base": "jlora-train step, baseline", "naive@base": "custom loop (CE on logits), baseline"}
+
+
+def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[dict]:
+    """Result rows: each jlora side's tokens/s and peak RSS against PEFT's, and its compile time."""
+    rows = []
+    for s in (s for s in SIDES if s in runs and s != "peft"):
+        label = f"{SIDES[s]}{' @ ' + a.baseline_commit if s.endswith('@base') else ''}"
+        rows += [{"metric": f"{label}: train tokens/s", "unit": "tokens/s", "jlora": tps[s], "peer": "HF PEFT",
+                  "peer_value": tps.get("peft"), "better": "higher"},
+                 {"metric": f"{label}: peak RSS", "unit": "MB", "jlora": rss[s], "peer": "HF PEFT",
+                  "peer_value": rss.get("peft"), "better": "lower"},
+                 {"metric": f"{label}: compile", "unit": "s", "jlora": min(r["compile_s"] for r in runs[s]),
+                  "peer": None, "peer_value": None, "better": "lower"}]
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--side", choices=["prep", "jlora", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["prep", "jlora", "api", "naive", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help="the converted checkpoint (default: a temporary dir)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps per run, after 2 warm-up steps")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved; each figure is the best run")
+    p.add_argument("--rank", type=int, default=RANK)
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated modules, or all-linear")
     p.add_argument("--remat", default="dots_saveable", choices=["none", "full", "dots_saveable"],
-                   help="jlora's remat policy: dots_saveable keeps matmul outputs, recomputes the rest")
-    p.add_argument("--only", choices=["jlora", "peft"], help="run one side (for tuning)")
+                   help="the jlora side's remat policy (api / naive use the library's default)")
+    p.add_argument("--sides", default="jlora,api,peft", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--baseline", help="a jlora checkout to measure too (adds jlora@base and naive@base)")
     p.add_argument("--single-thread", action="store_true", help="one compute thread per side")
     p.add_argument("--out", default=str(RESULTS / "train_vs_peft.json"), help="the result file")
     a = p.parse_args()
     if a.side:
-        out = {"prep": lambda: side_prep(a.hf_dir), "jlora": lambda: side_jlora(a), "peft": lambda: side_peft(a)}
+        out = {"prep": lambda: side_prep(a.hf_dir), "jlora": lambda: side_jlora(a), "peft": lambda: side_peft(a),
+               "api": lambda: side_loop(a, plain_logits=False), "naive": lambda: side_loop(a, plain_logits=True)}
         print("SIDE: " + json.dumps(out[a.side]()), flush=True)
         return
 
-    if a.rounds < 1 or a.steps < 1:
-        p.error("--rounds and --steps must be >= 1")
+    sides = a.sides.split(",") + (["jlora@base", "naive@base"] if a.baseline else [])
+    unknown = [s for s in sides if s not in SIDES]
+    if a.rounds < 1 or a.steps < 1 or unknown:
+        p.error(f"--rounds and --steps must be >= 1; --sides takes {', '.join(SIDES)} (got {unknown})")
+    a.baseline_commit = None
+    if a.baseline:
+        a.baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=a.baseline,
+                                           capture_output=True, text=True).stdout.strip() or a.baseline
     started = provenance()
     tmp = None
     if a.hf_dir is None:
@@ -197,12 +300,12 @@ def main() -> None:
         a.hf_dir = tmp.name
     if not (pathlib.Path(a.hf_dir) / "config.json").exists():
         run_side("prep", a)
-    sides = [s for s in ("jlora", "peft") if a.only in (None, s)]
+    extra = ("--rank", str(a.rank), "--targets", a.targets)
     runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(a.rounds):  # interleaved: jlora, peft, jlora, peft, ...
+    for r in range(a.rounds):  # interleaved: every side once per round
         for s in sides:
             print(f"[train_vs_peft] round {r + 1}/{a.rounds}: {s}", file=sys.stderr, flush=True)
-            run = run_side(s, a)
+            run = run_side(s.split("@")[0], a, extra=extra, jlora_from=a.baseline if s.endswith("@base") else None)
             run["median_step_s"] = statistics.median(run["step_s"])
             run["load_average_after"] = load_average()
             runs[s].append(run)
@@ -210,33 +313,24 @@ def main() -> None:
     tokens = a.batch * a.seq
     tps = {s: tokens / r["median_step_s"] for s, r in best.items()}
     rss = {s: max(run["rss_mb"] for run in rs) for s, rs in runs.items()}
-    print(f"SmolLM2-135M fp32 LoRA train step (r={RANK}, alpha={ALPHA:g}, {'+'.join(TARGETS)}, AdamW), "
-          f"batch {a.batch} x {a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora remat={a.remat}; "
-          f"best of {a.rounds} interleaved runs per side")
+    print(f"SmolLM2-135M fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), batch {a.batch} x "
+          f"{a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; best of {a.rounds} "
+          f"interleaved runs per side")
     for s, r in best.items():
         medians = ", ".join(f"{run['median_step_s']:.2f}" for run in runs[s])
-        print(f"{s:6s} {tps[s]:7,.0f} tokens/s (best run's median step {r['median_step_s']:.2f} s; each run's: "
-              f"{medians})  peak RSS {rss[s]:,.0f} MB  losses {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
-    rows = []
-    if "jlora" in runs:
-        compile_s = min(run["compile_s"] for run in runs["jlora"])
-        print(f"jlora compile: {compile_s:.1f} s (target <= 20); first step incl. compile "
-              f"{best['jlora']['first_step_s']:.1f} s")
-    if len(runs) == 2:
-        print(f"ratio jlora/PEFT: tokens/s {tps['jlora'] / tps['peft']:.2f}x (target >= 1.2), "
-              f"peak RSS {rss['jlora'] / rss['peft']:.2f}x (target <= 0.6)")
-        rows = [{"metric": "train tokens/s", "unit": "tokens/s", "jlora": tps["jlora"], "peer": "HF PEFT",
-                 "peer_value": tps["peft"], "better": "higher"},
-                {"metric": "peak RSS", "unit": "MB", "jlora": rss["jlora"], "peer": "HF PEFT",
-                 "peer_value": rss["peft"], "better": "lower"},
-                {"metric": "train step compile", "unit": "s", "jlora": compile_s,
-                 "peer": None, "peer_value": None, "better": "lower"}]
+        vs = f" = {tps[s] / tps['peft']:.2f}x PEFT, RSS {rss[s] / rss['peft']:.2f}x" if "peft" in tps else ""
+        compile_s = f"  compile {min(x['compile_s'] for x in runs[s]):.1f} s" if "compile_s" in r else ""
+        print(f"{s:11s} {tps[s]:6,.0f} tokens/s{vs} (best run's median step {r['median_step_s']:.2f} s; each "
+              f"run's: {medians})  peak RSS {rss[s]:,.0f} MB{compile_s}  losses {r['losses'][0]:.3f} -> "
+              f"{r['losses'][-1]:.3f}")
+    print("targets: tokens/s >= 1.2x PEFT, peak RSS <= 0.6x PEFT, compile <= 20 s")
     config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": a.batch, "seq": a.seq,
-              "lora": f"r={RANK} alpha={ALPHA:g} {','.join(TARGETS)}", "remat": a.remat, "timed_steps": a.steps,
-              "best_of": a.rounds, "threads": 1 if a.single_thread else "default"}
+              "lora": f"r={a.rank} alpha={ALPHA:g} {a.targets}", "remat": a.remat, "timed_steps": a.steps,
+              "best_of": a.rounds, "threads": 1 if a.single_thread else "default", "sides": sides,
+              "baseline": a.baseline_commit}
     command = shlex.join(["python", "bench/train_vs_peft.py", *sys.argv[1:]])
     out = write_result(a.out, started, {"bench": "train_vs_peft", "command": command, "config": config,
-                                        "rows": rows, "runs": runs})
+                                        "rows": side_rows(runs, tps, rss, a), "runs": runs})
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()

@@ -10,15 +10,17 @@ from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layou
 from jlora.peft import export_peft, import_peft
 from jlora.quantize import QuantizedKernel, dequantize, quantize
 from jlora.tokenizer import load_tokenizer
+from jlora.trainer import causal_lm_loss, make_train_step
 from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
 from jlora.weights_sharded import load_pretrained_sharded
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "Llama", "LlamaConfig", "LoraConfig", "LoraError", "LoraPair", "PRESETS", "QuantizedKernel", "apply",
-    "count_params", "dequantize", "describe", "export_gguf_adapter", "export_peft", "generate", "import_peft",
-    "init_cache", "init_params", "load_adapter", "load_pretrained", "load_pretrained_sharded", "load_tokenizer",
-    "lora_apply", "merge", "merge_for_inference", "pissa_to_lora", "quantize", "resolve_model_path", "save_adapter",
-    "save_pretrained", "split", "trace_layouts", "unmerge",
+    "AdapterConfig", "apply", "causal_lm_loss", "count_params", "dequantize", "describe", "export_gguf_adapter",
+    "export_peft", "generate", "import_peft", "init_cache", "init_params", "Llama", "LlamaConfig", "load_adapter",
+    "load_pretrained", "load_pretrained_sharded", "load_tokenizer", "lora_apply", "LoraConfig", "LoraError",
+    "LoraPair", "make_train_step", "merge", "merge_for_inference", "pissa_to_lora", "PRESETS", "quantize",
+    "QuantizedKernel", "resolve_model_path", "save_adapter", "save_pretrained", "split", "trace_layouts",
+    "unmerge",
 ]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from jlora.fused import route_parts
 from jlora.llama import LlamaConfig
 from jlora.lora_apply import LoraPair
 from jlora.quantize import quantized_call
@@ -167,6 +168,7 @@ def _route(routed: RowAdapters):
     instead, reading only the rows' own slots."""
     rows = routed.rows
 
+    @route_parts  # a fused q/k/v or gate/up call: each part's delta goes to its slice of the output
     def route(next_fun, args, kwargs, context):
         module = context.module
         base = quantized_call(module, context.method_name, args, kwargs)  # None: the weight is not quantized

@@ -160,7 +160,7 @@ class TrainConfig(_Section):
     eval_batches: int = 8  # validation batches of micro_batch rows per eval; 0: the whole split
     log_interval: int = 10
     seed: int = 0  # LoRA init, dropout and data order
-    remat: Literal["none", "full", "dots_saveable"] = "none"  # what the backward pass recomputes
+    remat: Literal["none", "full", "dots_saveable"] = "dots_saveable"  # backward keeps matmul outputs
     max_nonfinite: int = 10  # a non-finite step is skipped; stop after this many in a row
 
     def _validate(self) -> None:

@@ -25,7 +25,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jlora import attention as attn
 from jlora.attention import attention
-from jlora.sharding import constrain
+from jlora.fused import FusedDense
+from jlora.sharding import constrain, shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PROJ_NAME = "projection"  # the output of each q/k/v/o/gate/up/down projection, for remat policies
@@ -64,7 +65,7 @@ class LlamaConfig:
     name: str = "llama"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots_saveable
+    remat: str = "dots_saveable"  # none | full | dots_saveable: what a backward pass keeps (see REMAT_POLICIES)
     attention: str = "auto"  # auto | blocked | cudnn: the training attention kernel, see jlora.attention.resolve_impl
 
     def __post_init__(self):
@@ -285,9 +286,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         heads = ("batch", None, "heads")
-        q = _projected(_dense(cfg, n * h, cfg.attention_bias, "q_proj")(x), *heads).reshape(b, t, n, h)  # [B,T,N,H]
-        kk = _projected(_dense(cfg, k * h, cfg.attention_bias, "k_proj")(x), *heads).reshape(b, t, k, h)  # [B,T,K,H]
-        v = _projected(_dense(cfg, k * h, cfg.attention_bias, "v_proj")(x), *heads).reshape(b, t, k, h)  # [B,T,K,H]
+        parts = [_dense(cfg, f, cfg.attention_bias, name) for f, name in ((n * h, "q_proj"), (k * h, "k_proj"),
+                                                                          (k * h, "v_proj"))]
+        q, kk, v = (_projected(y, *heads) for y in FusedDense(parts, shards("heads") == 1, name="qkv")(x))
+        q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)  # [B,T,N|K,H]
         q, kk = apply_rope(q, rope), apply_rope(kk, rope)
 
         if not self.decode:  # training / evaluation: cuDNN flash attention or the blocked kernel, by cfg.attention
@@ -339,8 +341,8 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         hidden = ("batch", None, "mlp")
-        gate = _projected(_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x), *hidden)  # [B,T,F]
-        up = _projected(_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x), *hidden)  # [B,T,F]
+        parts = [_dense(cfg, cfg.intermediate_size, cfg.mlp_bias, name) for name in ("gate_proj", "up_proj")]
+        gate, up = (_projected(y, *hidden) for y in FusedDense(parts, shards("mlp") == 1, name="gate_up")(x))  # [B,T,F]
         down = _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(constrain(nn.silu(gate) * up, *hidden))
         return _projected(down, "batch", None, None)  # [B,T,D]
 

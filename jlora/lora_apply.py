@@ -2,10 +2,11 @@
 
 `apply` intercepts the `__call__` of nn.Dense / nn.DenseGeneral / nn.Einsum / nn.Embed and, where
 the trainable tree holds a `LoraPair` for the module's kernel, adds `scale * ((x @ A) @ B)` to the
-module's own output; a quantized frozen weight (jlora.quantize) is multiplied there by `qmatmul`.
-The model is not edited and never sees `W + A@B`. The pairs travel into the model as an extra
-variable collection, so `nn.scan` slices stacked A/B per layer like the params
-(the model must scan all collections: `variable_axes={True: 0}`). Owns `LoraPair` and kernel layouts.
+module's own output (to its slice, for a part of a fused q/k/v or gate/up call: jlora.fused); a
+quantized frozen weight (jlora.quantize) is multiplied there by `qmatmul`. The model is not edited
+and never sees `W + A@B`. The pairs travel into the model as an extra variable collection, so
+`nn.scan` slices stacked A/B per layer like the params (the model must scan all collections:
+`variable_axes={True: 0}`). Owns `LoraPair` and kernel layouts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from jlora import llama_adapter
+from jlora.fused import route_parts
 from jlora.quantize import dense_value, quantized_call
 
 COLLECTION = "lora"
@@ -226,6 +228,7 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float, training: bool) -> ja
 
 
 def _make_interceptor(statics: dict, training: bool):
+    @route_parts  # a fused q/k/v or gate/up call: each part's delta goes to its slice of the output
     def route(next_fun, args, kwargs, context):
         module = context.module
         base = quantized_call(module, context.method_name, args, kwargs)  # None: the weight is not quantized

@@ -266,16 +266,11 @@ def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
 
 
-def batch_shards() -> int:
-    """Devices the batch rows are split over under the current `activation_sharding` (1 outside it)."""
+def shards(dim: str) -> int:
+    """Devices the logical activation dim `dim` ("heads", "vocab", ...) is split over under the current
+    `activation_sharding` (1 outside it)."""
     mesh = _ACTIVATION_MESH.get()
-    return 1 if mesh is None else _axis_size(mesh, BATCH_AXES)
-
-
-def vocab_shards() -> int:
-    """Devices the vocab dim of the logits is split over under the current `activation_sharding`."""
-    mesh = _ACTIVATION_MESH.get()
-    return 1 if mesh is None else _axis_size(mesh, ACTIVATION_AXES["vocab"])
+    return 1 if mesh is None else _axis_size(mesh, ACTIVATION_AXES[dim])
 
 
 def shard_init(init_fn, mesh: Mesh, specs_fn, *args) -> Any:

@@ -28,9 +28,8 @@ from jlora.llama import DTYPES, LlamaConfig, init_params
 from jlora.lora import LoraConfig, LoraPair, split
 from jlora.lora_apply import apply
 from jlora.quantize import dense_value, leaf_encoder
-from jlora.sharding import (BATCH_AXES, activation_sharding, batch_shards, batch_spec, constrain, opt_state_specs,
-                            param_specs, shard_init, shard_params, shard_trainable, to_shardings, trainable_specs,
-                            vocab_shards)
+from jlora.sharding import (BATCH_AXES, activation_sharding, batch_spec, constrain, opt_state_specs, param_specs,
+                            shard_init, shard_params, shard_trainable, shards, to_shardings, trainable_specs)
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -61,7 +60,7 @@ def ce_chunk_size(batch: int, seq: int, vocab: int, max_elements: int = CE_CHUNK
 def device_ce_chunk(batch: int, seq: int, vocab: int) -> int:
     """`ce_chunk_size` for the rows and vocab entries ONE device holds under the current
     `activation_sharding`: sized from the global batch, 70B on 64 chips got 2-position chunks."""
-    return ce_chunk_size(max(batch // batch_shards(), 1), seq, max(vocab // vocab_shards(), 1))
+    return ce_chunk_size(max(batch // shards("batch"), 1), seq, max(vocab // shards("vocab"), 1))
 
 
 def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
@@ -149,6 +148,31 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
     mask = batch["loss_mask"].astype(jnp.float32)
     total = chunked_cross_entropy(hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk)
     return total, jnp.sum(mask)
+
+
+def full_batch(batch: dict) -> dict:
+    """`batch` with the optional keys filled in: every token trained (loss_mask), positions 0..T-1 and one
+    segment per row. input_ids and targets [B,T] are required."""
+    missing = [k for k in ("input_ids", "targets") if k not in batch]
+    if missing:
+        raise ValueError(f"a batch needs {' and '.join(missing)} ([B,T] token ids); it has {sorted(batch)}")
+    ids = batch["input_ids"]
+    rows, t = ids.shape[:-1], ids.shape[-1]
+    defaults = {"loss_mask": lambda: jnp.ones(ids.shape, jnp.float32),
+                "positions": lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (*rows, t)),
+                "segment_ids": lambda: jnp.ones(ids.shape, jnp.int32)}
+    return {**{k: make() for k, make in defaults.items() if k not in batch}, **batch}
+
+
+def causal_lm_loss(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None) -> jax.Array:
+    """The mean next-token cross-entropy of `batch` over its loss_mask tokens, LoRA routed in: what
+    jlora-train minimises, for a custom loop (`jax.value_and_grad` w.r.t. trainable).
+
+    batch: input_ids and targets [B,T], optional loss_mask, positions and segment_ids (`full_batch`).
+    With a frozen output head the [B,T,V] logits are never formed (`chunked_cross_entropy`).
+    rngs={"dropout": key} turns on LoRA dropout."""
+    total, count = loss_terms(model, frozen, trainable, full_batch(batch), rngs)
+    return total / jnp.maximum(count, 1.0)
 
 
 def make_schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -281,22 +305,24 @@ def _uses_dropout(trainable) -> bool:
     return any(isinstance(x, LoraPair) and x.dropout > 0 for x in leaves)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState,
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState | None = None,
                     compiler_options: dict | None = None) -> Callable:
-    """A jitted `step(frozen, trainable, opt_state, batch, rng) -> (trainable, opt_state, metrics)`.
+    """A jitted `step(frozen, trainable, opt_state, batch, rng=None) -> (trainable, opt_state, metrics)`.
 
-    batch holds [n_micro, micro_B, T] arrays (`put_batch(..., n_micro)`); gradients are summed
-    over micro-batches in a lax.scan and divided by the global count of loss tokens once, so the
-    result equals one pass over the whole batch. trainable and opt_state are donated.
+    batch holds [B,T] arrays (one micro-batch; `full_batch` fills the optional keys) or [n_micro, micro_B, T]
+    ones (`put_batch(..., n_micro)`); gradients are summed over micro-batches in a lax.scan and divided by the
+    global count of loss tokens once, so the result equals one pass over the whole batch. trainable and
+    opt_state are donated; rng is needed only for LoRA dropout. With a `state` the step is compiled for its
+    mesh (explicit shardings, activations pinned); without, jax places it where its inputs are.
     compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU)."""
-    dropout = _uses_dropout(state.trainable)
-    fsh, tsh, osh = state.shardings(optimizer)
-    mesh = state.mesh
-    rep = NamedSharding(mesh, P())
-    bsh = {k: NamedSharding(mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
+    def step(frozen, trainable, opt_state, batch, rng=None):
+        dropout = _uses_dropout(trainable)
+        if dropout and rng is None:
+            raise ValueError("the adapters use LoRA dropout: pass step(..., rng=jax.random.key(step_number))")
+        batch = full_batch(batch)
+        if batch["input_ids"].ndim == 2:
+            batch = jax.tree.map(lambda x: x[None], batch)
 
-    @activation_sharding(mesh)
-    def step(frozen, trainable, opt_state, batch, rng):
         def grads_of(mb, i):
             rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
             fn = lambda t: loss_terms(model, frozen, t, mb, rngs)  # noqa: E731
@@ -319,13 +345,19 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "loss_tokens": count,
-                   "skipped": jnp.logical_not(new_opt.last_finite), "nonfinite_run": new_opt.notfinite_count,
-                   "nonfinite_total": new_opt.total_notfinite}
+        metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "loss_tokens": count}
+        if isinstance(new_opt, optax.ApplyIfFiniteState):  # make_optimizer's guard: what it skipped
+            metrics.update(skipped=jnp.logical_not(new_opt.last_finite), nonfinite_run=new_opt.notfinite_count,
+                           nonfinite_total=new_opt.total_notfinite)
         return new_trainable, new_opt, metrics
 
-    return jax.jit(step, in_shardings=(fsh, tsh, osh, bsh, rep), out_shardings=(tsh, osh, rep),
-                   donate_argnums=(1, 2), compiler_options=compiler_options)
+    if state is None:
+        return jax.jit(step, donate_argnums=(1, 2), compiler_options=compiler_options)
+    fsh, tsh, osh = state.shardings(optimizer)
+    rep = NamedSharding(state.mesh, P())
+    bsh = {k: NamedSharding(state.mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
+    return jax.jit(activation_sharding(state.mesh)(step), in_shardings=(fsh, tsh, osh, bsh, rep),
+                   out_shardings=(tsh, osh, rep), donate_argnums=(1, 2), compiler_options=compiler_options)
 
 
 def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:

@@ -117,25 +117,33 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
     bench = _module("train_vs_peft")
     (tmp_path / "config.json").write_text("{}")  # a converted checkpoint is there: no prep run
     calls = []
-    medians = {"jlora": [0.5, 0.3, 0.4], "peft": [0.6, 0.9, 0.45]}
+    medians = {"jlora": [0.5, 0.3, 0.4], "api": [0.4, 0.35, 0.5], "peft": [0.6, 0.9, 0.45],
+               "jlora@base": [0.7, 0.6, 0.8], "naive@base": [0.9, 0.8, 0.7]}
 
-    def fake_side(side, a):
-        k = sum(c == side for c in calls)
-        calls.append(side)
-        step = medians[side][k]
+    def fake_side(side, a, extra, jlora_from):
+        name = side + ("@base" if jlora_from else "")
+        assert jlora_from in (None, str(tmp_path)) and extra == ("--rank", "8", "--targets", "q_proj,v_proj")
+        k = sum(c == name for c in calls)
+        calls.append(name)
+        step = medians[name][k]
         return {"step_s": [step * 1.1, step, step * 0.9 + 0.1 * step], "losses": [2.0, 1.9],
                 "rss_mb": 1000.0 + 100 * k, "compile_s": 5.0 - k, "first_step_s": 9.0}
 
     monkeypatch.setattr(bench, "run_side", fake_side)
     out = tmp_path / "train_vs_peft.json"
     monkeypatch.setattr(sys, "argv", ["train_vs_peft.py", "--hf-dir", str(tmp_path), "--rounds", "3",
-                                      "--out", str(out), "--batch", "1", "--seq", "10"])
+                                      "--out", str(out), "--batch", "1", "--seq", "10", "--baseline", str(tmp_path)])
     bench.main()
-    assert calls == ["jlora", "peft"] * 3
+    assert calls == ["jlora", "api", "peft", "jlora@base", "naive@base"] * 3
     res = json.loads(out.read_text())
     assert all(res[k] for k in PROVENANCE) and res["config"]["best_of"] == 3
     assert [r["load_average_after"] for r in res["runs"]["jlora"]]
     rows = {r["metric"]: r for r in res["rows"]}
-    assert rows["train tokens/s"]["jlora"] == pytest.approx(10 / 0.3)  # each side's fastest run's median
-    assert rows["train tokens/s"]["peer_value"] == pytest.approx(10 / 0.45)
-    assert rows["peak RSS"]["jlora"] == 1200.0 and rows["train step compile"]["jlora"] == 3.0
+    step = rows["jlora-train step: train tokens/s"]
+    assert step["jlora"] == pytest.approx(10 / 0.3)  # each side's fastest run's median
+    assert step["peer_value"] == pytest.approx(10 / 0.45)
+    assert rows["custom loop (causal_lm_loss): train tokens/s"]["jlora"] == pytest.approx(10 / 0.35)
+    base = next(r for m, r in rows.items() if m.startswith("custom loop (CE on logits), baseline @ "))
+    assert base["jlora"] == pytest.approx(10 / 0.7)
+    assert rows["jlora-train step: peak RSS"]["jlora"] == 1200.0
+    assert rows["jlora-train step: compile"]["jlora"] == 3.0

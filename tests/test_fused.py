@@ -1,0 +1,101 @@
+"""Fused projections (jlora.fused): q/k/v and gate/up run as one matmul each, the params keep HF's names, and
+LoRA / DoRA / dropout / per-row adapter stacks on any part give what separate projections give. HF and PEFT
+parity of the fused model live in test_llama.py and test_lora.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import jaxprs_in_params
+
+import jlora.llama
+from jlora.adapter_stack import AdapterStack
+from jlora.generate import Generator, _forward, _init_cache
+from jlora.llama import Llama, LlamaConfig, init_params
+from jlora.lora import LoraConfig, split
+from jlora.lora_apply import apply
+from lora_testing import randomize
+
+CFG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=20)
+KEY = lambda i: jax.random.key(i, impl="rbg")  # noqa: E731
+
+
+def frozen_matmul_shapes(fn, *args) -> list[tuple[int, ...]]:
+    """The shapes of every dot_general's second operand in fn's jaxpr, sub-jaxprs (scan, remat) included."""
+    shapes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                shapes.append(tuple(eqn.invars[1].aval.shape))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def test_qkv_and_gate_up_are_one_matmul_each_and_params_keep_hf_names():
+    params = jax.eval_shape(lambda: init_params(CFG, KEY(0)))
+    layer = params["layers"]
+    assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    ids = jnp.zeros((2, 5), jnp.int32)
+    shapes = frozen_matmul_shapes(lambda p: Llama(CFG).apply({"params": p}, ids), params)
+    d, q, kv, f = 48, 4 * 20, 2 * 20, 112
+    assert (d, q + 2 * kv) in shapes and (d, 2 * f) in shapes  # the fused kernels
+    assert not {(d, q), (d, kv), (d, f)} & set(shapes)  # and no separate q / k / v / gate / up matmul
+
+
+@pytest.fixture
+def unfused(monkeypatch):
+    """Run the model's projections separately, as under tensor parallelism (heads / mlp split over devices)."""
+    def use():
+        monkeypatch.setattr(jlora.llama, "shards", lambda dim: 2)
+    return use
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_on_every_part_equals_separate_projections(dora, unfused):
+    params = init_params(CFG, KEY(0))
+    lcfg = LoraConfig(rank=4, alpha=8, targets="all-linear", use_dora=dora, dropout=0.1)
+    frozen, trainable = split(params, lcfg, KEY(1))
+    trainable = randomize(trainable, seed=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)), jnp.int32)
+
+    def loss_and_grads():
+        def loss(t):
+            logits = apply(Llama(CFG), frozen, t, ids, rngs={"dropout": KEY(3)})
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return jax.jit(jax.value_and_grad(loss))(trainable)  # traced anew each time: `unfused` takes effect
+
+    fused = loss_and_grads()
+    assert (48, 4 * 20 + 4 * 20) in frozen_matmul_shapes(lambda t: apply(Llama(CFG), frozen, t, ids), trainable)
+    unfused()
+    separate = loss_and_grads()
+    for x, y in zip(jax.tree.leaves(fused), jax.tree.leaves(separate)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6, rtol=1e-5)
+
+
+def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused):
+    params = init_params(CFG, KEY(0))
+    stack = AdapterStack(CFG, capacity=2, max_rank=4, targets=("k_proj", "v_proj", "up_proj"))
+    for i, targets in enumerate([("k_proj", "up_proj"), ("v_proj",)]):
+        _, trainable = split(params, LoraConfig(rank=2 + 2 * i, targets=targets), KEY(4 + i))
+        stack.add(f"a{i}", randomize(trainable, seed=5 + i))
+    gen = Generator(Llama(CFG), params, stack=stack)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, (3, 7)), jnp.int32)
+    positions, segments = jnp.broadcast_to(jnp.arange(7), (3, 7)), jnp.ones((3, 7), jnp.int32)
+
+    def logits(names):  # the decode model's prefill, unjitted, one adapter (or the base) per row
+        cache = _init_cache(CFG, 3, 8)
+        return _forward(gen.model, gen.frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
+
+    fused = logits(["a0", None, "a1"])
+    unfused()
+    separate = logits(["a0", None, "a1"])
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(separate), atol=2e-6, rtol=1e-5)
+    base = logits([None, None, None])
+    assert not np.allclose(np.asarray(fused[0]), np.asarray(base[0]), atol=1e-3)  # the adapters did act
+    assert not np.allclose(np.asarray(fused[2]), np.asarray(base[2]), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(fused[1]), np.asarray(base[1]), atol=2e-6, rtol=1e-5)
