@@ -31,6 +31,7 @@ from flax import traverse_util
 from jlora.adapter_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint import load_adapter
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
+from jlora.llama_adapter import expand as expand_prompts
 from jlora.lora import merge_for_inference
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
@@ -211,7 +212,7 @@ class Generator:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
         self.frozen = _per_layer(frozen, cfg.num_hidden_layers)
-        self.trainable = _per_layer(trainable, cfg.num_hidden_layers)
+        self.trainable = _per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")
             emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb
