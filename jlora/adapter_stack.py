@@ -1,7 +1,7 @@
 """Many adapters on one base: a fixed-shape stack of K LoRA adapters and per-row routing into it.
 
-`AdapterStack` holds, for every module it may adapt, A [K, in, R], B [K, R, out] and scales [K], with
-R the stack's max rank. An adapter of lower rank is zero-padded, and a module it does not target
+`AdapterStack` holds, for every module it may adapt, A [in, K, R], B [K, R, out] and scales [K], with
+R the stack's max rank (A's slot axis is inner so that x @ A over all slots reads A as it lies). An adapter of lower rank is zero-padded, and a module it does not target
 keeps zero A/B, so the padding adds exactly nothing. Adding, replacing or removing an adapter writes
 one slot through a single jitted update, so the shapes (and every compiled function that takes the
 stack) never change. `apply_rows` runs a model with each batch row routed through its own adapter,
@@ -34,10 +34,11 @@ class AdapterStackError(ValueError):
 
 @struct.dataclass
 class RowAdapters:
-    """What one forward call needs: the stack's arrays and each row's adapter index [B] (-1 = base)."""
+    """What one forward call needs: the stack's arrays and each row's adapter index [B] (-1 = base), or
+    each token's [B,T] (prompts of different adapters packed into one row)."""
 
-    arrays: dict  # {module path: {"a": [K,in,R], "b": [K,R,out], "scale": [K]}}
-    rows: jax.Array  # [B] int32
+    arrays: dict  # {module path: {"a": [in,K,R], "b": [K,R,out], "scale": [K]}}
+    rows: jax.Array  # [B] or [B,T] int32
 
 
 def _module_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -53,8 +54,18 @@ def _group(name: str) -> str:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_slot(arrays: dict, slot, new: dict) -> dict:
-    """arrays with slot `slot` replaced by `new` (same tree, one adapter's [in,R]/[R,out]/[] leaves)."""
-    return jax.tree.map(lambda full, one: full.at[slot].set(one.astype(full.dtype)), arrays, new)
+    """arrays with slot `slot` replaced by `new` (same modules, one adapter's a [in,R], b [R,out], scale [])."""
+    return {m: {"a": full["a"].at[:, slot].set(new[m]["a"].astype(full["a"].dtype)),
+                "b": full["b"].at[slot].set(new[m]["b"].astype(full["b"].dtype)),
+                "scale": full["scale"].at[slot].set(new[m]["scale"].astype(full["scale"].dtype))}
+            for m, full in arrays.items()}
+
+
+def _empty_slot(arrays: dict) -> dict:
+    """Zeros of one slot's shapes, as numpy: a [in,R], b [R,out], scale [] per module."""
+    return {m: {"a": np.zeros((full["a"].shape[0], full["a"].shape[2]), full["a"].dtype),
+                "b": np.zeros(full["b"].shape[1:], full["b"].dtype), "scale": np.zeros((), full["scale"].dtype)}
+            for m, full in arrays.items()}
 
 
 class AdapterStack:
@@ -80,7 +91,7 @@ class AdapterStack:
             for t in self.targets:
                 n_in, n_out = shapes[t]
                 self.arrays[(f"layer_{i}", _group(t), t)] = {
-                    "a": jnp.zeros((capacity, n_in, max_rank), dtype), "b": jnp.zeros((capacity, max_rank, n_out), dtype),
+                    "a": jnp.zeros((n_in, capacity, max_rank), dtype), "b": jnp.zeros((capacity, max_rank, n_out), dtype),
                     "scale": jnp.zeros((capacity,), jnp.float32)}
 
     def __contains__(self, name: str) -> bool:
@@ -120,14 +131,13 @@ class AdapterStack:
     def remove(self, name: str) -> None:
         """Unload adapter `name`; its slot is zeroed and free for the next `add`."""
         slot = self.index(name)
-        zeros = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.arrays)
-        self.arrays = _write_slot(self.arrays, jnp.int32(slot), zeros)
+        self.arrays = _write_slot(self.arrays, jnp.int32(slot), _empty_slot(self.arrays))
         self.names[slot], self.ranks[slot] = None, 0
 
     def _padded(self, name: str, trainable: dict) -> tuple[dict, int]:
         """One adapter as numpy leaves of the stack's per-slot shapes (rank padded, untargeted modules zero),
         and its largest rank."""
-        out, rank = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype), self.arrays), 0
+        out, rank = _empty_slot(self.arrays), 0
         flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
         for path, pair in flat.items():
             where = ".".join(map(str, path))
@@ -165,7 +175,7 @@ def _route(routed: RowAdapters):
     slots as two plain matmuls, x [BT,in] @ A [in,K*R] then, with each row's other slots zeroed and its own
     scaled, @ B [K*R,out]: XLA:CPU gathers a [B,in,R] block per row element by element, which cost more than
     the whole base model at batch 16 (two gathers per module per layer, every token). A large stack gathers
-    instead, reading only the rows' own slots."""
+    instead, reading only the rows' own slots. Per-token indices (a packed prefill) always take the dense way."""
     rows = routed.rows
 
     @route_parts  # a fused q/k/v or gate/up call: each part's delta goes to its slice of the output
@@ -177,18 +187,19 @@ def _route(routed: RowAdapters):
         if entry is None:
             return y
         x = args[0].astype(y.dtype)  # [B,T,in]
-        k_slots, n_in, r = entry["a"].shape
-        if k_slots <= _DENSE_SLOTS_PER_TOKEN * x.shape[0] * x.shape[1]:
-            # row b keeps only slot rows[b], times its scale; a base row (-1) matches no slot
-            w = jnp.where(rows[:, None] == jnp.arange(k_slots)[None, :], entry["scale"][None, :], 0.0)  # [B,K]
-            xa = jnp.einsum("bti,kir->btkr", x, entry["a"].astype(y.dtype))  # [B,T,K,R]
-            xa = xa * w.astype(y.dtype)[:, None, :, None]
+        n_in, k_slots, r = entry["a"].shape
+        if rows.ndim == 2 or k_slots <= _DENSE_SLOTS_PER_TOKEN * x.shape[0] * x.shape[1]:
+            # row (or token) b keeps only slot rows[b], times its scale; a base row (-1) matches no slot
+            idx = rows[:, None] if rows.ndim == 1 else rows  # [B,1] or [B,T]
+            w = jnp.where(idx[..., None] == jnp.arange(k_slots), entry["scale"], 0.0)  # [B,1|T,K]
+            xa = jnp.einsum("bti,ikr->btkr", x, entry["a"].astype(y.dtype))  # [B,T,K,R]
+            xa = xa * w.astype(y.dtype)[..., None]
             return y + jnp.einsum("btkr,kro->bto", xa, entry["b"].astype(y.dtype))  # [B,T,out]
         pick = jnp.maximum(rows, 0)  # a base row gathers slot 0 and is scaled by 0
-        a = jnp.take(entry["a"], pick, axis=0).astype(y.dtype)  # [B,in,R]
+        a = jnp.take(entry["a"], pick, axis=1).astype(y.dtype)  # [in,B,R]
         b = jnp.take(entry["b"], pick, axis=0).astype(y.dtype)  # [B,R,out]
         scale = jnp.where(rows >= 0, jnp.take(entry["scale"], pick), 0.0).astype(y.dtype)  # [B]
-        xa = jnp.einsum("bti,bir->btr", x, a)  # [B,T,R]
+        xa = jnp.einsum("bti,ibr->btr", x, a)  # [B,T,R]
         return y + jnp.einsum("btr,bro->bto", xa, b) * scale[:, None, None]  # [B,T,out]
 
     return route

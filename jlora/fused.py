@@ -27,14 +27,20 @@ class FusedDense(nn.Module):
     """`parts` (nn.Dense of the caller, same input) as one matmul; returns one output per part.
 
     With fuse=False, or while params are created, or when a kernel is not a plain array, each part
-    is called on its own: the result is the same, computed as separate matmuls."""
+    is called on its own: the result is the same, computed as separate matmuls. Params of its own
+    (`kernel` [D, sum out_i], `bias`) are the parts' concatenated ahead of time, as jlora.generate lays
+    decode weights out: concatenating every call copied the kernels at every token."""
 
     parts: tuple[nn.Dense, ...]
     fuse: bool = True
 
     def fused(self) -> bool:
         """Whether this call runs as one matmul (static: decided from the kernels' types)."""
-        if not self.fuse or self.is_initializing():
+        if self.is_initializing():
+            return False
+        if self.has_variable("params", "kernel"):  # concatenated ahead of time
+            return True
+        if not self.fuse:
             return False
         first = self.parts[0]
         return all(type(p) is nn.Dense and p.use_bias == first.use_bias and p.dtype == first.dtype
@@ -43,13 +49,15 @@ class FusedDense(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         if not self.fused():
             return tuple(part(x) for part in self.parts)
-        kernels = [p.get_variable("params", "kernel") for p in self.parts]  # each [D, out_i]
-        w = jnp.concatenate(kernels, axis=-1)  # [D, sum out_i]
+        own = self.has_variable("params", "kernel")
+        joined = lambda name: (self.get_variable("params", name) if own  # noqa: E731
+                               else jnp.concatenate([p.get_variable("params", name) for p in self.parts], axis=-1))
+        w = joined("kernel")  # [D, sum out_i]
         x, w = promote_dtype(x, w, dtype=self.parts[0].dtype)
         y = jnp.einsum("...d,do->...o", x, w)  # [..., sum out_i]
         if self.parts[0].use_bias:
-            y = y + jnp.concatenate([p.get_variable("params", "bias") for p in self.parts]).astype(y.dtype)
-        return tuple(jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1], axis=-1))
+            y = y + joined("bias").astype(y.dtype)
+        return tuple(jnp.split(y, np.cumsum([p.features for p in self.parts])[:-1], axis=-1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,40 @@ from jlora.weights import load_pretrained, resolve_model_path
 _BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
 
+# XLA:CPU's YNNPACK fusions (on by default in recent jaxlib) run a decode step's short products, a few rows
+# times a [D, F] weight, ~1.4x slower than XLA's own dot emitter: SmolLM2's 30 layers at 16 rows took 101 ms
+# without them and 140 ms with, its [576, 49152] head 48 vs 65 ms (2-core EPYC, load ~6). A prefill's tall
+# products are as fast or faster with them, so only the per-token steps opt out. Other backends ignore it.
+_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def decode_compiler_options() -> dict:
+    """XLA options for the per-token decode steps: `_DECODE_OPTIONS` where this jaxlib knows them, else none."""
+    try:
+        jax.jit(lambda x: x, compiler_options=_DECODE_OPTIONS).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:  # "No such compile option" on a jaxlib without YNNPACK
+        return {}
+    return dict(_DECODE_OPTIONS)
+
+
+def decode_jit(fn=None, **jit_kwargs):
+    """`jax.jit` for a per-token decode step, compiled with `decode_compiler_options()`. The jitted function
+    is made at the first call, since probing the options needs a backend (not at import)."""
+    if fn is None:
+        return functools.partial(decode_jit, **jit_kwargs)
+    jitted = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fn, compiler_options=decode_compiler_options() or None, **jit_kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
 class GenerateError(ValueError):
     """Bad generation input; the message is one line."""
 
@@ -56,17 +90,22 @@ class _DecodeLlama(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids, positions, segment_ids, last_only: bool = False):
+    def __call__(self, ids, positions, segment_ids, last_only: bool | jax.Array = False):
+        """Logits [B,V] of the last column (every column's, with last_only False, is never needed), or with
+        last_only an index array [B,n], the logits [B,n,V] of those columns (a packed prefill's prompt ends)."""
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens")(ids)  # [B,T,D]
         rope = rope_tables(cfg, positions)
         for i in range(cfg.num_hidden_layers):
             x, _ = Block(cfg, True, name=f"layer_{i}")(x, rope, segment_ids)  # [B,T,D]
-        if last_only:  # prefill needs only the last position's logits
+        columns = not isinstance(last_only, bool)
+        if columns:
+            x = jnp.take_along_axis(x, last_only[..., None], axis=1)  # [B,n,D]
+        elif last_only:  # prefill needs only the last position's logits
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
         logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head")(x)
-        return logits[:, -1].astype(jnp.float32)  # [B,V]
+        return (logits if columns else logits[:, -1]).astype(jnp.float32)  # [B,n,V] or [B,V]
 
 
 def _per_layer(tree: dict, n_layers: int) -> dict:
@@ -89,6 +128,32 @@ def _per_layer(tree: dict, n_layers: int) -> dict:
             layer[path] = LoraPair(jnp.asarray(leaf.a[i]), jnp.asarray(leaf.b[i]), mag, scale, layout, 0.0)
         if layer:
             out[f"layer_{i}"] = traverse_util.unflatten_dict(layer)
+    return out
+
+
+# FusedDense modules of a block and their parts: the parts' kernels are concatenated once, for decoding
+_FUSED = {("self_attn", "qkv"): ("q_proj", "k_proj", "v_proj"), ("mlp", "gate_up"): ("gate_proj", "up_proj")}
+
+
+def _prefuse(frozen: dict, trainable: dict) -> dict:
+    """Per-layer params with each fused group's kernels (and biases) joined into the FusedDense's own
+    `kernel` [D, sum out]: joined inside the step, they were copied at every token (~1 s of CPU time per
+    SmolLM2 token at 16 rows). A group stays split where a kernel is quantized or the trainable tree
+    routes anything into its module (unmerged LoRA reads a part's own kernel, LLaMA-Adapter's prompts
+    read k_proj and v_proj)."""
+    out = dict(frozen)
+    for layer, params in frozen.items():
+        if not layer.startswith("layer_"):
+            continue
+        params = out[layer] = {k: dict(v) for k, v in params.items()}
+        for (group, name), parts in _FUSED.items():
+            mods = params.get(group, {})
+            if trainable.get(layer, {}).get(group):
+                continue
+            if not all(isinstance(mods.get(p, {}).get("kernel"), jax.Array) for p in parts):
+                continue
+            split = [mods.pop(p) for p in parts]
+            mods[name] = {k: jnp.concatenate([m[k] for m in split], axis=-1) for k in split[0]}  # kernel [D, sum out]
     return out
 
 
@@ -152,7 +217,7 @@ def _first(logits, cache, lengths, key, temperature, top_p, eos_ids, *, n_new: i
             "step": jnp.ones((), jnp.int32), "lengths": lengths}
 
 
-@functools.partial(jax.jit, static_argnames=("dmodel", "mode"), donate_argnames=("state",))
+@decode_jit(static_argnames=("dmodel", "mode"), donate_argnames=("state",))
 def _decode(dmodel, frozen, trainable, state, stop_at, key, temperature, top_p, eos_ids, pad_id, *,
             mode: tuple) -> dict:
     """Sample until `stop_at` tokens exist or every row is done. Token j draws with fold_in(key, j),
@@ -196,7 +261,8 @@ def _eos_list(eos_id, cfg: LlamaConfig) -> list[int]:
 
 
 class Generator:
-    """A model with its weights laid out for decoding (one buffer per layer), reusable across calls.
+    """A model with its weights laid out for decoding (one buffer per layer, fused projections' kernels
+    joined), reusable across calls.
 
     `trainable` None or empty runs `frozen` as plain (e.g. merged) params; otherwise LoRA is unmerged.
     With a `stack` instead, `stream(..., adapters=[name or None per row])` runs each row's own adapter.
@@ -211,8 +277,8 @@ class Generator:
         if stack is not None and trainable:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
-        self.frozen = _per_layer(frozen, cfg.num_hidden_layers)
         self.trainable = _per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
+        self.frozen = _prefuse(_per_layer(frozen, cfg.num_hidden_layers), self.trainable)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")
             emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb
