@@ -31,13 +31,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from train_vs_peft import jlora_state, train_batch  # noqa: E402  (the bench's workload, defined once)
 
-# (part, pattern over an op's op_name), first match wins.
+# (part, pattern over an op's op_name), first match wins. An XLA fusion carries the op_name of its root.
 PARTS = (
     ("LoRA A/B", r"\.\.\.i,ir|\.\.\.r,ro|lora"),
-    ("frozen projections", r"_proj/(dot_general|[^/]*->[^/]*/dot_general)$|fused_proj|_proj/dot"),
-    ("attention", r"self_attn/(?!.*_proj/)"),
-    ("norms, rope, MLP elementwise", r"layernorm|/mlp/|_proj/|rope"),
-    ("output head + chunked CE", r"bcv|bcd|cross_entropy|jvp\(\)|transpose\(jvp\(\)\)"),
+    ("frozen projections", r"(_proj|/qkv|/gate_up)/(.*dot_general|concatenate)$"),  # concatenate: fused kernels
+    ("output head + chunked CE", r"bcv|bcd|cross_entropy|jvp\(\)"),
+    ("attention", r"self_attn/(?!(.*_proj|qkv)/)"),
+    ("norms, rope, MLP elementwise", r"layernorm|/mlp/|_proj/|/qkv/|rope"),
     ("scan buffers (layer slices, stacking)", r"while/body/(jit\(dynamic|slice|concatenate|copy|dynamic)|"
                                               r"while/body$|while/body/closed_call$"),
     ("optimizer", r"cond|adam|clip|norm|optax|apply_updates|^jit\(step\)/[a-z_]+$"),

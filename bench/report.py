@@ -33,6 +33,7 @@ README = ROOT / "README.md"
 BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf", "serve_vs_peft")
 RUNNABLE = (*BENCHES, "qlora_vs_peft", "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
 QLORA_DEMOS = ("demo_nf4", "demo_gguf")  # jlora-demo --set model.quantize=nf4 / gguf, added with --add
+METHOD_DEMOS = ("demo_llama_adapter",)  # jlora-demo --config configs/smollm2-135m-demo-adapter.yaml, with --add
 README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
 README_END = "<!-- end of demo figures -->"
 
@@ -75,7 +76,9 @@ def add_result(src: pathlib.Path, results: pathlib.Path = RESULTS) -> pathlib.Pa
     quantized = re.search(r"model\.quantize=(\w+)", record.get("command", ""))
     if name == "demo" and quantized and quantized.group(1) != "none":  # a QLoRA demo sits beside the fp32 one
         name = f"demo_{quantized.group(1)}"
-    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS):
+    elif name == "demo" and record.get("method", "lora") != "lora":  # another method beside the LoRA demo
+        name = f"demo_{record['method']}"
+    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS, *METHOD_DEMOS):
         raise ReportError(f"{src}: no known 'bench' name in it (got {name!r})")
     if record.get("smoke"):
         raise ReportError(f"{src}: a --smoke run checks the script; its figures are not a benchmark")
@@ -157,6 +160,34 @@ def qlora_section(res: dict | str | None) -> list[str]:
     return lines
 
 
+def profile_section(before: dict | str | None, after: dict | str | None) -> list[str]:
+    """bench/profile_step.py run on a baseline checkout (profile_step_before) and on this one (profile_step)."""
+    lines = ["", "## Where the train step's time goes (bench/profile_step.py)", ""]
+    runs = {"before": before, "after": after}
+    for label, res in runs.items():
+        name = "profile_step" + ("_before" if label == "before" else "")
+        if not isinstance(res, dict):
+            return lines + [res or _missing(name, "Run `python bench/profile_step.py --out "
+                                                  f"{_rel(RESULTS / (name + '.json'))}`.")]
+        lines += [f"- {label}: `{res['command']}`. {measured_line(res)} Traced step {res['step_s']:.2f} s."]
+    parts = {r["part"]: {} for res in runs.values() for r in res["parts"]}
+    for label, res in runs.items():
+        for r in res["parts"]:
+            parts[r["part"]][label] = r
+    lines += ["", "Op time per step (summed over the threads that ran ops), forward + backward:", "",
+              "| part | before (ms) | share | after (ms) | share |", "|---|---|---|---|---|"]
+    for part, by in sorted(parts.items(), key=lambda kv: -kv[1].get("before", {}).get("share", 0)):
+        cells = []
+        for label in runs:
+            r = by.get(label, {})
+            ms = sum(v for k, v in r.items() if k.endswith("_ms"))
+            cells += [_fmt(ms) if r else "—", f"{r['share']:.1%}" if r else "—"]
+        lines.append(f"| {part} | {' | '.join(cells)} |")
+    totals = [_fmt(res["op_ms_per_step"]) for res in runs.values()]
+    return lines + [f"| all ops | {totals[0]} | 100% | {totals[1]} | 100% |", "",
+                    "Setup: " + ", ".join(f"{k}={v}" for k, v in after["config"].items())]
+
+
 def demo_figures(demo: dict | str | None) -> str:
     """The README's sentence about the demo's outcome and timings, from docs/results/demo.json."""
     if not isinstance(demo, dict):
@@ -217,6 +248,36 @@ def qlora_demo_section(results: dict[str, dict | str]) -> list[str]:
                     "measured |", "|---|---|---|---|---|---|", *rows]
 
 
+def _method_column(res: dict | str | None, name: str) -> list[str]:
+    """One method's cells of the comparison table, each figure from its result file or a dash saying why not."""
+    if not isinstance(res, dict):
+        why = res if isinstance(res, str) else f"Not run: {_rel(RESULTS / (name + '.json'))} does not exist"
+        return ["—"] * 6 + [why]
+    b, t = res["base"], res["finetuned"]
+    absent = "— (not recorded by this run)"
+    params = f"{res['trainable_params']:,}" if res.get("trainable_params") is not None else absent
+    tps = f"{res['tokens_per_s']:,.0f}" if res.get("tokens_per_s") else absent
+    rss = f"{_gib(res['peak_rss_bytes'])} GiB" if res.get("peak_rss_bytes") else absent
+    return [params, tps, rss, f"{b['loss']:.2f} -> {t['loss']:.2f}",
+            f"{100 * b['accuracy']:.0f}% -> {100 * t['accuracy']:.0f}%", f"{res['train_steps']} in {res['train_s']:.0f} s",
+            f"commit {res['commit']}, {res['date'][:10]}, load {res['load_average']} / {res['load_average_after']}"]
+
+
+def method_demo_section(results: dict[str, dict | str]) -> list[str]:
+    """The demo task with LoRA (docs/results/demo.json) and with LLaMA-Adapter (demo_llama_adapter.json)."""
+    lines = ["", "## LoRA vs LLaMA-Adapter on the demo task", "",
+             "Commands: `jlora-demo` (LoRA r=8, alpha 16, every linear layer, lr 2e-3) and `jlora-demo --config "
+             "configs/smollm2-135m-demo-adapter.yaml` (LLaMA-Adapter: 10 prompts in each of the top 28 of 30 layers, "
+             "as lit-llama's adapter_start_layer=2, lit-llama's lr 9e-3), each then `python bench/report.py --add "
+             "runs/<output_dir>/demo_results.json`. Same model, data, rows, steps and held-out examples. tokens/s: "
+             "training steps after the first; peak RSS: the whole demo process (both evaluations and training).", "",
+             "| method | trainable params | train tokens/s | peak RSS | held-out loss (base -> tuned) | exact match "
+             "(base -> tuned) | steps | measured |", "|---|---|---|---|---|---|---|---|"]
+    for name, label in (("demo", "LoRA"), ("demo_llama_adapter", "LLaMA-Adapter")):
+        lines.append("| " + " | ".join([label, *_method_column(results.get(name), name)]) + " |")
+    return lines
+
+
 def fit_section(res: dict | str | None, name: str = "will_it_fit", title: str = "Will it fit? (`jlora-train --plan`)",
                 command: str = "python bench/will_it_fit.py") -> list[str]:
     """"Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
@@ -272,9 +333,13 @@ def render(results: dict[str, dict | str]) -> str:
              "larger (good for throughput, bad for memory and time)."]
     for name in BENCHES:
         lines += bench_section(name, results.get(name))
+        if name == "train_vs_peft":
+            lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
+            lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
     lines += qlora_demo_section(results)
+    lines += method_demo_section(results)
     lines += fit_section(results.get("will_it_fit"))
     lines += fit_section(results.get("qlora_plan"), "qlora_plan",
                          "QLoRA: LLaMA-3-8B in nf4 on one device, one 2048-token row (`jlora-train --plan`)",

@@ -93,6 +93,7 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
     frozen, trainable = jlora.split(params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)),
                                     jax.random.key(0))
     del params
+    frozen = jax.device_put(frozen)  # as README: placed once, else each step would copy the numpy tree in
     optimizer = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
     opt_state = optimizer.init(trainable)
     batch = {k: jnp.asarray(v) for k, v in host_batch(a.batch, a.seq, cfg.vocab_size).items()}

@@ -4,6 +4,7 @@ from jlora.checkpoint import load_adapter, save_adapter
 from jlora.generate import generate
 from jlora.gguf_adapter import export_gguf_adapter
 from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, init_params
+from jlora.llama_adapter import AdapterConfig
 from jlora.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, split, unmerge
 from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layouts
 from jlora.peft import export_peft, import_peft
@@ -16,8 +17,8 @@ from jlora.weights_sharded import load_pretrained_sharded
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply", "causal_lm_loss", "count_params", "dequantize", "describe", "export_gguf_adapter", "export_peft",
-    "generate", "import_peft", "init_cache", "init_params", "Llama", "LlamaConfig", "load_adapter",
+    "AdapterConfig", "apply", "causal_lm_loss", "count_params", "dequantize", "describe", "export_gguf_adapter",
+    "export_peft", "generate", "import_peft", "init_cache", "init_params", "Llama", "LlamaConfig", "load_adapter",
     "load_pretrained", "load_pretrained_sharded", "load_tokenizer", "lora_apply", "LoraConfig", "LoraError",
     "LoraPair", "make_train_step", "merge", "merge_for_inference", "pissa_to_lora", "PRESETS", "quantize",
     "QuantizedKernel", "resolve_model_path", "save_adapter", "save_pretrained", "split", "trace_layouts",

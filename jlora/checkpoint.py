@@ -2,8 +2,9 @@
 
 A training checkpoint (`open_manager` / `save_checkpoint` / `restore_latest`) holds only the
 trainable tree, the optimizer state, the step, the data position and the rng, plus a metadata
-JSON (LoraConfig, run config, jlora version, base model identity, the data stream's identity) in
-the same atomic step dir; a resume onto another base, LoRA config or data stream is refused.
+JSON (LoraConfig, or the method and AdapterConfig of a LLaMA-Adapter; run config, jlora version, base
+model identity, the data stream's identity) in the same atomic step dir; a resume onto another base,
+method, LoRA / adapter config or data stream is refused.
 `save_adapter` / `load_adapter` keep the final adapter the same way and refuse one made for
 another base or rank, or one that is truncated. Trees are stored as nested dicts of arrays (a
 `LoraPair` becomes {a, b, magnitude}); its static scale/layout live in the metadata. No pickle.
@@ -27,6 +28,7 @@ from jlora.atomic_dir import replace_dir
 from jlora.data_stream import stream_change
 from jlora.fingerprint import fingerprint, mismatch
 from jlora.llama import LlamaConfig
+from jlora.llama_adapter import AdapterConfig
 from jlora.lora import LoraConfig
 from jlora.lora_apply import KernelLayout, LoraPair
 from jlora.run_dir import allocated_bytes, disk_errors, ensure_free_space
@@ -69,6 +71,21 @@ def lora_config_from_dict(d: dict) -> LoraConfig:
     return LoraConfig(**{k: v for k, v in d.items() if k in names})
 
 
+def _method_meta(lcfg: LoraConfig | AdapterConfig) -> dict:
+    """The method and its config, as metadata: {"lora_config": ...}, or for LLaMA-Adapter
+    {"method": "llama_adapter", "adapter_config": ...} (an older reader then finds no LoRA config)."""
+    if isinstance(lcfg, AdapterConfig):
+        return {"method": "llama_adapter", "adapter_config": dataclasses.asdict(lcfg)}
+    return {"lora_config": _lora_config_dict(lcfg)}
+
+
+def method_config_from_meta(meta: dict) -> LoraConfig | AdapterConfig:
+    """The LoraConfig or AdapterConfig a checkpoint or adapter was made with."""
+    if meta.get("method") == "llama_adapter":
+        return AdapterConfig(**meta["adapter_config"])
+    return lora_config_from_dict(meta["lora_config"])
+
+
 def _describe_tree(trainable) -> dict:
     """The static half of a trainable tree, which arrays alone cannot restore."""
     pairs, extra = {}, []
@@ -83,13 +100,13 @@ def _describe_tree(trainable) -> dict:
     return {"pairs": pairs, "extra": extra}
 
 
-def make_metadata(lcfg: LoraConfig, base: LlamaConfig, params=None, run_config: dict | None = None,
+def make_metadata(lcfg: LoraConfig | AdapterConfig, base: LlamaConfig, params=None, run_config: dict | None = None,
                   data_stream: dict | None = None) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
     for a training checkpoint also `data_stream` (jlora.data_stream.stream_identity), which a resume must match."""
     meta = {
         "jlora_version": _version(),
-        "lora_config": _lora_config_dict(lcfg),
+        **_method_meta(lcfg),
         "run_config": json.loads(json.dumps(run_config, default=str)),  # tuples -> lists, odd types -> str
         "base": {"name": base.name, "config": base.to_hf_config(),
                  "fingerprint": fingerprint(params) if params is not None else None},
@@ -133,8 +150,18 @@ def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str)
                            f"({kind} fingerprint, {len(bad)} tensor(s)); {why}")
 
 
-def check_lora_config(meta: dict, expect: LoraConfig, *, where: str) -> None:
-    """Raise AdapterError if the saved LoraConfig differs from `expect` in rank, targets or scale."""
+def check_lora_config(meta: dict, expect: LoraConfig | AdapterConfig, *, where: str) -> None:
+    """Raise AdapterError if the saved method differs from `expect`'s, or its LoraConfig in rank, targets or
+    scale, or its AdapterConfig in len or layers."""
+    method, saved_method = ("llama_adapter" if isinstance(expect, AdapterConfig) else "lora"), meta.get("method", "lora")
+    if method != saved_method:
+        raise AdapterError(f"{where}: made with method {saved_method}, expected method {method}")
+    if isinstance(expect, AdapterConfig):
+        saved, mine = meta.get("adapter_config") or {}, dataclasses.asdict(expect)
+        for k in mine:
+            if saved.get(k) != mine[k]:
+                raise AdapterError(f"{where}: adapter has adapter.{k}={saved.get(k)!r}, expected adapter.{k}={mine[k]!r}")
+        return
     saved, mine = meta.get("lora_config") or {}, _lora_config_dict(expect)
     for k in SHAPE_KEYS:
         if _norm(saved.get(k)) != _norm(mine.get(k)):
@@ -293,14 +320,14 @@ def is_adapter_dir(directory: str | pathlib.Path) -> bool:
     return (pathlib.Path(directory) / "metadata" / "metadata").is_file()
 
 
-def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, base: LlamaConfig, params=None,
-                 run_config: dict | None = None) -> None:
+def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig | AdapterConfig, base: LlamaConfig,
+                 params=None, run_config: dict | None = None) -> None:
     """Write the trainable tree + metadata to `out_dir` (orbax). Pass the base params to fingerprint them.
 
     Atomic: the adapter is written beside `out_dir` and swapped into place when complete, so a crash
     at any moment leaves the previous adapter (or the new one) whole at `out_dir`."""
     out = pathlib.Path(out_dir).absolute()
-    if lcfg.init == "pissa":  # its pairs are relative to W_res = W - s*A0@B0, which no adapter file carries
+    if getattr(lcfg, "init", None) == "pissa":  # its pairs are relative to W_res = W - s*A0@B0, which no adapter file carries
         raise AdapterError(f"{out}: a PiSSA adapter as trained fits only the residual base W - s*A0@B0; save its "
                            f"plain-LoRA equivalent: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_adapter_dir(out)):
@@ -339,8 +366,9 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
 
 
 def load_adapter(directory: str | pathlib.Path, base: LlamaConfig | None = None, params=None,
-                 expect: LoraConfig | None = None) -> tuple[LoraConfig, dict]:
-    """(LoraConfig, trainable tree) from `save_adapter`'s dir, on the default device.
+                 expect: LoraConfig | AdapterConfig | None = None) -> tuple[LoraConfig | AdapterConfig, dict]:
+    """(LoraConfig, trainable tree) from `save_adapter`'s dir, on the default device (an AdapterConfig
+    and prompts / gates for a LLaMA-Adapter).
 
     Refuses (AdapterError) an adapter for another base config, or other weights when `params` is
     given, one whose LoraConfig differs from `expect` in rank, targets or scale, and a damaged one.
@@ -363,7 +391,7 @@ def load_adapter(directory: str | pathlib.Path, base: LlamaConfig | None = None,
                       AdapterError, f"{where}: truncated or corrupt adapter")["adapter"]
     if meta.get("content_sha256") and _content_hash(stored) != meta["content_sha256"]:
         raise AdapterError(f"{where}: corrupt adapter: array contents do not match the saved checksum")
-    return lora_config_from_dict(meta["lora_config"]), _rebuild(stored, meta["trainable"])
+    return method_config_from_meta(meta), _rebuild(stored, meta["trainable"])
 
 
 def _check_described(desc: dict, flat: dict, where: str) -> None:

@@ -1,7 +1,7 @@
 """The run config: frozen, typed dataclasses, and `load(path, overrides)` from YAML.
 
-Owns the schema of a training run (model, tokenizer, lora, data, optim, train, mesh,
-checkpoint, output_dir), its defaults and validation, and the generic conversion of
+Owns the schema of a training run (model, tokenizer, method, lora | adapter, data, optim,
+train, mesh, checkpoint, output_dir), its defaults and validation, and the generic conversion of
 YAML values and `--set a.b=value` strings to each field's declared type. It does not
 build models, meshes or datasets: other modules read these objects.
 A bad key, type or value raises `ConfigError`, a one-line message naming the dotted
@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from jlora.llama_adapter import AdapterConfig
 from jlora.lora import LoraConfig
 
 Dtype = Literal["float32", "bfloat16"]
@@ -218,20 +219,38 @@ class CheckpointConfig(_Section):
         _at_least(self, 1, "keep")
 
 
+METHOD_SECTIONS = {"lora": "lora", "llama_adapter": "adapter"}  # each method's own config section
+
+
 @dataclass(frozen=True)
 class RunConfig(_Section):
     """A whole training run. tokenizer: a path, or None for the model's own (for model
-    "tiny", None means jlora.data.ByteTokenizer)."""
+    "tiny", None means jlora.data.ByteTokenizer). method: LoRA (the `lora` section) or
+    LLaMA-Adapter (the `adapter` section); the other method's section must stay unset."""
 
     model: ModelConfig
     data: DataConfig
     tokenizer: str | None = None
+    method: Literal["lora", "llama_adapter"] = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs/default"
+
+    def _validate(self) -> None:
+        for method, section in METHOD_SECTIONS.items():
+            unset = getattr(self, section) == type(getattr(self, section))()
+            _check(method == self.method or unset, section,
+                   f"is for method: {method}, but this run has method: {self.method}; drop the {section} section "
+                   f"or set method: {method}")
+
+    @property
+    def method_config(self) -> LoraConfig | AdapterConfig:
+        """The chosen method's config: what split, checkpoints and adapters are made with."""
+        return getattr(self, METHOD_SECTIONS[self.method])
 
     @property
     def tokenizer_path(self) -> str | None:

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import resource
 import shlex
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from jlora.config import ConfigError, RunConfig, load
 from jlora.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.generate import Generator
 from jlora.llama import Llama, init_params
+from jlora.lora import count_params
 from jlora.provenance import load_average, provenance
 from jlora.sharding import make_mesh, shard_params
 from jlora.train_loop import build_model, evaluate, load_tok, run_cli, train
@@ -182,7 +184,7 @@ def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
     for pts, label, style in ((train_rows, "train", "-"), (val_rows, "held-out", "o-")):
         if pts:
             ax.plot(*zip(*pts), style, label=label)
-    ax.set(xlabel="step", ylabel="loss (mean per answer token)", title="jlora LoRA fine-tune")
+    ax.set(xlabel="step", ylabel="loss (mean per answer token)", title="jlora fine-tune")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
@@ -236,9 +238,10 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
 
     out_dir = pathlib.Path(run.output_dir)
     peft_dir = out_dir / "peft"
-    export_peft(peft_dir, jax.device_get(state.trainable), run.lora, cfg, base_name=hub_name(run.model.path))
+    export_peft(peft_dir, jax.device_get(state.trainable), run.method_config, cfg, base_name=hub_name(run.model.path))
     plot_msg = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    result = {"bench": "demo", "command": command, **started,
+    result = {"bench": "demo", "command": command, **started, "method": run.method,
+              "trainable_params": count_params(state.trainable), "peak_rss_bytes": peak_rss_bytes(),
               "n_eval": len(items), "base": base, "finetuned": tuned, "train_s": train_s,
               "train_steps": summary["steps"] - summary["start_step"], "tokens_per_s": summary.get("tokens_per_s"),
               "peft_dir": str(peft_dir), "adapter_dir": summary["adapter_dir"],
@@ -255,6 +258,12 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
     say(plot_msg)
     say(f"PEFT adapter: {peft_dir}   jlora adapter: {summary['adapter_dir']}   results: {out_dir / 'demo_results.json'}")
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports kilobytes): the whole demo's, both
+    evaluations and training, measured the same way for every method."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def report(result: dict[str, Any]) -> str:

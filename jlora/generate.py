@@ -31,6 +31,7 @@ from flax import traverse_util
 from jlora.adapter_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint import load_adapter
 from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
+from jlora.llama_adapter import expand as expand_prompts
 from jlora.lora import merge_for_inference
 from jlora.lora_apply import LoraPair
 from jlora.lora_apply import apply as apply_lora
@@ -138,7 +139,8 @@ def _prefuse(frozen: dict, trainable: dict) -> dict:
     """Per-layer params with each fused group's kernels (and biases) joined into the FusedDense's own
     `kernel` [D, sum out]: joined inside the step, they were copied at every token (~1 s of CPU time per
     SmolLM2 token at 16 rows). A group stays split where a kernel is quantized or the trainable tree
-    adapts a part (unmerged LoRA reads the part's own kernel)."""
+    routes anything into its module (unmerged LoRA reads a part's own kernel, LLaMA-Adapter's prompts
+    read k_proj and v_proj)."""
     out = dict(frozen)
     for layer, params in frozen.items():
         if not layer.startswith("layer_"):
@@ -146,7 +148,7 @@ def _prefuse(frozen: dict, trainable: dict) -> dict:
         params = out[layer] = {k: dict(v) for k, v in params.items()}
         for (group, name), parts in _FUSED.items():
             mods = params.get(group, {})
-            if any(p in trainable.get(layer, {}).get(group, {}) for p in parts):
+            if trainable.get(layer, {}).get(group):
                 continue
             if not all(isinstance(mods.get(p, {}).get("kernel"), jax.Array) for p in parts):
                 continue
@@ -275,7 +277,7 @@ class Generator:
         if stack is not None and trainable:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
-        self.trainable = _per_layer(trainable, cfg.num_hidden_layers)
+        self.trainable = _per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
         self.frozen = _prefuse(_per_layer(frozen, cfg.num_hidden_layers), self.trainable)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")

@@ -47,6 +47,9 @@ def _gguf_name(path: tuple, layer: int | None) -> str:
 def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[float, dict[str, np.ndarray]]:
     """(alpha, {gguf tensor name: float32 array}) of `trainable` as llama.cpp applies it: for each pair
     and active layer, `name.lora_a` and `name.lora_b` with B scaled so that alpha/R * B'A = s * (AB)^T."""
+    if not isinstance(lcfg, LoraConfig):
+        raise GGUFAdapterError("a LLaMA-Adapter (adaption prompts) has no llama.cpp adapter form: llama.cpp GGUF "
+                               "adapters hold LoRA pairs only; export it to PEFT (jlora-export-peft) instead")
     if lcfg.init == "pissa":  # the pairs are relative to W_res, which llama.cpp's base does not have
         raise GGUFAdapterError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the "
                                "base on disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(...)")

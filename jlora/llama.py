@@ -321,8 +321,19 @@ class Attention(nn.Module):
             # The fill index is traced, so running past the end cannot be refused here; dynamic_update_slice
             # would clamp and overwrite the last slots. NaN output makes that visible instead of plausible.
             out = jnp.where(start + t <= slots, out, jnp.nan)
+        out = self.extra_attention(q, out.reshape(b, t, n, h))  # [B,T,N,H]; a no-op unless routed
         out = constrain(out.reshape(b, t, n * h), *heads)  # [B,T,N*H]
         return _projected(_dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), "batch", None, None)
+
+    def extra_attention(self, q: jax.Array, out: jax.Array) -> jax.Array:
+        """The one hook for routed methods: returns the attention output out [B,T,N,H] unchanged.
+
+        Called once per layer, in training and KV-cached decoding alike, with the queries q [B,T,N,H]
+        (after rope), before o_proj. The model has no method code: routing (`jlora.apply`) intercepts
+        this call to add attention to keys the model does not own (LLaMA-Adapter's prompts,
+        jlora.llama_adapter), reading what it needs from this module's variables.
+        """
+        return out
 
 
 class Mlp(nn.Module):

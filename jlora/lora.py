@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora import llama_adapter
+from jlora.llama_adapter import AdapterConfig, is_adapter_leaf, is_adapter_tree
 from jlora.lora_apply import KernelLayout, LoraError, LoraPair, dora_column_norm, infer_layouts, pair_delta
 from jlora.quantize import dense_value, is_quantized, requantize_like
 
@@ -195,8 +197,13 @@ def _check_patterns_match(lcfg: LoraConfig, stacks: dict[tuple, tuple[int, ...]]
                         f"layers (valid: 0-{n - 1})")
 
 
-def split(params, lcfg: LoraConfig, key: jax.Array, *, layouts: dict | None = None):
-    """params -> (frozen, trainable). `layouts` (from `trace_layouts`) is needed only for DenseGeneral/Einsum models."""
+def split(params, lcfg: LoraConfig | AdapterConfig, key: jax.Array, *, layouts: dict | None = None):
+    """params -> (frozen, trainable). `layouts` (from `trace_layouts`) is needed only for DenseGeneral/Einsum models.
+
+    The method follows the config: an AdapterConfig splits off LLaMA-Adapter prompts and gates
+    (jlora.llama_adapter.split), leaving the params as they are."""
+    if isinstance(lcfg, AdapterConfig):
+        return llama_adapter.split(params, lcfg, key)
     flat = traverse_util.flatten_dict(params)
     chosen = select_targets(params, lcfg, layouts) if lcfg.targets else {}
     _check_patterns_match(lcfg, {p: l.stack_shape(flat[p].shape) for p, l in chosen.items()})
@@ -262,6 +269,10 @@ def _merge(frozen, trainable, quantized: str = "dequantize"):
 
 
 def _check_fits(frozen, trainable, merged: bool) -> None:
+    if is_adapter_tree(trainable):
+        raise LoraError("cannot merge a LLaMA-Adapter tree: its prompts are extra keys every adapted layer attends "
+                        "to, which no weight matrix can hold; run it unmerged (jlora.apply, jlora-generate without "
+                        "--merge)")
     flat = traverse_util.flatten_dict(frozen)
     for path, leaf in _flat_trainable(trainable).items():
         name = _dotted(path)
@@ -370,6 +381,8 @@ def describe(trainable, frozen: Any = None) -> str:
     rows = [("module", "kind", "A", "B", "rank", "scale", "params")]
     for path, leaf in _flat_trainable(trainable).items():
         name = _dotted(path[:-1] if isinstance(leaf, LoraPair) else path)
+        if is_adapter_leaf(path):
+            continue  # LLaMA-Adapter rows come below, from llama_adapter.describe_rows
         if isinstance(leaf, LoraPair):
             scales = sorted({round(s, 6) for s in np.atleast_1d(leaf.scale) if s})
             kind = "dora" if leaf.magnitude is not None else "lora"
@@ -377,13 +390,15 @@ def describe(trainable, frozen: Any = None) -> str:
                          str(leaf.a.shape[-1]), "/".join(f"{s:g}" for s in scales), f"{count_params(leaf):,}"))
         else:
             rows.append((name, "full", "x".join(map(str, leaf.shape)), "", "", "", f"{int(np.prod(leaf.shape)):,}"))
+    n_layers = llama_adapter.model_layers(frozen) if frozen is not None and is_adapter_tree(trainable) else None
+    rows += llama_adapter.describe_rows(trainable, n_layers)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     total = count_params(trainable)
     tail = f"trainable params: {total:,}"
     if frozen is not None:
-        base = count_params(frozen) + sum(int(np.prod(x.shape)) for x in _flat_trainable(trainable).values()
-                                          if not isinstance(x, LoraPair))
+        base = count_params(frozen) + sum(int(np.prod(x.shape)) for p, x in _flat_trainable(trainable).items()
+                                          if not isinstance(x, LoraPair) and not is_adapter_leaf(p))
         tail += f" of {base:,} ({100.0 * total / max(base, 1):.3f}%)"
     return "\n".join([*lines, tail])
 

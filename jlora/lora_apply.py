@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from jlora import llama_adapter
 from jlora.fused import route_parts
 from jlora.quantize import dense_value, quantized_call
 
@@ -290,12 +291,15 @@ def routed_variables(frozen, trainable) -> tuple[dict, dict]:
 
 def apply(model: nn.Module, frozen, trainable, *args, rngs: dict | None = None, variables: dict | None = None,
           **kwargs):
-    """`model.apply` with LoRA routed in. Pass rngs={"dropout": key} to train with LoRA dropout.
+    """`model.apply` with LoRA (or LLaMA-Adapter prompts, jlora.llama_adapter) routed in.
+
+    Pass rngs={"dropout": key} to train with LoRA dropout.
 
     `variables` adds other collections (e.g. {"cache": ...}); kwargs go to `model.apply` (mutable, method, ...).
     """
+    trainable = llama_adapter.routed_trainable(frozen, trainable)  # LLaMA-Adapter prompts, padded to every layer
     routed, statics = routed_variables(frozen, trainable)
     training = bool(rngs) and "dropout" in rngs
-    with nn.intercept_methods(_make_interceptor(statics, training)):
+    with nn.intercept_methods(_make_interceptor(statics, training)), llama_adapter.intercept():
         return model.apply({**routed, **(variables or {})}, *args, rngs=rngs, **kwargs)
 

@@ -1,4 +1,4 @@
-"""HF PEFT LoRA adapters <-> jlora trainable trees, for a LlamaForCausalLM base.
+"""HF PEFT LoRA adapters <-> jlora trainable trees, for a LlamaForCausalLM base (AdaptionPrompt: jlora.peft_adaption).
 
 `export_peft` writes `adapter_model.safetensors` + `adapter_config.json` the way `peft`'s
 `save_pretrained` does (per-layer `lora_A` [r, in] / `lora_B` [out, r], DoRA magnitudes, embedding
@@ -23,7 +23,9 @@ from flax import traverse_util
 
 from jlora.llama import LlamaConfig, param_shapes
 from jlora.lora import LoraConfig
+from jlora.llama_adapter import AdapterConfig
 from jlora.lora_apply import KernelLayout, LoraPair
+from jlora.peft_adaption import export_adaption_prompt, import_adaption_prompt, is_adaption_prompt_dir
 from jlora.peft_config import (CONFIG_FILE, HFModule, PeftError, base_modules, export_config, nice, pattern_value,
                                peft_targets, read_peft_config)
 from jlora.weights import RENAMES, save_safetensors
@@ -54,7 +56,10 @@ def _alpha(scale: float, rank: int, rslora: bool):
 
 def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: LlamaConfig,
                 base_name: str | None = None) -> None:
-    """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s LlamaForCausalLM. Only active layers go out."""
+    """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s LlamaForCausalLM. Only active layers go out.
+    With an AdapterConfig, a LLaMA-Adapter tree goes out as PEFT's ADAPTION_PROMPT (jlora.peft_adaption)."""
+    if isinstance(lcfg, AdapterConfig):
+        return export_adaption_prompt(out_dir, trainable, lcfg, cfg, base_name)
     if lcfg.init == "pissa":  # the pairs are relative to W_res, which PEFT users do not have
         raise PeftError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
                         "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
@@ -144,9 +149,12 @@ def import_peft(directory: str | pathlib.Path, cfg: LlamaConfig, params=None) ->
     Per-layer pairs are stacked on the layer axis; a module's layers share the largest rank (smaller
     ones are zero-padded, which changes nothing); layers the adapter lacks get zeros and scale 0.
     DoRA adapters that skip layers need the base `params` (the skipped layers' magnitude is |W|).
-    The returned LoraConfig, given to `split`, builds a tree of the same shapes and scales.
+    The returned LoraConfig, given to `split`, builds a tree of the same shapes and scales. An
+    ADAPTION_PROMPT adapter comes back as (AdapterConfig, LLaMA-Adapter tree) (jlora.peft_adaption).
     """
     directory = pathlib.Path(directory)
+    if is_adaption_prompt_dir(directory):
+        return import_adaption_prompt(directory, cfg)
     config = read_peft_config(directory)
     tensors = _load_tensors(directory)
     modules, shapes = base_modules(cfg), traverse_util.flatten_dict(param_shapes(cfg))

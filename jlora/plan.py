@@ -114,7 +114,7 @@ def compile_step(run: RunConfig, devices: list | None = None):
                           "train.micro_batch")
     optimizer, _ = make_optimizer(run.optim, run.train.steps or 1000, run.train.max_nonfinite)
     key = jax.random.key(0)
-    frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, run.lora), param_shapes(cfg), key)
+    frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, run.method_config), param_shapes(cfg), key)
     frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
     shape = (run.train.grad_accum, run.train.micro_batch, run.data.max_seq_len)

@@ -46,6 +46,8 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", P("tensor")),  # [out]
     (r"(o_proj|down_proj)\.bias$", P(None)),  # [D]
     (r"norm\.weight$", P(None)),  # RMSNorm scales [D]: tiny, replicated
+    (r"self_attn\.adaption_prompt$", P(None, None)),  # LLaMA-Adapter prompts [len, D]: small, replicated
+    (r"self_attn\.adaption_gate$", P(None)),  # LLaMA-Adapter gate [1]
 )
 
 

@@ -28,6 +28,7 @@ from jlora.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.data import ByteTokenizer, DataError, make_batches
 from jlora.fingerprint import fingerprint
 from jlora.llama import PRESETS, Llama, LlamaConfig
+from jlora.llama_adapter import AdapterConfigError
 from jlora.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
 from jlora.metrics_log import MetricsLog
 from jlora.run_dir import RunDirError, claim, os_error_line
@@ -161,23 +162,23 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
 
     optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
     key = jax.random.key(run.train.seed)
-    state = init_state(cfg, run.lora, mesh, jax.random.fold_in(key, 0), optimizer, params,
+    state = init_state(cfg, run.method_config, mesh, jax.random.fold_in(key, 0), optimizer, params,
                        model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
     # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
-    initial = jax.tree.map(jnp.copy, state.trainable) if run.lora.init == "pissa" else None
+    initial = jax.tree.map(jnp.copy, state.trainable) if run.method == "lora" and run.lora.init == "pissa" else None
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
     rng, start = jax.random.fold_in(key, 1), 0
     fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
     if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
         fingerprint_src = fingerprint(state.frozen)
         quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
-    meta = ckpt.make_metadata(run.lora, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
+    meta = ckpt.make_metadata(run.method_config, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume
     if want_resume:
         abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
                     "data": train_it.state(), "rng": rng}
-        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.lora,
+        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.method_config,
                                        data_stream=train_it.identity)
         if restored is None and resume:
             raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
@@ -270,7 +271,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         if bar is not None:
             bar.close()
         metrics_log.close()
-    adapter_lcfg, adapter, adapter_print = run.lora, state.trainable, fingerprint_src
+    adapter_lcfg, adapter, adapter_print = run.method_config, state.trainable, fingerprint_src
     if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
         adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
         adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
@@ -284,7 +285,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     return summary
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, LoraError, ShardingError, ckpt.CheckpointError, WeightsError,
+EXPECTED_ERRORS = (ConfigError, DataError, LoraError, AdapterConfigError, ShardingError, ckpt.CheckpointError, WeightsError,
                    RunDirError, TokenizerError, FileNotFoundError)
 
 

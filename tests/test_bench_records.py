@@ -75,6 +75,27 @@ def test_report_refuses_a_demo_result_without_provenance(tmp_path):
     assert sorted(p.name for p in (ROOT / "docs" / "results").glob("*.json")) == before
 
 
+def test_method_comparison_takes_each_methods_demo_from_its_own_file(tmp_path):
+    """A LLaMA-Adapter demo result goes to demo_llama_adapter.json, beside LoRA's demo.json, and each row of the
+    comparison shows its own file's figures; a field an older run did not record is a dash, never a number."""
+    report = _module("report")
+    prov = {k: "x" for k in PROVENANCE} | {"commit": "abc1234", "date": "2026-01-02T03:04:05+00:00"}
+    common = {"bench": "demo", "command": "jlora-demo", **prov, "n_eval": 100, "train_steps": 12, "train_s": 300.0,
+              "wall_s": 600.0}
+    adapter = {**common, "method": "llama_adapter", "trainable_params": 161308, "tokens_per_s": 123.4,
+               "peak_rss_bytes": 3 * 2**30, "base": {"loss": 0.82, "accuracy": 0.0},
+               "finetuned": {"loss": 0.31, "accuracy": 0.25}}
+    src = tmp_path / "demo_results.json"
+    src.write_text(json.dumps(adapter))
+    assert report.add_result(src, tmp_path / "results").name == "demo_llama_adapter.json"
+    lora = {**common, "tokens_per_s": 98.0, "base": {"loss": 0.82, "accuracy": 0.0},
+            "finetuned": {"loss": 0.08, "accuracy": 0.71}}
+    page = report.render({"demo": lora, "demo_llama_adapter": adapter})
+    body = page.split("## LoRA vs LLaMA-Adapter on the demo task", 1)[1]
+    assert "| LLaMA-Adapter | 161,308 | 123 | 3.0 GiB | 0.82 -> 0.31 | 0% -> 25% | 12 in 300 s |" in body
+    assert "| LoRA | — (not recorded by this run) | 98 | — (not recorded by this run) | 0.82 -> 0.08 | 0% -> 71% |" in body
+
+
 def test_gpu_train_smoke_writes_a_result_file_with_provenance(tmp_path):
     out = tmp_path / "gpu_train.json"
     proc = subprocess.run([sys.executable, "bench/gpu_train.py", "--smoke", "--out", str(out)], cwd=ROOT,
