@@ -335,6 +335,7 @@ def render(results: dict[str, dict | str]) -> str:
         lines += bench_section(name, results.get(name))
         if name == "train_vs_peft":
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
+            lines += bench_section("train_vs_peft_1thread", results.get("train_vs_peft_1thread"))
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
