@@ -37,7 +37,8 @@ import transformers  # noqa: E402
 import jlora  # noqa: E402
 from jlora.adapter_stack import AdapterStack  # noqa: E402
 from jlora.batching import Engine, Request  # noqa: E402
-from jlora.generate import Generator, decode_compiler_options  # noqa: E402
+from jlora.decode_model import decode_compiler_options  # noqa: E402
+from jlora.generate import Generator  # noqa: E402
 from jlora.provenance import provenance, write_result  # noqa: E402
 from jlora.tokenizer import load_tokenizer  # noqa: E402
 from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.adapter_stack import RowAdapters
-from jlora.generate import _BUCKET, Generator, _forward, _init_cache, _sample, _stop_cut, decode_jit
+from jlora.decode_model import decode_jit, init_decode_cache
+from jlora.generate import _BUCKET, Generator, _forward, _sample, _stop_cut
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,7 +51,7 @@ class Request:
 def _prefill_packed(dmodel, frozen, routed: RowAdapters, ids, positions, segment_ids, last):
     """Prompts packed into one row [1,P] (segment j+1 each, own positions and adapter per token): the logits
     [n,V] at their last tokens `last` [n] and the prefill cache of P slots."""
-    cache = _init_cache(dmodel.cfg, 1, ids.shape[1])
+    cache = init_decode_cache(dmodel.cfg, 1, ids.shape[1])
     logits, cache = _forward(dmodel, frozen, routed, cache, ids, positions, segment_ids, last[None])
     return logits[0], cache
 
@@ -142,7 +143,7 @@ class Engine:
         self.commands: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.idx = 0
-        self.cache = jax.jit(_init_cache, static_argnums=(0, 1, 2))(gen.cfg, max_batch, self.max_len)
+        self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2))(gen.cfg, max_batch, self.max_len)
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
         self._thread.start()

@@ -7,22 +7,20 @@ between chunks, which is also how `Generator.stream` yields tokens as they are p
 runs unmerged (routed through `jlora.lora_apply.apply`) or merged (pass no trainable tree); with a
 `jlora.adapter_stack.AdapterStack`, each row runs its own adapter of the stack (or the base) in one batch.
 The model code is `jlora.llama`'s, and so is the one decode path: the cache layout (`init_cache`), its
-writes and their bound check (`Attention`). Only the layer loop is unrolled here over per-layer weight
-buffers, because slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token.
+writes and their bound check (`Attention`). `jlora.decode_model` lays the weights out for it (layers
+unrolled over per-layer buffers, fused kernels joined once) and compiles the per-token step.
 The cache is sized to the longest prompt + max_new_tokens (rounded up), so generation never runs past it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import pathlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +28,8 @@ from flax import traverse_util
 
 from jlora.adapter_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint import load_adapter
-from jlora.llama import DTYPES, Block, Llama, LlamaConfig, RMSNorm, init_cache, rope_tables
+from jlora.decode_model import DecodeLlama, decode_jit, init_decode_cache, per_layer, prefuse
+from jlora.llama import Llama, LlamaConfig
 from jlora.llama_adapter import expand as expand_prompts
 from jlora.lora import merge_for_inference
 from jlora.lora_apply import LoraPair
@@ -43,124 +42,8 @@ from jlora.weights import load_pretrained, resolve_model_path
 _BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
 
-# XLA:CPU's YNNPACK fusions (on by default in recent jaxlib) run a decode step's short products, a few rows
-# times a [D, F] weight, ~1.4x slower than XLA's own dot emitter: SmolLM2's 30 layers at 16 rows took 101 ms
-# without them and 140 ms with, its [576, 49152] head 48 vs 65 ms (2-core EPYC, load ~6). A prefill's tall
-# products are as fast or faster with them, so only the per-token steps opt out. Other backends ignore it.
-_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def decode_compiler_options() -> dict:
-    """XLA options for the per-token decode steps: `_DECODE_OPTIONS` where this jaxlib knows them, else none."""
-    try:
-        jax.jit(lambda x: x, compiler_options=_DECODE_OPTIONS).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError:  # "No such compile option" on a jaxlib without YNNPACK
-        return {}
-    return dict(_DECODE_OPTIONS)
-
-
-def decode_jit(fn=None, **jit_kwargs):
-    """`jax.jit` for a per-token decode step, compiled with `decode_compiler_options()`. The jitted function
-    is made at the first call, since probing the options needs a backend (not at import)."""
-    if fn is None:
-        return functools.partial(decode_jit, **jit_kwargs)
-    jitted = None
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal jitted
-        if jitted is None:
-            jitted = jax.jit(fn, compiler_options=decode_compiler_options() or None, **jit_kwargs)
-        return jitted(*args, **kwargs)
-
-    return call
-
-
 class GenerateError(ValueError):
     """Bad generation input; the message is one line."""
-
-
-class _DecodeLlama(nn.Module):
-    """`Llama` for decoding: same blocks and names, layers unrolled as `layer_{i}`, the head always a Dense.
-
-    It mirrors `Llama.__call__` around the blocks; the tests hold the two to the same greedy tokens.
-    """
-
-    cfg: LlamaConfig
-
-    @nn.compact
-    def __call__(self, ids, positions, segment_ids, last_only: bool | jax.Array = False):
-        """Logits [B,V] of the last column (every column's, with last_only False, is never needed), or with
-        last_only an index array [B,n], the logits [B,n,V] of those columns (a packed prefill's prompt ends)."""
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens")(ids)  # [B,T,D]
-        rope = rope_tables(cfg, positions)
-        for i in range(cfg.num_hidden_layers):
-            x, _ = Block(cfg, True, name=f"layer_{i}")(x, rope, segment_ids)  # [B,T,D]
-        columns = not isinstance(last_only, bool)
-        if columns:
-            x = jnp.take_along_axis(x, last_only[..., None], axis=1)  # [B,n,D]
-        elif last_only:  # prefill needs only the last position's logits
-            x = x[:, -1:]
-        x = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
-        logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head")(x)
-        return (logits if columns else logits[:, -1]).astype(jnp.float32)  # [B,n,V] or [B,V]
-
-
-def _per_layer(tree: dict, n_layers: int) -> dict:
-    """{"layers": stacked leaves} -> {"layer_i": leaves of layer i}; LoRA pairs keep their per-layer scale."""
-    is_pair = lambda x: isinstance(x, LoraPair)  # noqa: E731
-    out = {k: jax.tree.map(jnp.asarray, v) for k, v in tree.items() if k != "layers"}
-    flat = traverse_util.flatten_dict(tree.get("layers", {}), is_leaf=lambda _, x: is_pair(x))
-    for i in range(n_layers):
-        layer = {}
-        for path, leaf in flat.items():
-            if not is_pair(leaf):
-                layer[path] = jax.tree.map(lambda x: jnp.asarray(x[i]), leaf)  # an array or a QuantizedKernel
-                continue
-            scales = np.asarray(leaf.scale, np.float32).reshape(-1)
-            scale = float(scales[i] if scales.size > 1 else scales[0])
-            if scale == 0.0:  # a layer the adapter leaves alone (LoraConfig.layers)
-                continue
-            mag = None if leaf.magnitude is None else jnp.asarray(leaf.magnitude[i])
-            layout = dataclasses.replace(leaf.layout, stack=leaf.layout.stack - 1)
-            layer[path] = LoraPair(jnp.asarray(leaf.a[i]), jnp.asarray(leaf.b[i]), mag, scale, layout, 0.0)
-        if layer:
-            out[f"layer_{i}"] = traverse_util.unflatten_dict(layer)
-    return out
-
-
-# FusedDense modules of a block and their parts: the parts' kernels are concatenated once, for decoding
-_FUSED = {("self_attn", "qkv"): ("q_proj", "k_proj", "v_proj"), ("mlp", "gate_up"): ("gate_proj", "up_proj")}
-
-
-def _prefuse(frozen: dict, trainable: dict) -> dict:
-    """Per-layer params with each fused group's kernels (and biases) joined into the FusedDense's own
-    `kernel` [D, sum out]: joined inside the step, they were copied at every token (~1 s of CPU time per
-    SmolLM2 token at 16 rows). A group stays split where a kernel is quantized or the trainable tree
-    routes anything into its module (unmerged LoRA reads a part's own kernel, LLaMA-Adapter's prompts
-    read k_proj and v_proj)."""
-    out = dict(frozen)
-    for layer, params in frozen.items():
-        if not layer.startswith("layer_"):
-            continue
-        params = out[layer] = {k: dict(v) for k, v in params.items()}
-        for (group, name), parts in _FUSED.items():
-            mods = params.get(group, {})
-            if trainable.get(layer, {}).get(group):
-                continue
-            if not all(isinstance(mods.get(p, {}).get("kernel"), jax.Array) for p in parts):
-                continue
-            split = [mods.pop(p) for p in parts]
-            mods[name] = {k: jnp.concatenate([m[k] for m in split], axis=-1) for k in split[0]}  # kernel [D, sum out]
-    return out
-
-
-def _init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
-    """`jlora.llama.init_cache`'s cache cut into one buffer per layer, so each layer's update is in place."""
-    stacked = init_cache(cfg, batch, max_len)["layers"]  # inside jit: the zeros are never materialized stacked
-    return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.num_hidden_layers)}
 
 
 def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last_only):
@@ -203,7 +86,7 @@ def _sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Arra
 @functools.partial(jax.jit, static_argnames=("dmodel", "max_len"))
 def _prefill(dmodel, frozen, trainable, ids, positions, segment_ids, *, max_len: int):
     """Run the prompts [B,P] through a fresh cache: (last-position logits [B,V], cache)."""
-    cache = _init_cache(dmodel.cfg, ids.shape[0], max_len)
+    cache = init_decode_cache(dmodel.cfg, ids.shape[0], max_len)
     return _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
 
 
@@ -272,13 +155,13 @@ class Generator:
         if not isinstance(getattr(model, "cfg", None), LlamaConfig):
             raise GenerateError(f"generate needs a jlora.Llama model, got {type(model).__name__}")
         cfg = self.cfg = model.cfg
-        self.model = _DecodeLlama(cfg)
+        self.model = DecodeLlama(cfg)
         trainable = dict(trainable or {})
         if stack is not None and trainable:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
-        self.trainable = _per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
-        self.frozen = _prefuse(_per_layer(frozen, cfg.num_hidden_layers), self.trainable)
+        self.trainable = per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
+        self.frozen = prefuse(per_layer(frozen, cfg.num_hidden_layers), self.trainable)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")
             emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb

@@ -9,7 +9,8 @@ from jax.extend.core import jaxprs_in_params
 
 import jlora.llama
 from jlora.adapter_stack import AdapterStack
-from jlora.generate import Generator, _forward, _init_cache
+from jlora.decode_model import init_decode_cache
+from jlora.generate import Generator, _forward
 from jlora.llama import Llama, LlamaConfig, init_params
 from jlora.lora import LoraConfig, split
 from jlora.lora_apply import apply
@@ -88,7 +89,7 @@ def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused
     positions, segments = jnp.broadcast_to(jnp.arange(7), (3, 7)), jnp.ones((3, 7), jnp.int32)
 
     def logits(names):  # the decode model's prefill, unjitted, one adapter (or the base) per row
-        cache = _init_cache(CFG, 3, 8)
+        cache = init_decode_cache(CFG, 3, 8)
         return _forward(gen.model, gen.frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
 
     fused = logits(["a0", None, "a1"])
