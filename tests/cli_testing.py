@@ -1,8 +1,10 @@
 """Checks shared by the tests that drive a jlora console script in a subprocess."""
 
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 
 def script(name: str) -> str:
@@ -22,3 +24,17 @@ def one_line_error(run: subprocess.CompletedProcess, *needles: str, prog: str = 
     for needle in needles:
         assert needle in last, last
     return last
+
+
+def kill_at_checkpoint(args: list[str], run_dir: pathlib.Path, step: int, **popen) -> None:
+    """Start `args` (a jlora-train run writing `run_dir`) and SIGKILL it as soon as checkpoint `step` is saved,
+    checking that it was still running: the adapter is not written yet, so resume has work to do."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 600
+    while not (run_dir / "checkpoints" / str(step)).is_dir():  # orbax renames the tmp dir when a save completes
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "adapter").exists(), "the run finished before SIGKILL: nothing was interrupted"

@@ -5,9 +5,7 @@ after SIGKILL, and generation from the saved adapter (merge refused)."""
 import json
 import os
 import pathlib
-import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -21,7 +19,7 @@ from jlora.lora import LoraConfig
 from jlora.sharding import make_mesh
 from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
 
-from cli_testing import one_line_error, script
+from cli_testing import kill_at_checkpoint, one_line_error, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = script("jlora-train")
@@ -105,16 +103,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run = subprocess.run(_train_args(straight), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    proc = subprocess.Popen(_train_args(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not (killed / "checkpoints" / "8").is_dir():  # orbax renames the tmp dir when a save completes
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "adapter").exists(), "the run finished before SIGKILL: nothing was interrupted"
+    kill_at_checkpoint(_train_args(killed), killed, 8, cwd=ROOT, env=ENV)
     run = subprocess.run(_train_args(killed, "--resume"), cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

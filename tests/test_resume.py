@@ -3,17 +3,15 @@
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 
 from jlora.checkpoint import load_adapter
 
-from cli_testing import script
+from cli_testing import kill_at_checkpoint, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from jlora.trainer import main; sys.exit(main())"]  # = jlora-train
@@ -38,15 +36,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     run = subprocess.run(_args(straight), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
 
-    proc = subprocess.Popen(_args(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not (killed / "checkpoints" / str(KILL_AFTER)).is_dir():  # orbax renames the tmp dir when a save completes
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "adapter").exists(), "the run finished before SIGKILL: nothing was interrupted"
+    kill_at_checkpoint(_args(killed), killed, KILL_AFTER, cwd=ROOT, env=env)
     logged_before = max(_losses(killed))
     assert logged_before < STEPS
 
