@@ -29,7 +29,9 @@ class FusedDense(nn.Module):
     With fuse=False, or while params are created, or when a kernel is not a plain array, each part
     is called on its own: the result is the same, computed as separate matmuls. Params of its own
     (`kernel` [D, sum out_i], `bias`) are the parts' concatenated ahead of time, as jlora.generate lays
-    decode weights out: concatenating every call copied the kernels at every token."""
+    decode weights out: concatenating every call copied the kernels at every token. That own kernel
+    may also be a list of column blocks [D, n_j] (`jlora.decode_model.column_blocks`): one matmul
+    each, the outputs joined."""
 
     parts: tuple[nn.Dense, ...]
     fuse: bool = True
@@ -52,9 +54,10 @@ class FusedDense(nn.Module):
         own = self.has_variable("params", "kernel")
         joined = lambda name: (self.get_variable("params", name) if own  # noqa: E731
                                else jnp.concatenate([p.get_variable("params", name) for p in self.parts], axis=-1))
-        w = joined("kernel")  # [D, sum out_i]
-        x, w = promote_dtype(x, w, dtype=self.parts[0].dtype)
-        y = jnp.einsum("...d,do->...o", x, w)  # [..., sum out_i]
+        w = joined("kernel")  # [D, sum out_i], or its column blocks
+        x, *blocks = promote_dtype(x, *(w if isinstance(w, (list, tuple)) else [w]), dtype=self.parts[0].dtype)
+        ys = [jnp.einsum("...d,do->...o", x, b) for b in blocks]
+        y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)  # [..., sum out_i]
         if self.parts[0].use_bias:
             y = y + joined("bias").astype(y.dtype)
         return tuple(jnp.split(y, np.cumsum([p.features for p in self.parts])[:-1], axis=-1))

@@ -161,12 +161,13 @@ class Generator:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
         self.trainable = per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
-        self.frozen = prefuse(per_layer(frozen, cfg.num_hidden_layers), self.trainable)
+        layers = per_layer(frozen, cfg.num_hidden_layers)
         if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
             emb = trainable.get("embed_tokens", {}).get("embedding")
             emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb
             head = transposed(emb) if is_quantized(emb) else jnp.transpose(jnp.asarray(emb))
-            self.frozen["lm_head"] = {"kernel": head}
+            layers["lm_head"] = {"kernel": head}
+        self.frozen = prefuse(layers, self.trainable)
 
     def stream(self, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,

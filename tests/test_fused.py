@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
+import jlora.decode_model
 import jlora.llama
 from jlora.adapter_stack import AdapterStack
 from jlora.decode_model import init_decode_cache
@@ -100,3 +101,20 @@ def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused
     assert not np.allclose(np.asarray(fused[0]), np.asarray(base[0]), atol=1e-3)  # the adapters did act
     assert not np.allclose(np.asarray(fused[2]), np.asarray(base[2]), atol=1e-3)
     np.testing.assert_allclose(np.asarray(fused[1]), np.asarray(base[1]), atol=2e-6, rtol=1e-5)
+
+
+def test_decode_layout_splits_wide_kernels_into_column_blocks_and_equals_the_model(monkeypatch):
+    """Generator lays gate/up and the head out as column blocks (on CPU, 2 per core, kernels >= 2048 wide);
+    its prefill logits equal the training model's, so the blocks are multiplied and joined in order."""
+    monkeypatch.setattr(jlora.decode_model, "_cores", lambda: 2)
+    cfg = CFG.replace(vocab_size=4096, intermediate_size=1024)
+    params = init_params(cfg, KEY(0))
+    gen = Generator(Llama(cfg), params)
+    gate_up, head = gen.frozen["layer_1"]["mlp"]["gate_up"]["kernel"], gen.frozen["head"]["kernel"]
+    assert [b.shape for b in gate_up] == [(48, 512)] * 4 and [b.shape for b in head] == [(48, 1024)] * 4
+    assert "lm_head" not in gen.frozen and gen.frozen["layer_1"]["self_attn"]["qkv"]["kernel"].shape == (48, 160)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 4096, (2, 6)), jnp.int32)
+    positions, segments = jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32)
+    ours = _forward(gen.model, gen.frozen, {}, init_decode_cache(cfg, 2, 8), ids, positions, segments, True)[0]
+    reference = Llama(cfg).apply({"params": params}, ids)[:, -1]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5, rtol=1e-5)
