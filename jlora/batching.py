@@ -7,6 +7,9 @@ index; earlier slots of that row are empty (segment 0), and rope positions are p
 different ages share every decode step, whatever adapter each uses. A row leaves as soon as it is
 done. When the fill index reaches the end, every row is shifted left by the oldest live row's start
 (rows never span more than a request's prompt + max_tokens <= max_len, so there is always room).
+Steps are pipelined: each step's sampled tokens stay on the device as the next step's input, and the
+host reads them (emits, checks EOS and stop strings) while that next step runs, so the device never
+waits on Python. A row that ended at step t has run one step more, whose token is dropped.
 HTTP, tokenization and text live in `jlora.serve`; the model code is `jlora.generate`'s.
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from jlora.adapter_stack import RowAdapters
 from jlora.decode_model import decode_jit, init_decode_cache
-from jlora.generate import _BUCKET, Generator, _forward, _sample, _stop_cut
+from jlora.generate import _BUCKET, Generator, _forward, _sample, _stop_cut, greedy_tokens
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,6 +48,7 @@ class Request:
     cancelled: bool = False
     out: list[int] = dataclasses.field(default_factory=list)
     start: int = 0  # the row's first cache slot
+    fed: int = 0  # generated tokens given to the model so far (the last of `out` may still be in flight)
 
 
 @functools.partial(jax.jit, static_argnames=("dmodel",))
@@ -104,7 +108,7 @@ def _pick(logits, seeds, steps, temperature, top_p, mode: str):
     """Row b's token from logits [B,V]: argmax where temperature[b] == 0, else a draw with
     fold_in(key(seed[b]), step[b]), the key `jlora.generate` uses for token `step` of a one-row call.
     mode (static): "greedy" when every row is greedy (no draw is made at all), "sample", or "top_p"."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     if mode == "greedy":
         return greedy
 
@@ -145,6 +149,8 @@ class Engine:
         self.idx = 0
         self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2))(gen.cfg, max_batch, self.max_len)
         self.steps = 0
+        self.feed = jnp.zeros((max_batch,), jnp.int32)  # each row's next input token, on the device
+        self.pending: tuple | None = None  # (rows, tokens) of the step in flight, not yet read
         self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
         self._thread.start()
 
@@ -184,12 +190,14 @@ class Engine:
                     self.cond.wait()
                 commands = list(self.commands)
                 self.commands.clear()
-            for fn, fut in commands:
-                try:
-                    fut.set_result(fn())
-                except Exception as e:  # noqa: BLE001 - handed to the caller, who answers with it
-                    fut.set_exception(e)
             try:
+                if commands:
+                    self._collect()  # a stack change waits for the step in flight, which reads the stack
+                for fn, fut in commands:
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # noqa: BLE001 - handed to the caller, who answers with it
+                        fut.set_exception(e)
                 self._expire()
                 self._admit()
                 if any(self.slots):
@@ -197,6 +205,7 @@ class Engine:
                 else:
                     self.idx = 0  # nothing live: start the next requests at the front of the cache
             except Exception as e:  # noqa: BLE001 - the thread must outlive any one batch
+                self.pending = None
                 for i, req in enumerate(self.slots):
                     if req is not None:
                         self._finish(i, f"error: {' '.join(str(e).split())}")
@@ -262,6 +271,7 @@ class Engine:
             self.slots[row] = req
         padded = reqs + [None] * (n_pad - len(reqs))
         toks = np.asarray(_sample_rows(logits, *self._sampling(padded), mode=self._mode(padded)))
+        self.feed = self.feed.at[np.asarray(rows)].set(toks[: len(rows)])
         for row, req, tok in zip(rows, reqs, toks):
             self._accept(row, int(tok))
 
@@ -281,9 +291,10 @@ class Engine:
 
     @staticmethod
     def _sampling(reqs):
-        """(seeds, steps, temperatures, top_ps) per row, as host arrays (the jitted call takes them over)."""
+        """(seeds, steps, temperatures, top_ps) per row, as host arrays (the jitted call takes them over).
+        A row's step is the number of the token being drawn: 0 at the prefill, `fed` after it."""
         return (np.asarray([r.seed if r else 0 for r in reqs], np.uint32),
-                np.asarray([len(r.out) if r else 0 for r in reqs], np.int32),
+                np.asarray([r.fed if r else 0 for r in reqs], np.int32),
                 np.asarray([r.temperature if r else 0.0 for r in reqs], np.float32),
                 np.asarray([r.top_p if r else 1.0 for r in reqs], np.float32))
 
@@ -302,17 +313,36 @@ class Engine:
             self._finish(row, "length")
 
     def _decode(self) -> None:
+        """Queue one step for every row that still needs a token, then read the step before it."""
         if self.idx >= self.max_len:  # full: drop the slots before the oldest live row
             self._move(-min(r.start for r in self.slots if r is not None))
-        live = list(self.slots)
-        tokens = np.asarray([r.out[-1] if r else 0 for r in live], np.int32)
-        positions = np.asarray([len(r.prompt) + len(r.out) - 1 if r else 0 for r in live], np.int32)
+        live = [r if r is not None and r.fed + 1 < r.max_tokens else None for r in self.slots]
+        if not any(live):  # every row's last token is in flight already
+            return self._collect()
+        positions = np.asarray([len(r.prompt) + r.fed if r else 0 for r in live], np.int32)
+        for r in live:
+            if r is not None:
+                r.fed += 1
         routed = self.stack.rows([r.adapter if r else None for r in live])
-        logits, self.cache = _step(self.gen.model, self.gen.frozen, routed, self.cache, tokens, positions,
+        logits, self.cache = _step(self.gen.model, self.gen.frozen, routed, self.cache, self.feed, positions,
                                    np.int32(self.idx))
         self.idx += 1
         self.steps += 1
-        toks = np.asarray(_sample_rows(logits, *self._sampling(live), mode=self._mode(live)))
+        self.feed = _sample_rows(logits, *self._sampling(live), mode=self._mode(live))
+        done, self.pending = self.pending, (live, self.feed)
+        self._read(done)
+
+    def _collect(self) -> None:
+        """Read the step in flight, if any."""
+        done, self.pending = self.pending, None
+        self._read(done)
+
+    def _read(self, step: tuple | None) -> None:
+        """Accept a finished step's tokens for the rows that are still its own."""
+        if step is None:
+            return
+        live, tokens = step
+        tokens = np.asarray(tokens)
         for i, req in enumerate(live):
             if req is not None and self.slots[i] is req:
-                self._accept(i, int(toks[i]))
+                self._accept(i, int(tokens[i]))

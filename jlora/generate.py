@@ -61,11 +61,20 @@ def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last
     return logits, new["cache"]
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (the first maximum; the first NaN where a row has one), as two
+    single-operand reductions: XLA:CPU runs argmax's (value, index) reduction element by element, 0.8 ms
+    for 16 rows of SmolLM2's 49152 logits against 0.45 ms."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where the row has one
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
+
+
 def _sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Array:
     """Next tokens [B] from logits [B,V]. mode = (greedy, top_k or None, use top_p) is static."""
     greedy, top_k, use_top_p = mode
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     logits = logits / temperature  # HF's order: temperature, then top-k, then top-p
     idx = None
     if top_k is not None:

@@ -205,3 +205,29 @@ def test_a_request_past_its_deadline_ends_with_timeout(tiny):  # noqa: F811
     full = Engine(Generator(model, params, stack=AdapterStack(CFG, 1, 2)), max_batch=1, max_len=32, max_queue=0,
                   eos=[])
     assert not full.submit(Request([1], None, 1, print))  # a full queue refuses: the server's 429
+
+
+def test_rows_join_and_leave_mid_flight_equal_offline(tiny):  # noqa: F811
+    """The engine's pipelined steps: 7 requests over 3 rows, some ending by EOS and some by length while
+    others run, later ones joining freed rows (the host reads each step while the next one runs). Every
+    answer equals offline `generate` with the same EOS."""
+    model, params, adapters = tiny
+    stack = AdapterStack(CFG, 3, 8)
+    for name, tree in adapters.items():
+        stack.add(name, tree)
+    jobs = [([1, 5 + 3 * i, 40 + i], [None, "qv4", "all8", "od2"][i % 4], 4 + 2 * i) for i in range(7)]
+    alone = lambda p, name, n, eos: generate(model, params, adapters[name] if name else None, [p],  # noqa: E731
+                                             max_new_tokens=n, eos_id=eos)[0]
+    eos = alone(*jobs[6], ())[5]  # a token the longest answer makes mid-way
+    want = [alone(p, name, n, [eos]) for p, name, n in jobs]
+    assert any(len(w) < n for w, (_, _, n) in zip(want, jobs)) and any(len(w) == n for w, (_, _, n) in zip(want, jobs))
+    engine = Engine(Generator(model, params, stack=stack), max_batch=3, max_len=48, max_queue=8, eos=[eos])
+    got, ends = [[] for _ in jobs], queue.Queue()
+    for i, (p, name, n) in enumerate(jobs):
+        engine.submit(Request(p, name, n, lambda new, fin, i=i: (got[i].extend(new), fin and ends.put(fin))))
+        if i == 1:  # the rest arrive once the first two are decoding
+            while not got[0]:
+                time.sleep(0.01)
+    assert sorted(ends.get(timeout=120) for _ in jobs) == sorted("stop" if len(w) < n else "length"
+                                                                for w, (_, _, n) in zip(want, jobs))
+    assert got == want
