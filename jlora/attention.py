@@ -64,6 +64,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` over a KV cache whose keys lie transposed, k_t [B,K,H,S]: q [B,K,G,T,H] times k_t is
+    then a plain [G*T, H] x [H, S] product per (b, k). XLA:CPU ran it ~1.5x faster than the same product
+    against [S, H] keys, which it treats as a transposed operand (SmolLM2's 30 layers at 16 rows and 112
+    slots: 13 against 19 ms). For decoding only; no custom gradient."""
+    s = jnp.einsum("bkgth,bkhs->bkgts", q, k_t, preferred_element_type=jnp.float32)  # [B,K,G,T,S]
+    s = jnp.where(mask, s, MASKED)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    out = jnp.einsum("bkgts,bksh->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1)[..., None]).astype(v.dtype)
+
+
 ATTENTION_BLOCK = 128  # query rows per causal block
 
 

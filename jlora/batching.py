@@ -73,12 +73,13 @@ def _insert(cache: dict, small: dict, rows, starts, lengths, idx) -> dict:
     def one(big, part):
         src_ok = jnp.clip(src, 0, part["segment_ids"].shape[1] - 1)
 
-        def rows_of(x):  # x [1,K,P,H] -> [n,K,S,H]
-            got = jnp.take(x[0], src_ok, axis=1).transpose(1, 0, 2, 3)
-            return jnp.where(mine[:, None, :, None], got, 0).astype(big["k"].dtype)
+        def rows_of(x, axis):  # values [1,K,P,H] or keys [1,K,H,P] -> [n,K,S,H] or [n,K,H,S]; slots on `axis`
+            got = jnp.moveaxis(jnp.take(x[0], src_ok, axis=axis - 1), axis - 1, 0)  # the request axis n first
+            keep = jnp.expand_dims(mine, [d for d in range(1, x.ndim) if d != axis])
+            return jnp.where(keep, got, 0).astype(big["k"].dtype)
 
-        return {"k": big["k"].at[rows].set(rows_of(part["k"]), mode="drop"),
-                "v": big["v"].at[rows].set(rows_of(part["v"]), mode="drop"),
+        return {"k": big["k"].at[rows].set(rows_of(part["k"], 3), mode="drop"),
+                "v": big["v"].at[rows].set(rows_of(part["v"], 2), mode="drop"),
                 "segment_ids": big["segment_ids"].at[rows].set(mine.astype(jnp.int32), mode="drop"),
                 "index": big["index"]}
 
@@ -97,8 +98,8 @@ def _shift(cache: dict, delta) -> dict:
         keep = ((src >= 0) & (src < s)).reshape((s,) + (1,) * (x.ndim - axis - 1))
         return jnp.where(keep, out, 0)
 
-    def one(a):  # slots are axis 2 of k/v [B,K,S,H], axis 1 of segment ids [B,S]
-        return {"k": move(a["k"], 2), "v": move(a["v"], 2), "segment_ids": move(a["segment_ids"], 1),
+    def one(a):  # slots are axis 3 of keys [B,K,H,S], 2 of values [B,K,S,H], 1 of segment ids [B,S]
+        return {"k": move(a["k"], 3), "v": move(a["v"], 2), "segment_ids": move(a["segment_ids"], 1),
                 "index": a["index"]}
 
     return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}

@@ -24,7 +24,6 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jlora import attention as attn
-from jlora.attention import attention
 from jlora.fused import FusedDense
 from jlora.sharding import constrain, shards
 
@@ -299,25 +298,25 @@ class Attention(nn.Module):
                 raise ValueError("decode=True needs a KV cache: pass {'cache': jlora.llama.init_cache(...)}")
             ck, cv = self.variable("cache", "k", None), self.variable("cache", "v", None)
             cseg, cidx = self.variable("cache", "segment_ids", None), self.variable("cache", "index", None)
-            start, slots = cidx.value, ck.value.shape[2]
+            start, slots = cidx.value, cv.value.shape[2]
             if t > slots:  # static: refuse here, before dynamic_update_slice fails deep inside jax
                 raise ValueError(f"decode=True: a call of {t} tokens does not fit a KV cache of {slots} slots; "
                                  f"make the cache longer (init_cache max_len >= prompt + new tokens)")
-            # The cache is kept in attention's own [B,K,S,H] layout: only the call's new [B,K,T,H] keys and
-            # values are transposed, not the whole cache in every layer at every token.
-            new_k, new_v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,H]
-            ck.value = jax.lax.dynamic_update_slice(ck.value, new_k.astype(ck.value.dtype), (0, 0, start, 0))
+            # The cache is kept in the layouts attention reads (keys [B,K,H,S], values [B,K,S,H]): only the
+            # call's new keys and values are transposed, not the whole cache in every layer at every token.
+            new_k, new_v = kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
+            ck.value = jax.lax.dynamic_update_slice(ck.value, new_k.astype(ck.value.dtype), (0, 0, 0, start))
             cv.value = jax.lax.dynamic_update_slice(cv.value, new_v.astype(cv.value.dtype), (0, 0, start, 0))
             cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32), (0, start))
             cidx.value = start + t
-            kk, v, k_seg = ck.value.astype(q.dtype), cv.value.astype(q.dtype), cseg.value  # [B,K,S,H], [B,S]
+            kk, v, k_seg = ck.value.astype(q.dtype), cv.value.astype(q.dtype), cseg.value  # [B,K,H|S,S|H], [B,S]
             causal = jnp.arange(slots)[None, :] <= (jnp.arange(t) + start)[:, None]  # [T,S]
             same = (segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # [B,T,S]
             mask = (causal[None] & same)[:, None, None]  # [B,1,1,T,S]
             # Batch dims (b, k) lead every operand, so both products are plain batched matmuls with the
             # G query heads of a KV head stacked as extra rows (no transposes inside the dots).
             qg = (q * (1 / math.sqrt(h))).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
-            out = attention(qg, kk, v, mask).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
+            out = attn.cached_attention(qg, kk, v, mask).transpose(0, 3, 1, 2, 4)  # [B,T,K,G,H]
             # The fill index is traced, so running past the end cannot be refused here; dynamic_update_slice
             # would clamp and overwrite the last slots. NaN output makes that visible instead of plausible.
             out = jnp.where(start + t <= slots, out, jnp.nan)
@@ -409,13 +408,14 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
-    """A zeroed KV cache for `decode=True` calls: per layer k/v [L,B,K,S,H] (attention's layout, so a step
-    writes its new slots and reads the cache as it is), slot segment ids [L,B,S], fill index [L]."""
+    """A zeroed KV cache for `decode=True` calls: per layer keys [L,B,K,H,S] and values [L,B,K,S,H] (the
+    layouts `jlora.attention.cached_attention` reads as they are: a step writes its new slots in place),
+    slot segment ids [L,B,S], fill index [L]."""
     dtype = dtype or DTYPES[cfg.dtype]
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    l, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     attn = {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": jnp.zeros((l, batch, k, h, max_len), dtype),
+        "v": jnp.zeros((l, batch, k, max_len, h), dtype),
         "segment_ids": jnp.zeros((cfg.num_hidden_layers, batch, max_len), jnp.int32),
         "index": jnp.zeros((cfg.num_hidden_layers,), jnp.int32),
     }
