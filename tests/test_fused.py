@@ -10,7 +10,7 @@ from jax.extend.core import jaxprs_in_params
 import jlora.decode_model
 import jlora.llama
 from jlora.adapter_stack import AdapterStack
-from jlora.decode_model import init_decode_cache
+from jlora.decode_model import init_decode_cache, per_layer
 from jlora.generate import Generator, _forward
 from jlora.llama import Llama, LlamaConfig, init_params
 from jlora.lora import LoraConfig, split
@@ -89,15 +89,16 @@ def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 96, (3, 7)), jnp.int32)
     positions, segments = jnp.broadcast_to(jnp.arange(7), (3, 7)), jnp.ones((3, 7), jnp.int32)
 
-    def logits(names):  # the decode model's prefill, unjitted, one adapter (or the base) per row
+    def logits(names, frozen):  # the decode model's prefill, unjitted, one adapter (or the base) per row
         cache = init_decode_cache(CFG, 3, 8)
-        return _forward(gen.model, gen.frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
+        return _forward(gen.model, frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
 
-    fused = logits(["a0", None, "a1"])
+    fused = logits(["a0", None, "a1"], gen.frozen)  # q/k/v and gate/up joined ahead of time (prefuse)
+    assert "qkv" in gen.frozen["layer_0"]["self_attn"] and "gate_up" in gen.frozen["layer_0"]["mlp"]
     unfused()
-    separate = logits(["a0", None, "a1"])
+    separate = logits(["a0", None, "a1"], per_layer(params, CFG.num_hidden_layers))  # each part its own kernel
     np.testing.assert_allclose(np.asarray(fused), np.asarray(separate), atol=2e-6, rtol=1e-5)
-    base = logits([None, None, None])
+    base = logits([None, None, None], gen.frozen)
     assert not np.allclose(np.asarray(fused[0]), np.asarray(base[0]), atol=1e-3)  # the adapters did act
     assert not np.allclose(np.asarray(fused[2]), np.asarray(base[2]), atol=1e-3)
     np.testing.assert_allclose(np.asarray(fused[1]), np.asarray(base[1]), atol=2e-6, rtol=1e-5)
