@@ -4,10 +4,10 @@
 are batched matmuls over (B, K). Its custom VJP keeps only the output and the row log-sum-exp and
 recomputes the probabilities, instead of saving [B,K,G,T,S] per layer; those residuals carry the
 checkpoint name SAVE_NAME, so a remat policy can keep them. `causal_attention` splits the
-queries into blocks and skips the keys above the diagonal; cached decoding uses `attention`.
-`train_attention` is the entry point for calls without a KV cache (training, evaluation): it picks,
-at trace time, cuDNN flash attention (`jax.nn.dot_product_attention`) or the blocked kernel, and
-owns the layout and mask each one wants. Einsum letters as in llama.py.
+queries into blocks and skips the keys above the diagonal; cached decoding uses `cached_attention`,
+over keys kept transposed. `train_attention` is the entry point for calls without a KV cache (training,
+evaluation): it picks, at trace time, cuDNN flash attention (`jax.nn.dot_product_attention`) or the
+blocked kernel, and owns the layout and mask each one wants. Einsum letters as in llama.py.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 `DecodeLlama` is `jlora.llama.Llama` with its layers unrolled over per-layer weight buffers (`per_layer`):
 slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token. `prefuse` joins the
-fused q/k/v and gate/up kernels once, and `init_decode_cache` cuts the cache per layer so each update is
-in place. `decode_jit` compiles a per-token step with the XLA options that suit its short matmuls. It owns
-no sampling and no batching.
+fused q/k/v and gate/up kernels once and lays wide kernels (gate/up, the head) out in `column_blocks`,
+and `init_decode_cache` cuts the cache per layer so each update is in place. `decode_jit` compiles a
+per-token step with the XLA options that suit its short matmuls. It owns no sampling and no batching.
 """
 
 from __future__ import annotations
