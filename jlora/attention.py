@@ -28,15 +28,21 @@ def _scores(q, k, mask):
     return jnp.where(mask, s, MASKED)
 
 
-def _attention_fwd(q, k, v, mask):
-    # Named, so a remat policy can keep the backward's inputs instead of rerunning this forward.
-    q, k, v = (checkpoint_name(x, SAVE_NAME) for x in (q, k, v))
-    s = _scores(q, k, mask)
+def _softmax_times_v(s, v):
+    """softmax of masked fp32 scores s [B,K,G,T,S] over the keys, times v [B,K,S,H]: the output
+    [B,K,G,T,H] in v's dtype, and the row max and row total [B,K,G,T] of the exponentials."""
     m = jnp.max(s, axis=-1)  # [B,K,G,T]
     e = jnp.exp(s - m[..., None])
     total = jnp.sum(e, axis=-1)
     out = jnp.einsum("bkgts,bksh->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = checkpoint_name((out / total[..., None]).astype(v.dtype), SAVE_NAME)
+    return (out / total[..., None]).astype(v.dtype), m, total
+
+
+def _attention_fwd(q, k, v, mask):
+    # Named, so a remat policy can keep the backward's inputs instead of rerunning this forward.
+    q, k, v = (checkpoint_name(x, SAVE_NAME) for x in (q, k, v))
+    out, m, total = _softmax_times_v(_scores(q, k, mask), v)
+    out = checkpoint_name(out, SAVE_NAME)
     return out, (q, k, v, mask, out, checkpoint_name(m + jnp.log(total), SAVE_NAME))
 
 
@@ -70,11 +76,7 @@ def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array
     against [S, H] keys, which it treats as a transposed operand (SmolLM2's 30 layers at 16 rows and 112
     slots: 13 against 19 ms). For decoding only; no custom gradient."""
     s = jnp.einsum("bkgth,bkhs->bkgts", q, k_t, preferred_element_type=jnp.float32)  # [B,K,G,T,S]
-    s = jnp.where(mask, s, MASKED)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - m)
-    out = jnp.einsum("bkgts,bksh->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / jnp.sum(e, axis=-1)[..., None]).astype(v.dtype)
+    return _softmax_times_v(jnp.where(mask, s, MASKED), v)[0]
 
 
 ATTENTION_BLOCK = 128  # query rows per causal block
