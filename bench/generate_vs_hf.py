@@ -27,10 +27,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora.generate import Generator  # noqa: E402
-from jlora.provenance import provenance, write_result  # noqa: E402
-from jlora.tokenizer import load_tokenizer  # noqa: E402
-from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+from jlora.infer.generate import Generator  # noqa: E402
+from jlora.train.provenance import provenance, write_result  # noqa: E402
+from jlora.formats.tokenizer import load_tokenizer  # noqa: E402
+from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PROMPTS = [

@@ -2,7 +2,7 @@
 
 bf16 frozen weights and compute, fp32 LoRA adapters (r=16, all linear layers), seq 2048, cuDNN flash
 attention (LlamaConfig.attention="cudnn"; --smoke lets "auto" pick), with jlora's own sharded train
-step (jlora.trainer: init_state, make_train_step, put_batch), so the figure is the library's, not a
+step (jlora.train.step: init_state, make_train_step, put_batch), so the figure is the library's, not a
 benchmark-only path. Prints tokens/s and MFU against the dense bf16 peak of an H100 / H200 SXM
 (989 TFLOP/s), and writes every figure, with the commit, date, machine (the GPU named) and load average,
 to docs/results/gpu_train.json (--out), which bench/report.py renders. `--smoke` runs a tiny shape for a
@@ -21,13 +21,13 @@ import time
 import jax
 import numpy as np
 
-from jlora.attention import TRAIN_IMPLS, resolve_impl
-from jlora.config import OptimConfig
-from jlora.llama import DTYPES, PRESETS, LlamaConfig, Llama, param_shapes
-from jlora.lora import LoraConfig, count_params
-from jlora.provenance import provenance, write_result
-from jlora.sharding import make_mesh
-from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
+from jlora.models.attention import TRAIN_IMPLS, resolve_impl
+from jlora.train.config import OptimConfig
+from jlora.models.llama.model import DTYPES, PRESETS, LlamaConfig, Llama, param_shapes
+from jlora.peft.lora import LoraConfig, count_params
+from jlora.train.provenance import provenance, write_result
+from jlora.parallel.sharding import make_mesh
+from jlora.train.step import init_state, make_optimizer, make_train_step, put_batch
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 tensor-core peak (no sparsity)
@@ -53,7 +53,7 @@ def step_flops(cfg: LlamaConfig, n_lora: int, batch: int, seq: int) -> float:
 
 
 def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """One host batch in jlora.data's layout: every token trained, one sequence per row."""
+    """One host batch in jlora.train.data's layout: every token trained, one sequence per row."""
     ids = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),

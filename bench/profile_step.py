@@ -1,6 +1,6 @@
 """Where jlora's LoRA train step spends its time on this CPU: a jax.profiler trace, broken down by part.
 
-Compiles the trainer's step (jlora.trainer.make_train_step) for SmolLM2-135M fp32 with the workload of
+Compiles the trainer's step (jlora.train.step.make_train_step) for SmolLM2-135M fp32 with the workload of
 bench/train_vs_peft.py (batch 4 x 256, LoRA r=8 on q,v unless --rank / --targets say otherwise), runs
 two warm-up steps, then traces --steps steps with jax.profiler. Every op the trace shows is matched to
 its compiled HLO instruction, and the instruction's op_name (jax's name stack: module path, einsum,
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from jlora.provenance import provenance, write_result
+from jlora.train.provenance import provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -87,9 +87,9 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from jlora.llama import Llama
-    from jlora.trainer import make_train_step
-    from jlora.weights import load_pretrained, resolve_model_path
+    from jlora.models.llama.model import Llama
+    from jlora.train.step import make_train_step
+    from jlora.formats.weights import load_pretrained, resolve_model_path
 
     cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
     cfg = cfg.replace(remat=a.remat)

@@ -32,7 +32,7 @@ import tempfile
 import traceback
 
 import train_vs_peft as base  # bench/ is on sys.path when this runs as a script
-from jlora.provenance import load_average, provenance, write_result
+from jlora.train.provenance import load_average, provenance, write_result
 
 JLORA_SIDES = ("none", "int8", "nf4", "gguf")
 PEFT_SIDES = ("peft-bnb-nf4", "peft-fp32")
@@ -44,9 +44,9 @@ MB = 2**20
 
 def side_jlora(method: str, a: argparse.Namespace) -> dict:
     """A jlora side: the frozen base held as `method`, then train_vs_peft's timed steps."""
-    from jlora.quantize import frozen_bytes
-    from jlora.trainer import quantize_frozen
-    from jlora.weights import load_pretrained, resolve_model_path
+    from jlora.quant.quantize import frozen_bytes
+    from jlora.train.step import quantize_frozen
+    from jlora.formats.weights import load_pretrained, resolve_model_path
 
     if method == "gguf":
         cfg, params = load_pretrained(resolve_model_path("smollm2-135m"), quantize="gguf")

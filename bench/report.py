@@ -24,8 +24,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: jlora.provenance is the one definition
-from jlora.provenance import missing_fields  # noqa: E402
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: jlora.train.provenance is the one definition
+from jlora.train.provenance import missing_fields  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"

@@ -3,12 +3,12 @@ mixed-batch `generate(..., adapter_names=[...])`, on SmolLM2-135M from its GGUF 
 
 16 requests of 64 new tokens each (EOS disabled), sent at once, in three settings: all on one adapter;
 8 different adapters of rank 8; 8 adapters of ranks 4-32. Adapters are random (A and B nonzero) on
-q_proj and v_proj. jlora: the requests go straight into `jlora.batching.Engine` (the server's engine,
+q_proj and v_proj. jlora: the requests go straight into `jlora.infer.engine.Engine` (the server's engine,
 without HTTP) with a stack sized to the setting; latency is each request's submit-to-last-token time.
 PEFT: the 16 prompts as one left-padded batch, each row naming its adapter (the adapters are written by
 `jlora.export_peft` and loaded with peft's `load_adapter`); every request's latency is the batch's time.
 Threads: jlora runs XLA's CPU client as it comes (a pool of one thread per core; its decode steps are
-compiled with `jlora.generate.decode_compiler_options()`, recorded); PEFT runs at the faster of 1 torch
+compiled with `jlora.infer.generate.decode_compiler_options()`, recorded); PEFT runs at the faster of 1 torch
 thread and torch's default, by a short probe (on a shared machine, spinning threads can cost torch several x).
 Each figure is the best of --rounds interleaved rounds after a warm-up round that compiles. Prints
 throughput and p50/p99 latency, the ratios, and writes every figure with the commit, date, machine and
@@ -35,13 +35,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora.adapter_stack import AdapterStack  # noqa: E402
-from jlora.batching import Engine, Request  # noqa: E402
-from jlora.decode_model import decode_compiler_options  # noqa: E402
-from jlora.generate import Generator  # noqa: E402
-from jlora.provenance import provenance, write_result  # noqa: E402
-from jlora.tokenizer import load_tokenizer  # noqa: E402
-from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+from jlora.infer.lora_stack import AdapterStack  # noqa: E402
+from jlora.infer.engine import Engine, Request  # noqa: E402
+from jlora.infer.decode import decode_compiler_options  # noqa: E402
+from jlora.infer.generate import Generator  # noqa: E402
+from jlora.train.provenance import provenance, write_result  # noqa: E402
+from jlora.formats.tokenizer import load_tokenizer  # noqa: E402
+from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PROMPTS = [
@@ -184,7 +184,7 @@ def main() -> None:
               "lora": "random, q_proj,v_proj", "settings": {s: r for s, r in SETTINGS.items()},
               "peft_threads": torch.get_num_threads(), "best_of": args.rounds,
               "jlora_decode_compiler_options": decode_compiler_options(),
-              "jlora_side": "jlora.batching.Engine in process (jlora-serve's engine, no HTTP)"}
+              "jlora_side": "jlora.infer.engine.Engine in process (jlora-serve's engine, no HTTP)"}
     command = shlex.join(["python", "bench/serve_vs_peft.py", *sys.argv[1:]])
     out = write_result(args.out, started, {"bench": "serve_vs_peft", "command": command, "config": config,
                                            "rows": rows_out})

@@ -4,7 +4,7 @@ The GGUF is dequantized once by jlora and written as an HF safetensors checkpoin
 that same checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA alpha=16 with
 r=8 on q_proj and v_proj (--rank, --targets; e.g. 16 and all-linear), AdamW (lr 1e-4, weight decay
 0.01) after global-norm clipping at 1.0. The sides (--sides):
-  jlora  jlora-train's step (jlora.trainer.make_train_step on a one-device TrainState, --remat);
+  jlora  jlora-train's step (jlora.train.step.make_train_step on a one-device TrainState, --remat);
   api    a user's own loop on the public API, as README shows it: jax.value_and_grad of
          jlora.causal_lm_loss, optax, jax.jit, with the library's default remat;
   naive  the same loop over plain logits: jlora.apply, then optax cross-entropy on [B,T,V];
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-from jlora.provenance import load_average, provenance, write_result
+from jlora.train.provenance import load_average, provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -54,7 +54,7 @@ def random_ids(batch: int, seq: int, vocab: int):
 
 
 def side_prep(hf_dir: str) -> dict:
-    from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
+    from jlora.formats.weights import load_pretrained, resolve_model_path, save_pretrained
 
     cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
     save_pretrained(params, cfg, hf_dir)
@@ -66,7 +66,7 @@ def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
 
 
 def side_jlora(a: argparse.Namespace) -> dict:
-    from jlora.weights import load_pretrained
+    from jlora.formats.weights import load_pretrained
 
     cfg, params = load_pretrained(a.hf_dir)
     cfg = cfg.replace(remat=a.remat)
@@ -127,10 +127,10 @@ def jlora_state(cfg, params, steps: int, rank: int = RANK, targets: tuple[str, .
     """(TrainState on one device, optimizer): the bench's LoRA (rank, ALPHA, targets) and AdamW on `params`."""
     import jax
 
-    from jlora.config import OptimConfig
-    from jlora.lora import LoraConfig
-    from jlora.sharding import make_mesh
-    from jlora.trainer import init_state, make_optimizer
+    from jlora.train.config import OptimConfig
+    from jlora.peft.lora import LoraConfig
+    from jlora.parallel.sharding import make_mesh
+    from jlora.train.step import init_state, make_optimizer
 
     lcfg = LoraConfig(rank=rank, alpha=ALPHA, targets=targets)
     opt, _ = make_optimizer(OptimConfig(lr=LR, schedule="constant", weight_decay=WD, grad_clip=CLIP), steps + 2)
@@ -150,7 +150,7 @@ def host_batch(batch: int, seq: int, vocab: int) -> dict:
 
 def train_batch(mesh, batch: int, seq: int, vocab: int) -> dict:
     """`host_batch` placed on `mesh` as one micro-batch, the trainer's step input."""
-    from jlora.trainer import put_batch
+    from jlora.train.step import put_batch
 
     return put_batch(host_batch(batch, seq, vocab), mesh, 1)
 
@@ -161,8 +161,8 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
-    from jlora.llama import Llama
-    from jlora.trainer import make_train_step
+    from jlora.models.llama.model import Llama
+    from jlora.train.step import make_train_step
 
     batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)
     f, t, o = state.frozen, state.trainable, state.opt_state

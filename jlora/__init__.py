@@ -1,18 +1,18 @@
 """jlora: LoRA fine-tuning of LLaMA-family models in JAX/Flax, as a transformation of parameter trees."""
 
-from jlora.checkpoint import load_adapter, save_adapter
-from jlora.generate import generate
-from jlora.gguf_adapter import export_gguf_adapter
-from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, init_params
-from jlora.llama_adapter import AdapterConfig
-from jlora.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, split, unmerge
-from jlora.lora_apply import LoraError, LoraPair, apply, lora_apply, trace_layouts
-from jlora.peft import export_peft, import_peft
-from jlora.quantize import QuantizedKernel, dequantize, quantize
-from jlora.tokenizer import load_tokenizer
-from jlora.trainer import causal_lm_loss, make_train_step
-from jlora.weights import load_pretrained, resolve_model_path, save_pretrained
-from jlora.weights_sharded import load_pretrained_sharded
+from jlora.checkpoint.store import load_adapter, save_adapter
+from jlora.infer.generate import generate
+from jlora.formats.gguf_adapter import export_gguf_adapter
+from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, init_cache, init_params
+from jlora.peft.llama_adapter import AdapterConfig
+from jlora.peft.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, split, unmerge
+from jlora.peft.routing import LoraError, LoraPair, apply, lora_apply, trace_layouts
+from jlora.formats.peft_adapter import export_peft, import_peft
+from jlora.quant.quantize import QuantizedKernel, dequantize, quantize
+from jlora.formats.tokenizer import load_tokenizer
+from jlora.train.step import causal_lm_loss, make_train_step
+from jlora.formats.weights import load_pretrained, resolve_model_path, save_pretrained
+from jlora.formats.weights_sharded import load_pretrained_sharded
 
 __version__ = "0.1.0"
 

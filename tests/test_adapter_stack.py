@@ -1,4 +1,4 @@
-"""jlora.adapter_stack: adapters of different ranks and targets, and base rows, in one generated batch
+"""jlora.infer.lora_stack: adapters of different ranks and targets, and base rows, in one generated batch
 (each row equal to generating it alone with its own adapter), hot-loading with no recompile, and the
 one-line refusals of an adapter over the stack's max rank or capacity."""
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.adapter_stack import AdapterStack, AdapterStackError
-from jlora.generate import GenerateError, Generator, generate
+from jlora.infer.lora_stack import AdapterStack, AdapterStackError
+from jlora.infer.generate import GenerateError, Generator, generate
 
 from lora_testing import randomize
 
@@ -26,7 +26,7 @@ def tiny():
     rng = np.random.default_rng(0)
     draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
                             else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
-    params = jax.tree_util.tree_map_with_path(draw, jlora.llama.param_shapes(CFG))
+    params = jax.tree_util.tree_map_with_path(draw, jlora.models.llama.model.param_shapes(CFG))
     adapters = {name: randomize(jlora.split(params, lcfg, jax.random.key(i))[1], seed=i, std=0.3)
                 for i, (name, lcfg) in enumerate(LCFGS.items())}
     return jlora.Llama(CFG), params, adapters

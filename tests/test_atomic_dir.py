@@ -17,9 +17,9 @@ import numpy as np
 import jlora
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
-from jlora import checkpoint as ck
-from jlora.llama import PRESETS, param_shapes
-from jlora.weights import save_pretrained
+from jlora.checkpoint import store as ck
+from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.formats.weights import save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -29,8 +29,8 @@ LCFG = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 # Saves adapters whose every value is i, for i = 0, 1, 2, ... until killed; says when it starts.
 SAVER = """
 import sys, jax, jax.numpy as jnp, jlora
-from jlora import checkpoint as ck
-from jlora.llama import PRESETS, param_shapes
+from jlora.checkpoint import store as ck
+from jlora.models.llama.model import PRESETS, param_shapes
 cfg, lcfg = PRESETS["tiny"], jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 shapes = jax.eval_shape(lambda p: jlora.split(p, lcfg, jax.random.key(0))[1], param_shapes(cfg))
 i = int(sys.argv[2])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from jlora.attention import (CUDNN_FWD_PRIMITIVE, SAVE_NAME, blocked_attention, resolve_impl, saveable,
+from jlora.models.attention import (CUDNN_FWD_PRIMITIVE, SAVE_NAME, blocked_attention, resolve_impl, saveable,
                              sdpa_attention, train_attention)
 
 B, T, N, K, H = 4, 256, 4, 2, 16  # G = 2 query heads per KV head; T = 2 blocks of the blocked kernel

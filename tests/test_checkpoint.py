@@ -11,9 +11,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
-from jlora import checkpoint as ck
-from jlora.llama import PRESETS, param_shapes
-from jlora.tree_storage import is_rng_key
+from jlora.checkpoint import store as ck
+from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.checkpoint.tree_storage import is_rng_key
 
 CFG = PRESETS["tiny"]
 

@@ -1,4 +1,4 @@
-"""jlora.config: shipped configs load, --set overrides convert by type hint, bad input is a one-line error."""
+"""jlora.train.config: shipped configs load, --set overrides convert by type hint, bad input is a one-line error."""
 import dataclasses
 import pathlib
 import re
@@ -6,8 +6,8 @@ import re
 import pytest
 import yaml
 
-from jlora import config as C
-from jlora.lora import LoraConfig
+from jlora.train import config as C
+from jlora.peft.lora import LoraConfig
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))

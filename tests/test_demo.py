@@ -11,8 +11,8 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
-from jlora import demo
-from jlora.config import load
+from jlora.train import demo
+from jlora.train.config import load
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "data" / "demo"

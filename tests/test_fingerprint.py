@@ -16,10 +16,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
-from jlora import checkpoint as ck
-from jlora import fingerprint as fp
-from jlora.llama import PRESETS, param_shapes
-from jlora.weights import save_pretrained
+from jlora.checkpoint import store as ck
+from jlora.checkpoint import fingerprint as fp
+from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.formats.weights import save_pretrained
 
 from cli_testing import script
 

@@ -1,4 +1,4 @@
-"""Fused projections (jlora.fused): q/k/v and gate/up run as one matmul each, the params keep HF's names, and
+"""Fused projections (jlora.models.fused): q/k/v and gate/up run as one matmul each, the params keep HF's names, and
 LoRA / DoRA / dropout / per-row adapter stacks on any part give what separate projections give. HF and PEFT
 parity of the fused model live in test_llama.py and test_lora.py."""
 import jax
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
-import jlora.decode_model
-import jlora.llama
-from jlora.adapter_stack import AdapterStack
-from jlora.decode_model import init_decode_cache, per_layer
-from jlora.generate import Generator, _forward
-from jlora.llama import Llama, LlamaConfig, init_params
-from jlora.lora import LoraConfig, split
-from jlora.lora_apply import apply
+import jlora.infer.decode
+import jlora.models.llama.model
+from jlora.infer.lora_stack import AdapterStack
+from jlora.infer.decode import init_decode_cache, per_layer
+from jlora.infer.generate import Generator, _forward
+from jlora.models.llama.model import Llama, LlamaConfig, init_params
+from jlora.peft.lora import LoraConfig, split
+from jlora.peft.routing import apply
 from lora_testing import randomize
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -53,7 +53,7 @@ def test_qkv_and_gate_up_are_one_matmul_each_and_params_keep_hf_names():
 def unfused(monkeypatch):
     """Run the model's projections separately, as under tensor parallelism (heads / mlp split over devices)."""
     def use():
-        monkeypatch.setattr(jlora.llama, "shards", lambda dim: 2)
+        monkeypatch.setattr(jlora.models.llama.model, "shards", lambda dim: 2)
     return use
 
 
@@ -107,7 +107,7 @@ def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused
 def test_decode_layout_splits_wide_kernels_into_column_blocks_and_equals_the_model(monkeypatch):
     """Generator lays gate/up and the head out as column blocks (on CPU, 2 per core, kernels >= 2048 wide);
     its prefill logits equal the training model's, so the blocks are multiplied and joined in order."""
-    monkeypatch.setattr(jlora.decode_model, "_cores", lambda: 2)
+    monkeypatch.setattr(jlora.infer.decode, "_cores", lambda: 2)
     cfg = CFG.replace(vocab_size=4096, intermediate_size=1024)
     params = init_params(cfg, KEY(0))
     gen = Generator(Llama(cfg), params)

@@ -1,4 +1,4 @@
-"""jlora.generate: cached decoding vs full forwards, LoRA unmerged vs merged, mixed-length batches,
+"""jlora.infer.generate: cached decoding vs full forwards, LoRA unmerged vs merged, mixed-length batches,
 sampling, streaming, stop strings, one-line errors, greedy parity with HF on SmolLM2, and the CLI."""
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.generate import GenerateError, Generator, generate
+from jlora.infer.generate import GenerateError, Generator, generate
 
 # 2 layers, d=64, vocab 512; the context is exactly the longest prompt (20) + N, so the main tests run at the limit.
 CFG = jlora.PRESETS["tiny"].replace(max_position_embeddings=52)
@@ -24,7 +24,7 @@ def tiny():
     rng = np.random.default_rng(0)
     draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
                             else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
-    return jlora.Llama(CFG), jax.tree_util.tree_map_with_path(draw, jlora.llama.param_shapes(CFG))
+    return jlora.Llama(CFG), jax.tree_util.tree_map_with_path(draw, jlora.models.llama.model.param_shapes(CFG))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def _tiny_model_dir(tmp_path, params, cfg=CFG) -> str:
     """A tiny HF-style model dir: config.json + model.safetensors + a byte-level BPE tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from jlora.weights import save_pretrained
+    from jlora.formats.weights import save_pretrained
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -173,14 +173,14 @@ def _tiny_model_dir(tmp_path, params, cfg=CFG) -> str:
 
 
 def test_cli_streams_text(tiny, adapter, tmp_path):
-    from jlora.checkpoint import save_adapter
+    from jlora.checkpoint.store import save_adapter
 
     frozen, trainable = adapter
     model_dir = _tiny_model_dir(tmp_path, frozen)
     adapter_dir = tmp_path / "adapter"
     save_adapter(adapter_dir, trainable, jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")),
                  base=CFG.replace(bos_token_id=1, eos_token_id=2))
-    cli = [sys.executable, "-c", "import sys; from jlora.generate import main; sys.exit(main())"]  # jlora-generate
+    cli = [sys.executable, "-c", "import sys; from jlora.infer.generate import main; sys.exit(main())"]  # jlora-generate
     args = [*cli, "--model", model_dir, "--adapter", str(adapter_dir),
             "--prompt", "hello world", "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "50", "--seed", "1"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=240)
@@ -206,7 +206,7 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_gguf, tmp_path):
     import torch
     import transformers
 
-    from jlora.weights import load_pretrained, save_pretrained
+    from jlora.formats.weights import load_pretrained, save_pretrained
 
     cfg, params = load_pretrained(smollm2_gguf)
     ours = Generator(jlora.Llama(cfg), params).generate(HF_PROMPTS, max_new_tokens=20)
@@ -252,7 +252,7 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
     """`jlora-generate --merge` and `jlora-merge` fold an adapter the same way: on a tied model an
     embed_tokens adapter is refused by both (merged into the shared table it would change the LM head
     too, which the unmerged model does not), while the unmerged run works; an untied adapter merges."""
-    from jlora.checkpoint import save_adapter
+    from jlora.checkpoint.store import save_adapter
 
     tied = CFG.replace(tie_word_embeddings=True)
     params = {k: v for k, v in tiny[1].items() if k != "lm_head"}
@@ -260,8 +260,8 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("embed_tokens", "q_proj"))
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(1))
     save_adapter(tmp_path / "adapter", trainable, lcfg, base=tied.replace(bos_token_id=1, eos_token_id=2))
-    gen = [sys.executable, "-c", "import sys; from jlora.generate import main; sys.exit(main())"]  # jlora-generate
-    merge = [sys.executable, "-c", "import sys; from jlora.adapter_cli import merge_main; sys.exit(merge_main())"]
+    gen = [sys.executable, "-c", "import sys; from jlora.infer.generate import main; sys.exit(main())"]  # jlora-generate
+    merge = [sys.executable, "-c", "import sys; from jlora.cli.adapters import merge_main; sys.exit(merge_main())"]
     common = ["--model", model_dir, "--adapter", str(tmp_path / "adapter")]
     runs = {"generate --merge": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2", "--merge"],
             "jlora-merge": [*merge, *common, "--out", str(tmp_path / "merged")],

@@ -1,4 +1,4 @@
-"""GGUF LoRA adapter export (jlora.gguf_adapter, jlora-export-gguf): the file as gguf reads it back, the
+"""GGUF LoRA adapter export (jlora.formats.gguf_adapter, jlora-export-gguf): the file as gguf reads it back, the
 refusals, and llama.cpp itself (llama-cpp-python) running the exported adapter on the SmolLM2 GGUF."""
 import subprocess
 
@@ -11,9 +11,9 @@ import pytest
 from flax import traverse_util
 
 import jlora
-from jlora.checkpoint import save_adapter
-from jlora.gguf_adapter import GGUFAdapterError, export_gguf_adapter, permute_rows
-from jlora.weights import _unpermute
+from jlora.checkpoint.store import save_adapter
+from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter, permute_rows
+from jlora.formats.weights import _unpermute
 from cli_testing import one_line_error, script
 from lora_testing import is_pair, randomize
 
@@ -175,8 +175,8 @@ def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_pat
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
     trainable, loss = _memorise(model, frozen, trainable, prompt, target, steps=12)
     n = len(target)
-    ours = jlora.generate(model, frozen, trainable, [prompt], max_new_tokens=n, eos_id=())[0]
-    ours_base = jlora.generate(model, frozen, None, [prompt], max_new_tokens=n, eos_id=())[0]
+    ours = jlora.infer.generate(model, frozen, trainable, [prompt], max_new_tokens=n, eos_id=())[0]
+    ours_base = jlora.infer.generate(model, frozen, None, [prompt], max_new_tokens=n, eos_id=())[0]
     assert ours == target, (loss, tok.decode(ours))
 
     adapter = tmp_path / "adapter"

@@ -1,4 +1,4 @@
-"""jlora.gguf_blocks: GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks kept as QuantizedKernels decode to
+"""jlora.quant.gguf_blocks: GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks kept as QuantizedKernels decode to
 gguf-py's dequantize bit for bit (kernels, embeddings, take_rows), load_pretrained(quantize="gguf") gives
 the dense load's values on a tiny mixed-type file and the real SmolLM2 file, and bad input is one line."""
 import os
@@ -16,9 +16,9 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import jlora
-from jlora import gguf_blocks
-from jlora.quantize import dequantize, frozen_bytes, is_quantized, take_rows
-from jlora.weights import WeightsError, load_pretrained
+from jlora.quant import gguf_blocks
+from jlora.quant.quantize import dequantize, frozen_bytes, is_quantized, take_rows
+from jlora.formats.weights import WeightsError, load_pretrained
 from lora_testing import save_tiny_hf_llama
 
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")

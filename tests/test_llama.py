@@ -14,9 +14,9 @@ import pytest
 import torch
 import transformers
 
-from jlora.attention import attention, causal_attention
-from jlora.llama import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
-from jlora.weights import load_pretrained
+from jlora.models.attention import attention, causal_attention
+from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
+from jlora.formats.weights import load_pretrained
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, rms_norm_eps=1e-5)

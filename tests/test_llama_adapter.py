@@ -1,4 +1,4 @@
-"""LLaMA-Adapter (jlora.llama_adapter): zero-gate start, logits equal to HF PEFT's AdaptionPrompt (tiny GQA and
+"""LLaMA-Adapter (jlora.peft.llama_adapter): zero-gate start, logits equal to HF PEFT's AdaptionPrompt (tiny GQA and
 MHA models, SmolLM2), gradients only to prompts and gates, KV-cached generation, PEFT files both ways, merge refusal."""
 
 import json
@@ -14,10 +14,10 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.generate import generate
-from jlora.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError
-from jlora.peft import PeftError, export_peft, import_peft
-from jlora.weights import load_pretrained
+from jlora.infer.generate import generate
+from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError
+from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
+from jlora.formats.weights import load_pretrained
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 11))
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import config as C
-from jlora.checkpoint import AdapterError, load_adapter
-from jlora.llama_adapter import GATE, PROMPT, AdapterConfig
-from jlora.lora import LoraConfig
-from jlora.sharding import make_mesh
-from jlora.trainer import init_state, make_optimizer, make_train_step, put_batch
+from jlora.train import config as C
+from jlora.checkpoint.store import AdapterError, load_adapter
+from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig
+from jlora.peft.lora import LoraConfig
+from jlora.parallel.sharding import make_mesh
+from jlora.train.step import init_state, make_optimizer, make_train_step, put_batch
 
 from cli_testing import kill_at_checkpoint, one_line_error, script
 
@@ -133,7 +133,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
 def test_generate_cli_runs_the_adapter_and_refuses_merge(tmp_path):
     """jlora-generate on an HF-format base with a trained adapter; --merge is one line."""
-    from jlora.weights import save_pretrained
+    from jlora.formats.weights import save_pretrained
 
     cfg = jlora.PRESETS["tiny"].replace(vocab_size=320)
     params = jlora.init_params(cfg, jax.random.key(0))
@@ -141,9 +141,9 @@ def test_generate_cli_runs_the_adapter_and_refuses_merge(tmp_path):
     _, trainable = jlora.split(params, AdapterConfig(len=4, layers=1), jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.3, trainable)
     jlora.save_adapter(tmp_path / "adapter", trainable, AdapterConfig(len=4, layers=1), cfg)
-    out = jlora.generate(jlora.Llama(cfg), params, load_adapter(tmp_path / "adapter", base=cfg)[1], [[1, 2, 3]],
+    out = jlora.infer.generate(jlora.Llama(cfg), params, load_adapter(tmp_path / "adapter", base=cfg)[1], [[1, 2, 3]],
                          max_new_tokens=8, eos_id=())
-    assert out != jlora.generate(jlora.Llama(cfg), params, None, [[1, 2, 3]], max_new_tokens=8, eos_id=())
+    assert out != jlora.infer.generate(jlora.Llama(cfg), params, None, [[1, 2, 3]], max_new_tokens=8, eos_id=())
     merged = subprocess.run([script("jlora-generate"), "--model", str(tmp_path / "base"), "--adapter",
                              str(tmp_path / "adapter"), "--merge", "--prompt", "hi"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)

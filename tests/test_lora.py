@@ -1,4 +1,4 @@
-"""LoRA as a params-tree transformation (jlora.lora) on the LLaMA port: logits parity with HF PEFT (every linear +
+"""LoRA as a params-tree transformation (jlora.peft.lora) on the LLaMA port: logits parity with HF PEFT (every linear +
 lm_head + embeddings, rsLoRA, DoRA, rank/alpha patterns, PiSSA), zero init, merge/unmerge properties, an optimizer
 step on a layer subset with train_extra, dropout, errors, describe/count. The model-agnostic routing and the
 no-[in, out]-delta jaxpr check live in test_lora_apply.py."""
@@ -21,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlora
-from jlora.llama import PRESETS, Llama, LlamaConfig, param_shapes
-from jlora.lora import LoraConfig, LoraError, count_params, describe, merge, split, unmerge
-from jlora.lora_apply import apply
-from jlora.weights import load_pretrained
+from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, param_shapes
+from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, split, unmerge
+from jlora.peft.routing import apply
+from jlora.formats.weights import load_pretrained
 from lora_testing import is_pair, randomize
 
 HF_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -409,7 +409,7 @@ def test_cli_refuses_patterns_and_layers_that_match_nothing(setting, words):
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cli = [sys.executable, "-c", "import sys; from jlora.trainer import main; sys.exit(main())"]  # jlora-train
+    cli = [sys.executable, "-c", "import sys; from jlora.train.step import main; sys.exit(main())"]  # jlora-train
     run = subprocess.run([*cli, "--config", str(root / "configs/tiny-cpu.yaml"), "--plan", "--devices", "1",
                           "--set", setting], capture_output=True, text=True, timeout=300, cwd=root)
     err = run.stderr.strip()

@@ -1,4 +1,4 @@
-"""The factored path (jlora.lora_apply): `lora_apply`, routing any flax.linen model through `apply` (DenseGeneral,
+"""The factored path (jlora.peft.routing): `lora_apply`, routing any flax.linen model through `apply` (DenseGeneral,
 Einsum and scanned Dense kernels, found by `trace_layouts`), layer subsets of scanned stacks, and a jaxpr walk showing
 that forward+backward never forms an [in, out] product of A and B. LLaMA/PEFT parity lives in test_lora.py."""
 import flax.linen as nn
@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from jlora.llama import Llama, LlamaConfig, init_params
-from jlora.lora import LoraConfig, LoraError, count_params, merge, split, unmerge
-from jlora.lora_apply import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
+from jlora.models.llama.model import Llama, LlamaConfig, init_params
+from jlora.peft.lora import LoraConfig, LoraError, count_params, merge, split, unmerge
+from jlora.peft.routing import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
 from lora_testing import randomize
 
 TOL = dict(atol=1e-5, rtol=0)

@@ -12,10 +12,10 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.adapter_cli import export_main, merge_main
-from jlora.checkpoint import save_adapter
-from jlora.peft import PeftError, export_peft, import_peft
-from jlora.weights import load_pretrained
+from jlora.cli.adapters import export_main, merge_main
+from jlora.checkpoint.store import save_adapter
+from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
+from jlora.formats.weights import load_pretrained
 from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))

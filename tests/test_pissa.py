@@ -22,16 +22,16 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.checkpoint import AdapterError, load_adapter, save_adapter
-from jlora.peft import PeftError, export_peft
-from jlora.weights import load_pretrained
+from jlora.checkpoint.store import AdapterError, load_adapter, save_adapter
+from jlora.formats.peft_adapter import PeftError, export_peft
+from jlora.formats.weights import load_pretrained
 from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = {name: [sys.executable, "-c", f"import sys; from jlora.{mod} import {fn}; sys.exit({fn}())"]
-       for name, mod, fn in [("merge", "adapter_cli", "merge_main"), ("export", "adapter_cli", "export_main"),
-                             ("train", "trainer", "main")]}
+       for name, mod, fn in [("merge", "cli.adapters", "merge_main"), ("export", "cli.adapters", "export_main"),
+                             ("train", "train.step", "main")]}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""QLoRA: int8 / nf4 frozen bases (jlora.quantize) under fp32 adapters.
+"""QLoRA: int8 / nf4 frozen bases (jlora.quant.quantize) under fp32 adapters.
 
 The NF4 table is checked against the paper's construction, round trips against each format's error
 bound, the routed forward against the dense forward of the same dequantized weights, the train step
@@ -14,13 +14,13 @@ import pytest
 from flax import traverse_util
 
 import jlora
-from jlora import plan
-from jlora.config import ConfigError, OptimConfig, from_dict
-from jlora.llama import PRESETS, Llama, init_params
-from jlora.quantize import (NF4_CODE, QuantizeError, dequantize, frozen_bytes, is_quantized, quantize,
+from jlora.train import plan
+from jlora.train.config import ConfigError, OptimConfig, from_dict
+from jlora.models.llama.model import PRESETS, Llama, init_params
+from jlora.quant.quantize import (NF4_CODE, QuantizeError, dequantize, frozen_bytes, is_quantized, quantize,
                             quantize_leaf, take_rows)
-from jlora.sharding import make_mesh
-from jlora.trainer import make_optimizer, make_train_step, place_state, quantize_frozen
+from jlora.parallel.sharding import make_mesh
+from jlora.train.step import make_optimizer, make_train_step, place_state, quantize_frozen
 from lora_testing import is_pair, randomize, save_tiny_hf_llama
 
 CFG = PRESETS["tiny"].replace(vocab_size=256, hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
@@ -278,8 +278,8 @@ def test_generate_and_adapter_checkpoints_work_on_a_quantized_base(params, tmp_p
     frozen, trainable = jlora.split(q, lcfg, jax.random.key(3))
     trainable = randomize(trainable, std=0.3)
     model, prompts = Llama(CFG), [[5, 9, 33, 2], [7, 7]]
-    ours = jlora.generate(model, frozen, trainable, prompts, max_new_tokens=6, temperature=0.0)
-    dense = jlora.generate(model, _dequantized(frozen), trainable, prompts, max_new_tokens=6, temperature=0.0)
+    ours = jlora.infer.generate(model, frozen, trainable, prompts, max_new_tokens=6, temperature=0.0)
+    dense = jlora.infer.generate(model, _dequantized(frozen), trainable, prompts, max_new_tokens=6, temperature=0.0)
     assert [list(map(int, o)) for o in ours] == [list(map(int, o)) for o in dense]
     jlora.save_adapter(tmp_path / "adapter", trainable, lcfg, base=CFG, params=frozen)
     _, loaded = jlora.load_adapter(tmp_path / "adapter", base=CFG, params=frozen)

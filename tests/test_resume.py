@@ -9,12 +9,12 @@ import sys
 import jax
 import numpy as np
 
-from jlora.checkpoint import load_adapter
+from jlora.checkpoint.store import load_adapter
 
 from cli_testing import kill_at_checkpoint, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "import sys; from jlora.trainer import main; sys.exit(main())"]  # = jlora-train
+CLI = [sys.executable, "-c", "import sys; from jlora.train.step import main; sys.exit(main())"]  # = jlora-train
 STEPS, INTERVAL, KILL_AFTER = 24, 4, 8
 
 

@@ -13,7 +13,7 @@ import time
 
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
-from jlora.checkpoint import load_adapter
+from jlora.checkpoint.store import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -1,7 +1,7 @@
 """Scale is proven by compiling, not by comparing numbers: the real train step of a LLaMA-3-8B-width
 model cut to 4 layers (seq 2048, micro-batch 8, bf16, dots_saveable, LoRA on every linear layer) is
 AOT-compiled for 1 device and for 8 fake devices, and the compiled programs are read: XLA's per-device
-temp bytes, and the collectives of the partitioned HLO weighted by loop trip counts (jlora.hlo_stats).
+temp bytes, and the collectives of the partitioned HLO weighted by loop trip counts (jlora.parallel.hlo_stats).
 Also: `jlora-train --plan` prints what the compiler says, and hlo_stats counts loops right."""
 
 import json
@@ -15,8 +15,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora import hlo_stats, plan
-from jlora.config import from_dict
+from jlora.parallel import hlo_stats
+
+from jlora.train import plan
+from jlora.train.config import from_dict
 
 LAYERS, MICRO, SEQ, D = 4, 8, 2048, 4096
 
@@ -82,7 +84,7 @@ def test_tensor_parallel_step_reduces_only_per_layer_activations(one_device):
 def test_plan_line_reports_what_the_compiler_says(tmp_path):
     """`jlora-train --plan` on the tiny config (a fresh process with 8 fake devices) prints a PLAN line
     whose memory figures equal memory_analysis() of the same step compiled here."""
-    out = subprocess.run([sys.executable, "-m", "jlora.train_loop", "--config", "configs/tiny-cpu.yaml", "--plan",
+    out = subprocess.run([sys.executable, "-m", "jlora.train.loop", "--config", "configs/tiny-cpu.yaml", "--plan",
                           "--devices", "8", "--set", "mesh.fsdp=4", "--set", "mesh.data=2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -94,7 +96,7 @@ def test_plan_line_reports_what_the_compiler_says(tmp_path):
         assert key in got, key
     assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
 
-    from jlora.config import load
+    from jlora.train.config import load
 
     compiled, state, _, _ = plan.compile_step(load("configs/tiny-cpu.yaml", ["mesh.fsdp=4", "mesh.data=2"]))
     mem = compiled.memory_analysis()
@@ -105,7 +107,7 @@ def test_plan_line_reports_what_the_compiler_says(tmp_path):
 
 
 def test_plan_refuses_a_mesh_with_a_free_size_without_devices():
-    out = subprocess.run([sys.executable, "-m", "jlora.train_loop", "--config", "configs/llama3-8b-lora.yaml",
+    out = subprocess.run([sys.executable, "-m", "jlora.train.loop", "--config", "configs/llama3-8b-lora.yaml",
                           "--plan"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--devices N" in out.stderr, out.stderr
 
@@ -132,9 +134,9 @@ def test_hlo_stats_weights_loop_bodies_by_their_trip_count():
 def test_plan_of_an_hf_checkpoint_reads_its_config(tmp_path):
     """--plan takes the shape from an HF checkpoint's config.json and headers, and the error for a
     missing checkpoint says how to plan by shape instead."""
-    from jlora.config import ConfigError
-    from jlora.llama import PRESETS, init_params
-    from jlora.weights import save_pretrained
+    from jlora.train.config import ConfigError
+    from jlora.models.llama.model import PRESETS, init_params
+    from jlora.formats.weights import save_pretrained
 
     cfg = PRESETS["tiny"].replace(vocab_size=320, num_hidden_layers=3)
     save_pretrained(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")

@@ -1,6 +1,6 @@
 """jlora-serve against the official `openai` client: a live server on localhost with the tiny model and
 the three adapters of test_adapter_stack. Models list, completions and chat for base and adapters,
-streaming, 16 concurrent requests over 3 adapters (each equal to offline `jlora.generate`), every bad
+streaming, 16 concurrent requests over 3 adapters (each equal to offline `jlora.infer.generate`), every bad
 request with its status, hot-loading over HTTP, and 429 under a flood with the server serving after."""
 
 import concurrent.futures
@@ -19,9 +19,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
-from jlora.adapter_stack import AdapterStack
-from jlora.batching import Engine, Request
-from jlora.generate import Generator, generate
+from jlora.infer.lora_stack import AdapterStack
+from jlora.infer.engine import Engine, Request
+from jlora.infer.generate import Generator, generate
 
 from cli_testing import script
 from test_adapter_stack import CFG, LCFGS, tiny  # noqa: F401 - the shared fixture

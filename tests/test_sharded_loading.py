@@ -1,4 +1,4 @@
-"""jlora.weights_sharded: per-host sharded loading equals load_pretrained leaf for leaf, lands on param_specs'
+"""jlora.formats.weights_sharded: per-host sharded loading equals load_pretrained leaf for leaf, lands on param_specs'
 shardings, keeps load_pretrained's one-line errors, and (2 processes x 4 CPU devices, jax.distributed) keeps
 each process's peak RSS growth near its own share of a 0.5 GB checkpoint."""
 
@@ -13,10 +13,10 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from jlora.llama import PRESETS, init_params
-from jlora.sharding import make_mesh, param_specs
-from jlora.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
-from jlora.weights_sharded import load_pretrained_sharded
+from jlora.models.llama.model import PRESETS, init_params
+from jlora.parallel.sharding import make_mesh, param_specs
+from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
+from jlora.formats.weights_sharded import load_pretrained_sharded
 from test_trainer import run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -141,14 +141,14 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from jlora.train_loop import init_distributed
+from jlora.train.loop import init_distributed
 assert init_distributed(True) and jax.process_count() == 2 and jax.device_count() == 8
 import numpy as np
 from flax import traverse_util
-from jlora.llama import LlamaConfig, param_shapes
-from jlora.sharding import make_mesh, param_specs
-from jlora.weights import load_pretrained
-from jlora.weights_sharded import load_pretrained_sharded
+from jlora.models.llama.model import LlamaConfig, param_shapes
+from jlora.parallel.sharding import make_mesh, param_specs
+from jlora.formats.weights import load_pretrained
+from jlora.formats.weights_sharded import load_pretrained_sharded
 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))

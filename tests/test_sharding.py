@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora import sharding as S
-from jlora.llama import PRESETS, param_shapes
-from jlora.lora import LoraConfig, LoraPair, split
+from jlora.parallel import sharding as S
+from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.peft.lora import LoraConfig, LoraPair, split
 
 
 def _per_device_bytes(tree, specs, mesh) -> tuple[int, int]:

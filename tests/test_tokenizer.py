@@ -1,4 +1,4 @@
-"""jlora.tokenizer against HF references: transformers' tokenizers and the sentencepiece library.
+"""jlora.formats.tokenizer against HF references: transformers' tokenizers and the sentencepiece library.
 
 The reference for each source, and where it is knowingly not followed:
 - SmolLM2's GGUF vocabulary (byte-level BPE, tokenizer.ggml.pre="smollm"): transformers' GGUF loader,
@@ -24,8 +24,8 @@ import sentencepiece as spm
 import transformers  # the test extra installs it: a missing one fails, never skips
 from tokenizers import pre_tokenizers
 
-from jlora.gguf_vocab import gpt2_pre_tokenizer
-from jlora.tokenizer import TokenizerNotFoundError, load_tokenizer
+from jlora.formats.gguf_vocab import gpt2_pre_tokenizer
+from jlora.formats.tokenizer import TokenizerNotFoundError, load_tokenizer
 
 TEXTS = [
     "", "Hello world", "Hello, world!", " leading space", "  two leading spaces", "trailing space ",
@@ -336,8 +336,8 @@ def test_bad_files_are_clear_errors(tmp_path, sp_dir):
 
 def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir):
     """Every file that is not a tokenizer is a TokenizerError, which the CLIs print as one line (no traceback)."""
-    from jlora.tokenizer import TokenizerError
-    from jlora.train_loop import EXPECTED_ERRORS
+    from jlora.formats.tokenizer import TokenizerError
+    from jlora.train.loop import EXPECTED_ERRORS
 
     assert issubclass(TokenizerError, EXPECTED_ERRORS)
     (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
@@ -359,7 +359,7 @@ def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir)
 def test_a_gguf_tokenizer_saved_as_hf_files_loads_the_same_in_jlora_and_transformers(source, request, tmp_path):
     """save_hf_files (what jlora-merge writes beside a model merged from a GGUF): jlora and transformers'
     AutoTokenizer read the files back as the GGUF's own tokenizer: ids, specials, BOS default, chat."""
-    from jlora.tokenizer import save_hf_files
+    from jlora.formats.tokenizer import save_hf_files
 
     gguf_tok = request.getfixturevalue(source)
     gguf_tok = gguf_tok[0] if isinstance(gguf_tok, tuple) else load_tokenizer(gguf_tok)

@@ -10,10 +10,10 @@ import optax
 import pytest
 
 import jlora
-from jlora import trainer as T
-from jlora.llama import PRESETS
-from jlora.lora_apply import LoraPair
-from jlora.sharding import make_mesh
+from jlora.train import step as T
+from jlora.models.llama.model import PRESETS
+from jlora.peft.routing import LoraPair
+from jlora.parallel.sharding import make_mesh
 from lora_testing import randomize
 
 CFG = PRESETS["tiny"].replace(tie_word_embeddings=True)  # tied: the chunked loss reads the head from the embedding

@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from jlora import trainer as T
-from jlora.config import OptimConfig
-from jlora.data import Batches, Example
-from jlora.llama import PRESETS, Llama
-from jlora.lora import LoraConfig
-from jlora.lora_apply import LoraPair
-from jlora.sharding import make_mesh
+from jlora.train import step as T
+from jlora.train.config import OptimConfig
+from jlora.train.data import Batches, Example
+from jlora.models.llama.model import PRESETS, Llama
+from jlora.peft.lora import LoraConfig
+from jlora.peft.routing import LoraPair
+from jlora.parallel.sharding import make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = PRESETS["tiny"]
@@ -226,7 +226,7 @@ BF16_GRAD_RTOL = 0.03
 
 def test_bf16_adapter_gradients_match_fp32_within_tolerance(init_trees):
     """The adapters' gradients with a bf16 base and bf16 compute (model.dtype = param_dtype = bfloat16,
-    as jlora.trainer trains it) against the same gradients in fp32: per leaf, the relative error in
+    as jlora.train.step trains it) against the same gradients in fp32: per leaf, the relative error in
     norm stays under BF16_GRAD_RTOL and the direction agrees (cosine > 0.999)."""
     frozen, trainable = init_trees
     rng = np.random.default_rng(3)
@@ -263,13 +263,13 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
-from jlora.train_loop import init_distributed
+from jlora.train.loop import init_distributed
 assert init_distributed(True) and jax.process_count() == 2 and jax.device_count() == 8
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 import test_trainer as tt
-from jlora import trainer as T
-from jlora.llama import Llama
+from jlora.train import step as T
+from jlora.models.llama.model import Llama
 trees = np.load(sys.argv[1])
 leaves = [trees[f"a{i}"] for i in range(len(trees.files))]
 frozen, trainable = jax.tree.unflatten(jax.tree.structure(tt._tree_shapes()), leaves)
@@ -287,8 +287,8 @@ print("LOSSES " + json.dumps(losses), flush=True)
 
 
 def _tree_shapes():
-    from jlora.llama import param_shapes
-    from jlora.lora import split
+    from jlora.models.llama.model import param_shapes
+    from jlora.peft.lora import split
     return jax.eval_shape(lambda p: split(p, LCFG, jax.random.key(1)), param_shapes(CFG))
 
 
@@ -360,7 +360,7 @@ def test_cli_bad_override_is_one_line(tmp_path):
 def test_ce_chunks_are_sized_from_the_rows_one_device_holds():
     """8 rows over fsdp=8 is one row per device: chunks of 128 positions of a 128256 vocab stay under
     CE_CHUNK_ELEMENTS per device; sized from all 8 rows they would be 8x shorter."""
-    from jlora.sharding import activation_sharding
+    from jlora.parallel.sharding import activation_sharding
 
     assert T.device_ce_chunk(8, 2048, 128256) == 16  # no mesh: the whole batch on one device
     with activation_sharding(make_mesh(1, 8, 1)):

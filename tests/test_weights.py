@@ -1,4 +1,4 @@
-"""jlora.weights: GGUF loading (q/k un-permute, llama3 rope_freqs) on a tiny model, the save_pretrained round
+"""jlora.formats.weights: GGUF loading (q/k un-permute, llama3 rope_freqs) on a tiny model, the save_pretrained round
 trip through transformers, resolve_model_path, and one-line errors for every kind of bad checkpoint."""
 import os
 
@@ -17,8 +17,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from jlora import weights
-from jlora.weights import WeightsError, load_pretrained, resolve_model_path, save_pretrained
+from jlora.formats import weights
+from jlora.formats.weights import WeightsError, load_pretrained, resolve_model_path, save_pretrained
 from test_llama import hf_logits, jlora_forward, random_ids, tiny_hf_model
 
 # llama.cpp's names for HF's, written out here rather than taken from jlora's table so a slip there shows.

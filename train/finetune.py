@@ -5,7 +5,7 @@
 
 import sys
 
-from jlora.trainer import main
+from jlora.train.step import main
 
 if __name__ == "__main__":
     sys.exit(main())

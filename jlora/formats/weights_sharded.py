@@ -1,0 +1,144 @@
+"""Per-host sharded loading: an HF safetensors checkpoint read straight into a mesh's device buffers.
+
+`load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own
+devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
+one layer at a time, transposes it to jlora's layout and places it on the device. A process's peak
+host memory is therefore its share of the model (on CPU, where device buffers are host memory) plus
+one block and a 16 MiB window of the file. Checkpoint discovery, name and shape checks and their
+one-line errors are jlora.formats.weights' own; placement follows `sharding.param_specs`. GGUF files (small
+models) are loaded whole and then sliced.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+
+from jlora.models.llama.model import DTYPES, LlamaConfig, param_shapes
+from jlora.parallel.sharding import param_specs, to_shardings
+from jlora.formats.weights import (check_leftovers, check_present, check_shape, dtype_overrides, expected_tensors,
+                           hf_checkpoint, load_pretrained, open_safetensors, read_error, resolve_model_path,
+                           to_disk)
+
+Index = tuple[slice, ...]  # one device's block of a global array, as jax.sharding hands it out
+_READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
+
+
+def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str | None = None,
+                            param_dtype: str | None = None,
+                            specs_fn: Callable[[dict], dict] | None = None) -> tuple[LlamaConfig, dict]:
+    """Like `load_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
+
+    `specs_fn(shapes)` maps the ShapeDtypeStruct tree to PartitionSpecs (default
+    `param_specs(shapes, mesh)`). On several hosts every process calls this; each reads only the
+    blocks its addressable devices hold. A tied checkpoint that also stores lm_head.weight is checked
+    cheaply: three rows (first, middle, last) must equal the embedding's, not the whole matrix.
+    """
+    path = pathlib.Path(resolve_model_path(path))
+    overrides = dtype_overrides("load_pretrained_sharded", dtype, param_dtype)
+    specs_fn = specs_fn or (lambda shapes: param_specs(shapes, mesh))
+    if not path.is_dir():  # GGUF: small models, dequantized whole; load_pretrained also refuses other files
+        cfg, params = load_pretrained(path, **overrides)
+        shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
+        flat = {k: _place(x.shape, shardings[k], x.__getitem__) for k, x in traverse_util.flatten_dict(params).items()}
+        return cfg, traverse_util.unflatten_dict(flat)
+
+    cfg, where = hf_checkpoint(path, overrides)
+    disk_shapes = {}
+    for file in sorted(set(where.values())):
+        with open_safetensors(file) as f:  # headers only
+            disk_shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if where.get(n) == file})
+    pdt = np.dtype(DTYPES[cfg.param_dtype])
+    expected = list(expected_tensors(cfg, 0))
+    for _, _, names, want in expected:  # every name and shape is checked before any data is read
+        for name in names:
+            check_present(path, name, where, want)
+            check_shape(path, name, disk_shapes[name], want)
+
+    def head_is_embedding() -> bool:
+        rows = np.empty((2, 1, cfg.hidden_size), pdt)  # [head/embedding, 1, D]
+        for row in sorted({0, cfg.vocab_size // 2, cfg.vocab_size - 1}):
+            for dest, n in zip(rows, ("lm_head.weight", "model.embed_tokens.weight")):
+                _read_into(dest, where[n], n, (slice(row, row + 1), slice(None)), disk_shapes[n])
+            if not np.array_equal(rows[0], rows[1]):
+                return False
+        return True
+
+    check_leftovers(cfg, path, where, set(where).difference(*(names for _, _, names, _ in expected)),
+                    head_is_embedding)
+    shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
+    flat = {key: _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
+            for key, spec, names, want in expected}
+    return cfg, traverse_util.unflatten_dict(flat)
+
+
+def _place(shape: tuple[int, ...], sharding: NamedSharding, read: Callable[[Index], np.ndarray]) -> jax.Array:
+    """A global array whose local blocks come from `read(index)`, each put on its device before the next is read.
+
+    Not `jax.make_array_from_callback`: that reads every local device's block of a leaf before placing
+    any. On a GPU/TPU host those blocks are host staging, so its host peak would be the process's share
+    of the largest leaf (GBs for 70B) rather than one block. On CPU the two are alike: blocks become
+    the device buffers (see _aligned_empty).
+    """
+    groups: dict[tuple, tuple[Index, list]] = {}  # replicas (e.g. over 'data') share one read
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        groups.setdefault(tuple((s.start, s.stop, s.step) for s in index), (index, []))[1].append(device)
+    arrays = []
+    for index, devices in groups.values():
+        block = read(index)
+        arrays += [jax.device_put(block, d) for d in devices]
+        del block  # before the next read, so at most one host block is alive
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _block_reader(key: tuple[str, ...], shape: tuple[int, ...], names: list[str], where: dict[str, pathlib.Path],
+                  want: tuple[int, ...], pdt: np.dtype) -> Callable[[Index], np.ndarray]:
+    """`read(index)`: block `index` of param `key` (global `shape`), in jlora layout and `pdt`.
+
+    A layer-stacked leaf (one tensor per layer, each of disk shape `want`; [L, in, out] for kernels) is
+    read layer by layer: each layer's [out, in] sub-block lands transposed in an [l, in, out] block."""
+    stacked = len(shape) > len(want)
+
+    def read(index: Index) -> np.ndarray:
+        out = _aligned_empty(tuple(len(range(n)[s]) for n, s in zip(shape, index)), pdt)  # e.g. [l, in, out]
+        layers = range(len(names))[index[0]] if stacked else range(1)
+        disk_index = to_disk(key, index[1:] if stacked else index)  # kernels are [out, in] on disk
+        for j, i in enumerate(layers):  # a leaf that is not stacked is a stack of one
+            dest = to_disk(key, (out if stacked else out[None])[j])  # a disk-layout view into `out`
+            _read_into(dest, where[names[i]], names[i], disk_index, want)
+        return out
+
+    return read
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty, 64-byte aligned: the CPU backend then adopts the buffer in device_put instead of copying
+    it, so a process's share is not held twice (copies also leave freed blocks behind in malloc)."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def _read_into(dest: np.ndarray, file: pathlib.Path, name: str, index: Index, disk_shape: tuple[int, ...]) -> None:
+    """Fill `dest` with block `index` of an on-disk tensor, cast to dest's dtype, in row chunks.
+
+    safetensors maps the file, and every page a block touches (all of them, for a range of columns)
+    stays in this process's RSS until the handle closes; so each chunk of at most _READ_SPAN bytes of
+    the file opens it anew, and a huge tensor (a 128k-token embedding) never sits there whole."""
+    from safetensors import SafetensorError
+
+    rows = range(disk_shape[0])[index[0]]
+    step = max(1, _READ_SPAN // (4 * int(np.prod(disk_shape[1:], dtype=np.int64))))  # 4: fp32, the widest
+    for r in range(0, len(rows), step):
+        chunk = rows[r:r + step]
+        with open_safetensors(file) as f:
+            try:
+                dest[r:r + len(chunk)] = f.get_slice(name)[(slice(chunk.start, chunk.stop), *index[1:])]
+            except SafetensorError as e:
+                raise read_error(file, name, e) from None

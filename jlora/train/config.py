@@ -1,0 +1,447 @@
+"""The run config: frozen, typed dataclasses, and `load(path, overrides)` from YAML.
+
+Owns the schema of a training run (model, tokenizer, method, lora | adapter, data, optim,
+train, mesh, checkpoint, output_dir), its defaults and validation, and the generic conversion of
+YAML values and `--set a.b=value` strings to each field's declared type. It does not
+build models, meshes or datasets: other modules read these objects.
+A bad key, type or value raises `ConfigError`, a one-line message naming the dotted
+key and, when loading, the file (or the `--set` argument).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from jlora.peft.llama_adapter import AdapterConfig
+from jlora.peft.lora import LoraConfig
+
+Dtype = Literal["float32", "bfloat16"]
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 1e-4 (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"), list("-+0123456789."))
+
+
+class ConfigError(ValueError):
+    """A bad config. The message names the dotted key; `load` adds the file or --set argument."""
+
+    def __init__(self, msg: str, key: str | None = None):
+        self.key, self.msg = key, msg
+        super().__init__(f"{key}: {msg}" if key else msg)
+
+
+class _Section:
+    """Base of every config section: __post_init__ converts each field to its hint, then validates."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            # frozen dataclass: normalise in place (lists -> tuples, ints -> floats) before validating
+            object.__setattr__(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg, key)
+
+
+def _at_least(obj: Any, lo: float, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        _check(v is None or v >= lo, name, f"must be >= {lo}, got {v}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The frozen base model. path: an HF dir (config.json + *.safetensors), a .gguf file, a name
+    the weights loader resolves (e.g. "smollm2-135m"), or "tiny": a random model built in-process
+    from the "tiny" preset with `seed` (its vocab_size follows the tokenizer unless overridden)."""
+
+    path: str
+    preset: str | None = None  # a jlora.models.llama.model.PRESETS name: a random model of that shape
+    overrides: tuple[tuple[str, bool | int | float | str], ...] = ()  # LlamaConfig fields, YAML {k: v}
+    seed: int = 0  # init of a random model
+    dtype: Dtype = "float32"  # compute
+    param_dtype: Dtype = "float32"  # storage of the frozen weights
+    # QLoRA: the frozen kernels in int8 (per-channel absmax) or nf4 (NormalFloat-4, blocks of 64; the
+    # embedding / output head stay int8), or as a GGUF file's own blocks (gguf); dequantized at each matmul
+    quantize: Literal["none", "int8", "nf4", "gguf"] = "none"
+    double_quant: bool = False  # nf4: the block scales in 8 bits too
+
+    def _validate(self) -> None:
+        _check(bool(self.path), "path", "must not be empty")
+        if self.quantize == "gguf":
+            gguf_file = self.path.endswith(".gguf") or (self.path not in ("tiny",) and not self.preset
+                                                        and "/" not in self.path and "." not in self.path)
+            _check(gguf_file and not self.preset, "quantize",
+                   f"gguf keeps a GGUF file's own blocks, but model.path {self.path!r} is not a .gguf file; "
+                   f"use int8 or nf4 for other checkpoints")
+        _check(not self.double_quant or self.quantize == "nf4", "double_quant",
+               f"quantizes nf4 block scales; it needs quantize: nf4, not {self.quantize}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Training data; jlora/train/data.py documents the record formats.
+
+    mask_prompt: when true (the default) the loss covers only the response: the Alpaca
+    output + EOS, or a chat's assistant turns; instructions, inputs, system and user turns
+    are context only. When false every token is trained. Plain text is always all trained.
+    """
+
+    train: str  # a .json / .jsonl / text file
+    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    val: str | None = None  # a validation file, or else:
+    val_fraction: float = 0.0  # the last fraction of the training examples (deterministic)
+    template: str = "alpaca"  # the Alpaca prompt template; chat uses the tokenizer's own
+    mask_prompt: bool = True
+    max_seq_len: int = 512  # tokens per row
+    packing: bool = False  # several examples per row, kept apart by segment ids
+    shuffle: bool = True
+    truncation: Literal["truncate", "drop"] = "truncate"  # what happens to a too-long example
+    on_bad_record: Literal["error", "skip"] = "error"  # "skip" counts them in the stats
+
+    def _validate(self) -> None:
+        _check(bool(self.train), "train", "must not be empty")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(not (self.val and self.val_fraction), "val_fraction", "set data.val or data.val_fraction, not both")
+        _check(self.max_seq_len >= 2, "max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    """AdamW after global-norm clipping; lr warms up linearly for `warmup_steps`, then `schedule`
+    (linear and cosine decay to 0 at the last step). grad_clip: None or 0 disables clipping."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+
+    def _validate(self) -> None:
+        _check(self.lr > 0 and self.eps > 0, "lr" if self.lr <= 0 else "eps", "must be > 0")
+        _at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip")
+        for name in ("b1", "b2"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """The loop. Both batch sizes count rows over all hosts and devices; a micro-batch is
+    sharded over the (data, fsdp) mesh axes, so it must divide by their size."""
+
+    global_batch: int = 8  # rows per optimizer step
+    micro_batch: int = 8  # rows per forward/backward; grad_accum = global_batch // micro_batch
+    steps: int | None = None  # optimizer steps; None: `epochs` passes over the training data
+    epochs: float = 1.0
+    eval_interval: int = 100  # steps between validation losses; 0: never
+    eval_batches: int = 8  # validation batches of micro_batch rows per eval; 0: the whole split
+    log_interval: int = 10
+    seed: int = 0  # LoRA init, dropout and data order
+    remat: Literal["none", "full", "dots_saveable"] = "dots_saveable"  # backward keeps matmul outputs
+    max_nonfinite: int = 10  # a non-finite step is skipped; stop after this many in a row
+
+    def _validate(self) -> None:
+        _at_least(self, 1, "global_batch", "micro_batch", "max_nonfinite", "log_interval", "steps")
+        _at_least(self, 0, "eval_interval", "eval_batches")
+        _check(self.global_batch % self.micro_batch == 0, "micro_batch",
+               f"must divide train.global_batch ({self.global_batch}), got {self.micro_batch}")
+        _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.global_batch // self.micro_batch
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Section):
+    """Device mesh ('data', 'fsdp', 'tensor'); one size may be -1 to take the remaining devices.
+    distributed: call jax.distributed.initialize() (True), never (False), or when a cluster
+    (TPU pod, SLURM, ...) is detected ("auto"). allow_replication: a frozen weight over 1 MiB that
+    the fsdp / tensor sizes cannot split is an error unless this is true (then a warning)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: bool | Literal["auto"] = "auto"
+    allow_replication: bool = False
+
+    def _validate(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            _check(v == -1 or v >= 1, name, f"must be -1 or >= 1, got {v}")
+        _check((self.data, self.fsdp, self.tensor).count(-1) <= 1, "tensor", "at most one mesh size may be -1")
+
+    def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) for `n_devices`, with -1 filled in; a clear error when they don't fit."""
+        sizes = (self.data, self.fsdp, self.tensor)
+        fixed = -sizes[0] * sizes[1] * sizes[2] if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+        out = tuple(n_devices // fixed if s == -1 else s for s in sizes)
+        if n_devices % fixed or out[0] * out[1] * out[2] != n_devices:
+            raise ConfigError(f"mesh (data, fsdp, tensor) = {sizes} does not fit {n_devices} devices", "mesh")
+        return out
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    """Adapter + optimizer checkpoints every `interval` steps (0: only at the end), keeping the
+    last `keep`. resume: continue from the latest checkpoint in output_dir when there is one."""
+
+    interval: int = 500
+    keep: int = 3
+    resume: bool = True
+
+    def _validate(self) -> None:
+        _at_least(self, 0, "interval")
+        _at_least(self, 1, "keep")
+
+
+METHOD_SECTIONS = {"lora": "lora", "llama_adapter": "adapter"}  # each method's own config section
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """A whole training run. tokenizer: a path, or None for the model's own (for model
+    "tiny", None means jlora.train.data.ByteTokenizer). method: LoRA (the `lora` section) or
+    LLaMA-Adapter (the `adapter` section); the other method's section must stay unset."""
+
+    model: ModelConfig
+    data: DataConfig
+    tokenizer: str | None = None
+    method: Literal["lora", "llama_adapter"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/default"
+
+    def _validate(self) -> None:
+        for method, section in METHOD_SECTIONS.items():
+            unset = getattr(self, section) == type(getattr(self, section))()
+            _check(method == self.method or unset, section,
+                   f"is for method: {method}, but this run has method: {self.method}; drop the {section} section "
+                   f"or set method: {method}")
+
+    @property
+    def method_config(self) -> LoraConfig | AdapterConfig:
+        """The chosen method's config: what split, checkpoints and adapters are made with."""
+        return getattr(self, METHOD_SECTIONS[self.method])
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """Where the tokenizer comes from: `tokenizer`, else the model path (None for "tiny")."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.model.path == "tiny" else self.model.path
+
+
+def run_warnings(run: RunConfig, steps: int, rows_per_epoch: float) -> list[str]:
+    """One line per setting that is valid but almost surely not what the user meant, given the
+    run's step count and the training rows in one pass (known only once the data is loaded)."""
+    out = []
+    if run.optim.warmup_steps and run.optim.warmup_steps >= steps:
+        out.append(f"optim.warmup_steps={run.optim.warmup_steps} is not below the run's {steps} steps: the learning "
+                   f"rate never reaches optim.lr={run.optim.lr:g}, and the {run.optim.schedule} schedule never starts")
+    if rows_per_epoch < run.train.global_batch:
+        out.append(f"the training set fills {rows_per_epoch:g} rows, fewer than one train.global_batch="
+                   f"{run.train.global_batch}: rows repeat within every step")
+    return out
+
+
+# ---- generic conversion of YAML values / --set strings to a field's type hint ----
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _is_pair(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is not Ellipsis
+
+
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _unknown(key: str, part: str, prefix: str, names: Sequence[str]) -> ConfigError:
+    near = difflib.get_close_matches(part, list(names), n=1)
+    return ConfigError(f"unknown key '{key}'" + (f" (did you mean '{prefix}{near[0]}'?)" if near else ""))
+
+
+def _coerce(v: Any, hint: Any, key: str) -> Any:
+    """`v` (from YAML or Python) as the type `hint`, or a ConfigError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = ConfigError(f"expected {_type_name(hint)}, got {v!r}", key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(v, (hint, Mapping)):
+            raise bad
+        return v if isinstance(v, hint) else _build(hint, v, key + ".")
+    if origin is Literal:
+        if any(v == a and type(v) is type(a) for a in args):
+            return v
+        raise ConfigError(f"must be one of {_type_name(hint)}, got {v!r}", key)
+    if origin in (Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        # the member of v's own type first, so True stays a bool and 2 an int in `bool | int | str`
+        for a in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(v)):
+            try:
+                return _coerce(v, a, key)
+            except ConfigError:
+                pass
+        raise bad
+    if hint in _SCALARS:
+        if isinstance(v, _SCALARS[hint]) and (hint is bool or not isinstance(v, bool)):
+            return hint(v)
+        if hint is int and isinstance(v, float) and v.is_integer():
+            return int(v)
+        raise bad
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            if isinstance(v, Mapping) and _is_pair(args[0]):  # {regex: value} -> ((regex, value), ...)
+                v = list(v.items())
+            if isinstance(v, (list, tuple)):
+                return tuple(_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(v))
+            raise bad
+        if isinstance(v, (list, tuple)) and len(v) == len(args):
+            return tuple(_coerce(x, a, f"{key}[{i}]") for i, (x, a) in enumerate(zip(v, args)))
+        raise bad
+    raise TypeError(f"config field {key}: unsupported type hint {hint!r}")
+
+
+def _build(cls: type, raw: Mapping, prefix: str) -> Any:
+    """Construct dataclass `cls` from mapping `raw`, rejecting unknown and missing keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k in raw:
+        if k not in fields:
+            raise _unknown(f"{prefix}{k}", str(k), prefix, fields)
+    for name, f in fields.items():
+        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{prefix}{name}'")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(e.msg, prefix + e.key if e.key else None) from None
+    except (ValueError, TypeError) as e:  # a section we don't own (LoraConfig) validating itself
+        field_name, sep, rest = str(e).partition(": ")
+        if sep and field_name in fields:  # its message names a field: "targets: ..." -> key lora.targets
+            raise ConfigError(rest, prefix + field_name) from None
+        raise ConfigError(str(e), prefix.rstrip(".") or None) from None
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """A `--set` right-hand side as the type `hint`: YAML syntax for lists, mappings, numbers,
+    booleans and null; a str field takes the text verbatim."""
+    args = typing.get_args(hint)
+    str_like = hint is str or (typing.get_origin(hint) is Literal and all(isinstance(a, str) for a in args))
+    optional_str = typing.get_origin(hint) in (Union, types.UnionType) and set(args) == {str, type(None)}
+    if str_like or (optional_str and text.strip() not in ("null", "~", "None")):
+        return _coerce(text, hint, key)
+    try:
+        v = None if text.strip() == "None" else yaml.load(text, Loader=_Loader) if text.strip() else ""
+    except yaml.YAMLError:
+        v = text  # e.g. a regex like "[qv]_proj": not YAML, so a plain string
+    return _coerce(v, hint, key)
+
+
+def _set(raw: dict, override: str) -> None:
+    key, eq, text = override.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"expected KEY=VALUE, got {override!r}")
+    hint: Any = RunConfig
+    node, parts = raw, key.split(".")
+    for i, part in enumerate(parts):  # walk the dataclass hints and the raw mapping together
+        names = [f.name for f in dataclasses.fields(hint)] if dataclasses.is_dataclass(hint) else []
+        if part not in names:
+            raise _unknown(key, part, ".".join(parts[:i] + [""]).lstrip("."), names)
+        hint = typing.get_type_hints(hint)[part]
+        if i < len(parts) - 1:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("is not a mapping in the file", ".".join(parts[: i + 1]))
+    value = parse_value(text, hint, key)
+    node[parts[-1]] = to_dict(value) if dataclasses.is_dataclass(value) else value
+
+
+def from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from a nested mapping (as YAML gives) plus `a.b=value` overrides."""
+    raw = copy.deepcopy(dict(raw))
+    for o in overrides:
+        try:
+            _set(raw, o)
+        except ConfigError as e:
+            raise ConfigError(f"--set {o}: {e}") from None
+    return _build(RunConfig, raw, "")
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `--set` style overrides ("optim.lr=1e-4")."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.load(fh, Loader=_Loader)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw := {} if raw is None else raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _plain(v: Any, hint: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return to_dict(v)
+    if not isinstance(v, tuple):
+        return v
+    tuples = [h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is tuple]  # `X | None`
+    elem = typing.get_args(tuples[0])[0] if tuples else None
+    return dict(v) if _is_pair(elem) else [_plain(x, elem) for x in v]
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (YAML/JSON-ready) of a config; `from_dict(to_dict(c)) == c`."""
+    hints = typing.get_type_hints(type(cfg))
+    return {f.name: _plain(getattr(cfg, f.name), hints[f.name]) for f in dataclasses.fields(cfg)}
+
+
+def dump(cfg: RunConfig) -> str:
+    """The config as YAML text, every key spelled out (for run metadata)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

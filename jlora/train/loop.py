@@ -1,0 +1,349 @@
+"""The training loop behind `jlora-train`: a RunConfig in, a trained adapter and metrics out.
+
+Owns building a run (jax.distributed, tokenizer, model, per-host data, mesh, sharded state), the
+start-of-run summary, the loop (progress bar, metrics.jsonl + TensorBoard, eval, the non-finite
+guard, periodic checkpoints, resume) and the CLI. The step itself is jlora.train.step; placement is
+jlora.parallel.sharding; files on disk are jlora.checkpoint.store. Only process 0 prints and writes metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jlora.checkpoint import store as ckpt
+from jlora.train.config import ConfigError, RunConfig, load, run_warnings, to_dict
+from jlora.train.data import ByteTokenizer, DataError, make_batches
+from jlora.checkpoint.fingerprint import fingerprint
+from jlora.models.llama.model import PRESETS, Llama, LlamaConfig
+from jlora.peft.llama_adapter import AdapterConfigError
+from jlora.peft.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
+from jlora.train.metrics_log import MetricsLog
+from jlora.train.run_dir import RunDirError, claim, os_error_line
+from jlora.parallel.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
+from jlora.formats.tokenizer import TokenizerError
+from jlora.train.step import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
+                           make_train_step, put_batch, quantize_frozen)
+from jlora.formats.weights import WeightsError, load_pretrained, resolve_model_path
+from jlora.formats.weights_sharded import load_pretrained_sharded
+
+log = logging.getLogger(__name__)
+
+# Any of these means a multi-process launch that jax.distributed.initialize() can pick up.
+CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+               "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def init_distributed(setting: bool | str = "auto") -> bool:
+    """Call jax.distributed.initialize() when `setting` is True, or "auto" and a cluster is detected.
+
+    Besides jax's own cluster detection (TPU pods, SLURM, Open MPI), JAX_COORDINATOR_ADDRESS with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID launch processes by hand. Returns whether it initialized."""
+    if setting is False or jax.distributed.is_initialized():
+        return jax.distributed.is_initialized()
+    if setting == "auto" and not any(os.environ.get(k) for k in CLUSTER_ENV):
+        return False
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                  "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # no coordinator found, bad env, timeout: say which setting
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError(f"jax.distributed.initialize() failed: {msg}", "mesh.distributed") from None
+    return True
+
+
+def load_tok(run: RunConfig):
+    """The run's tokenizer; ByteTokenizer for a random model without one."""
+    path = run.tokenizer_path
+    if path is None:
+        return ByteTokenizer()
+    from jlora.formats.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model_path(path))
+
+
+def model_overrides(run: RunConfig) -> dict[str, Any]:
+    """The LlamaConfig fields the run sets on top of the base model's: model.overrides, train.remat,
+    and the blocked attention kernel for packed rows (cuDNN's mask is causal + per-row lengths)."""
+    overrides = {"remat": run.train.remat, **dict(run.model.overrides)}
+    if run.data.packing:
+        if overrides.get("attention") == "cudnn":
+            raise ConfigError("attention 'cudnn' cannot keep packed rows apart; use 'auto' or 'blocked'",
+                              "model.overrides")
+        overrides["attention"] = "blocked"
+    return overrides
+
+
+def build_model(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[LlamaConfig, Any]:
+    """(config, params) of the base model, or (config, None) for a random preset ("tiny"). With a
+    `mesh`, an HF checkpoint is read per host straight onto it (each process reads only its share);
+    otherwise params are host numpy arrays."""
+    m = run.model
+    overrides = model_overrides(run)
+    common = {"dtype": m.dtype, "param_dtype": m.param_dtype}
+    if m.path == "tiny" or m.preset:
+        name = m.preset or "tiny"
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}", "model.preset")
+        if m.path == "tiny" and "vocab_size" not in overrides:  # follow the tokenizer, padded to shard evenly
+            overrides["vocab_size"] = -(-tok.vocab_size // 64) * 64
+        try:
+            return PRESETS[name].replace(**common, **overrides), None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{e}", "model.overrides") from None
+
+    if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
+        kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
+        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept)
+    else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
+        cfg, params = load_pretrained_sharded(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
+                                              specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication))
+    return cfg.replace(**overrides), params
+
+
+def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, float]:
+    """(mean validation loss, loss tokens) over the first `n_batches` batches (0: all) of one pass."""
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(val_it.one_pass()):
+        if n_batches and i >= n_batches:
+            break
+        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0), count
+
+
+def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Run a whole training job; returns a summary (steps, losses, val_loss, tokens_per_s, ...).
+
+    resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
+    requires one; False starts over, which an output_dir holding checkpoints refuses unless
+    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.train.run_dir)."""
+    init_distributed(run.mesh.distributed)
+    fresh = not (run.checkpoint.resume if resume is None else resume)
+    with claim(run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0,
+               sync=ckpt.barrier) as aside:
+        if aside is not None and not quiet:
+            print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
+        return _train(run, resume=resume, quiet=quiet)
+
+
+def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any]:
+    """train()'s body, run while the output_dir is claimed."""
+    init_distributed(run.mesh.distributed)
+    main_proc = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not main_proc else (lambda *a: print(*a, flush=True))
+    out_dir = pathlib.Path(run.output_dir)
+    tok = load_tok(run)
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    cfg, params = build_model(run, tok, mesh)
+    train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
+                                           process_count=jax.process_count(), model_vocab=cfg.vocab_size)
+    steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
+    rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if run.train.micro_batch % rows:
+        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}",
+                          "train.micro_batch")
+
+    optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
+    key = jax.random.key(run.train.seed)
+    state = init_state(cfg, run.method_config, mesh, jax.random.fold_in(key, 0), optimizer, params,
+                       model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
+    # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
+    initial = jax.tree.map(jnp.copy, state.trainable) if run.method == "lora" and run.lora.init == "pissa" else None
+    host_params, params = params, None  # the host copy is only needed for the fingerprint below
+    rng, start = jax.random.fold_in(key, 1), 0
+    fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
+    if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
+        fingerprint_src = fingerprint(state.frozen)
+        quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
+    meta = ckpt.make_metadata(run.method_config, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
+    manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
+    want_resume = run.checkpoint.resume if resume is None else resume
+    if want_resume:
+        abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
+                    "data": train_it.state(), "rng": rng}
+        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.method_config,
+                                       data_stream=train_it.identity)
+        if restored is None and resume:
+            raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
+        if restored is not None:
+            state.trainable, state.opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
+            train_it.restore(restored["data"])
+            start = int(restored["step"])
+            say(f"resumed from {out_dir / 'checkpoints'} at step {start} (data row {train_it.row})")
+    del host_params
+
+    n_micro = run.train.grad_accum
+    tokens_per_step = run.train.global_batch * run.data.max_seq_len
+    say(f"model: {cfg.name}  layers={cfg.num_hidden_layers} d={cfg.hidden_size} vocab={cfg.vocab_size} "
+        f"dtype={cfg.dtype} param_dtype={cfg.param_dtype} remat={cfg.remat}  base params "
+        f"{count_params(state.frozen):,}")
+    say(f"mesh: {describe_mesh(mesh)}  processes: {jax.process_count()}")
+    say(describe(state.trainable, state.frozen))
+    say(f"data: {stats.summary()}")
+    say(f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
+        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})")
+    if main_proc:  # on stderr, even when quiet: settings that are valid but almost surely a mistake
+        for line in run_warnings(run, steps, train_it.steps_per_epoch * run.train.global_batch):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    model = Llama(cfg)
+    step_fn = make_train_step(model, optimizer, state)
+    eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
+    metrics_log = MetricsLog(out_dir, main_proc)
+    summary: dict[str, Any] = {"steps": steps, "start_step": start, "losses": [], "val_losses": [], "skipped": 0,
+                               "output_dir": str(out_dir), "tokens_per_step": tokens_per_step}
+    # optimizer updates so far: skipped steps do not advance the schedule
+    applied = start - int(jax.device_get(state.opt_state.total_notfinite))
+    window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+    bar = None  # made after the first step, so its rate and ETA leave the compile out
+    try:
+        batch = put_batch(next(train_it), mesh, n_micro) if start < steps else None
+        data_state = train_it.state()  # the position after this step's batch: what a checkpoint records
+        t0 = time.perf_counter()
+        if start < steps:
+            say(f"step {start + 1}/{steps}: compiling the train step (the first step includes it) ...")
+        for step in range(start, steps):
+            state.trainable, state.opt_state, m = step_fn(state.frozen, state.trainable, state.opt_state, batch,
+                                                          jax.random.fold_in(rng, step))
+            step_data_state = data_state
+            if step + 1 < steps:  # build the next batch on the host while the device runs this step
+                batch = put_batch(next(train_it), mesh, n_micro)
+                data_state = train_it.state()
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            if step == start:
+                summary["first_step_s"] = dt  # includes compilation
+            else:
+                window["time"] += dt
+                window["steps"] += 1
+            lr = float(schedule(applied))
+            applied += not bool(m["skipped"])
+            summary["losses"].append(float(m["loss"]))
+            summary["skipped"] = int(m["nonfinite_total"])
+            window["loss"].append(float(m["loss"]))
+            window["skipped"] += int(bool(m["skipped"]))
+            check_nonfinite(m, run.train.max_nonfinite, step + 1)
+            tps = tokens_per_step * window["steps"] / window["time"] if window["time"] else float("nan")
+            done = step + 1
+            if bar is None:
+                bar = tqdm(total=steps, initial=done, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
+            else:
+                bar.update(1)
+            # tok_s from the second step on: the first one's time is mostly compilation
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{lr:.2e}",
+                            **({"tok_s": f"{tps:,.0f}"} if math.isfinite(tps) else {}))
+            if done % run.train.log_interval == 0 or done == steps:
+                finite = [x for x in window["loss"] if math.isfinite(x)]
+                metrics_log.write({"step": done, "loss": float(np.mean(finite)) if finite else float("nan"), "lr": lr,
+                                   "tokens_per_s": tps if math.isfinite(tps) else None,
+                                   "grad_norm": float(m["grad_norm"]), "skipped": window["skipped"]})
+                if math.isfinite(tps):
+                    summary["tokens_per_s"] = tps
+                window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+            if eval_fn is not None and (done % run.train.eval_interval == 0 or done == steps):
+                val_loss, val_tokens = evaluate(eval_fn, state, val_it, run.train.eval_batches)
+                summary["val_losses"].append((done, val_loss))
+                metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
+                if main_proc and not quiet:
+                    bar.write(f"step {done}: val_loss {val_loss:.4f}")
+            ckpt.save_checkpoint(manager, done, {"trainable": state.trainable, "opt_state": state.opt_state,
+                                                 "step": done, "data": step_data_state, "rng": rng}, meta,
+                                 force=done == steps)
+            t0 = time.perf_counter()  # evaluation and checkpointing are not step time
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics_log.close()
+    adapter_lcfg, adapter, adapter_print = run.method_config, state.trainable, fingerprint_src
+    if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
+        adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
+        adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
+    ckpt.save_adapter(out_dir / "adapter", adapter, adapter_lcfg, cfg, adapter_print, to_dict(run))
+    summary.update(final_loss=summary["losses"][-1] if summary["losses"] else None,
+                   val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
+                   adapter_dir=str(out_dir / "adapter"))
+    final = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    say(f"done: {steps - start} steps, final loss {final}, adapter in {out_dir / 'adapter'}")
+    summary["state"] = state
+    return summary
+
+
+EXPECTED_ERRORS = (ConfigError, DataError, LoraError, AdapterConfigError, ShardingError, ckpt.CheckpointError, WeightsError,
+                   RunDirError, TokenizerError, FileNotFoundError)
+
+
+def run_cli(prog: str, job: Callable[[], Any]) -> int:
+    """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr
+    for a bad input (EXPECTED_ERRORS)."""
+    try:
+        job()
+    except NonFiniteError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except EXPECTED_ERRORS as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk mid-run: the file and the cause, not a traceback
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
+    p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in output_dir (an error if there is none)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over; refused if output_dir holds checkpoints of an earlier run (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over, first moving an earlier run in output_dir aside to <output_dir>.old-<time>")
+    p.add_argument("--plan", action="store_true",
+                   help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
+                        "communication and which accelerators it fits (last line: PLAN: {json})")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="with --plan: devices to plan for (default: the mesh's product)")
+    args = p.parse_args(argv)
+    if args.resume and (args.no_resume or args.overwrite):
+        p.error("--resume continues the run in output_dir; it cannot go with --no-resume or --overwrite")
+    return args
+
+
+def plan_main(run: RunConfig, devices: int | None) -> None:
+    """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices."""
+    from jlora.train import plan
+    plan.use_fake_devices(plan.plan_devices(run, devices))
+    print(plan.report(plan.plan(run)), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
+    args = parse_args(argv)
+    if args.plan:
+        return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
+    resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
+    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume,
+                                                overwrite=args.overwrite))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

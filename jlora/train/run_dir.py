@@ -1,0 +1,201 @@
+"""Who owns a run's output_dir, and what may happen to an earlier run found in it.
+
+`claim(out_dir, fresh=..., overwrite=...)` is held for a jlora-train run's lifetime. It checks that
+output_dir is (or can become) a directory we can write to. It takes an exclusive fcntl lock on
+`output_dir/.lock` and writes our pid there, so a second run on the same dir stops at once and names
+the holder. And it decides what happens when a run starts over (`fresh`) where an earlier run left
+checkpoints. By default that is refused, so a later `--resume` cannot continue the wrong run. With
+`overwrite`, the earlier run is moved aside whole, in one rename, to `<dir>.old-<timestamp>`. Nothing
+is deleted, and the dir then holds only the run started last. A disk that fills up mid-run is
+reported here too: `ensure_free_space` refuses a write that cannot fit before it starts, `disk_errors`
+turns orbax's and tensorstore's many forms of ENOSPC into one OSError, and `os_error_line` makes that
+one line. Checkpoint contents are jlora.checkpoint.store's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import pathlib
+import shutil
+import time
+from typing import Callable, Iterator
+
+LOCK_FILE = ".lock"
+
+
+class RunDirError(ValueError):
+    """An output_dir that cannot be used for this run; one-line message naming it and the fix."""
+
+
+def checkpoint_steps(out_dir: str | pathlib.Path) -> list[int]:
+    """The complete checkpoint steps in `out_dir/checkpoints` (orbax step dirs; its tmp dirs are not steps)."""
+    ckpts = pathlib.Path(out_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed file operation: the path, the cause, and for a full disk what to do next."""
+    where = f"{e.filename}: " if e.filename else ""
+    line = f"{where}{e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += ("; the last complete checkpoint is kept: free some space, then rerun with --resume")
+    return line
+
+
+# How a full disk reads once orbax or tensorstore has wrapped it in another exception type.
+_NO_SPACE = ("No space left on device", "os_error_code='28'", "Disk quota exceeded")
+
+
+def out_of_space(e: BaseException | None) -> bool:
+    """Whether `e`, or an error it was raised from, is a full disk."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in _NO_SPACE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _DropOutOfSpace(logging.Filter):
+    """Drops the full-disk tracebacks that orbax's worker threads (absl) and asyncio log on their own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and out_of_space(record.exc_info[1]):
+            return False
+        return not any(s in record.getMessage() for s in _NO_SPACE)
+
+
+def allocated_bytes(path: str | pathlib.Path) -> int:
+    """Disk space a directory tree takes (allocated blocks, which is what fills a disk)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def ensure_free_space(directory: str | pathlib.Path, need: int, where: str | pathlib.Path) -> None:
+    """OSError(ENOSPC) naming `where` unless `directory`'s file system has `need` bytes free.
+
+    Checked before a checkpoint is written: a write that fails half-way inside orbax's threads logs
+    tracebacks from several of them, which a check beforehand avoids. Not a local path: no check."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (about {need:,} bytes needed, {free:,} free)",
+                      str(where))
+
+
+@contextlib.contextmanager
+def disk_errors(where: str | pathlib.Path) -> Iterator[None]:
+    """Raise a full disk met in the block, whatever type it came as, as OSError(ENOSPC) naming `where`.
+
+    The error reaches the caller, which reports it in one line, so the copies that library threads
+    log (with tracebacks) are dropped."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropOutOfSpace) for f in logger.filters):
+            logger.addFilter(_DropOutOfSpace())
+    try:
+        yield
+    except Exception as e:
+        if out_of_space(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from None
+        raise
+
+
+def _usable_dir(out: pathlib.Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output_dir {out}: exists and is a file, not a directory; set output_dir to a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: cannot create it ({e.strerror}); set output_dir to a writable "
+                          f"directory") from None
+
+
+def _lock(out: pathlib.Path) -> int:
+    """An fd holding the exclusive lock on out/.lock, with our pid written in it."""
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: not writable ({e.strerror}); set output_dir to a writable "
+                          f"directory") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"output_dir {out}: in use by another jlora-train run (pid {holder}); wait for it to "
+                          f"end, or choose another output_dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise RunDirError(f"output_dir {out}: cannot write {LOCK_FILE} ({e.strerror}); free space or choose "
+                          f"another output_dir") from None
+    return fd
+
+
+def _aside_path(out: pathlib.Path) -> pathlib.Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while os.path.lexists(aside):
+        aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
+    return aside
+
+
+def _move_aside(out: pathlib.Path, fd: int) -> tuple[pathlib.Path, int]:
+    """Rename the whole earlier run (we hold its lock) to a sibling; lock a fresh `out`. -> (aside, new fd)."""
+    aside = _aside_path(out)
+    try:
+        os.rename(out, aside)
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: cannot move the earlier run aside to {aside} ({e.strerror}); move "
+                          f"or delete it yourself") from None
+    _usable_dir(out)
+    new_fd = _lock(out)
+    os.close(fd)  # the old lock went along with the old run
+    return aside, new_fd
+
+
+@contextlib.contextmanager
+def claim(out_dir: str | pathlib.Path, *, fresh: bool, overwrite: bool = False, primary: bool = True,
+          sync: Callable[[str], None] = lambda _name: None) -> Iterator[pathlib.Path | None]:
+    """Hold `out_dir` for one run; yields where an earlier run was moved (with `overwrite`), else None.
+
+    fresh: the run starts over rather than resuming. Then checkpoints already in `out_dir` are a
+    RunDirError, unless `overwrite` moves the earlier run aside. Only the `primary` process locks
+    and moves; all of them check, and `sync` (a barrier taking a name) makes the others wait."""
+    out = pathlib.Path(out_dir).absolute()
+    fd, aside = None, None
+    if primary:
+        _usable_dir(out)
+        fd = _lock(out)  # first: a dir in use says so, not that it holds checkpoints
+    try:
+        steps = checkpoint_steps(out)
+        if fresh and steps and not overwrite:
+            raise RunDirError(f"output_dir {out}: holds checkpoints of an earlier run (steps {steps[0]}.."
+                              f"{steps[-1]}); pass --resume to continue it, or --overwrite to move it aside and "
+                              f"start over")
+        if primary and fresh and overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
+            aside, fd = _move_aside(out, fd)
+        sync("jlora_run_dir_claimed")
+        yield aside
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the fd releases the lock; the file stays, a later run reuses it
