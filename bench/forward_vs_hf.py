@@ -31,7 +31,7 @@ import peft  # noqa: E402
 import transformers  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora.models.llama.model import Llama  # noqa: E402
+from jlora.models.llama import Llama  # noqa: E402
 from jlora.formats.peft_adapter import export_peft  # noqa: E402
 from jlora.train.provenance import provenance, write_result  # noqa: E402
 from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402

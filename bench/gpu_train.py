@@ -23,7 +23,9 @@ import numpy as np
 
 from jlora.models.attention import TRAIN_IMPLS, resolve_impl
 from jlora.train.config import OptimConfig
-from jlora.models.llama.model import DTYPES, PRESETS, LlamaConfig, Llama, param_shapes
+from jlora.models.layers import DTYPES
+from jlora.models.llama import PRESETS, LlamaConfig, Llama
+from jlora.models.family import param_shapes
 from jlora.peft.lora import LoraConfig, count_params
 from jlora.train.provenance import provenance, write_result
 from jlora.parallel.sharding import make_mesh

@@ -87,7 +87,7 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from jlora.models.llama.model import Llama
+    from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
     from jlora.formats.weights import load_pretrained, resolve_model_path
 

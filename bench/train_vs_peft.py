@@ -161,7 +161,7 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
-    from jlora.models.llama.model import Llama
+    from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
 
     batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)

@@ -26,7 +26,7 @@ def tiny():
     rng = np.random.default_rng(0)
     draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
                             else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
-    params = jax.tree_util.tree_map_with_path(draw, jlora.models.llama.model.param_shapes(CFG))
+    params = jax.tree_util.tree_map_with_path(draw, jlora.models.family.param_shapes(CFG))
     adapters = {name: randomize(jlora.split(params, lcfg, jax.random.key(i))[1], seed=i, std=0.3)
                 for i, (name, lcfg) in enumerate(LCFGS.items())}
     return jlora.Llama(CFG), params, adapters

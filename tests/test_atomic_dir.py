@@ -18,7 +18,8 @@ import jlora
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 from jlora.checkpoint import store as ck
-from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
 from jlora.formats.weights import save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +31,8 @@ LCFG = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 SAVER = """
 import sys, jax, jax.numpy as jnp, jlora
 from jlora.checkpoint import store as ck
-from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
 cfg, lcfg = PRESETS["tiny"], jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 shapes = jax.eval_shape(lambda p: jlora.split(p, lcfg, jax.random.key(0))[1], param_shapes(cfg))
 i = int(sys.argv[2])

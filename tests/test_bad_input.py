@@ -13,7 +13,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cli_testing import one_line_error, script
-from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
 from jlora.formats.weights import save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jlora
 from jlora.checkpoint import store as ck
-from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
 from jlora.checkpoint.tree_storage import is_rng_key
 
 CFG = PRESETS["tiny"]

@@ -11,6 +11,7 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
+from jlora.cli import demo as demo_cli
 from jlora.train import demo
 from jlora.train.config import load
 
@@ -112,7 +113,7 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_main_reports_a_missing_config_in_one_line(capsys):
-    assert demo.main(["--config", "no/such.yaml"]) == 2
+    assert demo_cli.main(["--config", "no/such.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jlora-demo: error:") and "no/such.yaml" in err and "\n" not in err
 

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import jlora
 from jlora.checkpoint import store as ck
 from jlora.checkpoint import fingerprint as fp
-from jlora.models.llama.model import PRESETS, param_shapes
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
 from jlora.formats.weights import save_pretrained
 
 from cli_testing import script

@@ -10,10 +10,12 @@ from jax.extend.core import jaxprs_in_params
 import jlora.infer.decode
 import jlora.models.llama.model
 from jlora.infer.lora_stack import AdapterStack
-from jlora.infer.decode import init_decode_cache, per_layer
-from jlora.infer.generate import Generator, _forward
-from jlora.models.llama.model import Llama, LlamaConfig, init_params
-from jlora.peft.lora import LoraConfig, split
+from jlora.infer.decode import forward, init_decode_cache, per_layer
+from jlora.infer.generate import Generator
+from jlora.models.llama import Llama, LlamaConfig
+from jlora.models.family import init_params
+from jlora.peft.lora import LoraConfig
+from jlora import split
 from jlora.peft.routing import apply
 from lora_testing import randomize
 
@@ -91,7 +93,7 @@ def test_per_row_adapter_stack_on_k_v_and_up_equals_separate_projections(unfused
 
     def logits(names, frozen):  # the decode model's prefill, unjitted, one adapter (or the base) per row
         cache = init_decode_cache(CFG, 3, 8)
-        return _forward(gen.model, frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
+        return forward(gen.model, frozen, stack.rows(names), cache, ids, positions, segments, False)[0]
 
     fused = logits(["a0", None, "a1"], gen.frozen)  # q/k/v and gate/up joined ahead of time (prefuse)
     assert "qkv" in gen.frozen["layer_0"]["self_attn"] and "gate_up" in gen.frozen["layer_0"]["mlp"]
@@ -116,6 +118,6 @@ def test_decode_layout_splits_wide_kernels_into_column_blocks_and_equals_the_mod
     assert "lm_head" not in gen.frozen and gen.frozen["layer_1"]["self_attn"]["qkv"]["kernel"].shape == (48, 160)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 4096, (2, 6)), jnp.int32)
     positions, segments = jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32)
-    ours = _forward(gen.model, gen.frozen, {}, init_decode_cache(cfg, 2, 8), ids, positions, segments, True)[0]
+    ours = forward(gen.model, gen.frozen, {}, init_decode_cache(cfg, 2, 8), ids, positions, segments, True)[0]
     reference = Llama(cfg).apply({"params": params}, ids)[:, -1]
     np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5, rtol=1e-5)

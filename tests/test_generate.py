@@ -24,7 +24,7 @@ def tiny():
     rng = np.random.default_rng(0)
     draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
                             else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
-    return jlora.Llama(CFG), jax.tree_util.tree_map_with_path(draw, jlora.models.llama.model.param_shapes(CFG))
+    return jlora.Llama(CFG), jax.tree_util.tree_map_with_path(draw, jlora.models.family.param_shapes(CFG))
 
 
 @pytest.fixture(scope="module")

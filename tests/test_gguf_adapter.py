@@ -12,8 +12,9 @@ from flax import traverse_util
 
 import jlora
 from jlora.checkpoint.store import save_adapter
-from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter, permute_rows
-from jlora.formats.weights import _unpermute
+from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter
+from jlora.models.layers import permute_rope_rows as permute_rows
+from jlora.models.layers import unpermute_rope_rows as _unpermute
 from cli_testing import one_line_error, script
 from lora_testing import is_pair, randomize
 

@@ -15,7 +15,8 @@ import torch
 import transformers
 
 from jlora.models.attention import attention, causal_attention
-from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, init_cache, param_shapes
+from jlora.models.llama import PRESETS, Llama, LlamaConfig, init_cache
+from jlora.models.family import param_shapes
 from jlora.formats.weights import load_pretrained
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -21,8 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jlora
-from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, param_shapes
-from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, split, unmerge
+from jlora.models.llama import PRESETS, Llama, LlamaConfig
+from jlora.models.family import param_shapes
+from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, unmerge
+from jlora import split
 from jlora.peft.routing import apply
 from jlora.formats.weights import load_pretrained
 from lora_testing import is_pair, randomize
@@ -409,7 +411,7 @@ def test_cli_refuses_patterns_and_layers_that_match_nothing(setting, words):
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    cli = [sys.executable, "-c", "import sys; from jlora.train.step import main; sys.exit(main())"]  # jlora-train
+    cli = [sys.executable, "-c", "import sys; from jlora.cli.train import main; sys.exit(main())"]  # jlora-train
     run = subprocess.run([*cli, "--config", str(root / "configs/tiny-cpu.yaml"), "--plan", "--devices", "1",
                           "--set", setting], capture_output=True, text=True, timeout=300, cwd=root)
     err = run.stderr.strip()

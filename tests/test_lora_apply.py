@@ -9,8 +9,11 @@ import optax
 import pytest
 from flax import traverse_util
 
-from jlora.models.llama.model import Llama, LlamaConfig, init_params
-from jlora.peft.lora import LoraConfig, LoraError, count_params, merge, split, unmerge
+from jlora.models.llama import Llama, LlamaConfig
+
+from jlora.models.family import init_params
+from jlora.peft.lora import LoraConfig, LoraError, count_params, merge, unmerge
+from jlora import split
 from jlora.peft.routing import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
 from lora_testing import randomize
 

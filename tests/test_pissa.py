@@ -31,7 +31,7 @@ IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = {name: [sys.executable, "-c", f"import sys; from jlora.{mod} import {fn}; sys.exit({fn}())"]
        for name, mod, fn in [("merge", "cli.adapters", "merge_main"), ("export", "cli.adapters", "export_main"),
-                             ("train", "train.step", "main")]}
+                             ("train", "cli.train", "main")]}
 
 
 @pytest.fixture(scope="module")

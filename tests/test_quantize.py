@@ -16,7 +16,8 @@ from flax import traverse_util
 import jlora
 from jlora.train import plan
 from jlora.train.config import ConfigError, OptimConfig, from_dict
-from jlora.models.llama.model import PRESETS, Llama, init_params
+from jlora.models.llama import PRESETS, Llama
+from jlora.models.family import init_params
 from jlora.quant.quantize import (NF4_CODE, QuantizeError, dequantize, frozen_bytes, is_quantized, quantize,
                             quantize_leaf, take_rows)
 from jlora.parallel.sharding import make_mesh

@@ -14,7 +14,7 @@ from jlora.checkpoint.store import load_adapter
 from cli_testing import kill_at_checkpoint, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "import sys; from jlora.train.step import main; sys.exit(main())"]  # = jlora-train
+CLI = [sys.executable, "-c", "import sys; from jlora.cli.train import main; sys.exit(main())"]  # = jlora-train
 STEPS, INTERVAL, KILL_AFTER = 24, 4, 8
 
 

@@ -135,7 +135,8 @@ def test_plan_of_an_hf_checkpoint_reads_its_config(tmp_path):
     """--plan takes the shape from an HF checkpoint's config.json and headers, and the error for a
     missing checkpoint says how to plan by shape instead."""
     from jlora.train.config import ConfigError
-    from jlora.models.llama.model import PRESETS, init_params
+    from jlora.models.llama import PRESETS
+    from jlora.models.family import init_params
     from jlora.formats.weights import save_pretrained
 
     cfg = PRESETS["tiny"].replace(vocab_size=320, num_hidden_layers=3)

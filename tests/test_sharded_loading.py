@@ -13,7 +13,9 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from jlora.models.llama.model import PRESETS, init_params
+from jlora.models.llama import PRESETS
+
+from jlora.models.family import init_params
 from jlora.parallel.sharding import make_mesh, param_specs
 from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
 from jlora.formats.weights_sharded import load_pretrained_sharded
@@ -145,7 +147,8 @@ from jlora.train.loop import init_distributed
 assert init_distributed(True) and jax.process_count() == 2 and jax.device_count() == 8
 import numpy as np
 from flax import traverse_util
-from jlora.models.llama.model import LlamaConfig, param_shapes
+from jlora.models.llama import LlamaConfig
+from jlora.models.family import param_shapes
 from jlora.parallel.sharding import make_mesh, param_specs
 from jlora.formats.weights import load_pretrained
 from jlora.formats.weights_sharded import load_pretrained_sharded

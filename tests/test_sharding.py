@@ -8,8 +8,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.parallel import sharding as S
-from jlora.models.llama.model import PRESETS, param_shapes
-from jlora.peft.lora import LoraConfig, LoraPair, split
+from jlora.models.llama import PRESETS
+from jlora.models.family import param_shapes
+from jlora.peft.lora import LoraConfig, LoraPair
+from jlora import split
 
 
 def _per_device_bytes(tree, specs, mesh) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import pytest
 
 import jlora
 from jlora.train import step as T
-from jlora.models.llama.model import PRESETS
+from jlora.models.llama import PRESETS
 from jlora.peft.routing import LoraPair
 from jlora.parallel.sharding import make_mesh
 from lora_testing import randomize

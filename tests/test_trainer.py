@@ -16,7 +16,7 @@ import pytest
 from jlora.train import step as T
 from jlora.train.config import OptimConfig
 from jlora.train.data import Batches, Example
-from jlora.models.llama.model import PRESETS, Llama
+from jlora.models.llama import PRESETS, Llama
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import LoraPair
 from jlora.parallel.sharding import make_mesh
@@ -269,7 +269,7 @@ import numpy as np
 sys.path.insert(0, sys.argv[2])
 import test_trainer as tt
 from jlora.train import step as T
-from jlora.models.llama.model import Llama
+from jlora.models.llama import Llama
 trees = np.load(sys.argv[1])
 leaves = [trees[f"a{i}"] for i in range(len(trees.files))]
 frozen, trainable = jax.tree.unflatten(jax.tree.structure(tt._tree_shapes()), leaves)
@@ -287,8 +287,9 @@ print("LOSSES " + json.dumps(losses), flush=True)
 
 
 def _tree_shapes():
-    from jlora.models.llama.model import param_shapes
-    from jlora.peft.lora import split
+    from jlora.models.family import param_shapes
+    from jlora.peft.lora import 
+    from jlora import split
     return jax.eval_shape(lambda p: split(p, LCFG, jax.random.key(1)), param_shapes(CFG))
 
 

@@ -5,7 +5,7 @@
 
 import sys
 
-from jlora.train.step import main
+from jlora.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,9 +28,14 @@ from jlora.quant.quantize import dequantize, is_quantized
 VERSION = 2
 SAMPLE = 2048  # elements per tensor: 4 KiB of bf16, whatever the model's size
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi: j * it mod 2^64 spreads j = 0, 1, ... evenly (a Weyl sequence)
-# Version 1: small slices only (norms, the first embedding rows), which a merged base shares with its original.
-_V1_HASHED = {("norm", "weight"): lambda x: x, ("layers", "input_layernorm", "weight"): lambda x: x[0],
-              ("embed_tokens", "embedding"): lambda x: x[:8]}
+
+
+def _v1_part(key: tuple, x):
+    """Version 1 hashed small slices only (norms, the first embedding rows), which a merged base shares with its
+    original: an embedding's first 8 rows, a layer-stacked norm's first layer, any other norm whole."""
+    if key[-1] == "embedding":
+        return x[:8]
+    return x[0] if key[0] == "layers" else x
 
 
 def sample_positions(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
@@ -99,12 +104,17 @@ def fingerprint(params, names: Iterable[str] | None = None) -> dict:
             "samples": {k: _digest(s) for k, s in sorted(_samples(picked).items())}}
 
 
-def _fingerprint_v1(params) -> dict:
+def _fingerprint_v1(params, hashed=None) -> dict:
+    """Version 1 of `params`, hashing the tensors a saved record names (`hashed`), by default every norm
+    scale and the embedding."""
     flat = traverse_util.flatten_dict(params)
     out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
-    for key, part in _V1_HASHED.items():
+    if hashed is None:
+        hashed = [".".join(k) for k, v in flat.items() if k[-1] == "embedding" or (k[-1] == "weight" and np.ndim(
+            v) == 1 + (k[0] == "layers"))]
+    for key in (tuple(name.split(".")) for name in hashed):
         if key in flat:
-            x = np.asarray(jnp.asarray(part(flat[key]), jnp.bfloat16).view(jnp.uint16))
+            x = np.asarray(jnp.asarray(_v1_part(key, flat[key]), jnp.bfloat16).view(jnp.uint16))
             out["sha256"][".".join(key)] = hashlib.sha256(x.tobytes()).hexdigest()
     return out
 
@@ -113,7 +123,7 @@ def mismatch(saved: dict, params) -> list[tuple[str, str]]:
     """[(tensor name, "shape" or "sample")] of the tensors that differ from `saved`, comparing only
     the tensors both sides have (a frozen tree lacks what train_extra trains in full); [] if none."""
     if saved.get("version", 1) == 1:
-        mine, kinds = _fingerprint_v1(params), {"shapes": "shape", "sha256": "sample"}
+        mine, kinds = _fingerprint_v1(params, saved.get("sha256", {})), {"shapes": "shape", "sha256": "sample"}
     else:
         have = params["samples"] if is_fingerprint(params) else {".".join(k) for k in traverse_util.flatten_dict(params)}
         shared = set(saved["samples"]) & set(have)

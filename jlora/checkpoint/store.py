@@ -24,10 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jlora.errors import JloraError
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.train.data_stream import stream_change
 from jlora.checkpoint.fingerprint import fingerprint, mismatch
-from jlora.models.llama.model import LlamaConfig
+from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import KernelLayout, LoraPair
@@ -35,16 +36,12 @@ from jlora.train.run_dir import allocated_bytes, disk_errors, ensure_free_space
 from jlora.checkpoint.tree_storage import from_storage, restore_target, to_storage
 
 STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")
-# The fields that decide which base an adapter fits: shapes and positional encoding, not dtypes or names.
-ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings",
-             "attention_bias", "mlp_bias")
 # Fields of LoraConfig that decide the trainable tree's shapes and scales.
 SHAPE_KEYS = ("rank", "rank_pattern", "alpha", "alpha_pattern", "use_rslora", "use_dora", "targets", "exclude",
               "layers", "train_extra")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JloraError, ValueError):
     """A checkpoint that is missing, truncated, corrupt or made for something else; one-line message."""
 
 
@@ -100,7 +97,7 @@ def _describe_tree(trainable) -> dict:
     return {"pairs": pairs, "extra": extra}
 
 
-def make_metadata(lcfg: LoraConfig | AdapterConfig, base: LlamaConfig, params=None, run_config: dict | None = None,
+def make_metadata(lcfg: LoraConfig | AdapterConfig, base: ModelConfig, params=None, run_config: dict | None = None,
                   data_stream: dict | None = None) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
     for a training checkpoint also `data_stream` (jlora.train.data_stream.stream_identity), which a resume must match."""
@@ -129,12 +126,13 @@ def check_data_stream(meta: dict, data_stream: dict, *, where: str) -> None:
                               f"rows each step trains on; set it back, or start over (jlora-train --overwrite)")
 
 
-def check_base(meta: dict, base: LlamaConfig | None, params=None, *, where: str) -> None:
+def check_base(meta: dict, base: ModelConfig | None, params=None, *, where: str) -> None:
     """Raise AdapterError unless `meta` was made for this base config (and these weights, if given)."""
     saved = meta.get("base") or {}
     if base is not None:
         mine, theirs = base.to_hf_config(), saved.get("config") or {}
-        diff = [k for k in ARCH_KEYS if _norm(mine.get(k)) != _norm(theirs.get(k))]
+        # the family, then the fields that decide which base an adapter fits (ModelConfig.arch_keys)
+        diff = [k for k in ("model_type", *base.arch_keys) if _norm(mine.get(k)) != _norm(theirs.get(k))]
         if diff:
             k = diff[0]
             raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
@@ -267,7 +265,7 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
                     f"{manager.directory}/{step}: truncated or corrupt checkpoint: metadata unreadable")
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: LlamaConfig | None = None,
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: ModelConfig | None = None,
                    params=None, lcfg: LoraConfig | None = None, data_stream: dict | None = None) -> dict | None:
     """The latest checkpoint restored into `abstract_state`'s structure, shardings and dtypes, or None.
 
@@ -320,7 +318,7 @@ def is_adapter_dir(directory: str | pathlib.Path) -> bool:
     return (pathlib.Path(directory) / "metadata" / "metadata").is_file()
 
 
-def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig | AdapterConfig, base: LlamaConfig,
+def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig | AdapterConfig, base: ModelConfig,
                  params=None, run_config: dict | None = None) -> None:
     """Write the trainable tree + metadata to `out_dir` (orbax). Pass the base params to fingerprint them.
 
@@ -365,7 +363,7 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
     return meta
 
 
-def load_adapter(directory: str | pathlib.Path, base: LlamaConfig | None = None, params=None,
+def load_adapter(directory: str | pathlib.Path, base: ModelConfig | None = None, params=None,
                  expect: LoraConfig | AdapterConfig | None = None) -> tuple[LoraConfig | AdapterConfig, dict]:
     """(LoraConfig, trainable tree) from `save_adapter`'s dir, on the default device (an AdapterConfig
     and prompts / gates for a LLaMA-Adapter).

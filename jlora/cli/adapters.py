@@ -18,10 +18,11 @@ import pathlib
 import shutil
 import sys
 
+from jlora.errors import JloraError
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.checkpoint.store import load_adapter
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
-from jlora.models.llama.model import LlamaConfig
+from jlora.models.config import ModelConfig
 from jlora.peft.lora import LoraConfig, merge_for_inference
 from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
 from jlora.formats.tokenizer import load_tokenizer, save_hf_files
@@ -32,14 +33,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def load_any_adapter(path: str | pathlib.Path, cfg: LlamaConfig, params=None) -> tuple[LoraConfig, dict]:
+def load_any_adapter(path: str | pathlib.Path, cfg: ModelConfig, params=None) -> tuple[LoraConfig, dict]:
     """A jlora adapter dir or an HF PEFT dir (it has adapter_config.json), checked against the base."""
     if (pathlib.Path(path) / CONFIG_FILE).is_file():
         return import_peft(path, cfg, params)
     return load_adapter(path, base=cfg, params=params)
 
 
-class OutDirError(ValueError):
+class OutDirError(JloraError, ValueError):
     """An --out that would overwrite or destroy something; one-line message."""
 
 

@@ -8,7 +8,7 @@ per-layer alphas) folds into B exactly. attn_q / attn_k rows of B are permuted a
 permutes the base's q/k weights; token_embd's A is [V, R], looked up by rows (llm_build_inp_embd).
 Layers an adapter leaves out (scale 0) are not written, which llama.cpp accepts. What llama.cpp cannot
 run is refused in one line: DoRA, parameters trained in full (train_extra), an unconverted PiSSA tree,
-and an embed_tokens adapter on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT is jlora.formats.peft_adapter's.
+and an adapter of the embedding on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT is jlora.formats.peft_adapter's.
 """
 
 from __future__ import annotations
@@ -19,32 +19,20 @@ import pathlib
 import numpy as np
 from flax import traverse_util
 
-from jlora.models.llama.model import LlamaConfig
+from jlora.errors import JloraError
+from jlora.models.config import ModelConfig
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import LoraPair
-from jlora.formats.weights import RENAMES
-
-ARCH = "llama"  # convert_hf_to_gguf's arch for LlamaForCausalLM; llama.cpp refuses an adapter of another arch
-_EMBED = ("embed_tokens", "embedding")
+from jlora.models.family import family_of
+from jlora.models.layers import permute_rope_rows
 
 
-class GGUFAdapterError(ValueError):
+
+class GGUFAdapterError(JloraError, ValueError):
     """An adapter llama.cpp cannot take, or a bad --out; the message is one line."""
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf's LlamaModel.permute on rows [heads*H, ...]: HF rotate_half -> llama.cpp's
-    interleaved rope. jlora.formats.weights._unpermute is its inverse."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_name(path: tuple, layer: int | None) -> str:
-    if path == _EMBED:
-        return "token_embd.weight"
-    return RENAMES[path][1].format(i=layer)
-
-
-def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[float, dict[str, np.ndarray]]:
+def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[float, dict[str, np.ndarray]]:
     """(alpha, {gguf tensor name: float32 array}) of `trainable` as llama.cpp applies it: for each pair
     and active layer, `name.lora_a` and `name.lora_b` with B scaled so that alpha/R * B'A = s * (AB)^T."""
     if not isinstance(lcfg, LoraConfig):
@@ -54,6 +42,8 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[fl
         raise GGUFAdapterError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the "
                                "base on disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(...)")
     alpha = float(lcfg.alpha)
+    fam = family_of(cfg)
+    embed, renames = fam.embed, fam.renames
     tensors = {}
     flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
     for path, leaf in flat.items():
@@ -65,14 +55,14 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[fl
             raise GGUFAdapterError(f"{where} is a DoRA pair; llama.cpp has no DoRA: merge it (jlora-merge) and "
                                    f"convert the merged model with convert_hf_to_gguf.py")
         stacked = path[0] == "layers"
-        if (path != _EMBED and path not in RENAMES) or path[-1] not in ("kernel", "embedding") \
+        if path not in renames or path[-1] not in ("kernel", "embedding") \
                 or leaf.layout.kind not in ("dense", "embed") or leaf.layout.stack != int(stacked):
             raise GGUFAdapterError(f"{where}: llama.cpp's LLaMA graph has no LoRA slot for this tensor")
-        if path == _EMBED and cfg.tie_word_embeddings:
-            raise GGUFAdapterError("embed_tokens: this base ties its output head to token_embd.weight, and llama.cpp "
+        if path == embed and cfg.tie_word_embeddings:
+            raise GGUFAdapterError(f"{where}: this base ties its output head to the token embedding, and llama.cpp "
                                    "finds adapters by tensor name, so it applies this adapter to the head too (and aborts: "
                                    "GGML_ASSERT ggml_can_mul_mat); jlora applies it to the lookup only: merge it or "
-                                   "leave embed_tokens out")
+                                   f"leave {path[-2]} out")
         a, b = np.asarray(leaf.a, np.float32), np.asarray(leaf.b, np.float32)  # [*S, in, R], [*S, R, out]
         rank = leaf.rank
         for j, s in enumerate(leaf.scale_array().reshape(-1)):
@@ -82,18 +72,19 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: LlamaConfig) -> tuple[fl
             la, lb = (a[j], b[j]) if stacked else (a, b)  # [in, R], [R, out]
             fold = float(s) * rank / alpha
             lb = lb.T * np.float32(fold) if abs(fold - 1.0) > 1e-7 else lb.T  # [out, R]; exact when s == alpha/R
-            name = _gguf_name(path, layer)
-            if path[-2] in ("q_proj", "k_proj"):
-                lb = permute_rows(lb, cfg.num_attention_heads if path[-2] == "q_proj" else cfg.num_key_value_heads)
+            name = renames[path][1].format(i=layer)
+            heads = fam.gguf_rope_heads(cfg, name)  # llama.cpp's rope permutation of q/k rows
+            if heads is not None:
+                lb = permute_rope_rows(lb, heads)
             # llama.cpp: y += s * B(Ax) with A [R, in]; token_embd's A is looked up by row instead: [V, R]
-            tensors[name + ".lora_a"] = np.ascontiguousarray(la if path == _EMBED else la.T)
+            tensors[name + ".lora_a"] = np.ascontiguousarray(la if path == embed else la.T)
             tensors[name + ".lora_b"] = np.ascontiguousarray(lb)
     if not tensors:
         raise GGUFAdapterError("the trainable tree has no active LoRA pair; a llama.cpp adapter needs at least one")
     return alpha, tensors
 
 
-def export_gguf_adapter(path: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: LlamaConfig,
+def export_gguf_adapter(path: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig,
                         base_name: str | None = None) -> None:
     """Write `trainable` as a llama.cpp GGUF LoRA adapter file at `path` (built beside it, then renamed in).
 
@@ -104,7 +95,8 @@ def export_gguf_adapter(path: str | pathlib.Path, trainable, lcfg: LoraConfig, c
     path = pathlib.Path(path).absolute()
     partial = path.with_name(f".{path.name}.partial")
     try:
-        writer = GGUFWriter(str(partial), ARCH)
+        # llama.cpp refuses an adapter of another arch than its base's
+        writer = GGUFWriter(str(partial), family_of(cfg).gguf_architectures[0])
         writer.add_type(GGUFType.ADAPTER)
         writer.add_name(base_name or cfg.name)
         writer.add_string(Keys.Adapter.TYPE, "lora")
@@ -139,4 +131,4 @@ def check_out_file(out: str | pathlib.Path, *, force: bool, inputs: dict[str, st
     return out
 
 
-__all__ = ["GGUFAdapterError", "export_gguf_adapter", "gguf_lora_tensors", "check_out_file", "permute_rows"]
+__all__ = ["GGUFAdapterError", "export_gguf_adapter", "gguf_lora_tensors", "check_out_file"]

@@ -4,7 +4,7 @@
 `save_pretrained` does (per-layer `lora_A` [r, in] / `lora_B` [out, r], DoRA magnitudes, embedding
 `lora_embedding_A/B`, modules_to_save), so PEFT and vLLM load what jlora trains. `import_peft` reads
 such a directory back into stacked (scanned) pairs, checking every key and shape against the base.
-HF names come from `jlora.formats.weights.RENAMES`. The `peft` package itself is not needed; no pickle.
+HF names come from the family's weight table (jlora.models.family). The `peft` package itself is not needed; no pickle.
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.models.llama.model import LlamaConfig, param_shapes
+from jlora.models.config import ModelConfig
+
+from jlora.models.family import param_shapes
 from jlora.peft.lora import LoraConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.routing import KernelLayout, LoraPair
 from jlora.formats.peft_adaption import export_adaption_prompt, import_adaption_prompt, is_adaption_prompt_dir
 from jlora.formats.peft_config import (CONFIG_FILE, HFModule, PeftError, base_modules, export_config, nice, pattern_value,
                                peft_targets, read_peft_config)
-from jlora.formats.weights import RENAMES, save_safetensors
+from jlora.formats.weights import save_safetensors
+from jlora.models.family import family_of
 
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,9 +57,9 @@ def _alpha(scale: float, rank: int, rslora: bool):
 # --------------------------------------------------------------------------- export
 
 
-def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: LlamaConfig,
+def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig,
                 base_name: str | None = None) -> None:
-    """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s LlamaForCausalLM. Only active layers go out.
+    """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s model. Only active layers go out.
     With an AdapterConfig, a LLaMA-Adapter tree goes out as PEFT's ADAPTION_PROMPT (jlora.formats.peft_adaption)."""
     if isinstance(lcfg, AdapterConfig):
         return export_adaption_prompt(out_dir, trainable, lcfg, cfg, base_name)
@@ -64,19 +67,20 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: L
         raise PeftError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
                         "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
     out = pathlib.Path(out_dir)
+    renames = family_of(cfg).renames
     modules = base_modules(cfg)
     by_path = {(p, m.layer): m for m in modules.values() for p in m.params.values()}
     tensors, adapted, extra_modules, dora = {}, [], {}, set()  # adapted: (module, rank, alpha)
     flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
     for path, leaf in flat.items():
         stacked = path[0] == "layers"
-        if path not in RENAMES:
-            raise PeftError(f"{'.'.join(path)} has no HF name; PEFT export supports LlamaForCausalLM params only")
+        if path not in renames:
+            raise PeftError(f"{'.'.join(path)} has no HF name; PEFT export supports the base model's params only")
         if not isinstance(leaf, LoraPair):
             arr = np.asarray(leaf)
             for i in range(arr.shape[0]) if stacked else [None]:
                 mod = by_path[(path, i)]
-                tensors[PREFIX + RENAMES[path][0].format(i=i)] = arr[i] if stacked else arr
+                tensors[PREFIX + renames[path][0].format(i=i)] = arr[i] if stacked else arr
                 extra_modules.setdefault(mod.name, (mod, set()))[1].add(path)
             continue
         if leaf.layout.kind not in ("dense", "embed") or leaf.layout.stack != int(stacked):
@@ -143,7 +147,7 @@ def _load_tensors(directory: pathlib.Path) -> dict:
         raise PeftError(f"{file}: truncated or corrupt safetensors ({' '.join(str(e).split())})") from None
 
 
-def import_peft(directory: str | pathlib.Path, cfg: LlamaConfig, params=None) -> tuple[LoraConfig, dict]:
+def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) -> tuple[LoraConfig, dict]:
     """(LoraConfig, trainable tree) from an HF PEFT LoRA adapter dir, for the base `cfg`.
 
     Per-layer pairs are stacked on the layer axis; a module's layers share the largest rank (smaller
@@ -158,6 +162,8 @@ def import_peft(directory: str | pathlib.Path, cfg: LlamaConfig, params=None) ->
     config = read_peft_config(directory)
     tensors = _load_tensors(directory)
     modules, shapes = base_modules(cfg), traverse_util.flatten_dict(param_shapes(cfg))
+    fam = family_of(cfg)
+    head, embed = (fam.renames[p][0].removesuffix(".weight") for p in (fam.head, fam.embed))
     lora = {n for n, m in modules.items() if _lora_kernel(m, shapes)}
     to_save = [n for n in modules if any(n.endswith(m) for m in config.get("modules_to_save") or ())]
     found = collections.defaultdict(dict)  # module name -> {"a"|"b"|"magnitude": array}
@@ -171,8 +177,8 @@ def import_peft(directory: str | pathlib.Path, cfg: LlamaConfig, params=None) ->
             problems.append(f"unexpected key {key} (PEFT keys start with {PREFIX})")
         elif suffix and owner in lora:
             found[owner][_SUFFIXES[suffix]] = arr
-        elif suffix and owner == "lm_head" and cfg.tie_word_embeddings:
-            problems.append(f"{key}: lm_head is tied to embed_tokens in this base, jlora cannot adapt it apart")
+        elif suffix and owner == head and cfg.tie_word_embeddings:
+            problems.append(f"{key}: {head} is tied to {embed} in this base, jlora cannot adapt it apart")
         elif name.rpartition(".")[0] in to_save and leaf in modules[name.rpartition(".")[0]].params:
             mod = modules[name.rpartition(".")[0]]
             extra[mod.params[leaf]][mod.layer] = arr.T if mod.params[leaf][-1] == "kernel" else arr
@@ -186,8 +192,8 @@ def import_peft(directory: str | pathlib.Path, cfg: LlamaConfig, params=None) ->
     problems += [f"missing {PREFIX}{n}.{leaf} (in modules_to_save)" for n in to_save
                  for leaf, path in modules[n].params.items() if modules[n].layer not in extra.get(path, {})]
     expected = {n for n in lora if peft_targets(config, n)}
-    if cfg.tie_word_embeddings and peft_targets(config, "lm_head") and "lm_head" not in found:
-        problems.append("target_modules selects lm_head, which is tied to embed_tokens in this base")
+    if cfg.tie_word_embeddings and peft_targets(config, head) and head not in found:
+        problems.append(f"target_modules selects {head}, which is tied to {embed} in this base")
     problems += [f"missing {PREFIX}{n}.lora_A/lora_B (selected by target_modules)"
                  for n in sorted(expected - set(found))]
     problems += [f"unexpected {PREFIX}{n}.* (not selected by target_modules)" for n in sorted(set(found) - expected)]
@@ -231,7 +237,7 @@ def _check_pair(name: str, got: dict, mod: HFModule, shapes, config: dict, probl
     return got["a"].T, got["b"].T, got.get("magnitude"), r, alpha
 
 
-def _assemble(pairs: dict, extra: dict, modules: dict, shapes: dict, config: dict, cfg: LlamaConfig,
+def _assemble(pairs: dict, extra: dict, modules: dict, shapes: dict, config: dict, cfg: ModelConfig,
               params, directory) -> tuple[LoraConfig, dict]:
     """Stack per-layer pairs into jlora's scanned layout and describe the result as a LoraConfig."""
     groups = collections.defaultdict(dict)  # jlora path -> {layer: (a, b, magnitude, r, alpha)}

@@ -15,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from jlora.models.llama.model import LlamaConfig
+from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError, adapted_layers, is_adapter_tree
 from jlora.formats.peft_config import CONFIG_FILE, PeftError
 from jlora.formats.weights import save_safetensors
@@ -38,7 +38,7 @@ def _key(layer: int, leaf: str) -> str:
     return f"{PREFIX}{layer}.self_attn.{leaf}"
 
 
-def export_adaption_prompt(out_dir: str | pathlib.Path, trainable, acfg: AdapterConfig, cfg: LlamaConfig,
+def export_adaption_prompt(out_dir: str | pathlib.Path, trainable, acfg: AdapterConfig, cfg: ModelConfig,
                            base_name: str | None = None) -> None:
     """Write a LLaMA-Adapter tree as an HF PEFT AdaptionPrompt adapter dir for `cfg`'s LlamaForCausalLM."""
     if not is_adapter_tree(trainable):
@@ -80,7 +80,7 @@ def _read_config(file: pathlib.Path) -> tuple[int, int]:
     return config["adapter_len"], config["adapter_layers"]
 
 
-def import_adaption_prompt(directory: str | pathlib.Path, cfg: LlamaConfig) -> tuple[AdapterConfig, dict]:
+def import_adaption_prompt(directory: str | pathlib.Path, cfg: ModelConfig) -> tuple[AdapterConfig, dict]:
     """(AdapterConfig, trainable tree) from an HF PEFT AdaptionPrompt adapter dir, for the base `cfg`."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

@@ -15,9 +15,12 @@ import re
 
 from flax import traverse_util
 
-from jlora.models.llama.model import LlamaConfig, param_shapes
+from jlora.errors import JloraError
+from jlora.models.config import ModelConfig
+
+from jlora.models.family import param_shapes
 from jlora.peft.lora import LoraConfig
-from jlora.formats.weights import RENAMES
+from jlora.models.family import family_of
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -36,7 +39,7 @@ _UNSUPPORTED = (("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False
                 ("target_parameters", None), ("trainable_token_indices", None), ("alora_invocation_tokens", None))
 
 
-class PeftError(ValueError):
+class PeftError(JloraError, ValueError):
     """A PEFT adapter that jlora cannot read or write for this base; the message is one line."""
 
 
@@ -51,11 +54,12 @@ class HFModule:
         return self.name.rsplit(".", 1)[-1]
 
 
-def base_modules(cfg: LlamaConfig) -> dict[str, HFModule]:
-    """Every HF module of a LlamaForCausalLM with this config, by HF name (without PEFT's prefix)."""
+def base_modules(cfg: ModelConfig) -> dict[str, HFModule]:
+    """Every HF module of the model of this config, by HF name (without PEFT's prefix)."""
     modules = {}
+    renames = family_of(cfg).renames
     for path in traverse_util.flatten_dict(param_shapes(cfg)):
-        pattern = RENAMES[path][0]
+        pattern = renames[path][0]
         for i in range(cfg.num_hidden_layers) if "{i}" in pattern else [None]:
             name, leaf = pattern.format(i=i).rsplit(".", 1)
             modules.setdefault(name, HFModule(name, i)).params[leaf] = path
@@ -79,7 +83,7 @@ def _names_for(chosen: set[str], candidates: list[str], match) -> list[str]:
     return out + sorted(left)
 
 
-def export_config(adapted: list, extra_modules: dict, modules: dict, lcfg: LoraConfig, cfg: LlamaConfig,
+def export_config(adapted: list, extra_modules: dict, modules: dict, lcfg: LoraConfig, cfg: ModelConfig,
                   base_name: str | None, use_dora: bool) -> dict:
     """The adapter_config.json dict for `adapted` [(module, rank, alpha)] and `extra_modules` (trained in full).
 

@@ -25,16 +25,17 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import processors
 
+from jlora.errors import JloraError
 from jlora.formats.gguf_vocab import read_gguf_vocab
 
 _LOOKED_FOR = ("tokenizer.json", "tokenizer.model")
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(JloraError, FileNotFoundError):
     """No tokenizer file where one was asked for."""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(JloraError, ValueError):
     """A file that is not a usable tokenizer, or a tokenizer that lacks what was asked of it; one line
     naming the file."""
 

@@ -3,9 +3,9 @@
 Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
 model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
 quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
-undone either way), and writes HF safetensors checkpoints that transformers loads. One rename
-table (`RENAMES`) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
-Does not own the model (jlora.models.llama.model), tokenizers (jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
+undone either way), and writes HF safetensors checkpoints that transformers loads. The family's one
+weight-name table (jlora.models.family) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
+Does not own the models (jlora.models), tokenizers (jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
 """
 
 from __future__ import annotations
@@ -22,43 +22,20 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jlora.errors import JloraError
 from jlora.quant import gguf_blocks
-from jlora.models.llama.model import DTYPES, LlamaConfig, param_shapes, rope_inv_freq
+from jlora.models.layers import DTYPES, unpermute_rope_rows
+from jlora.models.config import ModelConfig, ModelConfigError
+from jlora.models.family import config_from_hf, family_of, family_of_gguf, param_shapes
 from jlora.quant.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
 
 
-class WeightsError(ValueError):
+class WeightsError(JloraError, ValueError):
     """A checkpoint that cannot be loaded or written; the message is one line naming the file."""
 
     def __init__(self, file: str | pathlib.Path, problem: object):
         super().__init__(f"{file}: {' '.join(str(problem).split())}")  # always one line
 
-
-# The one rename table, read in every direction: jlora param path, HF tensor name, GGUF tensor name.
-# "{i}" marks a per-layer tensor, which jlora stacks on a leading layer axis. Leaves called "kernel"
-# are [in, out] in jlora and [out, in] on disk (HF and GGUF alike).
-_TABLE = [
-    ("embed_tokens/embedding",                 "model.embed_tokens.weight",                        "token_embd.weight"),
-    ("norm/weight",                            "model.norm.weight",                                "output_norm.weight"),
-    ("lm_head/kernel",                         "lm_head.weight",                                   "output.weight"),
-    ("layers/input_layernorm/weight",          "model.layers.{i}.input_layernorm.weight",          "blk.{i}.attn_norm.weight"),
-    ("layers/post_attention_layernorm/weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("layers/self_attn/q_proj/kernel",         "model.layers.{i}.self_attn.q_proj.weight",         "blk.{i}.attn_q.weight"),
-    ("layers/self_attn/q_proj/bias",           "model.layers.{i}.self_attn.q_proj.bias",           "blk.{i}.attn_q.bias"),
-    ("layers/self_attn/k_proj/kernel",         "model.layers.{i}.self_attn.k_proj.weight",         "blk.{i}.attn_k.weight"),
-    ("layers/self_attn/k_proj/bias",           "model.layers.{i}.self_attn.k_proj.bias",           "blk.{i}.attn_k.bias"),
-    ("layers/self_attn/v_proj/kernel",         "model.layers.{i}.self_attn.v_proj.weight",         "blk.{i}.attn_v.weight"),
-    ("layers/self_attn/v_proj/bias",           "model.layers.{i}.self_attn.v_proj.bias",           "blk.{i}.attn_v.bias"),
-    ("layers/self_attn/o_proj/kernel",         "model.layers.{i}.self_attn.o_proj.weight",         "blk.{i}.attn_output.weight"),
-    ("layers/self_attn/o_proj/bias",           "model.layers.{i}.self_attn.o_proj.bias",           "blk.{i}.attn_output.bias"),
-    ("layers/mlp/gate_proj/kernel",            "model.layers.{i}.mlp.gate_proj.weight",            "blk.{i}.ffn_gate.weight"),
-    ("layers/mlp/gate_proj/bias",              "model.layers.{i}.mlp.gate_proj.bias",              "blk.{i}.ffn_gate.bias"),
-    ("layers/mlp/up_proj/kernel",              "model.layers.{i}.mlp.up_proj.weight",              "blk.{i}.ffn_up.weight"),
-    ("layers/mlp/up_proj/bias",                "model.layers.{i}.mlp.up_proj.bias",                "blk.{i}.ffn_up.bias"),
-    ("layers/mlp/down_proj/kernel",            "model.layers.{i}.mlp.down_proj.weight",            "blk.{i}.ffn_down.weight"),
-    ("layers/mlp/down_proj/bias",              "model.layers.{i}.mlp.down_proj.bias",              "blk.{i}.ffn_down.bias"),
-]
-RENAMES: dict[tuple[str, ...], tuple[str, str]] = {tuple(path.split("/")): (hf, gg) for path, hf, gg in _TABLE}
 
 # Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
 _HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -93,7 +70,7 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
 
 
 def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None,
-                    quantize: str = "none") -> tuple[LlamaConfig, dict]:
+                    quantize: str = "none") -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
@@ -122,7 +99,7 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param
 
 
 def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> dict[str, str]:
-    """The given dtype keywords as LlamaConfig overrides, each checked against DTYPES."""
+    """The given dtype keywords as ModelConfig overrides, each checked against DTYPES."""
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     for key, value in overrides.items():
         if value not in DTYPES:
@@ -141,10 +118,11 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | pathlib.Path) -
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path) -> None:
+def save_pretrained(params: dict, cfg: ModelConfig, out_dir: str | pathlib.Path) -> None:
     """Write config.json + model.safetensors (HF names, [out, in] weights) that transformers loads."""
     out = pathlib.Path(out_dir)
     flat, expected = traverse_util.flatten_dict(params), traverse_util.flatten_dict(param_shapes(cfg))
+    renames = family_of(cfg).renames
     for key in flat.keys() | expected.keys():
         where = "/".join(key)
         if key not in expected:
@@ -157,7 +135,7 @@ def save_pretrained(params: dict, cfg: LlamaConfig, out_dir: str | pathlib.Path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, leaf in flat.items():
-        hf_name = RENAMES[key][0]
+        hf_name = renames[key][0]
         leaf = np.asarray(leaf)
         if "{i}" in hf_name:
             for i in range(leaf.shape[0]):
@@ -176,14 +154,15 @@ def to_disk(key: tuple[str, ...], x):
     return x[::-1] if isinstance(x, tuple) else x.T
 
 
-def expected_tensors(cfg: LlamaConfig, fmt: int):
+def expected_tensors(cfg: ModelConfig, fmt: int):
     """Yield (param key, ShapeDtypeStruct, disk names, disk shape of one name) for every param of `cfg`.
 
-    `fmt` picks the HF (0) or GGUF (1) column of RENAMES. A layer-stacked leaf [L, ...] has L names,
+    `fmt` picks the HF (0) or GGUF (1) name in the family's weight table. A layer-stacked leaf [L, ...] has L names,
     one per layer; any other leaf has one. Disk shapes are per name, kernels transposed ([out, in]).
     """
+    renames = family_of(cfg).renames
     for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
-        pattern = RENAMES[key][fmt]
+        pattern = renames[key][fmt]
         stacked = "{i}" in pattern
         names = [pattern.format(i=i) for i in range(cfg.num_hidden_layers)] if stacked else [pattern]
         want = to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
@@ -203,7 +182,7 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
 _dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
 
 
-def _assemble(cfg: LlamaConfig, file: pathlib.Path, names: set[str],
+def _assemble(cfg: ModelConfig, file: pathlib.Path, names: set[str],
               fetch: Callable[[str], np.ndarray | QuantizedKernel], fmt: int) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
@@ -256,7 +235,7 @@ def read_error(file: pathlib.Path, name: str, e: Exception) -> WeightsError:
     return WeightsError(file, f"cannot read tensor {name} ({e})")
 
 
-def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict[str, pathlib.Path]]:
+def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict[str, pathlib.Path]]:
     """(config, tensor name -> safetensors file) of an HF checkpoint directory.
 
     Checks config.json, the index, and that every shard opens and holds the tensors the index lists
@@ -266,7 +245,7 @@ def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dic
     if not cfg_file.is_file():
         raise WeightsError(cfg_file, "missing: an HF checkpoint directory needs config.json")
     try:
-        cfg = LlamaConfig.from_hf_config(json.loads(cfg_file.read_text()), **overrides)
+        cfg = config_from_hf(json.loads(cfg_file.read_text()), **overrides)
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise WeightsError(cfg_file, e) from None
 
@@ -293,17 +272,29 @@ def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dic
     return cfg, where
 
 
-def check_leftovers(cfg: LlamaConfig, path: pathlib.Path, where: dict[str, pathlib.Path], extra: set[str],
+def check_leftovers(cfg: ModelConfig, path: pathlib.Path, where: dict[str, pathlib.Path], extra: set[str],
                     head_is_embedding: Callable[[], bool]) -> None:
     """Refuse tensors no param used, except recomputed ones and a tied checkpoint's copy of the embedding."""
     extra = {n for n in extra if not _HARMLESS_HF.search(n)}
-    if cfg.tie_word_embeddings and "lm_head.weight" in extra:
+    head = hf_head_name(cfg)
+    if cfg.tie_word_embeddings and head in extra:
         # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
         if not head_is_embedding():
-            raise WeightsError(where["lm_head.weight"], "lm_head.weight differs from the embedding but "
+            raise WeightsError(where[head], f"{head} differs from the embedding but "
                                "config.json says tie_word_embeddings=true")
-        extra.discard("lm_head.weight")
+        extra.discard(head)
     _refuse_extra(path, extra)
+
+
+def hf_head_name(cfg: ModelConfig) -> str:
+    """The HF tensor name of the output head (which a tied checkpoint may store anyway)."""
+    fam = family_of(cfg)
+    return fam.renames[fam.head][0]
+
+
+def hf_embed_name(cfg: ModelConfig) -> str:
+    fam = family_of(cfg)
+    return fam.renames[fam.embed][0]
 
 
 def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
@@ -311,7 +302,7 @@ def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
         raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
 
 
-def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict]:
+def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict]:
     from safetensors import SafetensorError
 
     cfg, where = hf_checkpoint(path, overrides)
@@ -325,9 +316,9 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[LlamaConfig, dict
                 raise read_error(where[name], name, e) from None
 
         params, extra = _assemble(cfg, path, set(where), fetch, 0)
-        embedding = params["embed_tokens"]["embedding"]
+        embedding = traverse_util.flatten_dict(params)[family_of(cfg).embed]
         check_leftovers(cfg, path, where, extra, lambda: np.array_equal(
-            fetch("lm_head.weight").astype(embedding.dtype), embedding))
+            fetch(hf_head_name(cfg)).astype(embedding.dtype), embedding))
     return cfg, params
 
 
@@ -337,34 +328,15 @@ def _gguf_value(field) -> object:
     return field.contents()
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of convert_hf_to_gguf's LlamaModel.permute: llama.cpp's interleaved rope -> HF rotate_half."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama3_rope_from_factors(cfg: LlamaConfig, factors: np.ndarray, file: pathlib.Path) -> LlamaConfig:
-    """llama.cpp stores llama3 rope scaling as per-frequency divisors (`rope_freqs.weight`); rebuild the config."""
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    candidate = cfg.replace(rope_scaling=tuple(sorted(scaling.items())))
-    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(
-            rope_inv_freq(candidate), rope_inv_freq(cfg) / factors, rtol=1e-4):
-        raise WeightsError(file, "rope_freqs.weight does not match llama3 rope scaling "
-                                 "(factor, low 1, high 4, original 8192); this rope is not supported")
-    return candidate
-
-
-def _rope_heads(path: pathlib.Path, cfg: LlamaConfig, name: str, rows: int) -> int | None:
+def _rope_heads(path: pathlib.Path, cfg: ModelConfig, name: str, rows: int) -> int | None:
     """The head count whose llama.cpp rope permutation tensor `name` (with `rows` rows) carries, or None."""
-    if not (name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k")):
-        return None
-    heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-    if rows != heads * cfg.head_dim:
+    heads = family_of(cfg).gguf_rope_heads(cfg, name)
+    if heads is not None and rows != heads * cfg.head_dim:
         raise WeightsError(path, f"tensor {name} has {rows} rows, expected {heads * cfg.head_dim}")
     return heads
 
 
-def _gguf_blocks(path: pathlib.Path, cfg: LlamaConfig, name: str, t) -> QuantizedKernel:
+def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t) -> QuantizedKernel:
     """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
     kind = t.tensor_type.name
     if not gguf_blocks.supports(kind):
@@ -375,12 +347,12 @@ def _gguf_blocks(path: pathlib.Path, cfg: LlamaConfig, name: str, t) -> Quantize
     heads = _rope_heads(path, cfg, name, raw.shape[0])
     try:
         return gguf_blocks.gguf_kernel(raw, kind, embedding=name == "token_embd.weight", dense_dtype=cfg.param_dtype,
-                                       rows=None if heads is None else (lambda f: _unpermute(f, heads)))
+                                       rows=None if heads is None else (lambda f: unpermute_rope_rows(f, heads)))
     except QuantizeError as e:
         raise WeightsError(path, f"tensor {name}: {e}") from None
 
 
-def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[LlamaConfig, dict]:
+def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[ModelConfig, dict]:
     """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
     2-D ones kept as QuantizedKernels (see `_gguf_blocks`)."""
     from gguf import GGUFReader
@@ -392,11 +364,8 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
         raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e})") from None
     tensors = {t.name: t for t in reader.tensors}
     meta = {name: _gguf_value(f) for name, f in reader.fields.items()}
-    overrides.setdefault("tie_word_embeddings", "output.weight" not in tensors)
-    overrides.setdefault("attention_bias", "blk.0.attn_q.bias" in tensors)
-    overrides.setdefault("mlp_bias", "blk.0.ffn_gate.bias" in tensors)
     try:
-        cfg = LlamaConfig.from_gguf_metadata(meta, **overrides)
+        cfg = family_of_gguf(meta).config.from_gguf_metadata(meta, frozenset(tensors), **overrides)
     except ValueError as e:
         raise WeightsError(path, e) from None
     except KeyError as e:
@@ -415,12 +384,12 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
             raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
         heads = _rope_heads(path, cfg, name, w.shape[0])
-        return w if heads is None else _unpermute(w, heads)
+        return w if heads is None else unpermute_rope_rows(w, heads)
 
-    names = set(tensors)
-    if "rope_freqs.weight" in names:
-        cfg = _llama3_rope_from_factors(cfg, fetch("rope_freqs.weight"), path)
-        names.discard("rope_freqs.weight")
+    try:
+        cfg, names = family_of(cfg).gguf_fixups(cfg, fetch, set(tensors))
+    except ModelConfigError as e:
+        raise WeightsError(path, e) from None
     params, extra = _assemble(cfg, path, names, fetch, 1)
     _refuse_extra(path, extra)
     return cfg, params

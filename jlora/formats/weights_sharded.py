@@ -19,9 +19,13 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from jlora.models.llama.model import DTYPES, LlamaConfig, param_shapes
+from jlora.models.layers import DTYPES
+
+from jlora.models.config import ModelConfig
+
+from jlora.models.family import param_shapes
 from jlora.parallel.sharding import param_specs, to_shardings
-from jlora.formats.weights import (check_leftovers, check_present, check_shape, dtype_overrides, expected_tensors,
+from jlora.formats.weights import (hf_embed_name, hf_head_name, check_leftovers, check_present, check_shape, dtype_overrides, expected_tensors,
                            hf_checkpoint, load_pretrained, open_safetensors, read_error, resolve_model_path,
                            to_disk)
 
@@ -31,12 +35,12 @@ _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
 
 def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str | None = None,
                             param_dtype: str | None = None,
-                            specs_fn: Callable[[dict], dict] | None = None) -> tuple[LlamaConfig, dict]:
+                            specs_fn: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, dict]:
     """Like `load_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
 
     `specs_fn(shapes)` maps the ShapeDtypeStruct tree to PartitionSpecs (default
     `param_specs(shapes, mesh)`). On several hosts every process calls this; each reads only the
-    blocks its addressable devices hold. A tied checkpoint that also stores lm_head.weight is checked
+    blocks its addressable devices hold. A tied checkpoint that also stores its head is checked
     cheaply: three rows (first, middle, last) must equal the embedding's, not the whole matrix.
     """
     path = pathlib.Path(resolve_model_path(path))
@@ -63,7 +67,7 @@ def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str 
     def head_is_embedding() -> bool:
         rows = np.empty((2, 1, cfg.hidden_size), pdt)  # [head/embedding, 1, D]
         for row in sorted({0, cfg.vocab_size // 2, cfg.vocab_size - 1}):
-            for dest, n in zip(rows, ("lm_head.weight", "model.embed_tokens.weight")):
+            for dest, n in zip(rows, (hf_head_name(cfg), hf_embed_name(cfg))):
                 _read_into(dest, where[n], n, (slice(row, row + 1), slice(None)), disk_shapes[n])
             if not np.array_equal(rows[0], rows[1]):
                 return False

@@ -1,10 +1,11 @@
 """Weights and compiled code laid out for KV-cached decoding: what `jlora.infer.generate` and `jlora.infer.engine` run.
 
-`DecodeLlama` is `jlora.models.llama.model.Llama` with its layers unrolled over per-layer weight buffers (`per_layer`):
-slicing stacked [L, ...] weights inside the loop makes XLA:CPU copy them every token. `prefuse` joins the
-fused q/k/v and gate/up kernels once and lays wide kernels (gate/up, the head) out in `column_blocks`,
-and `init_decode_cache` cuts the cache per layer so each update is in place. `decode_jit` compiles a
-per-token step with the XLA options that suit its short matmuls. It owns no sampling and no batching.
+Decoding runs the family's own module (`decode_model`: the same `__call__`, with `unrolled=True`) over a
+transformation of its params and cache, for any family: `per_layer` cuts layer-stacked [L, ...] weights
+into per-layer buffers (slicing them inside the loop makes XLA:CPU copy them every token), `prefuse` joins
+the family's fused groups (q/k/v, gate/up) once and lays wide kernels (gate/up, the head) out in
+`column_blocks`, and `init_decode_cache` cuts the cache per layer so each update is in place. `decode_jit`
+compiles a per-token step with the XLA options that suit its short matmuls. It owns no sampling and no batching.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.models.fused import FusedDense
-from jlora.models.llama.model import DTYPES, Block, LlamaConfig, RMSNorm, init_cache, rope_tables
+from jlora.infer.lora_stack import RowAdapters, apply_rows
+from jlora.models.config import ModelConfig
+from jlora.models.family import family_of, init_cache
 from jlora.peft.routing import LoraPair
+from jlora.peft.routing import apply as apply_lora
+from jlora.quant.quantize import is_quantized, transposed
 
 # XLA:CPU's YNNPACK fusions (on by default in recent jaxlib) run a decode step's short products, a few rows
 # times a [D, F] weight, ~1.4x slower than XLA's own dot emitter: SmolLM2's 30 layers at 16 rows took 101 ms
@@ -57,32 +61,33 @@ def decode_jit(fn=None, **jit_kwargs):
     return call
 
 
-class DecodeLlama(nn.Module):
-    """`Llama` for decoding: same blocks and names, layers unrolled as `layer_{i}`, the head always a matmul.
+def decode_model(cfg: ModelConfig) -> nn.Module:
+    """The family's own module in its decode layout: layers unrolled as `layer_{i}`, the head a matmul."""
+    return family_of(cfg).module(cfg, unrolled=True)
 
-    It mirrors `Llama.__call__` around the blocks; the tests hold the two to the same greedy tokens.
-    """
 
-    cfg: LlamaConfig
+def forward(dmodel: nn.Module, frozen: dict, trainable, cache: dict, ids, positions, segment_ids, last_only):
+    """One KV-cached call of a `decode_model` on laid-out params: (logits, updated cache).
 
-    @nn.compact
-    def __call__(self, ids, positions, segment_ids, last_only: bool | jax.Array = False):
-        """Logits [B,V] of the last column (every column's, with last_only False, is never needed), or with
-        last_only an index array [B,n], the logits [B,n,V] of those columns (a packed prefill's prompt ends)."""
-        cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, name="embed_tokens")(ids)  # [B,T,D]
-        rope = rope_tables(cfg, positions)
-        for i in range(cfg.num_hidden_layers):
-            x, _ = Block(cfg, True, name=f"layer_{i}")(x, rope, segment_ids)  # [B,T,D]
-        columns = not isinstance(last_only, bool)
-        if columns:
-            x = jnp.take_along_axis(x, last_only[..., None], axis=1)  # [B,n,D]
-        elif last_only:  # prefill needs only the last position's logits
-            x = x[:, -1:]
-        x = RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x)
-        lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head")
-        logits, = FusedDense((lm_head,), fuse=False, name="head")(x)  # lm_head, or its column blocks (prefuse)
-        return (logits if columns else logits[:, -1]).astype(jnp.float32)  # [B,n,V] or [B,V]
+    `last_only` True gives the last column's logits [B,V] (a prefill needs no others), False the same
+    for a one-token step; an index array [B,n] gives those columns' logits [B,n,V] (a packed prefill's
+    prompt ends). LoRA runs unmerged when `trainable` is non-empty, per-row adapters when it is a
+    `RowAdapters`."""
+    b, t = ids.shape
+    columns, pick = last_only, (lambda x: x)
+    if isinstance(last_only, bool):
+        columns = jnp.full((b, 1), t - 1, jnp.int32) if last_only else None
+        pick = lambda x: x[:, -1]  # noqa: E731
+    kwargs = {"decode": True, "columns": columns, "mutable": ["cache"]}
+    if isinstance(trainable, RowAdapters):
+        logits, new = apply_rows(dmodel, frozen, trainable, ids, positions, segment_ids,
+                                 variables={"cache": cache}, **kwargs)
+    elif trainable:
+        logits, new = apply_lora(dmodel, frozen, trainable, ids, positions, segment_ids,
+                                 variables={"cache": cache}, **kwargs)
+    else:
+        logits, new = dmodel.apply({"params": frozen, "cache": cache}, ids, positions, segment_ids, **kwargs)
+    return pick(logits), new["cache"]
 
 
 def per_layer(tree: dict, n_layers: int) -> dict:
@@ -108,10 +113,6 @@ def per_layer(tree: dict, n_layers: int) -> dict:
     return out
 
 
-# FusedDense modules of a block and their parts: the parts' kernels are concatenated once, for decoding
-_FUSED = {("self_attn", "qkv"): ("q_proj", "k_proj", "v_proj"), ("mlp", "gate_up"): ("gate_proj", "up_proj")}
-
-
 def column_blocks(w: jax.Array) -> jax.Array | list[jax.Array]:
     """A wide kernel [D, N] as the column blocks a decode step multiplies one by one, or as it is.
 
@@ -133,33 +134,70 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prefuse(frozen: dict, trainable: dict) -> dict:
+def prefuse(cfg: ModelConfig, frozen: dict, trainable: dict) -> dict:
     """Per-layer params with each fused group's kernels (and biases) joined into the FusedDense's own
     `kernel` [D, sum out]: joined inside the step, they were copied at every token (~1 s of CPU time per
     SmolLM2 token at 16 rows). A group stays split where a kernel is quantized or the trainable tree
     routes anything into its module (unmerged LoRA reads a part's own kernel, LLaMA-Adapter's prompts
-    read k_proj and v_proj). Wide joined kernels, and the head, are laid out in `column_blocks`."""
+    read the key and value projections). Wide joined kernels, and the head, are laid out in `column_blocks`."""
+    fam = family_of(cfg)
+    head_module, head_leaf = fam.head[:-1], fam.head[-1]
     out = dict(frozen)
-    head = frozen.get("lm_head", {}).get("kernel")
-    if isinstance(head, jax.Array) and not trainable.get("lm_head"):
-        out["head"] = {"kernel": column_blocks(out.pop("lm_head")["kernel"])}
+    head = _get(frozen, fam.head)
+    if isinstance(head, jax.Array) and not _get(trainable, head_module):
+        _pop(out, head_module)
+        out[fam.head_module] = {"kernel": column_blocks(head)}
     for layer, params in frozen.items():
         if not layer.startswith("layer_"):
             continue
-        params = out[layer] = {k: dict(v) for k, v in params.items()}
-        for (group, name), parts in _FUSED.items():
-            mods = params.get(group, {})
-            if trainable.get(layer, {}).get(group):
+        params = out[layer] = jax.tree.map(lambda x: x, params, is_leaf=lambda x: not isinstance(x, dict))
+        for group, parts in fam.fused.items():
+            parent = _get(params, group[:-1]) or {}
+            if _get(trainable.get(layer, {}), group[:-1]):
                 continue
-            if not all(isinstance(mods.get(p, {}).get("kernel"), jax.Array) for p in parts):
+            if not all(isinstance(parent.get(p, {}).get("kernel"), jax.Array) for p in parts):
                 continue
-            split = [mods.pop(p) for p in parts]
-            mods[name] = {k: jnp.concatenate([m[k] for m in split], axis=-1) for k in split[0]}  # kernel [D, sum out]
-            mods[name]["kernel"] = column_blocks(mods[name]["kernel"])
+            split = [parent.pop(p) for p in parts]
+            joined = {k: jnp.concatenate([m[k] for m in split], axis=-1) for k in split[0]}  # kernel [D, sum out]
+            joined["kernel"] = column_blocks(joined["kernel"])
+            parent[group[-1]] = joined
     return out
 
 
-def init_decode_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
-    """`jlora.models.llama.model.init_cache`'s cache cut into one buffer per layer, so each layer's update is in place."""
+def _get(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _pop(tree: dict, path: tuple) -> None:
+    """Remove `path` from `tree`, copying the dicts along it (the caller's tree is not changed)."""
+    if len(path) == 1:
+        tree.pop(path[0], None)
+        return
+    tree[path[0]] = dict(tree[path[0]])
+    _pop(tree[path[0]], path[1:])
+
+
+def layout(cfg: ModelConfig, frozen: dict, trainable: dict) -> tuple[dict, dict]:
+    """(frozen, trainable) laid out for a `decode_model`: per-layer buffers (`per_layer`), an explicit [D,V]
+    head (a tied embedding transposed once: attending to [V,D] would transpose it every token), and fused
+    groups joined (`prefuse`)."""
+    fam = family_of(cfg)
+    n = cfg.num_hidden_layers
+    routed = per_layer(trainable, n)
+    layers = per_layer(frozen, n)
+    if cfg.tie_word_embeddings:
+        emb = _get(trainable, fam.embed)
+        emb = _get(frozen, fam.embed) if emb is None or isinstance(emb, LoraPair) else emb
+        head = transposed(emb) if is_quantized(emb) else jnp.transpose(jnp.asarray(emb))
+        layers[fam.head[0]] = traverse_util.unflatten_dict({fam.head[1:]: head})
+    return prefuse(cfg, layers, routed), routed
+
+
+def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """The family's `init_cache` cut into one buffer per layer, so each layer's update is in place."""
     stacked = init_cache(cfg, batch, max_len)["layers"]  # inside jit: the zeros are never materialized stacked
     return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.num_hidden_layers)}

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.infer.lora_stack import RowAdapters
-from jlora.infer.decode import decode_jit, init_decode_cache
-from jlora.infer.generate import _BUCKET, Generator, _forward, _sample, _stop_cut, greedy_tokens
+from jlora.infer.decode import decode_jit, forward, init_decode_cache
+from jlora.infer.generate import BUCKET, Generator, greedy_tokens, sample, stop_cut
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,7 +56,7 @@ def _prefill_packed(dmodel, frozen, routed: RowAdapters, ids, positions, segment
     """Prompts packed into one row [1,P] (segment j+1 each, own positions and adapter per token): the logits
     [n,V] at their last tokens `last` [n] and the prefill cache of P slots."""
     cache = init_decode_cache(dmodel.cfg, 1, ids.shape[1])
-    logits, cache = _forward(dmodel, frozen, routed, cache, ids, positions, segment_ids, last[None])
+    logits, cache = forward(dmodel, frozen, routed, cache, ids, positions, segment_ids, last[None])
     return logits[0], cache
 
 
@@ -115,7 +115,7 @@ def _pick(logits, seeds, steps, temperature, top_p, mode: str):
 
     def one(row, seed, step, temp, tp):
         key = jax.random.fold_in(jax.random.key(seed), step)
-        return _sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, mode == "top_p"))[0]
+        return sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, mode == "top_p"))[0]
 
     drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_p)  # [B]
     return jnp.where(temperature > 0, drawn, greedy)
@@ -127,7 +127,7 @@ def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
     Sampling is a separate call (`_sample_rows`), so the model step compiles once whatever the rows ask for."""
     ids = tokens[:, None]  # [B,1]
     cache = {name: {"self_attn": {**layer["self_attn"], "index": idx}} for name, layer in cache.items()}
-    return _forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
+    return forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
 
 
 _sample_rows = jax.jit(_pick, static_argnames=("mode",))
@@ -142,7 +142,7 @@ class Engine:
             raise ValueError("the engine needs a Generator with an adapter stack")
         self.gen, self.stack, self.tokenizer, self.eos = gen, gen.stack, tokenizer, set(eos)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_len = -(-max_len // _BUCKET) * _BUCKET
+        self.max_len = -(-max_len // BUCKET) * BUCKET
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.commands: collections.deque = collections.deque()
@@ -251,7 +251,7 @@ class Engine:
         prompts' own tokens: left-padded to the longest, 16 short prompts were ~70% padding."""
         lengths = [len(r.prompt) for r in reqs]
         n_pad = 1 << (len(reqs) - 1).bit_length()  # compiled sizes: powers of 2 requests, bucketed lengths
-        p = -(-sum(lengths) // _BUCKET) * _BUCKET
+        p = -(-sum(lengths) // BUCKET) * BUCKET
         ids, positions, segs, adapters = (np.zeros((1, p), np.int32) for _ in range(4))
         adapters -= 1  # padding: the base
         starts, lens, dest = np.zeros(n_pad, np.int32), np.ones(n_pad, np.int32), np.full(n_pad, self.max_batch, np.int32)
@@ -305,7 +305,7 @@ class Engine:
             return self._finish(row, "stop")
         req.out.append(tok)
         if req.stop and self.tokenizer is not None:
-            cut = _stop_cut(req.out[:-1], [tok], req.stop, self.tokenizer)
+            cut = stop_cut(req.out[:-1], [tok], req.stop, self.tokenizer)
             if cut is not None:
                 req.emit([tok], None)
                 return self._finish(row, "stop")

@@ -21,15 +21,18 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora.errors import JloraError
 from jlora.infer.lora_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint.store import load_adapter
-from jlora.infer.decode import DecodeLlama, decode_jit, init_decode_cache, per_layer, prefuse
-from jlora.models.llama.model import Llama, LlamaConfig
+from jlora.infer.decode import decode_jit, decode_model, forward, init_decode_cache, layout
+from jlora.models.config import ModelConfig
+from jlora.models.family import build_model
 from jlora.peft.llama_adapter import expand as expand_prompts
 from jlora.peft.lora import merge_for_inference
 from jlora.peft.routing import LoraPair
@@ -39,26 +42,11 @@ from jlora.quant.quantize import is_quantized, transposed
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import load_pretrained, resolve_model_path
 
-_BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
+BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
 
-class GenerateError(ValueError):
+class GenerateError(JloraError, ValueError):
     """Bad generation input; the message is one line."""
-
-
-def _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, last_only):
-    """Last-position logits [B,V] and the updated cache; LoRA unmerged when `trainable` is non-empty,
-    per-row adapters when it is a `RowAdapters`."""
-    if isinstance(trainable, RowAdapters):
-        logits, new = apply_rows(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
-                                 variables={"cache": cache}, mutable=["cache"])
-    elif trainable:
-        logits, new = apply_lora(dmodel, frozen, trainable, ids, positions, segment_ids, last_only,
-                                 variables={"cache": cache}, mutable=["cache"])
-    else:
-        logits, new = dmodel.apply({"params": frozen, "cache": cache}, ids, positions, segment_ids, last_only,
-                                   mutable=["cache"])
-    return logits, new["cache"]
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
@@ -70,7 +58,7 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
-def _sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Array:
+def sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Array:
     """Next tokens [B] from logits [B,V]. mode = (greedy, top_k or None, use top_p) is static."""
     greedy, top_k, use_top_p = mode
     if greedy:
@@ -96,14 +84,14 @@ def _sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Arra
 def _prefill(dmodel, frozen, trainable, ids, positions, segment_ids, *, max_len: int):
     """Run the prompts [B,P] through a fresh cache: (last-position logits [B,V], cache)."""
     cache = init_decode_cache(dmodel.cfg, ids.shape[0], max_len)
-    return _forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
+    return forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
 
 
 @functools.partial(jax.jit, static_argnames=("n_new", "mode"), donate_argnames=("cache",))
 def _first(logits, cache, lengths, key, temperature, top_p, eos_ids, *, n_new: int, mode: tuple) -> dict:
     """Sample the first token: the decode loop's state. Apart from the prefill, so sampling settings
     never recompile the model."""
-    tok = _sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode)
+    tok = sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode)
     tokens = jnp.zeros((logits.shape[0], n_new), jnp.int32).at[:, 0].set(tok)  # [B,N]
     return {"cache": cache, "tokens": tokens, "last": tok, "done": jnp.isin(tok, eos_ids),
             "step": jnp.ones((), jnp.int32), "lengths": lengths}
@@ -118,8 +106,8 @@ def _decode(dmodel, frozen, trainable, state, stop_at, key, temperature, top_p, 
     def body(s):
         ids = s["last"][:, None]  # [B,1]
         positions = (s["lengths"] + s["step"] - 1)[:, None]  # token j-1 sits at position len + j-1
-        logits, cache = _forward(dmodel, frozen, trainable, s["cache"], ids, positions, jnp.ones_like(ids), False)
-        tok = _sample(logits, jax.random.fold_in(key, s["step"]), temperature, top_p, mode)
+        logits, cache = forward(dmodel, frozen, trainable, s["cache"], ids, positions, jnp.ones_like(ids), False)
+        tok = sample(logits, jax.random.fold_in(key, s["step"]), temperature, top_p, mode)
         tok = jnp.where(s["done"], pad_id, tok)  # finished rows emit pad
         tokens = jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"]))
         return {**s, "cache": cache, "tokens": tokens, "last": tok, "done": s["done"] | jnp.isin(tok, eos_ids),
@@ -145,7 +133,7 @@ def _rows(prompt_ids, lengths) -> list[list[int]]:
     return [[int(t) for t in r] for r in rows]
 
 
-def _eos_list(eos_id, cfg: LlamaConfig) -> list[int]:
+def eos_list(eos_id, cfg: ModelConfig) -> list[int]:
     eos = cfg.eos_token_id if eos_id is None else eos_id
     if eos is None:
         return []
@@ -160,23 +148,17 @@ class Generator:
     With a `stack` instead, `stream(..., adapters=[name or None per row])` runs each row's own adapter.
     """
 
-    def __init__(self, model: Llama, frozen: dict, trainable: dict | None = None, stack: AdapterStack | None = None):
-        if not isinstance(getattr(model, "cfg", None), LlamaConfig):
-            raise GenerateError(f"generate needs a jlora.Llama model, got {type(model).__name__}")
+    def __init__(self, model: nn.Module, frozen: dict, trainable: dict | None = None,
+                 stack: AdapterStack | None = None):
+        if not isinstance(getattr(model, "cfg", None), ModelConfig):
+            raise GenerateError(f"generate needs a jlora model (jlora.build_model), got {type(model).__name__}")
         cfg = self.cfg = model.cfg
-        self.model = DecodeLlama(cfg)
+        self.model = decode_model(cfg)
         trainable = dict(trainable or {})
         if stack is not None and trainable:
             raise GenerateError("give a trainable tree or an adapter stack, not both")
         self.stack = stack
-        self.trainable = per_layer(expand_prompts(trainable, cfg.num_hidden_layers), cfg.num_hidden_layers)
-        layers = per_layer(frozen, cfg.num_hidden_layers)
-        if cfg.tie_word_embeddings:  # an explicit [D,V] head: the tied attend would transpose [V,D] every token
-            emb = trainable.get("embed_tokens", {}).get("embedding")
-            emb = frozen["embed_tokens"]["embedding"] if emb is None or isinstance(emb, LoraPair) else emb
-            head = transposed(emb) if is_quantized(emb) else jnp.transpose(jnp.asarray(emb))
-            layers["lm_head"] = {"kernel": head}
-        self.frozen = prefuse(layers, self.trainable)
+        self.frozen, self.trainable = layout(cfg, frozen, expand_prompts(trainable, cfg.num_hidden_layers))
 
     def stream(self, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,
@@ -194,11 +176,11 @@ class Generator:
         _check(rows, n_new, cfg, temperature, top_k, top_p, chunk, pad_id)
         if stop_strings and tokenizer is None:
             raise GenerateError("stop_strings need a tokenizer to decode with (tokenizer=...)")
-        eos = _eos_list(eos_id, cfg)
+        eos = eos_list(eos_id, cfg)
         greedy = temperature == 0.0
         mode = (greedy, None if greedy else top_k, not greedy and top_p is not None and top_p < 1.0)
         b, n_max = len(rows), max(len(r) for r in rows)
-        p, n_buf = (-(-n // _BUCKET) * _BUCKET for n in (n_max, n_new))
+        p, n_buf = (-(-n // BUCKET) * BUCKET for n in (n_max, n_new))
         ids = np.zeros((b, p), np.int32)  # pad slots hold a valid id: a NaN there would leak through 0 * NaN
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column
@@ -222,7 +204,7 @@ class Generator:
                         break
                     new[i].append(t)
                 if new[i] and stop_strings:
-                    cut = _stop_cut(out[i], new[i], stop_strings, tokenizer)
+                    cut = stop_cut(out[i], new[i], stop_strings, tokenizer)
                     if cut is not None:
                         new[i], finished[i] = new[i][:cut], True
                         stopped.append(i)
@@ -261,7 +243,7 @@ class Generator:
         return rows or []
 
 
-def _check(rows, n_new, cfg: LlamaConfig, temperature, top_k, top_p, chunk, pad_id) -> None:
+def _check(rows, n_new, cfg: ModelConfig, temperature, top_k, top_p, chunk, pad_id) -> None:
     if not rows:
         raise GenerateError("no prompts given")
     for i, r in enumerate(rows):
@@ -288,7 +270,7 @@ def _check(rows, n_new, cfg: LlamaConfig, temperature, top_k, top_p, chunk, pad_
         raise GenerateError(f"pad_id {pad_id} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
-def _stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) -> int | None:
+def stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) -> int | None:
     """How many of `new` to keep so the text ends with its first stop string's last token; None if none."""
     if not any(s in tokenizer.decode(done + new) for s in stops):
         return None
@@ -298,7 +280,7 @@ def _stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) 
     return len(new)
 
 
-def generate(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, *, max_new_tokens: int = 64,
+def generate(model: nn.Module, frozen: dict, trainable: dict | None, prompt_ids, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
              pad_id: int = 0, lengths=None) -> list[list[int]]:
@@ -314,7 +296,7 @@ def generate(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, *, 
         eos_id=eos_id, stop_strings=stop_strings, tokenizer=tokenizer, pad_id=pad_id, lengths=lengths)
 
 
-def generate_stream(model: Llama, frozen: dict, trainable: dict | None, prompt_ids, **kwargs):
+def generate_stream(model: nn.Module, frozen: dict, trainable: dict | None, prompt_ids, **kwargs):
     """`Generator.stream`: yields each row's new ids every `chunk` tokens (default 1) as they are produced."""
     return Generator(model, frozen, trainable).stream(prompt_ids, **kwargs)
 
@@ -337,7 +319,7 @@ def load_for_generation(model_path: str, adapter: str | None = None, merge: bool
             trained = {p for p, x in full.items() if not isinstance(x, LoraPair)}  # trained in full: not frozen
             params = traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(params).items()
                                                    if p not in trained})
-    return Generator(Llama(cfg), params, trainable), load_tokenizer(path)
+    return Generator(build_model(cfg), params, trainable), load_tokenizer(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = tok.encode(text, add_bos=False)  # the template writes its own special tokens
         else:
             ids = tok.encode(args.prompt)
-        eos = sorted({*_eos_list(None, gen.cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
+        eos = sorted({*eos_list(None, gen.cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
         start, done, shown = time.perf_counter(), [], ""
         for new in gen.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,

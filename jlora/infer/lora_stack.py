@@ -20,15 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from jlora.errors import JloraError
 from jlora.models.fused import route_parts
-from jlora.models.llama.model import LlamaConfig
+from jlora.models.config import ModelConfig
+from jlora.models.family import family_of
 from jlora.peft.routing import LoraPair
 from jlora.quant.quantize import quantized_call
 
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-class AdapterStackError(ValueError):
+class AdapterStackError(JloraError, ValueError):
     """An adapter that does not fit the stack, or an unknown name; the message is one line."""
 
 
@@ -39,17 +39,6 @@ class RowAdapters:
 
     arrays: dict  # {module path: {"a": [in,K,R], "b": [K,R,out], "scale": [K]}}
     rows: jax.Array  # [B] or [B,T] int32
-
-
-def _module_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * h, cfg.num_key_value_heads * h
-    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-
-
-def _group(name: str) -> str:
-    return "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -69,28 +58,28 @@ def _empty_slot(arrays: dict) -> dict:
 
 
 class AdapterStack:
-    """K adapter slots of max rank R over the linear modules `targets` of every layer of `cfg`'s model.
-
-    Module paths are those of `jlora.infer.generate`'s decode model (("layer_3", "self_attn", "q_proj")).
+    """K adapter slots of max rank R over the linear modules `targets` (default: every one the family has) of
+    every layer of `cfg`'s model. Module paths are those of the decode layout (("layer_3", *Linear.path)).
     """
 
-    def __init__(self, cfg: LlamaConfig, capacity: int, max_rank: int, targets: tuple[str, ...] = LINEAR,
+    def __init__(self, cfg: ModelConfig, capacity: int, max_rank: int, targets: tuple[str, ...] | None = None,
                  dtype=jnp.float32):
         if capacity < 1 or max_rank < 1:
             raise AdapterStackError(f"an adapter stack needs capacity >= 1 and max_rank >= 1, got {capacity}, "
                                     f"{max_rank}")
-        shapes = _module_shapes(cfg)
-        unknown = [t for t in targets if t not in shapes]
+        linear = family_of(cfg).linear  # the family's linear layers of a block, by name
+        targets = tuple(linear) if targets is None else targets
+        unknown = [t for t in targets if t not in linear]
         if unknown:
-            raise AdapterStackError(f"stack targets {unknown} are not linear modules; choose from {list(LINEAR)}")
+            raise AdapterStackError(f"stack targets {unknown} are not linear modules; choose from {list(linear)}")
         self.cfg, self.capacity, self.max_rank, self.targets = cfg, capacity, max_rank, tuple(targets)
         self.names: list[str | None] = [None] * capacity
         self.ranks: list[int] = [0] * capacity
         self.arrays = {}
         for i in range(cfg.num_hidden_layers):
             for t in self.targets:
-                n_in, n_out = shapes[t]
-                self.arrays[(f"layer_{i}", _group(t), t)] = {
+                n_in, n_out = linear[t].shape(cfg)
+                self.arrays[(f"layer_{i}", *linear[t].path)] = {
                     "a": jnp.zeros((n_in, capacity, max_rank), dtype), "b": jnp.zeros((capacity, max_rank, n_out), dtype),
                     "scale": jnp.zeros((capacity,), jnp.float32)}
 

@@ -26,18 +26,19 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from jlora.infer.lora_stack import LINEAR, AdapterStack, name_ok
+from jlora.errors import JloraError
+from jlora.infer.lora_stack import AdapterStack, name_ok
 from jlora.infer.engine import Engine, Request
 from jlora.checkpoint.store import load_adapter
-from jlora.infer.generate import Generator, _eos_list
-from jlora.models.llama.model import Llama
+from jlora.infer.generate import Generator, eos_list
+from jlora.models.family import build_model
 from jlora.peft.routing import LoraPair
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import load_pretrained, resolve_model_path
 
 
-class ApiError(Exception):
+class ApiError(JloraError):
     """An OpenAI-style error: HTTP status, one-line message, type and code."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -381,11 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = load_tokenizer(path)
         adapters = {name: load_adapter_dir(d, cfg, params) for name, d in args.adapter}
         rank = max([args.max_rank, *(max_rank_of(t) for t in adapters.values())])
-        stack = AdapterStack(cfg, max(args.max_adapters, len(adapters)), rank, LINEAR)
+        stack = AdapterStack(cfg, max(args.max_adapters, len(adapters)), rank)
         for name, tree in adapters.items():
             stack.add(name, tree)
-        eos = sorted({*_eos_list(None, cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
-        engine = Engine(Generator(Llama(cfg), params, stack=stack), max_batch=args.max_batch,
+        eos = sorted({*eos_list(None, cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
+        engine = Engine(Generator(build_model(cfg), params, stack=stack), max_batch=args.max_batch,
                         max_len=min(args.max_len, cfg.max_position_embeddings), max_queue=args.max_queue, eos=eos,
                         tokenizer=tok)
         base_name = args.name or pathlib.Path(str(args.model).rstrip("/")).name

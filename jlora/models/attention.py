@@ -97,7 +97,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 # ---- training attention: cuDNN flash attention where the mask allows, else the blocked kernel ----
 
-TRAIN_IMPLS = ("auto", "blocked", "cudnn")  # the values of LlamaConfig.attention
+TRAIN_IMPLS = ("auto", "blocked", "cudnn")  # the values of ModelConfig.attention
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention has no fp32 kernel
 CUDNN_MAX_HEAD_DIM = 128  # Ampere's limit (Hopper takes 256); every LLaMA head fits
 # The primitive that jax's cuDNN custom VJP binds in its forward rule. jax gives no public handle to
@@ -189,7 +189,7 @@ def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     """Causal self-attention for a call without a KV cache (training, evaluation): q [B,T,N,H]
     (unscaled), k, v [B,T,K,H], segment ids [B,T] (0 = padding) -> [B,T,N,H].
 
-    `impl` (LlamaConfig.attention) picks the kernel at trace time, see `resolve_impl`. Whether rows
+    `impl` (ModelConfig.attention) picks the kernel at trace time, see `resolve_impl`. Whether rows
     are packed depends on the data, so no trace-time rule can see it: with packed rows use "blocked"
     (the cuDNN path makes a packed row's output NaN, see `sdpa_attention`).
     """

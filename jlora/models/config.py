@@ -19,7 +19,7 @@ from jlora.models.layers import DTYPES, REMAT_POLICIES, ROPE_TYPES
 RUNTIME_FIELDS = ("name", "dtype", "param_dtype", "remat", "attention")
 
 
-class ConfigError(JloraError, ValueError):
+class ModelConfigError(JloraError, ValueError):
     """A model config that cannot describe a model jlora runs; the message is one line."""
 
 
@@ -63,17 +63,17 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise ModelConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}")
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in DTYPES:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
+                raise ModelConfigError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
         if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+            raise ModelConfigError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.attention not in attn.TRAIN_IMPLS:
-            raise ConfigError(f"attention={self.attention!r}: expected one of {', '.join(attn.TRAIN_IMPLS)}")
+            raise ModelConfigError(f"attention={self.attention!r}: expected one of {', '.join(attn.TRAIN_IMPLS)}")
         if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(f"rope_scaling type {self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+            raise ModelConfigError(f"rope_scaling type {self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
 
     @property
     def rope_type(self) -> str:

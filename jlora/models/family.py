@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jlora.models.config import ConfigError, ModelConfig
+from jlora.models.config import ModelConfig, ModelConfigError
+from jlora.parallel.sharding import add_rules
 
 Path = tuple[str, ...]
 
@@ -74,10 +75,11 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
-    """Add a family to the registry (its config class's `family` is its key)."""
+    """Add a family to the registry (its config class's `family` is its key), and its sharding rules to the table."""
     if family.config.family != family.name:
         raise ValueError(f"family {family.name!r}: its config class says {family.config.family!r}")
     _FAMILIES[family.name] = family
+    add_rules(family.sharding_rules)
     return family
 
 
@@ -96,7 +98,7 @@ def family_of(cfg: ModelConfig) -> Family:
     try:
         return _FAMILIES[type(cfg).family]
     except KeyError:
-        raise ConfigError(f"{type(cfg).__name__} belongs to no registered family") from None
+        raise ModelConfigError(f"{type(cfg).__name__} belongs to no registered family") from None
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -112,7 +114,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
             return fam.config.from_hf_config(hf, **overrides)
     archs = hf.get("architectures")
     known = ", ".join(t for f in _FAMILIES.values() for t in f.hf_model_types)
-    raise ConfigError(f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs {known}")
+    raise ModelConfigError(f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs {known}")
 
 
 def family_of_gguf(meta: dict) -> Family:
@@ -121,7 +123,7 @@ def family_of_gguf(meta: dict) -> Family:
         if arch in fam.gguf_architectures:
             return fam
     known = ", ".join(repr(a) for f in _FAMILIES.values() for a in f.gguf_architectures)
-    raise ConfigError(f"unsupported GGUF architecture {arch!r}; jlora runs {known}")
+    raise ModelConfigError(f"unsupported GGUF architecture {arch!r}; jlora runs {known}")
 
 
 def presets() -> dict[str, ModelConfig]:
@@ -143,3 +145,14 @@ def param_shapes(cfg: ModelConfig) -> dict:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
     """A zeroed KV cache for the model's `decode=True` calls."""
     return family_of(cfg).init_cache(cfg, batch, max_len, dtype)
+
+
+def family_of_params(params: dict) -> Family:
+    """The family whose weight table names every param of `params` (a params tree of one of its models)."""
+    from flax import traverse_util
+
+    paths = set(traverse_util.flatten_dict(params, is_leaf=lambda _, x: not isinstance(x, dict)))
+    for fam in families().values():
+        if paths and paths <= set(fam.renames):
+            return fam
+    raise ModelConfigError("these params belong to no registered family (name LoraConfig.targets explicitly)")

@@ -2,9 +2,8 @@
 
 Owns `make_mesh`, the ONE ordered rules table (`RULES`: regex over a dotted param path ->
 PartitionSpec of the per-layer leaf, first match wins, no match is an error), and the specs and
-shardings derived from it for the frozen tree, the trainable tree (`LoraPair` A takes its
-kernel's input-dim spec, B its output-dim spec, the rank dim is replicated), the optimizer state
-(mirrors the trainable tree) and batches (rows over ('data', 'fsdp')). A rule's axis that does
+shardings derived from it for the frozen tree, the optimizer state (mirrors the trainable tree, whose
+specs jlora.peft.placement derives) and batches (rows over ('data', 'fsdp')). A rule's axis that does
 not divide its dim moves to another dim of the leaf that it divides; a frozen leaf over 1 MiB that
 still ends up replicated over fsdp or tensor is an error (`ReplicationError`) unless allowed.
 Also owns the one activation-constraint helper, `constrain`: the model names its activation dims
@@ -28,7 +27,7 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora.peft.routing import LoraPair
+from jlora.errors import JloraError
 from jlora.quant.quantize import FORMATS, QuantizedKernel, is_quantized
 
 log = logging.getLogger(__name__)
@@ -36,19 +35,17 @@ log = logging.getLogger(__name__)
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over both: FSDP is data parallel with sharded weights
 
-# Specs of the per-layer leaf; a layer-stacked leaf ([L, ...]) gets leading None for its extra dims.
-# Flax kernels are [in, out]: column-parallel layers split `out` over tensor, row-parallel ones `in`.
-RULES: tuple[tuple[str, P], ...] = (
-    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [V, D]
-    (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [D, V]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P("fsdp", "tensor")),  # [D, out]
-    (r"(o_proj|down_proj)\.kernel$", P("tensor", "fsdp")),  # [in, D]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", P("tensor")),  # [out]
-    (r"(o_proj|down_proj)\.bias$", P(None)),  # [D]
-    (r"norm\.weight$", P(None)),  # RMSNorm scales [D]: tiny, replicated
-    (r"self_attn\.adaption_prompt$", P(None, None)),  # LLaMA-Adapter prompts [len, D]: small, replicated
-    (r"self_attn\.adaption_gate$", P(None)),  # LLaMA-Adapter gate [1]
-)
+# The ordered rules table: regex over a dotted param path -> spec of the per-layer leaf (a layer-stacked
+# leaf [L, ...] gets leading None for its extra dims), first match wins. Families and methods add theirs
+# (`add_rules`) when they are imported: jlora.models.family.register adds a family's, a method its own.
+RULES: list[tuple[str, P]] = []
+
+
+def add_rules(rules) -> None:
+    """Append (regex, PartitionSpec) rules to the table; one already there is not added again."""
+    for rule in rules:
+        if rule not in RULES:
+            RULES.append(tuple(rule))
 
 
 # Logical activation dims -> mesh axes. Batch rows are split like the batch itself; with tensor > 1
@@ -61,7 +58,7 @@ REPLICATION_LIMIT_BYTES = 1 << 20
 _WARNED: set[str] = set()
 
 
-class ShardingError(ValueError):
+class ShardingError(JloraError, ValueError):
     """A parameter no rule covers, or a mesh that does not fit the devices; one line."""
 
 
@@ -121,7 +118,7 @@ def _rule(name: str) -> P:
     for pattern, spec in RULES:
         if re.search(pattern, name):
             return spec
-    raise ShardingError(f"no sharding rule matches parameter {name!r}; add one to jlora.parallel.sharding.RULES")
+    raise ShardingError(f"no sharding rule matches parameter {name!r}; add one to its family's sharding_rules")
 
 
 def rule_spec(name: str, ndim: int) -> P:
@@ -132,7 +129,7 @@ def rule_spec(name: str, ndim: int) -> P:
     return P(*((None,) * (ndim - len(spec)) + tuple(spec)))
 
 
-def _leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[str]]:
+def leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[str]]:
     """(fitted spec, mesh axes of size > 1 the rule wanted but could not place) of one full leaf.
     Axes move only among the leaf's own dims, never onto the stacked layer dim the scan slices."""
     wanted = rule_spec(name, len(shape))
@@ -141,7 +138,7 @@ def _leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[s
     return got, [a for axes in wanted for a in _names(axes) if a not in have and mesh.shape[a] > 1]
 
 
-def _dotted(path: tuple) -> str:
+def dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
@@ -153,13 +150,13 @@ def param_specs(params, mesh: Mesh, allow_replication: bool = False):
     specs, lost = {}, []
     for k, v in traverse_util.flatten_dict(params).items():
         if is_quantized(v):
-            specs[k], axes = _quantized_spec(_dotted(k), v, mesh)
+            specs[k], axes = _quantized_spec(dotted(k), v, mesh)
             nbytes = v.nbytes
         else:
-            specs[k], axes = _leaf_spec(_dotted(k), tuple(v.shape), mesh)
+            specs[k], axes = leaf_spec(dotted(k), tuple(v.shape), mesh)
             nbytes = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
         if axes and nbytes > REPLICATION_LIMIT_BYTES:
-            lost.append((nbytes, _dotted(k), tuple(v.shape), axes))
+            lost.append((nbytes, dotted(k), tuple(v.shape), axes))
     if lost:
         nbytes, name, shape, axes = max(lost)
         sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
@@ -182,44 +179,10 @@ def _quantized_spec(name: str, q: QuantizedKernel, mesh: Mesh) -> tuple[Quantize
     trailing = FORMATS[q.fmt].trailing
     biggest = max(q.fields, key=lambda k: int(np.prod(q.fields[k].shape)))
     for key, f in q.fields.items():
-        spec, axes = _leaf_spec(name, tuple(f.shape[: f.ndim - trailing[key]]), mesh)
+        spec, axes = leaf_spec(name, tuple(f.shape[: f.ndim - trailing[key]]), mesh)
         fields[key] = P(*spec, *(None,) * trailing[key])
         lost = axes if key == biggest else lost
     return q.replace(fields=fields), lost
-
-
-def _pair_specs(path: tuple, pair: LoraPair, mesh: Mesh) -> LoraPair:
-    """A LoraPair of specs: A [*S, in, R] gets the kernel's input spec, B [*S, R, out] its output spec."""
-    name = _dotted(path)
-    lay = pair.layout
-    stack = lay.stack
-    kernel_spec = rule_spec(name, stack + 2)  # the kernel as [*S, in, out]
-    s_in, s_out = kernel_spec[stack], kernel_spec[stack + 1]
-    if lay.kind not in ("dense", "embed"):
-        # an einsum / DenseGeneral kernel's in or out is several dims flattened: no single axis fits
-        log.debug("%s: %s kernel; LoRA pair replicated", name, lay.kind)
-        s_in = s_out = None
-    lead = (None,) * stack
-    a = fit_spec(P(*lead, s_in, None), pair.a.shape, mesh, name + ".a")
-    b = fit_spec(P(*lead, None, s_out), pair.b.shape, mesh, name + ".b")
-    m = None if pair.magnitude is None else fit_spec(P(*lead, s_out), pair.magnitude.shape, mesh, name + ".magnitude")
-    return pair.replace(a=a, b=b, magnitude=m)
-
-
-def _is_pair(x) -> bool:
-    return isinstance(x, LoraPair)
-
-
-def trainable_specs(trainable, mesh: Mesh):
-    """Specs with the trainable tree's exact structure: LoraPair nodes of specs, full leaves by rule."""
-    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: _is_pair(x))
-    out = {}
-    for path, leaf in flat.items():
-        if _is_pair(leaf):
-            out[path] = _pair_specs(path, leaf, mesh)
-        else:
-            out[path] = _leaf_spec(_dotted(path), tuple(leaf.shape), mesh)[0]
-    return traverse_util.unflatten_dict(out)
 
 
 def opt_state_specs(optimizer: optax.GradientTransformation, opt_state, trainable_spec_tree):
@@ -287,19 +250,14 @@ def shard_params(params, mesh: Mesh, allow_replication: bool = False):
 
     Each device receives only its slice (`make_array_from_callback`), so on several hosts every
     host reads just what its devices hold."""
-    return jax.tree.map(_put, params, to_shardings(mesh, param_specs(params, mesh, allow_replication)))
+    return jax.tree.map(put, params, to_shardings(mesh, param_specs(params, mesh, allow_replication)))
 
 
-def _put(x, sh: NamedSharding) -> jax.Array:
+def put(x, sh: NamedSharding) -> jax.Array:
     if isinstance(x, jax.Array) and x.sharding == sh:
         return x
     x = np.asarray(x)  # a host copy that every process holds: each device takes its slice
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-
-def shard_trainable(trainable, mesh: Mesh):
-    """Place a trainable tree (LoraPair nodes) on the mesh by `trainable_specs`."""
-    return jax.tree.map(_put, trainable, to_shardings(mesh, trainable_specs(trainable, mesh)))
 
 
 def describe_mesh(mesh: Mesh) -> str:

@@ -23,15 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora.errors import JloraError
+from jax.sharding import PartitionSpec as P
+
+from jlora.parallel.sharding import add_rules
 from jlora.quant.quantize import dense_value
 
 PROMPT, GATE = "adaption_prompt", "adaption_gate"
+# Prompts [len, D] and gates [1] are small: replicated on every device
+add_rules(((r"\.adaption_prompt$", P(None, None)), (r"\.adaption_gate$", P(None))))
 ATTENTION = ("layers", "self_attn")  # where the scanned attention modules' variables live
 HOOK = "extra_attention"  # the Attention method (jlora.models.llama.model) the routing intercepts
 START_LAYER = 2  # lit-llama's adapter_start_layer: with layers=None every layer from the third on is adapted
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(JloraError, ValueError):
     """A bad LLaMA-Adapter setting or a tree that does not fit; the message is one line naming the key."""
 
 
@@ -70,7 +76,11 @@ def model_layers(params) -> int:
 
 
 def _hidden_size(params) -> int:
-    return int(params["embed_tokens"]["embedding"].shape[-1])
+    """D, from the token embedding [V, D] (the one top-level `embedding` leaf)."""
+    for module in params.values():
+        if isinstance(module, dict) and "embedding" in module:
+            return int(module["embedding"].shape[-1])
+    raise AdapterConfigError("LLaMA-Adapter needs a params tree with a token embedding")
 
 
 def split(params, acfg: AdapterConfig, key: jax.Array) -> tuple[Any, dict]:
@@ -159,9 +169,11 @@ def prompt_interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     q = args[0] if args else kwargs["q"]
     params = module.variables["params"]
-    k_proj, v_proj = _projection(params, "k_proj"), _projection(params, "v_proj")
+    names = getattr(module, "kv_projections", ())  # the attention module names its key and value projections
+    k_proj, v_proj = (_projection(params, n) for n in names) if len(names) == 2 else (None, None)
     if k_proj is None or v_proj is None:
-        raise AdapterConfigError(f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's k_proj and v_proj")
+        raise AdapterConfigError(f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's key and value "
+                                 f"projections {names or '(the attention module names none)'}")
     extra = prompt_attention(q, params[PROMPT], params[GATE], k_proj, v_proj, module.cfg.num_key_value_heads)
     return out + extra.astype(out.dtype)
 

@@ -37,7 +37,9 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # module names, regexes, or "all-linear"
+    # module names, regexes, or "all-linear"; None: the base family's default (PEFT's, e.g. the query and
+    # value projections), which `jlora.split` and a run fill in from the model
+    targets: tuple[str, ...] | str | None = None
     exclude: tuple[str, ...] = ()
     layers: tuple[int, ...] | None = None  # subset of scanned layer indices; None = all
     rank_pattern: tuple[tuple[str, int], ...] = ()
@@ -75,10 +77,10 @@ class LoraConfig:
         for key, value in self.alpha_pattern:
             if not float(value) > 0:
                 raise LoraError(f"alpha_pattern[{key!r}] must be > 0, got {value!r}")
-        if not self.targets and not self.train_extra:
+        if self.targets is not None and not self.targets and not self.train_extra:
             raise LoraError("LoraConfig trains nothing: give targets or train_extra")
         # every pattern compiles now, so a typo is one line naming its key rather than an re.error mid-split
-        regexes = [("targets", t) for t in (() if self.targets == "all-linear" else self.targets)]
+        regexes = [("targets", t) for t in (() if self.targets in ("all-linear", None) else self.targets)]
         regexes += [("exclude", e) for e in self.exclude]
         regexes += [(name, k) for name in ("rank_pattern", "alpha_pattern") for k, _ in getattr(self, name)]
         regexes += [("train_extra", self.train_extra)] if self.train_extra else []
@@ -88,6 +90,10 @@ class LoraConfig:
             except re.error as e:
                 raise LoraError(f"{key}: {regex!r} is not a valid regex ({e}); escape special characters "
                                 f"with a backslash") from None
+
+    def with_default_targets(self, targets: tuple[str, ...]) -> "LoraConfig":
+        """This config, with `targets` (a family's default) where it names none."""
+        return self if self.targets is not None else dataclasses.replace(self, targets=tuple(targets))
 
     def scale(self, rank: int, alpha: float) -> float:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
@@ -124,7 +130,8 @@ def select_targets(params, lcfg: LoraConfig, layouts: dict[tuple, KernelLayout] 
     chosen = {}
     targets = lcfg.targets
     if targets == "all-linear":
-        chosen = {p: l for p, l in layouts.items() if l.kind != "embed" and p[-2] != "lm_head"}
+        # every linear layer of the blocks: PEFT's all-linear leaves out the output head (a top-level kernel)
+        chosen = {p: l for p, l in layouts.items() if l.kind != "embed" and l.stack}
     else:
         for target in targets:
             hits = [path for name, path in modules.items() if _name_matches(target, name)]
@@ -205,6 +212,9 @@ def split(params, lcfg: LoraConfig | AdapterConfig, key: jax.Array, *, layouts: 
     if isinstance(lcfg, AdapterConfig):
         return llama_adapter.split(params, lcfg, key)
     flat = traverse_util.flatten_dict(params)
+    if lcfg.targets is None:
+        raise LoraError("LoraConfig.targets is unset: name the modules to adapt, or call jlora.split, which "
+                        "takes the base family's default targets")
     chosen = select_targets(params, lcfg, layouts) if lcfg.targets else {}
     _check_patterns_match(lcfg, {p: l.stack_shape(flat[p].shape) for p, l in chosen.items()})
     trainable, frozen = {}, dict(flat)
@@ -310,9 +320,10 @@ def merge_for_inference(params, trainable, *, tie_word_embeddings: bool = False)
     for path, leaf in _flat_trainable(trainable).items():
         if not isinstance(leaf, LoraPair):
             flat.pop(path, None)
-        elif tie_word_embeddings and path == ("embed_tokens", "embedding"):
-            raise LoraError("cannot merge an embed_tokens adapter into a model with tied embeddings: the tied "
-                            "lm_head would change too, which the unmerged model does not do; run it unmerged")
+        elif tie_word_embeddings and leaf.layout.kind == "embed":
+            raise LoraError(f"cannot merge an adapter of the embedding {_dotted(path[:-1])} into a model with tied "
+                            f"embeddings: the tied output head would change too, which the unmerged model does not "
+                            f"do; run it unmerged")
     return merge(traverse_util.unflatten_dict(flat), trainable)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
+from jlora.errors import JloraError
 from jlora.peft import llama_adapter
 from jlora.models.fused import route_parts
 from jlora.quant.quantize import dense_value, quantized_call
@@ -27,7 +28,7 @@ from jlora.quant.quantize import dense_value, quantized_call
 COLLECTION = "lora"
 
 
-class LoraError(ValueError):
+class LoraError(JloraError, ValueError):
     """Bad LoRA configuration or mismatched trees; the message is one line."""
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from flax import struct, traverse_util
 from flax.core import meta
 
+from jlora.errors import JloraError
+
 METHODS = ("none", "int8", "nf4", "gguf")
 NF4_BLOCK = 64
 # The 16 NormalFloat-4 values of the QLoRA paper (Dettmers et al. 2023, appendix E): quantiles of
@@ -36,7 +38,7 @@ NF4_CODE = np.array([
     0.7229568362236328, 1.0], np.float32)
 
 
-class QuantizeError(ValueError):
+class QuantizeError(JloraError, ValueError):
     """A leaf that cannot be quantized as asked, or an unknown format; one line naming it."""
 
 
@@ -306,14 +308,17 @@ def requantize_like(q: QuantizedKernel, w: jax.Array) -> QuantizedKernel:
     return quantize_leaf(w, method, q.axis, double_quant=q.fmt == "nf4-dq")
 
 
-HEAD_PATHS = (("embed_tokens", "embedding"), ("lm_head", "kernel"))
+def is_head(path: tuple) -> bool:
+    """Whether param `path` is the token embedding or the output head: a kernel or embedding outside the
+    layer stack ("layers"), whatever the family calls it."""
+    return path[0] != "layers" and path[-1] in ("kernel", "embedding")
 
 
 def leaf_method(path: tuple, method: str, head: str = "int8") -> str:
     """The method one leaf gets: the embedding and the output head in `head` ("int8" by default, as llama.cpp's
     Q4 files keep token_embd in Q8_0: a tied embedding is the head too, the most sensitive matmul), the rest in
     `method`."""
-    return head if tuple(path[-2:]) in HEAD_PATHS else method
+    return head if is_head(tuple(path)) else method
 
 
 def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, head: str = "int8",

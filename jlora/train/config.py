@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from jlora.errors import JloraError
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 
@@ -36,7 +37,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"), list("-+0123456789."))
 
 
-class ConfigError(ValueError):
+class ConfigError(JloraError, ValueError):
     """A bad config. The message names the dotted key; `load` adds the file or --set argument."""
 
     def __init__(self, msg: str, key: str | None = None):
@@ -76,8 +77,8 @@ class ModelConfig(_Section):
     from the "tiny" preset with `seed` (its vocab_size follows the tokenizer unless overridden)."""
 
     path: str
-    preset: str | None = None  # a jlora.models.llama.model.PRESETS name: a random model of that shape
-    overrides: tuple[tuple[str, bool | int | float | str], ...] = ()  # LlamaConfig fields, YAML {k: v}
+    preset: str | None = None  # a preset name (jlora.PRESETS): a random model of that shape
+    overrides: tuple[tuple[str, bool | int | float | str], ...] = ()  # model config fields, YAML {k: v}
     seed: int = 0  # init of a random model
     dtype: Dtype = "float32"  # compute
     param_dtype: Dtype = "float32"  # storage of the frozen weights

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from jlora.errors import JloraError
 from jlora.train import data_stream
 from jlora.train.config import DataConfig, RunConfig
 
@@ -37,7 +38,7 @@ ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo
 
 
-class DataError(ValueError):
+class DataError(JloraError, ValueError):
     """Bad or empty data; the message names the file and line (or record)."""
 
 

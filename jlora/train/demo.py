@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,11 +32,12 @@ from tqdm.auto import tqdm
 from jlora.train.config import ConfigError, RunConfig, load
 from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.infer.generate import Generator
-from jlora.models.llama.model import Llama, init_params
+from jlora.models.family import build_model, init_params
 from jlora.peft.lora import count_params
 from jlora.train.provenance import load_average, provenance
 from jlora.parallel.sharding import make_mesh, shard_params
-from jlora.train.loop import build_model, evaluate, load_tok, run_cli, train
+from jlora.train.builders import load_base, load_tok, method_config
+from jlora.train.loop import evaluate, train
 from jlora.train.step import TrainState, make_eval_step
 from jlora.formats.weights import WeightsError, hub_name, resolve_model_path
 
@@ -129,7 +131,7 @@ def answers_match(pred: str, ref: str) -> bool:
     return got == want
 
 
-def score(model: Llama, frozen, trainable, items: list[EvalItem], tok, batch: int = 64) -> tuple[float, list[str]]:
+def score(model: nn.Module, frozen, trainable, items: list[EvalItem], tok, batch: int = 64) -> tuple[float, list[str]]:
     """(exact-match accuracy, decoded greedy answers) over `items`, generated `batch` prompts at a time."""
     cfg = model.cfg
     eos = sorted({*(np.atleast_1d(cfg.eos_token_id).tolist() if cfg.eos_token_id is not None else []),
@@ -161,7 +163,7 @@ class _WithBar:
                     unit="batch", dynamic_ncols=True)
 
 
-def held_out_loss(model: Llama, state: TrainState, val_it: Batches) -> float:
+def held_out_loss(model: nn.Module, state: TrainState, val_it: Batches) -> float:
     """Mean loss per trained token over all batches of `val_it` (the trainer's own eval step)."""
     return evaluate(make_eval_step(model, state), state, _WithBar(val_it, "held-out loss"), 0)[0]
 
@@ -213,10 +215,10 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
 
     say(f"Evaluating the base model on {len(items)} held-out examples ...")
     t0 = time.perf_counter()
-    cfg, params = build_model(run, tok)
+    cfg, params = load_base(run, tok)
     if params is None:  # a random preset: the weights init_state makes from the same seed
         params = init_params(cfg, jax.random.key(run.model.seed))
-    model = Llama(cfg)
+    model = build_model(cfg)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     base_state = TrainState(shard_params(params, mesh), {}, None, mesh)
     base = {"loss": held_out_loss(model, base_state, val_it)}
@@ -238,7 +240,7 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
 
     out_dir = pathlib.Path(run.output_dir)
     peft_dir = out_dir / "peft"
-    export_peft(peft_dir, jax.device_get(state.trainable), run.method_config, cfg, base_name=hub_name(run.model.path))
+    export_peft(peft_dir, jax.device_get(state.trainable), method_config(run, cfg), cfg, base_name=hub_name(run.model.path))
     plot_msg = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     result = {"bench": "demo", "command": command, **started, "method": run.method,
               "trainable_params": count_params(state.trainable), "peak_rss_bytes": peak_rss_bytes(),
@@ -288,29 +290,3 @@ def report(result: dict[str, Any]) -> str:
 def _one_line(s: str, width: int = 110) -> str:
     s = " ".join(s.split()) or "(empty)"
     return s if len(s) <= width else s[: width - 3] + "..."
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=20 (repeatable)")
-    p.add_argument("--eval-limit", type=int, default=DEFAULT_EVAL_LIMIT, metavar="N",
-                   help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)")
-    a = p.parse_args(argv)
-    if a.eval_limit < 0:
-        p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
-
-    def job():
-        if not pathlib.Path(a.config).is_file():
-            raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
-                              "or pass --config)")
-        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None,
-                 command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]))
-
-    return run_cli("jlora-demo", job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,8 @@ from jlora.checkpoint import store as ckpt
 from jlora.train.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.train.data import ByteTokenizer, DataError, make_batches
 from jlora.checkpoint.fingerprint import fingerprint
-from jlora.models.llama.model import PRESETS, Llama, LlamaConfig
+from jlora.models.family import build_model
+from jlora.train.builders import load_base, load_tok, method_config
 from jlora.peft.llama_adapter import AdapterConfigError
 from jlora.peft.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
 from jlora.train.metrics_log import MetricsLog
@@ -36,8 +37,7 @@ from jlora.parallel.sharding import BATCH_AXES, ShardingError, describe_mesh, ma
 from jlora.formats.tokenizer import TokenizerError
 from jlora.train.step import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
                            make_train_step, put_batch, quantize_frozen)
-from jlora.formats.weights import WeightsError, load_pretrained, resolve_model_path
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -65,55 +65,6 @@ def init_distributed(setting: bool | str = "auto") -> bool:
         msg = " ".join(str(e).split())[:300]
         raise ConfigError(f"jax.distributed.initialize() failed: {msg}", "mesh.distributed") from None
     return True
-
-
-def load_tok(run: RunConfig):
-    """The run's tokenizer; ByteTokenizer for a random model without one."""
-    path = run.tokenizer_path
-    if path is None:
-        return ByteTokenizer()
-    from jlora.formats.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve_model_path(path))
-
-
-def model_overrides(run: RunConfig) -> dict[str, Any]:
-    """The LlamaConfig fields the run sets on top of the base model's: model.overrides, train.remat,
-    and the blocked attention kernel for packed rows (cuDNN's mask is causal + per-row lengths)."""
-    overrides = {"remat": run.train.remat, **dict(run.model.overrides)}
-    if run.data.packing:
-        if overrides.get("attention") == "cudnn":
-            raise ConfigError("attention 'cudnn' cannot keep packed rows apart; use 'auto' or 'blocked'",
-                              "model.overrides")
-        overrides["attention"] = "blocked"
-    return overrides
-
-
-def build_model(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[LlamaConfig, Any]:
-    """(config, params) of the base model, or (config, None) for a random preset ("tiny"). With a
-    `mesh`, an HF checkpoint is read per host straight onto it (each process reads only its share);
-    otherwise params are host numpy arrays."""
-    m = run.model
-    overrides = model_overrides(run)
-    common = {"dtype": m.dtype, "param_dtype": m.param_dtype}
-    if m.path == "tiny" or m.preset:
-        name = m.preset or "tiny"
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}", "model.preset")
-        if m.path == "tiny" and "vocab_size" not in overrides:  # follow the tokenizer, padded to shard evenly
-            overrides["vocab_size"] = -(-tok.vocab_size // 64) * 64
-        try:
-            return PRESETS[name].replace(**common, **overrides), None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{e}", "model.overrides") from None
-
-    if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
-        kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
-        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept)
-    else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
-        cfg, params = load_pretrained_sharded(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                              specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication))
-    return cfg.replace(**overrides), params
 
 
 def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, float]:
@@ -151,7 +102,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     out_dir = pathlib.Path(run.output_dir)
     tok = load_tok(run)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
-    cfg, params = build_model(run, tok, mesh)
+    cfg, params = load_base(run, tok, mesh)
+    method = method_config(run, cfg)
     train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
                                            process_count=jax.process_count(), model_vocab=cfg.vocab_size)
     steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
@@ -162,7 +114,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
 
     optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
     key = jax.random.key(run.train.seed)
-    state = init_state(cfg, run.method_config, mesh, jax.random.fold_in(key, 0), optimizer, params,
+    state = init_state(cfg, method, mesh, jax.random.fold_in(key, 0), optimizer, params,
                        model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
     # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
     initial = jax.tree.map(jnp.copy, state.trainable) if run.method == "lora" and run.lora.init == "pissa" else None
@@ -172,13 +124,13 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
         fingerprint_src = fingerprint(state.frozen)
         quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
-    meta = ckpt.make_metadata(run.method_config, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
+    meta = ckpt.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume
     if want_resume:
         abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
                     "data": train_it.state(), "rng": rng}
-        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=run.method_config,
+        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=method,
                                        data_stream=train_it.identity)
         if restored is None and resume:
             raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
@@ -203,7 +155,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         for line in run_warnings(run, steps, train_it.steps_per_epoch * run.train.global_batch):
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    model = Llama(cfg)
+    model = build_model(cfg)
     step_fn = make_train_step(model, optimizer, state)
     eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
     metrics_log = MetricsLog(out_dir, main_proc)
@@ -271,7 +223,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         if bar is not None:
             bar.close()
         metrics_log.close()
-    adapter_lcfg, adapter, adapter_print = run.method_config, state.trainable, fingerprint_src
+    adapter_lcfg, adapter, adapter_print = method, state.trainable, fingerprint_src
     if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
         adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
         adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
@@ -283,67 +235,3 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     say(f"done: {steps - start} steps, final loss {final}, adapter in {out_dir / 'adapter'}")
     summary["state"] = state
     return summary
-
-
-EXPECTED_ERRORS = (ConfigError, DataError, LoraError, AdapterConfigError, ShardingError, ckpt.CheckpointError, WeightsError,
-                   RunDirError, TokenizerError, FileNotFoundError)
-
-
-def run_cli(prog: str, job: Callable[[], Any]) -> int:
-    """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr
-    for a bad input (EXPECTED_ERRORS)."""
-    try:
-        job()
-    except NonFiniteError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
-    except EXPECTED_ERRORS as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full or read-only disk mid-run: the file and the cause, not a traceback
-        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
-    p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in output_dir (an error if there is none)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over; refused if output_dir holds checkpoints of an earlier run (see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over, first moving an earlier run in output_dir aside to <output_dir>.old-<time>")
-    p.add_argument("--plan", action="store_true",
-                   help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
-                        "communication and which accelerators it fits (last line: PLAN: {json})")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="with --plan: devices to plan for (default: the mesh's product)")
-    args = p.parse_args(argv)
-    if args.resume and (args.no_resume or args.overwrite):
-        p.error("--resume continues the run in output_dir; it cannot go with --no-resume or --overwrite")
-    return args
-
-
-def plan_main(run: RunConfig, devices: int | None) -> None:
-    """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices."""
-    from jlora.train import plan
-    plan.use_fake_devices(plan.plan_devices(run, devices))
-    print(plan.report(plan.plan(run)), flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
-    args = parse_args(argv)
-    if args.plan:
-        return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
-    resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
-    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume,
-                                                overwrite=args.overwrite))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,14 +50,14 @@ def plan_devices(run: RunConfig, devices: int | None) -> int:
 
 
 def model_config(run: RunConfig):
-    """The base model's LlamaConfig without reading weights: a preset, "tiny", an HF checkpoint's
+    """The base model's config without reading weights: a preset, "tiny", an HF checkpoint's
     config.json (and safetensors headers), or a GGUF file (small models: loaded whole)."""
-    from jlora.train.loop import build_model, load_tok, model_overrides
+    from jlora.train.builders import load_base, load_tok, model_overrides
     from jlora.formats.weights import hf_checkpoint, load_pretrained, resolve_model_path
 
     m = run.model
     if m.path == "tiny" or m.preset:
-        return build_model(run, load_tok(run) if m.path == "tiny" else None)[0]
+        return load_base(run, load_tok(run) if m.path == "tiny" else None)[0]
     try:
         path = pathlib.Path(resolve_model_path(m.path))
     except ValueError as e:
@@ -96,13 +96,15 @@ def quantized_shapes(run: RunConfig, frozen):
 
 
 def compile_step(run: RunConfig, devices: list | None = None):
-    """(compiled train step, its TrainState of ShapeDtypeStructs, LlamaConfig, optimizer) for `run` on the current
+    """(compiled train step, its TrainState of ShapeDtypeStructs, model config, optimizer) for `run` on the current
     devices (or `devices`): the real `make_train_step`, lowered for abstract inputs, so no weight is
     materialised."""
     import jax
     import jax.numpy as jnp
 
-    from jlora.models.llama.model import Llama, param_shapes
+    from jlora.train.builders import method_config
+
+    from jlora.models.family import build_model, param_shapes
     from jlora.parallel.sharding import BATCH_AXES, make_mesh
     from jlora.train.step import BATCH_KEYS, TrainState, make_optimizer, make_train_step, split_for_training
 
@@ -114,12 +116,12 @@ def compile_step(run: RunConfig, devices: list | None = None):
                           "train.micro_batch")
     optimizer, _ = make_optimizer(run.optim, run.train.steps or 1000, run.train.max_nonfinite)
     key = jax.random.key(0)
-    frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, run.method_config), param_shapes(cfg), key)
+    frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, method_config(run, cfg)), param_shapes(cfg), key)
     frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
     shape = (run.train.grad_accum, run.train.micro_batch, run.data.max_seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
-    step = make_train_step(Llama(cfg), optimizer, state)
+    step = make_train_step(build_model(cfg), optimizer, state)
     compiled = step.lower(frozen, trainable, state.opt_state, batch, key).compile()
     return compiled, state, cfg, optimizer
 

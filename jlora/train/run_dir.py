@@ -24,10 +24,12 @@ import shutil
 import time
 from typing import Callable, Iterator
 
+from jlora.errors import JloraError
+
 LOCK_FILE = ".lock"
 
 
-class RunDirError(ValueError):
+class RunDirError(JloraError, ValueError):
     """An output_dir that cannot be used for this run; one-line message naming it and the fix."""
 
 

@@ -23,18 +23,23 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jlora.errors import JloraError
 from jlora.train.config import OptimConfig
-from jlora.models.llama.model import DTYPES, LlamaConfig, init_params
+from jlora.models.layers import DTYPES
+from jlora.models.config import ModelConfig
+from jlora.models.family import family_of
+from jlora.models.family import init_params
 from jlora.peft.lora import LoraConfig, LoraPair, split
 from jlora.peft.routing import apply
 from jlora.quant.quantize import dense_value, leaf_encoder
-from jlora.parallel.sharding import (BATCH_AXES, activation_sharding, batch_spec, constrain, opt_state_specs, param_specs,
-                            shard_init, shard_params, shard_trainable, shards, to_shardings, trainable_specs)
+from jlora.parallel.sharding import (BATCH_AXES, activation_sharding, batch_spec, constrain, opt_state_specs,
+                                     param_specs, shard_init, shard_params, shards, to_shardings)
+from jlora.peft.placement import shard_trainable, trainable_specs
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(JloraError, RuntimeError):
     """Too many non-finite steps in a row: training diverged."""
 
 
@@ -116,9 +121,9 @@ def _chunked_ce_bwd(tied, chunk, dh, g):
 chunked_cross_entropy.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def _frozen_head(cfg: LlamaConfig, frozen, trainable) -> jax.Array | None:
+def _frozen_head(cfg: ModelConfig, frozen, trainable) -> jax.Array | None:
     """The output projection, if it is frozen and not adapted (else None: the plain logits path)."""
-    path = ("embed_tokens", "embedding") if cfg.tie_word_embeddings else ("lm_head", "kernel")
+    path = family_of(cfg).head_path(cfg)
     flat_t = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
     if path in flat_t:
         return None
@@ -229,7 +234,7 @@ def split_for_training(params, key: jax.Array, lcfg: LoraConfig):
                                 is_leaf=lambda x: isinstance(x, LoraPair))
 
 
-def init_state(cfg: LlamaConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, optimizer: optax.GradientTransformation,
+def init_state(cfg: ModelConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, optimizer: optax.GradientTransformation,
                params: Any = None, model_key: jax.Array | None = None, allow_replication: bool = False) -> TrainState:
     """Sharded (frozen, trainable, opt_state). params: host (numpy) weights or arrays already on the
     mesh, or None for a random model from `model_key`. Shapes come from eval_shape and every array
@@ -375,10 +380,3 @@ def check_nonfinite(metrics: dict, max_nonfinite: int, step: int) -> None:
     if run >= max_nonfinite:
         raise NonFiniteError(f"step {step}: {run} steps in a row had non-finite gradients (train.max_nonfinite="
                              f"{max_nonfinite}); stopping. Lower optim.lr, or check the data")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`jlora-train --config X.yaml [--set k=v ...] [--resume]`: see jlora.train.loop.main."""
-    from jlora.train.loop import main as loop_main  # imported here: the loop imports this module
-
-    return loop_main(argv)

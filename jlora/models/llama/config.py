@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jlora.models.config import RUNTIME_FIELDS, ConfigError, ModelConfig
+from jlora.models.config import RUNTIME_FIELDS, ModelConfigError, ModelConfig
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -29,12 +29,12 @@ class LlamaConfig(ModelConfig):
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral") or not any(a in SUPPORTED_ARCHS for a in archs):
-            raise ConfigError(f"unsupported architecture {archs} (model_type {model_type!r}); "
+            raise ModelConfigError(f"unsupported architecture {archs} (model_type {model_type!r}); "
                               f"jlora runs LlamaForCausalLM")
         window = hf.get("sliding_window")
         context = hf.get("max_position_embeddings", cls.max_position_embeddings)
         if window is not None and window < context:  # Mistral v0.1: jlora's attention would see past the window
-            raise ConfigError(f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
+            raise ModelConfigError(f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
                               f"sliding-window attention; up to {window} tokens the model is the same, so set "
                               f"max_position_embeddings to {window} to use it that far")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -74,7 +74,7 @@ class LlamaConfig(ModelConfig):
         the file's tensor names (which say whether the head is tied and which projections have biases)."""
         arch = meta.get("general.architecture")
         if arch != "llama":
-            raise ConfigError(f"unsupported GGUF architecture {arch!r}; jlora runs 'llama'")
+            raise ModelConfigError(f"unsupported GGUF architecture {arch!r}; jlora runs 'llama'")
         if tensors:
             overrides.setdefault("tie_word_embeddings", "output.weight" not in tensors)
             overrides.setdefault("attention_bias", "blk.0.attn_q.bias" in tensors)
