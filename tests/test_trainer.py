@@ -288,7 +288,6 @@ print("LOSSES " + json.dumps(losses), flush=True)
 
 def _tree_shapes():
     from jlora.models.family import param_shapes
-    from jlora.peft.lora import 
     from jlora import split
     return jax.eval_shape(lambda p: split(p, LCFG, jax.random.key(1)), param_shapes(CFG))
 

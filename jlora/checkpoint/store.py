@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Callable
 import pathlib
 
 import jax
@@ -26,7 +27,6 @@ from flax import traverse_util
 
 from jlora.errors import JloraError
 from jlora.checkpoint.atomic_dir import replace_dir
-from jlora.train.data_stream import stream_change
 from jlora.checkpoint.fingerprint import fingerprint, mismatch
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
@@ -100,7 +100,7 @@ def _describe_tree(trainable) -> dict:
 def make_metadata(lcfg: LoraConfig | AdapterConfig, base: ModelConfig, params=None, run_config: dict | None = None,
                   data_stream: dict | None = None) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
-    for a training checkpoint also `data_stream` (jlora.train.data_stream.stream_identity), which a resume must match."""
+    for a training checkpoint also `data_stream` (the data's identity), which a resume must match."""
     meta = {
         "jlora_version": _version(),
         **_method_meta(lcfg),
@@ -111,19 +111,6 @@ def make_metadata(lcfg: LoraConfig | AdapterConfig, base: ModelConfig, params=No
     if data_stream is not None:
         meta["data_stream"] = json.loads(json.dumps(data_stream))
     return meta
-
-
-def check_data_stream(meta: dict, data_stream: dict, *, where: str) -> None:
-    """Raise CheckpointError unless the checkpoint's data stream continues as `data_stream` from its
-    position; the message names the setting that changed (old -> new) and how to start over."""
-    saved = meta.get("data_stream")
-    if saved is None:
-        raise CheckpointError(f"{where}: made by an older jlora that did not record its data stream, so a resume "
-                              f"cannot be checked; start over (jlora-train --overwrite)")
-    change = stream_change(saved, data_stream)
-    if change is not None:
-        raise CheckpointError(f"{where}: cannot resume: {change} changed since this checkpoint, and with it the "
-                              f"rows each step trains on; set it back, or start over (jlora-train --overwrite)")
 
 
 def check_base(meta: dict, base: ModelConfig | None, params=None, *, where: str) -> None:
@@ -266,12 +253,14 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: ModelConfig | None = None,
-                   params=None, lcfg: LoraConfig | None = None, data_stream: dict | None = None) -> dict | None:
+                   params=None, lcfg: LoraConfig | None = None,
+                   check: Callable[[dict, str], None] | None = None) -> dict | None:
     """The latest checkpoint restored into `abstract_state`'s structure, shardings and dtypes, or None.
 
     `abstract_state` is the state as `save_checkpoint` got it, or `jax.eval_shape` of it (with
-    shardings, to restore onto a mesh). With base/params/lcfg/data_stream, a checkpoint made for
-    another base model, LoRA config or data stream is refused. Values come back bit-identical.
+    shardings, to restore onto a mesh). With base/params/lcfg, a checkpoint made for another base model or
+    LoRA config is refused; `check(metadata, where)` may refuse it for other reasons (a changed data stream,
+    jlora.train.data_stream.check_resume) before anything is read. Values come back bit-identical.
     """
     step = manager.latest_step()
     if step is None:
@@ -281,8 +270,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     check_base(meta, base, params, where=where)
     if lcfg is not None:
         check_lora_config(meta, lcfg, where=where)
-    if data_stream is not None:
-        check_data_stream(meta, data_stream, where=where)
+    if check is not None:
+        check(meta, where)
     target = restore_target(abstract_state)
     item_meta = _guarded(lambda: manager.item_metadata(step)["state"], CheckpointError,
                          f"{where}: truncated or corrupt checkpoint")

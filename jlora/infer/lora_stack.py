@@ -21,10 +21,9 @@ import numpy as np
 from flax import struct, traverse_util
 
 from jlora.errors import JloraError
-from jlora.models.fused import route_parts
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of
-from jlora.peft.routing import LoraPair
+from jlora.peft.routing import LoraPair, route_parts
 from jlora.quant.quantize import quantized_call
 
 

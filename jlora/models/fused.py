@@ -8,13 +8,11 @@ The parts stay ordinary `nn.Dense` modules of the caller: the params tree keeps 
 A part whose kernel is not a plain array (a quantized one) makes the call run part by part.
 
 Method interceptors written for single nn.Dense calls (LoRA routing, per-row adapter stacks) see a
-fused call part by part through `route_parts`. This module knows nothing about what they add.
+fused call part by part (jlora.peft.routing.route_parts): a fused module shows them its `parts` and
+whether a call is `fused()`. This module knows nothing about what they add.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -61,28 +59,3 @@ class FusedDense(nn.Module):
         if self.parts[0].use_bias:
             y = y + joined("bias").astype(y.dtype)
         return tuple(jnp.split(y, np.cumsum([p.features for p in self.parts])[:-1], axis=-1))
-
-
-@dataclasses.dataclass(frozen=True)
-class PartCall:
-    """What an interceptor needs of flax's InterceptorContext, for one part of a fused call."""
-
-    module: nn.Module
-    method_name: str = "__call__"
-
-
-def route_parts(route: Callable) -> Callable:
-    """Wrap a flax method interceptor written for single nn.Dense calls so it also serves FusedDense.
-
-    A fused call runs its one matmul, then `route` sees each part as a call of that part whose own
-    computation returns the part's slice. An unfused call needs nothing: its parts' own calls are
-    intercepted like any other."""
-    def wrapped(next_fun, args, kwargs, context):
-        module = context.module
-        if not isinstance(module, FusedDense) or context.method_name != "__call__" or not module.fused():
-            return route(next_fun, args, kwargs, context)
-        outs = next_fun(*args, **kwargs)
-        return tuple(route(lambda *_a, y=y, **_k: y, args, kwargs, PartCall(part))
-                     for part, y in zip(module.parts, outs))
-
-    return wrapped

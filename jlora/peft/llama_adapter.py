@@ -140,7 +140,7 @@ def _projection(variables: dict, name: str) -> dict | None:
     return None
 
 
-def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, k_proj: dict, v_proj: dict,
+def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, key: dict, value: dict,
                      n_kv: int) -> jax.Array:
     """gate * softmax(q . pk / sqrt(H)) @ pv [B,T,N,H] for queries q [B,T,N,H], prompts [P,D], gate [1],
     pk / pv = the prompts through the frozen k/v projections [P,K,H]; query head n reads kv head n // G."""
@@ -153,7 +153,7 @@ def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, k_proj: d
             y = y + proj["bias"].astype(dt)
         return y.reshape(prompt.shape[0], n_kv, h)  # [P,K,H]
 
-    pk, pv = project(k_proj), project(v_proj)
+    pk, pv = project(key), project(value)
     qg = q.reshape(b, t, n_kv, n // n_kv, h)  # [B,T,K,G,H]
     scores = jnp.einsum("btkgh,pkh->btkgp", qg, pk) / math.sqrt(h)  # [B,T,K,G,P]
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt) * gate.astype(dt)  # PEFT: fp32 softmax
@@ -170,11 +170,11 @@ def prompt_interceptor(next_fun, args, kwargs, context):
     q = args[0] if args else kwargs["q"]
     params = module.variables["params"]
     names = getattr(module, "kv_projections", ())  # the attention module names its key and value projections
-    k_proj, v_proj = (_projection(params, n) for n in names) if len(names) == 2 else (None, None)
-    if k_proj is None or v_proj is None:
+    key, value = (_projection(params, n) for n in names) if len(names) == 2 else (None, None)
+    if key is None or value is None:
         raise AdapterConfigError(f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's key and value "
                                  f"projections {names or '(the attention module names none)'}")
-    extra = prompt_attention(q, params[PROMPT], params[GATE], k_proj, v_proj, module.cfg.num_key_value_heads)
+    extra = prompt_attention(q, params[PROMPT], params[GATE], key, value, module.cfg.num_key_value_heads)
     return out + extra.astype(out.dtype)
 
 

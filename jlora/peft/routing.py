@@ -11,6 +11,8 @@ and never sees `W + A@B`. The pairs travel into the model as an extra variable c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dataclasses
 from typing import Any
 
@@ -22,10 +24,35 @@ from flax import struct, traverse_util
 
 from jlora.errors import JloraError
 from jlora.peft import llama_adapter
-from jlora.models.fused import route_parts
 from jlora.quant.quantize import dense_value, quantized_call
 
 COLLECTION = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class PartCall:
+    """What an interceptor needs of flax's InterceptorContext, for one part of a fused call."""
+
+    module: nn.Module
+    method_name: str = "__call__"
+
+
+def route_parts(route: Callable) -> Callable:
+    """Wrap a flax method interceptor written for single nn.Dense calls so it also serves FusedDense.
+
+    A fused call runs its one matmul, then `route` sees each part as a call of that part whose own
+    computation returns the part's slice. An unfused call needs nothing: its parts' own calls are
+    intercepted like any other."""
+    def wrapped(next_fun, args, kwargs, context):
+        module = context.module
+        parts = getattr(module, "parts", None)  # a fused module (jlora.models.fused.FusedDense) shows its parts
+        if parts is None or context.method_name != "__call__" or not module.fused():
+            return route(next_fun, args, kwargs, context)
+        outs = next_fun(*args, **kwargs)
+        return tuple(route(lambda *_a, y=y, **_k: y, args, kwargs, PartCall(part))
+                     for part, y in zip(parts, outs))
+
+    return wrapped
 
 
 class LoraError(JloraError, ValueError):

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from jlora.errors import JloraError
 from jlora.train import data_stream
+from jlora.train.examples import ByteTokenizer, DataError, Example, TokenizerLike
 from jlora.train.config import DataConfig, RunConfig
 
 # The Stanford Alpaca prompts (with / without an input), which lit-llama and alpaca-lora also use.
@@ -36,45 +36,6 @@ ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")  # what chat templates render; anything else is a typo
-
-
-class DataError(JloraError, ValueError):
-    """Bad or empty data; the message names the file and line (or record)."""
-
-
-class TokenizerLike(Protocol):
-    """What this module needs of a jlora.formats.tokenizer.Tokenizer (or ByteTokenizer)."""
-
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-
-    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]: ...
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 3..258 after pad=0, bos=1, eos=2 (vocab 259), for random tiny models."""
-
-    pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
-
-    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
-        ids = [b + 3 for b in text.encode("utf-8")]
-        return [self.bos_id] * (add_bos is not False) + ids + [self.eos_id] * add_eos
-
-    def decode(self, ids: Sequence[int], **_: Any) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
-        return text + ("<|assistant|>\n" if add_generation_prompt else "")
-
-
-class Example(NamedTuple):
-    """One tokenized example: ids [n] int32, and mask [n] bool (token i is trained as a target)."""
-
-    ids: np.ndarray
-    mask: np.ndarray
 
 
 @dataclasses.dataclass

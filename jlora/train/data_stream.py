@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from jlora.checkpoint.store import CheckpointError
 from jlora.train.config import RunConfig
+from jlora.train.examples import DataError, Example, TokenizerLike
 
-if TYPE_CHECKING:  # jlora.train.data imports this module
-    from jlora.train.data import Example, TokenizerLike
 
 
 # What can make the examples differ, most specific first: the first that changed names the cause.
@@ -35,8 +33,6 @@ def file_sha256(path: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     except OSError as e:
-        from jlora.train.data import DataError  # here: jlora.train.data imports this module
-
         raise DataError(f"{path}: cannot read data file: {e}") from None
     return h.hexdigest()
 
@@ -98,3 +94,16 @@ def stream_change(saved: dict, now: dict) -> str | None:
             cause = next((k for k in CAUSE_KEYS if saved.get(k) != now.get(k)), None)
             return show(cause) if cause else f"the tokenized {examples.replace('_', ' ')} (same settings)"
     return None
+
+
+def check_resume(meta: dict, where: str, data_stream: dict) -> None:
+    """Raise CheckpointError unless the checkpoint's data stream continues as `data_stream` from its
+    position; the message names the setting that changed (old -> new) and how to start over."""
+    saved = meta.get("data_stream")
+    if saved is None:
+        raise CheckpointError(f"{where}: made by an older jlora that did not record its data stream, so a resume "
+                              f"cannot be checked; start over (jlora-train --overwrite)")
+    change = stream_change(saved, data_stream)
+    if change is not None:
+        raise CheckpointError(f"{where}: cannot resume: {change} changed since this checkpoint, and with it the "
+                              f"rows each step trains on; set it back, or start over (jlora-train --overwrite)")

@@ -9,6 +9,7 @@ jlora.parallel.sharding; files on disk are jlora.checkpoint.store. Only process 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from jlora.checkpoint import store as ckpt
 from jlora.train.config import ConfigError, RunConfig, load, run_warnings, to_dict
 from jlora.train.data import ByteTokenizer, DataError, make_batches
+from jlora.train.data_stream import check_resume
 from jlora.checkpoint.fingerprint import fingerprint
 from jlora.models.family import build_model
 from jlora.train.builders import load_base, load_tok, method_config
@@ -131,7 +133,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
                     "data": train_it.state(), "rng": rng}
         restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=method,
-                                       data_stream=train_it.identity)
+                                       check=functools.partial(check_resume, data_stream=train_it.identity))
         if restored is None and resume:
             raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
         if restored is not None:

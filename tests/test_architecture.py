@@ -1,0 +1,93 @@
+"""The package's structure: one seam for model families, and dependencies that run one way.
+
+Outside its family folder, no module names a LLaMA parameter or imports LlamaConfig: the rest of jlora asks
+the family record (jlora.models.family). The public namespace (jlora/__init__.py) re-exports each family's
+names and is the one exception. Import direction is checked by import-linter (pyproject.toml, `lint-imports`).
+"""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+import jlora
+from jlora.models.family import families
+from jlora.models.llama import FAMILY as LLAMA
+
+ROOT = pathlib.Path(jlora.__file__).parent
+FAMILY_DIR = ROOT / "models" / "llama"
+
+
+def _llama_names() -> set[str]:
+    """LLaMA's module names, read from its own weight table: embed_tokens, q_proj, input_layernorm, lm_head, ..."""
+    names = {part for path, _, _ in LLAMA.weights for part in path.split("/")[:-1]}
+    # the layer stack, HF's submodule names every family shares, and "norm", a word as much as a name
+    return names - {"layers", "self_attn", "mlp", "norm"}
+
+
+_DOCSTRINGS: set[int] = set()
+
+
+def _is_docstring(node: ast.Constant) -> bool:
+    return id(node) in _DOCSTRINGS
+
+
+def _mark_docstrings(tree: ast.AST) -> None:
+    """Docstrings may mention a family as an example; code and other strings may not."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                _DOCSTRINGS.add(id(first.value))
+
+
+def _check(source: str) -> list[str]:
+    tree = ast.parse(source)
+    _mark_docstrings(tree)
+    found, names = [], _llama_names()
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not _is_docstring(node):
+            hit = pattern.search(node.value)
+            if hit:
+                found.append(f"{node.lineno}: {hit.group(1)!r} in a string")
+        elif isinstance(node, ast.Name) and pattern.fullmatch(node.id):
+            found.append(f"{node.lineno}: name {node.id}")
+        elif isinstance(node, ast.ImportFrom) and any(a.name == "LlamaConfig" for a in node.names):
+            found.append(f"{node.lineno}: imports LlamaConfig")
+    return found
+
+
+def _modules_outside_the_family():
+    for path in sorted(ROOT.rglob("*.py")):
+        if FAMILY_DIR in path.parents or path == ROOT / "__init__.py":
+            continue
+        yield path
+
+
+def test_no_module_outside_the_family_folder_names_a_llama_parameter():
+    bad = {str(p.relative_to(ROOT.parent)): v for p in _modules_outside_the_family() if (v := _check(p.read_text()))}
+    assert not bad, f"LLaMA parameter names outside jlora/models/llama/ (ask the family record instead): {bad}"
+
+
+@pytest.mark.parametrize("line", ['HEAD = ("lm_head", "kernel")', "from jlora.models.llama import LlamaConfig",
+                                  'if path[-2] in ("q_proj", "k_proj"):\n    pass', "x = embed_tokens"])
+def test_the_check_catches_a_llama_name_put_back(line):
+    assert _check(line), line
+
+
+def test_llama_is_registered_and_its_record_covers_its_params():
+    from flax import traverse_util
+
+    assert families()["llama"] is LLAMA
+    cfg = jlora.PRESETS["tiny"]
+    paths = set(traverse_util.flatten_dict(jlora.param_shapes(cfg)))
+    assert paths <= set(LLAMA.renames)
+    assert LLAMA.head in paths and LLAMA.embed in paths
+    for name, lin in LLAMA.linear.items():
+        kernel = jlora.param_shapes(cfg)["layers"]
+        for key in lin.path:
+            kernel = kernel[key]
+        assert tuple(kernel["kernel"].shape[1:]) == lin.shape(cfg), name
+    assert isinstance(jlora.build_model(cfg), jlora.Llama)
