@@ -91,3 +91,32 @@ def test_llama_is_registered_and_its_record_covers_its_params():
             kernel = kernel[key]
         assert tuple(kernel["kernel"].shape[1:]) == lin.shape(cfg), name
     assert isinstance(jlora.build_model(cfg), jlora.Llama)
+
+
+def _private_imports(source: str) -> list[str]:
+    """Private names (a leading underscore) imported from another jlora module, or read off one."""
+    tree, found, modules = ast.parse(source), [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jlora"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("jlora")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in modules:
+                found.append(f"{node.lineno}: {base.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_crosses_a_module():
+    bad = {str(p.relative_to(ROOT.parent)): v for p in sorted(ROOT.rglob("*.py")) if (v := _private_imports(p.read_text()))}
+    assert not bad, f"private names used outside their module (make them public, or move the code): {bad}"
+
+
+def test_the_private_check_catches_one():
+    assert _private_imports("from jlora.infer.generate import _sample")
+    assert _private_imports("from jlora.checkpoint import store as ckpt\nckpt._guarded(1)")

@@ -32,7 +32,7 @@ from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import KernelLayout, LoraPair
-from jlora.train.run_dir import allocated_bytes, disk_errors, ensure_free_space
+from jlora.checkpoint.run_dir import allocated_bytes, disk_errors, ensure_free_space
 from jlora.checkpoint.tree_storage import from_storage, restore_target, to_storage
 
 STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")

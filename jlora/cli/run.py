@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jlora.errors import JloraError
-from jlora.train.run_dir import os_error_line
+from jlora.checkpoint.run_dir import os_error_line
 from jlora.train.step import NonFiniteError
 
 

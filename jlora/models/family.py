@@ -84,17 +84,12 @@ def register(family: Family) -> Family:
 
 
 def families() -> dict[str, Family]:
-    _load_builtin()
+    """Every registered family, by name (the built-in ones register when jlora.models is imported)."""
     return dict(_FAMILIES)
-
-
-def _load_builtin() -> None:
-    from jlora.models import llama  # noqa: F401  (registers itself)
 
 
 def family_of(cfg: ModelConfig) -> Family:
     """The family record of a config."""
-    _load_builtin()
     try:
         return _FAMILIES[type(cfg).family]
     except KeyError:

@@ -34,7 +34,7 @@ from jlora.train.builders import load_base, load_tok, method_config
 from jlora.peft.llama_adapter import AdapterConfigError
 from jlora.peft.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
 from jlora.train.metrics_log import MetricsLog
-from jlora.train.run_dir import RunDirError, claim, os_error_line
+from jlora.checkpoint.run_dir import RunDirError, claim, os_error_line
 from jlora.parallel.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
 from jlora.formats.tokenizer import TokenizerError
 from jlora.train.step import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
@@ -86,7 +86,7 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False,
 
     resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
     requires one; False starts over, which an output_dir holding checkpoints refuses unless
-    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.train.run_dir)."""
+    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir)."""
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
     with claim(run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0,
