@@ -9,7 +9,7 @@ gpu_train.py, will_it_fit.py) writes docs/results/<bench>.json itself: {"bench",
 ratio = jlora / peer_value. `jlora-demo` writes runs/<name>/demo_results.json with the same provenance;
 `--add FILE` copies such a file (or a gpu_train.json from a GPU machine) into docs/results/, and refuses
 one that does not say where and when it was measured. A section without a result file says "Not run":
-no figure on the page is typed in by hand (DESIGN.md, "Honest records").
+no figure on the page is typed in by hand (docs/architecture.md, "Honest records").
 Usage: python bench/report.py [--run NAME ...] [--add FILE ...] [--check]
 """
 

@@ -1,6 +1,6 @@
 """Will the shipped big configs fit? `jlora-train --plan` for each, on the device counts they are for.
 
-Each case runs `python -m jlora.train.loop --config C --plan --devices N` in its own process (the
+Each case runs `python -m jlora.cli.train --config C --plan --devices N` in its own process (the
 fake CPU devices are fixed at process start) with the base model's shape from a preset, since the
 checkpoints are not on this machine. Writes docs/results/will_it_fit.json: the commit, date, machine
 and load average, then per case the command and its PLAN figures; bench/report.py renders it as the
@@ -37,7 +37,7 @@ CASES = [
 
 
 def run_case(config: str, devices: int, preset: str, extra: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "jlora.train.loop", "--config", config, "--plan", "--devices", str(devices),
+    cmd = [sys.executable, "-m", "jlora.cli.train", "--config", config, "--plan", "--devices", str(devices),
            "--set", f"model.preset={preset}"]
     for s in extra:
         cmd += ["--set", s]

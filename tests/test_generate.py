@@ -180,7 +180,7 @@ def test_cli_streams_text(tiny, adapter, tmp_path):
     adapter_dir = tmp_path / "adapter"
     save_adapter(adapter_dir, trainable, jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")),
                  base=CFG.replace(bos_token_id=1, eos_token_id=2))
-    cli = [sys.executable, "-c", "import sys; from jlora.infer.generate import main; sys.exit(main())"]  # jlora-generate
+    cli = [sys.executable, "-c", "import sys; from jlora.cli.generate import main; sys.exit(main())"]  # jlora-generate
     args = [*cli, "--model", model_dir, "--adapter", str(adapter_dir),
             "--prompt", "hello world", "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "50", "--seed", "1"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=240)
@@ -260,7 +260,7 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("embed_tokens", "q_proj"))
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(1))
     save_adapter(tmp_path / "adapter", trainable, lcfg, base=tied.replace(bos_token_id=1, eos_token_id=2))
-    gen = [sys.executable, "-c", "import sys; from jlora.infer.generate import main; sys.exit(main())"]  # jlora-generate
+    gen = [sys.executable, "-c", "import sys; from jlora.cli.generate import main; sys.exit(main())"]  # jlora-generate
     merge = [sys.executable, "-c", "import sys; from jlora.cli.adapters import merge_main; sys.exit(merge_main())"]
     common = ["--model", model_dir, "--adapter", str(tmp_path / "adapter")]
     runs = {"generate --merge": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2", "--merge"],

@@ -176,8 +176,8 @@ def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_pat
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
     trainable, loss = _memorise(model, frozen, trainable, prompt, target, steps=12)
     n = len(target)
-    ours = jlora.infer.generate(model, frozen, trainable, [prompt], max_new_tokens=n, eos_id=())[0]
-    ours_base = jlora.infer.generate(model, frozen, None, [prompt], max_new_tokens=n, eos_id=())[0]
+    ours = jlora.generate(model, frozen, trainable, [prompt], max_new_tokens=n, eos_id=())[0]
+    ours_base = jlora.generate(model, frozen, None, [prompt], max_new_tokens=n, eos_id=())[0]
     assert ours == target, (loss, tok.decode(ours))
 
     adapter = tmp_path / "adapter"

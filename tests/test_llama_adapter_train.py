@@ -141,9 +141,9 @@ def test_generate_cli_runs_the_adapter_and_refuses_merge(tmp_path):
     _, trainable = jlora.split(params, AdapterConfig(len=4, layers=1), jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.3, trainable)
     jlora.save_adapter(tmp_path / "adapter", trainable, AdapterConfig(len=4, layers=1), cfg)
-    out = jlora.infer.generate(jlora.Llama(cfg), params, load_adapter(tmp_path / "adapter", base=cfg)[1], [[1, 2, 3]],
+    out = jlora.generate(jlora.Llama(cfg), params, load_adapter(tmp_path / "adapter", base=cfg)[1], [[1, 2, 3]],
                          max_new_tokens=8, eos_id=())
-    assert out != jlora.infer.generate(jlora.Llama(cfg), params, None, [[1, 2, 3]], max_new_tokens=8, eos_id=())
+    assert out != jlora.generate(jlora.Llama(cfg), params, None, [[1, 2, 3]], max_new_tokens=8, eos_id=())
     merged = subprocess.run([script("jlora-generate"), "--model", str(tmp_path / "base"), "--adapter",
                              str(tmp_path / "adapter"), "--merge", "--prompt", "hi"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)

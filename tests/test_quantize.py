@@ -279,8 +279,8 @@ def test_generate_and_adapter_checkpoints_work_on_a_quantized_base(params, tmp_p
     frozen, trainable = jlora.split(q, lcfg, jax.random.key(3))
     trainable = randomize(trainable, std=0.3)
     model, prompts = Llama(CFG), [[5, 9, 33, 2], [7, 7]]
-    ours = jlora.infer.generate(model, frozen, trainable, prompts, max_new_tokens=6, temperature=0.0)
-    dense = jlora.infer.generate(model, _dequantized(frozen), trainable, prompts, max_new_tokens=6, temperature=0.0)
+    ours = jlora.generate(model, frozen, trainable, prompts, max_new_tokens=6, temperature=0.0)
+    dense = jlora.generate(model, _dequantized(frozen), trainable, prompts, max_new_tokens=6, temperature=0.0)
     assert [list(map(int, o)) for o in ours] == [list(map(int, o)) for o in dense]
     jlora.save_adapter(tmp_path / "adapter", trainable, lcfg, base=CFG, params=frozen)
     _, loaded = jlora.load_adapter(tmp_path / "adapter", base=CFG, params=frozen)

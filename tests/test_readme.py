@@ -24,7 +24,7 @@ def test_readme_python_api_snippet_runs_as_written(smollm2_gguf, tmp_path):
     code = python_api_snippet()
     for name in ("load_pretrained", "load_tokenizer", "Llama", "LoraConfig", "split", "apply", "merge",
                  "causal_lm_loss", "make_train_step", "save_adapter", "load_adapter", "export_peft", "import_peft",
-                 "generate"):  # DESIGN.md's API
+                 "generate"):  # the README's API (docs/architecture.md)
         assert f"jlora.{name}(" in code, name
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path)}
     env.pop("XLA_FLAGS", None)  # one device, as a user's script gets

@@ -84,7 +84,7 @@ def test_tensor_parallel_step_reduces_only_per_layer_activations(one_device):
 def test_plan_line_reports_what_the_compiler_says(tmp_path):
     """`jlora-train --plan` on the tiny config (a fresh process with 8 fake devices) prints a PLAN line
     whose memory figures equal memory_analysis() of the same step compiled here."""
-    out = subprocess.run([sys.executable, "-m", "jlora.train.loop", "--config", "configs/tiny-cpu.yaml", "--plan",
+    out = subprocess.run([sys.executable, "-m", "jlora.cli.train", "--config", "configs/tiny-cpu.yaml", "--plan",
                           "--devices", "8", "--set", "mesh.fsdp=4", "--set", "mesh.data=2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -107,7 +107,7 @@ def test_plan_line_reports_what_the_compiler_says(tmp_path):
 
 
 def test_plan_refuses_a_mesh_with_a_free_size_without_devices():
-    out = subprocess.run([sys.executable, "-m", "jlora.train.loop", "--config", "configs/llama3-8b-lora.yaml",
+    out = subprocess.run([sys.executable, "-m", "jlora.cli.train", "--config", "configs/llama3-8b-lora.yaml",
                           "--plan"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--devices N" in out.stderr, out.stderr
 

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.parallel import sharding as S
+from jlora.peft.placement import trainable_specs
 from jlora.models.llama import PRESETS
 from jlora.models.family import param_shapes
 from jlora.peft.lora import LoraConfig, LoraPair
@@ -47,7 +48,7 @@ def test_every_preset_is_split_over_fsdp_and_tensor(name, meshes):
         norms = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                     for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0] if "norm" in jax.tree_util.keystr(path))
         assert local <= total / split_over + norms, (name, dict(mesh.shape), local, total)
-        t_specs = S.trainable_specs(trainable, mesh)
+        t_specs = trainable_specs(trainable, mesh)
         _per_device_bytes(trainable, t_specs, mesh)
         _per_device_bytes(opt_shapes, S.opt_state_specs(opt, opt_shapes, t_specs), mesh)
 
@@ -90,7 +91,7 @@ def test_lora_pairs_take_their_kernel_dims_and_replicate_rank():
     mesh = S.make_mesh(2, 2, 2)
     shapes = param_shapes(PRESETS["llama3.2-1b"])
     _, trainable = jax.eval_shape(lambda p: split(p, LoraConfig(targets="all-linear"), jax.random.key(0)), shapes)
-    specs = S.trainable_specs(trainable, mesh)
+    specs = trainable_specs(trainable, mesh)
     q, o = specs["layers"]["self_attn"]["q_proj"]["kernel"], specs["layers"]["self_attn"]["o_proj"]["kernel"]
     assert isinstance(q, LoraPair)
     assert (q.a, q.b) == (P(None, "fsdp", None), P(None, None, "tensor"))

@@ -16,6 +16,10 @@ from jlora.checkpoint.run_dir import os_error_line
 from jlora.train.step import NonFiniteError
 
 
+class UsageError(JloraError, ValueError):
+    """Command-line arguments that do not go together; one line."""
+
+
 def run_cli(prog: str, job: Callable[[], Any]) -> int:
     """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr for a bad input."""
     try:

@@ -9,16 +9,13 @@ text. Every refusal is an OpenAI-style JSON error with its 4xx status; the queue
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import pathlib
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 
-import uvicorn
 from flax import traverse_util
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -345,61 +342,23 @@ def build_app(server: Server) -> Starlette:
                                                         Exception: internal})
 
 
-def _adapter_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name_ok(name) or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR with a plain name, got {text!r}")
-    return name, path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`jlora-serve`: load the base and adapters, then serve until interrupted."""
-    ap = argparse.ArgumentParser(prog="jlora-serve", description="OpenAI-compatible server: one base, many adapters.")
-    ap.add_argument("--model", required=True, help='HF checkpoint dir, .gguf file, or "smollm2-135m"')
-    ap.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=DIR",
-                    help="an adapter to serve as model NAME (jlora or HF PEFT dir; repeatable)")
-    ap.add_argument("--name", help="the base model's name in the API (default: the model path's name)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
-    ap.add_argument("--max-len", type=int, default=1024, help="context per row: prompt + max_tokens (KV cache slots)")
-    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 429")
-    ap.add_argument("--max-adapters", type=int, default=8, help="adapter slots (hot-loading fills free ones)")
-    ap.add_argument("--max-rank", type=int, default=16, help="largest adapter rank the slots hold")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
-    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    ap.add_argument("--allow-adapter-loading", action="store_true", help="enable POST/DELETE /v1/adapters")
-    ap.add_argument("--adapter-dir", help="the only directory adapters may be hot-loaded from")
-    args = ap.parse_args(argv)
-    try:
-        if args.allow_adapter_loading and not args.adapter_dir:
-            raise ValueError("--allow-adapter-loading needs --adapter-dir DIR, the directory adapters may come from")
-        for flag in ("max_batch", "max_len", "max_queue", "max_adapters", "max_rank"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-        path = resolve_model_path(args.model)
-        cfg, params = load_pretrained(path)
-        tok = load_tokenizer(path)
-        adapters = {name: load_adapter_dir(d, cfg, params) for name, d in args.adapter}
-        rank = max([args.max_rank, *(max_rank_of(t) for t in adapters.values())])
-        stack = AdapterStack(cfg, max(args.max_adapters, len(adapters)), rank)
-        for name, tree in adapters.items():
-            stack.add(name, tree)
-        eos = sorted({*eos_list(None, cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
-        engine = Engine(Generator(build_model(cfg), params, stack=stack), max_batch=args.max_batch,
-                        max_len=min(args.max_len, cfg.max_position_embeddings), max_queue=args.max_queue, eos=eos,
-                        tokenizer=tok)
-        base_name = args.name or pathlib.Path(str(args.model).rstrip("/")).name
-        adapter_dir = pathlib.Path(args.adapter_dir).resolve() if args.allow_adapter_loading else None
-        server = Server(engine, tok, base_name, cfg=cfg, params=params, max_body=args.max_body_bytes,
-                        timeout=args.timeout, adapter_dir=adapter_dir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jlora-serve: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"jlora-serve: serving {', '.join(server.names())} on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def build_server(model: str, adapters: Sequence[tuple[str, str]] = (), *, name: str | None = None,
+                 max_batch: int = 16, max_len: int = 1024, max_queue: int = 64, max_adapters: int = 8,
+                 max_rank: int = 16, timeout: float = 600.0, max_body_bytes: int = 1 << 20,
+                 adapter_dir: str | None = None) -> Server:
+    """A `Server` for base `model` (a path or an alias) with `adapters` [(NAME, DIR)] loaded; with `adapter_dir`,
+    adapters may also be hot-loaded from that directory (and only from it)."""
+    path = resolve_model_path(model)
+    cfg, params = load_pretrained(path)
+    tok = load_tokenizer(path)
+    loaded = {n: load_adapter_dir(d, cfg, params) for n, d in adapters}
+    rank = max([max_rank, *(max_rank_of(t) for t in loaded.values())])
+    stack = AdapterStack(cfg, max(max_adapters, len(loaded)), rank)
+    for n, tree in loaded.items():
+        stack.add(n, tree)
+    eos = sorted({*eos_list(None, cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
+    engine = Engine(Generator(build_model(cfg), params, stack=stack), max_batch=max_batch,
+                    max_len=min(max_len, cfg.max_position_embeddings), max_queue=max_queue, eos=eos, tokenizer=tok)
+    base_name = name or pathlib.Path(str(model).rstrip("/")).name
+    return Server(engine, tok, base_name, cfg=cfg, params=params, max_body=max_body_bytes, timeout=timeout,
+                  adapter_dir=pathlib.Path(adapter_dir).resolve() if adapter_dir else None)

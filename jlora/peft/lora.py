@@ -37,9 +37,9 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # module names, regexes, or "all-linear"; None: the base family's default (PEFT's, e.g. the query and
-    # value projections), which `jlora.split` and a run fill in from the model
-    targets: tuple[str, ...] | str | None = None
+    # module names, regexes, or "all-linear". Left unset (None), the base family's default (PEFT's: the
+    # query and value projections), which `jlora.split` and a run fill in; a config file cannot write None.
+    targets: tuple[str, ...] | str = None
     exclude: tuple[str, ...] = ()
     layers: tuple[int, ...] | None = None  # subset of scanned layer indices; None = all
     rank_pattern: tuple[tuple[str, int], ...] = ()

@@ -50,22 +50,6 @@ def trainable_specs(trainable, mesh: Mesh):
         if _is_pair(leaf):
             out[path] = _pair_specs(path, leaf, mesh)
         else:
-            out[path] = _leaf_spec(dotted(path), tuple(leaf.shape), mesh)[0]
-    return traverse_util.unflatten_dict(out)
-
-
-def _is_pair(x) -> bool:
-    return isinstance(x, LoraPair)
-
-
-def trainable_specs(trainable, mesh: Mesh):
-    """Specs with the trainable tree's exact structure: LoraPair nodes of specs, full leaves by rule."""
-    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: _is_pair(x))
-    out = {}
-    for path, leaf in flat.items():
-        if _is_pair(leaf):
-            out[path] = _pair_specs(path, leaf, mesh)
-        else:
             out[path] = leaf_spec(dotted(path), tuple(leaf.shape), mesh)[0]
     return traverse_util.unflatten_dict(out)
 

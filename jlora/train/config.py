@@ -350,7 +350,9 @@ def _build(cls: type, raw: Mapping, prefix: str) -> Any:
     for name, f in fields.items():
         if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{prefix}{name}'")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    # a field's own default is always a valid value (LoraConfig.targets: None means the family's default)
+    kwargs = {k: v if v is None and fields[k].default is None else _coerce(v, hints[k], prefix + k)
+              for k, v in raw.items()}
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -2,7 +2,7 @@
 
 Every result file that a benchmark (bench/*.py) or `jlora-demo` writes carries these fields, and
 bench/report.py builds docs/benchmarks.md only from such files: no figure on that page or in the
-README is typed in by hand (DESIGN.md, "Honest records"). This module only describes the run; what
+README is typed in by hand (docs/architecture.md, "Honest records"). This module only describes the run; what
 was measured, and where the file goes, is the writer's business.
 """
 
