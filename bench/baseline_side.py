@@ -49,8 +49,15 @@ class SideProcess:
             env["PYTHONPATH"] = os.pathsep.join([jlora_from, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.label, self.checkout = label, pathlib.Path(jlora_from or ROOT).resolve()
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty side cannot block on it
-        self.proc = subprocess.Popen([sys.executable, script, "--side", side], cwd=ROOT, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.proc = subprocess.Popen(
+            [sys.executable, script, "--side", side],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+        )
         self.info: dict | None = None
         self._send(setup)
 
@@ -96,7 +103,7 @@ class SideProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                return json.loads(line[len(PREFIX):])
+                return json.loads(line[len(PREFIX) :])
         self._fail("exited without an answer")
 
     def _stop(self) -> int:
@@ -116,8 +123,10 @@ class SideProcess:
         """Stop the side and exit this process with the side's last stderr."""
         code = self._stop()
         self.stderr.seek(0)
-        sys.exit(f"{pathlib.Path(self.proc.args[1]).stem}: the {self.label} side {why} (exit {code}):\n"
-                 f"{self.stderr.read()[-3000:]}")
+        sys.exit(
+            f"{pathlib.Path(self.proc.args[1]).stem}: the {self.label} side {why} (exit {code}):\n"
+            f"{self.stderr.read()[-3000:]}"
+        )
 
 
 def serve_side(start: Callable[[dict], tuple[dict, Handler]]) -> None:

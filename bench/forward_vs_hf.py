@@ -20,22 +20,21 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch's default
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import peft  # noqa: E402
-import transformers  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import peft
+import torch
+import transformers
 
-import jlora  # noqa: E402
-from jlora.models.llama import Llama  # noqa: E402
-from jlora.formats.peft_adapter import export_peft  # noqa: E402
-from jlora.train.provenance import provenance, write_result  # noqa: E402
-from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402
-
+import jlora
+from jlora.formats.peft_adapter import export_peft
+from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.models.llama import Llama
+from jlora.train.provenance import provenance, write_result
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 
@@ -51,7 +50,7 @@ def random_adapter(cfg, params, rank: int = 16):
     """(LoraConfig, trainable) on every linear layer, with B nonzero so the adapter changes the logits."""
     lcfg = jlora.LoraConfig(rank=rank, alpha=2.0 * rank, targets="all-linear")
     _, trainable = jlora.split(params, lcfg, jax.random.key(0))
-    fill = lambda p: p.replace(b=0.02 * jax.random.normal(jax.random.key(1), p.b.shape, p.b.dtype))  # noqa: E731
+    fill = lambda p: p.replace(b=0.02 * jax.random.normal(jax.random.key(1), p.b.shape, p.b.dtype))
     return lcfg, jax.tree.map(fill, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
 
 
@@ -96,14 +95,19 @@ def main() -> None:
         export_peft(adapter_dir, jax.device_get(trainable), lcfg, cfg)
         hf_lora = peft.PeftModel.from_pretrained(
             transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32),
-            adapter_dir).eval()
+            adapter_dir,
+        ).eval()
     with torch.inference_mode():
         hf_logits, hf_lora_logits = hf(xt).logits, hf_lora(xt).logits  # warm-up
-        best = interleaved_best({
-            "jlora": lambda: compiled(params, x).block_until_ready(),
-            "hf": lambda: hf(xt),
-            "jlora_lora": lambda: lora_forward(params, trainable, x).block_until_ready(),
-            "hf_lora": lambda: hf_lora(xt)}, args.iters)
+        best = interleaved_best(
+            {
+                "jlora": lambda: compiled(params, x).block_until_ready(),
+                "hf": lambda: hf(xt),
+                "jlora_lora": lambda: lora_forward(params, trainable, x).block_until_ready(),
+                "hf_lora": lambda: hf_lora(xt),
+            },
+            args.iters,
+        )
     ours_s, hf_s = best["jlora"], best["hf"]
     lora_diff = float(np.abs(np.asarray(ours_lora_logits) - hf_lora_logits.numpy()).max())
     overhead = {side: best[f"{side}_lora"] / best[side] for side in ("jlora", "hf")}  # time with / without LoRA
@@ -115,27 +119,62 @@ def main() -> None:
     print(f"jlora: {tokens / ours_s:,.0f} tokens/s ({ours_s * 1e3:.0f} ms/forward)")
     print(f"HF:    {tokens / hf_s:,.0f} tokens/s ({hf_s * 1e3:.0f} ms/forward)")
     print(f"ratio jlora/HF: {hf_s / ours_s:.2f}   (max |d logits| = {diff:.1e})")
-    print(f"with a random r=16 all-linear adapter (max |d logits| = {lora_diff:.1e}): "
-          f"jlora {tokens / best['jlora_lora']:,.0f} tokens/s, HF peft {tokens / best['hf_lora']:,.0f} tokens/s, "
-          f"ratio {best['hf_lora'] / best['jlora_lora']:.2f}")
-    print(f"LoRA overhead (forward time with the adapter / without): jlora {overhead['jlora']:.3f}x, "
-          f"HF peft {overhead['hf']:.3f}x")
+    print(
+        f"with a random r=16 all-linear adapter (max |d logits| = {lora_diff:.1e}): "
+        f"jlora {tokens / best['jlora_lora']:,.0f} tokens/s, HF peft {tokens / best['hf_lora']:,.0f} tokens/s, "
+        f"ratio {best['hf_lora'] / best['jlora_lora']:.2f}"
+    )
+    print(
+        f"LoRA overhead (forward time with the adapter / without): jlora {overhead['jlora']:.3f}x, "
+        f"HF peft {overhead['hf']:.3f}x"
+    )
     rows = [
-        {"metric": "forward tokens/s", "unit": "tokens/s", "jlora": tokens / ours_s, "peer": "HF transformers",
-         "peer_value": tokens / hf_s, "better": "higher"},
-        {"metric": "forward with LoRA r=16 all-linear (unmerged)", "unit": "tokens/s",
-         "jlora": tokens / best["jlora_lora"], "peer": "HF peft", "peer_value": tokens / best["hf_lora"],
-         "better": "higher"},
-        {"metric": "LoRA overhead: forward time with / without the adapter", "unit": "x", "jlora": overhead["jlora"],
-         "peer": "HF peft", "peer_value": overhead["hf"], "better": "lower"},
-        {"metric": "first compile", "unit": "s", "jlora": compile_s, "peer": None, "peer_value": None,
-         "better": "lower"},
+        {
+            "metric": "forward tokens/s",
+            "unit": "tokens/s",
+            "jlora": tokens / ours_s,
+            "peer": "HF transformers",
+            "peer_value": tokens / hf_s,
+            "better": "higher",
+        },
+        {
+            "metric": "forward with LoRA r=16 all-linear (unmerged)",
+            "unit": "tokens/s",
+            "jlora": tokens / best["jlora_lora"],
+            "peer": "HF peft",
+            "peer_value": tokens / best["hf_lora"],
+            "better": "higher",
+        },
+        {
+            "metric": "LoRA overhead: forward time with / without the adapter",
+            "unit": "x",
+            "jlora": overhead["jlora"],
+            "peer": "HF peft",
+            "peer_value": overhead["hf"],
+            "better": "lower",
+        },
+        {
+            "metric": "first compile",
+            "unit": "s",
+            "jlora": compile_s,
+            "peer": None,
+            "peer_value": None,
+            "better": "lower",
+        },
     ]
-    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": args.batch,
-              "seq": args.seq, "device": "cpu", "torch_threads": torch.get_num_threads(), "best_of": args.iters}
+    config = {
+        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "dtype": "float32",
+        "batch": args.batch,
+        "seq": args.seq,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "best_of": args.iters,
+    }
     command = shlex.join(["python", "bench/forward_vs_hf.py", *sys.argv[1:]])
-    out = write_result(args.out, started, {"bench": "forward_vs_hf", "command": command, "config": config,
-                                           "rows": rows})
+    out = write_result(
+        args.out, started, {"bench": "forward_vs_hf", "command": command, "config": config, "rows": rows}
+    )
     print(f"wrote {out}")
 
 

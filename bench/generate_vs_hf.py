@@ -29,25 +29,25 @@ from contextlib import ExitStack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import peft  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from baseline_side import Handler, SideProcess, serve_side, short_commit  # noqa: E402
+import jax
+import numpy as np
+import peft
+import torch
+import transformers
+from baseline_side import Handler, SideProcess, serve_side, short_commit
 
-import jlora  # noqa: E402
+import jlora
 
 try:  # the package layout since 760039e
-    from jlora.formats.tokenizer import load_tokenizer  # noqa: E402
-    from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402
-    from jlora.infer.generate import Generator  # noqa: E402
-    from jlora.train.provenance import provenance, write_result  # noqa: E402
+    from jlora.formats.tokenizer import load_tokenizer
+    from jlora.formats.weights import load_pretrained, resolve_model_path
+    from jlora.infer.generate import Generator
+    from jlora.train.provenance import provenance, write_result
 except ModuleNotFoundError:  # a --baseline checkout from before it
-    from jlora.generate import Generator  # noqa: E402
-    from jlora.provenance import provenance, write_result  # noqa: E402
-    from jlora.tokenizer import load_tokenizer  # noqa: E402
-    from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+    from jlora.generate import Generator
+    from jlora.provenance import provenance, write_result
+    from jlora.tokenizer import load_tokenizer
+    from jlora.weights import load_pretrained, resolve_model_path
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PROMPTS = [
@@ -109,8 +109,9 @@ def run_hf(model, rows: Tokens, threads: int, new_tokens: int) -> Tokens:
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     torch.set_num_threads(threads)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+        )
     return out[:, -new_tokens:].tolist()
 
 
@@ -139,8 +140,10 @@ def jlora_decoders(params: dict, trainable: dict, cfg) -> tuple[dict[str, Genera
     one-time weight layout (Generator construction) in seconds per decoder."""
     model = jlora.Llama(cfg)
     t0 = time.perf_counter()
-    gens = {"unmerged": Generator(model, params, trainable),
-            "merged": Generator(model, jlora.merge(params, trainable), None)}
+    gens = {
+        "unmerged": Generator(model, params, trainable),
+        "merged": Generator(model, jlora.merge(params, trainable), None),
+    }
     return gens, (time.perf_counter() - t0) / 2
 
 
@@ -211,8 +214,11 @@ def main() -> None:
             jlora_runs |= {f"jlora {d}{tag}": functools.partial(ask_decode, side, d, n) for d in ("unmerged", "merged")}
 
         hf_threads, probe = hf_thread_probe(hf_merged, prompts[1])
-        runs: dict[str, Runner] = {**jlora_runs, "HF peft": functools.partial(timed_hf, hf_peft, hf_threads, n),
-                                   "HF merged": functools.partial(timed_hf, hf_merged, hf_threads, n)}
+        runs: dict[str, Runner] = {
+            **jlora_runs,
+            "HF peft": functools.partial(timed_hf, hf_peft, hf_threads, n),
+            "HF merged": functools.partial(timed_hf, hf_merged, hf_threads, n),
+        }
         seconds: dict[tuple[str, int], float] = {}
         outputs: dict[tuple[str, int], Tokens] = {}
         for b, rows in prompts.items():
@@ -224,12 +230,17 @@ def main() -> None:
                     seconds[name, b] = min(seconds.get((name, b), float("inf")), took)
     rate = {(name, b): b * n / s for (name, b), s in seconds.items()}
 
-    print(f"SmolLM2-135M fp32 greedy decode, {n} new tokens (prefill included), random r=8 q,v LoRA, "
-          f"CPU ({os.cpu_count()} cores), best of {args.iters}")
+    print(
+        f"SmolLM2-135M fp32 greedy decode, {n} new tokens (prefill included), random r=8 q,v LoRA, "
+        f"CPU ({os.cpu_count()} cores), best of {args.iters}"
+    )
     also = f" (jlora{base}: {prep_s[base]:.1f} s)" if base else ""
     print(f"jlora one-time weight layout (Generator) per model: {prep_s['']:.1f} s{also}, not in the timings")
-    print(f"HF threads: {hf_threads} (16-token probe at batch 1, tokens/s by thread count: "
-          + ", ".join(f"{t}: {r:.1f}" for t, r in probe.items()) + ")")
+    print(
+        f"HF threads: {hf_threads} (16-token probe at batch 1, tokens/s by thread count: "
+        + ", ".join(f"{t}: {r:.1f}" for t, r in probe.items())
+        + ")"
+    )
     width = max(16, *(len(name) + 2 for name in runs))
     print(f"{'tokens/s':{width}s}{'batch 1':>10s}{'batch 8':>10s}")
     for name in runs:
@@ -245,19 +256,36 @@ def main() -> None:
             ours, theirs = outputs["jlora unmerged", b], outputs[other, b]
             first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(ours, theirs)]
             print(f"batch {b}: first token where jlora and {label} differ, per row ({n} = none): {first}")
-    rows = [{"metric": f"greedy decode, batch {b}, {label}{tag}", "unit": "tokens/s", "jlora": rate[ours + tag, b],
-             "peer": theirs, "peer_value": rate[theirs, b], "better": "higher"}
-            for tag in tags  # the baseline's rows after this checkout's
-            for b in prompts
-            for label, ours, theirs in (("adapter unmerged", "jlora unmerged", "HF peft"),
-                                        ("adapter merged", "jlora merged", "HF merged"))]
-    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "new_tokens": n,
-              "lora": "random r=8 q_proj,v_proj", "hf_threads": hf_threads, "best_of": args.iters}
+    rows = [
+        {
+            "metric": f"greedy decode, batch {b}, {label}{tag}",
+            "unit": "tokens/s",
+            "jlora": rate[ours + tag, b],
+            "peer": theirs,
+            "peer_value": rate[theirs, b],
+            "better": "higher",
+        }
+        for tag in tags  # the baseline's rows after this checkout's
+        for b in prompts
+        for label, ours, theirs in (
+            ("adapter unmerged", "jlora unmerged", "HF peft"),
+            ("adapter merged", "jlora merged", "HF merged"),
+        )
+    ]
+    config = {
+        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "dtype": "float32",
+        "new_tokens": n,
+        "lora": "random r=8 q_proj,v_proj",
+        "hf_threads": hf_threads,
+        "best_of": args.iters,
+    }
     if base:
         config |= {"baseline": commit, "jlora_sides": "side processes, this checkout's and the baseline's"}
     command = shlex.join(["python", "bench/generate_vs_hf.py", *sys.argv[1:]])
-    out = write_result(args.out, started, {"bench": "generate_vs_hf", "command": command, "config": config,
-                                           "rows": rows})
+    out = write_result(
+        args.out, started, {"bench": "generate_vs_hf", "command": command, "config": config, "rows": rows}
+    )
     print(f"wrote {out}")
 
 

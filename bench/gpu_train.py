@@ -22,22 +22,24 @@ import jax
 import numpy as np
 
 from jlora.models.attention import TRAIN_IMPLS, resolve_impl
-from jlora.train.config import OptimConfig
-from jlora.models.layers import DTYPES
-from jlora.models.llama import PRESETS, LlamaConfig, Llama
 from jlora.models.family import param_shapes
-from jlora.peft.lora import LoraConfig, count_params
-from jlora.train.provenance import provenance, write_result
+from jlora.models.layers import DTYPES
+from jlora.models.llama import PRESETS, Llama, LlamaConfig
 from jlora.parallel.sharding import make_mesh
+from jlora.peft.lora import LoraConfig, count_params
+from jlora.train.config import OptimConfig
+from jlora.train.provenance import provenance, write_result
 from jlora.train.step import init_state, make_optimizer, make_train_step, put_batch
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16 tensor-core peak (no sparsity)
-FLOPS_FORMULA = ("per step: tokens * (4 * N_base + 6 * N_lora) + 12 * L * T * (N_heads * H) * tokens; "
-                 "N_base = every frozen matmul weight (attention, MLP, LM head; not the embedding lookup): "
-                 "forward 2*N_base + backward activation grads 2*N_base (frozen weights get no weight grads); "
-                 "N_lora: forward 2 + backward 4 (activation and weight grads); attention QK^T and PV: "
-                 "4*T*N*H forward per token per layer, x3 with backward, causal mask not discounted (as PaLM)")
+FLOPS_FORMULA = (
+    "per step: tokens * (4 * N_base + 6 * N_lora) + 12 * L * T * (N_heads * H) * tokens; "
+    "N_base = every frozen matmul weight (attention, MLP, LM head; not the embedding lookup): "
+    "forward 2*N_base + backward activation grads 2*N_base (frozen weights get no weight grads); "
+    "N_lora: forward 2 + backward 4 (activation and weight grads); attention QK^T and PV: "
+    "4*T*N*H forward per token per layer, x3 with backward, causal mask not discounted (as PaLM)"
+)
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -57,9 +59,13 @@ def step_flops(cfg: LlamaConfig, n_lora: int, batch: int, seq: int) -> float:
 def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     """One host batch in jlora.train.data's layout: every token trained, one sequence per row."""
     ids = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-            "segment_ids": np.ones((batch, seq), np.int32)}
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((batch, seq), np.float32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "segment_ids": np.ones((batch, seq), np.int32),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,9 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--targets", default="all-linear", help='"all-linear" or comma-separated module names')
     p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"])
     p.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
-    p.add_argument("--attention", choices=TRAIN_IMPLS,
-                   help='training attention kernel (default: "cudnn", so the figure is never the fallback\'s; '
-                        '"auto" with --smoke)')
+    p.add_argument(
+        "--attention",
+        choices=TRAIN_IMPLS,
+        help='training attention kernel (default: "cudnn", so the figure is never the fallback\'s; '
+        '"auto" with --smoke)',
+    )
     p.add_argument("--out", help="the result file (default: docs/results/gpu_train.json; none with --smoke)")
     a = p.parse_args(argv)
     command = shlex.join(["python", "bench/gpu_train.py", *(sys.argv[1:] if argv is None else argv)])
@@ -127,32 +136,80 @@ def main(argv: list[str] | None = None) -> dict:
     mem = getattr(dev, "memory_stats", lambda: None)() or {}
     peak_gib = mem.get("peak_bytes_in_use", 0) / 2**30
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}")
-    print(f"shape: {a.preset}, bf16 weights + compute, fp32 LoRA r={a.rank} on {a.targets} "
-          f"({n_lora:,} trainable / {matmul_params(cfg):,} frozen matmul params), remat={a.remat}, "
-          f"attention={kernel}")
-    print(f"batch {a.batch} x seq {a.seq} = {tokens:,} tokens/step, micro-batch {a.micro_batch}; "
-          f"init {init_s:.1f} s, first step (compile) {compile_s:.1f} s, loss {loss:.3f}")
-    print(f"step {step_s * 1e3:.1f} ms -> {tokens / step_s:,.0f} tokens/s; "
-          f"model FLOPs/step {flops / 1e12:.2f} T -> {flops / step_s / 1e12:.1f} TFLOP/s, "
-          f"MFU {100 * mfu:.1f}% of {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s"
-          + (f"; peak device memory {peak_gib:.1f} GiB" if peak_gib else ""))
+    print(
+        f"shape: {a.preset}, bf16 weights + compute, fp32 LoRA r={a.rank} on {a.targets} "
+        f"({n_lora:,} trainable / {matmul_params(cfg):,} frozen matmul params), remat={a.remat}, "
+        f"attention={kernel}"
+    )
+    print(
+        f"batch {a.batch} x seq {a.seq} = {tokens:,} tokens/step, micro-batch {a.micro_batch}; "
+        f"init {init_s:.1f} s, first step (compile) {compile_s:.1f} s, loss {loss:.3f}"
+    )
+    print(
+        f"step {step_s * 1e3:.1f} ms -> {tokens / step_s:,.0f} tokens/s; "
+        f"model FLOPs/step {flops / 1e12:.2f} T -> {flops / step_s / 1e12:.1f} TFLOP/s, "
+        f"MFU {100 * mfu:.1f}% of {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s"
+        + (f"; peak device memory {peak_gib:.1f} GiB" if peak_gib else "")
+    )
     print(f"MFU formula: {FLOPS_FORMULA}")
     if a.smoke or dev.platform != "gpu":
         print("(smoke / non-GPU run: MFU against the H100 peak is meaningless here)")
-    result = {"bench": "gpu_train", "command": command, "smoke": a.smoke, "flops_formula": FLOPS_FORMULA,
-              "config": {"device": dev.device_kind, "preset": a.preset, "seq": a.seq, "batch": a.batch,
-                         "micro_batch": a.micro_batch, "rank": a.rank, "targets": a.targets, "remat": a.remat,
-                         "attention": kernel,
-                         "dtype": "bf16 base + compute, fp32 adapters", "timed_steps": a.steps},
-              "rows": [{"metric": "train throughput", "unit": "tokens/s", "jlora": tokens / step_s,
-                        "peer": None, "peer_value": None, "better": "higher"},
-                       {"metric": "MFU (bf16 peak 989 TFLOP/s)", "unit": "%", "jlora": 100 * mfu,
-                        "peer": None, "peer_value": None, "better": "higher"},
-                       {"metric": "first step incl. compile", "unit": "s", "jlora": compile_s,
-                        "peer": None, "peer_value": None, "better": "lower"}]}
+    result = {
+        "bench": "gpu_train",
+        "command": command,
+        "smoke": a.smoke,
+        "flops_formula": FLOPS_FORMULA,
+        "config": {
+            "device": dev.device_kind,
+            "preset": a.preset,
+            "seq": a.seq,
+            "batch": a.batch,
+            "micro_batch": a.micro_batch,
+            "rank": a.rank,
+            "targets": a.targets,
+            "remat": a.remat,
+            "attention": kernel,
+            "dtype": "bf16 base + compute, fp32 adapters",
+            "timed_steps": a.steps,
+        },
+        "rows": [
+            {
+                "metric": "train throughput",
+                "unit": "tokens/s",
+                "jlora": tokens / step_s,
+                "peer": None,
+                "peer_value": None,
+                "better": "higher",
+            },
+            {
+                "metric": "MFU (bf16 peak 989 TFLOP/s)",
+                "unit": "%",
+                "jlora": 100 * mfu,
+                "peer": None,
+                "peer_value": None,
+                "better": "higher",
+            },
+            {
+                "metric": "first step incl. compile",
+                "unit": "s",
+                "jlora": compile_s,
+                "peer": None,
+                "peer_value": None,
+                "better": "lower",
+            },
+        ],
+    }
     if peak_gib:
-        result["rows"].append({"metric": "peak device memory", "unit": "GiB", "jlora": peak_gib,
-                               "peer": None, "peer_value": None, "better": "lower"})
+        result["rows"].append(
+            {
+                "metric": "peak device memory",
+                "unit": "GiB",
+                "jlora": peak_gib,
+                "peer": None,
+                "peer_value": None,
+                "better": "lower",
+            }
+        )
     out = a.out or (None if a.smoke else str(RESULTS / "gpu_train.json"))
     if out:
         print(f"wrote {write_result(out, started, result)}")

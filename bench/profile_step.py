@@ -29,7 +29,7 @@ from jlora.train.provenance import provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from train_vs_peft import jlora_state, train_batch  # noqa: E402  (the bench's workload, defined once)
+from train_vs_peft import jlora_state, train_batch
 
 # (part, pattern over an op's op_name), first match wins. An XLA fusion carries the op_name of its root.
 PARTS = (
@@ -38,8 +38,11 @@ PARTS = (
     ("output head + chunked CE", r"bcv|bcd|cross_entropy|jvp\(\)"),
     ("attention", r"self_attn/(?!(.*_proj|qkv)/)"),
     ("norms, rope, MLP elementwise", r"layernorm|/mlp/|_proj/|/qkv/|rope"),
-    ("scan buffers (layer slices, stacking)", r"while/body/(jit\(dynamic|slice|concatenate|copy|dynamic)|"
-                                              r"while/body$|while/body/closed_call$"),
+    (
+        "scan buffers (layer slices, stacking)",
+        r"while/body/(jit\(dynamic|slice|concatenate|copy|dynamic)|"
+        r"while/body$|while/body/closed_call$",
+    ),
     ("optimizer", r"cond|adam|clip|norm|optax|apply_updates|^jit\(step\)/[a-z_]+$"),
 )
 
@@ -87,9 +90,9 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    from jlora.formats.weights import load_pretrained, resolve_model_path
     from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
-    from jlora.formats.weights import load_pretrained, resolve_model_path
 
     cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
     cfg = cfg.replace(remat=a.remat)
@@ -115,15 +118,34 @@ def main() -> None:
     for part, v in sorted(parts.items(), key=lambda kv: -sum(kv[1].values())):
         ms = {k: x / a.steps for k, x in v.items()}
         share = sum(v.values()) / total
-        print(f"  {part:40s} {share:6.1%}  fwd {ms.get('forward', 0):7.0f} ms  bwd {ms.get('backward', 0):7.0f} ms"
-              f"  other {ms.get('other', 0):6.0f} ms")
+        print(
+            f"  {part:40s} {share:6.1%}  fwd {ms.get('forward', 0):7.0f} ms  bwd {ms.get('backward', 0):7.0f} ms"
+            f"  other {ms.get('other', 0):6.0f} ms"
+        )
         rows.append({"part": part, "share": share, **{f"{k}_ms": x for k, x in ms.items()}})
-    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": a.batch, "seq": a.seq,
-              "lora": f"r={a.rank} {a.targets}", "remat": a.remat, "traced_steps": a.steps}
+    config = {
+        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "dtype": "float32",
+        "batch": a.batch,
+        "seq": a.seq,
+        "lora": f"r={a.rank} {a.targets}",
+        "remat": a.remat,
+        "traced_steps": a.steps,
+    }
     command = shlex.join(["python", "bench/profile_step.py", *sys.argv[1:]])
-    out = write_result(a.out, started, {"bench": "profile_step", "command": command, "config": config,
-                                        "step_s": step_s, "op_ms_per_step": total / a.steps,
-                                        "unnamed_ms_per_step": unnamed / a.steps, "parts": rows})
+    out = write_result(
+        a.out,
+        started,
+        {
+            "bench": "profile_step",
+            "command": command,
+            "config": config,
+            "step_s": step_s,
+            "op_ms_per_step": total / a.steps,
+            "unnamed_ms_per_step": unnamed / a.steps,
+            "parts": rows,
+        },
+    )
     print(f"wrote {out}")
 
 

@@ -32,21 +32,28 @@ import tempfile
 import traceback
 
 import train_vs_peft as base  # bench/ is on sys.path when this runs as a script
+
 from jlora.train.provenance import load_average, provenance, write_result
 
 JLORA_SIDES = ("none", "int8", "nf4", "gguf")
 PEFT_SIDES = ("peft-bnb-nf4", "peft-fp32")
 SIDES = (*JLORA_SIDES, *PEFT_SIDES)
-LABEL = {"none": "jlora fp32", "int8": "jlora int8", "nf4": "jlora nf4", "gguf": "jlora gguf (Q4_1/Q8_0)",
-         "peft-bnb-nf4": "HF PEFT + bnb nf4", "peft-fp32": "HF PEFT fp32"}
+LABEL = {
+    "none": "jlora fp32",
+    "int8": "jlora int8",
+    "nf4": "jlora nf4",
+    "gguf": "jlora gguf (Q4_1/Q8_0)",
+    "peft-bnb-nf4": "HF PEFT + bnb nf4",
+    "peft-fp32": "HF PEFT fp32",
+}
 MB = 2**20
 
 
 def side_jlora(method: str, a: argparse.Namespace) -> dict:
     """A jlora side: the frozen base held as `method`, then train_vs_peft's timed steps."""
+    from jlora.formats.weights import load_pretrained, resolve_model_path
     from jlora.quant.quantize import frozen_bytes
     from jlora.train.step import quantize_frozen
-    from jlora.formats.weights import load_pretrained, resolve_model_path
 
     if method == "gguf":
         cfg, params = load_pretrained(resolve_model_path("smollm2-135m"), quantize="gguf")
@@ -95,17 +102,25 @@ def side_peft(kind: str, a: argparse.Namespace) -> dict:
     else:
         import peft
 
-        bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_compute_dtype=torch.float32,
-                                              bnb_4bit_use_double_quant=a.double_quant)
-        model = transformers.LlamaForCausalLM.from_pretrained(a.hf_dir, quantization_config=bnb, device_map="cpu",
-                                                              dtype=torch.float32)
+        bnb = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=a.double_quant,
+        )
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            a.hf_dir, quantization_config=bnb, device_map="cpu", dtype=torch.float32
+        )
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     footprint = model.get_memory_footprint()
     model = base.peft_lora(model)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return {"frozen_bytes": torch_frozen_bytes(model), "memory_footprint": footprint, "trainable_bytes": trainable,
-            **base.time_peft_steps(model, a)}
+    return {
+        "frozen_bytes": torch_frozen_bytes(model),
+        "memory_footprint": footprint,
+        "trainable_bytes": trainable,
+        **base.time_peft_steps(model, a),
+    }
 
 
 def run_side(side: str, a: argparse.Namespace) -> dict:
@@ -124,11 +139,16 @@ def summarize(runs: dict[str, list[dict]], tokens: int) -> dict[str, dict]:
             out[s] = {"error": rs[-1]["error"]}
             continue
         best = min(ok, key=lambda r: r["median_step_s"])
-        out[s] = {"tokens_per_s": tokens / best["median_step_s"], "median_step_s": best["median_step_s"],
-                  "frozen_mb": best["frozen_bytes"] / MB, "rss_mb": max(r["rss_mb"] for r in ok),
-                  "first_step_s": best["first_step_s"], "loss_first": best["losses"][0],
-                  "loss_last": best["losses"][-1], "compile_s": min((r["compile_s"] for r in ok if "compile_s" in r),
-                                                                    default=None)}
+        out[s] = {
+            "tokens_per_s": tokens / best["median_step_s"],
+            "median_step_s": best["median_step_s"],
+            "frozen_mb": best["frozen_bytes"] / MB,
+            "rss_mb": max(r["rss_mb"] for r in ok),
+            "first_step_s": best["first_step_s"],
+            "loss_first": best["losses"][0],
+            "loss_last": best["losses"][-1],
+            "compile_s": min((r["compile_s"] for r in ok if "compile_s" in r), default=None),
+        }
     return out
 
 
@@ -138,23 +158,41 @@ def _row(metric: str, unit: str, s: str, peer: str, key: str, summary: dict, bet
     if key not in mine:
         return None
     failed = " (failed: no figure)" if "error" in theirs else ""
-    return {"metric": f"{metric}, {LABEL[s]}", "unit": unit, "jlora": mine[key], "peer": LABEL[peer] + failed,
-            "peer_value": theirs.get(key), "better": better}
+    return {
+        "metric": f"{metric}, {LABEL[s]}",
+        "unit": unit,
+        "jlora": mine[key],
+        "peer": LABEL[peer] + failed,
+        "peer_value": theirs.get(key),
+        "better": better,
+    }
 
 
 def comparison_rows(summary: dict[str, dict]) -> list[dict]:
     """The rows docs/benchmarks.md shows: the quantized sides against jlora fp32 (the targets) and each jlora side
     against its PEFT counterpart, then jlora's compile times."""
-    pairs = [("frozen weights", "MB", "frozen_mb", "lower"), ("train tokens/s", "tokens/s", "tokens_per_s", "higher"),
-             ("peak RSS", "MB", "rss_mb", "lower")]
+    pairs = [
+        ("frozen weights", "MB", "frozen_mb", "lower"),
+        ("train tokens/s", "tokens/s", "tokens_per_s", "higher"),
+        ("peak RSS", "MB", "rss_mb", "lower"),
+    ]
     rows = []
     for metric, unit, key, better in pairs:
         rows += [_row(metric, unit, q, "none", key, summary, better) for q in ("int8", "nf4", "gguf")]
         rows += [_row(metric, unit, q, "peft-bnb-nf4", key, summary, better) for q in ("nf4", "gguf")]
         rows.append(_row(metric, unit, "none", "peft-fp32", key, summary, better))
-    rows += [{"metric": f"train step compile, {LABEL[s]}", "unit": "s", "jlora": summary[s]["compile_s"],
-              "peer": None, "peer_value": None, "better": "lower"}
-             for s in JLORA_SIDES if summary.get(s, {}).get("compile_s") is not None]
+    rows += [
+        {
+            "metric": f"train step compile, {LABEL[s]}",
+            "unit": "s",
+            "jlora": summary[s]["compile_s"],
+            "peer": None,
+            "peer_value": None,
+            "better": "lower",
+        }
+        for s in JLORA_SIDES
+        if summary.get(s, {}).get("compile_s") is not None
+    ]
     return [r for r in rows if r is not None]
 
 
@@ -170,20 +208,33 @@ def report(summary: dict[str, dict]) -> None:
             print(f"{LABEL[s]:24s} FAILED: {f['error']}")
             continue
         compile_s = f" compile {f['compile_s']:.1f} s," if f["compile_s"] is not None else ""
-        print(f"{LABEL[s]:24s} frozen {f['frozen_mb']:7.1f} MB  {f['tokens_per_s']:6,.0f} tokens/s (median step "
-              f"{f['median_step_s']:.2f} s)  peak RSS {f['rss_mb']:,.0f} MB {compile_s} first step "
-              f"{f['first_step_s']:.1f} s  loss {f['loss_first']:.3f} -> {f['loss_last']:.3f}")
-    print("frozen bytes vs jlora fp32: " + ", ".join(
-        f"{q} {_ratio(summary, q, 'none', 'frozen_mb')}{' (target <= 0.2)' if q != 'int8' else ''}"
-        for q in ("int8", "nf4", "gguf")))
-    print("train tokens/s vs jlora fp32: " + ", ".join(
-        f"{q} {_ratio(summary, q, 'none', 'tokens_per_s')}" for q in ("int8", "nf4", "gguf")) + " (target >= 0.7)")
+        print(
+            f"{LABEL[s]:24s} frozen {f['frozen_mb']:7.1f} MB  {f['tokens_per_s']:6,.0f} tokens/s (median step "
+            f"{f['median_step_s']:.2f} s)  peak RSS {f['rss_mb']:,.0f} MB {compile_s} first step "
+            f"{f['first_step_s']:.1f} s  loss {f['loss_first']:.3f} -> {f['loss_last']:.3f}"
+        )
+    print(
+        "frozen bytes vs jlora fp32: "
+        + ", ".join(
+            f"{q} {_ratio(summary, q, 'none', 'frozen_mb')}{' (target <= 0.2)' if q != 'int8' else ''}"
+            for q in ("int8", "nf4", "gguf")
+        )
+    )
+    print(
+        "train tokens/s vs jlora fp32: "
+        + ", ".join(f"{q} {_ratio(summary, q, 'none', 'tokens_per_s')}" for q in ("int8", "nf4", "gguf"))
+        + " (target >= 0.7)"
+    )
     for q in ("nf4", "gguf"):
-        print(f"{LABEL[q]} / HF PEFT + bnb nf4: tokens/s {_ratio(summary, q, 'peft-bnb-nf4', 'tokens_per_s')}, "
-              f"frozen bytes {_ratio(summary, q, 'peft-bnb-nf4', 'frozen_mb')}, "
-              f"peak RSS {_ratio(summary, q, 'peft-bnb-nf4', 'rss_mb')}")
-    print(f"jlora fp32 / HF PEFT fp32: tokens/s {_ratio(summary, 'none', 'peft-fp32', 'tokens_per_s')}, "
-          f"peak RSS {_ratio(summary, 'none', 'peft-fp32', 'rss_mb')}")
+        print(
+            f"{LABEL[q]} / HF PEFT + bnb nf4: tokens/s {_ratio(summary, q, 'peft-bnb-nf4', 'tokens_per_s')}, "
+            f"frozen bytes {_ratio(summary, q, 'peft-bnb-nf4', 'frozen_mb')}, "
+            f"peak RSS {_ratio(summary, q, 'peft-bnb-nf4', 'rss_mb')}"
+        )
+    print(
+        f"jlora fp32 / HF PEFT fp32: tokens/s {_ratio(summary, 'none', 'peft-fp32', 'tokens_per_s')}, "
+        f"peak RSS {_ratio(summary, 'none', 'peft-fp32', 'rss_mb')}"
+    )
 
 
 def main() -> None:
@@ -194,8 +245,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per run, after 2 warm-up steps")
     p.add_argument("--rounds", type=int, default=2, help="runs per side, interleaved; each figure is the best run")
-    p.add_argument("--remat", default="dots_saveable", choices=["none", "full", "dots_saveable"],
-                   help="jlora's remat policy (train_vs_peft's default)")
+    p.add_argument(
+        "--remat",
+        default="dots_saveable",
+        choices=["none", "full", "dots_saveable"],
+        help="jlora's remat policy (train_vs_peft's default)",
+    )
     p.add_argument("--double-quant", action="store_true", help="nf4 with double-quantized scales, both libraries")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--single-thread", action="store_true", help="one compute thread per side")
@@ -234,20 +289,39 @@ def main() -> None:
             run["load_average_after"] = load_average()
             runs[s].append(run)
     summary = summarize(runs, a.batch * a.seq)
-    print(f"SmolLM2-135M QLoRA train step (r={base.RANK}, alpha={base.ALPHA:g}, {'+'.join(base.TARGETS)}, AdamW), "
-          f"batch {a.batch} x {a.seq}, CPU; jlora remat={a.remat}; best of {a.rounds} interleaved runs per side")
+    print(
+        f"SmolLM2-135M QLoRA train step (r={base.RANK}, alpha={base.ALPHA:g}, {'+'.join(base.TARGETS)}, AdamW), "
+        f"batch {a.batch} x {a.seq}, CPU; jlora remat={a.remat}; best of {a.rounds} interleaved runs per side"
+    )
     report(summary)
-    config = {"model": "SmolLM2-135M (Q4_1 GGUF; fp32/int8/nf4/PEFT from it dequantized)", "batch": a.batch,
-              "seq": a.seq, "lora": f"r={base.RANK} alpha={base.ALPHA:g} {','.join(base.TARGETS)}",
-              "remat": a.remat, "double_quant": a.double_quant, "timed_steps": a.steps, "best_of": a.rounds,
-              "threads": 1 if a.single_thread else "default",
-              "peft_bnb": "BitsAndBytesConfig(load_in_4bit, nf4, compute fp32), device_map=cpu, "
-                          "prepare_model_for_kbit_training(use_gradient_checkpointing=False)"}
+    config = {
+        "model": "SmolLM2-135M (Q4_1 GGUF; fp32/int8/nf4/PEFT from it dequantized)",
+        "batch": a.batch,
+        "seq": a.seq,
+        "lora": f"r={base.RANK} alpha={base.ALPHA:g} {','.join(base.TARGETS)}",
+        "remat": a.remat,
+        "double_quant": a.double_quant,
+        "timed_steps": a.steps,
+        "best_of": a.rounds,
+        "threads": 1 if a.single_thread else "default",
+        "peft_bnb": "BitsAndBytesConfig(load_in_4bit, nf4, compute fp32), device_map=cpu, "
+        "prepare_model_for_kbit_training(use_gradient_checkpointing=False)",
+    }
     command = shlex.join(["python", "bench/qlora_vs_peft.py", *sys.argv[1:]])
     errors = {s: f["error"] for s, f in summary.items() if "error" in f}
-    out = write_result(a.out, started, {"bench": "qlora_vs_peft", "command": command, "config": config,
-                                        "rows": comparison_rows(summary), "sides": summary, "errors": errors,
-                                        "runs": runs})
+    out = write_result(
+        a.out,
+        started,
+        {
+            "bench": "qlora_vs_peft",
+            "command": command,
+            "config": config,
+            "rows": comparison_rows(summary),
+            "sides": summary,
+            "errors": errors,
+            "runs": runs,
+        },
+    )
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()

@@ -25,7 +25,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: jlora.train.provenance is the one definition
-from jlora.train.provenance import missing_fields  # noqa: E402
+from jlora.train.provenance import missing_fields
 
 RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -52,8 +52,10 @@ def read_result(path: pathlib.Path) -> dict:
         raise ReportError(f"{path}: expected a JSON object")
     missing = missing_fields(record)
     if missing:
-        raise ReportError(f"{path}: no {', '.join(missing)}: a result file must say where and when it was "
-                          f"measured (re-run the script that writes it at this commit)")
+        raise ReportError(
+            f"{path}: no {', '.join(missing)}: a result file must say where and when it was "
+            f"measured (re-run the script that writes it at this commit)"
+        )
     return record
 
 
@@ -103,8 +105,10 @@ def _rel(path: pathlib.Path) -> str:
 
 def measured_line(res: dict) -> str:
     """Where and when a result was measured, from its own file."""
-    line = (f"Measured at commit {res['commit']} on {res['date']}, {res['machine']}, load average "
-            f"{res['load_average']} (before) / {res.get('load_average_after', '?')} (after).")
+    line = (
+        f"Measured at commit {res['commit']} on {res['date']}, {res['machine']}, load average "
+        f"{res['load_average']} (before) / {res.get('load_average_after', '?')} (after)."
+    )
     return line + (f" Libraries: {res['libraries']}." if res.get("libraries") else "")
 
 
@@ -120,8 +124,10 @@ def _table(result: dict) -> list[str]:
         unit = f" ({r['unit']})" if r.get("unit") else ""
         peer_v = r.get("peer_value")
         ratio = r["jlora"] / peer_v if peer_v else None
-        out.append(f"| {r['metric']}{unit} | {_fmt(r['jlora'])} | {r.get('peer') or '—'} | {_fmt(peer_v)} "
-                   f"| {_fmt(ratio) + 'x' if ratio is not None else '—'} | {r.get('better', '')} |")
+        out.append(
+            f"| {r['metric']}{unit} | {_fmt(r['jlora'])} | {r.get('peer') or '—'} | {_fmt(peer_v)} "
+            f"| {_fmt(ratio) + 'x' if ratio is not None else '—'} | {r.get('better', '')} |"
+        )
     if result.get("config"):
         out += ["", "Setup: " + ", ".join(f"{k}={v}" for k, v in result["config"].items())]
     return out
@@ -137,26 +143,39 @@ def bench_section(name: str, res: dict | str | None) -> list[str]:
         return lines + [_missing(name, f"Run `python bench/{name}.py` (or `python bench/report.py --run {name}`).")]
     if isinstance(res, str):
         return lines + [res]
-    return lines + [f"Reproduce: `{res.get('command', f'python bench/{name}.py')}`", "", measured_line(res), "",
-                    *_table(res)]
+    return lines + [
+        f"Reproduce: `{res.get('command', f'python bench/{name}.py')}`",
+        "",
+        measured_line(res),
+        "",
+        *_table(res),
+    ]
 
 
 def qlora_section(res: dict | str | None) -> list[str]:
-    """bench/qlora_vs_peft.py: the comparison rows, then every side's own figures, and the error of a side that failed."""
+    """bench/qlora_vs_peft.py: the comparison rows, then every side's own figures, and the error of a side that
+    failed."""
     lines = bench_section("qlora_vs_peft", res)
     if not isinstance(res, dict):
         return lines
-    lines += ["", "Each side (best of its runs; peak RSS: its largest run):", "",
-              "| side | frozen weights (MB) | train tokens/s | median step (s) | peak RSS (MB) | compile (s) "
-              "| first step incl. compile (s) | loss, first -> last step |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Each side (best of its runs; peak RSS: its largest run):",
+        "",
+        "| side | frozen weights (MB) | train tokens/s | median step (s) | peak RSS (MB) | compile (s) "
+        "| first step incl. compile (s) | loss, first -> last step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for side, f in res["sides"].items():
         name = side if side.startswith("peft") else f"jlora {side}"
         if "error" in f:
             lines.append(f"| {name} | failed: {f['error']} | — | — | — | — | — | — |")
             continue
-        lines.append(f"| {name} | {_fmt(f['frozen_mb'])} | {_fmt(f['tokens_per_s'])} | {_fmt(f['median_step_s'])} "
-                     f"| {_fmt(f['rss_mb'])} | {_fmt(f['compile_s'])} | {_fmt(f['first_step_s'])} "
-                     f"| {f['loss_first']:.3f} -> {f['loss_last']:.3f} |")
+        lines.append(
+            f"| {name} | {_fmt(f['frozen_mb'])} | {_fmt(f['tokens_per_s'])} | {_fmt(f['median_step_s'])} "
+            f"| {_fmt(f['rss_mb'])} | {_fmt(f['compile_s'])} | {_fmt(f['first_step_s'])} "
+            f"| {f['loss_first']:.3f} -> {f['loss_last']:.3f} |"
+        )
     return lines
 
 
@@ -167,15 +186,21 @@ def profile_section(before: dict | str | None, after: dict | str | None) -> list
     for label, res in runs.items():
         name = "profile_step" + ("_before" if label == "before" else "")
         if not isinstance(res, dict):
-            return lines + [res or _missing(name, "Run `python bench/profile_step.py --out "
-                                                  f"{_rel(RESULTS / (name + '.json'))}`.")]
+            return lines + [
+                res or _missing(name, f"Run `python bench/profile_step.py --out {_rel(RESULTS / (name + '.json'))}`.")
+            ]
         lines += [f"- {label}: `{res['command']}`. {measured_line(res)} Traced step {res['step_s']:.2f} s."]
     parts = {r["part"]: {} for res in runs.values() for r in res["parts"]}
     for label, res in runs.items():
         for r in res["parts"]:
             parts[r["part"]][label] = r
-    lines += ["", "Op time per step (summed over the threads that ran ops), forward + backward:", "",
-              "| part | before (ms) | share | after (ms) | share |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Op time per step (summed over the threads that ran ops), forward + backward:",
+        "",
+        "| part | before (ms) | share | after (ms) | share |",
+        "|---|---|---|---|---|",
+    ]
     for part, by in sorted(parts.items(), key=lambda kv: -kv[1].get("before", {}).get("share", 0)):
         cells = []
         for label in runs:
@@ -184,41 +209,58 @@ def profile_section(before: dict | str | None, after: dict | str | None) -> list
             cells += [_fmt(ms) if r else "—", f"{r['share']:.1%}" if r else "—"]
         lines.append(f"| {part} | {' | '.join(cells)} |")
     totals = [_fmt(res["op_ms_per_step"]) for res in runs.values()]
-    return lines + [f"| all ops | {totals[0]} | 100% | {totals[1]} | 100% |", "",
-                    "Setup: " + ", ".join(f"{k}={v}" for k, v in after["config"].items())]
+    return lines + [
+        f"| all ops | {totals[0]} | 100% | {totals[1]} | 100% |",
+        "",
+        "Setup: " + ", ".join(f"{k}={v}" for k, v in after["config"].items()),
+    ]
 
 
 def demo_figures(demo: dict | str | None) -> str:
     """The README's sentence about the demo's outcome and timings, from docs/results/demo.json."""
     if not isinstance(demo, dict):
-        return ("No demo run is recorded yet (docs/results/demo.json does not exist), so its accuracy and timings "
-                "are not quoted here. After `jlora-demo`, `python bench/report.py --add "
-                "runs/smollm2-135m-demo/demo_results.json` records them here and in docs/benchmarks.md.")
+        return (
+            "No demo run is recorded yet (docs/results/demo.json does not exist), so its accuracy and timings "
+            "are not quoted here. After `jlora-demo`, `python bench/report.py --add "
+            "runs/smollm2-135m-demo/demo_results.json` records them here and in docs/benchmarks.md."
+        )
     b, t = demo["base"], demo["finetuned"]
-    return (f"Measured on {demo['machine']} (commit {demo['commit']}, {demo['date'][:10]}, load average "
-            f"{demo['load_average']}): the base model gets **{100 * b['accuracy']:.0f}%** of {demo['n_eval']} "
-            f"held-out examples exactly right; after {demo['train_steps']} LoRA steps ({demo['train_s'] / 60:.0f} "
-            f"minutes) it gets **{100 * t['accuracy']:.0f}%**, and the held-out loss falls from {b['loss']:.2f} to "
-            f"{t['loss']:.2f}. The whole command took {demo['wall_s'] / 60:.0f} minutes.")
+    return (
+        f"Measured on {demo['machine']} (commit {demo['commit']}, {demo['date'][:10]}, load average "
+        f"{demo['load_average']}): the base model gets **{100 * b['accuracy']:.0f}%** of {demo['n_eval']} "
+        f"held-out examples exactly right; after {demo['train_steps']} LoRA steps ({demo['train_s'] / 60:.0f} "
+        f"minutes) it gets **{100 * t['accuracy']:.0f}%**, and the held-out loss falls from {b['loss']:.2f} to "
+        f"{t['loss']:.2f}. The whole command took {demo['wall_s'] / 60:.0f} minutes."
+    )
 
 
 def demo_section(demo: dict | str | None) -> list[str]:
-    lines = ["", "## The demo fine-tune (`jlora-demo`)", "",
-             "Command: `jlora-demo` (configs/smollm2-135m-demo.yaml: SmolLM2-135M-Instruct, LoRA r=8 on every "
-             "linear layer, the person-facts-to-JSON task of data/demo/make.py), then `python bench/report.py "
-             "--add runs/smollm2-135m-demo/demo_results.json`.", ""]
+    lines = [
+        "",
+        "## The demo fine-tune (`jlora-demo`)",
+        "",
+        "Command: `jlora-demo` (configs/smollm2-135m-demo.yaml: SmolLM2-135M-Instruct, LoRA r=8 on every "
+        "linear layer, the person-facts-to-JSON task of data/demo/make.py), then `python bench/report.py "
+        "--add runs/smollm2-135m-demo/demo_results.json`.",
+        "",
+    ]
     if demo is None:
         return lines + [_missing("demo", "Run the two commands above.")]
     if isinstance(demo, str):
         return lines + [demo]
     b, t = demo["base"], demo["finetuned"]
     tps = f" ({demo['tokens_per_s']:,.0f} tokens/s)" if demo.get("tokens_per_s") else ""
-    return lines + [measured_line(demo), "",
-                    f"| held-out split ({demo['n_eval']} examples) | base | fine-tuned |", "|---|---|---|",
-                    f"| loss (mean per answer token) | {b['loss']:.4f} | {t['loss']:.4f} |",
-                    f"| exact-match accuracy | {100 * b['accuracy']:.1f}% | {100 * t['accuracy']:.1f}% |", "",
-                    f"Training: {demo['train_steps']} steps in {demo['train_s']:.0f} s{tps}; the whole demo (both "
-                    f"evaluations, export) took {demo['wall_s']:.0f} s."]
+    return lines + [
+        measured_line(demo),
+        "",
+        f"| held-out split ({demo['n_eval']} examples) | base | fine-tuned |",
+        "|---|---|---|",
+        f"| loss (mean per answer token) | {b['loss']:.4f} | {t['loss']:.4f} |",
+        f"| exact-match accuracy | {100 * b['accuracy']:.1f}% | {100 * t['accuracy']:.1f}% |",
+        "",
+        f"Training: {demo['train_steps']} steps in {demo['train_s']:.0f} s{tps}; the whole demo (both "
+        f"evaluations, export) took {demo['wall_s']:.0f} s.",
+    ]
 
 
 def _gib(n: float) -> str:
@@ -227,11 +269,16 @@ def _gib(n: float) -> str:
 
 def qlora_demo_section(results: dict[str, dict | str]) -> list[str]:
     """The demo task with a quantized frozen base (nf4, the GGUF file's own Q4_1 blocks) beside fp32 LoRA."""
-    lines = ["", "## The demo fine-tune on a quantized base (QLoRA)", "",
-             "Commands: `jlora-demo --set model.quantize=nf4 --set output_dir=runs/demo-nf4` and the same with "
-             "`gguf` (the shipped Q4_1 file's own blocks), each then `python bench/report.py --add "
-             "runs/demo-nf4/demo_results.json` (resp. demo-gguf). Same data, steps and held-out examples as the "
-             "fp32 demo above.", ""]
+    lines = [
+        "",
+        "## The demo fine-tune on a quantized base (QLoRA)",
+        "",
+        "Commands: `jlora-demo --set model.quantize=nf4 --set output_dir=runs/demo-nf4` and the same with "
+        "`gguf` (the shipped Q4_1 file's own blocks), each then `python bench/report.py --add "
+        "runs/demo-nf4/demo_results.json` (resp. demo-gguf). Same data, steps and held-out examples as the "
+        "fp32 demo above.",
+        "",
+    ]
     rows = []
     for name, label in (("demo", "fp32 (none)"), ("demo_nf4", "nf4"), ("demo_gguf", "gguf (Q4_1 / Q8_0 blocks)")):
         res = results.get(name)
@@ -241,11 +288,16 @@ def qlora_demo_section(results: dict[str, dict | str]) -> list[str]:
             rows.append(f"| {label} | — | — | — | — | {res} |")
         else:
             b, t = res["base"], res["finetuned"]
-            rows.append(f"| {label} | {100 * b['accuracy']:.0f}% | {100 * t['accuracy']:.0f}% | {b['loss']:.2f} -> "
-                        f"{t['loss']:.2f} | {res['train_steps']} steps, {res['train_s']:.0f} s | commit {res['commit']}, "
-                        f"{res['date'][:10]}, load {res['load_average']} |")
-    return lines + ["| frozen base | base exact match | fine-tuned exact match | held-out loss | training | "
-                    "measured |", "|---|---|---|---|---|---|", *rows]
+            rows.append(
+                f"| {label} | {100 * b['accuracy']:.0f}% | {100 * t['accuracy']:.0f}% | {b['loss']:.2f} -> "
+                f"{t['loss']:.2f} | {res['train_steps']} steps, {res['train_s']:.0f} s | commit {res['commit']}, "
+                f"{res['date'][:10]}, load {res['load_average']} |"
+            )
+    return lines + [
+        "| frozen base | base exact match | fine-tuned exact match | held-out loss | training | measured |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _method_column(res: dict | str | None, name: str) -> list[str]:
@@ -258,43 +310,68 @@ def _method_column(res: dict | str | None, name: str) -> list[str]:
     params = f"{res['trainable_params']:,}" if res.get("trainable_params") is not None else absent
     tps = f"{res['tokens_per_s']:,.0f}" if res.get("tokens_per_s") else absent
     rss = f"{_gib(res['peak_rss_bytes'])} GiB" if res.get("peak_rss_bytes") else absent
-    return [params, tps, rss, f"{b['loss']:.2f} -> {t['loss']:.2f}",
-            f"{100 * b['accuracy']:.0f}% -> {100 * t['accuracy']:.0f}%", f"{res['train_steps']} in {res['train_s']:.0f} s",
-            f"commit {res['commit']}, {res['date'][:10]}, load {res['load_average']} / {res['load_average_after']}"]
+    return [
+        params,
+        tps,
+        rss,
+        f"{b['loss']:.2f} -> {t['loss']:.2f}",
+        f"{100 * b['accuracy']:.0f}% -> {100 * t['accuracy']:.0f}%",
+        f"{res['train_steps']} in {res['train_s']:.0f} s",
+        f"commit {res['commit']}, {res['date'][:10]}, load {res['load_average']} / {res['load_average_after']}",
+    ]
 
 
 def method_demo_section(results: dict[str, dict | str]) -> list[str]:
     """The demo task with LoRA (docs/results/demo.json) and with LLaMA-Adapter (demo_llama_adapter.json)."""
-    lines = ["", "## LoRA vs LLaMA-Adapter on the demo task", "",
-             "Commands: `jlora-demo` (LoRA r=8, alpha 16, every linear layer, lr 2e-3) and `jlora-demo --config "
-             "configs/smollm2-135m-demo-adapter.yaml` (LLaMA-Adapter: 10 prompts in each of the top 28 of 30 layers, "
-             "as lit-llama's adapter_start_layer=2, lit-llama's lr 9e-3), each then `python bench/report.py --add "
-             "runs/<output_dir>/demo_results.json`. Same model, data, rows, steps and held-out examples. tokens/s: "
-             "training steps after the first; peak RSS: the whole demo process (both evaluations and training).", "",
-             "| method | trainable params | train tokens/s | peak RSS | held-out loss (base -> tuned) | exact match "
-             "(base -> tuned) | steps | measured |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## LoRA vs LLaMA-Adapter on the demo task",
+        "",
+        "Commands: `jlora-demo` (LoRA r=8, alpha 16, every linear layer, lr 2e-3) and `jlora-demo --config "
+        "configs/smollm2-135m-demo-adapter.yaml` (LLaMA-Adapter: 10 prompts in each of the top 28 of 30 layers, "
+        "as lit-llama's adapter_start_layer=2, lit-llama's lr 9e-3), each then `python bench/report.py --add "
+        "runs/<output_dir>/demo_results.json`. Same model, data, rows, steps and held-out examples. tokens/s: "
+        "training steps after the first; peak RSS: the whole demo process (both evaluations and training).",
+        "",
+        "| method | trainable params | train tokens/s | peak RSS | held-out loss (base -> tuned) | exact match "
+        "(base -> tuned) | steps | measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, label in (("demo", "LoRA"), ("demo_llama_adapter", "LLaMA-Adapter")):
         lines.append("| " + " | ".join([label, *_method_column(results.get(name), name)]) + " |")
     return lines
 
 
-def fit_section(res: dict | str | None, name: str = "will_it_fit", title: str = "Will it fit? (`jlora-train --plan`)",
-                command: str = "python bench/will_it_fit.py") -> list[str]:
-    """"Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
-    lines = ["", f"## {title}", "",
-             f"Command: `{command}` (each row's own command is below the table). The real "
-             "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
-             "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
-             "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
-             "\"Fits\" means the need is at most 90% of the memory.", ""]
+def fit_section(
+    res: dict | str | None,
+    name: str = "will_it_fit",
+    title: str = "Will it fit? (`jlora-train --plan`)",
+    command: str = "python bench/will_it_fit.py",
+) -> list[str]:
+    """ "Will it fit": the `jlora-train --plan` figures bench/will_it_fit.py wrote for each shipped big config."""
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        f"Command: `{command}` (each row's own command is below the table). The real "
+        "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
+        "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
+        "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
+        '"Fits" means the need is at most 90% of the memory.',
+        "",
+    ]
     if res is None:
         return lines + [_missing(name, f"Run `{command}`.")]
     if isinstance(res, str):
         return lines + [res]
-    lines += [measured_line(res), "",
-              "| config | devices (data, fsdp, tensor) | micro-batch x seq | frozen / adapters / optimizer per device "
-              "(GiB) | temp per device (GiB) | needs per device (GiB) | dot GFLOP per token | collectives per step "
-              "per device (GiB) | fits |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        measured_line(res),
+        "",
+        "| config | devices (data, fsdp, tensor) | micro-batch x seq | frozen / adapters / optimizer per device "
+        "(GiB) | temp per device (GiB) | needs per device (GiB) | dot GFLOP per token | collectives per step "
+        "per device (GiB) | fits |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for case in res["cases"]:
         config = case["command"].split("--config ")[1].split()[0]
         if "error" in case:
@@ -304,20 +381,32 @@ def fit_section(res: dict | str | None, name: str = "will_it_fit", title: str = 
         mesh = p["mesh"]
         coll = ", ".join(f"{k} {_gib(v)}" for k, v in p["collective_bytes"].items())
         fits = ", ".join(k for k, ok in p["fits"].items() if ok) or "none listed"
-        lines.append(f"| {config} | {p['devices']} ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
-                     f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum, remat {p.get('remat', '?')}) | {_gib(p['param_bytes'])} / "
-                     f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
-                     f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |")
+        lines.append(
+            f"| {config} | {p['devices']} ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
+            f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum, remat {p.get('remat', '?')}) | "
+            f"{_gib(p['param_bytes'])} / "
+            f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
+            f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |"
+        )
     return lines + [""] + [f"- `{case['command']}`" for case in res["cases"]]
 
 
 def gpu_section(res: dict | str | None) -> list[str]:
-    lines = ["", "## GPU: LoRA training at the LLaMA-3.2-1B shape", "",
-             "Command (one GPU, no arguments): `python bench/gpu_train.py`; it writes docs/results/gpu_train.json, "
-             "which `python bench/report.py --add FILE` takes in when it was written on another machine.", ""]
+    lines = [
+        "",
+        "## GPU: LoRA training at the LLaMA-3.2-1B shape",
+        "",
+        "Command (one GPU, no arguments): `python bench/gpu_train.py`; it writes docs/results/gpu_train.json, "
+        "which `python bench/report.py --add FILE` takes in when it was written on another machine.",
+        "",
+    ]
     if res is None:
-        return lines + [_missing("gpu_train", "No GPU run is recorded. The script is tested on CPU with "
-                                              "`python bench/gpu_train.py --smoke`.")]
+        return lines + [
+            _missing(
+                "gpu_train",
+                "No GPU run is recorded. The script is tested on CPU with `python bench/gpu_train.py --smoke`.",
+            )
+        ]
     if isinstance(res, str):
         return lines + [res]
     lines += [measured_line(res), "", *_table(res)]
@@ -326,11 +415,14 @@ def gpu_section(res: dict | str | None) -> list[str]:
 
 def render(results: dict[str, dict | str]) -> str:
     """docs/benchmarks.md as text: a function of the result files alone (no date, no machine of its own)."""
-    lines = ["# Benchmarks", "",
-             "Generated by `python bench/report.py` from the result files in docs/results/, each written by the "
-             "script its section names, with the commit, date, machine and load average of its run. Nothing here "
-             "is typed in by hand; a section with no result file says so. A ratio above 1 means jlora's number is "
-             "larger (good for throughput, bad for memory and time)."]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/report.py` from the result files in docs/results/, each written by the "
+        "script its section names, with the commit, date, machine and load average of its run. Nothing here "
+        "is typed in by hand; a section with no result file says so. A ratio above 1 means jlora's number is "
+        "larger (good for throughput, bad for memory and time).",
+    ]
     for name in BENCHES:
         lines += bench_section(name, results.get(name))
         if name == "train_vs_peft":
@@ -342,9 +434,12 @@ def render(results: dict[str, dict | str]) -> str:
     lines += qlora_demo_section(results)
     lines += method_demo_section(results)
     lines += fit_section(results.get("will_it_fit"))
-    lines += fit_section(results.get("qlora_plan"), "qlora_plan",
-                         "QLoRA: LLaMA-3-8B in nf4 on one device, one 2048-token row (`jlora-train --plan`)",
-                         "python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json")
+    lines += fit_section(
+        results.get("qlora_plan"),
+        "qlora_plan",
+        "QLoRA: LLaMA-3-8B in nf4 on one device, one 2048-token row (`jlora-train --plan`)",
+        "python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json",
+    )
     lines += gpu_section(results.get("gpu_train"))
     return "\n".join(lines) + "\n"
 
@@ -354,22 +449,40 @@ def with_readme_figures(readme: str, results: dict[str, dict | str]) -> str:
     start, end = readme.find(README_BEGIN), readme.find(README_END)
     if start < 0 or end < start:
         raise ReportError(f"{_rel(README)}: the markers {README_BEGIN!r} ... {README_END!r} are missing")
-    return readme[:start + len(README_BEGIN)] + "\n" + demo_figures(results.get("demo")) + "\n" + readme[end:]
+    return readme[: start + len(README_BEGIN)] + "\n" + demo_figures(results.get("demo")) + "\n" + readme[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", action="append", choices=RUNNABLE, default=[],
-                   help="run this bench first; it writes its own result file (repeatable)")
-    p.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
-                   help="extra arguments for one bench run by --run, e.g. train_vs_peft='--steps 5'")
-    p.add_argument("--add", action="append", default=[], metavar="FILE",
-                   help="copy a result file written elsewhere (jlora-demo's demo_results.json, a GPU machine's "
-                        "gpu_train.json) into docs/results/; refused without commit, date, machine, load average")
+    p.add_argument(
+        "--run",
+        action="append",
+        choices=RUNNABLE,
+        default=[],
+        help="run this bench first; it writes its own result file (repeatable)",
+    )
+    p.add_argument(
+        "--bench-args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="extra arguments for one bench run by --run, e.g. train_vs_peft='--steps 5'",
+    )
+    p.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="copy a result file written elsewhere (jlora-demo's demo_results.json, a GPU machine's "
+        "gpu_train.json) into docs/results/; refused without commit, date, machine, load average",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per bench run")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 if docs/benchmarks.md or the README's demo figures differ from "
-                        "what the result files give")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if docs/benchmarks.md or the README's demo figures differ from "
+        "what the result files give",
+    )
     a = p.parse_args(argv)
     extra = {}
     for item in a.bench_args:
@@ -388,11 +501,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report.py: error: {e}", file=sys.stderr)
         return 2
     if a.check:
-        stale = [_rel(f) for f, text in ((PAGE, page), (README, readme))
-                 if not f.is_file() or f.read_text(encoding="utf-8") != text]
+        stale = [
+            _rel(f)
+            for f, text in ((PAGE, page), (README, readme))
+            if not f.is_file() or f.read_text(encoding="utf-8") != text
+        ]
         if stale:
-            print(f"report.py: out of date with docs/results/: {', '.join(stale)} (run python bench/report.py)",
-                  file=sys.stderr)
+            print(
+                f"report.py: out of date with docs/results/: {', '.join(stale)} (run python bench/report.py)",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     PAGE.write_text(page, encoding="utf-8")
     README.write_text(readme, encoding="utf-8")

@@ -37,40 +37,49 @@ from contextlib import ExitStack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import peft  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from baseline_side import Handler, SideProcess, serve_side, short_commit  # noqa: E402
+import jax
+import numpy as np
+import peft
+import torch
+import transformers
+from baseline_side import Handler, SideProcess, serve_side, short_commit
 
-import jlora  # noqa: E402
+import jlora
 
 try:  # the package layout since 760039e
-    from jlora.formats.tokenizer import load_tokenizer  # noqa: E402
-    from jlora.formats.weights import load_pretrained, resolve_model_path  # noqa: E402
-    from jlora.infer.decode import decode_compiler_options  # noqa: E402
-    from jlora.infer.engine import Engine, Request  # noqa: E402
-    from jlora.infer.generate import Generator  # noqa: E402
-    from jlora.infer.lora_stack import AdapterStack  # noqa: E402
-    from jlora.train.provenance import provenance, write_result  # noqa: E402
+    from jlora.formats.tokenizer import load_tokenizer
+    from jlora.formats.weights import load_pretrained, resolve_model_path
+    from jlora.infer.decode import decode_compiler_options
+    from jlora.infer.engine import Engine, Request
+    from jlora.infer.generate import Generator
+    from jlora.infer.lora_stack import AdapterStack
+    from jlora.train.provenance import provenance, write_result
 except ModuleNotFoundError:  # a --baseline checkout from before it
-    from jlora.adapter_stack import AdapterStack  # noqa: E402
-    from jlora.batching import Engine, Request  # noqa: E402
-    from jlora.decode_model import decode_compiler_options  # noqa: E402
-    from jlora.generate import Generator  # noqa: E402
-    from jlora.provenance import provenance, write_result  # noqa: E402
-    from jlora.tokenizer import load_tokenizer  # noqa: E402
-    from jlora.weights import load_pretrained, resolve_model_path  # noqa: E402
+    from jlora.adapter_stack import AdapterStack
+    from jlora.batching import Engine, Request
+    from jlora.decode_model import decode_compiler_options
+    from jlora.generate import Generator
+    from jlora.provenance import provenance, write_result
+    from jlora.tokenizer import load_tokenizer
+    from jlora.weights import load_pretrained, resolve_model_path
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
 PROMPTS = [
-    "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
     "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "Explain why the sky is blue in one sentence.", "1, 2, 3, 4,", "The three primary colors are",
-    "Translate to French: I would like a cup of coffee, please.", "The largest planet in our solar system is",
-    "List three fruits:", "import numpy as np\n", "A haiku about autumn:", "The opposite of hot is",
-    "Summarize: the meeting moved to Tuesday because the room was booked.", "Q: What is 12 times 12?\nA:",
+    "Explain why the sky is blue in one sentence.",
+    "1, 2, 3, 4,",
+    "The three primary colors are",
+    "Translate to French: I would like a cup of coffee, please.",
+    "The largest planet in our solar system is",
+    "List three fruits:",
+    "import numpy as np\n",
+    "A haiku about autumn:",
+    "The opposite of hot is",
+    "Summarize: the meeting moved to Tuesday because the room was booked.",
+    "Q: What is 12 times 12?\nA:",
     "My favourite book is",
 ]
 SETTINGS = {"one adapter": [8] * 1, "8 adapters r=8": [8] * 8, "8 adapters r=4-32": [4, 8, 12, 16, 20, 24, 28, 32]}
@@ -85,8 +94,10 @@ def random_adapter(params: dict, rank: int, seed: int):
     lcfg = jlora.LoraConfig(rank=rank, alpha=2 * rank, targets=("q_proj", "v_proj"))
     _, trainable = jlora.split(params, lcfg, jax.random.key(seed))
     rng = np.random.default_rng(seed)
-    fill = lambda p: p.replace(a=np.float32(0.05) * rng.standard_normal(p.a.shape, np.float32),  # noqa: E731
-                               b=np.float32(0.05) * rng.standard_normal(p.b.shape, np.float32))
+    fill = lambda p: p.replace(
+        a=np.float32(0.05) * rng.standard_normal(p.a.shape, np.float32),
+        b=np.float32(0.05) * rng.standard_normal(p.b.shape, np.float32),
+    )
     return lcfg, jax.tree.map(fill, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
 
 
@@ -105,6 +116,7 @@ def run_engine(engine: Engine, rows: Tokens, names: list[str], n: int) -> Run:
                     left[0] -= 1
                     if not left[0]:
                         done.set()
+
         return emit
 
     for i, (ids, name) in enumerate(zip(rows, names)):
@@ -115,8 +127,10 @@ def run_engine(engine: Engine, rows: Tokens, names: list[str], n: int) -> Run:
 
 def bench_adapters(params: dict) -> dict[str, list[tuple]]:
     """Each setting's random adapters, (LoraConfig, trainable) per rank, seeded by the setting and the place."""
-    return {s: [random_adapter(params, r, 100 * k + j) for j, r in enumerate(ranks)]
-            for k, (s, ranks) in enumerate(SETTINGS.items())}
+    return {
+        s: [random_adapter(params, r, 100 * k + j) for j, r in enumerate(ranks)]
+        for k, (s, ranks) in enumerate(SETTINGS.items())
+    }
 
 
 def jlora_engines(cfg, params: dict, adapters: dict, rows: Tokens, n: int) -> dict[str, Engine]:
@@ -127,8 +141,13 @@ def jlora_engines(cfg, params: dict, adapters: dict, rows: Tokens, n: int) -> di
         stack = AdapterStack(cfg, capacity=len(ranks), max_rank=max(ranks), targets=("q_proj", "v_proj"))
         for j, (_, tree) in enumerate(adapters[s]):
             stack.add(f"s{k}a{j}", tree)
-        engines[s] = Engine(Generator(model, params, stack=stack), max_batch=len(rows),
-                            max_len=max(map(len, rows)) + n + 16, max_queue=len(rows), eos=[])
+        engines[s] = Engine(
+            Generator(model, params, stack=stack),
+            max_batch=len(rows),
+            max_len=max(map(len, rows)) + n + 16,
+            max_queue=len(rows),
+            eos=[],
+        )
     return engines
 
 
@@ -208,14 +227,21 @@ def main() -> None:
 
         peft_model = peft_with_adapters(path, cfg, adapters)
         width = max(map(len, rows))
-        hf_in = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
-                 "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        hf_in = {
+            "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
 
         def run_peft(setting, new_tokens=n):
             start = time.perf_counter()
             with torch.inference_mode():
-                out = peft_model.generate(**hf_in, do_sample=False, max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, adapter_names=NAMES[setting])
+                out = peft_model.generate(
+                    **hf_in,
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    adapter_names=NAMES[setting],
+                )
             return time.perf_counter() - start, out[:, -new_tokens:].tolist()
 
         def timed_peft(setting: str) -> Run:
@@ -239,8 +265,10 @@ def main() -> None:
                     if rnd and got[0] < best.get((contender, s), (float("inf"),))[0]:
                         best[contender, s] = got
 
-    print(f"SmolLM2-135M fp32, {b} requests x {n} new tokens sent at once, random LoRA on q,v, CPU "
-          f"({os.cpu_count()} cores), best of {args.rounds}; PEFT torch threads {torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M fp32, {b} requests x {n} new tokens sent at once, random LoRA on q,v, CPU "
+        f"({os.cpu_count()} cores), best of {args.rounds}; PEFT torch threads {torch.get_num_threads()}"
+    )
     print(f"{'':20s}{'jlora tok/s':>12s}{'p50 s':>8s}{'p99 s':>8s}{'PEFT tok/s':>12s}{'PEFT s':>8s}{'ratio':>7s}")
     rows_out, rate, figures = [], {}, {}
     for tag in tags:  # the baseline's rows after this checkout's
@@ -251,45 +279,84 @@ def main() -> None:
             p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
             figures[tag, s] = {"throughput": rate[tag, s], "p50 latency": p50, "p99 latency": p99}
             if not tag:
-                print(f"{s:20s}{rate[tag, s]:12.1f}{p50:8.2f}{p99:8.2f}{b * n / pwall:12.1f}{pwall:8.2f}"
-                      f"{rate[tag, s] / (b * n / pwall):7.2f}x")
+                print(
+                    f"{s:20s}{rate[tag, s]:12.1f}{p50:8.2f}{p99:8.2f}{b * n / pwall:12.1f}{pwall:8.2f}"
+                    f"{rate[tag, s] / (b * n / pwall):7.2f}x"
+                )
                 first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(outs, pouts)]
                 print(f"  first token where jlora and PEFT differ, per request ({n} = none): {first}")
-            rows_out += [{"metric": f"{s}{tag}: throughput", "unit": "tokens/s", "jlora": rate[tag, s],
-                          "peer": "HF PEFT mixed batch", "peer_value": b * n / pwall, "better": "higher"},
-                         {"metric": f"{s}{tag}: p50 latency", "unit": "s", "jlora": p50,
-                          "peer": "HF PEFT mixed batch", "peer_value": pwall, "better": "lower"},
-                         {"metric": f"{s}{tag}: p99 latency", "unit": "s", "jlora": p99,
-                          "peer": "HF PEFT mixed batch", "peer_value": pwall, "better": "lower"}]
+            rows_out += [
+                {
+                    "metric": f"{s}{tag}: throughput",
+                    "unit": "tokens/s",
+                    "jlora": rate[tag, s],
+                    "peer": "HF PEFT mixed batch",
+                    "peer_value": b * n / pwall,
+                    "better": "higher",
+                },
+                {
+                    "metric": f"{s}{tag}: p50 latency",
+                    "unit": "s",
+                    "jlora": p50,
+                    "peer": "HF PEFT mixed batch",
+                    "peer_value": pwall,
+                    "better": "lower",
+                },
+                {
+                    "metric": f"{s}{tag}: p99 latency",
+                    "unit": "s",
+                    "jlora": p99,
+                    "peer": "HF PEFT mixed batch",
+                    "peer_value": pwall,
+                    "better": "lower",
+                },
+            ]
     if base:
         print(f"jlora{base}:")
         for s in SETTINGS:
             pwall, outs = best["peft", s][0], best[f"jlora{base}", s][2]
             f = figures[base, s]
-            print(f"{s:20s}{f['throughput']:12.1f}{f['p50 latency']:8.2f}{f['p99 latency']:8.2f}{b * n / pwall:12.1f}"
-                  f"{pwall:8.2f}{f['throughput'] / (b * n / pwall):7.2f}x")
-            print(f"  ratio jlora / jlora{base}: " + ", ".join(
-                f"{k} {figures['', s][k] / v:.2f}x" for k, v in f.items()))
-            first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n)
-                     for x, y in zip(best["jlora", s][2], outs)]
+            print(
+                f"{s:20s}{f['throughput']:12.1f}{f['p50 latency']:8.2f}{f['p99 latency']:8.2f}{b * n / pwall:12.1f}"
+                f"{pwall:8.2f}{f['throughput'] / (b * n / pwall):7.2f}x"
+            )
+            print(
+                f"  ratio jlora / jlora{base}: " + ", ".join(f"{k} {figures['', s][k] / v:.2f}x" for k, v in f.items())
+            )
+            first = [
+                next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(best["jlora", s][2], outs)
+            ]
             print(f"  first token where jlora and jlora{base} differ, per request ({n} = none): {first}")
     peft_mixed = b * n / best["peft", "8 adapters r=4-32"][0]
     for tag in tags:
         many, mixed = rate[tag, "8 adapters r=8"] / rate[tag, "one adapter"], rate[tag, "8 adapters r=4-32"]
-        print(f"{'jlora' + tag + ': ' if tag else ''}8 adapters / one adapter: {many:.2f}x (target >= 0.8); "
-              f"mixed ranks jlora / PEFT: {mixed / peft_mixed:.2f}x (target >= 2)")
-    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "requests": b, "new_tokens": n,
-              "lora": "random, q_proj,v_proj", "settings": {s: r for s, r in SETTINGS.items()},
-              "peft_threads": torch.get_num_threads(), "best_of": args.rounds,
-              "jlora_decode_compiler_options": decode_compiler_options(),
-              "jlora_side": "jlora.infer.engine.Engine in process (jlora-serve's engine, no HTTP)"}
+        print(
+            f"{'jlora' + tag + ': ' if tag else ''}8 adapters / one adapter: {many:.2f}x (target >= 0.8); "
+            f"mixed ranks jlora / PEFT: {mixed / peft_mixed:.2f}x (target >= 2)"
+        )
+    config = {
+        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "dtype": "float32",
+        "requests": b,
+        "new_tokens": n,
+        "lora": "random, q_proj,v_proj",
+        "settings": {s: r for s, r in SETTINGS.items()},
+        "peft_threads": torch.get_num_threads(),
+        "best_of": args.rounds,
+        "jlora_decode_compiler_options": decode_compiler_options(),
+        "jlora_side": "jlora.infer.engine.Engine in process (jlora-serve's engine, no HTTP)",
+    }
     if base:
-        config |= {"baseline": commit, "baseline_decode_compiler_options": side_info[base]["decode_compiler_options"],
-                   "jlora_side": "jlora's Engine (jlora-serve's engine, no HTTP) in side processes, this checkout's "
-                                 "and the baseline's"}
+        config |= {
+            "baseline": commit,
+            "baseline_decode_compiler_options": side_info[base]["decode_compiler_options"],
+            "jlora_side": "jlora's Engine (jlora-serve's engine, no HTTP) in side processes, this checkout's "
+            "and the baseline's",
+        }
     command = shlex.join(["python", "bench/serve_vs_peft.py", *sys.argv[1:]])
-    out = write_result(args.out, started, {"bench": "serve_vs_peft", "command": command, "config": config,
-                                           "rows": rows_out})
+    out = write_result(
+        args.out, started, {"bench": "serve_vs_peft", "command": command, "config": config, "rows": rows_out}
+    )
     print(f"wrote {out}")
 
 

@@ -90,8 +90,9 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg, params = jlora.load_pretrained(a.hf_dir)
     model = jlora.Llama(cfg)
-    frozen, trainable = jlora.split(params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)),
-                                    jax.random.key(0))
+    frozen, trainable = jlora.split(
+        params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)), jax.random.key(0)
+    )
     del params
     frozen = jax.device_put(frozen)  # as README: placed once, else each step would copy the numpy tree in
     optimizer = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
@@ -119,17 +120,23 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
         trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
         losses.append(float(loss))  # blocks
         times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "first_step_s": compile_s + times[0], "step_s": times[2:], "losses": losses,
-            "rss_mb": peak_rss_mb(), "remat": cfg.remat}
+    return {
+        "compile_s": compile_s,
+        "first_step_s": compile_s + times[0],
+        "step_s": times[2:],
+        "losses": losses,
+        "rss_mb": peak_rss_mb(),
+        "remat": cfg.remat,
+    }
 
 
 def jlora_state(cfg, params, steps: int, rank: int = RANK, targets: tuple[str, ...] = TARGETS):
     """(TrainState on one device, optimizer): the bench's LoRA (rank, ALPHA, targets) and AdamW on `params`."""
     import jax
 
-    from jlora.train.config import OptimConfig
-    from jlora.peft.lora import LoraConfig
     from jlora.parallel.sharding import make_mesh
+    from jlora.peft.lora import LoraConfig
+    from jlora.train.config import OptimConfig
     from jlora.train.step import init_state, make_optimizer
 
     lcfg = LoraConfig(rank=rank, alpha=ALPHA, targets=targets)
@@ -143,9 +150,13 @@ def host_batch(batch: int, seq: int, vocab: int) -> dict:
     import numpy as np
 
     ids = random_ids(batch, seq, vocab)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-            "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-            "segment_ids": np.ones((batch, seq), np.int32)}
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((batch, seq), np.float32),
+        "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+        "segment_ids": np.ones((batch, seq), np.int32),
+    }
 
 
 def train_batch(mesh, batch: int, seq: int, vocab: int) -> dict:
@@ -175,8 +186,13 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
         t, o, m = step(f, t, o, batch, jax.random.key(i))
         losses.append(float(m["loss"]))  # blocks
         times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "first_step_s": compile_s + times[0], "step_s": times[2:], "losses": losses,
-            "rss_mb": peak_rss_mb()}
+    return {
+        "compile_s": compile_s,
+        "first_step_s": compile_s + times[0],
+        "step_s": times[2:],
+        "losses": losses,
+        "rss_mb": peak_rss_mb(),
+    }
 
 
 def side_peft(a: argparse.Namespace) -> dict:
@@ -192,8 +208,9 @@ def peft_lora(model, rank: int = RANK, targets: tuple[str, ...] | str = TARGETS)
     import peft
 
     targets = targets if isinstance(targets, str) else list(targets)
-    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=targets,
-                                                      lora_dropout=0.0))
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0)
+    )
 
 
 def time_peft_steps(model, a: argparse.Namespace) -> dict:
@@ -214,23 +231,51 @@ def time_peft_steps(model, a: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": times[0], "step_s": times[2:], "losses": losses, "rss_mb": peak_rss_mb(),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "first_step_s": times[0],
+        "step_s": times[2:],
+        "losses": losses,
+        "rss_mb": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 # One thread each (the JAX FAQ's XLA flags; torch reads OMP_NUM_THREADS): a fairer comparison on a
 # shared machine, where multi-threaded steps stall on preempted threads.
-SINGLE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-                     "OMP_NUM_THREADS": "1"}
+SINGLE_THREAD_ENV = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1",
+}
 
 
-def run_side(side: str, a: argparse.Namespace, script: str = __file__, extra: tuple[str, ...] = (),
-             check: bool = True, jlora_from: str | None = None) -> dict:
+def run_side(
+    side: str,
+    a: argparse.Namespace,
+    script: str = __file__,
+    extra: tuple[str, ...] = (),
+    check: bool = True,
+    jlora_from: str | None = None,
+) -> dict:
     """Run `script --side SIDE` in its own process and return the JSON its "SIDE: " line carries. A side that
     fails exits this process, or with check=False gives {"error": its exit status and last stderr line}.
     jlora_from: a checkout whose jlora the side imports instead of this one's."""
-    cmd = [sys.executable, script, "--side", side, "--hf-dir", a.hf_dir, "--batch", str(a.batch),
-           "--seq", str(a.seq), "--steps", str(a.steps), "--remat", a.remat, *extra]
+    cmd = [
+        sys.executable,
+        script,
+        "--side",
+        side,
+        "--hf-dir",
+        a.hf_dir,
+        "--batch",
+        str(a.batch),
+        "--seq",
+        str(a.seq),
+        "--steps",
+        str(a.steps),
+        "--remat",
+        a.remat,
+        *extra,
+    ]
     env = {**os.environ, **(SINGLE_THREAD_ENV if a.single_thread and side != "prep" else {})}
     if jlora_from:
         env["PYTHONPATH"] = os.pathsep.join([jlora_from, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -240,13 +285,20 @@ def run_side(side: str, a: argparse.Namespace, script: str = __file__, extra: tu
         if not check:
             last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
             return {"error": f"exit {proc.returncode}: {last}"}
-        sys.exit(f"{pathlib.Path(script).stem}: the {side} side failed (exit {proc.returncode}):\n"
-                 f"{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("SIDE: "):])
+        sys.exit(
+            f"{pathlib.Path(script).stem}: the {side} side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("SIDE: ") :])
 
 
-SIDES = {"jlora": "jlora-train step", "api": "custom loop (causal_lm_loss)", "naive": "custom loop (CE on logits)",
-         "peft": "HF PEFT", "jlora@base": "jlora-train step, baseline", "naive@base": "custom loop (CE on logits), baseline"}
+SIDES = {
+    "jlora": "jlora-train step",
+    "api": "custom loop (causal_lm_loss)",
+    "naive": "custom loop (CE on logits)",
+    "peft": "HF PEFT",
+    "jlora@base": "jlora-train step, baseline",
+    "naive@base": "custom loop (CE on logits), baseline",
+}
 
 
 def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[dict]:
@@ -254,12 +306,32 @@ def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[d
     rows = []
     for s in (s for s in SIDES if s in runs and s != "peft"):
         label = f"{SIDES[s]}{' @ ' + a.baseline_commit if s.endswith('@base') else ''}"
-        rows += [{"metric": f"{label}: train tokens/s", "unit": "tokens/s", "jlora": tps[s], "peer": "HF PEFT",
-                  "peer_value": tps.get("peft"), "better": "higher"},
-                 {"metric": f"{label}: peak RSS", "unit": "MB", "jlora": rss[s], "peer": "HF PEFT",
-                  "peer_value": rss.get("peft"), "better": "lower"},
-                 {"metric": f"{label}: compile", "unit": "s", "jlora": min(r["compile_s"] for r in runs[s]),
-                  "peer": None, "peer_value": None, "better": "lower"}]
+        rows += [
+            {
+                "metric": f"{label}: train tokens/s",
+                "unit": "tokens/s",
+                "jlora": tps[s],
+                "peer": "HF PEFT",
+                "peer_value": tps.get("peft"),
+                "better": "higher",
+            },
+            {
+                "metric": f"{label}: peak RSS",
+                "unit": "MB",
+                "jlora": rss[s],
+                "peer": "HF PEFT",
+                "peer_value": rss.get("peft"),
+                "better": "lower",
+            },
+            {
+                "metric": f"{label}: compile",
+                "unit": "s",
+                "jlora": min(r["compile_s"] for r in runs[s]),
+                "peer": None,
+                "peer_value": None,
+                "better": "lower",
+            },
+        ]
     return rows
 
 
@@ -273,16 +345,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved; each figure is the best run")
     p.add_argument("--rank", type=int, default=RANK)
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated modules, or all-linear")
-    p.add_argument("--remat", default="dots_saveable", choices=["none", "full", "dots_saveable"],
-                   help="the jlora side's remat policy (api / naive use the library's default)")
+    p.add_argument(
+        "--remat",
+        default="dots_saveable",
+        choices=["none", "full", "dots_saveable"],
+        help="the jlora side's remat policy (api / naive use the library's default)",
+    )
     p.add_argument("--sides", default="jlora,api,peft", help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--baseline", help="a jlora checkout to measure too (adds jlora@base and naive@base)")
     p.add_argument("--single-thread", action="store_true", help="one compute thread per side")
     p.add_argument("--out", default=str(RESULTS / "train_vs_peft.json"), help="the result file")
     a = p.parse_args()
     if a.side:
-        out = {"prep": lambda: side_prep(a.hf_dir), "jlora": lambda: side_jlora(a), "peft": lambda: side_peft(a),
-               "api": lambda: side_loop(a, plain_logits=False), "naive": lambda: side_loop(a, plain_logits=True)}
+        out = {
+            "prep": lambda: side_prep(a.hf_dir),
+            "jlora": lambda: side_jlora(a),
+            "peft": lambda: side_peft(a),
+            "api": lambda: side_loop(a, plain_logits=False),
+            "naive": lambda: side_loop(a, plain_logits=True),
+        }
         print("SIDE: " + json.dumps(out[a.side]()), flush=True)
         return
 
@@ -292,8 +373,12 @@ def main() -> None:
         p.error(f"--rounds and --steps must be >= 1; --sides takes {', '.join(SIDES)} (got {unknown})")
     a.baseline_commit = None
     if a.baseline:
-        a.baseline_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=a.baseline,
-                                           capture_output=True, text=True).stdout.strip() or a.baseline
+        a.baseline_commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=a.baseline, capture_output=True, text=True
+            ).stdout.strip()
+            or a.baseline
+        )
     started = provenance()
     tmp = None
     if a.hf_dir is None:
@@ -314,24 +399,46 @@ def main() -> None:
     tokens = a.batch * a.seq
     tps = {s: tokens / r["median_step_s"] for s, r in best.items()}
     rss = {s: max(run["rss_mb"] for run in rs) for s, rs in runs.items()}
-    print(f"SmolLM2-135M fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), batch {a.batch} x "
-          f"{a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; best of {a.rounds} "
-          f"interleaved runs per side")
+    print(
+        f"SmolLM2-135M fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), batch {a.batch} x "
+        f"{a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; best of {a.rounds} "
+        f"interleaved runs per side"
+    )
     for s, r in best.items():
         medians = ", ".join(f"{run['median_step_s']:.2f}" for run in runs[s])
         vs = f" = {tps[s] / tps['peft']:.2f}x PEFT, RSS {rss[s] / rss['peft']:.2f}x" if "peft" in tps else ""
         compile_s = f"  compile {min(x['compile_s'] for x in runs[s]):.1f} s" if "compile_s" in r else ""
-        print(f"{s:11s} {tps[s]:6,.0f} tokens/s{vs} (best run's median step {r['median_step_s']:.2f} s; each "
-              f"run's: {medians})  peak RSS {rss[s]:,.0f} MB{compile_s}  losses {r['losses'][0]:.3f} -> "
-              f"{r['losses'][-1]:.3f}")
+        print(
+            f"{s:11s} {tps[s]:6,.0f} tokens/s{vs} (best run's median step {r['median_step_s']:.2f} s; each "
+            f"run's: {medians})  peak RSS {rss[s]:,.0f} MB{compile_s}  losses {r['losses'][0]:.3f} -> "
+            f"{r['losses'][-1]:.3f}"
+        )
     print("targets: tokens/s >= 1.2x PEFT, peak RSS <= 0.6x PEFT, compile <= 20 s")
-    config = {"model": "SmolLM2-135M (GGUF, dequantized)", "dtype": "float32", "batch": a.batch, "seq": a.seq,
-              "lora": f"r={a.rank} alpha={ALPHA:g} {a.targets}", "remat": a.remat, "timed_steps": a.steps,
-              "best_of": a.rounds, "threads": 1 if a.single_thread else "default", "sides": sides,
-              "baseline": a.baseline_commit}
+    config = {
+        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "dtype": "float32",
+        "batch": a.batch,
+        "seq": a.seq,
+        "lora": f"r={a.rank} alpha={ALPHA:g} {a.targets}",
+        "remat": a.remat,
+        "timed_steps": a.steps,
+        "best_of": a.rounds,
+        "threads": 1 if a.single_thread else "default",
+        "sides": sides,
+        "baseline": a.baseline_commit,
+    }
     command = shlex.join(["python", "bench/train_vs_peft.py", *sys.argv[1:]])
-    out = write_result(a.out, started, {"bench": "train_vs_peft", "command": command, "config": config,
-                                        "rows": side_rows(runs, tps, rss, a), "runs": runs})
+    out = write_result(
+        a.out,
+        started,
+        {
+            "bench": "train_vs_peft",
+            "command": command,
+            "config": config,
+            "rows": side_rows(runs, tps, rss, a),
+            "runs": runs,
+        },
+    )
     print(f"wrote {out}")
     if tmp is not None:
         tmp.cleanup()

@@ -30,15 +30,37 @@ CASES = [
     ("configs/llama3-70b-tpu-pod.yaml", 64, "llama3-70b", []),
     ("configs/llama3-70b-tpu-pod.yaml", 256, "llama3-70b", ["train.micro_batch=256"]),  # 1 row per chip
     # QLoRA: the 8B base in nf4 on ONE device, one 2048-token row per step (a 24 GB GPU?)
-    *[("configs/llama3-8b-lora.yaml", 1, "llama3-8b", ["model.quantize=nf4", "mesh.fsdp=1", "train.micro_batch=1",
-                                                       "train.global_batch=1", f"train.remat={remat}"])
-      for remat in ("dots_saveable", "full")],
+    *[
+        (
+            "configs/llama3-8b-lora.yaml",
+            1,
+            "llama3-8b",
+            [
+                "model.quantize=nf4",
+                "mesh.fsdp=1",
+                "train.micro_batch=1",
+                "train.global_batch=1",
+                f"train.remat={remat}",
+            ],
+        )
+        for remat in ("dots_saveable", "full")
+    ],
 ]
 
 
 def run_case(config: str, devices: int, preset: str, extra: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "jlora.cli.train", "--config", config, "--plan", "--devices", str(devices),
-           "--set", f"model.preset={preset}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jlora.cli.train",
+        "--config",
+        config,
+        "--plan",
+        "--devices",
+        str(devices),
+        "--set",
+        f"model.preset={preset}",
+    ]
     for s in extra:
         cmd += ["--set", s]
     shown = shlex.join(["jlora-train", *cmd[3:]])
@@ -48,7 +70,7 @@ def run_case(config: str, devices: int, preset: str, extra: list[str], timeout: 
     if proc.returncode or not lines or not lines[-1].startswith("PLAN: "):
         tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
         return {"command": shown, "error": f"exit {proc.returncode}: {tail}"}
-    return {"command": shown, "plan": json.loads(lines[-1][len("PLAN: "):])}
+    return {"command": shown, "plan": json.loads(lines[-1][len("PLAN: ") :])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,8 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     started = provenance()
     cases = [c for c in CASES if a.only is None or any(a.only in s for s in c[3])]
     command = shlex.join(["python", "bench/will_it_fit.py", *(sys.argv[1:] if argv is None else argv)])
-    out = write_result(a.out, started, {"bench": "will_it_fit", "command": command,
-                                        "cases": [run_case(*case, a.timeout) for case in cases]})
+    out = write_result(
+        a.out,
+        started,
+        {"bench": "will_it_fit", "command": command, "cases": [run_case(*case, a.timeout) for case in cases]},
+    )
     print(f"wrote {out}")
 
 

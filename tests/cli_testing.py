@@ -12,8 +12,9 @@ def script(name: str) -> str:
     return str(pathlib.Path(sys.executable).parent / name)
 
 
-def one_line_error(run: subprocess.CompletedProcess, *needles: str, prog: str = "jlora-train",
-                   only_line: bool = False) -> str:
+def one_line_error(
+    run: subprocess.CompletedProcess, *needles: str, prog: str = "jlora-train", only_line: bool = False
+) -> str:
     """The run failed with exit 2 and a `PROG: error:` line naming each needle, no traceback; with
     `only_line`, that line is all of stderr. Returns the line."""
     assert run.returncode == 2, f"exit {run.returncode}\n{run.stderr[-3000:]}"

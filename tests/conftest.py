@@ -1,19 +1,20 @@
 """Test setup: 8 fake CPU devices (so sharding runs on a real mesh), fp32 matmuls, shared fixtures."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import glob  # noqa: E402
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
+import glob
+import importlib.util
+import pathlib
 
-import pytest  # noqa: E402
+import pytest
 
 
 def smollm2_gguf_path() -> str | None:

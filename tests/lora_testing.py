@@ -35,7 +35,14 @@ def save_tiny_hf_llama(path):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    hc = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
+    hc = HFConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(hc).save_pretrained(path)
     return path

@@ -5,30 +5,34 @@ one-line refusals of an adapter over the stack's max rank or capacity."""
 import jax
 import numpy as np
 import pytest
+from lora_testing import randomize
 
 import jlora
-from jlora.infer.lora_stack import AdapterStack, AdapterStackError
 from jlora.infer.generate import GenerateError, Generator, generate
-
-from lora_testing import randomize
+from jlora.infer.lora_stack import AdapterStack, AdapterStackError
 
 CFG = jlora.PRESETS["tiny"].replace(max_position_embeddings=64)
 PROMPTS = [[1, 17, 250], [1, 400, 22, 9, 13, 77, 5, 6, 301, 44], [7], [1, 5, 9, 200, 3], [1, 2, 3, 4]]
 # three adapters: rank 4 on q/v, rank 8 on all linear modules (rsLoRA), rank 2 on o/down of layer 1 only
-LCFGS = {"qv4": jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
-         "all8": jlora.LoraConfig(rank=8, alpha=16, targets="all-linear", use_rslora=True),
-         "od2": jlora.LoraConfig(rank=2, alpha=4, targets=("o_proj", "down_proj"), layers=(1,))}
+LCFGS = {
+    "qv4": jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+    "all8": jlora.LoraConfig(rank=8, alpha=16, targets="all-linear", use_rslora=True),
+    "od2": jlora.LoraConfig(rank=2, alpha=4, targets=("o_proj", "down_proj"), layers=(1,)),
+}
 ROWS = ["qv4", None, "all8", "od2", "qv4"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
     rng = np.random.default_rng(0)
-    draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
-                            else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
+    draw = lambda path, s: (
+        np.ones(s.shape, np.float32) if path[-1].key == "weight" else rng.normal(0.0, 0.08, s.shape).astype(np.float32)
+    )
     params = jax.tree_util.tree_map_with_path(draw, jlora.models.family.param_shapes(CFG))
-    adapters = {name: randomize(jlora.split(params, lcfg, jax.random.key(i))[1], seed=i, std=0.3)
-                for i, (name, lcfg) in enumerate(LCFGS.items())}
+    adapters = {
+        name: randomize(jlora.split(params, lcfg, jax.random.key(i))[1], seed=i, std=0.3)
+        for i, (name, lcfg) in enumerate(LCFGS.items())
+    }
     return jlora.Llama(CFG), params, adapters
 
 
@@ -36,8 +40,13 @@ def tiny():
 def alone(tiny):
     """alone[name][i]: prompt i generated with adapter `name` only (None: the base), by plain `generate`."""
     model, params, adapters = tiny
-    return {name: [generate(model, params, adapters[name] if name else None, [p], max_new_tokens=12, eos_id=())[0]
-                   for p in PROMPTS] for name in [None, *adapters]}  # one row per call, as test_serve's
+    return {
+        name: [
+            generate(model, params, adapters[name] if name else None, [p], max_new_tokens=12, eos_id=())[0]
+            for p in PROMPTS
+        ]
+        for name in [None, *adapters]
+    }  # one row per call, as test_serve's
 
 
 class CompileCounter:
@@ -76,7 +85,7 @@ def test_hot_load_generate_unload_never_recompiles(tiny, alone):
     model, params, adapters = tiny
     stack = AdapterStack(CFG, capacity=2, max_rank=8)
     gen = Generator(model, params, stack=stack)
-    run = lambda rows: gen.generate(PROMPTS, max_new_tokens=12, eos_id=(), adapters=rows)  # noqa: E731
+    run = lambda rows: gen.generate(PROMPTS, max_new_tokens=12, eos_id=(), adapters=rows)
     stack.add("qv4", adapters["qv4"])
     run(["qv4", None] * 2 + ["qv4"])  # compiles (once per process)
     stack.remove("qv4")  # warms the slot update too
@@ -119,19 +128,25 @@ def test_over_rank_or_capacity_or_unknown_is_one_line(tiny):
 def test_mixed_adapters_on_smollm2_equal_each_row_alone(smollm2_gguf):
     cfg, params = jlora.load_pretrained(smollm2_gguf)
     model = jlora.Llama(cfg)
-    lcfgs = {"a4": jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
-             "b16": jlora.LoraConfig(rank=16, alpha=16, targets=("up_proj", "down_proj", "o_proj")),
-             "c8": jlora.LoraConfig(rank=8, alpha=32, targets=("k_proj", "gate_proj"), use_rslora=True)}
-    adapters = {n: randomize(jlora.split(params, lc, jax.random.key(i))[1], seed=i, std=0.05)
-                for i, (n, lc) in enumerate(lcfgs.items())}
+    lcfgs = {
+        "a4": jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj")),
+        "b16": jlora.LoraConfig(rank=16, alpha=16, targets=("up_proj", "down_proj", "o_proj")),
+        "c8": jlora.LoraConfig(rank=8, alpha=32, targets=("k_proj", "gate_proj"), use_rslora=True),
+    }
+    adapters = {
+        n: randomize(jlora.split(params, lc, jax.random.key(i))[1], seed=i, std=0.05)
+        for i, (n, lc) in enumerate(lcfgs.items())
+    }
     stack = AdapterStack(cfg, capacity=3, max_rank=16)
     for name, tree in adapters.items():
         stack.add(name, tree)
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 20, 30], [1, 504, 2444], [1, 7]]
     rows = ["a4", None, "b16", "c8"]
     mixed = Generator(model, params, stack=stack).generate(prompts, max_new_tokens=6, eos_id=(), adapters=rows)
-    singles = [generate(model, params, adapters[n] if n else None, [p], max_new_tokens=6, eos_id=())[0]
-               for n, p in zip(rows, prompts)]
+    singles = [
+        generate(model, params, adapters[n] if n else None, [p], max_new_tokens=6, eos_id=())[0]
+        for n, p in zip(rows, prompts)
+    ]
     assert mixed == singles
     base = generate(model, params, None, prompts, max_new_tokens=6, eos_id=())
     assert sum(m != b for m, b in zip(mixed, base)) >= 2

@@ -71,8 +71,15 @@ def test_no_module_outside_the_family_folder_names_a_llama_parameter():
     assert not bad, f"LLaMA parameter names outside jlora/models/llama/ (ask the family record instead): {bad}"
 
 
-@pytest.mark.parametrize("line", ['HEAD = ("lm_head", "kernel")', "from jlora.models.llama import LlamaConfig",
-                                  'if path[-2] in ("q_proj", "k_proj"):\n    pass', "x = embed_tokens"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        'HEAD = ("lm_head", "kernel")',
+        "from jlora.models.llama import LlamaConfig",
+        'if path[-2] in ("q_proj", "k_proj"):\n    pass',
+        "x = embed_tokens",
+    ],
+)
 def test_the_check_catches_a_llama_name_put_back(line):
     assert _check(line), line
 
@@ -113,7 +120,9 @@ def _private_imports(source: str) -> list[str]:
 
 
 def test_no_private_name_crosses_a_module():
-    bad = {str(p.relative_to(ROOT.parent)): v for p in sorted(ROOT.rglob("*.py")) if (v := _private_imports(p.read_text()))}
+    bad = {
+        str(p.relative_to(ROOT.parent)): v for p in sorted(ROOT.rglob("*.py")) if (v := _private_imports(p.read_text()))
+    }
     assert not bad, f"private names used outside their module (make them public, or move the code): {bad}"
 
 

@@ -1,6 +1,7 @@
 """Nothing lost when writing a directory: adapters survive SIGKILL mid-save, and jlora-merge /
 jlora-export-peft refuse an --out that would destroy something, and swap their output in whole.
 The read-only --out check mounts a tmpfs, which needs root: without it, it fails rather than skips."""
+
 import hashlib
 import os
 import pathlib
@@ -13,14 +14,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jlora
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
+
+import jlora
 from jlora.checkpoint import store as ck
-from jlora.models.llama import PRESETS
-from jlora.models.family import param_shapes
 from jlora.formats.weights import save_pretrained
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -58,8 +59,14 @@ def test_sigkill_during_save_adapter_leaves_one_whole_adapter(tmp_path):
     ck.save_adapter(path, jax.tree.map(lambda s: jnp.full(s.shape, -1.0, s.dtype), shapes), LCFG, base=CFG)
     rng, start, seen = random.Random(0), 0, []
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(start)], cwd=ROOT, env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path), str(start)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert proc.stdout.readline().startswith("saving"), "the saver did not start"
         time.sleep(rng.uniform(0.0, 0.4))  # a save takes ~0.1 s: this lands in the middle of one or another
         proc.send_signal(signal.SIGKILL)
@@ -79,19 +86,22 @@ def test_sigkill_during_save_adapter_leaves_one_whole_adapter(tmp_path):
 
 
 def _cli(name, *args):
-    return subprocess.run([script(name), *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [script(name), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def _digest(directory: pathlib.Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _model_and_adapter(tmp_path):
     rs = np.random.RandomState(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)),
-                          param_shapes(CFG))
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(CFG))
     save_pretrained(params, CFG, tmp_path / "model")
     (tmp_path / "model" / "tokenizer.json").write_text("{}")
     shapes = jax.eval_shape(lambda p: jlora.split(p, LCFG, jax.random.key(0))[1], params)
@@ -106,7 +116,9 @@ def test_merge_refuses_an_out_that_would_destroy_data(tmp_path):
     base = ["--model", model, "--adapter", adapter, "--out"]
     one_line_error(_cli("jlora-merge", *base, model), str(model), "model", prog="jlora-merge", only_line=True)
     one_line_error(_cli("jlora-merge", *base, model, "--force"), str(model), prog="jlora-merge", only_line=True)
-    one_line_error(_cli("jlora-merge", *base, model / "merged"), str(model / "merged"), prog="jlora-merge", only_line=True)
+    one_line_error(
+        _cli("jlora-merge", *base, model / "merged"), str(model / "merged"), prog="jlora-merge", only_line=True
+    )
     assert _digest(model) == before, "the base model was changed"
     one_line_error(_cli("jlora-merge", *base, adapter, "--force"), str(adapter), prog="jlora-merge", only_line=True)
     assert ck.load_adapter(adapter, base=CFG)
@@ -136,18 +148,28 @@ def test_export_peft_out_checks_and_swap(tmp_path):
     base = ["--model", model, "--adapter", adapter, "--out"]
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    one_line_error(_cli("jlora-export-peft", *base, afile), str(afile), "file", prog="jlora-export-peft", only_line=True)
+    one_line_error(
+        _cli("jlora-export-peft", *base, afile), str(afile), "file", prog="jlora-export-peft", only_line=True
+    )
     assert afile.read_text() == "mine"
     one_line_error(_cli("jlora-export-peft", *base, adapter), str(adapter), prog="jlora-export-peft", only_line=True)
     assert ck.load_adapter(adapter, base=CFG)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    one_line_error(_cli("jlora-export-peft", *base, busy), str(busy), "--force", prog="jlora-export-peft", only_line=True)
+    one_line_error(
+        _cli("jlora-export-peft", *base, busy), str(busy), "--force", prog="jlora-export-peft", only_line=True
+    )
     assert (busy / "notes.txt").read_text() == "mine"
 
     with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
-        one_line_error(_cli("jlora-export-peft", *base, ro / "peft"), str(ro), "Read-only", prog="jlora-export-peft", only_line=True)
+        one_line_error(
+            _cli("jlora-export-peft", *base, ro / "peft"),
+            str(ro),
+            "Read-only",
+            prog="jlora-export-peft",
+            only_line=True,
+        )
 
     run = _cli("jlora-export-peft", *base, busy, "--force")
     assert run.returncode == 0, run.stderr[-2000:]

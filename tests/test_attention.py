@@ -1,6 +1,7 @@
 """Training attention's two paths: cuDNN's layout and masks (run through jax.nn.dot_product_attention with
 implementation="xla", the same call the GPU makes with "cudnn") against the blocked kernel, the trace-time
 dispatch between them, packed rows, and the cuDNN call itself traced (not run) with its remat policy."""
+
 import jax
 import jax._src.cudnn.fused_attention_stablehlo as cudnn_fa
 import jax.numpy as jnp
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from jlora.models.attention import (CUDNN_FWD_PRIMITIVE, SAVE_NAME, blocked_attention, resolve_impl, saveable,
-                             sdpa_attention, train_attention)
+from jlora.models.attention import (
+    CUDNN_FWD_PRIMITIVE,
+    SAVE_NAME,
+    blocked_attention,
+    resolve_impl,
+    saveable,
+    sdpa_attention,
+    train_attention,
+)
 
 B, T, N, K, H = 4, 256, 4, 2, 16  # G = 2 query heads per KV head; T = 2 blocks of the blocked kernel
 LENGTHS = (256, 173, 5, 0)  # a full row, two right-padded rows, an all-padding row (evaluation's filler)

@@ -1,6 +1,7 @@
 """Bad input that `jlora-train` used to accept silently or answer with a traceback (issue 13: items 6,
 8, 9, 11, 16). Each test drives the real console script in a subprocess on the tiny CPU config, the
 way a user would meet the problem, and asserts one line on stderr naming the file or key and the fix."""
+
 import json
 import os
 import pathlib
@@ -10,23 +11,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_testing import one_line_error, script
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from cli_testing import one_line_error, script
-from jlora.models.llama import PRESETS
-from jlora.models.family import param_shapes
 from jlora.formats.weights import save_pretrained
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TRAIN = script("jlora-train")
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": "hi"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "hi"},
+]
 
 
 def _train(tmp_path, *sets: str) -> subprocess.CompletedProcess:
-    base = ["train.steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
-            f"output_dir={tmp_path / 'run'}"]
+    base = [
+        "train.steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     args = [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in (*base, *sets) for a in ("--set", s)]]
     return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
@@ -58,8 +67,11 @@ def test_tokenizer_vocab_larger_than_the_models_is_refused(tmp_path):
 
 
 def test_unknown_chat_role_names_the_file_and_line(tmp_path):
-    bad = [{"role": "user", "content": "Say hi."}, {"role": "asistant", "content": "hi"},
-           {"role": "assistant", "content": "hi"}]
+    bad = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "asistant", "content": "hi"},
+        {"role": "assistant", "content": "hi"},
+    ]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHAT] * 3 + [bad] + [CHAT] * 4))
     run = _train(tmp_path, f"data.train={data}", "data.format=chat", "data.val_fraction=0")
@@ -99,12 +111,15 @@ def test_chat_format_with_a_tokenizer_without_a_chat_template(tmp_path):
     one_line_error(run, "data.format", str(tok / "tokenizer.json"), "chat template")
 
 
-@pytest.mark.parametrize("key, value, regex", [
-    ("lora.targets", "[q_proj, 'v_proj(']", "v_proj("),
-    ("lora.rank_pattern", "{'q_proj[': 8}", "q_proj["),
-    ("lora.alpha_pattern", "{'*_proj': 8}", "*_proj"),
-    ("lora.train_extra", "norm)", "norm)"),
-])
+@pytest.mark.parametrize(
+    "key, value, regex",
+    [
+        ("lora.targets", "[q_proj, 'v_proj(']", "v_proj("),
+        ("lora.rank_pattern", "{'q_proj[': 8}", "q_proj["),
+        ("lora.alpha_pattern", "{'*_proj': 8}", "*_proj"),
+        ("lora.train_extra", "norm)", "norm)"),
+    ],
+)
 def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, regex):
     run = _train(tmp_path, f"{key}={value}")
     one_line_error(run, key, repr(regex))
@@ -116,8 +131,7 @@ def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, rege
 def test_a_sliding_window_config_is_refused(tmp_path):
     cfg = PRESETS["tiny"].replace(vocab_size=128)
     rs = np.random.RandomState(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)),
-                          param_shapes(cfg))
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(cfg))
     model = tmp_path / "mistral"
     save_pretrained(params, cfg, model)
     hf = json.loads((model / "config.json").read_text())

@@ -1,6 +1,7 @@
 """Honest records: every figure in docs/benchmarks.md and the README's demo figures comes from a result
 file in docs/results/ that a script wrote, with its commit, date, machine and load average; bench
 scripts write such files; report.py takes in no file without them; train_vs_peft interleaves its sides."""
+
 import importlib.util
 import json
 import os
@@ -22,8 +23,9 @@ def _module(name: str):
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/report.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "bench/report.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_benchmarks_page_and_readme_figures_are_what_the_result_files_give():
@@ -35,8 +37,14 @@ def test_benchmarks_page_and_readme_figures_are_what_the_result_files_give():
 def test_without_result_files_every_section_says_not_run():
     report = _module("report")
     page = report.render({})
-    for section in ("## forward_vs_hf", "## train_vs_peft", "## generate_vs_hf", "## The demo fine-tune",
-                    "## Will it fit?", "## GPU"):
+    for section in (
+        "## forward_vs_hf",
+        "## train_vs_peft",
+        "## generate_vs_hf",
+        "## The demo fine-tune",
+        "## Will it fit?",
+        "## GPU",
+    ):
         body = page.split(section, 1)[1].split("\n## ", 1)[0]
         assert "Not run: docs/results/" in body, section
         assert "|---" not in body and "Measured at" not in body, section  # no table, no figure
@@ -46,17 +54,42 @@ def test_without_result_files_every_section_says_not_run():
 
 def test_a_result_file_is_shown_with_where_and_when_it_was_measured():
     report = _module("report")
-    res = {"bench": "train_vs_peft", "command": "python bench/train_vs_peft.py", "commit": "abc1234",
-           "date": "2026-01-02T03:04:05+00:00", "machine": "Some CPU, 2 cores", "load_average": "1.00 2.00 3.00",
-           "load_average_after": "1.50 2.00 3.00", "config": {"batch": 4},
-           "rows": [{"metric": "train", "unit": "tokens/s", "jlora": 300.0, "peer": "HF PEFT", "peer_value": 150.0,
-                     "better": "higher"}]}
-    demo = {"bench": "demo", **{k: res[k] for k in PROVENANCE}, "n_eval": 10, "train_steps": 3, "train_s": 120.0,
-            "wall_s": 300.0, "tokens_per_s": 50.0, "base": {"loss": 0.8, "accuracy": 0.1},
-            "finetuned": {"loss": 0.1, "accuracy": 0.7}}
+    res = {
+        "bench": "train_vs_peft",
+        "command": "python bench/train_vs_peft.py",
+        "commit": "abc1234",
+        "date": "2026-01-02T03:04:05+00:00",
+        "machine": "Some CPU, 2 cores",
+        "load_average": "1.00 2.00 3.00",
+        "load_average_after": "1.50 2.00 3.00",
+        "config": {"batch": 4},
+        "rows": [
+            {
+                "metric": "train",
+                "unit": "tokens/s",
+                "jlora": 300.0,
+                "peer": "HF PEFT",
+                "peer_value": 150.0,
+                "better": "higher",
+            }
+        ],
+    }
+    demo = {
+        "bench": "demo",
+        **{k: res[k] for k in PROVENANCE},
+        "n_eval": 10,
+        "train_steps": 3,
+        "train_s": 120.0,
+        "wall_s": 300.0,
+        "tokens_per_s": 50.0,
+        "base": {"loss": 0.8, "accuracy": 0.1},
+        "finetuned": {"loss": 0.1, "accuracy": 0.7},
+    }
     page = report.render({"train_vs_peft": res, "demo": demo})
-    assert "Measured at commit abc1234 on 2026-01-02T03:04:05+00:00, Some CPU, 2 cores, load average " \
-           "1.00 2.00 3.00 (before) / 1.50 2.00 3.00 (after)." in page
+    assert (
+        "Measured at commit abc1234 on 2026-01-02T03:04:05+00:00, Some CPU, 2 cores, load average "
+        "1.00 2.00 3.00 (before) / 1.50 2.00 3.00 (after)." in page
+    )
     assert "| train (tokens/s) | 300 | HF PEFT | 150 | 2x | higher |" in page
     assert "| exact-match accuracy | 10.0% | 70.0% |" in page
     figures = report.demo_figures(demo)
@@ -66,8 +99,18 @@ def test_a_result_file_is_shown_with_where_and_when_it_was_measured():
 def test_report_refuses_a_demo_result_without_provenance(tmp_path):
     """jlora-demo's results before this change had no commit/date/machine/load: refused, one line, nothing copied."""
     old = tmp_path / "demo_results.json"
-    old.write_text(json.dumps({"n_eval": 100, "base": {"loss": 0.8187, "accuracy": 0.0}, "train_steps": 12,
-                               "finetuned": {"loss": 0.0774, "accuracy": 0.71}, "train_s": 325, "wall_s": 551}))
+    old.write_text(
+        json.dumps(
+            {
+                "n_eval": 100,
+                "base": {"loss": 0.8187, "accuracy": 0.0},
+                "train_steps": 12,
+                "finetuned": {"loss": 0.0774, "accuracy": 0.71},
+                "train_s": 325,
+                "wall_s": 551,
+            }
+        )
+    )
     before = sorted(p.name for p in (ROOT / "docs" / "results").glob("*.json"))
     proc = _report("--add", str(old))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -80,26 +123,51 @@ def test_method_comparison_takes_each_methods_demo_from_its_own_file(tmp_path):
     comparison shows its own file's figures; a field an older run did not record is a dash, never a number."""
     report = _module("report")
     prov = {k: "x" for k in PROVENANCE} | {"commit": "abc1234", "date": "2026-01-02T03:04:05+00:00"}
-    common = {"bench": "demo", "command": "jlora-demo", **prov, "n_eval": 100, "train_steps": 12, "train_s": 300.0,
-              "wall_s": 600.0}
-    adapter = {**common, "method": "llama_adapter", "trainable_params": 161308, "tokens_per_s": 123.4,
-               "peak_rss_bytes": 3 * 2**30, "base": {"loss": 0.82, "accuracy": 0.0},
-               "finetuned": {"loss": 0.31, "accuracy": 0.25}}
+    common = {
+        "bench": "demo",
+        "command": "jlora-demo",
+        **prov,
+        "n_eval": 100,
+        "train_steps": 12,
+        "train_s": 300.0,
+        "wall_s": 600.0,
+    }
+    adapter = {
+        **common,
+        "method": "llama_adapter",
+        "trainable_params": 161308,
+        "tokens_per_s": 123.4,
+        "peak_rss_bytes": 3 * 2**30,
+        "base": {"loss": 0.82, "accuracy": 0.0},
+        "finetuned": {"loss": 0.31, "accuracy": 0.25},
+    }
     src = tmp_path / "demo_results.json"
     src.write_text(json.dumps(adapter))
     assert report.add_result(src, tmp_path / "results").name == "demo_llama_adapter.json"
-    lora = {**common, "tokens_per_s": 98.0, "base": {"loss": 0.82, "accuracy": 0.0},
-            "finetuned": {"loss": 0.08, "accuracy": 0.71}}
+    lora = {
+        **common,
+        "tokens_per_s": 98.0,
+        "base": {"loss": 0.82, "accuracy": 0.0},
+        "finetuned": {"loss": 0.08, "accuracy": 0.71},
+    }
     page = report.render({"demo": lora, "demo_llama_adapter": adapter})
     body = page.split("## LoRA vs LLaMA-Adapter on the demo task", 1)[1]
     assert "| LLaMA-Adapter | 161,308 | 123 | 3.0 GiB | 0.82 -> 0.31 | 0% -> 25% | 12 in 300 s |" in body
-    assert "| LoRA | — (not recorded by this run) | 98 | — (not recorded by this run) | 0.82 -> 0.08 | 0% -> 71% |" in body
+    assert (
+        "| LoRA | — (not recorded by this run) | 98 | — (not recorded by this run) | 0.82 -> 0.08 | 0% -> 71% |" in body
+    )
 
 
 def test_gpu_train_smoke_writes_a_result_file_with_provenance(tmp_path):
     out = tmp_path / "gpu_train.json"
-    proc = subprocess.run([sys.executable, "bench/gpu_train.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_train.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert all(res[k] for k in PROVENANCE) and res["bench"] == "gpu_train" and res["smoke"] is True
@@ -117,8 +185,13 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
     bench = _module("train_vs_peft")
     (tmp_path / "config.json").write_text("{}")  # a converted checkpoint is there: no prep run
     calls = []
-    medians = {"jlora": [0.5, 0.3, 0.4], "api": [0.4, 0.35, 0.5], "peft": [0.6, 0.9, 0.45],
-               "jlora@base": [0.7, 0.6, 0.8], "naive@base": [0.9, 0.8, 0.7]}
+    medians = {
+        "jlora": [0.5, 0.3, 0.4],
+        "api": [0.4, 0.35, 0.5],
+        "peft": [0.6, 0.9, 0.45],
+        "jlora@base": [0.7, 0.6, 0.8],
+        "naive@base": [0.9, 0.8, 0.7],
+    }
 
     def fake_side(side, a, extra, jlora_from):
         name = side + ("@base" if jlora_from else "")
@@ -126,13 +199,35 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
         k = sum(c == name for c in calls)
         calls.append(name)
         step = medians[name][k]
-        return {"step_s": [step * 1.1, step, step * 0.9 + 0.1 * step], "losses": [2.0, 1.9],
-                "rss_mb": 1000.0 + 100 * k, "compile_s": 5.0 - k, "first_step_s": 9.0}
+        return {
+            "step_s": [step * 1.1, step, step * 0.9 + 0.1 * step],
+            "losses": [2.0, 1.9],
+            "rss_mb": 1000.0 + 100 * k,
+            "compile_s": 5.0 - k,
+            "first_step_s": 9.0,
+        }
 
     monkeypatch.setattr(bench, "run_side", fake_side)
     out = tmp_path / "train_vs_peft.json"
-    monkeypatch.setattr(sys, "argv", ["train_vs_peft.py", "--hf-dir", str(tmp_path), "--rounds", "3",
-                                      "--out", str(out), "--batch", "1", "--seq", "10", "--baseline", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_vs_peft.py",
+            "--hf-dir",
+            str(tmp_path),
+            "--rounds",
+            "3",
+            "--out",
+            str(out),
+            "--batch",
+            "1",
+            "--seq",
+            "10",
+            "--baseline",
+            str(tmp_path),
+        ],
+    )
     bench.main()
     assert calls == ["jlora", "api", "peft", "jlora@base", "naive@base"] * 3
     res = json.loads(out.read_text())

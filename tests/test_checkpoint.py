@@ -1,4 +1,5 @@
 """Orbax training checkpoints and adapter files: exact restore, size, atomicity, and refusing the wrong adapter."""
+
 import os
 import pathlib
 
@@ -8,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jlora
 from jlora.checkpoint import store as ck
-from jlora.models.llama import PRESETS
-from jlora.models.family import param_shapes
 from jlora.checkpoint.tree_storage import is_rng_key
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
 
 CFG = PRESETS["tiny"]
 
@@ -27,7 +29,7 @@ def random_adapter(params, lcfg, seed):
 
 
 def _leaves_equal(a, b) -> bool:
-    unkey = lambda x: jax.random.key_data(x) if is_rng_key(x) else x  # noqa: E731
+    unkey = lambda x: jax.random.key_data(x) if is_rng_key(x) else x
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(unkey(x), unkey(y)) for x, y in zip(la, lb))
 
@@ -49,8 +51,9 @@ def params():
     return jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(CFG))
 
 
-LCFG = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"), use_dora=True, layers=(1,),
-                        train_extra="^norm")
+LCFG = jlora.LoraConfig(
+    rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"), use_dora=True, layers=(1,), train_extra="^norm"
+)
 
 
 # --------------------------------------------------------------------------- final adapters
@@ -75,17 +78,28 @@ def test_load_adapter_refuses(params, tmp_path):
     trainable = random_adapter(params, LCFG, 1)
     ck.save_adapter(tmp_path / "a", trainable, LCFG, base=CFG, params=params)
     other = CFG.replace(num_hidden_layers=3)
-    _one_line_error(lambda: ck.load_adapter(tmp_path / "a", base=other), ck.AdapterError,
-                    "made for another base model.*num_hidden_layers=2 there, 3 here")
+    _one_line_error(
+        lambda: ck.load_adapter(tmp_path / "a", base=other),
+        ck.AdapterError,
+        "made for another base model.*num_hidden_layers=2 there, 3 here",
+    )
     retrained = jax.tree.map(lambda x: x, params)
     retrained["norm"]["weight"] = retrained["norm"]["weight"] * 1.5
-    _one_line_error(lambda: ck.load_adapter(tmp_path / "a", base=CFG, params=retrained), ck.AdapterError,
-                    "made for another base model.*weight norm.weight differs")
-    _one_line_error(lambda: ck.load_adapter(tmp_path / "a", base=CFG, expect=LCFG.__class__(rank=8, targets=LCFG.targets)),
-                    ck.AdapterError, "adapter has rank=4, expected rank=8")
+    _one_line_error(
+        lambda: ck.load_adapter(tmp_path / "a", base=CFG, params=retrained),
+        ck.AdapterError,
+        "made for another base model.*weight norm.weight differs",
+    )
+    _one_line_error(
+        lambda: ck.load_adapter(tmp_path / "a", base=CFG, expect=LCFG.__class__(rank=8, targets=LCFG.targets)),
+        ck.AdapterError,
+        "adapter has rank=4, expected rank=8",
+    )
     with pytest.raises(ValueError):  # AdapterError is a ValueError
         ck.load_adapter(tmp_path / "nowhere", base=CFG)
-    _one_line_error(lambda: ck.save_adapter(tmp_path, trainable, LCFG, base=CFG), ck.AdapterError, "refusing to overwrite")
+    _one_line_error(
+        lambda: ck.save_adapter(tmp_path, trainable, LCFG, base=CFG), ck.AdapterError, "refusing to overwrite"
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
@@ -114,8 +128,13 @@ def _train_state(params, seed=0):
     grads = random_adapter(params, LCFG, seed + 1)
     # one jitted update: non-trivial moments and count (eager optax compiles op by op, slowly)
     opt_state = jax.jit(lambda t, g: opt.update(g, opt.init(t), t)[1])(trainable, grads)
-    return {"trainable": trainable, "opt_state": opt_state, "step": 0, "data": {"epoch": 1, "index": 17},
-            "rng": jax.random.key(42)}
+    return {
+        "trainable": trainable,
+        "opt_state": opt_state,
+        "step": 0,
+        "data": {"epoch": 1, "index": 17},
+        "rng": jax.random.key(42),
+    }
 
 
 def test_checkpoint_cycle_and_exact_restore(params, tmp_path):
@@ -150,17 +169,24 @@ def test_checkpoint_cycle_and_exact_restore(params, tmp_path):
             spec[-2] = "fsdp"
         return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P(*spec)))
 
-    abstract = {**abstract, "trainable": jax.tree.map(shard, abstract["trainable"]),
-                "opt_state": jax.tree.map(shard, abstract["opt_state"])}
+    abstract = {
+        **abstract,
+        "trainable": jax.tree.map(shard, abstract["trainable"]),
+        "opt_state": jax.tree.map(shard, abstract["opt_state"]),
+    }
     back = ck.restore_latest(manager, abstract)
     a = back["trainable"]["layers"]["self_attn"]["q_proj"]["kernel"].a  # [L, in, R]
     assert a.sharding == abstract["trainable"]["layers"]["self_attn"]["q_proj"]["kernel"].a.sharding
     assert _leaves_equal(back, state) and jax.random.key_impl(back["rng"]) == jax.random.key_impl(state["rng"])
 
-    _one_line_error(lambda: ck.restore_latest(manager, state, lcfg=LCFG.__class__(rank=2, targets=LCFG.targets)),
-                    ck.CheckpointError, "adapter has rank=4, expected rank=2")
-    _one_line_error(lambda: ck.save_checkpoint(manager, 6, {**state, "frozen": params}, meta), ck.CheckpointError,
-                    "holds only")
+    _one_line_error(
+        lambda: ck.restore_latest(manager, state, lcfg=LCFG.__class__(rank=2, targets=LCFG.targets)),
+        ck.CheckpointError,
+        "adapter has rank=4, expected rank=2",
+    )
+    _one_line_error(
+        lambda: ck.save_checkpoint(manager, 6, {**state, "frozen": params}, meta), ck.CheckpointError, "holds only"
+    )
 
 
 def test_damaged_or_mismatched_checkpoint(params, tmp_path):
@@ -169,12 +195,18 @@ def test_damaged_or_mismatched_checkpoint(params, tmp_path):
     ck.save_checkpoint(manager, 1, state, ck.make_metadata(LCFG, CFG))
     other = jax.tree.map(lambda x: x, state)
     other["trainable"]["lm_head"]["kernel"] = other["trainable"]["lm_head"]["kernel"].replace(
-        a=jnp.zeros((64, 2)), b=jnp.zeros((2, 512)))
-    _one_line_error(lambda: ck.restore_latest(manager, other), ck.CheckpointError,
-                    r"lm_head/kernel/a has shape \(64, 4\) in the checkpoint, \(64, 2\) in this run")
+        a=jnp.zeros((64, 2)), b=jnp.zeros((2, 512))
+    )
+    _one_line_error(
+        lambda: ck.restore_latest(manager, other),
+        ck.CheckpointError,
+        r"lm_head/kernel/a has shape \(64, 4\) in the checkpoint, \(64, 2\) in this run",
+    )
     for f in _data_files(tmp_path / "1"):
         os.truncate(f, f.stat().st_size // 3)
-    _one_line_error(lambda: ck.restore_latest(manager, state), ck.CheckpointError, "1: .*truncated or corrupt checkpoint")
+    _one_line_error(
+        lambda: ck.restore_latest(manager, state), ck.CheckpointError, "1: .*truncated or corrupt checkpoint"
+    )
 
 
 def test_checkpoint_holds_only_the_adapter(tmp_path):
@@ -185,7 +217,9 @@ def test_checkpoint_holds_only_the_adapter(tmp_path):
     trainable = random_adapter(base, lcfg, 0)
     opt_state = optax.adam(1e-3).init(trainable)
     rs = np.random.RandomState(1)  # trained moments are not zeros; zeros would compress to nothing
-    opt_state = jax.tree.map(lambda x: jnp.asarray(rs.standard_normal(x.shape).astype(x.dtype)) if x.ndim else x, opt_state)
+    opt_state = jax.tree.map(
+        lambda x: jnp.asarray(rs.standard_normal(x.shape).astype(x.dtype)) if x.ndim else x, opt_state
+    )
     state = {"trainable": trainable, "opt_state": opt_state, "step": 10, "data": {"index": 3}, "rng": jax.random.key(0)}
     manager = ck.open_manager(tmp_path, keep=1, interval=10)
     assert ck.save_checkpoint(manager, 10, state, ck.make_metadata(lcfg, cfg))

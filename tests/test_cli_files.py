@@ -3,6 +3,7 @@ progress (compiling, no tok_s=nan, a rounded final loss), and what jlora-export-
 for the demo model: files readable as the umask allows (safetensors alone writes 0600), a PEFT
 base_model_name_or_path that PEFT users can load, one slash in the printed path, and a merged dir with
 a tokenizer that jlora-generate and transformers use. Each test drives the real CLI in a subprocess."""
+
 import json
 import os
 import pathlib
@@ -12,10 +13,9 @@ import subprocess
 
 import jax
 import pytest
+from cli_testing import script
 
 import jlora
-
-from cli_testing import script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -35,8 +35,16 @@ def _modes(d: pathlib.Path) -> dict[str, int]:
 
 
 def test_train_progress_says_compiling_shows_no_nan_and_rounds_the_final_loss(tmp_path):
-    sets = [f"output_dir={tmp_path / 'run'}", "train.steps=3", "train.eval_interval=0", "train.log_interval=1",
-            "checkpoint.interval=0", "data.max_seq_len=192", "train.global_batch=8", "train.micro_batch=8"]
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        "train.steps=3",
+        "train.eval_interval=0",
+        "train.log_interval=1",
+        "checkpoint.interval=0",
+        "data.max_seq_len=192",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+    ]
     proc = _run([script("jlora-train"), "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
@@ -53,8 +61,11 @@ def smollm2_adapter(smollm2_gguf, tmp_path_factory):
     cfg, params = jlora.load_pretrained(smollm2_gguf)
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
     _, trainable = jlora.split(params, lcfg, jax.random.key(0))
-    trainable = jax.tree.map(lambda p: p.replace(b=0.01 * jax.random.normal(jax.random.key(1), p.b.shape)),
-                             trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+    trainable = jax.tree.map(
+        lambda p: p.replace(b=0.01 * jax.random.normal(jax.random.key(1), p.b.shape)),
+        trainable,
+        is_leaf=lambda x: isinstance(x, jlora.LoraPair),
+    )
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     jlora.save_adapter(out, trainable, lcfg, base=cfg)
     return out
@@ -63,8 +74,10 @@ def smollm2_adapter(smollm2_gguf, tmp_path_factory):
 @pytest.mark.slow
 def test_export_peft_of_the_demo_model(smollm2_adapter, tmp_path):
     out = f"{tmp_path / 'peft-adapter'}/"  # the README writes --out peft-adapter/
-    proc = _run([script("jlora-export-peft"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
-                 "--out", out], umask=0o027)
+    proc = _run(
+        [script("jlora-export-peft"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter), "--out", out],
+        umask=0o027,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "//" not in proc.stderr and f"{tmp_path / 'peft-adapter' / 'adapter_model.safetensors'}" in proc.stderr
     peft_dir = tmp_path / "peft-adapter"
@@ -80,8 +93,9 @@ def test_merge_of_the_demo_model_is_usable_alone(smollm2_adapter, smollm2_gguf, 
     import transformers
 
     merged = tmp_path / "merged-model"
-    proc = _run([script("jlora-merge"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter),
-                 "--out", str(merged)])
+    proc = _run(
+        [script("jlora-merge"), "--model", "smollm2-135m", "--adapter", str(smollm2_adapter), "--out", str(merged)]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = _modes(merged)
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(modes)
@@ -90,6 +104,5 @@ def test_merge_of_the_demo_model_is_usable_alone(smollm2_adapter, smollm2_gguf, 
     hf = transformers.AutoTokenizer.from_pretrained(merged)
     text = "Turn this into JSON: Ana Li, 34, lives in Porto."
     assert hf.encode(text) == ours.encode(text) and hf.eos_token_id == ours.eos_id
-    gen = _run([script("jlora-generate"), "--model", str(merged), "--prompt", "Hi", "--chat",
-                "--max-new-tokens", "3"])
+    gen = _run([script("jlora-generate"), "--model", str(merged), "--prompt", "Hi", "--chat", "--max-new-tokens", "3"])
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-3000:]

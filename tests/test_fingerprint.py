@@ -3,6 +3,7 @@
 The fingerprint samples every tensor, so a merged base differs from its original in each adapted
 tensor; it is the same for host arrays and for arrays sharded over a mesh, its gather compiles to a
 few KiB on any size of tensor, and adapters saved with the version-1 fingerprint still load."""
+
 import json
 import os
 import pathlib
@@ -12,17 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cli_testing import script
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
-from jlora.checkpoint import store as ck
 from jlora.checkpoint import fingerprint as fp
-from jlora.models.llama import PRESETS
-from jlora.models.family import param_shapes
+from jlora.checkpoint import store as ck
 from jlora.formats.weights import save_pretrained
-
-from cli_testing import script
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -42,20 +43,28 @@ def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "unk_token": "<unk>"}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
     return path
 
 
 def _cli(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([script(name), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [script(name), *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_an_adapter_is_refused_by_the_base_it_is_merged_into(tmp_path):
     base = _model_dir(tmp_path / "base", _random_params())
-    sets = ["train.steps=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
-            f"model.path={base}", f"output_dir={tmp_path / 'run'}"]
+    sets = [
+        "train.steps=2",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        f"model.path={base}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     run = _cli("jlora-train", "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)])
     assert run.returncode == 0, run.stderr[-3000:]
     adapter, merged = tmp_path / "run" / "adapter", tmp_path / "merged"
@@ -73,9 +82,15 @@ def test_an_adapter_is_refused_by_the_base_it_is_merged_into(tmp_path):
 def test_sharded_and_host_arrays_give_one_fingerprint():
     params = _random_params()
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
-    placed = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(*("fsdp", "tensor")[:x.ndim]))
-                                                   if x.ndim and x.shape[0] % 4 == 0 else NamedSharding(mesh, P())),
-                          params)
+    placed = jax.tree.map(
+        lambda x: jax.device_put(
+            x,
+            NamedSharding(mesh, P(*("fsdp", "tensor")[: x.ndim]))
+            if x.ndim and x.shape[0] % 4 == 0
+            else NamedSharding(mesh, P()),
+        ),
+        params,
+    )
     as_bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)  # one checkpoint loaded as bf16
     host = fp.fingerprint(params)
     assert host == fp.fingerprint(placed) == fp.fingerprint(as_bf16)
@@ -87,8 +102,11 @@ def test_sharded_and_host_arrays_give_one_fingerprint():
 def test_the_sample_gather_stays_small_on_a_sharded_tensor():
     """A 256 MiB tensor over 8 devices: the compiled gather moves and keeps only its few KiB of sample."""
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
-    big = {"w": jax.ShapeDtypeStruct((4, 4096, 8192), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp",
-                                                                                                     "tensor")))}
+    big = {
+        "w": jax.ShapeDtypeStruct(
+            (4, 4096, 8192), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp", "tensor"))
+        )
+    }
     mem = fp.sampler(big).lower(big).compile().memory_analysis()
     assert mem.output_size_in_bytes <= 2 * fp.SAMPLE and mem.temp_size_in_bytes < 1 << 20
 

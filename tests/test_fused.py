@@ -1,27 +1,35 @@
 """Fused projections (jlora.models.fused): q/k/v and gate/up run as one matmul each, the params keep HF's names, and
 LoRA / DoRA / dropout / per-row adapter stacks on any part give what separate projections give. HF and PEFT
 parity of the fused model live in test_llama.py and test_lora.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
+from lora_testing import randomize
 
 import jlora.infer.decode
 import jlora.models.llama.model
-from jlora.infer.lora_stack import AdapterStack
+from jlora import split
 from jlora.infer.decode import forward, init_decode_cache, per_layer
 from jlora.infer.generate import Generator
-from jlora.models.llama import Llama, LlamaConfig
+from jlora.infer.lora_stack import AdapterStack
 from jlora.models.family import init_params
+from jlora.models.llama import Llama, LlamaConfig
 from jlora.peft.lora import LoraConfig
-from jlora import split
 from jlora.peft.routing import apply
-from lora_testing import randomize
 
-CFG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=20)
-KEY = lambda i: jax.random.key(i, impl="rbg")  # noqa: E731
+CFG = LlamaConfig(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=20,
+)
+KEY = lambda i: jax.random.key(i, impl="rbg")
 
 
 def frozen_matmul_shapes(fn, *args) -> list[tuple[int, ...]]:
@@ -54,8 +62,10 @@ def test_qkv_and_gate_up_are_one_matmul_each_and_params_keep_hf_names():
 @pytest.fixture
 def unfused(monkeypatch):
     """Run the model's projections separately, as under tensor parallelism (heads / mlp split over devices)."""
+
     def use():
         monkeypatch.setattr(jlora.models.llama.model, "shards", lambda dim: 2)
+
     return use
 
 
@@ -71,6 +81,7 @@ def test_lora_on_every_part_equals_separate_projections(dora, unfused):
         def loss(t):
             logits = apply(Llama(CFG), frozen, t, ids, rngs={"dropout": KEY(3)})
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
         return jax.jit(jax.value_and_grad(loss))(trainable)  # traced anew each time: `unfused` takes effect
 
     fused = loss_and_grads()

@@ -22,8 +22,9 @@ N = 32
 def tiny():
     """The model and random params, drawn with numpy (no jitted init to compile)."""
     rng = np.random.default_rng(0)
-    draw = lambda path, s: (np.ones(s.shape, np.float32) if path[-1].key == "weight"  # noqa: E731
-                            else rng.normal(0.0, 0.08, s.shape).astype(np.float32))
+    draw = lambda path, s: (
+        np.ones(s.shape, np.float32) if path[-1].key == "weight" else rng.normal(0.0, 0.08, s.shape).astype(np.float32)
+    )
     return jlora.Llama(CFG), jax.tree_util.tree_map_with_path(draw, jlora.models.family.param_shapes(CFG))
 
 
@@ -33,8 +34,9 @@ def adapter(tiny):
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     frozen, trainable = jlora.split(tiny[1], lcfg, jax.random.key(1))
     rng = np.random.default_rng(0)
-    fill = lambda p: p.replace(a=0.2 * rng.standard_normal(p.a.shape, np.float32),  # noqa: E731
-                               b=0.2 * rng.standard_normal(p.b.shape, np.float32))
+    fill = lambda p: p.replace(
+        a=0.2 * rng.standard_normal(p.a.shape, np.float32), b=0.2 * rng.standard_normal(p.b.shape, np.float32)
+    )
     return frozen, jax.tree.map(fill, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
 
 
@@ -49,7 +51,7 @@ def full_forward_greedy(forward, prompt: list[int], n: int) -> list[int]:
     ids[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + n):
         ids[0, t] = int(jnp.argmax(forward(jnp.asarray(ids))[0, t - 1]))
-    return ids[0, len(prompt):len(prompt) + n].tolist()
+    return ids[0, len(prompt) : len(prompt) + n].tolist()
 
 
 def test_cached_decoding_equals_full_forward_argmax(tiny):
@@ -94,8 +96,7 @@ def test_mixed_length_batch_equals_one_by_one(tiny, adapter):
     arr = np.zeros((3, 20), np.int32)
     for i, p in enumerate(PROMPTS):
         arr[i, : len(p)] = p
-    assert gen.generate(arr, lengths=[len(p) for p in PROMPTS], max_new_tokens=20, eos_id=()) == [
-        r[:20] for r in alone]
+    assert gen.generate(arr, lengths=[len(p) for p in PROMPTS], max_new_tokens=20, eos_id=()) == [r[:20] for r in alone]
 
 
 def test_sampling_seed_topk_topp_and_streaming(tiny):
@@ -136,15 +137,22 @@ def test_stop_strings_truncate_and_stream_the_same(tiny):
     assert [sum((p[i] for p in parts), []) for i in range(3)] == out
 
 
-@pytest.mark.parametrize("prompts, kw, message", [
-    ([[1, 2], []], {}, "prompt 1 is empty"),
-    ([], {}, "no prompts given"),
-    ([[1] * 20], {"max_new_tokens": 33}, "prompt of 20 tokens + max_new_tokens 33 = 53 exceeds the model's context of 52"),
-    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
-    ([[1, 512]], {}, "token id 512, outside the vocabulary [0, 512)"),
-    ([[1]], {"temperature": 1.0, "top_p": 0.0}, "top_p must be in (0, 1]"),
-    ([[1]], {"stop_strings": ["x"]}, "stop_strings need a tokenizer"),
-])
+@pytest.mark.parametrize(
+    "prompts, kw, message",
+    [
+        ([[1, 2], []], {}, "prompt 1 is empty"),
+        ([], {}, "no prompts given"),
+        (
+            [[1] * 20],
+            {"max_new_tokens": 33},
+            "prompt of 20 tokens + max_new_tokens 33 = 53 exceeds the model's context of 52",
+        ),
+        ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ([[1, 512]], {}, "token id 512, outside the vocabulary [0, 512)"),
+        ([[1]], {"temperature": 1.0, "top_p": 0.0}, "top_p must be in (0, 1]"),
+        ([[1]], {"stop_strings": ["x"]}, "stop_strings need a tokenizer"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(tiny, prompts, kw, message):
     model, params = tiny
     with pytest.raises(GenerateError) as err:
@@ -161,8 +169,9 @@ def _tiny_model_dir(tmp_path, params, cfg=CFG) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 10, trainer)
     tok.add_tokens([f"<x{i}>" for i in range(CFG.vocab_size - tok.get_vocab_size())])  # cover every model id
     model_dir = tmp_path / "tiny"
@@ -178,25 +187,51 @@ def test_cli_streams_text(tiny, adapter, tmp_path):
     frozen, trainable = adapter
     model_dir = _tiny_model_dir(tmp_path, frozen)
     adapter_dir = tmp_path / "adapter"
-    save_adapter(adapter_dir, trainable, jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")),
-                 base=CFG.replace(bos_token_id=1, eos_token_id=2))
+    save_adapter(
+        adapter_dir,
+        trainable,
+        jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")),
+        base=CFG.replace(bos_token_id=1, eos_token_id=2),
+    )
     cli = [sys.executable, "-c", "import sys; from jlora.cli.generate import main; sys.exit(main())"]  # jlora-generate
-    args = [*cli, "--model", model_dir, "--adapter", str(adapter_dir),
-            "--prompt", "hello world", "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "50", "--seed", "1"]
+    args = [
+        *cli,
+        "--model",
+        model_dir,
+        "--adapter",
+        str(adapter_dir),
+        "--prompt",
+        "hello world",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "50",
+        "--seed",
+        "1",
+    ]
     run = subprocess.run(args, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() and "tokens in" in run.stderr
-    bad = subprocess.run([*cli, "--model", model_dir, "--prompt", "x", "--max-new-tokens", "1000"],
-                         capture_output=True, text=True, timeout=240)
+    bad = subprocess.run(
+        [*cli, "--model", model_dir, "--prompt", "x", "--max-new-tokens", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert bad.returncode == 2 and "exceeds the model's context" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
 # SmolLM2's ids for "The capital of France is", "def add(a, b):", "Once upon a time, a little fox" and a
 # chat turn asking "What is 2+2?" (which ends in EOS early), written out to skip a second read of the GGUF.
-HF_PROMPTS = [[504, 3575, 282, 4649, 314], [1604, 803, 24, 81, 28, 278, 727],
-              [6403, 1980, 253, 655, 28, 253, 1838, 16438],
-              [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]]
+HF_PROMPTS = [
+    [504, 3575, 282, 4649, 314],
+    [1604, 803, 24, 81, 28, 278, 727],
+    [6403, 1980, 253, 655, 28, 253, 1838, 16438],
+    [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],
+]
 
 
 @pytest.mark.slow
@@ -220,8 +255,14 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_gguf, tmp_path):
     torch.set_num_threads(1)  # on a shared 2-core machine torch's spinning threads make this 10x slower
     try:
         with torch.inference_mode():
-            ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
-                              eos_token_id=cfg.eos_token_id, pad_token_id=0)[:, width:].tolist()
+            ref = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=20,
+                eos_token_id=cfg.eos_token_id,
+                pad_token_id=0,
+            )[:, width:].tolist()
     finally:
         torch.set_num_threads(threads)
     eos = cfg.eos_token_id
@@ -263,9 +304,11 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
     gen = [sys.executable, "-c", "import sys; from jlora.cli.generate import main; sys.exit(main())"]  # jlora-generate
     merge = [sys.executable, "-c", "import sys; from jlora.cli.adapters import merge_main; sys.exit(merge_main())"]
     common = ["--model", model_dir, "--adapter", str(tmp_path / "adapter")]
-    runs = {"generate --merge": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2", "--merge"],
-            "jlora-merge": [*merge, *common, "--out", str(tmp_path / "merged")],
-            "generate": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2"]}
+    runs = {
+        "generate --merge": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2", "--merge"],
+        "jlora-merge": [*merge, *common, "--out", str(tmp_path / "merged")],
+        "generate": [*gen, *common, "--prompt", "hello", "--max-new-tokens", "2"],
+    }
     done = {name: subprocess.run(args, capture_output=True, text=True, timeout=240) for name, args in runs.items()}
     for name in ("generate --merge", "jlora-merge"):
         err = done[name].stderr.strip()

@@ -1,5 +1,6 @@
 """GGUF LoRA adapter export (jlora.formats.gguf_adapter, jlora-export-gguf): the file as gguf reads it back, the
 refusals, and llama.cpp itself (llama-cpp-python) running the exported adapter on the SmolLM2 GGUF."""
+
 import subprocess
 
 import gguf
@@ -8,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli_testing import one_line_error, script
 from flax import traverse_util
+from lora_testing import is_pair, randomize
 
 import jlora
 from jlora.checkpoint.store import save_adapter
 from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter
 from jlora.models.layers import permute_rope_rows as permute_rows
 from jlora.models.layers import unpermute_rope_rows as _unpermute
-from cli_testing import one_line_error, script
-from lora_testing import is_pair, randomize
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GGUF_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -37,14 +38,26 @@ def test_permute_rows_is_the_inverse_of_the_loaders_unpermute():
 def test_file_reads_back_with_llama_cpp_names_shapes_metadata_and_deltas(tmp_path):
     cfg = jlora.PRESETS["tiny"]  # untied: embed_tokens and lm_head are separate tensors
     params = jlora.init_params(cfg, jax.random.key(0))
-    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=(*ALL, "lm_head", "embed_tokens"), use_rslora=True,
-                            rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3.0}, layers=(1,))
+    lcfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=(*ALL, "lm_head", "embed_tokens"),
+        use_rslora=True,
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+        layers=(1,),
+    )
     _, trainable = jlora.split(params, lcfg, jax.random.key(1))
     trainable = randomize(trainable)
     export_gguf_adapter(tmp_path / "a.gguf", trainable, lcfg, cfg, base_name="tiny-base")
     meta, tensors = _read(tmp_path / "a.gguf")
-    assert meta == {"general.architecture": "llama", "general.type": "adapter", "general.name": "tiny-base",
-                    "adapter.type": "lora", "adapter.lora.alpha": 8.0}
+    assert meta == {
+        "general.architecture": "llama",
+        "general.type": "adapter",
+        "general.name": "tiny-base",
+        "adapter.type": "lora",
+        "adapter.lora.alpha": 8.0,
+    }
     layer1 = [f"blk.1.{n}.weight" for n in GGUF_NAMES]  # layers=(1,): layer 0 is left out, as llama.cpp allows
     assert set(tensors) == {f"{n}.lora_{ab}" for n in [*layer1, "token_embd.weight", "output.weight"] for ab in "ab"}
     assert not list(tmp_path.glob(".*partial*"))
@@ -53,9 +66,15 @@ def test_file_reads_back_with_llama_cpp_names_shapes_metadata_and_deltas(tmp_pat
     # token_embd's lora_a [V, R] looked up by row. Every delta must be jlora's s * (A @ B), in disk layout.
     flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x))
     hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    want_shapes = {"attn_q": (heads * hd, 64), "attn_k": (kv * hd, 64), "attn_v": (kv * hd, 64),
-                   "attn_output": (64, heads * hd), "ffn_gate": (128, 64), "ffn_up": (128, 64),
-                   "ffn_down": (64, 128)}
+    want_shapes = {
+        "attn_q": (heads * hd, 64),
+        "attn_k": (kv * hd, 64),
+        "attn_v": (kv * hd, 64),
+        "attn_output": (64, heads * hd),
+        "ffn_gate": (128, 64),
+        "ffn_up": (128, 64),
+        "ffn_down": (64, 128),
+    }
     for hf, name in zip(ALL, GGUF_NAMES):
         pair = flat[("layers", "self_attn" if name.startswith("attn") else "mlp", hf, "kernel")]
         a, b = tensors[f"blk.1.{name}.weight.lora_a"], tensors[f"blk.1.{name}.weight.lora_b"]
@@ -81,10 +100,12 @@ def test_file_reads_back_with_llama_cpp_names_shapes_metadata_and_deltas(tmp_pat
 def test_refuses_what_llama_cpp_cannot_run(tmp_path):
     cfg = jlora.PRESETS["tiny"]
     params = jlora.init_params(cfg, jax.random.key(0))
-    cases = {"DoRA": (jlora.LoraConfig(targets=("q_proj",), use_dora=True), cfg),
-             "train_extra": (jlora.LoraConfig(targets=("q_proj",), train_extra="norm"), cfg),
-             # exported anyway, llama-cpp-python 0.3.36 aborts the process on SmolLM2: GGML_ASSERT(ggml_can_mul_mat)
-             "ties its output head": (jlora.LoraConfig(targets=("embed_tokens",)), cfg.replace(tie_word_embeddings=True))}
+    cases = {
+        "DoRA": (jlora.LoraConfig(targets=("q_proj",), use_dora=True), cfg),
+        "train_extra": (jlora.LoraConfig(targets=("q_proj",), train_extra="norm"), cfg),
+        # exported anyway, llama-cpp-python 0.3.36 aborts the process on SmolLM2: GGML_ASSERT(ggml_can_mul_mat)
+        "ties its output head": (jlora.LoraConfig(targets=("embed_tokens",)), cfg.replace(tie_word_embeddings=True)),
+    }
     for needle, (lcfg, base) in cases.items():
         _, trainable = jlora.split(params, lcfg, jax.random.key(1))
         with pytest.raises(GGUFAdapterError, match=needle) as e:
@@ -98,9 +119,11 @@ def test_cli_one_line_errors(tmp_path):
 
     model = save_tiny_hf_llama(tmp_path / "base")
     cfg, params = jlora.load_pretrained(model)
-    run = lambda adapter, out, *extra: subprocess.run(  # noqa: E731
+    run = lambda adapter, out, *extra: subprocess.run(
         [script("jlora-export-gguf"), "--model", str(model), "--adapter", str(adapter), "--out", str(out), *extra],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     dora = jlora.LoraConfig(targets=("q_proj", "v_proj"), use_dora=True)
     save_adapter(tmp_path / "dora", jlora.split(params, dora, jax.random.key(0))[1], dora, base=cfg, params=params)
     one_line_error(run(tmp_path / "dora", tmp_path / "d.gguf"), "DoRA", "jlora-merge", prog="jlora-export-gguf")
@@ -108,8 +131,11 @@ def test_cli_one_line_errors(tmp_path):
 
     lcfg = jlora.LoraConfig(targets=ALL)
     save_adapter(tmp_path / "ok", jlora.split(params, lcfg, jax.random.key(0))[1], lcfg, base=cfg, params=params)
-    one_line_error(run(tmp_path / "ok", model / "model.safetensors", "--force"), "lies inside the --model",
-                   prog="jlora-export-gguf")
+    one_line_error(
+        run(tmp_path / "ok", model / "model.safetensors", "--force"),
+        "lies inside the --model",
+        prog="jlora-export-gguf",
+    )
     one_line_error(run(tmp_path / "ok", tmp_path / "ok"), "is a directory", prog="jlora-export-gguf")
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "a.gguf").write_text("keep me")
@@ -129,8 +155,8 @@ def _memorise(model, frozen, trainable, prompt, target, steps: int):
 
     def loss_fn(tr, frozen):
         logits = jlora.apply(model, frozen, tr, ids[:, :-1])  # [1, T-1, V]
-        logp = jax.nn.log_softmax(logits[:, len(prompt) - 1:], -1)
-        return -jnp.take_along_axis(logp, ids[:, len(prompt):, None], -1).mean()
+        logp = jax.nn.log_softmax(logits[:, len(prompt) - 1 :], -1)
+        return -jnp.take_along_axis(logp, ids[:, len(prompt) :, None], -1).mean()
 
     opt = optax.adam(3e-3)
 
@@ -150,8 +176,9 @@ def _llama_cpp(model_path: str, ids: list[int], prompt: list[int], n: int, lora_
     """(logits [T, V] over `ids`, greedy new tokens after `prompt`) from llama.cpp, with or without an adapter."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model_path, lora_path=lora_path, n_ctx=128, n_threads=2, seed=0, logits_all=True,
-                verbose=False)
+    llm = Llama(
+        model_path=model_path, lora_path=lora_path, n_ctx=128, n_threads=2, seed=0, logits_all=True, verbose=False
+    )
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)])  # [T, V]
     greedy = []
@@ -171,8 +198,13 @@ def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_pat
     target = tok.encode(" purple elephant dances under seven silver moons tonight, said Bob")
     # rsLoRA (scale alpha/sqrt r, which llama.cpp's alpha/r cannot say) and a left-out layer 0: the export
     # folds the scales into B and omits layer 0; q/k carry the rope permutation.
-    lcfg = jlora.LoraConfig(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora=True,
-                            layers=tuple(range(1, cfg.num_hidden_layers)))
+    lcfg = jlora.LoraConfig(
+        rank=8,
+        alpha=16,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        use_rslora=True,
+        layers=tuple(range(1, cfg.num_hidden_layers)),
+    )
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
     trainable, loss = _memorise(model, frozen, trainable, prompt, target, steps=12)
     n = len(target)
@@ -183,14 +215,19 @@ def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_pat
     adapter = tmp_path / "adapter"
     save_adapter(adapter, trainable, lcfg, base=cfg, params=params)
     out = tmp_path / "smollm2-lora.gguf"
-    done = subprocess.run([script("jlora-export-gguf"), "--model", "smollm2-135m", "--adapter", str(adapter),
-                           "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [script("jlora-export-gguf"), "--model", "smollm2-135m", "--adapter", str(adapter), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     ids = prompt + target
     theirs_logits, theirs = _llama_cpp(smollm2_gguf, ids, prompt, n, lora_path=str(out))
     base_logits, theirs_base = _llama_cpp(smollm2_gguf, ids, prompt, n)
-    print(f"jlora base: {tok.decode(ours_base)!r}\nllama.cpp base: {tok.decode(theirs_base)!r}\n"
-          f"jlora+adapter: {tok.decode(ours)!r}\nllama.cpp+adapter: {tok.decode(theirs)!r}")
+    print(
+        f"jlora base: {tok.decode(ours_base)!r}\nllama.cpp base: {tok.decode(theirs_base)!r}\n"
+        f"jlora+adapter: {tok.decode(ours)!r}\nllama.cpp+adapter: {tok.decode(theirs)!r}"
+    )
     assert theirs_base != target and ours_base != target  # the adapter is what says the target
     assert theirs == ours, (tok.decode(theirs), tok.decode(ours))
 

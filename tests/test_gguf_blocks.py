@@ -1,6 +1,7 @@
 """jlora.quant.gguf_blocks: GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks kept as QuantizedKernels decode to
 gguf-py's dequantize bit for bit (kernels, embeddings, take_rows), load_pretrained(quantize="gguf") gives
 the dense load's values on a tiny mixed-type file and the real SmolLM2 file, and bad input is one line."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,12 +15,12 @@ from flax import traverse_util
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
+from lora_testing import save_tiny_hf_llama
 
 import jlora
+from jlora.formats.weights import WeightsError, load_pretrained
 from jlora.quant import gguf_blocks
 from jlora.quant.quantize import dequantize, frozen_bytes, is_quantized, take_rows
-from jlora.formats.weights import WeightsError, load_pretrained
-from lora_testing import save_tiny_hf_llama
 
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 # Where each block's fp16 scales sit (byte offsets), per llama.cpp's block structs; written out here, not
@@ -46,7 +47,7 @@ def gguf_blocks_for(kind: str, rows: int, cols: int, rng, scale: float = 1.0) ->
     block, size = gguf.GGML_QUANT_SIZES[T[kind]]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for at in FP16_AT[kind]:
-        raw[..., at:at + 2] = random_fp16(rng, rows * cols // block, scale).view(np.uint8).reshape(rows, -1, 2)
+        raw[..., at : at + 2] = random_fp16(rng, rows * cols // block, scale).view(np.uint8).reshape(rows, -1, 2)
     return raw.reshape(rows, -1)
 
 
@@ -60,8 +61,10 @@ def test_blocks_decode_like_gguf_py(kind):
 
     # the fields are the file's bytes, only split: put back together they are the raw data
     fields = gguf_blocks.split_blocks(raw, T[kind])
-    joined = np.concatenate([np.asarray(f).reshape(rows, cols // gguf_blocks.LAYOUTS[kind][0], -1).view(np.uint8)
-                             for f in fields.values()], axis=-1)
+    joined = np.concatenate(
+        [np.asarray(f).reshape(rows, cols // gguf_blocks.LAYOUTS[kind][0], -1).view(np.uint8) for f in fields.values()],
+        axis=-1,
+    )
     np.testing.assert_array_equal(joined.reshape(rows, -1), raw)
 
     # a linear weight [out, in] -> kernel [in, out], blocked along in
@@ -82,9 +85,18 @@ def test_blocks_decode_like_gguf_py(kind):
 
 TINY = dict(vocab=64, hidden=256, ffn=512, heads=4, kv_heads=2, layers=2)
 # Every block type, a Q4_K_M-style param whose layers differ (ffn_up), q/k rows permuted as llama.cpp does.
-TINY_TYPES = {"token_embd.weight": "Q8_0", "output.weight": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q4_0",
-              "attn_v": "Q4_1", "attn_output": "Q6_K", "ffn_gate": "Q4_K", "ffn_down": "Q6_K",
-              "blk.0.ffn_up.weight": "Q4_0", "blk.1.ffn_up.weight": "Q8_0"}
+TINY_TYPES = {
+    "token_embd.weight": "Q8_0",
+    "output.weight": "Q6_K",
+    "attn_q": "Q4_K",
+    "attn_k": "Q4_0",
+    "attn_v": "Q4_1",
+    "attn_output": "Q6_K",
+    "ffn_gate": "Q4_K",
+    "ffn_down": "Q6_K",
+    "blk.0.ffn_up.weight": "Q4_0",
+    "blk.1.ffn_up.weight": "Q8_0",
+}
 
 
 def write_tiny_gguf(path, types: dict[str, str], seed: int = 0):
@@ -105,11 +117,19 @@ def write_tiny_gguf(path, types: dict[str, str], seed: int = 0):
     hd, d = c["hidden"] // c["heads"], c["hidden"]
     shapes = {"token_embd.weight": (c["vocab"], d), "output.weight": (c["vocab"], d)}
     for i in range(c["layers"]):
-        shapes.update({f"blk.{i}.attn_q.weight": (c["heads"] * hd, d),
-                       f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, d), f"blk.{i}.attn_output.weight": (d, d),
-                       f"blk.{i}.ffn_gate.weight": (c["ffn"], d), f"blk.{i}.ffn_up.weight": (c["ffn"], d),
-                       f"blk.{i}.ffn_down.weight": (d, c["ffn"]), f"blk.{i}.attn_norm.weight": (d,),
-                       f"blk.{i}.ffn_norm.weight": (d,)})
+        shapes.update(
+            {
+                f"blk.{i}.attn_q.weight": (c["heads"] * hd, d),
+                f"blk.{i}.attn_k.weight": (c["kv_heads"] * hd, d),
+                f"blk.{i}.attn_v.weight": (c["kv_heads"] * hd, d),
+                f"blk.{i}.attn_output.weight": (d, d),
+                f"blk.{i}.ffn_gate.weight": (c["ffn"], d),
+                f"blk.{i}.ffn_up.weight": (c["ffn"], d),
+                f"blk.{i}.ffn_down.weight": (d, c["ffn"]),
+                f"blk.{i}.attn_norm.weight": (d,),
+                f"blk.{i}.ffn_norm.weight": (d,),
+            }
+        )
     shapes["output_norm.weight"] = (d,)
     for name, shape in shapes.items():
         kind = types.get(name) or types.get(name.split(".")[2] if name.startswith("blk.") else name)
@@ -143,10 +163,16 @@ def test_tiny_gguf_blocks_equal_dense_load(tmp_path):
             np.testing.assert_array_equal(bits(jax.jit(dequantize)(leaf)), bits(flat_d[key]), err_msg="/".join(key))
         else:
             np.testing.assert_array_equal(leaf, flat_d[key])
-    assert kinds == {"embed_tokens/embedding": "Q8_0", "lm_head/kernel": "Q6_K",
-                     "layers/self_attn/q_proj/kernel": "Q4_K", "layers/self_attn/k_proj/kernel": "Q4_0",
-                     "layers/self_attn/v_proj/kernel": "Q4_1", "layers/self_attn/o_proj/kernel": "Q6_K",
-                     "layers/mlp/gate_proj/kernel": "Q4_K", "layers/mlp/down_proj/kernel": "Q6_K"}
+    assert kinds == {
+        "embed_tokens/embedding": "Q8_0",
+        "lm_head/kernel": "Q6_K",
+        "layers/self_attn/q_proj/kernel": "Q4_K",
+        "layers/self_attn/k_proj/kernel": "Q4_0",
+        "layers/self_attn/v_proj/kernel": "Q4_1",
+        "layers/self_attn/o_proj/kernel": "Q6_K",
+        "layers/mlp/gate_proj/kernel": "Q4_K",
+        "layers/mlp/down_proj/kernel": "Q6_K",
+    }
     assert quant["layers"]["self_attn"]["q_proj"]["kernel"].fields["qs"].shape == (2, 1, 256, 128)  # [L, A, B, 128]
     assert quant["embed_tokens"]["embedding"].fields["qs"].shape == (64, 8, 32)  # [V, D/32, 32]
 
@@ -178,6 +204,7 @@ def test_smollm2_gguf_blocks(smollm2_gguf):
 
 
 # ---- bad input ----
+
 
 def test_unsupported_block_type_is_one_line(tmp_path):
     path = write_tiny_gguf(tmp_path / "q5.gguf", {**TINY_TYPES, "blk.1.attn_v.weight": "Q5_0"})

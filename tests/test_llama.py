@@ -1,5 +1,6 @@
 """Model parity: jlora.Llama vs HF transformers' LlamaForCausalLM (tiny random models and real SmolLM2),
 the KV-cached decode path vs the full forward, and preset parameter counts."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
@@ -14,15 +15,28 @@ import pytest
 import torch
 import transformers
 
-from jlora.models.attention import attention, causal_attention
-from jlora.models.llama import PRESETS, Llama, LlamaConfig, init_cache
-from jlora.models.family import param_shapes
 from jlora.formats.weights import load_pretrained
+from jlora.models.attention import attention, causal_attention
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS, Llama, LlamaConfig, init_cache
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, rms_norm_eps=1e-5)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 # Features are combined so that three compiles cover MHA/GQA/MQA, tied/untied, llama3 rope, biases, sharding.
 CASES = {
     "mha_untied_sharded": dict(num_key_value_heads=4, tie_word_embeddings=False),
@@ -107,7 +121,7 @@ def test_padding_and_packing_match_hf(tiny_gqa):
         np.testing.assert_allclose(ours[row, keep], theirs[row, keep], atol=1e-4, rtol=0)
     # Every segment (the padded row's tokens, each packed piece) equals the same tokens run alone.
     for row, lo, hi in [(2, 11, 24), (1, 0, 10), (1, 10, 24)]:
-        np.testing.assert_allclose(ours[row, lo:hi], hf_logits(model, ids[row:row + 1, lo:hi])[0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours[row, lo:hi], hf_logits(model, ids[row : row + 1, lo:hi])[0], atol=1e-4, rtol=0)
 
 
 def reference_attention(q, k, v, mask):
@@ -119,8 +133,10 @@ def reference_attention(q, k, v, mask):
 def test_attention_and_its_gradient_match_plain_softmax():
     b, k, g, t, h = 3, 2, 2, 24, 8
     rng = np.random.default_rng(0)
-    q, kk, v, d_out = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-                       for s in [(b, k, g, t, h), (b, k, t, h), (b, k, t, h), (b, k, g, t, h)])
+    q, kk, v, d_out = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in [(b, k, g, t, h), (b, k, t, h), (b, k, t, h), (b, k, g, t, h)]
+    )
     _, seg, _ = padded_batch()  # left padding (fully masked rows) and two packed segments
     seg = jnp.asarray(seg)
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
@@ -128,7 +144,7 @@ def test_attention_and_its_gradient_match_plain_softmax():
     valid = np.asarray(seg > 0)[:, None, None, :, None]  # fully masked (padding) rows are don't-care
     want, want_vjp = jax.vjp(lambda *a: reference_attention(*a, mask), q, kk, v)
     for name, fn in [("one block", attention), ("blocks of 8", functools.partial(causal_attention, block=8))]:
-        got, got_vjp = jax.vjp(lambda *a: fn(*a, mask), q, kk, v)  # noqa: B023
+        got, got_vjp = jax.vjp(lambda *a: fn(*a, mask), q, kk, v)
         np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-6, err_msg=name)
         d_pad = jnp.where(valid, d_out, 0)
         for wrt, ours, theirs in zip("qkv", got_vjp(d_pad), want_vjp(d_pad)):
@@ -174,9 +190,11 @@ def test_blocked_causal_attention_matches_hf_at_256_tokens(tiny_gqa):
 
 def _decode_step_fn(cfg: LlamaConfig):
     def step(params, cache, ids, pos, seg):
-        logits, mutated = Llama(cfg).apply({"params": params, "cache": cache}, ids, pos, seg, decode=True,
-                                           mutable=["cache"])
+        logits, mutated = Llama(cfg).apply(
+            {"params": params, "cache": cache}, ids, pos, seg, decode=True, mutable=["cache"]
+        )
         return logits, mutated["cache"]
+
     return jax.jit(step)
 
 
@@ -192,15 +210,17 @@ def test_kv_cache_decode_matches_full_forward(tiny_gqa):
     logits, cache = step(params, cache, ids[:, :prompt], pos[:, :prompt], seg[:, :prompt])  # prefill
     chunks = [np.asarray(logits)]
     for i in range(prompt, t):
-        logits, cache = step(params, cache, ids[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1])
+        logits, cache = step(params, cache, ids[:, i : i + 1], pos[:, i : i + 1], seg[:, i : i + 1])
         chunks.append(np.asarray(logits))
     cached = np.concatenate(chunks, axis=1)
     keep = np.asarray(seg).astype(bool)
     np.testing.assert_allclose(cached[keep], full[keep], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, published", [("llama2-7b", 6.74e9), ("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9),
-                                             ("smollm2-135m", 134.5e6)])
+@pytest.mark.parametrize(
+    "name, published",
+    [("llama2-7b", 6.74e9), ("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9), ("smollm2-135m", 134.5e6)],
+)
 def test_preset_parameter_counts(name, published):
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(PRESETS[name])))
     assert abs(count - published) / published < 0.005, (name, count)
@@ -210,15 +230,39 @@ def test_preset_parameter_counts(name, published):
 
 # "The history of the Roman Empire spans many centuries. It began when Augustus became the first emperor,
 # and in the years that followed", by the model's own (gpt2-BPE) tokenizer.
-PROMPT = [504, 1463, 282, 260, 4469, 7057, 22389, 800, 5034, 30, 657, 2585, 645, 29465, 2163, 260, 808, 15870,
-          28, 284, 281, 260, 929, 338, 3922]
+PROMPT = [
+    504,
+    1463,
+    282,
+    260,
+    4469,
+    7057,
+    22389,
+    800,
+    5034,
+    30,
+    657,
+    2585,
+    645,
+    29465,
+    2163,
+    260,
+    808,
+    15870,
+    28,
+    284,
+    281,
+    260,
+    929,
+    338,
+    3922,
+]
 
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2_gguf):
     path = pathlib.Path(smollm2_gguf)
-    return transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                         dtype=torch.float32).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +285,14 @@ def test_smollm2_greedy_continuation_matches_hf(hf_smollm2, jlora_smollm2):
     cfg, params = jlora_smollm2
     new = 16
     with torch.inference_mode():
-        ref = hf_smollm2.generate(torch.as_tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-                                  max_new_tokens=new, do_sample=False, pad_token_id=cfg.eos_token_id)
-    ref = ref[0, len(PROMPT):].tolist()
+        ref = hf_smollm2.generate(
+            torch.as_tensor([PROMPT]),
+            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=cfg.eos_token_id,
+        )
+    ref = ref[0, len(PROMPT) :].tolist()
 
     step = _decode_step_fn(cfg)
     cache = init_cache(cfg, 1, len(PROMPT) + new)

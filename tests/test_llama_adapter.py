@@ -14,10 +14,10 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.infer.generate import generate
-from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
 from jlora.formats.weights import load_pretrained
+from jlora.infer.generate import generate
+from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 11))
 
@@ -25,8 +25,15 @@ IDS = np.random.RandomState(0).randint(0, 128, (2, 11))
 def _hf_base(path, kv_heads: int):
     """A random 3-layer HF LlamaForCausalLM (vocab 128, d=64, 4 query heads) saved at `path`."""
     torch.manual_seed(0)
-    hc = HFConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, tie_word_embeddings=False)
+    hc = HFConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(hc).save_pretrained(path)
     return path
 
@@ -42,16 +49,23 @@ def _random(trainable, seed: int = 0, gate_std: float = 0.5):
     """Prompts and gates drawn at random (the gates nonzero), as after some training."""
     rng = np.random.default_rng(seed)
     attn = trainable["layers"]["self_attn"]
-    return {"layers": {"self_attn": {PROMPT: jnp.asarray(rng.normal(0, 1, attn[PROMPT].shape), jnp.float32),
-                                     GATE: jnp.asarray(rng.normal(0, gate_std, attn[GATE].shape), jnp.float32)}}}
+    return {
+        "layers": {
+            "self_attn": {
+                PROMPT: jnp.asarray(rng.normal(0, 1, attn[PROMPT].shape), jnp.float32),
+                GATE: jnp.asarray(rng.normal(0, gate_std, attn[GATE].shape), jnp.float32),
+            }
+        }
+    }
 
 
 def _peft_model(path, trainable, n_layers: int):
     """HF PEFT's AdaptionPrompt on the same base, holding `trainable`'s prompts and gates."""
     prompt, gate = (np.asarray(trainable["layers"]["self_attn"][k]) for k in (PROMPT, GATE))
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(path).eval(),
-                           AdaptionPromptConfig(adapter_len=prompt.shape[1], adapter_layers=prompt.shape[0],
-                                                task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(path).eval(),
+        AdaptionPromptConfig(adapter_len=prompt.shape[1], adapter_layers=prompt.shape[0], task_type="CAUSAL_LM"),
+    )
     state = {}
     for j, layer in enumerate(range(n_layers - prompt.shape[0], n_layers)):
         state[f"base_model.model.model.layers.{layer}.self_attn.{PROMPT}"] = torch.tensor(prompt[j][None])
@@ -102,13 +116,15 @@ def test_logits_equal_peft_on_smollm2(smollm2_gguf):
     assert trainable["layers"]["self_attn"][PROMPT].shape == (cfg.num_hidden_layers - 2, 10, cfg.hidden_size)
     trainable = _random(trainable, gate_std=0.2)
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 24))
-    ours = np.asarray(jax.jit(lambda f, t, x: jlora.apply(jlora.Llama(cfg), f, t, x))(frozen, trainable,
-                                                                                      jnp.asarray(ids)))
+    ours = np.asarray(
+        jax.jit(lambda f, t, x: jlora.apply(jlora.Llama(cfg), f, t, x))(frozen, trainable, jnp.asarray(ids))
+    )
     gguf = pathlib.Path(smollm2_gguf)
     hf = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     base_logits = _hf_logits(hf, ids)
-    peft_model = get_peft_model(hf, AdaptionPromptConfig(adapter_len=10, adapter_layers=cfg.num_hidden_layers - 2,
-                                                         task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        hf, AdaptionPromptConfig(adapter_len=10, adapter_layers=cfg.num_hidden_layers - 2, task_type="CAUSAL_LM")
+    )
     state = {}
     prompt, gate = (np.asarray(trainable["layers"]["self_attn"][k]) for k in (PROMPT, GATE))
     for j in range(prompt.shape[0]):
@@ -156,10 +172,10 @@ def test_kv_cached_generation_equals_full_forward(base):
     out = generate(model, frozen, trainable, prompts, max_new_tokens=12, eos_id=())
     for p, got in zip(prompts, out):
         ids = np.zeros((1, 32), np.int32)
-        ids[0, :len(p)] = p
+        ids[0, : len(p)] = p
         for t in range(len(p), len(p) + 12):
             ids[0, t] = int(jnp.argmax(forward(jnp.asarray(ids))[0, t - 1]))
-        assert got == ids[0, len(p):len(p) + 12].tolist()
+        assert got == ids[0, len(p) : len(p) + 12].tolist()
     assert out != generate(model, frozen, None, prompts, max_new_tokens=12, eos_id=())  # the prompts matter
 
 
@@ -203,11 +219,14 @@ def test_merge_is_refused_in_one_line(base):
         assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"len": 0}, "len: must be a positive integer, got 0"),
-    ({"len": -3}, "len: must be a positive integer, got -3"),
-    ({"layers": 0}, "layers: must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"len": 0}, "len: must be a positive integer, got 0"),
+        ({"len": -3}, "len: must be a positive integer, got -3"),
+        ({"layers": 0}, "layers: must be a positive integer, got 0"),
+    ],
+)
 def test_bad_adapter_config_is_one_line(kwargs, message):
     with pytest.raises(AdapterConfigError, match=message):
         AdapterConfig(**kwargs)

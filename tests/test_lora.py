@@ -2,6 +2,7 @@
 lm_head + embeddings, rsLoRA, DoRA, rank/alpha patterns, PiSSA), zero init, merge/unmerge properties, an optimizer
 step on a layer subset with train_extra, dropout, errors, describe/count. The model-agnostic routing and the
 no-[in, out]-delta jaxpr check live in test_lora_apply.py."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
@@ -19,18 +20,27 @@ import transformers
 from flax import traverse_util
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import jlora
-from jlora.models.llama import PRESETS, Llama, LlamaConfig
-from jlora.models.family import param_shapes
-from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, unmerge
-from jlora import split
-from jlora.peft.routing import apply
-from jlora.formats.weights import load_pretrained
 from lora_testing import is_pair, randomize
 
-HF_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+import jlora
+from jlora import split
+from jlora.formats.weights import load_pretrained
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS, Llama, LlamaConfig
+from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, unmerge
+from jlora.peft.routing import apply
+
+HF_TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCK = {name: "self_attn" if i < 4 else "mlp" for i, name in enumerate(LINEAR)}  # jlora's submodule of each
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)), jnp.int32)
@@ -40,19 +50,20 @@ KEY = functools.partial(jax.random.key, impl="rbg")
 
 
 def pairs(trainable) -> dict:
-    return {k: v for k, v in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x)).items()
-            if is_pair(v)}
+    return {
+        k: v for k, v in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x)).items() if is_pair(v)
+    }
 
 
 @functools.cache
 def forwards(cfg: LlamaConfig):
     """(base forward on plain params, LoRA forward on (frozen, trainable)), jitted once per config."""
     model = Llama(cfg)
-    return (jax.jit(lambda p, ids: model.apply({"params": p}, ids)),
-            jax.jit(lambda f, t, ids: apply(model, f, t, ids)))
+    return (jax.jit(lambda p, ids: model.apply({"params": p}, ids)), jax.jit(lambda f, t, ids: apply(model, f, t, ids)))
 
 
 # ---- a tiny untied HF LLaMA, and the same weights in jlora ----
+
 
 def tiny_hf(seed: int = 0) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
@@ -118,16 +129,30 @@ def copy_from_peft(peft_model, trainable):
 
 
 PEFT_CASES = {  # name: (PEFT LoraConfig kwargs, jlora LoraConfig kwargs)
-    "linear_lm_head_embed": (dict(target_modules=[*LINEAR, "lm_head", "embed_tokens"]),
-                             dict(targets=(*LINEAR, "lm_head", "embed_tokens"))),
-    "rslora": (dict(target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
-               dict(targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)),
-    "dora": (dict(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], use_dora=True),
-             dict(targets=("q_proj", "v_proj", "down_proj", "lm_head"), use_dora=True)),
-    "patterns": (dict(target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"v_proj": 2, "up_proj": 8},
-                      alpha_pattern={"model.layers.1.self_attn.q_proj": 32, "up_proj": 4}),
-                 dict(targets=("q_proj", "v_proj", "up_proj"), rank_pattern={"v_proj": 2, "up_proj": 8},
-                      alpha_pattern={"layers.1.self_attn.q_proj": 32.0, "up_proj": 4.0})),
+    "linear_lm_head_embed": (
+        dict(target_modules=[*LINEAR, "lm_head", "embed_tokens"]),
+        dict(targets=(*LINEAR, "lm_head", "embed_tokens")),
+    ),
+    "rslora": (
+        dict(target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+        dict(targets=("q_proj", "v_proj", "down_proj"), use_rslora=True),
+    ),
+    "dora": (
+        dict(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], use_dora=True),
+        dict(targets=("q_proj", "v_proj", "down_proj", "lm_head"), use_dora=True),
+    ),
+    "patterns": (
+        dict(
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"v_proj": 2, "up_proj": 8},
+            alpha_pattern={"model.layers.1.self_attn.q_proj": 32, "up_proj": 4},
+        ),
+        dict(
+            targets=("q_proj", "v_proj", "up_proj"),
+            rank_pattern={"v_proj": 2, "up_proj": 8},
+            alpha_pattern={"layers.1.self_attn.q_proj": 32.0, "up_proj": 4.0},
+        ),
+    ),
 }
 
 
@@ -140,8 +165,10 @@ def test_logits_match_peft(case, tiny):
     frozen, trainable = split(params, LoraConfig(rank=4, alpha=8, **ours), KEY(0))
     trainable = copy_from_peft(pm, trainable)
     for path, pair in pairs(trainable).items():  # every pair carries PEFT's scale, layer by layer
-        peft_scales = [pm.get_submodule(peft_key(path, i if pair.layout.stack else None)).scaling["default"]
-                       for i in range(pair.a.shape[0] if pair.layout.stack else 1)]
+        peft_scales = [
+            pm.get_submodule(peft_key(path, i if pair.layout.stack else None)).scaling["default"]
+            for i in range(pair.a.shape[0] if pair.layout.stack else 1)
+        ]
         np.testing.assert_allclose(np.atleast_1d(pair.scale), peft_scales, rtol=1e-6)
     base_fwd, lora_fwd = forwards(cfg)
     ours_logits = np.asarray(lora_fwd(frozen, trainable, IDS))
@@ -152,8 +179,9 @@ def test_logits_match_peft(case, tiny):
 def test_pissa_preserves_the_initial_output_like_peft(tiny):
     cfg, params, base = tiny
     targets = ("q_proj", "v_proj", "o_proj")
-    pm = peft.get_peft_model(tiny_hf(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
-                                                        init_lora_weights="pissa")).eval()
+    pm = peft.get_peft_model(
+        tiny_hf(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights="pissa")
+    ).eval()
     frozen, trainable = split(params, LoraConfig(rank=4, alpha=8, targets=targets, init="pissa"), KEY(0))
     ours = np.asarray(forwards(cfg)[1](frozen, trainable, IDS))
     np.testing.assert_allclose(ours, base, **TOL)
@@ -161,13 +189,21 @@ def test_pissa_preserves_the_initial_output_like_peft(tiny):
     for name in targets:  # the residual W - s*A@B is sign-free, so it must equal PEFT's exactly
         module = BLOCK[name]
         w_res = frozen["layers"][module][name]["kernel"]
-        peft_res = np.stack([pm.get_submodule(f"base_model.model.model.layers.{i}.{module}.{name}")
-                             .base_layer.weight.detach().numpy().T for i in range(cfg.num_hidden_layers)])
+        peft_res = np.stack(
+            [
+                pm.get_submodule(f"base_model.model.model.layers.{i}.{module}.{name}")
+                .base_layer.weight.detach()
+                .numpy()
+                .T
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
         np.testing.assert_allclose(np.asarray(w_res), peft_res, **TOL)
         assert np.abs(np.asarray(w_res) - params["layers"][module][name]["kernel"]).max() > 1e-2  # W really moved
 
 
 # ---- zero init, merge, gradients, optimizer step ----
+
 
 def test_zero_b_init_is_the_base_model_and_nonzero_ab_equals_merged(tiny):
     cfg, params, _ = tiny
@@ -189,8 +225,13 @@ def xent(logits, ids):
 def test_train_step_moves_only_the_trainable_leaves_of_the_chosen_layers(tiny):
     cfg, params, _ = tiny
     model, opt = Llama(cfg), optax.adamw(1e-2)
-    lcfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), layers=(1,),
-                      train_extra=r"^norm\.|post_attention_layernorm")
+    lcfg = LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=("q_proj", "v_proj", "down_proj"),
+        layers=(1,),
+        train_extra=r"^norm\.|post_attention_layernorm",
+    )
     frozen, trainable = split(params, lcfg, KEY(0))
     trainable = randomize(trainable)
     assert count_params(trainable) == (64 * 4 + 4 * 64) + (64 * 4 + 4 * 32) + (128 * 4 + 4 * 64) + 64 + 2 * 64
@@ -228,8 +269,11 @@ def test_train_extra_moves_named_norms_into_the_trainable_tree(tiny):
     _, params, _ = tiny
     frozen, trainable = split(params, LoraConfig(targets=("q_proj",), train_extra=r"(^|\.)norm\.|layernorm"), KEY(0))
     extra = set(traverse_util.flatten_dict(trainable)) - {("layers", "self_attn", "q_proj", "kernel")}
-    assert extra == {("norm", "weight"), ("layers", "input_layernorm", "weight"),
-                     ("layers", "post_attention_layernorm", "weight")}
+    assert extra == {
+        ("norm", "weight"),
+        ("layers", "input_layernorm", "weight"),
+        ("layers", "post_attention_layernorm", "weight"),
+    }
     assert not extra & set(traverse_util.flatten_dict(frozen))
     assert count_params(trainable) == 2 * (64 * 8 + 8 * 64) + 64 + 2 * 2 * 64  # q_proj r=8, three norms
     merged = traverse_util.flatten_dict(merge(frozen, trainable))  # a plain tree again, norms back in place
@@ -241,8 +285,7 @@ def test_train_extra_moves_named_norms_into_the_trainable_tree(tiny):
 def test_dropout_needs_an_rng_and_is_deterministic_per_key(tiny):
     cfg, params, _ = tiny
     model = Llama(cfg)
-    frozen, trainable = split(params, LoraConfig(rank=4, targets=("q_proj", "v_proj"), dropout=0.5),
-                              KEY(0))
+    frozen, trainable = split(params, LoraConfig(rank=4, targets=("q_proj", "v_proj"), dropout=0.5), KEY(0))
     trainable = randomize(trainable)
     train = jax.jit(lambda t, key: apply(model, frozen, t, IDS, rngs={"dropout": key}))
     evaluate = np.asarray(forwards(cfg)[1](frozen, trainable, IDS))
@@ -258,26 +301,35 @@ def test_dropout_needs_an_rng_and_is_deterministic_per_key(tiny):
 
 # ---- properties over random MLP-like trees ----
 
+
 @st.composite
 def mlp_trees(draw):
     """(params, LoraConfig): a Dense chain, maybe a scanned [L, d, d] stack, random targets, ranks and init."""
     dims = draw(st.lists(st.sampled_from([2, 3, 5]), min_size=2, max_size=4))  # few distinct shapes: fewer compiles
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    params = {f"fc{i}": {"kernel": rng.normal(size=(i_, o_)).astype(np.float32), "bias": np.zeros(o_, np.float32)}
-              for i, (i_, o_) in enumerate(zip(dims, dims[1:]))}
+    params = {
+        f"fc{i}": {"kernel": rng.normal(size=(i_, o_)).astype(np.float32), "bias": np.zeros(o_, np.float32)}
+        for i, (i_, o_) in enumerate(zip(dims, dims[1:]))
+    }
     if draw(st.booleans()):
         d = dims[-1]
-        params["blocks"] = {"proj": {"kernel": rng.normal(size=(3, d, d)).astype(np.float32)},
-                            "norm": {"scale": np.ones((3, d), np.float32)}}
+        params["blocks"] = {
+            "proj": {"kernel": rng.normal(size=(3, d, d)).astype(np.float32)},
+            "norm": {"scale": np.ones((3, d), np.float32)},
+        }
     names = sorted(m for m in params if m != "blocks") + (["proj"] if "blocks" in params else [])
     targets = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
     flat = traverse_util.flatten_dict(params)
     smallest = min(min(w.shape[-2:]) for p, w in flat.items() if p[-1] == "kernel" and p[-2] in targets)
-    lcfg = LoraConfig(rank=draw(st.integers(1, smallest)), alpha=draw(st.floats(0.5, 32.0)), targets=tuple(targets),
-                      init=draw(st.sampled_from(["lora", "gaussian", "b_random", "pissa"])),
-                      use_rslora=draw(st.booleans()),
-                      train_extra=draw(st.sampled_from([None, "bias"] + (["norm"] if "blocks" in params else []))),
-                      layers=draw(st.sampled_from([None, (0, 2)])) if "proj" in targets else None)  # of 3 blocks
+    lcfg = LoraConfig(
+        rank=draw(st.integers(1, smallest)),
+        alpha=draw(st.floats(0.5, 32.0)),
+        targets=tuple(targets),
+        init=draw(st.sampled_from(["lora", "gaussian", "b_random", "pissa"])),
+        use_rslora=draw(st.booleans()),
+        train_extra=draw(st.sampled_from([None, "bias"] + (["norm"] if "blocks" in params else []))),
+        layers=draw(st.sampled_from([None, (0, 2)])) if "proj" in targets else None,
+    )  # of 3 blocks
     return jax.tree.map(jnp.asarray, params), lcfg
 
 
@@ -323,6 +375,7 @@ def test_adapters_stay_fp32_on_a_bf16_base_and_merge_accumulates_in_fp32():
 
 # ---- bad input: one clear line ----
 
+
 def one_line_error(fn, *match: str) -> str:
     with pytest.raises(LoraError) as err:
         fn()
@@ -339,15 +392,23 @@ def test_bad_input_gets_one_clear_line(tiny):
     one_line_error(lambda: split(params, LoraConfig(targets=("q_prj",)), key), "'q_prj'", "layers.self_attn.q_proj")
     one_line_error(lambda: LoraConfig(rank=0), "rank=0")
     one_line_error(lambda: LoraConfig(rank=-2), "rank=-2")
-    one_line_error(lambda: split(params, LoraConfig(rank=33, targets=("v_proj",)), key),
-                   "rank 33", "min(in=64, out=32)", "layers.self_attn.v_proj")
+    one_line_error(
+        lambda: split(params, LoraConfig(rank=33, targets=("v_proj",)), key),
+        "rank 33",
+        "min(in=64, out=32)",
+        "layers.self_attn.v_proj",
+    )
     one_line_error(lambda: split(params, LoraConfig(targets=("q_proj",), rank_pattern={"q_proj": 65}), key), "rank 65")
     one_line_error(lambda: LoraConfig(alpha=0), "alpha=0")
     one_line_error(lambda: LoraConfig(alpha=-1.0), "alpha=-1.0")
     one_line_error(lambda: LoraConfig(alpha_pattern={"q_proj": 0}), "alpha_pattern['q_proj']")
     one_line_error(lambda: LoraConfig(init="kaiming"), "'kaiming'", "pissa")
-    one_line_error(lambda: split(params, LoraConfig(targets=("embed_tokens",), use_dora=True), key),
-                   "DoRA", "embed_tokens", "embed")
+    one_line_error(
+        lambda: split(params, LoraConfig(targets=("embed_tokens",), use_dora=True), key),
+        "DoRA",
+        "embed_tokens",
+        "embed",
+    )
     one_line_error(lambda: split(params, LoraConfig(targets=(), train_extra="nothing_here"), key), "'nothing_here'")
     # merging a trainable tree into a frozen tree of another model
     _, trainable = split(params, LoraConfig(targets=("q_proj",)), key)
@@ -360,10 +421,17 @@ def test_bad_input_gets_one_clear_line(tiny):
 
 # ---- describe and count ----
 
+
 def test_describe_lists_modules_ranks_scales_and_the_count(tiny):
     _, params, _ = tiny
-    lcfg = LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "lm_head"), rank_pattern={"v_proj": 2},
-                      use_dora=False, train_extra=r"^norm\.")
+    lcfg = LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=("q_proj", "v_proj", "lm_head"),
+        rank_pattern={"v_proj": 2},
+        use_dora=False,
+        train_extra=r"^norm\.",
+    )
     frozen, trainable = split(params, lcfg, KEY(0))
     text = describe(trainable, frozen)
     rows = {line.split()[0]: line.split() for line in text.splitlines()[1:-1]}
@@ -378,33 +446,59 @@ def test_describe_lists_modules_ranks_scales_and_the_count(tiny):
 
 def test_smollm2_135m_q_v_rank_8_trains_460800_params():
     shapes = param_shapes(PRESETS["smollm2-135m"])
-    trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=8, targets=("q_proj", "v_proj")),
-                                               KEY(0))[1], shapes)
+    trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=8, targets=("q_proj", "v_proj")), KEY(0))[1], shapes)
     assert count_params(trainable) == 460_800
 
 
 # ---- patterns and layers that match nothing (issue 13, item 7) ----
 
+
 def test_patterns_and_layers_that_match_nothing_are_errors(tiny):
     _, params, _ = tiny
     key = KEY(0)
-    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"qproj": 2}), key),
-                   "rank_pattern", "'qproj'", "q_proj")
-    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), alpha_pattern={"vproj": 2.0}), key),
-                   "alpha_pattern", "'vproj'", "v_proj")
+    one_line_error(
+        lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"qproj": 2}), key),
+        "rank_pattern",
+        "'qproj'",
+        "q_proj",
+    )
+    one_line_error(
+        lambda: split(params, LoraConfig(targets=("q_proj", "v_proj"), alpha_pattern={"vproj": 2.0}), key),
+        "alpha_pattern",
+        "'vproj'",
+        "v_proj",
+    )
     # a module of the model that is not a target is a typo too: the pattern would change nothing
-    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj",), rank_pattern={"k_proj": 2}), key),
-                   "rank_pattern", "'k_proj'", "q_proj")
-    one_line_error(lambda: split(params, LoraConfig(targets=("q_proj",), layers=(0, 5)), key),
-                   "layers", "5", "2 layers", "0-1")
+    one_line_error(
+        lambda: split(params, LoraConfig(targets=("q_proj",), rank_pattern={"k_proj": 2}), key),
+        "rank_pattern",
+        "'k_proj'",
+        "q_proj",
+    )
+    one_line_error(
+        lambda: split(params, LoraConfig(targets=("q_proj",), layers=(0, 5)), key), "layers", "5", "2 layers", "0-1"
+    )
     # patterns that do match, per layer or by short name, still work
-    _, trainable = split(params, LoraConfig(targets=("q_proj", "v_proj"), rank_pattern={"v_proj": 2},
-                                            alpha_pattern={"layers.1.self_attn.q_proj": 4.0}, layers=(1,)), key)
+    _, trainable = split(
+        params,
+        LoraConfig(
+            targets=("q_proj", "v_proj"),
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"layers.1.self_attn.q_proj": 4.0},
+            layers=(1,),
+        ),
+        key,
+    )
     assert trainable["layers"]["self_attn"]["v_proj"]["kernel"].rank == 2
 
 
-@pytest.mark.parametrize("setting, words", [("lora.layers=[0, 5]", ["lora.layers", "5", "0-1"]),
-                                            ("lora.rank_pattern={qproj: 2}", ["rank_pattern", "'qproj'", "q_proj"])])
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("lora.layers=[0, 5]", ["lora.layers", "5", "0-1"]),
+        ("lora.rank_pattern={qproj: 2}", ["rank_pattern", "'qproj'", "q_proj"]),
+    ],
+)
 def test_cli_refuses_patterns_and_layers_that_match_nothing(setting, words):
     import pathlib
     import subprocess
@@ -412,8 +506,13 @@ def test_cli_refuses_patterns_and_layers_that_match_nothing(setting, words):
 
     root = pathlib.Path(__file__).resolve().parents[1]
     cli = [sys.executable, "-c", "import sys; from jlora.cli.train import main; sys.exit(main())"]  # jlora-train
-    run = subprocess.run([*cli, "--config", str(root / "configs/tiny-cpu.yaml"), "--plan", "--devices", "1",
-                          "--set", setting], capture_output=True, text=True, timeout=300, cwd=root)
+    run = subprocess.run(
+        [*cli, "--config", str(root / "configs/tiny-cpu.yaml"), "--plan", "--devices", "1", "--set", setting],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     err = run.stderr.strip()
     assert run.returncode != 0 and len(err.splitlines()) == 1, err[-2000:]
     assert all(w in err for w in words), err

@@ -1,6 +1,7 @@
 """The factored path (jlora.peft.routing): `lora_apply`, routing any flax.linen model through `apply` (DenseGeneral,
 Einsum and scanned Dense kernels, found by `trace_layouts`), layer subsets of scanned stacks, and a jaxpr walk showing
 that forward+backward never forms an [in, out] product of A and B. LLaMA/PEFT parity lives in test_lora.py."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,17 +9,16 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-
-from jlora.models.llama import Llama, LlamaConfig
-
-from jlora.models.family import init_params
-from jlora.peft.lora import LoraConfig, LoraError, count_params, merge, unmerge
-from jlora import split
-from jlora.peft.routing import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
 from lora_testing import randomize
 
+from jlora import split
+from jlora.models.family import init_params
+from jlora.models.llama import Llama, LlamaConfig
+from jlora.peft.lora import LoraConfig, LoraError, count_params, merge, unmerge
+from jlora.peft.routing import KernelLayout, LoraPair, apply, lora_apply, trace_layouts
+
 TOL = dict(atol=1e-5, rtol=0)
-KEY = lambda i: jax.random.key(i, impl="rbg")  # noqa: E731  (XLA:CPU compiles eager threefry slowly, per shape)
+KEY = lambda i: jax.random.key(i, impl="rbg")
 
 
 def pairs(trainable) -> dict:
@@ -34,6 +34,7 @@ def test_lora_apply_is_x_w_plus_the_scaled_low_rank_term():
 
 # ---- the same transformation on a model that is not LLaMA ----
 
+
 class ScannedDense(nn.Module):
     @nn.compact
     def __call__(self, x, _):
@@ -46,7 +47,8 @@ class Tower(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.scan(ScannedDense, variable_axes={True: 0}, split_rngs={"params": True}, length=3)(name="stack")(
-            x, None)[0]
+            x, None
+        )[0]
 
 
 def numpy_params(model, *args, std: float = 0.15, seed: int = 0):
@@ -89,7 +91,9 @@ def test_split_apply_merge_on_a_non_llama_model():
     assert shapes["query"] == ((32, 3), (3, 32)) and shapes["out"] == ((32, 3), (3, 32))  # [D, N*H] flattened
     assert shapes["fc1"] == ((32, 3), (3, 48)) and shapes["fc"] == ((3, 32, 3), (3, 3, 32))
     base = np.asarray(base_fwd(params))
-    np.testing.assert_allclose(np.asarray(lora_fwd(frozen, trainable)), base, atol=1e-6, rtol=0)  # B = 0: the base model
+    np.testing.assert_allclose(
+        np.asarray(lora_fwd(frozen, trainable)), base, atol=1e-6, rtol=0
+    )  # B = 0: the base model
     trainable = randomize(trainable, std=0.2)
     ours = np.asarray(lora_fwd(frozen, trainable))
     assert np.abs(ours - base).max() > 1e-2
@@ -111,8 +115,9 @@ def test_split_apply_merge_on_a_non_llama_model():
 def test_layers_subset_changes_and_trains_only_those_layers(dora):
     model, x = Tower(), jnp.asarray(np.random.default_rng(1).normal(size=(4, 32)), jnp.float32)
     params = numpy_params(model, x)
-    frozen, trainable = split(params, LoraConfig(rank=3, alpha=6, targets=("fc",), layers=(0, 2), use_dora=dora),
-                              KEY(0))
+    frozen, trainable = split(
+        params, LoraConfig(rank=3, alpha=6, targets=("fc",), layers=(0, 2), use_dora=dora), KEY(0)
+    )
     trainable = randomize(trainable, std=0.3)
     pair = trainable["stack"]["fc"]["kernel"]
     assert pair.scale == (2.0, 0.0, 2.0) and not np.asarray(pair.a[1]).any() and not np.asarray(pair.b[1]).any()
@@ -136,12 +141,13 @@ def xent(logits, ids):
 
 # ---- the factored path never forms an [in, out] product of A and B ----
 
+
 def tainted_shapes(jaxpr, tainted: list[bool]) -> tuple[list[bool], set]:
     """Follow values computed from the tainted inputs through `jaxpr` and its sub-jaxprs (scan, remat, pjit, ...).
 
     Returns the taint of the outputs and the shapes of every tainted intermediate."""
     env, shapes = {}, set()
-    is_var = lambda v: not hasattr(v, "val")  # noqa: E731  (Literals carry .val and no taint)
+    is_var = lambda v: not hasattr(v, "val")
     for v, t in zip(jaxpr.invars, tainted):
         env[v] = t
     for eqn in jaxpr.eqns:
@@ -159,10 +165,10 @@ def tainted_shapes(jaxpr, tainted: list[bool]) -> tuple[list[bool], set]:
                     c0, nc = eqn.params["num_consts"], eqn.params["num_carry"]
                     while True:
                         sub_out, inner = tainted_shapes(sj, sub_in)
-                        grown = [a or b for a, b in zip(sub_in[c0:c0 + nc], sub_out[:nc])]
-                        if grown == sub_in[c0:c0 + nc]:
+                        grown = [a or b for a, b in zip(sub_in[c0 : c0 + nc], sub_out[:nc])]
+                        if grown == sub_in[c0 : c0 + nc]:
                             break
-                        sub_in = sub_in[:c0] + grown + sub_in[c0 + nc:]
+                        sub_in = sub_in[:c0] + grown + sub_in[c0 + nc :]
                 else:
                     sub_out, inner = tainted_shapes(sj, sub_in)
                 shapes |= inner
@@ -180,12 +186,21 @@ def tainted_shapes(jaxpr, tainted: list[bool]) -> tuple[list[bool], set]:
 def test_forward_backward_never_forms_the_full_delta(remat, dora):
     """Nor does DoRA: its column norms |W + sAB| come from A^T W [R, out], A^T A [R, R] and B."""
     # distinctive sizes: D=48, q_proj [48, 80], o_proj [80, 48], gate/up [48, 112]; batch*seq = 2*7 rows
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=20, remat=remat)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=20,
+        remat=remat,
+    )
     params, model = jax.eval_shape(lambda: init_params(cfg, KEY(0))), Llama(cfg)
     targets = ("q_proj", "o_proj", "gate_proj", "down_proj")
-    frozen, trainable = jax.eval_shape(lambda p: split(p, LoraConfig(rank=4, targets=targets, use_dora=dora), KEY(0)),
-                                       params)
+    frozen, trainable = jax.eval_shape(
+        lambda p: split(p, LoraConfig(rank=4, targets=targets, use_dora=dora), KEY(0)), params
+    )
     ids = jnp.zeros((2, 7), jnp.int32)
     kernels = {tuple(p.a.shape[1:-1]) + tuple(p.b.shape[-1:]) for p in pairs(trainable).values()}
     forbidden = {s for k in kernels for s in (k, k[::-1], (2, *k), (2, *k[::-1]))}
@@ -204,6 +219,7 @@ def test_forward_backward_never_forms_the_full_delta(remat, dora):
 
 # ---- what the remat policy keeps for the backward pass ----
 
+
 def _saved_residual_shapes(fn, *args) -> list[str]:
     """The shapes (e.g. 'f32[2,2,16,128]') of every residual `jax.grad(fn)` keeps from forward to backward."""
     import contextlib
@@ -218,8 +234,15 @@ def _saved_residual_shapes(fn, *args) -> list[str]:
 def test_dots_saveable_keeps_one_full_width_copy_per_projection_with_lora():
     """Under remat="dots_saveable" an adapted projection keeps its output once, like a frozen one: the
     LoRA term (x@A)@B is part of the saved sum, never saved again at full width ([.., T, F] or [.., T, D])."""
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, remat="dots_saveable")
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        remat="dots_saveable",
+    )
     params = init_params(cfg, KEY(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 16)), jnp.int32)
     model = Llama(cfg)
@@ -232,7 +255,7 @@ def test_dots_saveable_keeps_one_full_width_copy_per_projection_with_lora():
     def full_width(shapes):  # saved [L, B, T, width] activations, by width
         widths = {}
         for s in shapes:
-            dims = [int(d) for d in s[s.index("[") + 1:-1].split(",") if d]
+            dims = [int(d) for d in s[s.index("[") + 1 : -1].split(",") if d]
             if len(dims) == 4 and dims[:3] == [2, 2, 16]:
                 widths[dims[3]] = widths.get(dims[3], 0) + 1
         return widths

@@ -1,4 +1,5 @@
 """HF PEFT interop and merge, checked against the real `peft` and `transformers` on a tiny LlamaForCausalLM."""
+
 import json
 
 import jax
@@ -6,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from lora_testing import save_tiny_hf_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.cli.adapters import export_main, merge_main
 from jlora.checkpoint.store import save_adapter
+from jlora.cli.adapters import export_main, merge_main
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
 from jlora.formats.weights import load_pretrained
-from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 
@@ -45,18 +46,20 @@ def random_adapter(params, lcfg, seed: int):
 
     shapes = jax.eval_shape(lambda p: jlora.split(p, lcfg, jax.random.key(0))[1], params)
     flat_params, rs = traverse_util.flatten_dict(params), np.random.RandomState(seed)
-    noise = lambda s: 0.1 * rs.standard_normal(s.shape).astype(np.float32)  # noqa: E731
+    noise = lambda s: 0.1 * rs.standard_normal(s.shape).astype(np.float32)
     out = {}
     for path, leaf in traverse_util.flatten_dict(shapes, is_leaf=lambda _, x: isinstance(x, jlora.LoraPair)).items():
         if not isinstance(leaf, jlora.LoraPair):
             out[path] = jnp.asarray(np.asarray(flat_params[path]) + noise(leaf))
             continue
         on = leaf.scale_array() != 0
-        mask = lambda x: x * on.reshape(on.shape + (1,) * (x.ndim - on.ndim))  # noqa: E731
+        mask = lambda x: x * on.reshape(on.shape + (1,) * (x.ndim - on.ndim))
         a, b, mag = mask(noise(leaf.a)), mask(noise(leaf.b)), None
         if leaf.magnitude is not None:
             mag = np.linalg.norm(np.asarray(flat_params[path], np.float32), axis=-2) + mask(noise(leaf.magnitude))
-        out[path] = leaf.replace(a=jnp.asarray(a), b=jnp.asarray(b), magnitude=None if mag is None else jnp.asarray(mag))
+        out[path] = leaf.replace(
+            a=jnp.asarray(a), b=jnp.asarray(b), magnitude=None if mag is None else jnp.asarray(mag)
+        )
     frozen = {k: v for k, v in flat_params.items() if not (k in out and not isinstance(out[k], jlora.LoraPair))}
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(out)
 
@@ -68,9 +71,15 @@ def _leaves_equal(a, b) -> bool:
 
 def test_export_loads_in_peft(base, tmp_path):
     path, cfg, params, logits = base
-    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"),
-                            rank_pattern=(("v_proj", 2),), alpha_pattern=(("layers.1.self_attn.q_proj", 3.0),),
-                            use_rslora=True, train_extra="norm")
+    lcfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=("q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"),
+        rank_pattern=(("v_proj", 2),),
+        alpha_pattern=(("layers.1.self_attn.q_proj", 3.0),),
+        use_rslora=True,
+        train_extra="norm",
+    )
     frozen, trainable = random_adapter(params, lcfg, 2)
     export_peft(tmp_path, trainable, lcfg, cfg)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -101,7 +110,8 @@ def test_export_dora_layer_subset(base, tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_dora"] and config["layers_to_transform"] == [1]
     assert "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector" in load_file(
-        tmp_path / "adapter_model.safetensors")
+        tmp_path / "adapter_model.safetensors"
+    )
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), tmp_path)
     np.testing.assert_allclose(_hf_logits(peft_model), np.asarray(logits(frozen, trainable)), atol=1e-5, rtol=0)
 
@@ -109,17 +119,25 @@ def test_export_dora_layer_subset(base, tmp_path):
         import_peft(tmp_path, cfg)
     lcfg2, trainable2 = import_peft(tmp_path, cfg, params)
     assert lcfg2.layers == (1,) and lcfg2.use_dora
-    np.testing.assert_allclose(np.asarray(logits(frozen, trainable2)), np.asarray(logits(frozen, trainable)),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(logits(frozen, trainable2)), np.asarray(logits(frozen, trainable)), atol=1e-5, rtol=0
+    )
 
 
 def test_import_peft_made_adapter(base, tmp_path):
     path, cfg, params, logits = base
     torch.manual_seed(1)
-    pcfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj", "down_proj"],
-                          rank_pattern={"model.layers.1.self_attn.q_proj": 2, "up_proj": 3},
-                          alpha_pattern={"k_proj": 5, "model.layers.0.mlp.down_proj": 2}, use_rslora=True,
-                          use_dora=True, init_lora_weights=False, task_type="CAUSAL_LM")
+    pcfg = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "up_proj", "down_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2, "up_proj": 3},
+        alpha_pattern={"k_proj": 5, "model.layers.0.mlp.down_proj": 2},
+        use_rslora=True,
+        use_dora=True,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(path), pcfg)
     with torch.no_grad():  # random A, B and magnitudes
         for name, p in peft_model.named_parameters():
@@ -141,10 +159,15 @@ def test_cli_export_and_merge(base, tmp_path):
     want = np.asarray(logits(frozen, trainable))
     save_adapter(tmp_path / "adapter", trainable, lcfg, base=cfg, params=params)
     export_peft(tmp_path / "peft", trainable, lcfg, cfg)
-    assert export_main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        export_main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "cli")]) == 0
+    )
     assert _leaves_equal(import_peft(tmp_path / "cli", cfg)[1], trainable)
     for src in ("adapter", "peft"):  # a jlora adapter dir and a PEFT dir both merge
-        assert merge_main(["--model", str(path), "--adapter", str(tmp_path / src), "--out", str(tmp_path / f"m-{src}")]) == 0
+        assert (
+            merge_main(["--model", str(path), "--adapter", str(tmp_path / src), "--out", str(tmp_path / f"m-{src}")])
+            == 0
+        )
         merged = LlamaForCausalLM.from_pretrained(tmp_path / f"m-{src}")
         np.testing.assert_allclose(_hf_logits(merged), want, atol=1e-5, rtol=0)
 
@@ -152,17 +175,25 @@ def test_cli_export_and_merge(base, tmp_path):
 def test_export_warns_about_what_vllm_refuses(base, tmp_path, capsys):
     """DoRA and modules_to_save load in PEFT but not in vLLM: jlora-export-peft says so, one line each."""
     path, cfg, params, _ = base
-    cases = {"dora": (jlora.LoraConfig(rank=4, alpha=8, use_dora=True), ["use_dora"]),
-             "extra": (jlora.LoraConfig(rank=4, alpha=8, train_extra="^norm"), ["modules_to_save"]),
-             "both": (jlora.LoraConfig(rank=4, alpha=8, use_dora=True, train_extra="^norm"),
-                      ["use_dora", "modules_to_save"]),
-             "plain": (jlora.LoraConfig(rank=4, alpha=8), [])}
+    cases = {
+        "dora": (jlora.LoraConfig(rank=4, alpha=8, use_dora=True), ["use_dora"]),
+        "extra": (jlora.LoraConfig(rank=4, alpha=8, train_extra="^norm"), ["modules_to_save"]),
+        "both": (
+            jlora.LoraConfig(rank=4, alpha=8, use_dora=True, train_extra="^norm"),
+            ["use_dora", "modules_to_save"],
+        ),
+        "plain": (jlora.LoraConfig(rank=4, alpha=8), []),
+    }
     for name, (lcfg, keys) in cases.items():
         _, trainable = random_adapter(params, lcfg, 7)
         save_adapter(tmp_path / name, trainable, lcfg, base=cfg, params=params)
         capsys.readouterr()
-        assert export_main(["--model", str(path), "--adapter", str(tmp_path / name),
-                            "--out", str(tmp_path / f"peft-{name}")]) == 0
+        assert (
+            export_main(
+                ["--model", str(path), "--adapter", str(tmp_path / name), "--out", str(tmp_path / f"peft-{name}")]
+            )
+            == 0
+        )
         warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
         assert len(warnings) == len(keys), (name, warnings)
         for key, line in zip(keys, warnings):
@@ -207,7 +238,9 @@ def test_missing_and_extra_keys(base, peft_dir, tmp_path):
     gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     bad = _copy(peft_dir, tmp_path / "missing", edit_tensors=lambda t: t.pop(gone))
     _one_line_error(lambda: import_peft(bad, cfg), "layers.1.self_attn.v_proj has lora_A but not lora_B")
-    bad = _copy(peft_dir, tmp_path / "absent", edit_tensors=lambda t: [t.pop(k) for k in list(t) if ".1.self_attn.v" in k])
+    bad = _copy(
+        peft_dir, tmp_path / "absent", edit_tensors=lambda t: [t.pop(k) for k in list(t) if ".1.self_attn.v" in k]
+    )
     _one_line_error(lambda: import_peft(bad, cfg), r"missing base_model.model.model.layers.1.self_attn.v_proj")
     extra = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
     bad = _copy(peft_dir, tmp_path / "extra", edit_tensors=lambda t: t.update({extra: np.zeros((4, 64), np.float32)}))

@@ -3,6 +3,7 @@ adapter file carries; saved or exported as trained, an adapter applied to the ba
 top-r singular part twice. `pissa_to_lora` writes the equivalent rank-2r plain LoRA, so a freshly loaded
 base + the saved adapter gives the training-time logits: loaded by jlora, merged by jlora-merge, exported by
 jlora-export-peft into the real `peft`, and out of a jlora-train run."""
+
 import json
 import os
 
@@ -18,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from lora_testing import save_tiny_hf_llama
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
@@ -25,13 +27,17 @@ import jlora
 from jlora.checkpoint.store import AdapterError, load_adapter, save_adapter
 from jlora.formats.peft_adapter import PeftError, export_peft
 from jlora.formats.weights import load_pretrained
-from lora_testing import save_tiny_hf_llama
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CLI = {name: [sys.executable, "-c", f"import sys; from jlora.{mod} import {fn}; sys.exit({fn}())"]
-       for name, mod, fn in [("merge", "cli.adapters", "merge_main"), ("export", "cli.adapters", "export_main"),
-                             ("train", "cli.train", "main")]}
+CLI = {
+    name: [sys.executable, "-c", f"import sys; from jlora.{mod} import {fn}; sys.exit({fn}())"]
+    for name, mod, fn in [
+        ("merge", "cli.adapters", "merge_main"),
+        ("export", "cli.adapters", "export_main"),
+        ("train", "cli.train", "main"),
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +72,14 @@ def _trained_pissa(params, cfg, lcfg):
 
 def test_pissa_adapter_saved_loaded_merged_and_exported_gives_the_training_logits(base, tmp_path):
     cfg, params = load_pretrained(base)
-    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), init="pissa",
-                            rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4.0})
+    lcfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=("q_proj", "v_proj", "down_proj"),
+        init="pissa",
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 4.0},
+    )
     frozen, initial, trainable, want = _trained_pissa(params, cfg, lcfg)
     naive = np.asarray(jlora.apply(jlora.Llama(cfg), params, trainable, jnp.asarray(IDS)))
     assert np.abs(naive - want).max() > 1e-2  # the trained pair alone on W counts the top-r part twice
@@ -89,11 +101,13 @@ def test_pissa_adapter_saved_loaded_merged_and_exported_gives_the_training_logit
 
     common = ["--model", str(base), "--adapter", str(tmp_path / "adapter")]
     for name in ("merge", "export"):
-        run = subprocess.run([*CLI[name], *common, "--out", str(tmp_path / name)], capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run(
+            [*CLI[name], *common, "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-2000:]
-    np.testing.assert_allclose(_hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "merge")), want, atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(
+        _hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "merge")), want, atol=1e-5, rtol=0
+    )
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "export")
     np.testing.assert_allclose(_hf_logits(peft_model), want, atol=1e-5, rtol=0)
 
@@ -102,22 +116,44 @@ def test_jlora_train_saves_a_pissa_run_as_its_plain_lora_equivalent(tmp_path):
     """2 steps of jlora-train with lora.init=pissa: the adapter's first rank-r half is the trained pair, the
     second the split's (A0, -B0), and on the random base as initialised it gives that pair's W_res logits."""
     out = tmp_path / "run"
-    run = subprocess.run([*CLI["train"], "--config", str(ROOT / "configs/tiny-cpu.yaml"), "--set", "lora.init=pissa",
-                          "--set", "train.steps=2", "--set", "train.eval_interval=0", "--set", f"output_dir={out}"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    run = subprocess.run(
+        [
+            *CLI["train"],
+            "--config",
+            str(ROOT / "configs/tiny-cpu.yaml"),
+            "--set",
+            "lora.init=pissa",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.eval_interval=0",
+            "--set",
+            f"output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lcfg2, adapter = load_adapter(out / "adapter")
     assert lcfg2.init == "lora" and lcfg2.rank == 8
     meta = json.loads((out / "adapter" / "metadata" / "metadata").read_text())
-    cfg = jlora.LlamaConfig(**{k: v for k, v in meta["base"]["config"].items()
-                               if k in jlora.LlamaConfig.__dataclass_fields__ and k != "rope_scaling"})
+    cfg = jlora.LlamaConfig(
+        **{
+            k: v
+            for k, v in meta["base"]["config"].items()
+            if k in jlora.LlamaConfig.__dataclass_fields__ and k != "rope_scaling"
+        }
+    )
     params = jlora.init_params(cfg, jax.random.key(0))  # the run's model.seed: the base it trained on
     load_adapter(out / "adapter", base=cfg, params=params)  # its fingerprint is of the base, not of W_res
     lcfg = jlora.LoraConfig(rank=4, init="pissa")
     frozen, initial = jlora.split(params, lcfg, jax.random.key(0))
-    pairs = lambda t: jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, jlora.LoraPair))  # noqa: E731
-    trained = jax.tree.map(lambda p: p.replace(a=p.a[..., :4], b=p.b[..., :4, :]), adapter,
-                           is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+    pairs = lambda t: jax.tree.leaves(t, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+    trained = jax.tree.map(
+        lambda p: p.replace(a=p.a[..., :4], b=p.b[..., :4, :]), adapter, is_leaf=lambda x: isinstance(x, jlora.LoraPair)
+    )
     for full, start in zip(pairs(adapter), pairs(initial)):
         np.testing.assert_allclose(np.asarray(full.a[..., 4:]), np.asarray(start.a), atol=1e-6)
         np.testing.assert_allclose(np.asarray(full.b[..., 4:, :]), -np.asarray(start.b), atol=1e-6)

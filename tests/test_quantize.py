@@ -12,17 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from lora_testing import is_pair, randomize, save_tiny_hf_llama
 
 import jlora
+from jlora.models.family import init_params
+from jlora.models.llama import PRESETS, Llama
+from jlora.parallel.sharding import make_mesh
+from jlora.quant.quantize import (
+    NF4_CODE,
+    QuantizeError,
+    dequantize,
+    frozen_bytes,
+    is_quantized,
+    quantize,
+    quantize_leaf,
+    take_rows,
+)
 from jlora.train import plan
 from jlora.train.config import ConfigError, OptimConfig, from_dict
-from jlora.models.llama import PRESETS, Llama
-from jlora.models.family import init_params
-from jlora.quant.quantize import (NF4_CODE, QuantizeError, dequantize, frozen_bytes, is_quantized, quantize,
-                            quantize_leaf, take_rows)
-from jlora.parallel.sharding import make_mesh
 from jlora.train.step import make_optimizer, make_train_step, place_state, quantize_frozen
-from lora_testing import is_pair, randomize, save_tiny_hf_llama
 
 CFG = PRESETS["tiny"].replace(vocab_size=256, hidden_size=128, intermediate_size=256, tie_word_embeddings=True)
 
@@ -75,8 +83,9 @@ def test_round_trip_errors_are_within_each_formats_bound(axis):
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_t(4, size=(3, 128, 192)) * 0.02, jnp.float32)  # heavy tails, like real kernels
     w = w.at[0, :, 5].set(0.0).at[1, :64, :].set(0.0)  # all-zero columns and blocks must stay exactly zero
-    blocks = lambda x: (jnp.swapaxes(x.reshape(3, 2, 64, 192), -1, -2) if axis == -2  # noqa: E731
-                        else x.reshape(3, 128, 3, 64))  # [.., A, B, 64]
+    blocks = lambda x: (
+        jnp.swapaxes(x.reshape(3, 2, 64, 192), -1, -2) if axis == -2 else x.reshape(3, 128, 3, 64)
+    )  # [.., A, B, 64]
 
     int8 = dequantize(quantize_leaf(w, "int8", axis))
     absmax_channel = jnp.max(jnp.abs(w), axis=axis, keepdims=True)
@@ -111,7 +120,9 @@ def test_routed_forward_equals_the_dense_forward_of_the_dequantized_weights(para
     """jlora.apply multiplies packed kernels (qmatmul, take_rows, the tied head's attend) and adds LoRA;
     the plain model on the dequantized tree with the adapter merged is the reference."""
     q = quantize(params, method)
-    assert set(_quantized_leaves(q)) == {k for k in traverse_util.flatten_dict(params) if k[-1] in ("kernel", "embedding")}
+    assert set(_quantized_leaves(q)) == {
+        k for k in traverse_util.flatten_dict(params) if k[-1] in ("kernel", "embedding")
+    }
     lcfg = jlora.LoraConfig(rank=4, targets=("q_proj", "v_proj", "down_proj"))  # (merged, an embedding adapter
     # would change the tied head too)
     frozen, trainable = jlora.split(q, lcfg, jax.random.key(1))
@@ -135,9 +146,12 @@ def test_qlora_step_trains_only_the_adapters_and_matches_the_dequantized_step(pa
     mesh = make_mesh(data=2, fsdp=4)
     lcfg = jlora.LoraConfig(rank=4, targets="all-linear")
     optimizer, _ = make_optimizer(OptimConfig(lr=1e-2), total_steps=10)
-    batch = {"input_ids": np.arange(8 * 32).reshape(1, 8, 32) % CFG.vocab_size,
-             "positions": np.broadcast_to(np.arange(32), (1, 8, 32)),
-             "segment_ids": np.ones((1, 8, 32), np.int32), "loss_mask": np.ones((1, 8, 32), np.float32)}
+    batch = {
+        "input_ids": np.arange(8 * 32).reshape(1, 8, 32) % CFG.vocab_size,
+        "positions": np.broadcast_to(np.arange(32), (1, 8, 32)),
+        "segment_ids": np.ones((1, 8, 32), np.int32),
+        "loss_mask": np.ones((1, 8, 32), np.float32),
+    }
     batch["targets"] = np.roll(batch["input_ids"], -1, axis=-1)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -171,14 +185,27 @@ def test_qlora_step_trains_only_the_adapters_and_matches_the_dequantized_step(pa
 
 
 def _plan_run(quantize_method: str):
-    return from_dict({
-        "model": {"path": "unused", "preset": "tiny", "quantize": quantize_method,
-                  "overrides": {"num_hidden_layers": 4, "hidden_size": 512, "intermediate_size": 1536,
-                                "vocab_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 4}},
-        "data": {"train": "unused.jsonl", "max_seq_len": 256},
-        "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]},
-        "train": {"global_batch": 4, "micro_batch": 4, "remat": "none"},
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    return from_dict(
+        {
+            "model": {
+                "path": "unused",
+                "preset": "tiny",
+                "quantize": quantize_method,
+                "overrides": {
+                    "num_hidden_layers": 4,
+                    "hidden_size": 512,
+                    "intermediate_size": 1536,
+                    "vocab_size": 4096,
+                    "num_attention_heads": 8,
+                    "num_key_value_heads": 4,
+                },
+            },
+            "data": {"train": "unused.jsonl", "max_seq_len": 256},
+            "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]},
+            "train": {"global_batch": 4, "micro_batch": 4, "remat": "none"},
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        }
+    )
 
 
 @pytest.mark.slow
@@ -191,8 +218,9 @@ def test_compiled_qlora_step_holds_no_dense_copy_of_the_kernels():
     for method in ("none", "nf4"):
         compiled, state, cfg, _ = plan.compile_step(_plan_run(method), devices=jax.devices()[:1])
         mem[method], frozen[method] = compiled.memory_analysis(), state.frozen
-    dense_kernels = {k: int(np.prod(v.shape)) * 4 for k, v in traverse_util.flatten_dict(frozen["none"]).items()
-                     if len(v.shape) >= 2}
+    dense_kernels = {
+        k: int(np.prod(v.shape)) * 4 for k, v in traverse_util.flatten_dict(frozen["none"]).items() if len(v.shape) >= 2
+    }
     all_kernels = sum(dense_kernels.values())
     one_layer = sum(v // cfg.num_hidden_layers for k, v in dense_kernels.items() if k[0] == "layers")
     head = dense_kernels[("embed_tokens", "embedding")]
@@ -212,8 +240,9 @@ def test_peft_loads_a_qlora_adapter_on_the_dequantized_base(tmp_path):
 
     save_tiny_hf_llama(tmp_path / "base")
     cfg, params = jlora.load_pretrained(tmp_path / "base")
-    frozen, trainable = jlora.split(quantize(params, "nf4"), jlora.LoraConfig(rank=4, targets="all-linear"),
-                                    jax.random.key(0))
+    frozen, trainable = jlora.split(
+        quantize(params, "nf4"), jlora.LoraConfig(rank=4, targets="all-linear"), jax.random.key(0)
+    )
     trainable = randomize(trainable, std=0.2)
     lcfg = jlora.LoraConfig(rank=4, targets="all-linear")
     jlora.export_peft(tmp_path / "peft", trainable, lcfg, cfg)
@@ -236,8 +265,11 @@ def test_bad_quantize_input_is_one_line(params):
     with pytest.raises(jlora.LoraError, match="pissa .* needs a dense base, not a nf4 one"):
         jlora.split(quantize(params, "nf4"), jlora.LoraConfig(rank=4, init="pissa"), jax.random.key(0))
     base = {"train": "x.jsonl"}
-    with pytest.raises(ConfigError, match=r"^model\.quantize: gguf keeps a GGUF file's own blocks, but model\.path "
-                                          r"'ckpt/llama' is not a \.gguf file"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.quantize: gguf keeps a GGUF file's own blocks, but model\.path "
+        r"'ckpt/llama' is not a \.gguf file",
+    ):
         from_dict({"model": {"path": "ckpt/llama", "quantize": "gguf"}, "data": base})
     with pytest.raises(ConfigError, match=r"^model\.double_quant: .* needs quantize: nf4, not int8"):
         from_dict({"model": {"path": "m.gguf", "quantize": "int8", "double_quant": True}, "data": base})
@@ -257,8 +289,13 @@ def test_smollm2_qlora_on_the_gguf_files_own_blocks(smollm2_gguf):
     state = place_state(frozen, trainable, mesh, optimizer)
     before = jax.tree.map(np.asarray, state.frozen)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, 65))
-    batch = {"input_ids": ids[..., :-1], "targets": ids[..., 1:], "positions": np.broadcast_to(np.arange(64), (1, 8, 64)),
-             "segment_ids": np.ones((1, 8, 64), np.int32), "loss_mask": np.ones((1, 8, 64), np.float32)}
+    batch = {
+        "input_ids": ids[..., :-1],
+        "targets": ids[..., 1:],
+        "positions": np.broadcast_to(np.arange(64), (1, 8, 64)),
+        "segment_ids": np.ones((1, 8, 64), np.int32),
+        "loss_mask": np.ones((1, 8, 64), np.float32),
+    }
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     step = make_train_step(Llama(cfg), optimizer, state)
     losses, trainable, opt_state = [], state.trainable, state.opt_state

@@ -8,10 +8,9 @@ import sys
 
 import jax
 import numpy as np
+from cli_testing import kill_at_checkpoint, script
 
 from jlora.checkpoint.store import load_adapter
-
-from cli_testing import kill_at_checkpoint, script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from jlora.cli.train import main; sys.exit(main())"]  # = jlora-train
@@ -19,8 +18,14 @@ STEPS, INTERVAL, KILL_AFTER = 24, 4, 8
 
 
 def _args(out_dir, *extra):
-    sets = [f"train.steps={STEPS}", "train.log_interval=1", "train.eval_interval=0", f"checkpoint.interval={INTERVAL}",
-            "checkpoint.keep=2", f"output_dir={out_dir}"]
+    sets = [
+        f"train.steps={STEPS}",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        f"checkpoint.interval={INTERVAL}",
+        "checkpoint.keep=2",
+        f"output_dir={out_dir}",
+    ]
     return [*CLI, "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)], *extra]
 
 
@@ -65,8 +70,7 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 def _train(out_dir, *sets: str, resume: bool = False) -> subprocess.CompletedProcess:
     base = ["train.log_interval=1", "train.eval_interval=0", f"output_dir={out_dir}"]
     args = [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in (*base, *sets) for a in ("--set", s)]]
-    return subprocess.run(args + ["--resume"] * resume, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(args + ["--resume"] * resume, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def test_resume_with_another_global_batch_continues_at_the_next_row(tmp_path):
@@ -95,10 +99,12 @@ def test_resume_refuses_a_changed_data_stream(tmp_path):
     lines = (ROOT / "data" / "tiny" / "train.jsonl").read_text().splitlines()
     other = tmp_path / "train.jsonl"
     other.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same records, same count, new order
-    for change, key, old_new in [(f"data.train={other}", "data.train", None),
-                                 ("data.max_seq_len=200", "data.max_seq_len", "256 -> 200"),
-                                 ("data.packing=true", "data.packing", "False -> True"),
-                                 ("data.mask_prompt=false", "data.mask_prompt", "True -> False")]:
+    for change, key, old_new in [
+        (f"data.train={other}", "data.train", None),
+        ("data.max_seq_len=200", "data.max_seq_len", "256 -> 200"),
+        ("data.packing=true", "data.packing", "False -> True"),
+        ("data.mask_prompt=false", "data.mask_prompt", "True -> False"),
+    ]:
         run = _train(out, "train.steps=4", "checkpoint.interval=2", change, resume=True)
         assert run.returncode == 2, (change, run.stderr[-3000:])
         assert "Traceback" not in run.stderr, run.stderr[-3000:]

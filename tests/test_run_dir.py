@@ -3,6 +3,7 @@
 line, and a disk that fills mid-run stops with one line and resumes from the last whole checkpoint.
 Each test drives the real jlora-train in a subprocess. The read-only and full-disk tests mount small
 tmpfs file systems, which needs root: without it they fail, they do not skip."""
+
 import contextlib
 import os
 import pathlib
@@ -10,9 +11,9 @@ import signal
 import subprocess
 import time
 
-
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
+
 from jlora.checkpoint.store import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,14 +22,19 @@ TRAIN = script("jlora-train")
 
 
 def _args(out_dir, *extra, steps=4, interval=2, keep=3):
-    sets = [f"train.steps={steps}", "train.log_interval=1", "train.eval_interval=0", f"checkpoint.interval={interval}",
-            f"checkpoint.keep={keep}", f"output_dir={out_dir}"]
+    sets = [
+        f"train.steps={steps}",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        f"checkpoint.interval={interval}",
+        f"checkpoint.keep={keep}",
+        f"output_dir={out_dir}",
+    ]
     return [TRAIN, "--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)], *extra]
 
 
 def _train(out_dir, *extra, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(_args(out_dir, *extra, **kw), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(_args(out_dir, *extra, **kw), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def _steps(out_dir) -> list[int]:
@@ -38,8 +44,9 @@ def _steps(out_dir) -> list[int]:
 
 def test_second_run_on_one_output_dir_stops_at_once(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(_args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():

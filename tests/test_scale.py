@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.parallel import hlo_stats
-
 from jlora.train import plan
 from jlora.train.config import from_dict
 
@@ -24,19 +23,27 @@ LAYERS, MICRO, SEQ, D = 4, 8, 2048, 4096
 
 
 def _run(fsdp: int, tensor: int = 1, **model):
-    return from_dict({
-        "model": {"path": "unused", "preset": "llama3-8b", "dtype": "bfloat16", "param_dtype": "bfloat16",
-                  "overrides": {"num_hidden_layers": LAYERS}, **model},
-        "data": {"train": "unused.jsonl", "max_seq_len": SEQ},
-        "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear"},
-        "train": {"global_batch": MICRO, "micro_batch": MICRO, "remat": "dots_saveable"},
-        "mesh": {"data": 1, "fsdp": fsdp, "tensor": tensor},
-    })
+    return from_dict(
+        {
+            "model": {
+                "path": "unused",
+                "preset": "llama3-8b",
+                "dtype": "bfloat16",
+                "param_dtype": "bfloat16",
+                "overrides": {"num_hidden_layers": LAYERS},
+                **model,
+            },
+            "data": {"train": "unused.jsonl", "max_seq_len": SEQ},
+            "lora": {"rank": 16, "alpha": 32.0, "targets": "all-linear"},
+            "train": {"global_batch": MICRO, "micro_batch": MICRO, "remat": "dots_saveable"},
+            "mesh": {"data": 1, "fsdp": fsdp, "tensor": tensor},
+        }
+    )
 
 
 def _compile(fsdp: int, tensor: int = 1):
     """(memory_analysis, hlo_stats, LoRA bytes) of the step compiled on the first fsdp*tensor devices."""
-    compiled, state, _, _ = plan.compile_step(_run(fsdp, tensor), devices=jax.devices()[:fsdp * tensor])
+    compiled, state, _, _ = plan.compile_step(_run(fsdp, tensor), devices=jax.devices()[: fsdp * tensor])
     lora_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state.trainable))
     return compiled.memory_analysis(), hlo_stats.analyze(compiled.as_text()), lora_bytes
 
@@ -84,15 +91,40 @@ def test_tensor_parallel_step_reduces_only_per_layer_activations(one_device):
 def test_plan_line_reports_what_the_compiler_says(tmp_path):
     """`jlora-train --plan` on the tiny config (a fresh process with 8 fake devices) prints a PLAN line
     whose memory figures equal memory_analysis() of the same step compiled here."""
-    out = subprocess.run([sys.executable, "-m", "jlora.cli.train", "--config", "configs/tiny-cpu.yaml", "--plan",
-                          "--devices", "8", "--set", "mesh.fsdp=4", "--set", "mesh.data=2"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jlora.cli.train",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--plan",
+            "--devices",
+            "8",
+            "--set",
+            "mesh.fsdp=4",
+            "--set",
+            "mesh.data=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("PLAN: ")
-    got = json.loads(last[len("PLAN: "):])
-    for key in ("devices", "mesh", "param_bytes", "adapter_bytes", "opt_bytes", "temp_bytes", "flops_per_token",
-                "collective_bytes", "fits"):
+    got = json.loads(last[len("PLAN: ") :])
+    for key in (
+        "devices",
+        "mesh",
+        "param_bytes",
+        "adapter_bytes",
+        "opt_bytes",
+        "temp_bytes",
+        "flops_per_token",
+        "collective_bytes",
+        "fits",
+    ):
         assert key in got, key
     assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
 
@@ -107,8 +139,12 @@ def test_plan_line_reports_what_the_compiler_says(tmp_path):
 
 
 def test_plan_refuses_a_mesh_with_a_free_size_without_devices():
-    out = subprocess.run([sys.executable, "-m", "jlora.cli.train", "--config", "configs/llama3-8b-lora.yaml",
-                          "--plan"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "jlora.cli.train", "--config", "configs/llama3-8b-lora.yaml", "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--devices N" in out.stderr, out.stderr
 
 
@@ -134,10 +170,10 @@ def test_hlo_stats_weights_loop_bodies_by_their_trip_count():
 def test_plan_of_an_hf_checkpoint_reads_its_config(tmp_path):
     """--plan takes the shape from an HF checkpoint's config.json and headers, and the error for a
     missing checkpoint says how to plan by shape instead."""
-    from jlora.train.config import ConfigError
-    from jlora.models.llama import PRESETS
-    from jlora.models.family import init_params
     from jlora.formats.weights import save_pretrained
+    from jlora.models.family import init_params
+    from jlora.models.llama import PRESETS
+    from jlora.train.config import ConfigError
 
     cfg = PRESETS["tiny"].replace(vocab_size=320, num_hidden_layers=3)
     save_pretrained(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")

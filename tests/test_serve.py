@@ -16,18 +16,20 @@ import urllib.request
 
 import openai
 import pytest
+from cli_testing import script
+from test_adapter_stack import CFG, LCFGS, tiny  # noqa: F401 - the shared fixture
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
-from jlora.infer.lora_stack import AdapterStack
 from jlora.infer.engine import Engine, Request
 from jlora.infer.generate import Generator, generate
-
-from cli_testing import script
-from test_adapter_stack import CFG, LCFGS, tiny  # noqa: F401 - the shared fixture
+from jlora.infer.lora_stack import AdapterStack
 
 BASE = "tiny-base"
-TEMPLATE = "{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}{% if add_generation_prompt %}w9{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}w9{% endif %}"
+)
 
 
 def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
@@ -37,8 +39,9 @@ def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "unk_token": "<unk>", "chat_template": TEMPLATE}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": TEMPLATE})
+    )
     return path
 
 
@@ -58,14 +61,36 @@ def served(tiny, tmp_path_factory):  # noqa: F811
     for name, tree in adapters.items():
         jlora.save_adapter(work / "adapters" / name, tree, LCFGS[name], base=CFG)
     port = _free_port()
-    cmd = [script("jlora-serve"), "--model", base, "--name", BASE, "--port", port, "--max-batch", 16,
-           "--max-queue", 16, "--max-len", 64, "--max-adapters", 4, "--max-rank", 8, "--max-body-bytes", 20000,
-           "--allow-adapter-loading", "--adapter-dir", work / "adapters"]
+    cmd = [
+        script("jlora-serve"),
+        "--model",
+        base,
+        "--name",
+        BASE,
+        "--port",
+        port,
+        "--max-batch",
+        16,
+        "--max-queue",
+        16,
+        "--max-len",
+        64,
+        "--max-adapters",
+        4,
+        "--max-rank",
+        8,
+        "--max-body-bytes",
+        20000,
+        "--allow-adapter-loading",
+        "--adapter-dir",
+        work / "adapters",
+    ]
     for name in ("qv4", "all8", "od2"):
         cmd += ["--adapter", f"{name}={work / 'adapters' / name}"]
     log = open(work / "server.log", "w")
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(600):
         try:
@@ -102,22 +127,30 @@ def test_models_list(served):
 def test_completions_and_chat_for_base_and_adapters_equal_offline(served):
     client, _, offline = served
     for name in (None, "qv4", "all8"):
-        got = [client.completions.create(model=name or BASE, prompt=p, max_tokens=8, temperature=0).choices[0].text
-               for p in PROMPTS[:2]]
+        got = [
+            client.completions.create(model=name or BASE, prompt=p, max_tokens=8, temperature=0).choices[0].text
+            for p in PROMPTS[:2]
+        ]
         assert got == [offline(name, p) for p in PROMPTS[:2]]
-        chat = client.chat.completions.create(model=name or BASE, messages=[{"role": "user", "content": PROMPTS[3]}],
-                                              max_tokens=8, temperature=0)
+        chat = client.chat.completions.create(
+            model=name or BASE, messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=8, temperature=0
+        )
         assert chat.choices[0].message.content == offline(name, PROMPTS[3], chat=True)
     assert len(set(offline(n, PROMPTS[0]) for n in (None, "qv4", "all8"))) == 3  # the adapters matter
 
 
 def test_streaming_equals_the_whole_answer(served):
     client, _, offline = served
-    parts = [c.choices[0].text for c in client.completions.create(model="all8", prompt=PROMPTS[1], max_tokens=8,
-                                                                  temperature=0, stream=True)]
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(model="all8", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)
+    ]
     assert len([p for p in parts if p]) > 1 and "".join(parts) == offline("all8", PROMPTS[1])
-    chunks = list(client.chat.completions.create(model="qv4", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                 max_tokens=8, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="qv4", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline("qv4", PROMPTS[0], chat=True)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -147,11 +180,13 @@ def _raw(url: str, data: bytes, method: str = "POST") -> tuple[int, dict]:
 
 def test_bad_requests_get_their_4xx_as_openai_errors(served):
     client, url, _ = served
-    cases = [(openai.NotFoundError, dict(model="nope", prompt="w5"), "does not exist"),
-             (openai.BadRequestError, dict(model=BASE, prompt="w5 " * 60, max_tokens=8), "context is 64 tokens"),
-             (openai.BadRequestError, dict(model=BASE, prompt="w5", temperature=5), "temperature"),
-             (openai.BadRequestError, dict(model=BASE, prompt="w5", top_p=0), "top_p"),
-             (openai.BadRequestError, dict(model="qv4", prompt="w5", max_tokens=0), "max_tokens")]
+    cases = [
+        (openai.NotFoundError, dict(model="nope", prompt="w5"), "does not exist"),
+        (openai.BadRequestError, dict(model=BASE, prompt="w5 " * 60, max_tokens=8), "context is 64 tokens"),
+        (openai.BadRequestError, dict(model=BASE, prompt="w5", temperature=5), "temperature"),
+        (openai.BadRequestError, dict(model=BASE, prompt="w5", top_p=0), "top_p"),
+        (openai.BadRequestError, dict(model="qv4", prompt="w5", max_tokens=0), "max_tokens"),
+    ]
     for error, kwargs, needle in cases:
         with pytest.raises(error, match=needle) as e:
             client.completions.create(**kwargs)
@@ -197,13 +232,13 @@ def test_a_flood_gets_429_and_the_server_keeps_serving(served):
 def test_a_request_past_its_deadline_ends_with_timeout(tiny):  # noqa: F811
     """The engine behind the server's 408: a request whose deadline passed, waiting or running, ends."""
     model, params, _ = tiny
-    engine = Engine(Generator(model, params, stack=AdapterStack(CFG, 1, 2)), max_batch=1, max_len=32, max_queue=2,
-                    eos=[])
+    engine = Engine(
+        Generator(model, params, stack=AdapterStack(CFG, 1, 2)), max_batch=1, max_len=32, max_queue=2, eos=[]
+    )
     ends = queue.Queue()
     engine.submit(Request([1, 2, 3], None, 20, lambda new, fin: fin and ends.put(fin), deadline=time.monotonic() - 1))
     assert ends.get(timeout=60) == "timeout"
-    full = Engine(Generator(model, params, stack=AdapterStack(CFG, 1, 2)), max_batch=1, max_len=32, max_queue=0,
-                  eos=[])
+    full = Engine(Generator(model, params, stack=AdapterStack(CFG, 1, 2)), max_batch=1, max_len=32, max_queue=0, eos=[])
     assert not full.submit(Request([1], None, 1, print))  # a full queue refuses: the server's 429
 
 
@@ -216,8 +251,9 @@ def test_rows_join_and_leave_mid_flight_equal_offline(tiny):  # noqa: F811
     for name, tree in adapters.items():
         stack.add(name, tree)
     jobs = [([1, 5 + 3 * i, 40 + i], [None, "qv4", "all8", "od2"][i % 4], 4 + 2 * i) for i in range(7)]
-    alone = lambda p, name, n, eos: generate(model, params, adapters[name] if name else None, [p],  # noqa: E731
-                                             max_new_tokens=n, eos_id=eos)[0]
+    alone = lambda p, name, n, eos: generate(
+        model, params, adapters[name] if name else None, [p], max_new_tokens=n, eos_id=eos
+    )[0]
     eos = alone(*jobs[6], ())[5]  # a token the longest answer makes mid-way
     want = [alone(p, name, n, [eos]) for p, name, n in jobs]
     assert any(len(w) < n for w, (_, _, n) in zip(want, jobs)) and any(len(w) == n for w, (_, _, n) in zip(want, jobs))
@@ -228,6 +264,7 @@ def test_rows_join_and_leave_mid_flight_equal_offline(tiny):  # noqa: F811
         if i == 1:  # the rest arrive once the first two are decoding
             while not got[0]:
                 time.sleep(0.01)
-    assert sorted(ends.get(timeout=120) for _ in jobs) == sorted("stop" if len(w) < n else "length"
-                                                                for w, (_, _, n) in zip(want, jobs))
+    assert sorted(ends.get(timeout=120) for _ in jobs) == sorted(
+        "stop" if len(w) < n else "length" for w, (_, _, n) in zip(want, jobs)
+    )
     assert got == want

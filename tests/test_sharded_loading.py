@@ -3,7 +3,6 @@ shardings, keeps load_pretrained's one-line errors, and (2 processes x 4 CPU dev
 each process's peak RSS growth near its own share of a 0.5 GB checkpoint."""
 
 import json
-import os
 import pathlib
 import shutil
 
@@ -12,14 +11,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
+from test_trainer import run_two_processes
 
-from jlora.models.llama import PRESETS
-
-from jlora.models.family import init_params
-from jlora.parallel.sharding import make_mesh, param_specs
 from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
 from jlora.formats.weights_sharded import load_pretrained_sharded
-from test_trainer import run_two_processes
+from jlora.models.family import init_params
+from jlora.models.llama import PRESETS
+from jlora.parallel.sharding import make_mesh, param_specs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # tiny, with biases so the stacked 1-D leaves are covered too; hidden 64 splits 8 ways
@@ -76,8 +74,9 @@ def test_sharded_load_converts_to_bf16(checkpoints):
 
 def test_specs_fn_picks_the_placement(checkpoints):
     mesh = make_mesh(1, 8, 1)
-    _, got = load_pretrained_sharded(checkpoints["single"], mesh, specs_fn=lambda s: jax.tree.map(
-        lambda _: jax.sharding.PartitionSpec(), s))
+    _, got = load_pretrained_sharded(
+        checkpoints["single"], mesh, specs_fn=lambda s: jax.tree.map(lambda _: jax.sharding.PartitionSpec(), s)
+    )
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(got))
 
 
@@ -109,6 +108,7 @@ def test_sharded_load_gives_the_same_one_line_errors(checkpoints, tmp_path, prob
 
 def test_tied_checkpoint_with_a_stored_head(checkpoints, tmp_path):
     """A stored copy of the embedding is accepted, a different head refused (three rows are compared)."""
+
     def tie(config):
         return {**config, "tie_word_embeddings": True}
 
@@ -118,6 +118,7 @@ def test_tied_checkpoint_with_a_stored_head(checkpoints, tmp_path):
             if change_row is not None:
                 head[change_row] += 1.0
             return {**t, "lm_head.weight": head}
+
         return edit
 
     mesh = make_mesh(1, 8, 1)
@@ -135,8 +136,15 @@ def test_gguf_falls_back_to_a_whole_load(smollm2_gguf):
 
 # ---- two processes, 0.5 GB checkpoint: each reads only its share ----
 
-BIG = PRESETS["tiny"].replace(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                              num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+BIG = PRESETS["tiny"].replace(
+    vocab_size=8192,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+)
 
 WORKER = r"""
 import json, sys
@@ -206,10 +214,13 @@ def test_two_processes_each_read_only_their_share(tmp_path):
 def _run_two_loaders(path: pathlib.Path) -> None:
     size = _write_big_checkpoint(path)
     assert size >= 0.5e9
-    results = [json.loads(out.split("RESULT ")[1].splitlines()[0])
-               for out in run_two_processes(["-c", WORKER, str(path)])]
-    print(f"checkpoint {size / 2**20:.0f} MiB; per process:",
-          [{k: round(v / size, 3) if k != "same" else v for k, v in r.items()} for r in results])
+    results = [
+        json.loads(out.split("RESULT ")[1].splitlines()[0]) for out in run_two_processes(["-c", WORKER, str(path)])
+    ]
+    print(
+        f"checkpoint {size / 2**20:.0f} MiB; per process:",
+        [{k: round(v / size, 3) if k != "same" else v for k, v in r.items()} for r in results],
+    )
     for r in results:
         assert r["same"]
         assert 0.49 * size <= r["held"] <= 0.51 * size  # fsdp=8 over 2 hosts: each holds half

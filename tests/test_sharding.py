@@ -7,12 +7,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlora.parallel import sharding as S
-from jlora.peft.placement import trainable_specs
-from jlora.models.llama import PRESETS
-from jlora.models.family import param_shapes
-from jlora.peft.lora import LoraConfig, LoraPair
 from jlora import split
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
+from jlora.parallel import sharding as S
+from jlora.peft.lora import LoraConfig, LoraPair
+from jlora.peft.placement import trainable_specs
 
 
 def _per_device_bytes(tree, specs, mesh) -> tuple[int, int]:
@@ -45,8 +45,11 @@ def test_every_preset_is_split_over_fsdp_and_tensor(name, meshes):
     for mesh in meshes:
         split_over = mesh.shape["fsdp"] * mesh.shape["tensor"]
         local, total = _per_device_bytes(frozen, S.param_specs(frozen, mesh), mesh)
-        norms = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                    for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0] if "norm" in jax.tree_util.keystr(path))
+        norms = sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            for path, x in jax.tree_util.tree_flatten_with_path(frozen)[0]
+            if "norm" in jax.tree_util.keystr(path)
+        )
         assert local <= total / split_over + norms, (name, dict(mesh.shape), local, total)
         t_specs = trainable_specs(trainable, mesh)
         _per_device_bytes(trainable, t_specs, mesh)

@@ -11,6 +11,7 @@ The reference for each source, and where it is knowingly not followed:
   drops SentencePiece's dummy-prefix space before leading whitespace; jlora keeps sentencepiece's ids).
 - a SentencePiece GGUF (written here from that model): the model itself, and transformers' GGUF loader.
 """
+
 import copy
 import io
 import json
@@ -28,26 +29,76 @@ from jlora.formats.gguf_vocab import gpt2_pre_tokenizer
 from jlora.formats.tokenizer import TokenizerNotFoundError, load_tokenizer
 
 TEXTS = [
-    "", "Hello world", "Hello, world!", " leading space", "  two leading spaces", "trailing space ",
-    "trailing spaces   ", "multiple   spaces   inside", "tab\tseparated\tvalues", "\tleading tab",
-    "line one\nline two", "para\n\npara", "\n\n\nnewlines first", "windows\r\nline end",
-    "mixed \t \n whitespace", "naïve café façade", "Ünïcödé àccénts ñ", "Straße", "日本語のテキスト",
-    "中文分词测试", "한국어 텍스트", "Привет, мир", "مرحبا بالعالم", "emoji 😀🚀👍🏽",
-    "family 👨‍👩‍👧‍👦 flag 🇫🇷", "def f(x):\n    return x ** 2\n",
-    "for (int i = 0; i < n; ++i) { sum += a[i]; }", "import numpy as np  # comment",
-    '<div class="a">&amp;</div>', "SELECT * FROM t WHERE id=42;", '{"key": [1, 2, 3]}', "12345", "3.14159",
-    "1,000,000", "a  1", "x 2023-11-27 y", "year  2024\t\t7", "0x1F 0b1010 1e-9", "Ⅻ ½ ²",
-    "<|im_start|>user\nHello<|im_end|>\n", "<|im_start|>assistant\n", "text<|im_end|>", "<|endoftext|>",
-    "<|im_start|><|im_end|>", "before <|im_start|> after", "<|im_start|>  two spaces after", "<|im_start|",
-    "<|im_end", "<s>hello</s>", "<s> spaced", "a<unk>b", "I'm can't won't you'll they've he'd",
-    "ALL CAPS SHOUTING", "MiXeD CaSe", "punctuation!?!... ---", "~`@#$%^&*()_+-=[]{}|;:',.<>/?",
-    "http://example.com/path?q=1&r=2", "\u00a0non-breaking\u2009thin", "zero\u200bwidth", "combining e\u0301",
+    "",
+    "Hello world",
+    "Hello, world!",
+    " leading space",
+    "  two leading spaces",
+    "trailing space ",
+    "trailing spaces   ",
+    "multiple   spaces   inside",
+    "tab\tseparated\tvalues",
+    "\tleading tab",
+    "line one\nline two",
+    "para\n\npara",
+    "\n\n\nnewlines first",
+    "windows\r\nline end",
+    "mixed \t \n whitespace",
+    "naïve café façade",
+    "Ünïcödé àccénts ñ",
+    "Straße",
+    "日本語のテキスト",
+    "中文分词测试",
+    "한국어 텍스트",
+    "Привет, мир",
+    "مرحبا بالعالم",
+    "emoji 😀🚀👍🏽",
+    "family 👨‍👩‍👧‍👦 flag 🇫🇷",
+    "def f(x):\n    return x ** 2\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "import numpy as np  # comment",
+    '<div class="a">&amp;</div>',
+    "SELECT * FROM t WHERE id=42;",
+    '{"key": [1, 2, 3]}',
+    "12345",
+    "3.14159",
+    "1,000,000",
+    "a  1",
+    "x 2023-11-27 y",
+    "year  2024\t\t7",
+    "0x1F 0b1010 1e-9",
+    "Ⅻ ½ ²",
+    "<|im_start|>user\nHello<|im_end|>\n",
+    "<|im_start|>assistant\n",
+    "text<|im_end|>",
+    "<|endoftext|>",
+    "<|im_start|><|im_end|>",
+    "before <|im_start|> after",
+    "<|im_start|>  two spaces after",
+    "<|im_start|",
+    "<|im_end",
+    "<s>hello</s>",
+    "<s> spaced",
+    "a<unk>b",
+    "I'm can't won't you'll they've he'd",
+    "ALL CAPS SHOUTING",
+    "MiXeD CaSe",
+    "punctuation!?!... ---",
+    "~`@#$%^&*()_+-=[]{}|;:',.<>/?",
+    "http://example.com/path?q=1&r=2",
+    "\u00a0non-breaking\u2009thin",
+    "zero\u200bwidth",
+    "combining e\u0301",
     "word " * 40,
 ]
 CHATS = [
     [{"role": "user", "content": "Hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "ünïcode 😀\nnext line"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "ünïcode 😀\nnext line"},
+    ],
 ]
 SP_ADDED = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 
@@ -62,7 +113,9 @@ def assert_same(ours, encode_ref, decode_ref, texts, **encode_kw):
             continue
         for skip in (False, True):
             if ours.decode(ids, skip_special_tokens=skip) != decode_ref(ids, skip):
-                bad.append((t, f"decode(skip={skip})", ours.decode(ids, skip_special_tokens=skip), decode_ref(ids, skip)))
+                bad.append(
+                    (t, f"decode(skip={skip})", ours.decode(ids, skip_special_tokens=skip), decode_ref(ids, skip))
+                )
     assert not bad, "\n".join(map(repr, bad))
 
 
@@ -71,6 +124,7 @@ def test_text_set_is_varied():
 
 
 # --- SmolLM2's GGUF (byte-level BPE) ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
@@ -83,9 +137,12 @@ def smollm2(smollm2_gguf):
 def smollm2_hf_split_digits(smollm2):
     """transformers' GGUF tokenizer with the pre-tokenizer of SmolLM2's published tokenizer.json."""
     hf = copy.deepcopy(smollm2[1])
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     return hf
 
 
@@ -131,6 +188,7 @@ def test_smollm2_token_lookup(smollm2):
 
 # --- tokenizer.json -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer_json_dir(smollm2, tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_json")
@@ -144,12 +202,17 @@ def test_tokenizer_json_matches_hf(tokenizer_json_dir):
     for path in (tokenizer_json_dir, tokenizer_json_dir / "tokenizer.json"):
         ours = load_tokenizer(path)
         assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.vocab_size) == (
-            hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf))
+            hf.bos_token_id,
+            hf.eos_token_id,
+            hf.pad_token_id,
+            len(hf),
+        )
         assert_same(ours, *hf_refs(hf), TEXTS)
     for chat in CHATS:
         for gen in (False, True):
             assert ours.apply_chat_template(chat, add_generation_prompt=gen) == hf.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=gen)
+                chat, tokenize=False, add_generation_prompt=gen
+            )
 
 
 def _copy_dir(src, dst, edit_json):
@@ -162,10 +225,12 @@ def _copy_dir(src, dst, edit_json):
 
 def test_tokenizer_json_bos_from_post_processor(tokenizer_json_dir, tmp_path):
     """A tokenizer.json whose post-processor adds BOS (as LLaMA 3's does): that is the default, as in transformers."""
-    bos_first = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
-                                                          {"Sequence": {"id": "A", "type_id": 0}}],
-                 "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                 "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    bos_first = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+    }
     d = _copy_dir(tokenizer_json_dir, tmp_path, {"tokenizer.json": lambda j: {**j, "post_processor": bos_first}})
     hf = transformers.AutoTokenizer.from_pretrained(d)
     ours = load_tokenizer(d)
@@ -185,20 +250,35 @@ def test_tokenizer_json_add_bos_from_config(tokenizer_json_dir, tmp_path):
 
 # --- SentencePiece: tokenizer.model trained here, and a GGUF written from it -------------------------
 
+
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     """A LLaMA-style SentencePiece BPE model (byte fallback, identity normalizer, two user-defined tokens)."""
     rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog hello world token model train data learn rate lora rank "
-             "alpha matrix café naïve Straße 東京 日本語 中文 模型 😀 🚀 def return import print if else for 0 1 2 3 "
-             "42 3.14 ( ) : = , . ! ?").split()
-    lines = ["".join(rng.choice(["", " ", "  ", "\t"]) + rng.choice(words) for _ in range(rng.randint(3, 15)))
-             for _ in range(2000)]
+    words = (
+        "the quick brown fox jumps over lazy dog hello world token model train data learn rate lora rank "
+        "alpha matrix café naïve Straße 東京 日本語 中文 模型 😀 🚀 def return import print if else for 0 1 2 3 "
+        "42 3.14 ( ) : = , . ! ?"
+    ).split()
+    lines = [
+        "".join(rng.choice(["", " ", "  ", "\t"]) + rng.choice(words) for _ in range(rng.randint(3, 15)))
+        for _ in range(2000)
+    ]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=500, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=500,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        minloglevel=2,
+    )
     d = tmp_path_factory.mktemp("sp")
     (d / "tokenizer.model").write_bytes(buf.getvalue())
     return d
@@ -239,9 +319,14 @@ def test_sentencepiece_special_tokens_in_text(sp_dir):
 
 def test_sentencepiece_reads_tokenizer_config(sp_dir, tmp_path):
     """tokenizer_config.json beside a tokenizer.model: add_bos_token, pad_token, named chat templates."""
-    config = {"add_bos_token": False, "pad_token": {"content": "<|im_end|>", "__type": "AddedToken"},
-              "chat_template": [{"name": "tool_use", "template": "x"},
-                                {"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"}]}
+    config = {
+        "add_bos_token": False,
+        "pad_token": {"content": "<|im_end|>", "__type": "AddedToken"},
+        "chat_template": [
+            {"name": "tool_use", "template": "x"},
+            {"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"},
+        ],
+    }
     d = _copy_dir(sp_dir, tmp_path, {})
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     ours = load_tokenizer(d)
@@ -255,8 +340,14 @@ def sp_gguf(sp_ref, tmp_path_factory):
     # Its own directory: transformers would read a tokenizer.model lying beside it instead of the GGUF.
     path = tmp_path_factory.mktemp("sp_gguf") / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("context_length", 64), ("embedding_length", 8), ("block_count", 1),
-                       ("feed_forward_length", 16), ("head_count", 2), ("head_count_kv", 2)]:
+    for key, value in [
+        ("context_length", 64),
+        ("embedding_length", 8),
+        ("block_count", 1),
+        ("feed_forward_length", 16),
+        ("head_count", 2),
+        ("head_count_kv", 2),
+    ]:
         getattr(w, f"add_{key}")(value)  # enough of a config for transformers' GGUF loader
     w.add_layer_norm_rms_eps(1e-5)
     n = sp_ref.get_piece_size()
@@ -265,8 +356,10 @@ def sp_gguf(sp_ref, tmp_path_factory):
     w.add_token_scores([sp_ref.get_score(i) for i in range(n)])
     w.add_token_types([_sp_type(sp_ref, i) for i in range(n)])
     w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0), w.add_add_bos_token(True)
-    w.add_chat_template("{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}\n"
-                        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    w.add_chat_template(
+        "{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
 
@@ -295,14 +388,16 @@ def test_sentencepiece_gguf_matches_hf_gguf_loader(sp_gguf):
     assert_same(ours, *hf_refs(hf), [t for t in TEXTS if not t[:1].isspace()])  # both add BOS by default
     for chat in CHATS:
         assert ours.apply_chat_template(chat, add_generation_prompt=True) == hf.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=True)
+            chat, tokenize=False, add_generation_prompt=True
+        )
 
 
 # --- pre-tokenizer table and errors ----------------------------------------------------------------
 
+
 def test_gguf_pre_tokenizer_splits():
     text = "Hello  123456\n\nworld"
-    split = lambda pre: [s for s, _ in gpt2_pre_tokenizer(pre).pre_tokenize_str(text)]  # noqa: E731
+    split = lambda pre: [s for s, _ in gpt2_pre_tokenizer(pre).pre_tokenize_str(text)]
     assert split("llama-bpe") == ["Hello", "Ġ", "Ġ", "123", "456", "ĊĊ", "world"]
     assert split("smollm") == ["Hello", "ĠĠ", "1", "2", "3", "4", "5", "6", "Ċ", "Ċ", "world"]
     assert split("gpt2") == ["Hello", "Ġ", "Ġ123456", "Ċ", "Ċ", "world"]
@@ -336,8 +431,8 @@ def test_bad_files_are_clear_errors(tmp_path, sp_dir):
 
 def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir):
     """Every file that is not a tokenizer is a TokenizerError, which the CLIs print as one line (no traceback)."""
-    from jlora.formats.tokenizer import TokenizerError
     from jlora.errors import JloraError
+    from jlora.formats.tokenizer import TokenizerError
 
     assert issubclass(TokenizerError, JloraError)
     (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
@@ -346,8 +441,12 @@ def test_a_path_that_is_not_a_tokenizer_is_one_tokenizer_error(tmp_path, sp_dir)
     (tmp_path / "j" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "tokenizer.model").write_bytes(b"garbage")
-    for path, named in ((tmp_path / "x.gguf", "x.gguf"), (tmp_path / "config.yaml", "config.yaml"),
-                        (tmp_path / "j", "j/tokenizer.json"), (tmp_path / "s", "s/tokenizer.model")):
+    for path, named in (
+        (tmp_path / "x.gguf", "x.gguf"),
+        (tmp_path / "config.yaml", "config.yaml"),
+        (tmp_path / "j", "j/tokenizer.json"),
+        (tmp_path / "s", "s/tokenizer.model"),
+    ):
         with pytest.raises(TokenizerError) as e:
             load_tokenizer(path)
         assert named in str(e.value) and "\n" not in str(e.value)
@@ -368,8 +467,12 @@ def test_a_gguf_tokenizer_saved_as_hf_files_loads_the_same_in_jlora_and_transfor
     texts = [t for t in TEXTS if not t[:1].isspace()]  # transformers' Metaspace differs there (module doc)
     for t in texts:
         assert ours.encode(t) == gguf_tok.encode(t) == hf.encode(t), t
-    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.add_bos) == \
-        (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id, gguf_tok.add_bos)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.add_bos) == (
+        gguf_tok.bos_id,
+        gguf_tok.eos_id,
+        gguf_tok.pad_id,
+        gguf_tok.add_bos,
+    )
     assert (hf.bos_token_id, hf.eos_token_id) == (gguf_tok.bos_id, gguf_tok.eos_id)
     for chat in CHATS:
         want = gguf_tok.apply_chat_template(chat, add_generation_prompt=True)

@@ -1,20 +1,19 @@
 """The public training building blocks: `jlora.causal_lm_loss` in a user's own jax.value_and_grad + optax loop
 (README's Python API) gives the loss and gradients of jlora-train's sharded step, and `jlora.make_train_step`
 without a TrainState is that step for arrays wherever they are."""
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from lora_testing import randomize
 
 import jlora
-from jlora.train import step as T
 from jlora.models.llama import PRESETS
-from jlora.peft.routing import LoraPair
 from jlora.parallel.sharding import make_mesh
-from lora_testing import randomize
+from jlora.peft.routing import LoraPair
+from jlora.train import step as T
 
 CFG = PRESETS["tiny"].replace(tie_word_embeddings=True)  # tied: the chunked loss reads the head from the embedding
 B, SEQ = 8, 32
@@ -28,8 +27,11 @@ def setup():
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(1))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, CFG.vocab_size, (B, SEQ + 1)).astype(np.int32)
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-             "loss_mask": (rng.random((B, SEQ)) > 0.25).astype(np.float32)}
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": (rng.random((B, SEQ)) > 0.25).astype(np.float32),
+    }
     return frozen, randomize(trainable, seed=3), batch
 
 
@@ -62,8 +64,9 @@ def test_custom_loop_equals_the_sharded_trainer_step(setup):
     state = T.place_state(frozen, trainable, mesh, sgd())
     step = T.make_train_step(jlora.Llama(CFG), sgd(), state, FAST)
     host = T.full_batch({k: jnp.asarray(v) for k, v in batch.items()})
-    new, _, metrics = step(state.frozen, state.trainable, state.opt_state,
-                           T.put_batch(jax.device_get(host), mesh, 2), jax.random.key(0))
+    new, _, metrics = step(
+        state.frozen, state.trainable, state.opt_state, T.put_batch(jax.device_get(host), mesh, 2), jax.random.key(0)
+    )
     assert abs(float(metrics["loss"]) - loss) < 1e-5
     assert_trees_close(gradients_from_update(trainable, jax.device_get(new)), grads, atol=2e-6)
     norm = float(optax.tree.norm(grads))
@@ -89,14 +92,16 @@ def test_causal_lm_loss_is_the_masked_mean_of_plain_cross_entropy(setup):
     got = float(jlora.causal_lm_loss(jlora.Llama(CFG), frozen, trainable, batch))
     assert abs(got - expected) < 1e-5
     no_mask = {k: v for k, v in batch.items() if k != "loss_mask"}
-    assert abs(float(jlora.causal_lm_loss(jlora.Llama(CFG), frozen, trainable, no_mask)) -
-               float(jnp.mean(ce))) < 1e-5
+    assert abs(float(jlora.causal_lm_loss(jlora.Llama(CFG), frozen, trainable, no_mask)) - float(jnp.mean(ce))) < 1e-5
 
 
 def test_dropout_without_an_rng_and_a_batch_without_targets_are_one_line_errors(setup):
     frozen, trainable, batch = setup
-    dropped = jax.tree.map(lambda x: x.replace(dropout=0.1) if isinstance(x, LoraPair) else x, trainable,
-                           is_leaf=lambda x: isinstance(x, LoraPair))
+    dropped = jax.tree.map(
+        lambda x: x.replace(dropout=0.1) if isinstance(x, LoraPair) else x,
+        trainable,
+        is_leaf=lambda x: isinstance(x, LoraPair),
+    )
     step = jlora.make_train_step(jlora.Llama(CFG), sgd())
     with pytest.raises(ValueError, match="rng=jax.random.key"):
         step(frozen, dropped, sgd().init(dropped), batch)

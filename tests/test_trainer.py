@@ -13,13 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from jlora.models.llama import PRESETS, Llama
+from jlora.parallel.sharding import make_mesh
+from jlora.peft.lora import LoraConfig
+from jlora.peft.routing import LoraPair
 from jlora.train import step as T
 from jlora.train.config import OptimConfig
 from jlora.train.data import Batches, Example
-from jlora.models.llama import PRESETS, Llama
-from jlora.peft.lora import LoraConfig
-from jlora.peft.routing import LoraPair
-from jlora.parallel.sharding import make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = PRESETS["tiny"]
@@ -41,8 +41,13 @@ def _batch(seed: int = 0, rows: int = B) -> dict:
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, CFG.vocab_size, (rows, SEQ + 1)).astype(np.int32)
     mask = (rng.random((rows, SEQ)) > 0.25).astype(np.float32)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-            "positions": np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1)), "segment_ids": np.ones((rows, SEQ), np.int32)}
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": mask,
+        "positions": np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1)),
+        "segment_ids": np.ones((rows, SEQ), np.int32),
+    }
 
 
 def _mesh(shape):
@@ -79,8 +84,9 @@ def runs(init_trees):
         step = T.make_train_step(Llama(CFG), opt, state, FAST)
         batch, losses = T.put_batch(_batch(), mesh, 1), []
         for i in range(3):
-            state.trainable, state.opt_state, m = step(state.frozen, state.trainable, state.opt_state, batch,
-                                                       jax.random.key(i))
+            state.trainable, state.opt_state, m = step(
+                state.frozen, state.trainable, state.opt_state, batch, jax.random.key(i)
+            )
             losses.append(float(m["loss"]))
             if i == 0:
                 first = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.trainable))
@@ -115,8 +121,9 @@ def test_gradient_accumulation_8x1_equals_1x8(init_trees, runs):
     opt, mesh = _optimizer(), _mesh((1, 1, 1))
     state = T.place_state(*init_trees, mesh, opt)
     step = T.make_train_step(Llama(CFG), opt, state, FAST)
-    trainable, _, m = step(state.frozen, state.trainable, state.opt_state, T.put_batch(_batch(), mesh, B),
-                           jax.random.key(0))
+    trainable, _, m = step(
+        state.frozen, state.trainable, state.opt_state, T.put_batch(_batch(), mesh, B), jax.random.key(0)
+    )
     l1, g1, t1 = runs[(1, 1, 1)][4]
     assert abs(float(m["loss"]) - l1) < 1e-5 and abs(float(m["grad_norm"]) - g1) < 1e-5 * max(1.0, g1)
     for a, b in zip(jax.tree.leaves(jax.device_get(trainable)), jax.tree.leaves(t1)):
@@ -127,8 +134,9 @@ def test_loss_falls_to_near_zero_on_a_memorisation_set(runs):
     state, step = runs[(1, 1, 1)][2:4]
     batch = T.put_batch(_batch(2), state.mesh, 1)  # 8 random rows: LoRA + the trained lm_head and norm
     for i in range(60):
-        state.trainable, state.opt_state, m = step(state.frozen, state.trainable, state.opt_state, batch,
-                                                   jax.random.key(i))
+        state.trainable, state.opt_state, m = step(
+            state.frozen, state.trainable, state.opt_state, batch, jax.random.key(i)
+        )
     assert float(m["loss"]) < 0.05, float(m["loss"])
 
 
@@ -137,16 +145,18 @@ def test_nonfinite_step_is_skipped_and_counted(runs):
     before = jax.device_get(state.trainable)
     bad = _batch(3)
     bad["loss_mask"][0, 0] = np.nan
-    state.trainable, state.opt_state, m = step(state.frozen, state.trainable, state.opt_state,
-                                               T.put_batch(bad, state.mesh, 1), jax.random.key(0))
+    state.trainable, state.opt_state, m = step(
+        state.frozen, state.trainable, state.opt_state, T.put_batch(bad, state.mesh, 1), jax.random.key(0)
+    )
     assert bool(m["skipped"]) and int(m["nonfinite_run"]) == 1 and int(m["nonfinite_total"]) == 1
     for a, b in zip(jax.tree.leaves(jax.device_get(state.trainable)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(T.NonFiniteError, match="1 steps in a row had non-finite gradients"):
         T.check_nonfinite(m, max_nonfinite=1, step=4)
     T.check_nonfinite(m, max_nonfinite=2, step=4)
-    state.trainable, state.opt_state, m = step(state.frozen, state.trainable, state.opt_state,
-                                               T.put_batch(_batch(3), state.mesh, 1), jax.random.key(0))
+    state.trainable, state.opt_state, m = step(
+        state.frozen, state.trainable, state.opt_state, T.put_batch(_batch(3), state.mesh, 1), jax.random.key(0)
+    )
     assert not bool(m["skipped"]) and int(m["nonfinite_run"]) == 0 and int(m["nonfinite_total"]) == 1
     assert np.isfinite(float(m["loss"]))
 
@@ -166,8 +176,9 @@ def test_packed_and_unpacked_losses_are_equal(init_trees):
     packed = {k: np.pad(v, ((0, len(examples) - n_rows), (0, 0))) for k, v in packed.items()}  # same shape: one compile
     state = T.place_state(*init_trees, _mesh((1, 1, 1)), _optimizer())
     eval_step = T.make_eval_step(Llama(CFG), state, FAST)
-    (s_u, n_u), (s_p, n_p) = [eval_step(state.frozen, state.trainable, T.put_batch(b, state.mesh))
-                              for b in (unpacked, packed)]
+    (s_u, n_u), (s_p, n_p) = [
+        eval_step(state.frozen, state.trainable, T.put_batch(b, state.mesh)) for b in (unpacked, packed)
+    ]
     assert float(n_u) == float(n_p) > 0
     np.testing.assert_allclose(float(s_p) / float(n_p), float(s_u) / float(n_u), atol=1e-5, rtol=0)
 
@@ -179,10 +190,10 @@ def test_chunked_cross_entropy_matches_full_logits():
 
     @jax.jit
     def losses_and_grads(h):
-        full = lambda h: T.masked_cross_entropy(jax.numpy.einsum("btd,vd->btv", h, w), targets, mask)[0]  # noqa: E731
+        full = lambda h: T.masked_cross_entropy(jax.numpy.einsum("btd,vd->btv", h, w), targets, mask)[0]
         out = [jax.value_and_grad(full)(h)]
         for tied in (True, False):  # the head as [V, D] (tied embedding) and as [D, V] (lm_head kernel)
-            chunked = lambda h: 2 * T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4)  # noqa: E731,B023
+            chunked = lambda h: 2 * T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4)
             out.append(jax.value_and_grad(chunked)(h))
         return out
 
@@ -208,8 +219,11 @@ def test_bf16_base_trains_fp32_adapters_through_the_chunked_loss(init_trees):
         def mean_loss(model, f, t):
             s, n = T.loss_terms(model, f, t, batch, ce_chunk=8)  # 4 chunks of the 32 positions
             return s / n
-        return (jax.value_and_grad(lambda t: mean_loss(Llama(CFG), frozen, t))(t),
-                jax.value_and_grad(lambda t: mean_loss(Llama(bf16), frozen16, t))(t))
+
+        return (
+            jax.value_and_grad(lambda t: mean_loss(Llama(CFG), frozen, t))(t),
+            jax.value_and_grad(lambda t: mean_loss(Llama(bf16), frozen16, t))(t),
+        )
 
     (l32, g32), (l16, g16) = both(trainable)
     assert abs(float(l16) - float(l32)) < 0.05 * float(l32)
@@ -230,9 +244,12 @@ def test_bf16_adapter_gradients_match_fp32_within_tolerance(init_trees):
     norm stays under BF16_GRAD_RTOL and the direction agrees (cosine > 0.999)."""
     frozen, trainable = init_trees
     rng = np.random.default_rng(3)
-    is_pair = lambda x: isinstance(x, LoraPair)  # noqa: E731
-    trainable = jax.tree.map(lambda x: x.replace(b=(rng.normal(size=x.b.shape) * 0.05).astype(np.float32))
-                             if is_pair(x) else x, trainable, is_leaf=is_pair)  # B = 0 would zero A's gradient
+    is_pair = lambda x: isinstance(x, LoraPair)
+    trainable = jax.tree.map(
+        lambda x: x.replace(b=(rng.normal(size=x.b.shape) * 0.05).astype(np.float32)) if is_pair(x) else x,
+        trainable,
+        is_leaf=is_pair,
+    )  # B = 0 would zero A's gradient
     batch = {k: jax.numpy.asarray(v) for k, v in _batch(7).items()}
     bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
     frozen16 = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), frozen)
@@ -242,8 +259,10 @@ def test_bf16_adapter_gradients_match_fp32_within_tolerance(init_trees):
         def mean_loss(model, f, t):
             s, n = T.loss_terms(model, f, t, batch)
             return s / n
-        return jax.grad(lambda t: mean_loss(Llama(CFG), frozen, t))(t), \
-            jax.grad(lambda t: mean_loss(Llama(bf16), frozen16, t))(t)
+
+        return jax.grad(lambda t: mean_loss(Llama(CFG), frozen, t))(t), jax.grad(
+            lambda t: mean_loss(Llama(bf16), frozen16, t)
+        )(t)
 
     g32, g16 = grads(trainable)
     flat32 = jax.tree_util.tree_flatten_with_path(g32)[0]
@@ -287,8 +306,9 @@ print("LOSSES " + json.dumps(losses), flush=True)
 
 
 def _tree_shapes():
-    from jlora.models.family import param_shapes
     from jlora import split
+    from jlora.models.family import param_shapes
+
     return jax.eval_shape(lambda p: split(p, LCFG, jax.random.key(1)), param_shapes(CFG))
 
 
@@ -307,10 +327,16 @@ def _env(**extra) -> dict:
 def run_two_processes(args: list[str]) -> list[str]:
     """`python *args` as processes 0 and 1 of a jax.distributed job on localhost; each one's output."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, *args],
-                              env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         try:
@@ -325,8 +351,10 @@ def run_two_processes(args: list[str]) -> list[str]:
 def test_two_processes_give_the_same_loss_as_one(runs, init_trees, tmp_path):
     leaves = jax.tree.leaves(init_trees)
     np.savez(tmp_path / "trees.npz", **{f"a{i}": x for i, x in enumerate(leaves)})
-    outs = [json.loads(out.split("LOSSES ")[1].splitlines()[0])
-            for out in run_two_processes(["-c", WORKER, str(tmp_path / "trees.npz"), str(ROOT / "tests")])]
+    outs = [
+        json.loads(out.split("LOSSES ")[1].splitlines()[0])
+        for out in run_two_processes(["-c", WORKER, str(tmp_path / "trees.npz"), str(ROOT / "tests")])
+    ]
     assert outs[0] == outs[1]
     np.testing.assert_allclose(outs[0], runs[(8, 1, 1)][0], atol=1e-5, rtol=0)
 
@@ -335,10 +363,24 @@ def test_cli_runs_end_to_end(tmp_path):
     exe = pathlib.Path(sys.executable).with_name("jlora-train")
     cmd = [str(exe)] if exe.exists() else [sys.executable, str(ROOT / "train" / "finetune.py")]
     out_dir = tmp_path / "run"
-    sets = [f"output_dir={out_dir}", "train.steps=2", "train.eval_interval=2", "train.log_interval=1",
-            "checkpoint.interval=0", "data.max_seq_len=192", "train.global_batch=8", "train.micro_batch=4"]
-    proc = subprocess.run([*cmd, "--config", "configs/tiny-cpu.yaml", *[x for s in sets for x in ("--set", s)]],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    sets = [
+        f"output_dir={out_dir}",
+        "train.steps=2",
+        "train.eval_interval=2",
+        "train.log_interval=1",
+        "checkpoint.interval=0",
+        "data.max_seq_len=192",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+    ]
+    proc = subprocess.run(
+        [*cmd, "--config", "configs/tiny-cpu.yaml", *[x for s in sets for x in ("--set", s)]],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable params" in proc.stdout and "tokens/step: 1,536" in proc.stdout
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -351,8 +393,21 @@ def test_cli_runs_end_to_end(tmp_path):
 
 
 def test_cli_bad_override_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "finetune.py"), "--config", "configs/tiny-cpu.yaml",
-                           "--set", "optim.lr=-1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "finetune.py"),
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            "optim.lr=-1",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["jlora-train: error: configs/tiny-cpu.yaml: optim.lr: must be > 0"]
 

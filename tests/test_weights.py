@@ -1,5 +1,6 @@
 """jlora.formats.weights: GGUF loading (q/k un-permute, llama3 rope_freqs) on a tiny model, the save_pretrained round
 trip through transformers, resolve_model_path, and one-line errors for every kind of bad checkpoint."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the hub
@@ -16,19 +17,34 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
+from test_llama import hf_logits, jlora_forward, random_ids, tiny_hf_model
 
 from jlora.formats import weights
 from jlora.formats.weights import WeightsError, load_pretrained, resolve_model_path, save_pretrained
-from test_llama import hf_logits, jlora_forward, random_ids, tiny_hf_model
 
 # llama.cpp's names for HF's, written out here rather than taken from jlora's table so a slip there shows.
-GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -111,10 +127,17 @@ def tiny_untied(tmp_path_factory):
 
 # ---- GGUF ----
 
+
 def test_gguf_matches_hf_logits(tmp_path):
     """q/k un-permute (weights and biases), untied output.weight and llama3 rope_freqs, on F32/F16 tensors."""
-    model = tiny_hf_model(seed=4, num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True,
-                          rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)
+    model = tiny_hf_model(
+        seed=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        rope_parameters=LLAMA3_ROPE,
+        max_position_embeddings=16384,
+    )
     path = write_gguf(tmp_path / "tiny.gguf", model, rope_freqs=True, cast={"blk.1.ffn_up.weight": np.float16})
     cfg, params = load_pretrained(path)
     assert dict(cfg.rope_scaling) == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
@@ -147,8 +170,9 @@ def test_gguf_truncated(tmp_path):
 
 
 def test_gguf_unsupported_quant_type(tmp_path):
-    path = write_gguf(tmp_path / "q.gguf", tiny_hf_model(num_key_value_heads=2),
-                      cast={"blk.0.attn_norm.weight": np.float64})  # F64: gguf.quants cannot dequantize it
+    path = write_gguf(
+        tmp_path / "q.gguf", tiny_hf_model(num_key_value_heads=2), cast={"blk.0.attn_norm.weight": np.float64}
+    )  # F64: gguf.quants cannot dequantize it
     with pytest.raises(WeightsError) as e:
         load_pretrained(path)
     msg = assert_one_line(e, path)
@@ -169,6 +193,7 @@ def test_gguf_unsupported_architecture_and_missing_tensor(tmp_path):
 
 # ---- save_pretrained ----
 
+
 def test_save_pretrained_round_trip_through_transformers(tiny_untied, tmp_path):
     _, src = tiny_untied
     cfg, params = load_pretrained(src)
@@ -177,8 +202,9 @@ def test_save_pretrained_round_trip_through_transformers(tiny_untied, tmp_path):
     params["norm"] = {"weight": params["norm"]["weight"] + rng.normal(0, 0.1, cfg.hidden_size).astype(np.float32)}
     save_pretrained(params, cfg, tmp_path / "out")
 
-    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
-                                                             attn_implementation="eager").eval()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     ids = random_ids((2, 24), cfg.vocab_size, seed=6)
     ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, hf_logits(reloaded, ids), atol=1e-4, rtol=0)
@@ -221,6 +247,7 @@ def _flat(tree, prefix=()):
 
 
 # ---- bad HF checkpoints ----
+
 
 def _copy_ckpt(src: pathlib.Path, dst: pathlib.Path, edit=None) -> pathlib.Path:
     """Copy a checkpoint dir, passing its tensors through `edit(dict) -> dict`."""
@@ -292,6 +319,7 @@ def test_unknown_tensor_is_an_error_but_inv_freq_is_ignored(tiny_untied, tmp_pat
 
 def test_tied_checkpoint_with_a_stored_head(tiny_untied, tmp_path):
     """Some tied checkpoints store lm_head.weight anyway: fine when it is the embedding, an error otherwise."""
+
     def tie(t, head):
         return {**t, "lm_head.weight": head(t["model.embed_tokens.weight"])}
 
@@ -336,6 +364,7 @@ def test_pickle_checkpoints_are_refused_unread(tiny_untied, tmp_path):
 
 
 # ---- resolve_model_path ----
+
 
 def test_resolve_model_path(smollm2_gguf, tmp_path, monkeypatch):
     assert resolve_model_path("smollm2-135m") == smollm2_gguf

@@ -1,6 +1,6 @@
 """Fine-tune with LoRA from a YAML run config: the same as the `jlora-train` console script.
 
-    python train/finetune.py --config configs/tiny-cpu.yaml --set train.steps=50
+python train/finetune.py --config configs/tiny-cpu.yaml --set train.steps=50
 """
 
 import sys

@@ -19,28 +19,45 @@ import random
 # The system prompt states the task and the answer's keys in full, so the base model is asked fairly.
 INSTRUCTION = "Extract facts about the person as JSON only, with keys name, age, city (where they live now), job."
 
-FIRST = ("Maria Ahmed Lena Tomas Aiko Pablo Ingrid Kofi Sofia Ravi Elena Jonas Amara Diego Yuki Hannah "
-         "Mateo Chloe Omar Freya Luca Nadia Felix Zara Ivan Leila Hugo Mei Oscar Priya Emil Rosa Tariq Clara "
-         "Kenji Alma Bruno Dalia Anton Ines Samuel Vera Rafael Noor Milan Eva Caleb Ayla Stefan Lucia Idris Greta "
-         "Nikolai Paula Bilal Jana Marco Selma Viktor Carmen").split()
-LAST = ("Okafor Lindqvist Moreau Tanaka Novak Haddad Castillo Petrov Mensah Rossi Nakamura Schmidt Dubois "
-        "Kowalski Fernandes Larsen Yilmaz Costa Bauer Ivanova Silva Jensen Horvat Romero Fischer Sato Nieminen "
-        "Gallo Kader Varga Brennan Alvarez Weber Santos Lund Marin Kaya Hoffman Duarte Olsen Reyes Wagner Berg "
-        "Ortiz Keller Moretti Popescu Strand").split()
-CITIES = ("Lisbon Oslo Nairobi Lyon Osaka Denver Porto Krakow Accra Seville Dublin Hanoi Bergen Quito Tunis "
-          "Leeds Vienna Cusco Tallinn Perth Bologna Izmir Graz Malmo Rabat Austin Zagreb Tbilisi Lima Ghent "
-          "Bremen Kyoto Turin Riga Varna Cork Bilbao Chennai Tampere Valencia").split()
+FIRST = (
+    "Maria Ahmed Lena Tomas Aiko Pablo Ingrid Kofi Sofia Ravi Elena Jonas Amara Diego Yuki Hannah "
+    "Mateo Chloe Omar Freya Luca Nadia Felix Zara Ivan Leila Hugo Mei Oscar Priya Emil Rosa Tariq Clara "
+    "Kenji Alma Bruno Dalia Anton Ines Samuel Vera Rafael Noor Milan Eva Caleb Ayla Stefan Lucia Idris Greta "
+    "Nikolai Paula Bilal Jana Marco Selma Viktor Carmen"
+).split()
+LAST = (
+    "Okafor Lindqvist Moreau Tanaka Novak Haddad Castillo Petrov Mensah Rossi Nakamura Schmidt Dubois "
+    "Kowalski Fernandes Larsen Yilmaz Costa Bauer Ivanova Silva Jensen Horvat Romero Fischer Sato Nieminen "
+    "Gallo Kader Varga Brennan Alvarez Weber Santos Lund Marin Kaya Hoffman Duarte Olsen Reyes Wagner Berg "
+    "Ortiz Keller Moretti Popescu Strand"
+).split()
+CITIES = (
+    "Lisbon Oslo Nairobi Lyon Osaka Denver Porto Krakow Accra Seville Dublin Hanoi Bergen Quito Tunis "
+    "Leeds Vienna Cusco Tallinn Perth Bologna Izmir Graz Malmo Rabat Austin Zagreb Tbilisi Lima Ghent "
+    "Bremen Kyoto Turin Riga Varna Cork Bilbao Chennai Tampere Valencia"
+).split()
 # job, a clause "is a/an <job>" can't always say: the verb phrase for phrasings that describe the work
 JOBS = {
-    "nurse": "cares for patients at a hospital", "teacher": "teaches at a primary school",
-    "baker": "bakes bread every morning", "pilot": "flies planes for an airline",
-    "architect": "designs houses", "plumber": "fixes pipes and drains", "chef": "cooks in a restaurant kitchen",
-    "journalist": "writes for a newspaper", "electrician": "wires new buildings", "dentist": "treats teeth",
-    "librarian": "runs the town library", "carpenter": "builds furniture from wood",
-    "pharmacist": "works behind the counter of a pharmacy", "farmer": "grows wheat and keeps goats",
-    "mechanic": "repairs cars in a garage", "translator": "translates books into English",
-    "photographer": "takes photos for magazines", "lawyer": "defends clients in court",
-    "gardener": "looks after a public park", "accountant": "keeps the books for small firms",
+    "nurse": "cares for patients at a hospital",
+    "teacher": "teaches at a primary school",
+    "baker": "bakes bread every morning",
+    "pilot": "flies planes for an airline",
+    "architect": "designs houses",
+    "plumber": "fixes pipes and drains",
+    "chef": "cooks in a restaurant kitchen",
+    "journalist": "writes for a newspaper",
+    "electrician": "wires new buildings",
+    "dentist": "treats teeth",
+    "librarian": "runs the town library",
+    "carpenter": "builds furniture from wood",
+    "pharmacist": "works behind the counter of a pharmacy",
+    "farmer": "grows wheat and keeps goats",
+    "mechanic": "repairs cars in a garage",
+    "translator": "translates books into English",
+    "photographer": "takes photos for magazines",
+    "lawyer": "defends clients in court",
+    "gardener": "looks after a public park",
+    "accountant": "keeps the books for small firms",
 }
 
 # {n} name, {a} age, {c} current city, {h} home town (a distractor), {j} job, {an} "a"/"an", {w} work phrase
@@ -74,7 +91,7 @@ TEMPLATES = (
 
 def _split(items: list[str], n_val: int) -> tuple[list[str], list[str]]:
     """Train / held-out parts of a pool: a fixed interleave, so neither part is all one kind."""
-    val = items[::max(1, len(items) // n_val)][:n_val]
+    val = items[:: max(1, len(items) // n_val)][:n_val]
     return [x for x in items if x not in val], val
 
 
@@ -83,12 +100,18 @@ def _record(rng: random.Random, first: list[str], last: list[str], cities: list[
     age = rng.randint(19, 78)
     city, home = rng.sample(cities, 2)
     job = rng.choice(sorted(JOBS))
-    sentence = rng.choice(TEMPLATES).format(n=name, a=age, c=city, h=home, j=job, w=JOBS[job],
-                                            an="an" if job[0] in "aeiou" else "a")
+    sentence = rng.choice(TEMPLATES).format(
+        n=name, a=age, c=city, h=home, j=job, w=JOBS[job], an="an" if job[0] in "aeiou" else "a"
+    )
     sentence = sentence[0].upper() + sentence[1:]
     answer = json.dumps({"name": name, "age": age, "city": city, "job": job}, separators=(",", ":"))
-    return {"messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": sentence},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": sentence},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def make(seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[list[dict], list[dict]]:
@@ -102,7 +125,9 @@ def make(seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[list[dic
     return train, val
 
 
-def write(out: str | pathlib.Path, seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[pathlib.Path, pathlib.Path]:
+def write(
+    out: str | pathlib.Path, seed: int = 0, n_train: int = 1200, n_val: int = 200
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Write train.jsonl and val.jsonl under `out`; returns their paths."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

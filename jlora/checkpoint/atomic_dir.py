@@ -18,7 +18,7 @@ import errno
 import os
 import pathlib
 import shutil
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -86,8 +86,9 @@ def swap_into_place(new: pathlib.Path, target: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def replace_dir(target: str | pathlib.Path, *, primary: bool = True,
-                sync: Callable[[str], None] = lambda _name: None) -> Iterator[pathlib.Path]:
+def replace_dir(
+    target: str | pathlib.Path, *, primary: bool = True, sync: Callable[[str], None] = lambda _name: None
+) -> Iterator[pathlib.Path]:
     """Yield the path (not yet created) to build `target`'s new content in; swap it in on success.
 
     On an error the partial directory is removed and the target is untouched. In a multi-process

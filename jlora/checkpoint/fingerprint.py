@@ -99,9 +99,11 @@ def fingerprint(params, names: Iterable[str] | None = None) -> dict:
         return {**params, "samples": {k: v for k, v in params["samples"].items() if k in keep}}
     flat = {".".join(k): v for k, v in sorted(traverse_util.flatten_dict(params).items())}
     picked = flat if names is None else {k: flat[k] for k in sorted(set(names) & flat.keys())}
-    return {"version": VERSION, "shapes": {k: list(np.shape(v) if not is_quantized(v) else v.shape)
-                                           for k, v in flat.items()},
-            "samples": {k: _digest(s) for k, s in sorted(_samples(picked).items())}}
+    return {
+        "version": VERSION,
+        "shapes": {k: list(np.shape(v) if not is_quantized(v) else v.shape) for k, v in flat.items()},
+        "samples": {k: _digest(s) for k, s in sorted(_samples(picked).items())},
+    }
 
 
 def _fingerprint_v1(params, hashed=None) -> dict:
@@ -110,8 +112,11 @@ def _fingerprint_v1(params, hashed=None) -> dict:
     flat = traverse_util.flatten_dict(params)
     out = {"shapes": {".".join(k): list(np.shape(v)) for k, v in sorted(flat.items())}, "sha256": {}}
     if hashed is None:
-        hashed = [".".join(k) for k, v in flat.items() if k[-1] == "embedding" or (k[-1] == "weight" and np.ndim(
-            v) == 1 + (k[0] == "layers"))]
+        hashed = [
+            ".".join(k)
+            for k, v in flat.items()
+            if k[-1] == "embedding" or (k[-1] == "weight" and np.ndim(v) == 1 + (k[0] == "layers"))
+        ]
     for key in (tuple(name.split(".")) for name in hashed):
         if key in flat:
             x = np.asarray(jnp.asarray(_v1_part(key, flat[key]), jnp.bfloat16).view(jnp.uint16))
@@ -125,10 +130,14 @@ def mismatch(saved: dict, params) -> list[tuple[str, str]]:
     if saved.get("version", 1) == 1:
         mine, kinds = _fingerprint_v1(params, saved.get("sha256", {})), {"shapes": "shape", "sha256": "sample"}
     else:
-        have = params["samples"] if is_fingerprint(params) else {".".join(k) for k in traverse_util.flatten_dict(params)}
+        have = (
+            params["samples"] if is_fingerprint(params) else {".".join(k) for k in traverse_util.flatten_dict(params)}
+        )
         shared = set(saved["samples"]) & set(have)
         mine, kinds = fingerprint(params, shared), {"shapes": "shape", "samples": "sample"}
     bad = []
     for field, kind in kinds.items():
-        bad += [(k, kind) for k in sorted(saved[field].keys() & mine[field].keys()) if saved[field][k] != mine[field][k]]
+        bad += [
+            (k, kind) for k in sorted(saved[field].keys() & mine[field].keys()) if saved[field][k] != mine[field][k]
+        ]
     return bad

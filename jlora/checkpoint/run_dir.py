@@ -22,7 +22,7 @@ import os
 import pathlib
 import shutil
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from jlora.errors import JloraError
 
@@ -46,7 +46,7 @@ def os_error_line(e: OSError) -> str:
     where = f"{e.filename}: " if e.filename else ""
     line = f"{where}{e.strerror or e}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        line += ("; the last complete checkpoint is kept: free some space, then rerun with --resume")
+        line += "; the last complete checkpoint is kept: free some space, then rerun with --resume"
     return line
 
 
@@ -96,8 +96,9 @@ def ensure_free_space(directory: str | pathlib.Path, need: int, where: str | pat
     except OSError:
         return
     if free < need:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (about {need:,} bytes needed, {free:,} free)",
-                      str(where))
+        raise OSError(
+            errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (about {need:,} bytes needed, {free:,} free)", str(where)
+        )
 
 
 @contextlib.contextmanager
@@ -124,8 +125,9 @@ def _usable_dir(out: pathlib.Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunDirError(f"output_dir {out}: cannot create it ({e.strerror}); set output_dir to a writable "
-                          f"directory") from None
+        raise RunDirError(
+            f"output_dir {out}: cannot create it ({e.strerror}); set output_dir to a writable directory"
+        ) from None
 
 
 def _lock(out: pathlib.Path) -> int:
@@ -134,22 +136,26 @@ def _lock(out: pathlib.Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise RunDirError(f"output_dir {out}: not writable ({e.strerror}); set output_dir to a writable "
-                          f"directory") from None
+        raise RunDirError(
+            f"output_dir {out}: not writable ({e.strerror}); set output_dir to a writable directory"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise RunDirError(f"output_dir {out}: in use by another jlora-train run (pid {holder}); wait for it to "
-                          f"end, or choose another output_dir") from None
+        raise RunDirError(
+            f"output_dir {out}: in use by another jlora-train run (pid {holder}); wait for it to "
+            f"end, or choose another output_dir"
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
-        raise RunDirError(f"output_dir {out}: cannot write {LOCK_FILE} ({e.strerror}); free space or choose "
-                          f"another output_dir") from None
+        raise RunDirError(
+            f"output_dir {out}: cannot write {LOCK_FILE} ({e.strerror}); free space or choose another output_dir"
+        ) from None
     return fd
 
 
@@ -167,8 +173,9 @@ def _move_aside(out: pathlib.Path, fd: int) -> tuple[pathlib.Path, int]:
     try:
         os.rename(out, aside)
     except OSError as e:
-        raise RunDirError(f"output_dir {out}: cannot move the earlier run aside to {aside} ({e.strerror}); move "
-                          f"or delete it yourself") from None
+        raise RunDirError(
+            f"output_dir {out}: cannot move the earlier run aside to {aside} ({e.strerror}); move or delete it yourself"
+        ) from None
     _usable_dir(out)
     new_fd = _lock(out)
     os.close(fd)  # the old lock went along with the old run
@@ -176,8 +183,14 @@ def _move_aside(out: pathlib.Path, fd: int) -> tuple[pathlib.Path, int]:
 
 
 @contextlib.contextmanager
-def claim(out_dir: str | pathlib.Path, *, fresh: bool, overwrite: bool = False, primary: bool = True,
-          sync: Callable[[str], None] = lambda _name: None) -> Iterator[pathlib.Path | None]:
+def claim(
+    out_dir: str | pathlib.Path,
+    *,
+    fresh: bool,
+    overwrite: bool = False,
+    primary: bool = True,
+    sync: Callable[[str], None] = lambda _name: None,
+) -> Iterator[pathlib.Path | None]:
     """Hold `out_dir` for one run; yields where an earlier run was moved (with `overwrite`), else None.
 
     fresh: the run starts over rather than resuming. Then checkpoints already in `out_dir` are a
@@ -191,9 +204,11 @@ def claim(out_dir: str | pathlib.Path, *, fresh: bool, overwrite: bool = False, 
     try:
         steps = checkpoint_steps(out)
         if fresh and steps and not overwrite:
-            raise RunDirError(f"output_dir {out}: holds checkpoints of an earlier run (steps {steps[0]}.."
-                              f"{steps[-1]}); pass --resume to continue it, or --overwrite to move it aside and "
-                              f"start over")
+            raise RunDirError(
+                f"output_dir {out}: holds checkpoints of an earlier run (steps {steps[0]}.."
+                f"{steps[-1]}); pass --resume to continue it, or --overwrite to move it aside and "
+                f"start over"
+            )
         if primary and fresh and overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
             aside, fd = _move_aside(out, fd)
         sync("jlora_run_dir_claimed")

@@ -17,28 +17,38 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
-from collections.abc import Callable
 import pathlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from jlora.errors import JloraError
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.checkpoint.fingerprint import fingerprint, mismatch
+from jlora.checkpoint.run_dir import allocated_bytes, disk_errors, ensure_free_space
+from jlora.checkpoint.tree_storage import from_storage, restore_target, to_storage
+from jlora.errors import JloraError
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import KernelLayout, LoraPair
-from jlora.checkpoint.run_dir import allocated_bytes, disk_errors, ensure_free_space
-from jlora.checkpoint.tree_storage import from_storage, restore_target, to_storage
 
 STATE_KEYS = ("trainable", "opt_state", "step", "data", "rng")
 # Fields of LoraConfig that decide the trainable tree's shapes and scales.
-SHAPE_KEYS = ("rank", "rank_pattern", "alpha", "alpha_pattern", "use_rslora", "use_dora", "targets", "exclude",
-              "layers", "train_extra")
+SHAPE_KEYS = (
+    "rank",
+    "rank_pattern",
+    "alpha",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "targets",
+    "exclude",
+    "layers",
+    "train_extra",
+)
 
 
 class CheckpointError(JloraError, ValueError):
@@ -89,24 +99,36 @@ def _describe_tree(trainable) -> dict:
     for path, leaf in traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair)).items():
         name = ".".join(path)
         if isinstance(leaf, LoraPair):
-            pairs[name] = {"scale": list(leaf.scale) if isinstance(leaf.scale, tuple) else leaf.scale,
-                           "layout": dataclasses.asdict(leaf.layout), "dropout": leaf.dropout,
-                           "dora": leaf.magnitude is not None, "rank": leaf.rank}
+            pairs[name] = {
+                "scale": list(leaf.scale) if isinstance(leaf.scale, tuple) else leaf.scale,
+                "layout": dataclasses.asdict(leaf.layout),
+                "dropout": leaf.dropout,
+                "dora": leaf.magnitude is not None,
+                "rank": leaf.rank,
+            }
         else:
             extra.append(name)
     return {"pairs": pairs, "extra": extra}
 
 
-def make_metadata(lcfg: LoraConfig | AdapterConfig, base: ModelConfig, params=None, run_config: dict | None = None,
-                  data_stream: dict | None = None) -> dict:
+def make_metadata(
+    lcfg: LoraConfig | AdapterConfig,
+    base: ModelConfig,
+    params=None,
+    run_config: dict | None = None,
+    data_stream: dict | None = None,
+) -> dict:
     """The metadata JSON of a checkpoint or adapter: what it is and which base model it belongs to;
     for a training checkpoint also `data_stream` (the data's identity), which a resume must match."""
     meta = {
         "jlora_version": _version(),
         **_method_meta(lcfg),
         "run_config": json.loads(json.dumps(run_config, default=str)),  # tuples -> lists, odd types -> str
-        "base": {"name": base.name, "config": base.to_hf_config(),
-                 "fingerprint": fingerprint(params) if params is not None else None},
+        "base": {
+            "name": base.name,
+            "config": base.to_hf_config(),
+            "fingerprint": fingerprint(params) if params is not None else None,
+        },
     }
     if data_stream is not None:
         meta["data_stream"] = json.loads(json.dumps(data_stream))
@@ -122,30 +144,43 @@ def check_base(meta: dict, base: ModelConfig | None, params=None, *, where: str)
         diff = [k for k in ("model_type", *base.arch_keys) if _norm(mine.get(k)) != _norm(theirs.get(k))]
         if diff:
             k = diff[0]
-            raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
-                               f"there, {mine.get(k)!r} here ({len(diff)} config field(s) differ)")
+            raise AdapterError(
+                f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
+                f"there, {mine.get(k)!r} here ({len(diff)} config field(s) differ)"
+            )
     bad = mismatch(saved["fingerprint"], params) if params is not None and saved.get("fingerprint") else []
     if bad:
         name, kind = bad[0]
         adapted = set((meta.get("trainable") or {}).get("pairs") or ())
         merged = kind == "sample" and {k for k, _ in bad} <= adapted
-        why = ("only tensors this adapter adapts differ: is it (or another adapter) merged into these weights "
-               "already? use the original base" if merged else "use the weights it was trained on")
-        raise AdapterError(f"{where}: made for another base model ({saved.get('name')!r}): weight {name} differs "
-                           f"({kind} fingerprint, {len(bad)} tensor(s)); {why}")
+        why = (
+            "only tensors this adapter adapts differ: is it (or another adapter) merged into these weights "
+            "already? use the original base"
+            if merged
+            else "use the weights it was trained on"
+        )
+        raise AdapterError(
+            f"{where}: made for another base model ({saved.get('name')!r}): weight {name} differs "
+            f"({kind} fingerprint, {len(bad)} tensor(s)); {why}"
+        )
 
 
 def check_lora_config(meta: dict, expect: LoraConfig | AdapterConfig, *, where: str) -> None:
     """Raise AdapterError if the saved method differs from `expect`'s, or its LoraConfig in rank, targets or
     scale, or its AdapterConfig in len or layers."""
-    method, saved_method = ("llama_adapter" if isinstance(expect, AdapterConfig) else "lora"), meta.get("method", "lora")
+    method, saved_method = (
+        ("llama_adapter" if isinstance(expect, AdapterConfig) else "lora"),
+        meta.get("method", "lora"),
+    )
     if method != saved_method:
         raise AdapterError(f"{where}: made with method {saved_method}, expected method {method}")
     if isinstance(expect, AdapterConfig):
         saved, mine = meta.get("adapter_config") or {}, dataclasses.asdict(expect)
         for k in mine:
             if saved.get(k) != mine[k]:
-                raise AdapterError(f"{where}: adapter has adapter.{k}={saved.get(k)!r}, expected adapter.{k}={mine[k]!r}")
+                raise AdapterError(
+                    f"{where}: adapter has adapter.{k}={saved.get(k)!r}, expected adapter.{k}={mine[k]!r}"
+                )
         return
     saved, mine = meta.get("lora_config") or {}, _lora_config_dict(expect)
     for k in SHAPE_KEYS:
@@ -171,12 +206,15 @@ def _check_shapes(saved_meta, target: dict, where: str) -> None:
     missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
     if missing or extra:
         what = f"lacks {'/'.join(missing[0])}" if missing else f"has unexpected {'/'.join(extra[0])}"
-        raise CheckpointError(f"{where}: checkpoint does not match this run: it {what} "
-                              f"({len(missing)} missing, {len(extra)} unexpected)")
+        raise CheckpointError(
+            f"{where}: checkpoint does not match this run: it {what} ({len(missing)} missing, {len(extra)} unexpected)"
+        )
     for k, t in want.items():
         if tuple(saved[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{where}: {'/'.join(k)} has shape {tuple(saved[k].shape)} in the checkpoint, "
-                                  f"{tuple(t.shape)} in this run")
+            raise CheckpointError(
+                f"{where}: {'/'.join(k)} has shape {tuple(saved[k].shape)} in the checkpoint, "
+                f"{tuple(t.shape)} in this run"
+            )
 
 
 def _one_line(e: BaseException) -> str:
@@ -188,28 +226,33 @@ def _guarded(fn, error: type, message: str):
     """fn(), with any orbax/tensorstore failure (they raise many types) turned into one clear line."""
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise error(f"{message} ({_one_line(e)})") from None
 
 
 # --------------------------------------------------------------------------- training checkpoints
 
 
-def open_manager(directory: str | pathlib.Path, keep: int = 3, interval: int = 500, *,
-                 create: bool = True) -> ocp.CheckpointManager:
+def open_manager(
+    directory: str | pathlib.Path, keep: int = 3, interval: int = 500, *, create: bool = True
+) -> ocp.CheckpointManager:
     """A CheckpointManager for training: saves every `interval` steps (0 = only forced saves), keeps the last `keep`.
 
     Saves are synchronous: adapter state is small, and a save that returned is a save on disk.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=False,
-        should_save_fn=lambda step, _last: interval > 0 and step % interval == 0)
+        max_to_keep=keep,
+        create=create,
+        enable_async_checkpointing=False,
+        should_save_fn=lambda step, _last: interval > 0 and step % interval == 0,
+    )
     handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, metadata: dict, *,
-                    force: bool = False) -> bool:
+def save_checkpoint(
+    manager: ocp.CheckpointManager, step: int, state: dict, metadata: dict, *, force: bool = False
+) -> bool:
     """Save `state` ({trainable, opt_state, step, data, rng}) at `step` if the interval says so (or `force`).
 
     `metadata` comes from `make_metadata`; the trainable tree's static half is added here. Returns
@@ -248,13 +291,22 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
     if step is None:
         return None
     args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
-    return _guarded(lambda: manager.restore(step, args=args)["metadata"], CheckpointError,
-                    f"{manager.directory}/{step}: truncated or corrupt checkpoint: metadata unreadable")
+    return _guarded(
+        lambda: manager.restore(step, args=args)["metadata"],
+        CheckpointError,
+        f"{manager.directory}/{step}: truncated or corrupt checkpoint: metadata unreadable",
+    )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base: ModelConfig | None = None,
-                   params=None, lcfg: LoraConfig | None = None,
-                   check: Callable[[dict, str], None] | None = None) -> dict | None:
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    abstract_state: dict,
+    *,
+    base: ModelConfig | None = None,
+    params=None,
+    lcfg: LoraConfig | None = None,
+    check: Callable[[dict, str], None] | None = None,
+) -> dict | None:
     """The latest checkpoint restored into `abstract_state`'s structure, shardings and dtypes, or None.
 
     `abstract_state` is the state as `save_checkpoint` got it, or `jax.eval_shape` of it (with
@@ -273,14 +325,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: dict, *, base
     if check is not None:
         check(meta, where)
     target = restore_target(abstract_state)
-    item_meta = _guarded(lambda: manager.item_metadata(step)["state"], CheckpointError,
-                         f"{where}: truncated or corrupt checkpoint")
+    item_meta = _guarded(
+        lambda: manager.item_metadata(step)["state"], CheckpointError, f"{where}: truncated or corrupt checkpoint"
+    )
     _check_shapes(item_meta, target, where)
-    stored = _guarded(lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))),
-                      CheckpointError, f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings "
-                      f"that do not fit")["state"]
+    stored = _guarded(
+        lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))),
+        CheckpointError,
+        f"{where}: cannot restore: truncated or corrupt checkpoint, or shardings that do not fit",
+    )["state"]
     return from_storage(stored, abstract_state)
-
 
 
 # --------------------------------------------------------------------------- final adapters
@@ -299,29 +353,44 @@ def _content_hash(stored: dict) -> str | None:
 
 
 def _adapter_checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-        adapter=ocp.StandardCheckpointHandler(), metadata=ocp.JsonCheckpointHandler()))
+    return ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(adapter=ocp.StandardCheckpointHandler(), metadata=ocp.JsonCheckpointHandler())
+    )
 
 
 def is_adapter_dir(directory: str | pathlib.Path) -> bool:
     return (pathlib.Path(directory) / "metadata" / "metadata").is_file()
 
 
-def save_adapter(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig | AdapterConfig, base: ModelConfig,
-                 params=None, run_config: dict | None = None) -> None:
+def save_adapter(
+    out_dir: str | pathlib.Path,
+    trainable,
+    lcfg: LoraConfig | AdapterConfig,
+    base: ModelConfig,
+    params=None,
+    run_config: dict | None = None,
+) -> None:
     """Write the trainable tree + metadata to `out_dir` (orbax). Pass the base params to fingerprint them.
 
     Atomic: the adapter is written beside `out_dir` and swapped into place when complete, so a crash
     at any moment leaves the previous adapter (or the new one) whole at `out_dir`."""
     out = pathlib.Path(out_dir).absolute()
-    if getattr(lcfg, "init", None) == "pissa":  # its pairs are relative to W_res = W - s*A0@B0, which no adapter file carries
-        raise AdapterError(f"{out}: a PiSSA adapter as trained fits only the residual base W - s*A0@B0; save its "
-                           f"plain-LoRA equivalent: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
+    if (
+        getattr(lcfg, "init", None) == "pissa"
+    ):  # its pairs are relative to W_res = W - s*A0@B0, which no adapter file carries
+        raise AdapterError(
+            f"{out}: a PiSSA adapter as trained fits only the residual base W - s*A0@B0; save its "
+            f"plain-LoRA equivalent: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)"
+        )
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_adapter_dir(out)):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
     stored = to_storage(trainable)
-    meta = {**make_metadata(lcfg, base, params, run_config), "kind": "adapter",
-            "trainable": _describe_tree(trainable), "content_sha256": _content_hash(stored)}
+    meta = {
+        **make_metadata(lcfg, base, params, run_config),
+        "kind": "adapter",
+        "trainable": _describe_tree(trainable),
+        "content_sha256": _content_hash(stored),
+    }
     args = ocp.args.Composite(adapter=ocp.args.StandardSave(stored), metadata=ocp.args.JsonSave(meta))
     with disk_errors(out), replace_dir(out, primary=jax.process_index() == 0, sync=barrier) as partial:
         _adapter_checkpointer().save(partial, args=args)
@@ -340,9 +409,13 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
     where = pathlib.Path(directory)
     if not is_adapter_dir(where):
         peft = (where / "adapter_config.json").is_file()
-        raise AdapterError(f"{where}: no such adapter directory" if not where.is_dir() else
-                           f"{where}: an HF PEFT adapter, not a jlora one: use jlora.formats.peft_adapter.import_peft" if peft else
-                           f"{where}: not a jlora adapter, or truncated or corrupt (metadata/metadata is missing)")
+        raise AdapterError(
+            f"{where}: no such adapter directory"
+            if not where.is_dir()
+            else f"{where}: an HF PEFT adapter, not a jlora one: use jlora.formats.peft_adapter.import_peft"
+            if peft
+            else f"{where}: not a jlora adapter, or truncated or corrupt (metadata/metadata is missing)"
+        )
     try:
         meta = json.loads((where / "metadata" / "metadata").read_text())
     except (OSError, ValueError) as e:
@@ -352,8 +425,12 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
     return meta
 
 
-def load_adapter(directory: str | pathlib.Path, base: ModelConfig | None = None, params=None,
-                 expect: LoraConfig | AdapterConfig | None = None) -> tuple[LoraConfig | AdapterConfig, dict]:
+def load_adapter(
+    directory: str | pathlib.Path,
+    base: ModelConfig | None = None,
+    params=None,
+    expect: LoraConfig | AdapterConfig | None = None,
+) -> tuple[LoraConfig | AdapterConfig, dict]:
     """(LoraConfig, trainable tree) from `save_adapter`'s dir, on the default device (an AdapterConfig
     and prompts / gates for a LLaMA-Adapter).
 
@@ -366,16 +443,21 @@ def load_adapter(directory: str | pathlib.Path, base: ModelConfig | None = None,
     if expect is not None:
         check_lora_config(meta, expect, where=str(where))
     ckpt = _adapter_checkpointer()
-    tree_meta = _guarded(lambda: ckpt.metadata(where).item_metadata["adapter"], AdapterError,
-                         f"{where}: truncated or corrupt adapter")
+    tree_meta = _guarded(
+        lambda: ckpt.metadata(where).item_metadata["adapter"], AdapterError, f"{where}: truncated or corrupt adapter"
+    )
     if tree_meta is None:
         raise AdapterError(f"{where}: truncated or corrupt adapter (adapter/_METADATA is missing)")
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
-                                    dict(tree_meta.tree))
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(tree_meta.tree)
+    )
     _check_described(meta["trainable"], traverse_util.flatten_dict(target), str(where))
-    stored = _guarded(lambda: ckpt.restore(where, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))),
-                      AdapterError, f"{where}: truncated or corrupt adapter")["adapter"]
+    stored = _guarded(
+        lambda: ckpt.restore(where, args=ocp.args.Composite(adapter=ocp.args.StandardRestore(target))),
+        AdapterError,
+        f"{where}: truncated or corrupt adapter",
+    )["adapter"]
     if meta.get("content_sha256") and _content_hash(stored) != meta["content_sha256"]:
         raise AdapterError(f"{where}: corrupt adapter: array contents do not match the saved checksum")
     return method_config_from_meta(meta), _rebuild(stored, meta["trainable"])
@@ -388,11 +470,13 @@ def _check_described(desc: dict, flat: dict, where: str) -> None:
         path = tuple(name.split("."))
         want |= {path + ("a",), path + ("b",)} | ({path + ("magnitude",)} if info["dora"] else set())
         if path + ("a",) in flat and flat[path + ("a",)].shape[-1] != info["rank"]:
-            raise AdapterError(f"{where}: {name} has rank {flat[path + ('a',)].shape[-1]} on disk but "
-                               f"{info['rank']} in its metadata")
+            raise AdapterError(
+                f"{where}: {name} has rank {flat[path + ('a',)].shape[-1]} on disk but {info['rank']} in its metadata"
+            )
     for odd in sorted(want ^ set(flat))[:1]:
-        raise AdapterError(f"{where}: truncated or corrupt adapter: {'/'.join(odd)} is "
-                           f"{'missing' if odd in want else 'unexpected'}")
+        raise AdapterError(
+            f"{where}: truncated or corrupt adapter: {'/'.join(odd)} is {'missing' if odd in want else 'unexpected'}"
+        )
 
 
 def _rebuild(stored: dict, desc: dict) -> dict:
@@ -401,6 +485,12 @@ def _rebuild(stored: dict, desc: dict) -> dict:
     for name, info in desc["pairs"].items():
         path = tuple(name.split("."))
         scale = tuple(info["scale"]) if isinstance(info["scale"], list) else info["scale"]
-        out[path] = LoraPair(flat[path + ("a",)], flat[path + ("b",)], flat.get(path + ("magnitude",)), scale,
-                             KernelLayout(**info["layout"]), info["dropout"])
+        out[path] = LoraPair(
+            flat[path + ("a",)],
+            flat[path + ("b",)],
+            flat.get(path + ("magnitude",)),
+            scale,
+            KernelLayout(**info["layout"]),
+            info["dropout"],
+        )
     return traverse_util.unflatten_dict(out)

@@ -11,7 +11,6 @@ import numpy as np
 from flax import traverse_util
 
 
-
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):

@@ -18,19 +18,27 @@ import pathlib
 import shutil
 import sys
 
-from jlora.errors import JloraError
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.checkpoint.store import load_adapter
+from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
-from jlora.models.config import ModelConfig
-from jlora.peft.lora import LoraConfig, merge_for_inference
 from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
 from jlora.formats.tokenizer import load_tokenizer, save_hf_files
 from jlora.formats.weights import hub_name, load_pretrained, resolve_model_path, save_pretrained
+from jlora.models.config import ModelConfig
+from jlora.peft.lora import LoraConfig, merge_for_inference
 
 # What an HF model dir carries besides weights that a merged copy should keep.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def load_any_adapter(path: str | pathlib.Path, cfg: ModelConfig, params=None) -> tuple[LoraConfig, dict]:
@@ -57,11 +65,14 @@ def check_out_dir(out: str | pathlib.Path, *, force: bool, inputs: dict[str, str
         src = pathlib.Path(path).absolute().resolve()
         if real == src or src in real.parents or real in src.parents:
             how = "is" if real == src else "lies inside" if src in real.parents else "holds"
-            raise OutDirError(f"--out {out}: {how} the {flag} {'dir' if src.is_dir() else 'file'} {src}; writing "
-                              f"there would destroy it: choose an --out outside it")
+            raise OutDirError(
+                f"--out {out}: {how} the {flag} {'dir' if src.is_dir() else 'file'} {src}; writing "
+                f"there would destroy it: choose an --out outside it"
+            )
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutDirError(f"--out {out}: exists and is not empty; choose a new directory, or pass --force to "
-                          f"replace it")
+        raise OutDirError(
+            f"--out {out}: exists and is not empty; choose a new directory, or pass --force to replace it"
+        )
     return out
 
 
@@ -90,8 +101,10 @@ def _run(parser: argparse.ArgumentParser, argv, body) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     """jlora-export-peft --model PATH --adapter DIR --out DIR [--force] [--base-name NAME]"""
     parser = _parser("jlora-export-peft", "Write a jlora adapter as an HF PEFT LoRA adapter directory.")
-    parser.add_argument("--base-name", help="base_model_name_or_path to record (default: --model, or the HF hub "
-                                            "id of an alias such as smollm2-135m)")
+    parser.add_argument(
+        "--base-name",
+        help="base_model_name_or_path to record (default: --model, or the HF hub id of an alias such as smollm2-135m)",
+    )
 
     def body(args, partial: pathlib.Path):
         cfg, params = load_pretrained(args.model)
@@ -125,8 +138,11 @@ def merge_main(argv: list[str] | None = None) -> int:
 
 def gguf_main(argv: list[str] | None = None) -> int:
     """jlora-export-gguf --model PATH --adapter DIR --out FILE.gguf [--force]"""
-    parser = argparse.ArgumentParser(prog="jlora-export-gguf", description="Write an adapter (jlora or HF PEFT) "
-                                     "as a llama.cpp GGUF LoRA adapter file (llama-cli --lora FILE).")
+    parser = argparse.ArgumentParser(
+        prog="jlora-export-gguf",
+        description="Write an adapter (jlora or HF PEFT) "
+        "as a llama.cpp GGUF LoRA adapter file (llama-cli --lora FILE).",
+    )
     parser.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
     parser.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT)")
     parser.add_argument("--out", required=True, help="the .gguf adapter file to write (new)")

@@ -17,22 +17,37 @@ from jlora.train.demo import DEFAULT_CONFIG, DEFAULT_EVAL_LIMIT, run_demo
 
 def main(argv: list[str] | None = None) -> int:
     """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0].split(': ', 1)[1])
+    p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=20 (repeatable)")
-    p.add_argument("--eval-limit", type=int, default=DEFAULT_EVAL_LIMIT, metavar="N",
-                   help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=20 (repeatable)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        default=DEFAULT_EVAL_LIMIT,
+        metavar="N",
+        help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)",
+    )
     a = p.parse_args(argv)
     if a.eval_limit < 0:
         p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
 
     def job():
         if not pathlib.Path(a.config).is_file():
-            raise ConfigError(f"{a.config}: no such config file (run jlora-demo from the jlora repository root, "
-                              "or pass --config)")
-        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None,
-                 command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]))
+            raise ConfigError(
+                f"{a.config}: no such config file (run jlora-demo from the jlora repository root, or pass --config)"
+            )
+        run_demo(
+            load(a.config, a.overrides),
+            eval_limit=a.eval_limit or None,
+            command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]),
+        )
 
     return run_cli("jlora-demo", job)
 

@@ -39,16 +39,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = tok.encode(args.prompt)
         eos = sorted({*eos_list(None, gen.cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
         start, done, shown = time.perf_counter(), [], ""
-        for new in gen.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
-                              stop_strings=args.stop, tokenizer=tok, pad_id=tok.pad_id or 0):
+        for new in gen.stream(
+            [ids],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_id=eos,
+            stop_strings=args.stop,
+            tokenizer=tok,
+            pad_id=tok.pad_id or 0,
+        ):
             done += new[0]
             text = tok.decode(done, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
+                sys.stdout.write(text[len(shown) :])
                 sys.stdout.flush()
                 shown = text
-        sys.stdout.write(tok.decode(done, skip_special_tokens=True)[len(shown):] + "\n")
+        sys.stdout.write(tok.decode(done, skip_special_tokens=True)[len(shown) :] + "\n")
         secs = time.perf_counter() - start
         print(f"[{len(done)} tokens in {secs:.1f}s, {len(done) / secs:.1f} tokens/s incl. compile]", file=sys.stderr)
 

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jlora.errors import JloraError
 from jlora.checkpoint.run_dir import os_error_line
+from jlora.errors import JloraError
 from jlora.train.step import NonFiniteError
 
 

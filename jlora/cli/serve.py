@@ -27,8 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`jlora-serve`: load the base and adapters, then serve until interrupted."""
     ap = argparse.ArgumentParser(prog="jlora-serve", description="OpenAI-compatible server: one base, many adapters.")
     ap.add_argument("--model", required=True, help='HF checkpoint dir, .gguf file, or "smollm2-135m"')
-    ap.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=DIR",
-                    help="an adapter to serve as model NAME (jlora or HF PEFT dir; repeatable)")
+    ap.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=_adapter_arg,
+        metavar="NAME=DIR",
+        help="an adapter to serve as model NAME (jlora or HF PEFT dir; repeatable)",
+    )
     ap.add_argument("--name", help="the base model's name in the API (default: the model path's name)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -49,10 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag in ("max_batch", "max_len", "max_queue", "max_adapters", "max_rank"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-        server = build_server(args.model, args.adapter, name=args.name, max_batch=args.max_batch,
-                              max_len=args.max_len, max_queue=args.max_queue, max_adapters=args.max_adapters,
-                              max_rank=args.max_rank, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
-                              adapter_dir=args.adapter_dir if args.allow_adapter_loading else None)
+        server = build_server(
+            args.model,
+            args.adapter,
+            name=args.name,
+            max_batch=args.max_batch,
+            max_len=args.max_len,
+            max_queue=args.max_queue,
+            max_adapters=args.max_adapters,
+            max_rank=args.max_rank,
+            timeout=args.timeout,
+            max_body_bytes=args.max_body_bytes,
+            adapter_dir=args.adapter_dir if args.allow_adapter_loading else None,
+        )
         print(f"jlora-serve: serving {', '.join(server.names())} on http://{args.host}:{args.port}", file=sys.stderr)
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning")
 

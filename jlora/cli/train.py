@@ -16,19 +16,42 @@ from jlora.train.loop import train
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
     p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in output_dir (an error if there is none)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over; refused if output_dir holds checkpoints of an earlier run (see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over, first moving an earlier run in output_dir aside to <output_dir>.old-<time>")
-    p.add_argument("--plan", action="store_true",
-                   help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
-                        "communication and which accelerators it fits (last line: PLAN: {json})")
-    p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="with --plan: devices to plan for (default: the mesh's product)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in output_dir (an error if there is none)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over; refused if output_dir holds checkpoints of an earlier run (see --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over, first moving an earlier run in output_dir aside to <output_dir>.old-<time>",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="do not train: compile the step on fake CPU devices and print per-device memory, FLOPs, "
+        "communication and which accelerators it fits (last line: PLAN: {json})",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --plan: devices to plan for (default: the mesh's product)",
+    )
     args = p.parse_args(argv)
     if args.resume and (args.no_resume or args.overwrite):
         p.error("--resume continues the run in output_dir; it cannot go with --no-resume or --overwrite")
@@ -38,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def plan_main(run: RunConfig, devices: int | None) -> None:
     """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices."""
     from jlora.train import plan
+
     plan.use_fake_devices(plan.plan_devices(run, devices))
     print(plan.report(plan.plan(run)), flush=True)
 
@@ -48,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
     resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
-    return run_cli("jlora-train", lambda: train(load(args.config, args.overrides), resume=resume,
-                                                overwrite=args.overwrite))
+    return run_cli(
+        "jlora-train", lambda: train(load(args.config, args.overrides), resume=resume, overwrite=args.overwrite)
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ per-layer alphas) folds into B exactly. attn_q / attn_k rows of B are permuted a
 permutes the base's q/k weights; token_embd's A is [V, R], looked up by rows (llm_build_inp_embd).
 Layers an adapter leaves out (scale 0) are not written, which llama.cpp accepts. What llama.cpp cannot
 run is refused in one line: DoRA, parameters trained in full (train_extra), an unconverted PiSSA tree,
-and an adapter of the embedding on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT is jlora.formats.peft_adapter's.
+and an adapter of the embedding on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT
+is jlora.formats.peft_adapter's.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from flax import traverse_util
 
 from jlora.errors import JloraError
 from jlora.models.config import ModelConfig
-from jlora.peft.lora import LoraConfig
-from jlora.peft.routing import LoraPair
 from jlora.models.family import family_of
 from jlora.models.layers import permute_rope_rows
-
+from jlora.peft.lora import LoraConfig
+from jlora.peft.routing import LoraPair
 
 
 class GGUFAdapterError(JloraError, ValueError):
@@ -36,11 +36,15 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
     """(alpha, {gguf tensor name: float32 array}) of `trainable` as llama.cpp applies it: for each pair
     and active layer, `name.lora_a` and `name.lora_b` with B scaled so that alpha/R * B'A = s * (AB)^T."""
     if not isinstance(lcfg, LoraConfig):
-        raise GGUFAdapterError("a LLaMA-Adapter (adaption prompts) has no llama.cpp adapter form: llama.cpp GGUF "
-                               "adapters hold LoRA pairs only; export it to PEFT (jlora-export-peft) instead")
+        raise GGUFAdapterError(
+            "a LLaMA-Adapter (adaption prompts) has no llama.cpp adapter form: llama.cpp GGUF "
+            "adapters hold LoRA pairs only; export it to PEFT (jlora-export-peft) instead"
+        )
     if lcfg.init == "pissa":  # the pairs are relative to W_res, which llama.cpp's base does not have
-        raise GGUFAdapterError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the "
-                               "base on disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(...)")
+        raise GGUFAdapterError(
+            "a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the "
+            "base on disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(...)"
+        )
     alpha = float(lcfg.alpha)
     fam = family_of(cfg)
     embed, renames = fam.embed, fam.renames
@@ -49,20 +53,30 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
     for path, leaf in flat.items():
         where = ".".join(path)
         if not isinstance(leaf, LoraPair):
-            raise GGUFAdapterError(f"{where} is trained in full (train_extra); a llama.cpp LoRA adapter holds only "
-                                   f"lora_a/lora_b pairs: merge it (jlora-merge) and convert the merged model")
+            raise GGUFAdapterError(
+                f"{where} is trained in full (train_extra); a llama.cpp LoRA adapter holds only "
+                f"lora_a/lora_b pairs: merge it (jlora-merge) and convert the merged model"
+            )
         if leaf.magnitude is not None:
-            raise GGUFAdapterError(f"{where} is a DoRA pair; llama.cpp has no DoRA: merge it (jlora-merge) and "
-                                   f"convert the merged model with convert_hf_to_gguf.py")
+            raise GGUFAdapterError(
+                f"{where} is a DoRA pair; llama.cpp has no DoRA: merge it (jlora-merge) and "
+                f"convert the merged model with convert_hf_to_gguf.py"
+            )
         stacked = path[0] == "layers"
-        if path not in renames or path[-1] not in ("kernel", "embedding") \
-                or leaf.layout.kind not in ("dense", "embed") or leaf.layout.stack != int(stacked):
+        if (
+            path not in renames
+            or path[-1] not in ("kernel", "embedding")
+            or leaf.layout.kind not in ("dense", "embed")
+            or leaf.layout.stack != int(stacked)
+        ):
             raise GGUFAdapterError(f"{where}: llama.cpp's LLaMA graph has no LoRA slot for this tensor")
         if path == embed and cfg.tie_word_embeddings:
-            raise GGUFAdapterError(f"{where}: this base ties its output head to the token embedding, and llama.cpp "
-                                   "finds adapters by tensor name, so it applies this adapter to the head too (and aborts: "
-                                   "GGML_ASSERT ggml_can_mul_mat); jlora applies it to the lookup only: merge it or "
-                                   f"leave {path[-2]} out")
+            raise GGUFAdapterError(
+                f"{where}: this base ties its output head to the token embedding, and llama.cpp "
+                "finds adapters by tensor name, so it applies this adapter to the head too (and aborts: "
+                "GGML_ASSERT ggml_can_mul_mat); jlora applies it to the lookup only: merge it or "
+                f"leave {path[-2]} out"
+            )
         a, b = np.asarray(leaf.a, np.float32), np.asarray(leaf.b, np.float32)  # [*S, in, R], [*S, R, out]
         rank = leaf.rank
         for j, s in enumerate(leaf.scale_array().reshape(-1)):
@@ -84,8 +98,9 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
     return alpha, tensors
 
 
-def export_gguf_adapter(path: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig,
-                        base_name: str | None = None) -> None:
+def export_gguf_adapter(
+    path: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig, base_name: str | None = None
+) -> None:
     """Write `trainable` as a llama.cpp GGUF LoRA adapter file at `path` (built beside it, then renamed in).
 
     Load it with `llama-cli -m base.gguf --lora path` or `llama_cpp.Llama(model_path=..., lora_path=path)`."""
@@ -124,8 +139,9 @@ def check_out_file(out: str | pathlib.Path, *, force: bool, inputs: dict[str, st
         src = pathlib.Path(src).absolute().resolve()
         if real == src or src in real.parents:
             how = "is" if real == src else "lies inside"
-            raise GGUFAdapterError(f"--out {out}: {how} the {flag} {src}; writing there would destroy it: choose "
-                                   f"an --out outside it")
+            raise GGUFAdapterError(
+                f"--out {out}: {how} the {flag} {src}; writing there would destroy it: choose an --out outside it"
+            )
     if out.exists() and not force:
         raise GGUFAdapterError(f"--out {out}: exists; choose a new file, or pass --force to replace it")
     return out

@@ -8,6 +8,7 @@ A GGUF carries no tokenizer.json or tokenizer.model: llama.cpp stores the vocabu
   SentencePiece `ModelProto` (BPE over the stored scores, which is how llama.cpp encodes them).
 Wrapping either in the common interface is jlora.formats.tokenizer's job, not this module's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,17 +58,23 @@ class GGUFVocab:
 def gpt2_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     """The pre-tokenizer for a byte-level vocabulary whose `tokenizer.ggml.pre` is `pre`."""
     if pre in _REGEX_SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     if pre not in _GPT2 and pre is not None:
-        warnings.warn(f"GGUF tokenizer.ggml.pre={pre!r} is not known to jlora; splitting with GPT-2's regex", stacklevel=3)
+        warnings.warn(
+            f"GGUF tokenizer.ggml.pre={pre!r} is not known to jlora; splitting with GPT-2's regex", stacklevel=3
+        )
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
@@ -87,8 +94,9 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
     if kind is None or tokens is None:
         raise ValueError(f"{path}: GGUF has no tokenizer ({_K.MODEL} / {_K.LIST} missing)")
     types = get(_K.TOKEN_TYPE) or [gguf.TokenType.NORMAL] * len(tokens)
-    ids = {name: get(key) for name, key in
-           (("bos", _K.BOS_ID), ("eos", _K.EOS_ID), ("pad", _K.PAD_ID), ("unk", _K.UNK_ID))}
+    ids = {
+        name: get(key) for name, key in (("bos", _K.BOS_ID), ("eos", _K.EOS_ID), ("pad", _K.PAD_ID), ("unk", _K.UNK_ID))
+    }
     for name, i in ids.items():
         if i is not None and not 0 <= i < len(tokens):
             raise ValueError(f"{path}: {name} token id {i} is outside the vocabulary of {len(tokens)}")
@@ -102,15 +110,32 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
         scores = get(_K.SCORES)
         if scores is None:
             raise ValueError(f"{path}: SentencePiece GGUF vocabulary has no {_K.SCORES}")
-        tok, proto = None, _sentencepiece_proto(
-            tokens, scores, types, ids, add_prefix=get(_K.ADD_PREFIX, True),
-            remove_extra_ws=get(_K.REMOVE_EXTRA_WS, False), charsmap=get(_K.PRECOMPILED_CHARSMAP))
+        tok, proto = (
+            None,
+            _sentencepiece_proto(
+                tokens,
+                scores,
+                types,
+                ids,
+                add_prefix=get(_K.ADD_PREFIX, True),
+                remove_extra_ws=get(_K.REMOVE_EXTRA_WS, False),
+                charsmap=get(_K.PRECOMPILED_CHARSMAP),
+            ),
+        )
         add_bos_default = True  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say
     else:
         raise ValueError(f"{path}: {_K.MODEL}={kind!r} is not supported (only 'gpt2' and 'llama')")
-    return GGUFVocab(kind=kind, tokenizer=tok, sp_model_proto=proto,
-                     bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], unk_id=ids["unk"],
-                     add_bos=bool(get(_K.ADD_BOS, add_bos_default)), chat_template=get(_K.CHAT_TEMPLATE))
+    return GGUFVocab(
+        kind=kind,
+        tokenizer=tok,
+        sp_model_proto=proto,
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
+        pad_id=ids["pad"],
+        unk_id=ids["unk"],
+        add_bos=bool(get(_K.ADD_BOS, add_bos_default)),
+        chat_template=get(_K.CHAT_TEMPLATE),
+    )
 
 
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> Tokenizer:
@@ -130,13 +155,23 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre:
     return tok
 
 
-def _sentencepiece_proto(tokens: list[str], scores: list[float], types: list[int], ids: dict[str, int | None], *,
-                         add_prefix: bool, remove_extra_ws: bool, charsmap: Any) -> bytes:
+def _sentencepiece_proto(
+    tokens: list[str],
+    scores: list[float],
+    types: list[int],
+    ids: dict[str, int | None],
+    *,
+    add_prefix: bool,
+    remove_extra_ws: bool,
+    charsmap: Any,
+) -> bytes:
     """A SentencePiece BPE ModelProto holding the stored pieces, scores and piece types."""
     m = sp_pb2.ModelProto()
     for token, score, ty in zip(tokens, scores, types):
         # GGUF's token types copy SentencePiece's numbering (1 normal ... 6 byte).
-        m.pieces.add(piece=token, score=float(score), type=ty if 1 <= ty <= 6 else sp_pb2.ModelProto.SentencePiece.NORMAL)
+        m.pieces.add(
+            piece=token, score=float(score), type=ty if 1 <= ty <= 6 else sp_pb2.ModelProto.SentencePiece.NORMAL
+        )
     spec = m.trainer_spec
     spec.model_type = sp_pb2.TrainerSpec.BPE
     spec.byte_fallback = any(ty == gguf.TokenType.BYTE for ty in types)

@@ -1,4 +1,4 @@
-"""HF PEFT LoRA adapters <-> jlora trainable trees, for a LlamaForCausalLM base (AdaptionPrompt: jlora.formats.peft_adaption).
+"""HF PEFT LoRA adapters <-> jlora trainable trees, for any family's base (AdaptionPrompt: formats.peft_adaption).
 
 `export_peft` writes `adapter_model.safetensors` + `adapter_config.json` the way `peft`'s
 `save_pretrained` does (per-layer `lora_A` [r, in] / `lora_B` [out, r], DoRA magnitudes, embedding
@@ -21,22 +21,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.models.config import ModelConfig
-
-from jlora.models.family import param_shapes
-from jlora.peft.lora import LoraConfig
-from jlora.peft.llama_adapter import AdapterConfig
-from jlora.peft.routing import KernelLayout, LoraPair
 from jlora.formats.peft_adaption import export_adaption_prompt, import_adaption_prompt, is_adaption_prompt_dir
-from jlora.formats.peft_config import (CONFIG_FILE, HFModule, PeftError, base_modules, export_config, nice, pattern_value,
-                               peft_targets, read_peft_config)
+from jlora.formats.peft_config import (
+    CONFIG_FILE,
+    HFModule,
+    PeftError,
+    base_modules,
+    export_config,
+    nice,
+    pattern_value,
+    peft_targets,
+    read_peft_config,
+)
 from jlora.formats.weights import save_safetensors
-from jlora.models.family import family_of
+from jlora.models.config import ModelConfig
+from jlora.models.family import family_of, param_shapes
+from jlora.peft.llama_adapter import AdapterConfig
+from jlora.peft.lora import LoraConfig
+from jlora.peft.routing import KernelLayout, LoraPair
 
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
 WEIGHTS_FILE = "adapter_model.safetensors"
-_SUFFIXES = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_magnitude_vector": "magnitude",
-             "lora_magnitude_vector.weight": "magnitude", "lora_embedding_A": "a", "lora_embedding_B": "b"}
+_SUFFIXES = {
+    "lora_A.weight": "a",
+    "lora_B.weight": "b",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
+    "lora_embedding_A": "a",
+    "lora_embedding_B": "b",
+}
 
 __all__ = ["PeftError", "export_peft", "import_peft", "read_peft_config", "PREFIX", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -57,15 +70,18 @@ def _alpha(scale: float, rank: int, rslora: bool):
 # --------------------------------------------------------------------------- export
 
 
-def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig,
-                base_name: str | None = None) -> None:
+def export_peft(
+    out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: ModelConfig, base_name: str | None = None
+) -> None:
     """Write `trainable` as an HF PEFT LoRA adapter dir for `cfg`'s model. Only active layers go out.
     With an AdapterConfig, a LLaMA-Adapter tree goes out as PEFT's ADAPTION_PROMPT (jlora.formats.peft_adaption)."""
     if isinstance(lcfg, AdapterConfig):
         return export_adaption_prompt(out_dir, trainable, lcfg, cfg, base_name)
     if lcfg.init == "pissa":  # the pairs are relative to W_res, which PEFT users do not have
-        raise PeftError("a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
-                        "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)")
+        raise PeftError(
+            "a PiSSA adapter as trained is relative to the residual base W - s*A0@B0, not the base on "
+            "disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(trainable, initial, lcfg)"
+        )
     out = pathlib.Path(out_dir)
     renames = family_of(cfg).renames
     modules = base_modules(cfg)
@@ -84,8 +100,9 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: M
                 extra_modules.setdefault(mod.name, (mod, set()))[1].add(path)
             continue
         if leaf.layout.kind not in ("dense", "embed") or leaf.layout.stack != int(stacked):
-            raise PeftError(f"{'.'.join(path)}: a {leaf.layout.kind} kernel with {leaf.layout.stack} stacked dims "
-                            f"has no PEFT form")
+            raise PeftError(
+                f"{'.'.join(path)}: a {leaf.layout.kind} kernel with {leaf.layout.stack} stacked dims has no PEFT form"
+            )
         a, b = np.asarray(leaf.a), np.asarray(leaf.b)  # bf16 stays bf16 (ml_dtypes), as PEFT saves it
         mag = None if leaf.magnitude is None else np.asarray(leaf.magnitude)
         dora.add(mag is not None)
@@ -94,7 +111,7 @@ def export_peft(out_dir: str | pathlib.Path, trainable, lcfg: LoraConfig, cfg: M
             if s == 0:
                 continue
             i = j if stacked else None
-            pick = (lambda x: x[j]) if stacked else (lambda x: x)  # noqa: E731
+            pick = (lambda x: x[j]) if stacked else (lambda x: x)
             mod = by_path[(path, i)]
             key = PREFIX + mod.name
             if leaf.layout.kind == "embed":  # PEFT: A [r, V] (looked up by column), B [D, r]
@@ -121,11 +138,15 @@ def vllm_warnings(config: dict) -> list[str]:
     """What in an adapter_config.json PEFT loads but vLLM refuses, one line each."""
     out = []
     if config.get("use_dora"):
-        out.append("use_dora: true (DoRA) loads in PEFT, but vLLM refuses DoRA adapters; merge it "
-                   "(jlora-merge) to serve it there")
+        out.append(
+            "use_dora: true (DoRA) loads in PEFT, but vLLM refuses DoRA adapters; merge it "
+            "(jlora-merge) to serve it there"
+        )
     if config.get("modules_to_save"):
-        out.append(f"modules_to_save {config['modules_to_save']} (train_extra) loads in PEFT, but vLLM refuses "
-                   f"adapters with modules_to_save; merge it (jlora-merge) to serve it there")
+        out.append(
+            f"modules_to_save {config['modules_to_save']} (train_extra) loads in PEFT, but vLLM refuses "
+            f"adapters with modules_to_save; merge it (jlora-merge) to serve it there"
+        )
     return out
 
 
@@ -139,8 +160,9 @@ def _load_tensors(directory: pathlib.Path) -> dict:
     file = directory / WEIGHTS_FILE
     if not file.is_file():
         pickled = (directory / "adapter_model.bin").is_file()
-        raise PeftError(f"{file}: missing" + ("; adapter_model.bin would need pickle: resave it as safetensors"
-                                              if pickled else ""))
+        raise PeftError(
+            f"{file}: missing" + ("; adapter_model.bin would need pickle: resave it as safetensors" if pickled else "")
+        )
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -189,13 +211,18 @@ def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) ->
                 problems.append(f"{key} has shape {tuple(arr.shape)}, the base has {want} (resized vocab?)")
         else:
             problems.append(f"unexpected key {key}")
-    problems += [f"missing {PREFIX}{n}.{leaf} (in modules_to_save)" for n in to_save
-                 for leaf, path in modules[n].params.items() if modules[n].layer not in extra.get(path, {})]
+    problems += [
+        f"missing {PREFIX}{n}.{leaf} (in modules_to_save)"
+        for n in to_save
+        for leaf, path in modules[n].params.items()
+        if modules[n].layer not in extra.get(path, {})
+    ]
     expected = {n for n in lora if peft_targets(config, n)}
     if cfg.tie_word_embeddings and peft_targets(config, head) and head not in found:
         problems.append(f"target_modules selects {head}, which is tied to {embed} in this base")
-    problems += [f"missing {PREFIX}{n}.lora_A/lora_B (selected by target_modules)"
-                 for n in sorted(expected - set(found))]
+    problems += [
+        f"missing {PREFIX}{n}.lora_A/lora_B (selected by target_modules)" for n in sorted(expected - set(found))
+    ]
     problems += [f"unexpected {PREFIX}{n}.* (not selected by target_modules)" for n in sorted(set(found) - expected)]
     pairs = {n: _check_pair(n, found[n], modules[n], shapes, config, problems) for n in sorted(set(found) & expected)}
     if problems:
@@ -230,15 +257,18 @@ def _check_pair(name: str, got: dict, mod: HFModule, shapes, config: dict, probl
         problems.append(f"{PREFIX}{name} has rank {r}, adapter_config.json says {want_r}")
         return None
     if bool(config.get("use_dora")) != ("magnitude" in got):
-        problems.append(f"{PREFIX}{name}: lora_magnitude_vector {'missing' if config.get('use_dora') else 'unexpected'}"
-                        f" with use_dora={bool(config.get('use_dora'))}")
+        problems.append(
+            f"{PREFIX}{name}: lora_magnitude_vector {'missing' if config.get('use_dora') else 'unexpected'}"
+            f" with use_dora={bool(config.get('use_dora'))}"
+        )
         return None
     alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
     return got["a"].T, got["b"].T, got.get("magnitude"), r, alpha
 
 
-def _assemble(pairs: dict, extra: dict, modules: dict, shapes: dict, config: dict, cfg: ModelConfig,
-              params, directory) -> tuple[LoraConfig, dict]:
+def _assemble(
+    pairs: dict, extra: dict, modules: dict, shapes: dict, config: dict, cfg: ModelConfig, params, directory
+) -> tuple[LoraConfig, dict]:
     """Stack per-layer pairs into jlora's scanned layout and describe the result as a LoraConfig."""
     groups = collections.defaultdict(dict)  # jlora path -> {layer: (a, b, magnitude, r, alpha)}
     for name, pair in pairs.items():
@@ -264,17 +294,25 @@ def _assemble(pairs: dict, extra: dict, modules: dict, shapes: dict, config: dic
                 la, lb, lm, r, alpha = layers[i]
                 a[j, :, :r], b[j, :r], scales[j] = la, lb, alpha / (math.sqrt(r) if rslora else r)
             elif dora and params is None:
-                raise PeftError(f"{directory}: this DoRA adapter skips layer {i} of {short}; import_peft needs "
-                                f"the base params to fill that layer's magnitude (|W|)")
+                raise PeftError(
+                    f"{directory}: this DoRA adapter skips layer {i} of {short}; import_peft needs "
+                    f"the base params to fill that layer's magnitude (|W|)"
+                )
             elif dora:
                 lm = np.linalg.norm(np.asarray(traverse_util.flatten_dict(params)[path][i], np.float32), axis=0)
             if dora:
                 mag[j] = lm
-        one = (lambda x: x) if stacked else (lambda x: x[0])  # noqa: E731
+        one = (lambda x: x) if stacked else (lambda x: x[0])
         layout = KernelLayout("dense" if path[-1] == "kernel" else "embed", stack=int(stacked))
         mag = None if mag is None else jnp.asarray(one(mag))
-        trainable[path] = LoraPair(jnp.asarray(one(a)), jnp.asarray(one(b)), mag,
-                                   tuple(scales.tolist()) if stacked else float(scales[0]), layout, dropout)
+        trainable[path] = LoraPair(
+            jnp.asarray(one(a)),
+            jnp.asarray(one(b)),
+            mag,
+            tuple(scales.tolist()) if stacked else float(scales[0]),
+            layout,
+            dropout,
+        )
         if rank != r0:
             rank_pattern.append((short, rank))
         eff = {i: _alpha(float(s), rank, rslora) for i, s in zip(idx, scales.tolist()) if s}
@@ -285,14 +323,22 @@ def _assemble(pairs: dict, extra: dict, modules: dict, shapes: dict, config: dic
         if stacked:
             layer_sets.add(tuple(sorted(layers)))
     for path, by_layer in extra.items():  # modules_to_save: complete, checked above
-        trainable[path] = jnp.asarray(np.stack([by_layer[i] for i in range(cfg.num_hidden_layers)])
-                                      if path[0] == "layers" else by_layer[None])
+        trainable[path] = jnp.asarray(
+            np.stack([by_layer[i] for i in range(cfg.num_hidden_layers)]) if path[0] == "layers" else by_layer[None]
+        )
     only = next(iter(layer_sets)) if len(layer_sets) == 1 else None
     extra_paths = [".".join(p) for p in extra]
     lcfg = LoraConfig(
-        rank=r0, alpha=alpha0, dropout=dropout, targets=tuple(p[-2] for p in trainable if p not in extra),
+        rank=r0,
+        alpha=alpha0,
+        dropout=dropout,
+        targets=tuple(p[-2] for p in trainable if p not in extra),
         layers=only if only is not None and len(only) < cfg.num_hidden_layers else None,
-        rank_pattern=tuple(rank_pattern), alpha_pattern=tuple(alpha_pattern), use_rslora=rslora, use_dora=dora,
+        rank_pattern=tuple(rank_pattern),
+        alpha_pattern=tuple(alpha_pattern),
+        use_rslora=rslora,
+        use_dora=dora,
         train_extra="^(" + "|".join(re.escape(p) for p in extra_paths) + ")$" if extra_paths else None,
-        adapter_dtype="bfloat16" if "bfloat16" in dtypes else "float32")
+        adapter_dtype="bfloat16" if "bfloat16" in dtypes else "float32",
+    )
     return lcfg, traverse_util.unflatten_dict(trainable)

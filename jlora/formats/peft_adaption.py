@@ -15,10 +15,10 @@ import pathlib
 
 import numpy as np
 
-from jlora.models.config import ModelConfig
-from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError, adapted_layers, is_adapter_tree
 from jlora.formats.peft_config import CONFIG_FILE, PeftError
 from jlora.formats.weights import save_safetensors
+from jlora.models.config import ModelConfig
+from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError, adapted_layers, is_adapter_tree
 
 PREFIX = "base_model.model.model.layers."
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,8 +38,9 @@ def _key(layer: int, leaf: str) -> str:
     return f"{PREFIX}{layer}.self_attn.{leaf}"
 
 
-def export_adaption_prompt(out_dir: str | pathlib.Path, trainable, acfg: AdapterConfig, cfg: ModelConfig,
-                           base_name: str | None = None) -> None:
+def export_adaption_prompt(
+    out_dir: str | pathlib.Path, trainable, acfg: AdapterConfig, cfg: ModelConfig, base_name: str | None = None
+) -> None:
     """Write a LLaMA-Adapter tree as an HF PEFT AdaptionPrompt adapter dir for `cfg`'s LlamaForCausalLM."""
     if not is_adapter_tree(trainable):
         raise PeftError("the trainable tree holds no adaption prompts; export a LoRA tree with its LoraConfig")
@@ -48,15 +49,25 @@ def export_adaption_prompt(out_dir: str | pathlib.Path, trainable, acfg: Adapter
     if prompt.shape[1] != acfg.len:
         raise PeftError(f"adaption prompts have length {prompt.shape[1]}, the config says adapter.len={acfg.len}")
     if cfg.hidden_size != cfg.num_attention_heads * cfg.head_dim:
-        raise PeftError(f"PEFT's AdaptionPrompt splits hidden_size={cfg.hidden_size} into heads; this base has "
-                        f"{cfg.num_attention_heads} x {cfg.head_dim}, which PEFT does not support")
+        raise PeftError(
+            f"PEFT's AdaptionPrompt splits hidden_size={cfg.hidden_size} into heads; this base has "
+            f"{cfg.num_attention_heads} x {cfg.head_dim}, which PEFT does not support"
+        )
     tensors = {}
     for j, layer in enumerate(adapted_layers(trainable, cfg.num_hidden_layers)):
         tensors[_key(layer, PROMPT)] = prompt[j][None]  # [1, len, D]
         tensors[_key(layer, GATE)] = gate[j].reshape(1)  # [1]
-    config = {"adapter_layers": int(prompt.shape[0]), "adapter_len": int(prompt.shape[1]), "auto_mapping": None,
-              "base_model_name_or_path": base_name, "inference_mode": True, "peft_type": PEFT_TYPE,
-              "revision": None, "target_modules": "self_attn", "task_type": "CAUSAL_LM"}
+    config = {
+        "adapter_layers": int(prompt.shape[0]),
+        "adapter_len": int(prompt.shape[1]),
+        "auto_mapping": None,
+        "base_model_name_or_path": base_name,
+        "inference_mode": True,
+        "peft_type": PEFT_TYPE,
+        "revision": None,
+        "target_modules": "self_attn",
+        "task_type": "CAUSAL_LM",
+    }
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, out / WEIGHTS_FILE)
@@ -94,8 +105,14 @@ def import_adaption_prompt(directory: str | pathlib.Path, cfg: ModelConfig) -> t
         raise PeftError(f"{directory / CONFIG_FILE}: {e}") from None
     file = directory / WEIGHTS_FILE
     if not file.is_file():
-        raise PeftError(f"{file}: missing" + ("; adapter_model.bin would need pickle: resave it as safetensors"
-                                              if (directory / "adapter_model.bin").is_file() else ""))
+        raise PeftError(
+            f"{file}: missing"
+            + (
+                "; adapter_model.bin would need pickle: resave it as safetensors"
+                if (directory / "adapter_model.bin").is_file()
+                else ""
+            )
+        )
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
@@ -104,8 +121,11 @@ def import_adaption_prompt(directory: str | pathlib.Path, cfg: ModelConfig) -> t
     want = {_key(i, PROMPT): (1, length, cfg.hidden_size) for i in layers} | {_key(i, GATE): (1,) for i in layers}
     problems = [f"missing {k}" for k in sorted(want.keys() - tensors.keys())]
     problems += [f"unexpected key {k}" for k in sorted(tensors.keys() - want.keys())]
-    problems += [f"{k} has shape {tuple(tensors[k].shape)}, expected {s}" for k, s in want.items()
-                 if k in tensors and tuple(tensors[k].shape) != s]
+    problems += [
+        f"{k} has shape {tuple(tensors[k].shape)}, expected {s}"
+        for k, s in want.items()
+        if k in tensors and tuple(tensors[k].shape) != s
+    ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise PeftError(f"{directory}: adapter does not fit base {cfg.name!r}: {'; '.join(problems[:3])}{more}")

@@ -17,26 +17,51 @@ from flax import traverse_util
 
 from jlora.errors import JloraError
 from jlora.models.config import ModelConfig
-
-from jlora.models.family import param_shapes
+from jlora.models.family import family_of, param_shapes
 from jlora.peft.lora import LoraConfig
-from jlora.models.family import family_of
 
 CONFIG_FILE = "adapter_config.json"
 
 # PEFT 0.21's adapter_config.json fields beyond the ones jlora sets, with their defaults.
 _PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None, "arrow_config": None, "auto_mapping": None, "corda_config": None,
-    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
-    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-    "layers_to_transform": None, "loftq_config": {}, "lora_bias": False, "lora_ga_config": None,
-    "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
-    "qalora_group_size": 16, "revision": None, "target_parameters": None, "trainable_token_indices": None,
-    "use_bdlora": None, "use_qalora": False, "velora_config": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "revision": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
 }
 # Config values jlora cannot represent: (key, value PEFT uses when the feature is off).
-_UNSUPPORTED = (("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False), ("layer_replication", None),
-                ("target_parameters", None), ("trainable_token_indices", None), ("alora_invocation_tokens", None))
+_UNSUPPORTED = (
+    ("bias", "none"),
+    ("lora_bias", False),
+    ("fan_in_fan_out", False),
+    ("layer_replication", None),
+    ("target_parameters", None),
+    ("trainable_token_indices", None),
+    ("alora_invocation_tokens", None),
+)
 
 
 class PeftError(JloraError, ValueError):
@@ -83,8 +108,15 @@ def _names_for(chosen: set[str], candidates: list[str], match) -> list[str]:
     return out + sorted(left)
 
 
-def export_config(adapted: list, extra_modules: dict, modules: dict, lcfg: LoraConfig, cfg: ModelConfig,
-                  base_name: str | None, use_dora: bool) -> dict:
+def export_config(
+    adapted: list,
+    extra_modules: dict,
+    modules: dict,
+    lcfg: LoraConfig,
+    cfg: ModelConfig,
+    base_name: str | None,
+    use_dora: bool,
+) -> dict:
     """The adapter_config.json dict for `adapted` [(module, rank, alpha)] and `extra_modules` (trained in full).
 
     Chosen so that PEFT's own matching selects exactly the adapted modules, with their ranks and alphas.
@@ -94,8 +126,10 @@ def export_config(adapted: list, extra_modules: dict, modules: dict, lcfg: LoraC
     # modules_to_save: PEFT wraps a whole module (all its params) matched by key.endswith(name).
     for name, (mod, paths) in extra_modules.items():
         if set(mod.params.values()) != paths:
-            raise PeftError(f"train_extra trains part of {name} ({sorted('.'.join(p) for p in paths)}); PEFT's "
-                            f"modules_to_save needs all of {sorted(mod.params)}")
+            raise PeftError(
+                f"train_extra trains part of {name} ({sorted('.'.join(p) for p in paths)}); PEFT's "
+                f"modules_to_save needs all of {sorted(mod.params)}"
+            )
         if name in names:
             raise PeftError(f"{name} is both LoRA-adapted and trained in full; PEFT cannot express that")
     to_save = _names_for(set(extra_modules), list(modules), lambda s, c: c.endswith(s)) if extra_modules else None
@@ -132,15 +166,25 @@ def export_config(adapted: list, extra_modules: dict, modules: dict, lcfg: LoraC
         return out
 
     config = dict(_PEFT_DEFAULTS)
-    config.update({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "inference_mode": True, "bias": "none",
-        "base_model_name_or_path": base_name if base_name is not None else cfg.name,
-        "r": int(r), "lora_alpha": alpha, "lora_dropout": float(lcfg.dropout),
-        "target_modules": targets, "layers_to_transform": to_transform, "modules_to_save": to_save,
-        "rank_pattern": pattern({m.name: rk for m, rk, _ in adapted}, r),
-        "alpha_pattern": pattern({m.name: al for m, _, al in adapted}, alpha),
-        "use_rslora": bool(lcfg.use_rslora), "use_dora": use_dora,
-    })
+    config.update(
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "inference_mode": True,
+            "bias": "none",
+            "base_model_name_or_path": base_name if base_name is not None else cfg.name,
+            "r": int(r),
+            "lora_alpha": alpha,
+            "lora_dropout": float(lcfg.dropout),
+            "target_modules": targets,
+            "layers_to_transform": to_transform,
+            "modules_to_save": to_save,
+            "rank_pattern": pattern({m.name: rk for m, rk, _ in adapted}, r),
+            "alpha_pattern": pattern({m.name: al for m, _, al in adapted}, alpha),
+            "use_rslora": bool(lcfg.use_rslora),
+            "use_dora": use_dora,
+        }
+    )
     return config
 
 

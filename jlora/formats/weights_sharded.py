@@ -19,23 +19,38 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
-from jlora.models.layers import DTYPES
-
+from jlora.formats.weights import (
+    check_leftovers,
+    check_present,
+    check_shape,
+    dtype_overrides,
+    expected_tensors,
+    hf_checkpoint,
+    hf_embed_name,
+    hf_head_name,
+    load_pretrained,
+    open_safetensors,
+    read_error,
+    resolve_model_path,
+    to_disk,
+)
 from jlora.models.config import ModelConfig
-
 from jlora.models.family import param_shapes
+from jlora.models.layers import DTYPES
 from jlora.parallel.sharding import param_specs, to_shardings
-from jlora.formats.weights import (hf_embed_name, hf_head_name, check_leftovers, check_present, check_shape, dtype_overrides, expected_tensors,
-                           hf_checkpoint, load_pretrained, open_safetensors, read_error, resolve_model_path,
-                           to_disk)
 
 Index = tuple[slice, ...]  # one device's block of a global array, as jax.sharding hands it out
 _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
 
 
-def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str | None = None,
-                            param_dtype: str | None = None,
-                            specs_fn: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, dict]:
+def load_pretrained_sharded(
+    path: str | pathlib.Path,
+    mesh: Mesh,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    specs_fn: Callable[[dict], dict] | None = None,
+) -> tuple[ModelConfig, dict]:
     """Like `load_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
 
     `specs_fn(shapes)` maps the ShapeDtypeStruct tree to PartitionSpecs (default
@@ -73,11 +88,12 @@ def load_pretrained_sharded(path: str | pathlib.Path, mesh: Mesh, *, dtype: str 
                 return False
         return True
 
-    check_leftovers(cfg, path, where, set(where).difference(*(names for _, _, names, _ in expected)),
-                    head_is_embedding)
+    check_leftovers(cfg, path, where, set(where).difference(*(names for _, _, names, _ in expected)), head_is_embedding)
     shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
-    flat = {key: _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
-            for key, spec, names, want in expected}
+    flat = {
+        key: _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
+        for key, spec, names, want in expected
+    }
     return cfg, traverse_util.unflatten_dict(flat)
 
 
@@ -100,8 +116,14 @@ def _place(shape: tuple[int, ...], sharding: NamedSharding, read: Callable[[Inde
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def _block_reader(key: tuple[str, ...], shape: tuple[int, ...], names: list[str], where: dict[str, pathlib.Path],
-                  want: tuple[int, ...], pdt: np.dtype) -> Callable[[Index], np.ndarray]:
+def _block_reader(
+    key: tuple[str, ...],
+    shape: tuple[int, ...],
+    names: list[str],
+    where: dict[str, pathlib.Path],
+    want: tuple[int, ...],
+    pdt: np.dtype,
+) -> Callable[[Index], np.ndarray]:
     """`read(index)`: block `index` of param `key` (global `shape`), in jlora layout and `pdt`.
 
     A layer-stacked leaf (one tensor per layer, each of disk shape `want`; [L, in, out] for kernels) is
@@ -126,7 +148,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     size = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
-    return raw[start:start + size].view(dtype).reshape(shape)
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def _read_into(dest: np.ndarray, file: pathlib.Path, name: str, index: Index, disk_shape: tuple[int, ...]) -> None:
@@ -140,9 +162,9 @@ def _read_into(dest: np.ndarray, file: pathlib.Path, name: str, index: Index, di
     rows = range(disk_shape[0])[index[0]]
     step = max(1, _READ_SPAN // (4 * int(np.prod(disk_shape[1:], dtype=np.int64))))  # 4: fp32, the widest
     for r in range(0, len(rows), step):
-        chunk = rows[r:r + step]
+        chunk = rows[r : r + step]
         with open_safetensors(file) as f:
             try:
-                dest[r:r + len(chunk)] = f.get_slice(name)[(slice(chunk.start, chunk.stop), *index[1:])]
+                dest[r : r + len(chunk)] = f.get_slice(name)[(slice(chunk.start, chunk.stop), *index[1:])]
             except SafetensorError as e:
                 raise read_error(file, name, e) from None

@@ -77,14 +77,16 @@ def forward(dmodel: nn.Module, frozen: dict, trainable, cache: dict, ids, positi
     columns, pick = last_only, (lambda x: x)
     if isinstance(last_only, bool):
         columns = jnp.full((b, 1), t - 1, jnp.int32) if last_only else None
-        pick = lambda x: x[:, -1]  # noqa: E731
+        pick = lambda x: x[:, -1]
     kwargs = {"decode": True, "columns": columns, "mutable": ["cache"]}
     if isinstance(trainable, RowAdapters):
-        logits, new = apply_rows(dmodel, frozen, trainable, ids, positions, segment_ids,
-                                 variables={"cache": cache}, **kwargs)
+        logits, new = apply_rows(
+            dmodel, frozen, trainable, ids, positions, segment_ids, variables={"cache": cache}, **kwargs
+        )
     elif trainable:
-        logits, new = apply_lora(dmodel, frozen, trainable, ids, positions, segment_ids,
-                                 variables={"cache": cache}, **kwargs)
+        logits, new = apply_lora(
+            dmodel, frozen, trainable, ids, positions, segment_ids, variables={"cache": cache}, **kwargs
+        )
     else:
         logits, new = dmodel.apply({"params": frozen, "cache": cache}, ids, positions, segment_ids, **kwargs)
     return pick(logits), new["cache"]
@@ -92,7 +94,7 @@ def forward(dmodel: nn.Module, frozen: dict, trainable, cache: dict, ids, positi
 
 def per_layer(tree: dict, n_layers: int) -> dict:
     """{"layers": stacked leaves} -> {"layer_i": leaves of layer i}; LoRA pairs keep their per-layer scale."""
-    is_pair = lambda x: isinstance(x, LoraPair)  # noqa: E731
+    is_pair = lambda x: isinstance(x, LoraPair)
     out = {k: jax.tree.map(jnp.asarray, v) for k, v in tree.items() if k != "layers"}
     flat = traverse_util.flatten_dict(tree.get("layers", {}), is_leaf=lambda _, x: is_pair(x))
     for i in range(n_layers):
@@ -141,7 +143,7 @@ def prefuse(cfg: ModelConfig, frozen: dict, trainable: dict) -> dict:
     routes anything into its module (unmerged LoRA reads a part's own kernel, LLaMA-Adapter's prompts
     read the key and value projections). Wide joined kernels, and the head, are laid out in `column_blocks`."""
     fam = family_of(cfg)
-    head_module, head_leaf = fam.head[:-1], fam.head[-1]
+    head_module = fam.head[:-1]
     out = dict(frozen)
     head = _get(frozen, fam.head)
     if isinstance(head, jax.Array) and not _get(trainable, head_module):

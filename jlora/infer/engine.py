@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.infer.lora_stack import RowAdapters
 from jlora.infer.decode import decode_jit, forward, init_decode_cache
 from jlora.infer.generate import BUCKET, Generator, greedy_tokens, sample, stop_cut
+from jlora.infer.lora_stack import RowAdapters
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,10 +78,12 @@ def _insert(cache: dict, small: dict, rows, starts, lengths, idx) -> dict:
             keep = jnp.expand_dims(mine, [d for d in range(1, x.ndim) if d != axis])
             return jnp.where(keep, got, 0).astype(big["k"].dtype)
 
-        return {"k": big["k"].at[rows].set(rows_of(part["k"], 3), mode="drop"),
-                "v": big["v"].at[rows].set(rows_of(part["v"], 2), mode="drop"),
-                "segment_ids": big["segment_ids"].at[rows].set(mine.astype(jnp.int32), mode="drop"),
-                "index": big["index"]}
+        return {
+            "k": big["k"].at[rows].set(rows_of(part["k"], 3), mode="drop"),
+            "v": big["v"].at[rows].set(rows_of(part["v"], 2), mode="drop"),
+            "segment_ids": big["segment_ids"].at[rows].set(mine.astype(jnp.int32), mode="drop"),
+            "index": big["index"],
+        }
 
     return {name: {"self_attn": one(layer["self_attn"], small[name]["self_attn"])} for name, layer in cache.items()}
 
@@ -99,8 +101,12 @@ def _shift(cache: dict, delta) -> dict:
         return jnp.where(keep, out, 0)
 
     def one(a):  # slots are axis 3 of keys [B,K,H,S], 2 of values [B,K,S,H], 1 of segment ids [B,S]
-        return {"k": move(a["k"], 3), "v": move(a["v"], 2), "segment_ids": move(a["segment_ids"], 1),
-                "index": a["index"]}
+        return {
+            "k": move(a["k"], 3),
+            "v": move(a["v"], 2),
+            "segment_ids": move(a["segment_ids"], 1),
+            "index": a["index"],
+        }
 
     return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}
 
@@ -136,8 +142,7 @@ _sample_rows = jax.jit(_pick, static_argnames=("mode",))
 class Engine:
     """Continuous batching of `Request`s over `gen` (a Generator with an adapter stack) on one thread."""
 
-    def __init__(self, gen: Generator, *, max_batch: int, max_len: int, max_queue: int, eos: list[int],
-                 tokenizer=None):
+    def __init__(self, gen: Generator, *, max_batch: int, max_len: int, max_queue: int, eos: list[int], tokenizer=None):
         if gen.stack is None:
             raise ValueError("the engine needs a Generator with an adapter stack")
         self.gen, self.stack, self.tokenizer, self.eos = gen, gen.stack, tokenizer, set(eos)
@@ -197,7 +202,7 @@ class Engine:
                 for fn, fut in commands:
                     try:
                         fut.set_result(fn())
-                    except Exception as e:  # noqa: BLE001 - handed to the caller, who answers with it
+                    except Exception as e:
                         fut.set_exception(e)
                 self._expire()
                 self._admit()
@@ -205,7 +210,7 @@ class Engine:
                     self._decode()
                 else:
                     self.idx = 0  # nothing live: start the next requests at the front of the cache
-            except Exception as e:  # noqa: BLE001 - the thread must outlive any one batch
+            except Exception as e:
                 self.pending = None
                 for i, req in enumerate(self.slots):
                     if req is not None:
@@ -239,7 +244,7 @@ class Engine:
         try:
             if ok:
                 self._join(free[: len(ok)], ok)
-        except Exception as e:  # noqa: BLE001 - answer the joining requests, then let the loop end the rest
+        except Exception as e:
             for req in ok:
                 if req not in self.slots:
                     req.emit([], f"error: {' '.join(str(e).split())}")
@@ -254,16 +259,21 @@ class Engine:
         p = -(-sum(lengths) // BUCKET) * BUCKET
         ids, positions, segs, adapters = (np.zeros((1, p), np.int32) for _ in range(4))
         adapters -= 1  # padding: the base
-        starts, lens, dest = np.zeros(n_pad, np.int32), np.ones(n_pad, np.int32), np.full(n_pad, self.max_batch, np.int32)
+        starts, lens, dest = (
+            np.zeros(n_pad, np.int32),
+            np.ones(n_pad, np.int32),
+            np.full(n_pad, self.max_batch, np.int32),
+        )
         o = 0
         for j, (row, req, n) in enumerate(zip(rows, reqs, lengths)):
-            ids[0, o:o + n], positions[0, o:o + n], segs[0, o:o + n] = req.prompt, np.arange(n), j + 1
-            adapters[0, o:o + n] = self.stack.index(req.adapter)
+            ids[0, o : o + n], positions[0, o : o + n], segs[0, o : o + n] = req.prompt, np.arange(n), j + 1
+            adapters[0, o : o + n] = self.stack.index(req.adapter)
             starts[j], lens[j], dest[j] = o, n, row
             o += n
         routed = RowAdapters(self.stack.arrays, jnp.asarray(adapters))
-        logits, small = _prefill_packed(self.gen.model, self.gen.frozen, routed, ids, positions, segs,
-                                        starts + lens - 1)
+        logits, small = _prefill_packed(
+            self.gen.model, self.gen.frozen, routed, ids, positions, segs, starts + lens - 1
+        )
         if self.idx < max(lengths):  # room for the prompts before the fill index: move every live row right
             self._move(max(lengths) - self.idx)
         self.cache = _insert(self.cache, small, dest, starts, lens, np.int32(self.idx))
@@ -273,7 +283,7 @@ class Engine:
         padded = reqs + [None] * (n_pad - len(reqs))
         toks = np.asarray(_sample_rows(logits, *self._sampling(padded), mode=self._mode(padded)))
         self.feed = self.feed.at[np.asarray(rows)].set(toks[: len(rows)])
-        for row, req, tok in zip(rows, reqs, toks):
+        for row, tok in zip(rows, toks):
             self._accept(row, int(tok))
 
     def _move(self, delta: int) -> None:
@@ -294,10 +304,12 @@ class Engine:
     def _sampling(reqs):
         """(seeds, steps, temperatures, top_ps) per row, as host arrays (the jitted call takes them over).
         A row's step is the number of the token being drawn: 0 at the prefill, `fed` after it."""
-        return (np.asarray([r.seed if r else 0 for r in reqs], np.uint32),
-                np.asarray([r.fed if r else 0 for r in reqs], np.int32),
-                np.asarray([r.temperature if r else 0.0 for r in reqs], np.float32),
-                np.asarray([r.top_p if r else 1.0 for r in reqs], np.float32))
+        return (
+            np.asarray([r.seed if r else 0 for r in reqs], np.uint32),
+            np.asarray([r.fed if r else 0 for r in reqs], np.int32),
+            np.asarray([r.temperature if r else 0.0 for r in reqs], np.float32),
+            np.asarray([r.top_p if r else 1.0 for r in reqs], np.float32),
+        )
 
     def _accept(self, row: int, tok: int) -> None:
         req = self.slots[row]
@@ -325,8 +337,9 @@ class Engine:
             if r is not None:
                 r.fed += 1
         routed = self.stack.rows([r.adapter if r else None for r in live])
-        logits, self.cache = _step(self.gen.model, self.gen.frozen, routed, self.cache, self.feed, positions,
-                                   np.int32(self.idx))
+        logits, self.cache = _step(
+            self.gen.model, self.gen.frozen, routed, self.cache, self.feed, positions, np.int32(self.idx)
+        )
         self.idx += 1
         self.steps += 1
         self.feed = _sample_rows(logits, *self._sampling(live), mode=self._mode(live))

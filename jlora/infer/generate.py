@@ -14,11 +14,8 @@ The cache is sized to the longest prompt + max_new_tokens (rounded up), so gener
 
 from __future__ import annotations
 
-import argparse
 import functools
 import pathlib
-import sys
-import time
 from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
@@ -27,20 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.errors import JloraError
-from jlora.infer.lora_stack import AdapterStack, RowAdapters, apply_rows
 from jlora.checkpoint.store import load_adapter
+from jlora.errors import JloraError
+from jlora.formats.peft_adapter import import_peft
+from jlora.formats.tokenizer import load_tokenizer
+from jlora.formats.weights import load_pretrained, resolve_model_path
 from jlora.infer.decode import decode_jit, decode_model, forward, init_decode_cache, layout
+from jlora.infer.lora_stack import AdapterStack
 from jlora.models.config import ModelConfig
 from jlora.models.family import build_model
 from jlora.peft.llama_adapter import expand as expand_prompts
 from jlora.peft.lora import merge_for_inference
 from jlora.peft.routing import LoraPair
-from jlora.peft.routing import apply as apply_lora
-from jlora.formats.peft_adapter import import_peft
-from jlora.quant.quantize import is_quantized, transposed
-from jlora.formats.tokenizer import load_tokenizer
-from jlora.formats.weights import load_pretrained, resolve_model_path
 
 BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
 
@@ -93,13 +88,20 @@ def _first(logits, cache, lengths, key, temperature, top_p, eos_ids, *, n_new: i
     never recompile the model."""
     tok = sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode)
     tokens = jnp.zeros((logits.shape[0], n_new), jnp.int32).at[:, 0].set(tok)  # [B,N]
-    return {"cache": cache, "tokens": tokens, "last": tok, "done": jnp.isin(tok, eos_ids),
-            "step": jnp.ones((), jnp.int32), "lengths": lengths}
+    return {
+        "cache": cache,
+        "tokens": tokens,
+        "last": tok,
+        "done": jnp.isin(tok, eos_ids),
+        "step": jnp.ones((), jnp.int32),
+        "lengths": lengths,
+    }
 
 
 @decode_jit(static_argnames=("dmodel", "mode"), donate_argnames=("state",))
-def _decode(dmodel, frozen, trainable, state, stop_at, key, temperature, top_p, eos_ids, pad_id, *,
-            mode: tuple) -> dict:
+def _decode(
+    dmodel, frozen, trainable, state, stop_at, key, temperature, top_p, eos_ids, pad_id, *, mode: tuple
+) -> dict:
     """Sample until `stop_at` tokens exist or every row is done. Token j draws with fold_in(key, j),
     so chunking the loop (streaming) never changes the result."""
 
@@ -110,8 +112,14 @@ def _decode(dmodel, frozen, trainable, state, stop_at, key, temperature, top_p, 
         tok = sample(logits, jax.random.fold_in(key, s["step"]), temperature, top_p, mode)
         tok = jnp.where(s["done"], pad_id, tok)  # finished rows emit pad
         tokens = jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"]))
-        return {**s, "cache": cache, "tokens": tokens, "last": tok, "done": s["done"] | jnp.isin(tok, eos_ids),
-                "step": s["step"] + 1}
+        return {
+            **s,
+            "cache": cache,
+            "tokens": tokens,
+            "last": tok,
+            "done": s["done"] | jnp.isin(tok, eos_ids),
+            "step": s["step"] + 1,
+        }
 
     return jax.lax.while_loop(lambda s: (s["step"] < stop_at) & ~jnp.all(s["done"]), body, state)
 
@@ -148,8 +156,9 @@ class Generator:
     With a `stack` instead, `stream(..., adapters=[name or None per row])` runs each row's own adapter.
     """
 
-    def __init__(self, model: nn.Module, frozen: dict, trainable: dict | None = None,
-                 stack: AdapterStack | None = None):
+    def __init__(
+        self, model: nn.Module, frozen: dict, trainable: dict | None = None, stack: AdapterStack | None = None
+    ):
         if not isinstance(getattr(model, "cfg", None), ModelConfig):
             raise GenerateError(f"generate needs a jlora model (jlora.build_model), got {type(model).__name__}")
         cfg = self.cfg = model.cfg
@@ -160,10 +169,23 @@ class Generator:
         self.stack = stack
         self.frozen, self.trainable = layout(cfg, frozen, expand_prompts(trainable, cfg.num_hidden_layers))
 
-    def stream(self, prompt_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,
-               stop_strings: Sequence[str] = (), tokenizer=None, pad_id: int = 0, lengths=None,
-               chunk: int = 1, adapters: Sequence[str | None] | None = None) -> Iterator[list[list[int]]]:
+    def stream(
+        self,
+        prompt_ids,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        eos_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        pad_id: int = 0,
+        lengths=None,
+        chunk: int = 1,
+        adapters: Sequence[str | None] | None = None,
+    ) -> Iterator[list[list[int]]]:
         """Yield, every `chunk` tokens, the new ids of each row (EOS and what follows a stop string left out).
 
         `adapters` names each row's adapter in the stack (None = the base); it needs a Generator with a stack.
@@ -184,14 +206,23 @@ class Generator:
         ids = np.zeros((b, p), np.int32)  # pad slots hold a valid id: a NaN there would leak through 0 * NaN
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column
-            ids[i, p - len(r):], positions[i, p - len(r):], segs[i, p - len(r):] = r, np.arange(len(r)), 1
+            ids[i, p - len(r) :], positions[i, p - len(r) :], segs[i, p - len(r) :] = r, np.arange(len(r)), 1
         trainable = self._row_adapters(adapters, b)
         key = jax.random.key(seed)
         temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p or 1.0)
         eos_ids = jnp.asarray(eos or [-1], jnp.int32)
         logits, cache = _prefill(self.model, self.frozen, trainable, ids, positions, segs, max_len=p + n_buf)
-        state = _first(logits, cache, jnp.asarray([len(r) for r in rows], jnp.int32), key, temp, tp, eos_ids,
-                       n_new=n_buf, mode=mode)
+        state = _first(
+            logits,
+            cache,
+            jnp.asarray([len(r) for r in rows], jnp.int32),
+            key,
+            temp,
+            tp,
+            eos_ids,
+            n_new=n_buf,
+            mode=mode,
+        )
         out: list[list[int]] = [[] for _ in rows]
         finished, emitted, step = [False] * b, 0, 1
         while True:
@@ -215,8 +246,19 @@ class Generator:
                 return
             if stopped:  # rows done by a stop string: stop sampling them on the device too
                 state["done"] = state["done"].at[np.asarray(stopped)].set(True)
-            state = _decode(self.model, self.frozen, trainable, state, jnp.int32(min(step + chunk, n_new)),
-                            key, temp, tp, eos_ids, jnp.int32(pad_id), mode=mode)
+            state = _decode(
+                self.model,
+                self.frozen,
+                trainable,
+                state,
+                jnp.int32(min(step + chunk, n_new)),
+                key,
+                temp,
+                tp,
+                eos_ids,
+                jnp.int32(pad_id),
+                mode=mode,
+            )
             step = int(state["step"])
 
     def _row_adapters(self, adapters, b: int):
@@ -256,8 +298,10 @@ def _check(rows, n_new, cfg: ModelConfig, temperature, top_k, top_p, chunk, pad_
         raise GenerateError(f"max_new_tokens must be >= 1, got {n_new}")
     longest = max(len(r) for r in rows)
     if longest + n_new > cfg.max_position_embeddings:
-        raise GenerateError(f"prompt of {longest} tokens + max_new_tokens {n_new} = {longest + n_new} exceeds the "
-                            f"model's context of {cfg.max_position_embeddings} (max_position_embeddings)")
+        raise GenerateError(
+            f"prompt of {longest} tokens + max_new_tokens {n_new} = {longest + n_new} exceeds the "
+            f"model's context of {cfg.max_position_embeddings} (max_position_embeddings)"
+        )
     if not temperature >= 0.0:
         raise GenerateError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
@@ -280,10 +324,23 @@ def stop_cut(done: list[int], new: list[int], stops: Sequence[str], tokenizer) -
     return len(new)
 
 
-def generate(model: nn.Module, frozen: dict, trainable: dict | None, prompt_ids, *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-             pad_id: int = 0, lengths=None) -> list[list[int]]:
+def generate(
+    model: nn.Module,
+    frozen: dict,
+    trainable: dict | None,
+    prompt_ids,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    pad_id: int = 0,
+    lengths=None,
+) -> list[list[int]]:
     """New ids per row for a batch of prompts (lists of ids of any lengths, or [B,T] with `lengths`).
 
     temperature 0 is greedy. eos_id (an id or several) ends a row and is not returned: None means the
@@ -292,8 +349,18 @@ def generate(model: nn.Module, frozen: dict, trainable: dict | None, prompt_ids,
     For several calls on one model, build a `Generator` once (it re-lays the weights per layer).
     """
     return Generator(model, frozen, trainable).generate(
-        prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        eos_id=eos_id, stop_strings=stop_strings, tokenizer=tokenizer, pad_id=pad_id, lengths=lengths)
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_id=eos_id,
+        stop_strings=stop_strings,
+        tokenizer=tokenizer,
+        pad_id=pad_id,
+        lengths=lengths,
+    )
 
 
 def generate_stream(model: nn.Module, frozen: dict, trainable: dict | None, prompt_ids, **kwargs):
@@ -317,6 +384,7 @@ def load_for_generation(model_path: str, adapter: str | None = None, merge: bool
         else:
             full = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
             trained = {p for p, x in full.items() if not isinstance(x, LoraPair)}  # trained in full: not frozen
-            params = traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(params).items()
-                                                   if p not in trained})
+            params = traverse_util.unflatten_dict(
+                {p: x for p, x in traverse_util.flatten_dict(params).items() if p not in trained}
+            )
     return Generator(build_model(cfg), params, trainable), load_tokenizer(path)

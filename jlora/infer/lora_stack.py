@@ -1,12 +1,13 @@
 """Many adapters on one base: a fixed-shape stack of K LoRA adapters and per-row routing into it.
 
-`AdapterStack` holds, for every module it may adapt, A [in, K, R], B [K, R, out] and scales [K], with
-R the stack's max rank (A's slot axis is inner so that x @ A over all slots reads A as it lies). An adapter of lower rank is zero-padded, and a module it does not target
-keeps zero A/B, so the padding adds exactly nothing. Adding, replacing or removing an adapter writes
-one slot through a single jitted update, so the shapes (and every compiled function that takes the
-stack) never change. `apply_rows` runs a model with each batch row routed through its own adapter,
-gathered by index (the BGMV idea: x@A[idx_b] then @B[idx_b]); index -1 is the base alone. Nothing is
-merged. This module owns the stack and its routing; `jlora.infer.generate` owns decoding with it.
+`AdapterStack` holds, for every module it may adapt, A [in, K, R], B [K, R, out] and scales [K], with R the
+stack's max rank (A's slot axis is inner so that x @ A over all slots reads A as it lies). An adapter of lower
+rank is zero-padded, and a module it does not target keeps zero A/B, so the padding adds exactly nothing.
+Adding, replacing or removing an adapter writes one slot through a single jitted update, so the shapes (and
+every compiled function that takes the stack) never change. `apply_rows` runs a model with each batch row
+routed through its own adapter, gathered by index (the BGMV idea: x@A[idx_b] then @B[idx_b]); index -1 is the
+base alone. Nothing is merged. This module owns the stack and its routing; `jlora.infer.generate` owns
+decoding with it.
 """
 
 from __future__ import annotations
@@ -43,17 +44,26 @@ class RowAdapters:
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _write_slot(arrays: dict, slot, new: dict) -> dict:
     """arrays with slot `slot` replaced by `new` (same modules, one adapter's a [in,R], b [R,out], scale [])."""
-    return {m: {"a": full["a"].at[:, slot].set(new[m]["a"].astype(full["a"].dtype)),
-                "b": full["b"].at[slot].set(new[m]["b"].astype(full["b"].dtype)),
-                "scale": full["scale"].at[slot].set(new[m]["scale"].astype(full["scale"].dtype))}
-            for m, full in arrays.items()}
+    return {
+        m: {
+            "a": full["a"].at[:, slot].set(new[m]["a"].astype(full["a"].dtype)),
+            "b": full["b"].at[slot].set(new[m]["b"].astype(full["b"].dtype)),
+            "scale": full["scale"].at[slot].set(new[m]["scale"].astype(full["scale"].dtype)),
+        }
+        for m, full in arrays.items()
+    }
 
 
 def _empty_slot(arrays: dict) -> dict:
     """Zeros of one slot's shapes, as numpy: a [in,R], b [R,out], scale [] per module."""
-    return {m: {"a": np.zeros((full["a"].shape[0], full["a"].shape[2]), full["a"].dtype),
-                "b": np.zeros(full["b"].shape[1:], full["b"].dtype), "scale": np.zeros((), full["scale"].dtype)}
-            for m, full in arrays.items()}
+    return {
+        m: {
+            "a": np.zeros((full["a"].shape[0], full["a"].shape[2]), full["a"].dtype),
+            "b": np.zeros(full["b"].shape[1:], full["b"].dtype),
+            "scale": np.zeros((), full["scale"].dtype),
+        }
+        for m, full in arrays.items()
+    }
 
 
 class AdapterStack:
@@ -61,11 +71,13 @@ class AdapterStack:
     every layer of `cfg`'s model. Module paths are those of the decode layout (("layer_3", *Linear.path)).
     """
 
-    def __init__(self, cfg: ModelConfig, capacity: int, max_rank: int, targets: tuple[str, ...] | None = None,
-                 dtype=jnp.float32):
+    def __init__(
+        self, cfg: ModelConfig, capacity: int, max_rank: int, targets: tuple[str, ...] | None = None, dtype=jnp.float32
+    ):
         if capacity < 1 or max_rank < 1:
-            raise AdapterStackError(f"an adapter stack needs capacity >= 1 and max_rank >= 1, got {capacity}, "
-                                    f"{max_rank}")
+            raise AdapterStackError(
+                f"an adapter stack needs capacity >= 1 and max_rank >= 1, got {capacity}, {max_rank}"
+            )
         linear = family_of(cfg).linear  # the family's linear layers of a block, by name
         targets = tuple(linear) if targets is None else targets
         unknown = [t for t in targets if t not in linear]
@@ -79,8 +91,10 @@ class AdapterStack:
             for t in self.targets:
                 n_in, n_out = linear[t].shape(cfg)
                 self.arrays[(f"layer_{i}", *linear[t].path)] = {
-                    "a": jnp.zeros((n_in, capacity, max_rank), dtype), "b": jnp.zeros((capacity, max_rank, n_out), dtype),
-                    "scale": jnp.zeros((capacity,), jnp.float32)}
+                    "a": jnp.zeros((n_in, capacity, max_rank), dtype),
+                    "b": jnp.zeros((capacity, max_rank, n_out), dtype),
+                    "scale": jnp.zeros((capacity,), jnp.float32),
+                }
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -93,7 +107,9 @@ class AdapterStack:
         if name is None:
             return -1
         if name not in self.names:
-            raise AdapterStackError(f"no adapter named {name!r} in the stack (loaded: {', '.join(self.loaded()) or 'none'})")
+            raise AdapterStackError(
+                f"no adapter named {name!r} in the stack (loaded: {', '.join(self.loaded()) or 'none'})"
+            )
         return self.names.index(name)
 
     def rows(self, names) -> RowAdapters:
@@ -110,8 +126,10 @@ class AdapterStack:
         elif None in self.names:
             slot = self.names.index(None)
         else:
-            raise AdapterStackError(f"adapter {name!r}: the stack is full ({self.capacity} adapters: "
-                                    f"{', '.join(self.loaded())}); remove one first")
+            raise AdapterStackError(
+                f"adapter {name!r}: the stack is full ({self.capacity} adapters: "
+                f"{', '.join(self.loaded())}); remove one first"
+            )
         self.arrays = _write_slot(self.arrays, jnp.int32(slot), per_module)
         self.names[slot], self.ranks[slot] = name, rank
         return slot
@@ -130,17 +148,22 @@ class AdapterStack:
         for path, pair in flat.items():
             where = ".".join(map(str, path))
             if not isinstance(pair, LoraPair):
-                raise AdapterStackError(f"adapter {name!r}: {where} is trained in full (train_extra); only LoRA "
-                                        f"pairs can share a base: merge this adapter instead")
+                raise AdapterStackError(
+                    f"adapter {name!r}: {where} is trained in full (train_extra); only LoRA "
+                    f"pairs can share a base: merge this adapter instead"
+                )
             module = path[-2]
             if pair.magnitude is not None:
                 raise AdapterStackError(f"adapter {name!r}: {where} is DoRA, which a stack cannot hold; merge it")
             if path[0] != "layers" or module not in self.targets or pair.layout.kind != "dense":
-                raise AdapterStackError(f"adapter {name!r} adapts {where}, which this stack does not cover "
-                                        f"(stack targets: {', '.join(self.targets)})")
+                raise AdapterStackError(
+                    f"adapter {name!r} adapts {where}, which this stack does not cover "
+                    f"(stack targets: {', '.join(self.targets)})"
+                )
             if pair.rank > self.max_rank:
-                raise AdapterStackError(f"adapter {name!r} has rank {pair.rank} at {where}, over the stack's max "
-                                        f"rank {self.max_rank}")
+                raise AdapterStackError(
+                    f"adapter {name!r} has rank {pair.rank} at {where}, over the stack's max rank {self.max_rank}"
+                )
             rank = max(rank, pair.rank)
             a, b = np.asarray(pair.a, np.float32), np.asarray(pair.b, np.float32)  # [L,in,r], [L,r,out]
             scales = np.broadcast_to(pair.scale_array(), a.shape[:1])

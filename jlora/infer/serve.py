@@ -23,29 +23,37 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from jlora.errors import JloraError
-from jlora.infer.lora_stack import AdapterStack, name_ok
-from jlora.infer.engine import Engine, Request
 from jlora.checkpoint.store import load_adapter
-from jlora.infer.generate import Generator, eos_list
-from jlora.models.family import build_model
-from jlora.peft.routing import LoraPair
+from jlora.errors import JloraError
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.infer.engine import Engine, Request
+from jlora.infer.generate import Generator, eos_list
+from jlora.infer.lora_stack import AdapterStack, name_ok
+from jlora.models.family import build_model
+from jlora.peft.routing import LoraPair
 
 
 class ApiError(JloraError):
     """An OpenAI-style error: HTTP status, one-line message, type and code."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
 
 
 def load_adapter_dir(path: str | pathlib.Path, cfg, params) -> dict:
@@ -63,8 +71,18 @@ def max_rank_of(trainable: dict) -> int:
 class Server:
     """The state behind the routes: engine, tokenizer, names and limits."""
 
-    def __init__(self, engine: Engine, tokenizer, base_name: str, *, cfg, params, max_body: int, timeout: float,
-                 adapter_dir: pathlib.Path | None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        base_name: str,
+        *,
+        cfg,
+        params,
+        max_body: int,
+        timeout: float,
+        adapter_dir: pathlib.Path | None,
+    ):
         self.engine, self.tok, self.base_name, self.cfg, self.params = engine, tokenizer, base_name, cfg, params
         self.max_body, self.timeout, self.adapter_dir = max_body, timeout, adapter_dir
         self.created = int(time.time())
@@ -95,8 +113,12 @@ class Server:
         if model == self.base_name:
             return None
         if model not in self.engine.stack:
-            raise ApiError(404, f"the model {model!r} does not exist; serving: {', '.join(self.names())}",
-                           code="model_not_found", param="model")
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; serving: {', '.join(self.names())}",
+                code="model_not_found",
+                param="model",
+            )
         return model
 
     def names(self) -> list[str]:
@@ -108,8 +130,9 @@ class Server:
             if v is None:
                 return default
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v if lo_open else lo <= v) or v > hi:
-                raise ApiError(400, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}",
-                               param=key)
+                raise ApiError(
+                    400, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", param=key
+                )
             return float(v)
 
         context = self.engine.max_len
@@ -119,8 +142,13 @@ class Server:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
         if n_prompt + max_tokens > context:
-            raise ApiError(400, f"this model's context is {context} tokens, but the prompt has {n_prompt} and "
-                                f"max_tokens is {max_tokens}", code="context_length_exceeded", param="max_tokens")
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens, but the prompt has {n_prompt} and "
+                f"max_tokens is {max_tokens}",
+                code="context_length_exceeded",
+                param="max_tokens",
+            )
         n = body.get("n", 1)
         if n != 1:
             raise ApiError(400, f"n must be 1, got {n!r}", param="n")
@@ -131,8 +159,13 @@ class Server:
         stop = (stop,) if isinstance(stop, str) else stop
         if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
-        return {"max_tokens": max_tokens, "temperature": number("temperature", 1.0, 0.0, 2.0),
-                "top_p": number("top_p", 1.0, 0.0, 1.0, lo_open=True), "seed": seed or 0, "stop": tuple(stop)}
+        return {
+            "max_tokens": max_tokens,
+            "temperature": number("temperature", 1.0, 0.0, 2.0),
+            "top_p": number("top_p", 1.0, 0.0, 1.0, lo_open=True),
+            "seed": seed or 0,
+            "stop": tuple(stop),
+        }
 
     def encode_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -158,16 +191,16 @@ class Server:
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must be an object with a string role and content",
-                               param="messages")
+                raise ApiError(400, f"messages[{i}] must be an object with a string role and content", param="messages")
             clean.append({"role": m["role"], "content": content})
         if self.tok.chat_template is None:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
         try:
             text = self.tok.apply_chat_template(clean, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - the template itself may refuse (raise_exception)
-            raise ApiError(400, f"the chat template refused the messages: {' '.join(str(e).split())}",
-                           param="messages") from None
+        except Exception as e:
+            raise ApiError(
+                400, f"the chat template refused the messages: {' '.join(str(e).split())}", param="messages"
+            ) from None
         return self.tok.encode(text, add_bos=False)  # the template writes its own special tokens
 
     # ---- generation
@@ -181,14 +214,32 @@ class Server:
         if not isinstance(stream, bool):
             raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(ids, adapter, opts["max_tokens"], lambda new, fin: loop.call_soon_threadsafe(
-            events.put_nowait, (new, fin)), temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"],
-            stop=opts["stop"], deadline=time.monotonic() + self.timeout)
+        req = Request(
+            ids,
+            adapter,
+            opts["max_tokens"],
+            lambda new, fin: loop.call_soon_threadsafe(events.put_nowait, (new, fin)),
+            temperature=opts["temperature"],
+            top_p=opts["top_p"],
+            seed=opts["seed"],
+            stop=opts["stop"],
+            deadline=time.monotonic() + self.timeout,
+        )
         if not self.engine.submit(req):
-            raise ApiError(429, f"the server is busy: {self.engine.max_queue} requests are already waiting; retry "
-                                f"later", type_="rate_limit_error", code="rate_limit_exceeded")
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": body["model"], "n_prompt": len(ids), "chat": chat, "stop": opts["stop"]}
+            raise ApiError(
+                429,
+                f"the server is busy: {self.engine.max_queue} requests are already waiting; retry later",
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+            )
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": body["model"],
+            "n_prompt": len(ids),
+            "chat": chat,
+            "stop": opts["stop"],
+        }
         if stream:
             return StreamingResponse(self.sse(req, events, meta), media_type="text/event-stream")
         out: list[int] = []
@@ -205,15 +256,30 @@ class Server:
         text, trimmed = self.visible(out, meta["stop"], final=True)
         finish = "stop" if trimmed else fin
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        return JSONResponse({"id": meta["id"], "object": "chat.completion" if chat else "text_completion",
-                             "created": meta["created"], "model": meta["model"], "choices": [choice], "usage": usage})
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        )
+        return JSONResponse(
+            {
+                "id": meta["id"],
+                "object": "chat.completion" if chat else "text_completion",
+                "created": meta["created"],
+                "model": meta["model"],
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
 
     def check_finish(self, fin: str) -> None:
         if fin == "timeout":
-            raise ApiError(408, f"the request took longer than the server's timeout of {self.timeout:g} s",
-                           type_="timeout", code="timeout")
+            raise ApiError(
+                408,
+                f"the request took longer than the server's timeout of {self.timeout:g} s",
+                type_="timeout",
+                code="timeout",
+            )
         if fin.startswith("error"):
             raise ApiError(400, fin.removeprefix("error: "))
 
@@ -239,8 +305,13 @@ class Server:
                 choice = {"index": 0, "delta": d, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            obj = {"id": meta["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": meta["created"], "model": meta["model"], "choices": [choice]}
+            obj = {
+                "id": meta["id"],
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": meta["created"],
+                "model": meta["model"],
+                "choices": [choice],
+            }
             return f"data: {json.dumps(obj)}\n\n"
 
         try:
@@ -250,8 +321,8 @@ class Server:
                 new, fin = await events.get()
                 out += new
                 text, trimmed = self.visible(out, meta["stop"], final=fin is not None)
-                if text[len(sent):]:
-                    yield chunk(text[len(sent):], None)
+                if text[len(sent) :]:
+                    yield chunk(text[len(sent) :], None)
                     sent = text
                 if trimmed or fin:
                     break
@@ -270,8 +341,16 @@ class Server:
     # ---- routes
 
     async def models(self, request: HttpRequest):
-        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "jlora",
-                 **({"parent": self.base_name} if n != self.base_name else {})} for n in self.names()]
+        data = [
+            {
+                "id": n,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "jlora",
+                **({"parent": self.base_name} if n != self.base_name else {}),
+            }
+            for n in self.names()
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: HttpRequest):
@@ -285,14 +364,18 @@ class Server:
         body = await self.body(request)
         name, rel = body.get("name"), body.get("path")
         if not isinstance(name, str) or not name_ok(name) or name == self.base_name:
-            raise ApiError(400, "name must be 1-64 letters, digits, '.', '_', '-' or ':', and not the base model's "
-                                f"name, got {name!r}", param="name")
+            raise ApiError(
+                400,
+                f"name must be 1-64 letters, digits, '.', '_', '-' or ':', and not the base model's name, got {name!r}",
+                param="name",
+            )
         if not isinstance(rel, str) or not rel:
             raise ApiError(400, "path must be a directory under the server's --adapter-dir", param="path")
         path = (self.adapter_dir / rel).resolve()
         if not path.is_relative_to(self.adapter_dir):
-            raise ApiError(403, f"path {rel!r} is outside the adapter directory", type_="permission_error",
-                           param="path")
+            raise ApiError(
+                403, f"path {rel!r} is outside the adapter directory", type_="permission_error", param="path"
+            )
         if not path.is_dir():
             raise ApiError(404, f"no adapter directory {rel!r} under the adapter directory", param="path")
         if name in self.engine.stack and self.engine.in_use(name):
@@ -302,8 +385,9 @@ class Server:
             await asyncio.wrap_future(self.engine.call(lambda: self.engine.stack.add(name, trainable)))
         except (ValueError, FileNotFoundError) as e:
             raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
-        return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "jlora",
-                             "parent": self.base_name})
+        return JSONResponse(
+            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "jlora", "parent": self.base_name}
+        )
 
     async def remove_adapter(self, request: HttpRequest):
         self.loading_allowed()
@@ -317,8 +401,11 @@ class Server:
 
     def loading_allowed(self) -> None:
         if self.adapter_dir is None:
-            raise ApiError(403, "adapter loading is off: start jlora-serve with --allow-adapter-loading "
-                                "--adapter-dir DIR", type_="permission_error")
+            raise ApiError(
+                403,
+                "adapter loading is off: start jlora-serve with --allow-adapter-loading --adapter-dir DIR",
+                type_="permission_error",
+            )
 
 
 def build_app(server: Server) -> Starlette:
@@ -333,19 +420,32 @@ def build_app(server: Server) -> Starlette:
     async def internal(request, e: Exception):
         return ApiError(500, f"internal error ({type(e).__name__})", type_="server_error").response()
 
-    routes = [Route("/v1/models", server.models, methods=["GET"]),
-              Route("/v1/completions", server.completions, methods=["POST"]),
-              Route("/v1/chat/completions", server.chat, methods=["POST"]),
-              Route("/v1/adapters", server.add_adapter, methods=["POST"]),
-              Route("/v1/adapters/{name}", server.remove_adapter, methods=["DELETE"])]
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                                        Exception: internal})
+    routes = [
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/v1/adapters", server.add_adapter, methods=["POST"]),
+        Route("/v1/adapters/{name}", server.remove_adapter, methods=["DELETE"]),
+    ]
+    return Starlette(
+        routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal}
+    )
 
 
-def build_server(model: str, adapters: Sequence[tuple[str, str]] = (), *, name: str | None = None,
-                 max_batch: int = 16, max_len: int = 1024, max_queue: int = 64, max_adapters: int = 8,
-                 max_rank: int = 16, timeout: float = 600.0, max_body_bytes: int = 1 << 20,
-                 adapter_dir: str | None = None) -> Server:
+def build_server(
+    model: str,
+    adapters: Sequence[tuple[str, str]] = (),
+    *,
+    name: str | None = None,
+    max_batch: int = 16,
+    max_len: int = 1024,
+    max_queue: int = 64,
+    max_adapters: int = 8,
+    max_rank: int = 16,
+    timeout: float = 600.0,
+    max_body_bytes: int = 1 << 20,
+    adapter_dir: str | None = None,
+) -> Server:
     """A `Server` for base `model` (a path or an alias) with `adapters` [(NAME, DIR)] loaded; with `adapter_dir`,
     adapters may also be hot-loaded from that directory (and only from it)."""
     path = resolve_model_path(model)
@@ -357,8 +457,22 @@ def build_server(model: str, adapters: Sequence[tuple[str, str]] = (), *, name: 
     for n, tree in loaded.items():
         stack.add(n, tree)
     eos = sorted({*eos_list(None, cfg), *([tok.eos_id] if tok.eos_id is not None else [])})
-    engine = Engine(Generator(build_model(cfg), params, stack=stack), max_batch=max_batch,
-                    max_len=min(max_len, cfg.max_position_embeddings), max_queue=max_queue, eos=eos, tokenizer=tok)
+    engine = Engine(
+        Generator(build_model(cfg), params, stack=stack),
+        max_batch=max_batch,
+        max_len=min(max_len, cfg.max_position_embeddings),
+        max_queue=max_queue,
+        eos=eos,
+        tokenizer=tok,
+    )
     base_name = name or pathlib.Path(str(model).rstrip("/")).name
-    return Server(engine, tok, base_name, cfg=cfg, params=params, max_body=max_body_bytes, timeout=timeout,
-                  adapter_dir=pathlib.Path(adapter_dir).resolve() if adapter_dir else None)
+    return Server(
+        engine,
+        tok,
+        base_name,
+        cfg=cfg,
+        params=params,
+        max_body=max_body_bytes,
+        timeout=timeout,
+        adapter_dir=pathlib.Path(adapter_dir).resolve() if adapter_dir else None,
+    )

@@ -3,4 +3,6 @@
 Importing this package registers the built-in families.
 """
 
-from jlora.models import llama  # noqa: F401  (registers the LLaMA family)
+from jlora.models import llama  # registers the LLaMA family
+
+__all__ = ["llama"]

@@ -82,16 +82,21 @@ def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array
 ATTENTION_BLOCK = 128  # query rows per causal block
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     block: int = ATTENTION_BLOCK) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = ATTENTION_BLOCK
+) -> jax.Array:
     """`attention` for a causal call whose queries are keys 0..T-1 (training, prefill from empty):
     query block i only meets keys [0, (i+1)*block), so the products above the diagonal are skipped
     (when T is a multiple of `block`). Same arguments as `attention`."""
     t = q.shape[3]
     if t <= block or t % block:
         return attention(q, k, v, mask)
-    outs = [attention(q[:, :, :, i:i + block], k[:, :, :i + block], v[:, :, :i + block], mask[..., i:i + block, :i + block])
-            for i in range(0, t, block)]
+    outs = [
+        attention(
+            q[:, :, :, i : i + block], k[:, :, : i + block], v[:, :, : i + block], mask[..., i : i + block, : i + block]
+        )
+        for i in range(0, t, block)
+    ]
     return jnp.concatenate(outs, axis=3)
 
 
@@ -158,8 +163,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)  # [B,T,N,H]
 
 
-def sdpa_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                   implementation: str = "cudnn") -> jax.Array:
+def sdpa_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, implementation: str = "cudnn"
+) -> jax.Array:
     """Causal attention through `jax.nn.dot_product_attention(implementation=...)`, same arguments
     and result as `blocked_attention` (GQA is native there: k, v keep their K heads).
 
@@ -179,13 +185,13 @@ def sdpa_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
     lengths = jnp.maximum(lengths, 1)
     # Named like the blocked kernel's inputs, so a remat policy keeps them instead of rerunning the rope.
     q, k, v = (checkpoint_name(x, SAVE_NAME) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                       key_value_seq_lengths=lengths, implementation=implementation)  # [B,T,N,H]
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation
+    )  # [B,T,N,H]
     return jnp.where((right_padded & one_segment)[:, None, None, None], out, jnp.nan)
 
 
-def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                    impl: str = "auto") -> jax.Array:
+def train_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str = "auto") -> jax.Array:
     """Causal self-attention for a call without a KV cache (training, evaluation): q [B,T,N,H]
     (unscaled), k, v [B,T,K,H], segment ids [B,T] (0 = padding) -> [B,T,N,H].
 

@@ -30,8 +30,17 @@ class ModelConfig:
     family: ClassVar[str] = ""  # the registry key of the family this config belongs to
     # The fields that decide which base an adapter fits: shapes and positional encoding, not dtypes or names.
     arch_keys: ClassVar[tuple[str, ...]] = (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "tie_word_embeddings")
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+        "rope_scaling",
+        "tie_word_embeddings",
+    )
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -63,8 +72,10 @@ class ModelConfig:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ModelConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ModelConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         for key in ("dtype", "param_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ModelConfigError(f"{key}={getattr(self, key)!r}: expected one of {sorted(DTYPES)}")
@@ -80,6 +91,5 @@ class ModelConfig:
         scaling = dict(self.rope_scaling or ())
         return scaling.get("rope_type", scaling.get("type", "default"))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-

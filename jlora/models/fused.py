@@ -43,15 +43,23 @@ class FusedDense(nn.Module):
         if not self.fuse:
             return False
         first = self.parts[0]
-        return all(type(p) is nn.Dense and p.use_bias == first.use_bias and p.dtype == first.dtype
-                   and isinstance(p.get_variable("params", "kernel"), jax.Array) for p in self.parts)
+        return all(
+            type(p) is nn.Dense
+            and p.use_bias == first.use_bias
+            and p.dtype == first.dtype
+            and isinstance(p.get_variable("params", "kernel"), jax.Array)
+            for p in self.parts
+        )
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         if not self.fused():
             return tuple(part(x) for part in self.parts)
         own = self.has_variable("params", "kernel")
-        joined = lambda name: (self.get_variable("params", name) if own  # noqa: E731
-                               else jnp.concatenate([p.get_variable("params", name) for p in self.parts], axis=-1))
+        joined = lambda name: (
+            self.get_variable("params", name)
+            if own
+            else jnp.concatenate([p.get_variable("params", name) for p in self.parts], axis=-1)
+        )
         w = joined("kernel")  # [D, sum out_i], or its column blocks
         x, *blocks = promote_dtype(x, *(w if isinstance(w, (list, tuple)) else [w]), dtype=self.parts[0].dtype)
         ys = [jnp.einsum("...d,do->...o", x, b) for b in blocks]

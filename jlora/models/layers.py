@@ -102,8 +102,14 @@ class RMSNorm(nn.Module):
 
 def dense(features: int, bias: bool, name: str, dtype: str, param_dtype: str) -> nn.Dense:
     """An nn.Dense with HF's normal(0.02) init, in the config's compute and param dtypes."""
-    return nn.Dense(features, use_bias=bias, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype],
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=DTYPES[dtype],
+        param_dtype=DTYPES[param_dtype],
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
 
 
 def projected(y: jax.Array, *dims: str | None) -> jax.Array:

@@ -18,7 +18,8 @@ import contextvars
 import logging
 import re
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -105,8 +106,11 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "", movabl
     for i in range(len(shape)):
         while dims[i] and shape[i] % _axis_size(mesh, tuple(dims[i])):
             axis = dims[i].pop()
-            homes = [j for j in range(len(shape) - movable, len(shape))
-                     if j != i and shape[j] % (_axis_size(mesh, tuple(dims[j])) * mesh.shape[axis]) == 0]
+            homes = [
+                j
+                for j in range(len(shape) - movable, len(shape))
+                if j != i and shape[j] % (_axis_size(mesh, tuple(dims[j])) * mesh.shape[axis]) == 0
+            ]
             if homes:
                 dims[max(homes, key=lambda j: shape[j])].append(axis)
             else:
@@ -160,11 +164,15 @@ def param_specs(params, mesh: Mesh, allow_replication: bool = False):
     if lost:
         nbytes, name, shape, axes = max(lost)
         sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
-        what = (f"{name} {shape} ({nbytes / 2**20:,.0f} MiB) would be replicated over mesh {sizes}: no dim of it "
-                f"divides by that size ({len(lost)} leaves over {REPLICATION_LIMIT_BYTES >> 20} MiB in all)")
+        what = (
+            f"{name} {shape} ({nbytes / 2**20:,.0f} MiB) would be replicated over mesh {sizes}: no dim of it "
+            f"divides by that size ({len(lost)} leaves over {REPLICATION_LIMIT_BYTES >> 20} MiB in all)"
+        )
         if not allow_replication:
-            raise ReplicationError(f"{what}. Use mesh sizes that divide the model's dims (e.g. powers of two), "
-                                   f"or set mesh.allow_replication: true")
+            raise ReplicationError(
+                f"{what}. Use mesh sizes that divide the model's dims (e.g. powers of two), "
+                f"or set mesh.allow_replication: true"
+            )
         if what not in _WARNED:  # specs are computed several times per run: say it once
             _WARNED.add(what)
             print(f"warning: {what}; replicated, as mesh.allow_replication is set", file=sys.stderr)
@@ -188,10 +196,15 @@ def _quantized_spec(name: str, q: QuantizedKernel, mesh: Mesh) -> tuple[Quantize
 def opt_state_specs(optimizer: optax.GradientTransformation, opt_state, trainable_spec_tree):
     """Specs of an optax state: every copy of the params tree (mu, nu, ...) takes the params' specs,
     everything else (step counts, flags) is replicated. `opt_state` may be ShapeDtypeStructs."""
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    is_spec = lambda x: isinstance(x, P)
     return optax.tree_utils.tree_map_params(
-        optimizer, lambda _, spec: spec, opt_state, trainable_spec_tree,
-        transform_non_params=lambda x: P(), is_leaf=lambda x: x is None or is_spec(x))
+        optimizer,
+        lambda _, spec: spec,
+        opt_state,
+        trainable_spec_tree,
+        transform_non_params=lambda x: P(),
+        is_leaf=lambda x: x is None or is_spec(x),
+    )
 
 
 def to_shardings(mesh: Mesh, specs):

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-
-from jlora.errors import JloraError
 from jax.sharding import PartitionSpec as P
 
+from jlora.errors import JloraError
 from jlora.parallel.sharding import add_rules
 from jlora.quant.quantize import dense_value
 
@@ -61,8 +60,9 @@ class AdapterConfig:
         """How many top layers are adapted in a model of `model_layers` layers; beyond it is an error."""
         n = max(model_layers - START_LAYER, 1) if self.layers is None else self.layers
         if n > model_layers:
-            raise AdapterConfigError(f"adapter.layers: {n} is beyond the model's {model_layers} layers "
-                                     f"(at most {model_layers})")
+            raise AdapterConfigError(
+                f"adapter.layers: {n} is beyond the model's {model_layers} layers (at most {model_layers})"
+            )
         return n
 
 
@@ -122,7 +122,7 @@ def expand(trainable, n_layers: int):
     if n > n_layers:
         raise AdapterConfigError(f"adaption prompts for {n} layers do not fit a model of {n_layers} layers")
     if n < n_layers:
-        pad = lambda x: jnp.concatenate([jnp.zeros((n_layers - n, *x.shape[1:]), x.dtype), x])  # noqa: E731
+        pad = lambda x: jnp.concatenate([jnp.zeros((n_layers - n, *x.shape[1:]), x.dtype), x])
         prompt, gate = pad(prompt), pad(gate)
     return {**trainable, "layers": {**trainable["layers"], "self_attn": {**attn, PROMPT: prompt, GATE: gate}}}
 
@@ -140,8 +140,7 @@ def _projection(variables: dict, name: str) -> dict | None:
     return None
 
 
-def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, key: dict, value: dict,
-                     n_kv: int) -> jax.Array:
+def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, key: dict, value: dict, n_kv: int) -> jax.Array:
     """gate * softmax(q . pk / sqrt(H)) @ pv [B,T,N,H] for queries q [B,T,N,H], prompts [P,D], gate [1],
     pk / pv = the prompts through the frozen k/v projections [P,K,H]; query head n reads kv head n // G."""
     b, t, n, h = q.shape
@@ -172,8 +171,10 @@ def prompt_interceptor(next_fun, args, kwargs, context):
     names = getattr(module, "kv_projections", ())  # the attention module names its key and value projections
     key, value = (_projection(params, n) for n in names) if len(names) == 2 else (None, None)
     if key is None or value is None:
-        raise AdapterConfigError(f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's key and value "
-                                 f"projections {names or '(the attention module names none)'}")
+        raise AdapterConfigError(
+            f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's key and value "
+            f"projections {names or '(the attention module names none)'}"
+        )
     extra = prompt_attention(q, params[PROMPT], params[GATE], key, value, module.cfg.num_key_value_heads)
     return out + extra.astype(out.dtype)
 
@@ -196,8 +197,17 @@ def describe_rows(trainable, n_layers: int | None = None) -> list[tuple[str, ...
             if n_layers is not None:
                 top = adapted_layers(trainable, n_layers)
                 where = f" (layer {top[0]})" if len(top) == 1 else f" (layers {top[0]}-{top[-1]})"
-            rows.append((".".join(path) + where, kind, "x".join(map(str, leaf.shape)), "", "", "",
-                         f"{int(np.prod(leaf.shape)):,}"))
+            rows.append(
+                (
+                    ".".join(path) + where,
+                    kind,
+                    "x".join(map(str, leaf.shape)),
+                    "",
+                    "",
+                    "",
+                    f"{int(np.prod(leaf.shape)):,}",
+                )
+            )
     return rows
 
 

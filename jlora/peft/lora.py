@@ -51,7 +51,7 @@ class LoraConfig:
     adapter_dtype: str = "float32"
 
     def __post_init__(self):
-        fix = lambda name, conv: object.__setattr__(self, name, conv(getattr(self, name)))  # noqa: E731
+        fix = lambda name, conv: object.__setattr__(self, name, conv(getattr(self, name)))
         if isinstance(self.targets, list):
             fix("targets", tuple)
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -88,10 +88,11 @@ class LoraConfig:
             try:
                 re.compile(regex)
             except re.error as e:
-                raise LoraError(f"{key}: {regex!r} is not a valid regex ({e}); escape special characters "
-                                f"with a backslash") from None
+                raise LoraError(
+                    f"{key}: {regex!r} is not a valid regex ({e}); escape special characters with a backslash"
+                ) from None
 
-    def with_default_targets(self, targets: tuple[str, ...]) -> "LoraConfig":
+    def with_default_targets(self, targets: tuple[str, ...]) -> LoraConfig:
         """This config, with `targets` (a family's default) where it names none."""
         return self if self.targets is not None else dataclasses.replace(self, targets=tuple(targets))
 
@@ -123,15 +124,20 @@ def layer_names(module: str, stack: tuple[int, ...]) -> list[str]:
     return [f"{head}.{i}.{rest}" if rest else f"{head}.{i}" for i in range(int(np.prod(stack)))]
 
 
-def select_targets(params, lcfg: LoraConfig, layouts: dict[tuple, KernelLayout] | None = None) -> dict[tuple, KernelLayout]:
+def select_targets(
+    params, lcfg: LoraConfig, layouts: dict[tuple, KernelLayout] | None = None
+) -> dict[tuple, KernelLayout]:
     """The kernels to adapt: {param path: layout}, in tree order; a target matching nothing is an error."""
     layouts = layouts if layouts is not None else infer_layouts(params)
     modules = {_dotted(path[:-1]): path for path in layouts}
     chosen = {}
     targets = lcfg.targets
     if targets == "all-linear":
-        # every linear layer of the blocks: PEFT's all-linear leaves out the output head (a top-level kernel)
-        chosen = {p: l for p, l in layouts.items() if l.kind != "embed" and l.stack}
+        # every linear layer of the blocks: PEFT's all-linear leaves out the output head, which in a model with
+        # a layer stack is the one kernel outside it
+        linear = {p: lay for p, lay in layouts.items() if lay.kind != "embed"}
+        stacked = any(lay.stack for lay in linear.values())
+        chosen = {p: lay for p, lay in linear.items() if lay.stack or not stacked}
     else:
         for target in targets:
             hits = [path for name, path in modules.items() if _name_matches(target, name)]
@@ -139,7 +145,7 @@ def select_targets(params, lcfg: LoraConfig, layouts: dict[tuple, KernelLayout] 
                 close = difflib.get_close_matches(target, list(modules), n=3, cutoff=0.0)
                 raise LoraError(f"LoRA target {target!r} matches no module; closest: {', '.join(close)}")
             chosen.update({p: layouts[p] for p in hits})
-    chosen = {p: l for p, l in chosen.items() if not any(_name_matches(x, _dotted(p[:-1])) for x in lcfg.exclude)}
+    chosen = {p: lay for p, lay in chosen.items() if not any(_name_matches(x, _dotted(p[:-1])) for x in lcfg.exclude)}
     order = list(layouts)
     return dict(sorted(chosen.items(), key=lambda kv: order.index(kv[0])))
 
@@ -151,8 +157,10 @@ def _init_pair(key, w: jax.Array, layout: KernelLayout, lcfg: LoraConfig, rank: 
     a_shape, b_shape = (*stack, n_in, rank), (*stack, rank, n_out)
     if lcfg.init == "pissa":
         if is_quantized(w):
-            raise LoraError(f"init: pissa rewrites the base kernel as W - s*A@B; it needs a dense base, not a "
-                            f"{w.fmt} one: quantize after split, or use another init")
+            raise LoraError(
+                f"init: pissa rewrites the base kernel as W - s*A@B; it needs a dense base, not a "
+                f"{w.fmt} one: quantize after split, or use another init"
+            )
         w32 = w.astype(jnp.float32).reshape(*stack, n_in, n_out)
         u, s, vh = jnp.linalg.svd(w32, full_matrices=False)  # [*S,in,k], [*S,k], [*S,k,out]
         s_r = s[..., :rank] / scales.reshape(*stack, 1)
@@ -189,19 +197,25 @@ def _check_patterns_match(lcfg: LoraConfig, stacks: dict[tuple, tuple[int, ...]]
         for key, _ in getattr(lcfg, field):
             if not any(_name_matches(key, n) for n in names):
                 close = difflib.get_close_matches(key, shorts + names, n=3, cutoff=0.0)
-                raise LoraError(f"{field} key {key!r} matches no target module; closest: {', '.join(close)} "
-                                f"(keys match a target's name, its per-layer path, or a regex over it)")
+                raise LoraError(
+                    f"{field} key {key!r} matches no target module; closest: {', '.join(close)} "
+                    f"(keys match a target's name, its per-layer path, or a regex over it)"
+                )
     if lcfg.layers is None:
         return
     counts = {int(np.prod(stack)) for stack in stacks.values() if stack}
     if not counts:
-        raise LoraError(f"lora.layers={list(lcfg.layers)} selects layers, but no target is a stacked layer "
-                        f"({', '.join(_dotted(p[:-1]) for p in stacks) or 'none'}); drop layers or target a layer")
+        raise LoraError(
+            f"lora.layers={list(lcfg.layers)} selects layers, but no target is a stacked layer "
+            f"({', '.join(_dotted(p[:-1]) for p in stacks) or 'none'}); drop layers or target a layer"
+        )
     n = min(counts)
     bad = [i for i in lcfg.layers if not 0 <= i < n]
     if bad:
-        raise LoraError(f"lora.layers={list(lcfg.layers)}: index {bad[0]} is out of range for the model's {n} "
-                        f"layers (valid: 0-{n - 1})")
+        raise LoraError(
+            f"lora.layers={list(lcfg.layers)}: index {bad[0]} is out of range for the model's {n} "
+            f"layers (valid: 0-{n - 1})"
+        )
 
 
 def split(params, lcfg: LoraConfig | AdapterConfig, key: jax.Array, *, layouts: dict | None = None):
@@ -213,10 +227,12 @@ def split(params, lcfg: LoraConfig | AdapterConfig, key: jax.Array, *, layouts: 
         return llama_adapter.split(params, lcfg, key)
     flat = traverse_util.flatten_dict(params)
     if lcfg.targets is None:
-        raise LoraError("LoraConfig.targets is unset: name the modules to adapt, or call jlora.split, which "
-                        "takes the base family's default targets")
+        raise LoraError(
+            "LoraConfig.targets is unset: name the modules to adapt, or call jlora.split, which "
+            "takes the base family's default targets"
+        )
     chosen = select_targets(params, lcfg, layouts) if lcfg.targets else {}
-    _check_patterns_match(lcfg, {p: l.stack_shape(flat[p].shape) for p, l in chosen.items()})
+    _check_patterns_match(lcfg, {p: lay.stack_shape(flat[p].shape) for p, lay in chosen.items()})
     trainable, frozen = {}, dict(flat)
     for i, (path, layout) in enumerate(chosen.items()):
         w = flat[path]
@@ -231,10 +247,17 @@ def split(params, lcfg: LoraConfig | AdapterConfig, key: jax.Array, *, layouts: 
         if rank > min(n_in, n_out):
             raise LoraError(f"LoRA rank {rank} exceeds min(in={n_in}, out={n_out}) of {module}")
         if lcfg.use_dora and layout.kind != "dense":
-            raise LoraError(f"DoRA needs a plain [in, out] Dense kernel; {module} is a {layout.kind} kernel {tuple(w.shape)}")
+            raise LoraError(
+                f"DoRA needs a plain [in, out] Dense kernel; {module} is a {layout.kind} kernel {tuple(w.shape)}"
+            )
         active = [lcfg.layers is None or j in lcfg.layers for j in range(len(names))] if stack else [True]
-        scales = np.array([lcfg.scale(rank, float(_first_match(lcfg.alpha_pattern, n, lcfg.alpha))) if on else 0.0
-                           for n, on in zip(names, active)], np.float32)
+        scales = np.array(
+            [
+                lcfg.scale(rank, float(_first_match(lcfg.alpha_pattern, n, lcfg.alpha))) if on else 0.0
+                for n, on in zip(names, active)
+            ],
+            np.float32,
+        )
         a, b, w_new = _init_pair(jax.random.fold_in(key, i), w, layout, lcfg, rank, scales)
         if not all(active):  # inactive layers keep zero A and B, and scale 0: exactly no gradient, no delta
             on = jnp.asarray(active).reshape(*stack, 1, 1)
@@ -280,9 +303,11 @@ def _merge(frozen, trainable, quantized: str = "dequantize"):
 
 def _check_fits(frozen, trainable, merged: bool) -> None:
     if is_adapter_tree(trainable):
-        raise LoraError("cannot merge a LLaMA-Adapter tree: its prompts are extra keys every adapted layer attends "
-                        "to, which no weight matrix can hold; run it unmerged (jlora.apply, jlora-generate without "
-                        "--merge)")
+        raise LoraError(
+            "cannot merge a LLaMA-Adapter tree: its prompts are extra keys every adapted layer attends "
+            "to, which no weight matrix can hold; run it unmerged (jlora.apply, jlora-generate without "
+            "--merge)"
+        )
     flat = traverse_util.flatten_dict(frozen)
     for path, leaf in _flat_trainable(trainable).items():
         name = _dotted(path)
@@ -290,8 +315,10 @@ def _check_fits(frozen, trainable, merged: bool) -> None:
             if path not in flat:
                 raise LoraError(f"the trainable tree adapts {name}, which the frozen tree does not have")
             if not leaf.fits(flat[path].shape):
-                raise LoraError(f"LoRA pair for {name} (A {tuple(leaf.a.shape)}, B {tuple(leaf.b.shape)}) "
-                                f"does not fit kernel {tuple(flat[path].shape)}")
+                raise LoraError(
+                    f"LoRA pair for {name} (A {tuple(leaf.a.shape)}, B {tuple(leaf.b.shape)}) "
+                    f"does not fit kernel {tuple(flat[path].shape)}"
+                )
         elif path in flat and not merged:
             raise LoraError(f"{name} is both frozen and trained in full")
 
@@ -321,9 +348,11 @@ def merge_for_inference(params, trainable, *, tie_word_embeddings: bool = False)
         if not isinstance(leaf, LoraPair):
             flat.pop(path, None)
         elif tie_word_embeddings and leaf.layout.kind == "embed":
-            raise LoraError(f"cannot merge an adapter of the embedding {_dotted(path[:-1])} into a model with tied "
-                            f"embeddings: the tied output head would change too, which the unmerged model does not "
-                            f"do; run it unmerged")
+            raise LoraError(
+                f"cannot merge an adapter of the embedding {_dotted(path[:-1])} into a model with tied "
+                f"embeddings: the tied output head would change too, which the unmerged model does not "
+                f"do; run it unmerged"
+            )
     return merge(traverse_util.unflatten_dict(flat), trainable)
 
 
@@ -341,22 +370,29 @@ def pissa_to_lora(trainable, initial, lcfg: LoraConfig) -> tuple[LoraConfig, Any
     for path, leaf in _flat_trainable(trainable).items():
         if isinstance(leaf, LoraPair):
             a0, b0 = start[path].a, start[path].b
-            leaf = leaf.replace(a=jnp.concatenate([leaf.a, a0.astype(leaf.a.dtype)], axis=-1),  # [*S, in, 2R]
-                                b=jnp.concatenate([leaf.b, -b0.astype(leaf.b.dtype)], axis=-2))  # [*S, 2R, out]
+            leaf = leaf.replace(
+                a=jnp.concatenate([leaf.a, a0.astype(leaf.a.dtype)], axis=-1),  # [*S, in, 2R]
+                b=jnp.concatenate([leaf.b, -b0.astype(leaf.b.dtype)], axis=-2),
+            )  # [*S, 2R, out]
         out[path] = leaf
     grow = math.sqrt(2.0) if lcfg.use_rslora else 2.0  # alpha/r or alpha/sqrt(r) stays the same at rank 2r
     converted = dataclasses.replace(
-        lcfg, init="lora", rank=2 * lcfg.rank, alpha=lcfg.alpha * grow,
+        lcfg,
+        init="lora",
+        rank=2 * lcfg.rank,
+        alpha=lcfg.alpha * grow,
         rank_pattern=tuple((k, 2 * int(v)) for k, v in lcfg.rank_pattern),
-        alpha_pattern=tuple((k, float(v) * grow) for k, v in lcfg.alpha_pattern))
+        alpha_pattern=tuple((k, float(v) * grow) for k, v in lcfg.alpha_pattern),
+    )
     return converted, traverse_util.unflatten_dict(out)
 
 
 def unadapted(frozen, trainable):
     """The frozen leaves no LoRA pair adapts: after a PiSSA split, the ones still as the base on disk."""
     adapted = {p for p, x in _flat_trainable(trainable).items() if isinstance(x, LoraPair)}
-    return traverse_util.unflatten_dict({p: x for p, x in traverse_util.flatten_dict(frozen).items()
-                                         if p not in adapted})
+    return traverse_util.unflatten_dict(
+        {p: x for p, x in traverse_util.flatten_dict(frozen).items() if p not in adapted}
+    )
 
 
 def unmerge(merged, trainable):
@@ -397,8 +433,17 @@ def describe(trainable, frozen: Any = None) -> str:
         if isinstance(leaf, LoraPair):
             scales = sorted({round(s, 6) for s in np.atleast_1d(leaf.scale) if s})
             kind = "dora" if leaf.magnitude is not None else "lora"
-            rows.append((name, kind, "x".join(map(str, leaf.a.shape)), "x".join(map(str, leaf.b.shape)),
-                         str(leaf.a.shape[-1]), "/".join(f"{s:g}" for s in scales), f"{count_params(leaf):,}"))
+            rows.append(
+                (
+                    name,
+                    kind,
+                    "x".join(map(str, leaf.a.shape)),
+                    "x".join(map(str, leaf.b.shape)),
+                    str(leaf.a.shape[-1]),
+                    "/".join(f"{s:g}" for s in scales),
+                    f"{count_params(leaf):,}",
+                )
+            )
         else:
             rows.append((name, "full", "x".join(map(str, leaf.shape)), "", "", "", f"{int(np.prod(leaf.shape)):,}"))
     n_layers = llama_adapter.model_layers(frozen) if frozen is not None and is_adapter_tree(trainable) else None
@@ -408,11 +453,25 @@ def describe(trainable, frozen: Any = None) -> str:
     total = count_params(trainable)
     tail = f"trainable params: {total:,}"
     if frozen is not None:
-        base = count_params(frozen) + sum(int(np.prod(x.shape)) for p, x in _flat_trainable(trainable).items()
-                                          if not isinstance(x, LoraPair) and not is_adapter_leaf(p))
+        base = count_params(frozen) + sum(
+            int(np.prod(x.shape))
+            for p, x in _flat_trainable(trainable).items()
+            if not isinstance(x, LoraPair) and not is_adapter_leaf(p)
+        )
         tail += f" of {base:,} ({100.0 * total / max(base, 1):.3f}%)"
     return "\n".join([*lines, tail])
 
 
-__all__ = ["LoraConfig", "LoraError", "LoraPair", "split", "merge", "merge_for_inference", "pissa_to_lora", "unmerge",
-           "count_params", "describe", "select_targets"]
+__all__ = [
+    "LoraConfig",
+    "LoraError",
+    "LoraPair",
+    "split",
+    "merge",
+    "merge_for_inference",
+    "pissa_to_lora",
+    "unmerge",
+    "count_params",
+    "describe",
+    "select_targets",
+]

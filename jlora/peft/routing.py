@@ -11,9 +11,8 @@ and never sees `W + A@B`. The pairs travel into the model as an extra variable c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -43,14 +42,14 @@ def route_parts(route: Callable) -> Callable:
     A fused call runs its one matmul, then `route` sees each part as a call of that part whose own
     computation returns the part's slice. An unfused call needs nothing: its parts' own calls are
     intercepted like any other."""
+
     def wrapped(next_fun, args, kwargs, context):
         module = context.module
         parts = getattr(module, "parts", None)  # a fused module (jlora.models.fused.FusedDense) shows its parts
         if parts is None or context.method_name != "__call__" or not module.fused():
             return route(next_fun, args, kwargs, context)
         outs = next_fun(*args, **kwargs)
-        return tuple(route(lambda *_a, y=y, **_k: y, args, kwargs, PartCall(part))
-                     for part, y in zip(parts, outs))
+        return tuple(route(lambda *_a, y=y, **_k: y, args, kwargs, PartCall(part)) for part, y in zip(parts, outs))
 
     return wrapped
 
@@ -75,13 +74,13 @@ class KernelLayout:
         return tuple(shape[: self.stack])
 
     def _in_out(self, shape):
-        per_call = tuple(shape[self.stack:])
+        per_call = tuple(shape[self.stack :])
         if self.kind == "einsum":
             x_spec, k_spec, o_spec = _parse(self.equation)
             ins = [d for c, d in zip(k_spec, per_call) if c in x_spec and c not in o_spec]
             outs = [d for c, d in zip(k_spec, per_call) if c in o_spec]
             return ins, outs
-        return per_call[: self.n_in_dims], per_call[self.n_in_dims:]
+        return per_call[: self.n_in_dims], per_call[self.n_in_dims :]
 
     def n_in(self, shape) -> int:
         return int(np.prod(self._in_out(shape)[0]))
@@ -118,8 +117,11 @@ class LoraPair:
     def fits(self, kernel_shape) -> bool:
         lay = self.layout
         stack = lay.stack_shape(kernel_shape)
-        return (len(kernel_shape) > lay.stack and tuple(self.a.shape) == (*stack, lay.n_in(kernel_shape), self.rank)
-                and tuple(self.b.shape) == (*stack, self.rank, lay.n_out(kernel_shape)))
+        return (
+            len(kernel_shape) > lay.stack
+            and tuple(self.a.shape) == (*stack, lay.n_in(kernel_shape), self.rank)
+            and tuple(self.b.shape) == (*stack, self.rank, lay.n_out(kernel_shape))
+        )
 
     def scale_array(self) -> np.ndarray:
         return np.asarray(self.scale, np.float32).reshape(self.a.shape[: self.layout.stack])
@@ -165,7 +167,7 @@ def pair_delta(w: jax.Array, pair: LoraPair, *, add_base: bool, dora: bool = Fal
         x_spec, k_spec, o_spec = _parse(lay.equation)
         ins = [c for c in k_spec if c in x_spec and c not in o_spec]
         outs = [c for c in k_spec if c in o_spec]
-        dims = dict(zip(k_spec, w.shape[lay.stack:]))
+        dims = dict(zip(k_spec, w.shape[lay.stack :]))
         delta = delta.reshape(*stack, *[dims[c] for c in ins + outs])
         perm = [(ins + outs).index(c) for c in k_spec]
         delta = jnp.transpose(delta, (*range(len(stack)), *[len(stack) + p for p in perm]))
@@ -235,7 +237,7 @@ def _to_rows(x: jax.Array, lay: KernelLayout, kernel_shape, module_axis) -> tupl
         axis = tuple(a % x.ndim for a in (module_axis if isinstance(module_axis, tuple) else (module_axis,)))
         keep = [d for d in range(x.ndim) if d not in axis]
         rows = jnp.transpose(x, (*keep, *axis)).reshape(*[x.shape[d] for d in keep], -1)
-        out_dims = tuple(kernel_shape[len(axis):])
+        out_dims = tuple(kernel_shape[len(axis) :])
         return rows, lambda y: y.reshape(*y.shape[:-1], *out_dims)
     x_spec, k_spec, o_spec = _parse(lay.equation)
     ins = [c for c in k_spec if c in x_spec and c not in o_spec]
@@ -243,8 +245,9 @@ def _to_rows(x: jax.Array, lay: KernelLayout, kernel_shape, module_axis) -> tupl
     outs = [c for c in k_spec if c in o_spec]
     dims = {**dict(zip(k_spec, kernel_shape)), **dict(zip(x_spec, x.shape))}
     rows = jnp.einsum(f"{x_spec}->{''.join(batch + ins)}", x).reshape(*[dims[c] for c in batch], -1)
-    unrows = lambda y: jnp.einsum(  # noqa: E731
-        f"{''.join(batch + outs)}->{o_spec}", y.reshape(*y.shape[:-1], *[dims[c] for c in outs]))
+    unrows = lambda y: jnp.einsum(
+        f"{''.join(batch + outs)}->{o_spec}", y.reshape(*y.shape[:-1], *[dims[c] for c in outs])
+    )
     return rows, unrows
 
 
@@ -268,9 +271,11 @@ def _make_interceptor(statics: dict, training: bool):
         found = _call_layout(module, args, kwargs)
         if found is None or found[1] != dataclasses.replace(layout, stack=0) or a.ndim != 2:
             # e.g. a DenseGeneral/Einsum kernel split from its params alone, which read it as a stacked Dense
-            raise LoraError(f"the LoRA pair of {'/'.join(module.path)} was made for a {layout.kind} kernel with "
-                            f"{layout.stack} stacked dims, but the module is nn.{type(module).__name__}; "
-                            f"split this model with layouts=trace_layouts(model, *inputs)")
+            raise LoraError(
+                f"the LoRA pair of {'/'.join(module.path)} was made for a {layout.kind} kernel with "
+                f"{layout.stack} stacked dims, but the module is nn.{type(module).__name__}; "
+                f"split this model with layouts=trace_layouts(model, *inputs)"
+            )
         y = next_fun(*args, **kwargs) if base is None else base
         x = args[0]
         if layout.kind == "embed":  # PEFT's embedding LoRA: rows of A, no dropout
@@ -317,8 +322,9 @@ def routed_variables(frozen, trainable) -> tuple[dict, dict]:
     return variables, statics
 
 
-def apply(model: nn.Module, frozen, trainable, *args, rngs: dict | None = None, variables: dict | None = None,
-          **kwargs):
+def apply(
+    model: nn.Module, frozen, trainable, *args, rngs: dict | None = None, variables: dict | None = None, **kwargs
+):
     """`model.apply` with LoRA (or LLaMA-Adapter prompts, jlora.peft.llama_adapter) routed in.
 
     Pass rngs={"dropout": key} to train with LoRA dropout.
@@ -330,4 +336,3 @@ def apply(model: nn.Module, frozen, trainable, *args, rngs: dict | None = None, 
     training = bool(rngs) and "dropout" in rngs
     with nn.intercept_methods(_make_interceptor(statics, training)), llama_adapter.intercept():
         return model.apply({**routed, **(variables or {})}, *args, rngs=rngs, **kwargs)
-

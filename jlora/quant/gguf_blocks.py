@@ -84,8 +84,13 @@ def _decode_q6_k(f: dict) -> jax.Array:
     return (d[..., None] * q).reshape(*lead, QK_K)
 
 
-_DECODERS = {"Q4_0": _decode_q4_0, "Q4_1": _decode_q4_1, "Q8_0": _decode_q8_0, "Q4_K": _decode_q4_k,
-             "Q6_K": _decode_q6_k}
+_DECODERS = {
+    "Q4_0": _decode_q4_0,
+    "Q4_1": _decode_q4_1,
+    "Q8_0": _decode_q8_0,
+    "Q4_K": _decode_q4_k,
+    "Q6_K": _decode_q6_k,
+}
 for _name, (_block, _parts) in LAYOUTS.items():
     register(Format(_name, _block, {field: int(count > 0) for field, _, count in _parts}, _DECODERS[_name]))
 
@@ -120,14 +125,20 @@ def split_blocks(raw: np.ndarray, ggml_type) -> dict[str, np.ndarray]:
     fields, at = {}, 0
     for field, dt, count in parts:
         width = np.dtype(dt).itemsize * max(count, 1)
-        part = np.ascontiguousarray(blocks[..., at:at + width]).view(dt)  # [R, n_blocks, max(count, 1)]
+        part = np.ascontiguousarray(blocks[..., at : at + width]).view(dt)  # [R, n_blocks, max(count, 1)]
         fields[field] = part if count else part[..., 0]
         at += width
     return fields
 
 
-def gguf_kernel(raw: np.ndarray, ggml_type, *, embedding: bool = False, dense_dtype: str = "float32",
-                rows: Callable[[np.ndarray], np.ndarray] | None = None) -> QuantizedKernel:
+def gguf_kernel(
+    raw: np.ndarray,
+    ggml_type,
+    *,
+    embedding: bool = False,
+    dense_dtype: str = "float32",
+    rows: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> QuantizedKernel:
     """A GGUF 2-D tensor [R, C] (raw [R, bytes], blocks along C) as a QuantizedKernel, not dequantized.
 
     A linear weight [out, in] becomes jlora's kernel [in, out], blocked along in (axis -2, fields
@@ -148,8 +159,10 @@ def gguf_kernel(raw: np.ndarray, ggml_type, *, embedding: bool = False, dense_dt
 def stack_kernels(kernels: list[QuantizedKernel]) -> QuantizedKernel | None:
     """Per-layer QuantizedKernels of one format stacked per field ([L, A, B, ...]); None if formats differ."""
     first = kernels[0]
-    if any((k.fmt, k.dense, k.axis, k.dense_dtype) != (first.fmt, first.dense, first.axis, first.dense_dtype)
-           for k in kernels):
+    if any(
+        (k.fmt, k.dense, k.axis, k.dense_dtype) != (first.fmt, first.dense, first.axis, first.dense_dtype)
+        for k in kernels
+    ):
         return None
     fields = {name: np.stack([np.asarray(k.fields[name]) for k in kernels]) for name in first.fields}
     return QuantizedKernel(fields, first.fmt, first.dense, first.axis, first.dense_dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -31,11 +31,27 @@ METHODS = ("none", "int8", "nf4", "gguf")
 NF4_BLOCK = 64
 # The 16 NormalFloat-4 values of the QLoRA paper (Dettmers et al. 2023, appendix E): quantiles of
 # N(0, 1) normalised to [-1, 1], with an exact zero.
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236328, 1.0], np.float32)
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236328,
+        1.0,
+    ],
+    np.float32,
+)
 
 
 class QuantizeError(JloraError, ValueError):
@@ -127,8 +143,9 @@ def transposed(q: QuantizedKernel) -> QuantizedKernel:
     """The packed [*stack, N, M] transpose of q (e.g. a tied embedding [V, D] as a [D, V] head), no decoding:
     the block axis flips with it."""
     n = len(q.stack)
-    return q.replace(fields={k: jnp.swapaxes(f, n, n + 1) for k, f in q.fields.items()},
-                     dense=q.dense[::-1], axis=-3 - q.axis)
+    return q.replace(
+        fields={k: jnp.swapaxes(f, n, n + 1) for k, f in q.fields.items()}, dense=q.dense[::-1], axis=-3 - q.axis
+    )
 
 
 def take_rows(q: QuantizedKernel, ids: jax.Array, dtype=None) -> jax.Array:
@@ -147,6 +164,7 @@ def _zero_cotangent(q: QuantizedKernel) -> QuantizedKernel:
         if jnp.issubdtype(f.dtype, jnp.inexact):
             return jnp.zeros_like(f)
         return np.zeros(f.shape, jax.dtypes.float0)
+
     return jax.tree.map(zero, q)
 
 
@@ -206,6 +224,7 @@ def dense_value(w, dtype=None) -> jax.Array:
 
 # ---- int8: per-output-channel absmax ----------------------------------------------------------------
 
+
 def _decode_int8(fields: dict) -> jax.Array:
     return (fields["q"].astype(jnp.float32) * fields["scale"])[..., None]  # [..., A, B, 1]
 
@@ -221,6 +240,7 @@ def _encode_int8(w: jax.Array, axis: int) -> dict:
 
 
 # ---- nf4: NormalFloat-4 in blocks of 64, optional double quantization of the block scales --------------
+
 
 def _nf4_values(codes: jax.Array) -> jax.Array:
     """codes [..., 32] uint8, two 4-bit indices each (low nibble first) -> [..., 64] fp32 code values."""
@@ -270,6 +290,7 @@ def _encode_nf4(w: jax.Array, axis: int, double_quant: bool) -> dict:
 
 # ---- the tree transformation --------------------------------------------------------------------------
 
+
 def quantize_axis(path: tuple, leaf) -> int | None:
     """The blocked axis for a leaf that is quantized (kernels along input M, embeddings along row N), or None."""
     if is_quantized(leaf) or getattr(leaf, "ndim", 0) < 2:
@@ -279,8 +300,10 @@ def quantize_axis(path: tuple, leaf) -> int | None:
 
 def _check_method(method: str) -> None:
     if method not in ("int8", "nf4"):
-        raise QuantizeError(f"quantize method {method!r}: expected one of int8, nf4 "
-                            f"(gguf keeps a GGUF file's own blocks: load it with quantize='gguf')")
+        raise QuantizeError(
+            f"quantize method {method!r}: expected one of int8, nf4 "
+            f"(gguf keeps a GGUF file's own blocks: load it with quantize='gguf')"
+        )
 
 
 def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name: str = "") -> QuantizedKernel:
@@ -291,8 +314,10 @@ def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name
     elif method == "nf4":
         along = w.shape[axis]
         if along % NF4_BLOCK:
-            raise QuantizeError(f"{name or 'leaf'} {tuple(w.shape)}: nf4 needs dim {along} to be a multiple of "
-                                f"the block size {NF4_BLOCK}; quantize it as int8 or leave it out")
+            raise QuantizeError(
+                f"{name or 'leaf'} {tuple(w.shape)}: nf4 needs dim {along} to be a multiple of "
+                f"the block size {NF4_BLOCK}; quantize it as int8 or leave it out"
+            )
         fields, fmt = _encode_nf4(jnp.asarray(w), axis, double_quant), "nf4-dq" if double_quant else "nf4"
     else:
         _check_method(method)
@@ -303,8 +328,10 @@ def requantize_like(q: QuantizedKernel, w: jax.Array) -> QuantizedKernel:
     """Dense `w` (e.g. a merged kernel) quantized in q's own format and layout."""
     method = {"int8": "int8", "nf4": "nf4", "nf4-dq": "nf4"}.get(q.fmt)
     if method is None:
-        raise QuantizeError(f"cannot re-encode a {q.fmt} kernel: jlora decodes GGUF blocks but does not write "
-                            f"them; merge with quantized='dequantize', or requantize as int8 / nf4")
+        raise QuantizeError(
+            f"cannot re-encode a {q.fmt} kernel: jlora decodes GGUF blocks but does not write "
+            f"them; merge with quantized='dequantize', or requantize as int8 / nf4"
+        )
     return quantize_leaf(w, method, q.axis, double_quant=q.fmt == "nf4-dq")
 
 
@@ -321,8 +348,14 @@ def leaf_method(path: tuple, method: str, head: str = "int8") -> str:
     return head if is_head(tuple(path)) else method
 
 
-def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, head: str = "int8",
-             skip: Callable[[str], bool] | None = None):
+def quantize(
+    frozen,
+    method: str = "nf4",
+    *,
+    double_quant: bool = False,
+    head: str = "int8",
+    skip: Callable[[str], bool] | None = None,
+):
     """The frozen tree with every kernel quantized by `method` ("int8" or "nf4"; "none": unchanged), and the
     embedding / output head by `head` (see `leaf_method`; head="nf4" packs them in 4 bits too).
 
@@ -342,15 +375,19 @@ def quantize(frozen, method: str = "nf4", *, double_quant: bool = False, head: s
     return traverse_util.unflatten_dict(out)
 
 
-def leaf_encoder(path: tuple, leaf, method: str, *, double_quant: bool = False,
-                 head: str = "int8") -> Callable | None:
+def leaf_encoder(path: tuple, leaf, method: str, *, double_quant: bool = False, head: str = "int8") -> Callable | None:
     """`w -> QuantizedKernel` for the leaf at `path` (its method by `leaf_method`, its blocked axis by
     `quantize_axis`), or None for a leaf that stays as it is."""
     axis = quantize_axis(path, leaf)
     if axis is None:
         return None
-    return functools.partial(quantize_leaf, method=leaf_method(path, method, head), axis=axis,
-                             double_quant=double_quant, name=".".join(map(str, path)))
+    return functools.partial(
+        quantize_leaf,
+        method=leaf_method(path, method, head),
+        axis=axis,
+        double_quant=double_quant,
+        name=".".join(map(str, path)),
+    )
 
 
 def frozen_bytes(tree) -> int:

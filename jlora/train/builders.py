@@ -45,8 +45,9 @@ def model_overrides(run: RunConfig) -> dict[str, Any]:
     overrides = {"remat": run.train.remat, **dict(run.model.overrides)}
     if run.data.packing:
         if overrides.get("attention") == "cudnn":
-            raise ConfigError("attention 'cudnn' cannot keep packed rows apart; use 'auto' or 'blocked'",
-                              "model.overrides")
+            raise ConfigError(
+                "attention 'cudnn' cannot keep packed rows apart; use 'auto' or 'blocked'", "model.overrides"
+            )
         overrides["attention"] = "blocked"
     return overrides
 
@@ -73,6 +74,11 @@ def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfi
         kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
         cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept)
     else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
-        cfg, params = load_pretrained_sharded(m.path, mesh, dtype=m.dtype, param_dtype=m.param_dtype,
-                                              specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication))
+        cfg, params = load_pretrained_sharded(
+            m.path,
+            mesh,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication),
+        )
     return cfg.replace(**overrides), params

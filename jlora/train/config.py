@@ -33,8 +33,11 @@ class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads 1e-4 (no dot) as a float, as YAML 1.2 does."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"), list("-+0123456789."))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"),
+    list("-+0123456789."),
+)
 
 
 class ConfigError(JloraError, ValueError):
@@ -90,13 +93,20 @@ class ModelConfig(_Section):
     def _validate(self) -> None:
         _check(bool(self.path), "path", "must not be empty")
         if self.quantize == "gguf":
-            gguf_file = self.path.endswith(".gguf") or (self.path not in ("tiny",) and not self.preset
-                                                        and "/" not in self.path and "." not in self.path)
-            _check(gguf_file and not self.preset, "quantize",
-                   f"gguf keeps a GGUF file's own blocks, but model.path {self.path!r} is not a .gguf file; "
-                   f"use int8 or nf4 for other checkpoints")
-        _check(not self.double_quant or self.quantize == "nf4", "double_quant",
-               f"quantizes nf4 block scales; it needs quantize: nf4, not {self.quantize}")
+            gguf_file = self.path.endswith(".gguf") or (
+                self.path not in ("tiny",) and not self.preset and "/" not in self.path and "." not in self.path
+            )
+            _check(
+                gguf_file and not self.preset,
+                "quantize",
+                f"gguf keeps a GGUF file's own blocks, but model.path {self.path!r} is not a .gguf file; "
+                f"use int8 or nf4 for other checkpoints",
+            )
+        _check(
+            not self.double_quant or self.quantize == "nf4",
+            "double_quant",
+            f"quantizes nf4 block scales; it needs quantize: nf4, not {self.quantize}",
+        )
 
 
 @dataclass(frozen=True)
@@ -167,8 +177,11 @@ class TrainConfig(_Section):
     def _validate(self) -> None:
         _at_least(self, 1, "global_batch", "micro_batch", "max_nonfinite", "log_interval", "steps")
         _at_least(self, 0, "eval_interval", "eval_batches")
-        _check(self.global_batch % self.micro_batch == 0, "micro_batch",
-               f"must divide train.global_batch ({self.global_batch}), got {self.micro_batch}")
+        _check(
+            self.global_batch % self.micro_batch == 0,
+            "micro_batch",
+            f"must divide train.global_batch ({self.global_batch}), got {self.micro_batch}",
+        )
         _check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
 
     @property
@@ -244,9 +257,12 @@ class RunConfig(_Section):
     def _validate(self) -> None:
         for method, section in METHOD_SECTIONS.items():
             unset = getattr(self, section) == type(getattr(self, section))()
-            _check(method == self.method or unset, section,
-                   f"is for method: {method}, but this run has method: {self.method}; drop the {section} section "
-                   f"or set method: {method}")
+            _check(
+                method == self.method or unset,
+                section,
+                f"is for method: {method}, but this run has method: {self.method}; drop the {section} section "
+                f"or set method: {method}",
+            )
 
     @property
     def method_config(self) -> LoraConfig | AdapterConfig:
@@ -266,15 +282,20 @@ def run_warnings(run: RunConfig, steps: int, rows_per_epoch: float) -> list[str]
     run's step count and the training rows in one pass (known only once the data is loaded)."""
     out = []
     if run.optim.warmup_steps and run.optim.warmup_steps >= steps:
-        out.append(f"optim.warmup_steps={run.optim.warmup_steps} is not below the run's {steps} steps: the learning "
-                   f"rate never reaches optim.lr={run.optim.lr:g}, and the {run.optim.schedule} schedule never starts")
+        out.append(
+            f"optim.warmup_steps={run.optim.warmup_steps} is not below the run's {steps} steps: the learning "
+            f"rate never reaches optim.lr={run.optim.lr:g}, and the {run.optim.schedule} schedule never starts"
+        )
     if rows_per_epoch < run.train.global_batch:
-        out.append(f"the training set fills {rows_per_epoch:g} rows, fewer than one train.global_batch="
-                   f"{run.train.global_batch}: rows repeat within every step")
+        out.append(
+            f"the training set fills {rows_per_epoch:g} rows, fewer than one train.global_batch="
+            f"{run.train.global_batch}: rows repeat within every step"
+        )
     return out
 
 
 # ---- generic conversion of YAML values / --set strings to a field's type hint ----
+
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
@@ -351,8 +372,9 @@ def _build(cls: type, raw: Mapping, prefix: str) -> Any:
         if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{prefix}{name}'")
     # a field's own default is always a valid value (LoraConfig.targets: None means the family's default)
-    kwargs = {k: v if v is None and fields[k].default is None else _coerce(v, hints[k], prefix + k)
-              for k, v in raw.items()}
+    kwargs = {
+        k: v if v is None and fields[k].default is None else _coerce(v, hints[k], prefix + k) for k, v in raw.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError as e:

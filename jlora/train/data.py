@@ -14,13 +14,13 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 
 from jlora.train import data_stream
-from jlora.train.examples import ByteTokenizer, DataError, Example, TokenizerLike
 from jlora.train.config import DataConfig, RunConfig
+from jlora.train.examples import DataError, Example, TokenizerLike
 
 # The Stanford Alpaca prompts (with / without an input), which lit-llama and alpaca-lora also use.
 ALPACA_TEMPLATES: dict[str, tuple[str, str]] = {
@@ -58,7 +58,10 @@ class DataStats:
 
 # ---- records ----
 
-def read_records(path: str, fmt: str, on_bad_record: str = "error", stats: DataStats | None = None) -> list[tuple[str, dict]]:
+
+def read_records(
+    path: str, fmt: str, on_bad_record: str = "error", stats: DataStats | None = None
+) -> list[tuple[str, dict]]:
     """[(where, record)] from a .json array, a JSONL file, or (format "text") a whole plain-text file.
     `where` is "file:line"; a malformed record raises DataError naming it, or is skipped and counted."""
     stats = stats if stats is not None else DataStats()
@@ -115,18 +118,24 @@ def _check_record(fmt: str, where: str, obj: Any) -> dict:
 
     need(isinstance(obj, dict), f"expected a JSON object, got {type(obj).__name__}")
     if fmt == "alpaca":
-        need(isinstance(obj.get("instruction"), str) and obj["instruction"].strip() != "",
-             "alpaca record needs a non-empty string 'instruction'")
+        need(
+            isinstance(obj.get("instruction"), str) and obj["instruction"].strip() != "",
+            "alpaca record needs a non-empty string 'instruction'",
+        )
         need(isinstance(obj.get("output"), str), "alpaca record needs a string 'output'")
         need(isinstance(obj.get("input", ""), (str, type(None))), "alpaca 'input' must be a string")
     elif fmt == "chat":
         msgs = obj.get("messages")
         need(isinstance(msgs, list) and len(msgs) > 0, "chat record needs a non-empty list 'messages'")
         for j, m in enumerate(msgs):
-            need(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
-                 f"messages[{j}] needs string 'role' and 'content'")
-            need(m["role"] in CHAT_ROLES,
-                 f"messages[{j}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+            need(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str),
+                f"messages[{j}] needs string 'role' and 'content'",
+            )
+            need(
+                m["role"] in CHAT_ROLES,
+                f"messages[{j}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}",
+            )
         need(any(m["role"] == "assistant" for m in msgs), "chat record has no assistant message")
     else:
         need(isinstance(obj.get("text"), str), "text record needs a string 'text'")
@@ -134,6 +143,7 @@ def _check_record(fmt: str, where: str, obj: Any) -> dict:
 
 
 # ---- tokenization and masking ----
+
 
 def _encode_pieces(tok: TokenizerLike, pieces: list[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
     """Encode the whole text in one go (the ids inference sees) and mark each piece's tokens: a piece
@@ -158,6 +168,7 @@ def _encode_pieces(tok: TokenizerLike, pieces: list[tuple[str, bool]]) -> tuple[
 
 def _chat_pieces(tok: TokenizerLike, msgs: list[dict], where: str) -> list[tuple[str, bool]]:
     """(text, is_assistant) pieces of a rendered chat, found by rendering its prefixes."""
+
     def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
             return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -172,15 +183,18 @@ def _chat_pieces(tok: TokenizerLike, msgs: list[dict], where: str) -> list[tuple
         head = render(msgs[:i], add_generation_prompt=True)
         turn = render(msgs[: i + 1])
         if not (full.startswith(head) and full.startswith(turn) and cursor <= len(head) <= len(turn)):
-            raise DataError(f"{where}: the chat template does not render message prefixes as prefixes, "
-                            "so the assistant turns cannot be located")
-        pieces += [(full[cursor:len(head)], False), (full[len(head):len(turn)], True)]
+            raise DataError(
+                f"{where}: the chat template does not render message prefixes as prefixes, "
+                "so the assistant turns cannot be located"
+            )
+        pieces += [(full[cursor : len(head)], False), (full[len(head) : len(turn)], True)]
         cursor = len(turn)
     return pieces  # messages after the last assistant turn teach nothing, so they are left out
 
 
-def encode_record(rec: dict, fmt: str, tok: TokenizerLike, *, mask_prompt: bool = True,
-                  template: str = "alpaca", where: str = "") -> Example:
+def encode_record(
+    rec: dict, fmt: str, tok: TokenizerLike, *, mask_prompt: bool = True, template: str = "alpaca", where: str = ""
+) -> Example:
     """One alpaca / chat / text record as ids + mask, with EOS appended (and trained)."""
     if tok.eos_id is None:
         raise DataError(f"{where}: the tokenizer has no EOS token to end examples with")
@@ -198,7 +212,7 @@ def encode_record(rec: dict, fmt: str, tok: TokenizerLike, *, mask_prompt: bool 
     if not mask_prompt:
         pieces = [(t, True) for t, _ in pieces]
     ids, mask = _encode_pieces(tok, pieces)
-    if fmt != "chat" or tok.eos_id not in ids[int(np.argmax(mask)) if mask.any() else len(ids):]:
+    if fmt != "chat" or tok.eos_id not in ids[int(np.argmax(mask)) if mask.any() else len(ids) :]:
         ids, mask = ids + [tok.eos_id], np.append(mask, True)  # a template's own end-of-turn token counts as EOS
     return Example(np.asarray(ids, np.int32), mask)
 
@@ -207,12 +221,12 @@ def _fit(ex: Example, cfg: DataConfig, stats: DataStats) -> list[Example]:
     """An example cut to max_seq_len inputs (text: chunked), or [] if dropped; counted in stats."""
     t = cfg.max_seq_len
     if cfg.format == "text":  # chunks of t+1 tokens overlapping by one, so every token is a target once
-        out = [Example(ex.ids[i:i + t + 1], ex.mask[i:i + t + 1]) for i in range(0, len(ex.ids) - 1, t)]
+        out = [Example(ex.ids[i : i + t + 1], ex.mask[i : i + t + 1]) for i in range(0, len(ex.ids) - 1, t)]
     elif len(ex.ids) - 1 > t and cfg.truncation == "drop":
         stats.dropped_too_long, out = stats.dropped_too_long + 1, []
     else:
         stats.truncated += len(ex.ids) - 1 > t
-        out = [Example(ex.ids[:t + 1], ex.mask[:t + 1])]
+        out = [Example(ex.ids[: t + 1], ex.mask[: t + 1])]
     kept = [e for e in out if e.mask[1:].any()]
     stats.dropped_no_target += len(out) - len(kept)
     return kept
@@ -230,9 +244,11 @@ def load_examples(cfg: DataConfig, tok: TokenizerLike) -> tuple[list[Example], l
     """(train, val, stats): the val file, or the last val_fraction of the train examples (in file order)."""
     stats = DataStats()
     if cfg.format == "chat" and getattr(tok, "chat_template", "") is None:
-        raise DataError(f"data.format: chat renders messages with the tokenizer's chat template, and "
-                        f"{_tok_name(tok)} has none; add chat_template to its tokenizer_config.json, or use "
-                        f"format alpaca or text")
+        raise DataError(
+            f"data.format: chat renders messages with the tokenizer's chat template, and "
+            f"{_tok_name(tok)} has none; add chat_template to its tokenizer_config.json, or use "
+            f"format alpaca or text"
+        )
     train = _examples(cfg.train, cfg, tok, stats)
     val = _examples(cfg.val, cfg, tok, stats) if cfg.val else []
     if cfg.val_fraction and train:
@@ -258,16 +274,21 @@ def check_vocab(tok: TokenizerLike, model_vocab: int, examples: Sequence[tuple[s
     for (`examples`: [(data file, its examples)]); either would train on garbage (gather fills NaN)."""
     n = getattr(tok, "vocab_size", None)
     if n is not None and n > model_vocab:
-        raise DataError(f"{_tok_name(tok)} has {n} tokens, more than the model's vocab_size {model_vocab}; use the "
-                        f"tokenizer the model was trained with")
+        raise DataError(
+            f"{_tok_name(tok)} has {n} tokens, more than the model's vocab_size {model_vocab}; use the "
+            f"tokenizer the model was trained with"
+        )
     for path, exs in examples:
         top = max((int(e.ids.max()) for e in exs if len(e.ids)), default=-1)
         if top >= model_vocab:
-            raise DataError(f"{path}: token id {top} from {_tok_name(tok)} is beyond the model's vocab_size "
-                            f"{model_vocab}; use the tokenizer the model was trained with")
+            raise DataError(
+                f"{path}: token id {top} from {_tok_name(tok)} is beyond the model's vocab_size "
+                f"{model_vocab}; use the tokenizer the model was trained with"
+            )
 
 
 # ---- batches ----
+
 
 class Batches:
     """An endless, deterministic stream of global batches; this host gets rows
@@ -282,20 +303,34 @@ class Batches:
     float32; segment 0 is padding, 1.. the examples of a row, and positions restart at 0.
     """
 
-    def __init__(self, examples: Sequence[Example], *, global_batch: int, seq_len: int, packing: bool = False,
-                 shuffle: bool = True, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        *,
+        global_batch: int,
+        seq_len: int,
+        packing: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        pad_id: int = 0,
+    ):
         if not examples:
             raise DataError("no examples to batch")
         if global_batch % process_count or not 0 <= process_index < process_count:
-            raise DataError(f"global batch {global_batch} cannot be split over {process_count} processes "
-                            f"(process index {process_index})")
+            raise DataError(
+                f"global batch {global_batch} cannot be split over {process_count} processes "
+                f"(process index {process_index})"
+            )
         self.examples, self.global_batch, self.seq_len = list(examples), global_batch, seq_len
         self.packing, self.shuffle, self.seed, self.pad_id = packing, shuffle, seed, pad_id
         self.local_batch, self.process_index = global_batch // process_count, process_index
         self._lengths = np.array([len(e.ids) - 1 for e in self.examples])  # inputs per example
         if self._lengths.max() > seq_len:
-            raise DataError(f"example {int(self._lengths.argmax())} has {self._lengths.max()} inputs > seq_len {seq_len}")
+            raise DataError(
+                f"example {int(self._lengths.argmax())} has {self._lengths.max()} inputs > seq_len {seq_len}"
+            )
         self._layouts: dict[int, list[list[int]]] = {}
         self._starts, self.row = [0], 0  # _starts: the first global row of each epoch laid out so far
         self.identity: dict[str, Any] = {}  # what defines this stream (make_batches sets it): see stream_identity
@@ -346,11 +381,11 @@ class Batches:
             for seg, i in enumerate(row, 1):
                 ids, mask = self.examples[i]
                 n = len(ids) - 1
-                out["input_ids"][r, col:col + n] = ids[:-1]
-                out["targets"][r, col:col + n] = ids[1:]
-                out["loss_mask"][r, col:col + n] = mask[1:]
-                out["positions"][r, col:col + n] = np.arange(n)
-                out["segment_ids"][r, col:col + n] = seg
+                out["input_ids"][r, col : col + n] = ids[:-1]
+                out["targets"][r, col : col + n] = ids[1:]
+                out["loss_mask"][r, col : col + n] = mask[1:]
+                out["positions"][r, col : col + n] = np.arange(n)
+                out["segment_ids"][r, col : col + n] = seg
                 col += n
         return out
 
@@ -382,25 +417,38 @@ class Batches:
         """Continue from `state()`: the following rows are exactly those that followed it, whatever
         the global batch then and now. A saved position without "row" is from an older jlora."""
         if "row" not in state:
-            raise DataError("cannot resume the data stream: the checkpoint's position is step-based (an older "
-                            "jlora); start over")
+            raise DataError(
+                "cannot resume the data stream: the checkpoint's position is step-based (an older jlora); start over"
+            )
         for key, have in (("seed", self.seed), ("num_examples", len(self.examples))):
             if int(state.get(key, have)) != have:
                 raise DataError(f"cannot resume the data stream: {key} was {state[key]} at save, is {have} now")
         self.row = int(state["row"])
 
 
-def make_batches(cfg: RunConfig, tok: TokenizerLike, *, process_index: int = 0, process_count: int = 1,
-                 model_vocab: int | None = None) -> tuple[Batches, Batches | None, DataStats]:
+def make_batches(
+    cfg: RunConfig,
+    tok: TokenizerLike,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    model_vocab: int | None = None,
+) -> tuple[Batches, Batches | None, DataStats]:
     """(train stream of global_batch rows, val batches of micro_batch rows or None, stats) for a run.
     model_vocab: the model's vocab_size; the tokenizer and every token id must fit it."""
     train, val, stats = load_examples(cfg.data, tok)
     if model_vocab is not None:
         check_vocab(tok, model_vocab, [(cfg.data.train, train), (cfg.data.val or cfg.data.train, val)])
-    common = dict(seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, process_index=process_index,
-                  process_count=process_count, pad_id=tok.pad_id or 0)
-    train_it = Batches(train, global_batch=cfg.train.global_batch, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
-                       **common)
+    common = dict(
+        seq_len=cfg.data.max_seq_len,
+        packing=cfg.data.packing,
+        process_index=process_index,
+        process_count=process_count,
+        pad_id=tok.pad_id or 0,
+    )
+    train_it = Batches(
+        train, global_batch=cfg.train.global_batch, shuffle=cfg.data.shuffle, seed=cfg.train.seed, **common
+    )
     val_it = Batches(val, global_batch=cfg.train.micro_batch, shuffle=False, **common) if val else None
     train_it.identity = data_stream.stream_identity(cfg, tok, train, val)
     return train_it, val_it, stats

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+
 import numpy as np
 
 from jlora.checkpoint.store import CheckpointError
 from jlora.train.config import RunConfig
 from jlora.train.examples import DataError, Example, TokenizerLike
 
-
-
 # What can make the examples differ, most specific first: the first that changed names the cause.
-CAUSE_KEYS = ("data.train", "data.val", "tokenizer", "data.format", "data.template", "data.mask_prompt",
-              "data.max_seq_len", "data.truncation", "data.on_bad_record", "data.val_fraction")
+CAUSE_KEYS = (
+    "data.train",
+    "data.val",
+    "tokenizer",
+    "data.format",
+    "data.template",
+    "data.mask_prompt",
+    "data.max_seq_len",
+    "data.truncation",
+    "data.on_bad_record",
+    "data.val_fraction",
+)
 # What decides, with the examples, which rows the stream yields from a given row on.
 LAYOUT_KEYS = ("data.packing", "data.shuffle", "train.seed")
 
@@ -67,18 +76,30 @@ def stream_identity(cfg: RunConfig, tok: TokenizerLike, train: Sequence[Example]
     the examples (CAUSE_KEYS), the tokenized examples themselves, and the layout (LAYOUT_KEYS, plus
     max_seq_len when packing). Not the batch sizes: the position is a row, which they do not move."""
     d = cfg.data
-    return {"data.train": file_sha256(d.train), "data.val": file_sha256(d.val) if d.val else None,
-            "tokenizer": tokenizer_sha256(tok), "data.format": d.format, "data.template": d.template,
-            "data.mask_prompt": d.mask_prompt, "data.max_seq_len": d.max_seq_len, "data.truncation": d.truncation,
-            "data.on_bad_record": d.on_bad_record, "data.val_fraction": d.val_fraction, "data.packing": d.packing,
-            "data.shuffle": d.shuffle, "train.seed": cfg.train.seed,
-            "train_examples": examples_sha256(train), "val_examples": examples_sha256(val)}
+    return {
+        "data.train": file_sha256(d.train),
+        "data.val": file_sha256(d.val) if d.val else None,
+        "tokenizer": tokenizer_sha256(tok),
+        "data.format": d.format,
+        "data.template": d.template,
+        "data.mask_prompt": d.mask_prompt,
+        "data.max_seq_len": d.max_seq_len,
+        "data.truncation": d.truncation,
+        "data.on_bad_record": d.on_bad_record,
+        "data.val_fraction": d.val_fraction,
+        "data.packing": d.packing,
+        "data.shuffle": d.shuffle,
+        "train.seed": cfg.train.seed,
+        "train_examples": examples_sha256(train),
+        "val_examples": examples_sha256(val),
+    }
 
 
 def stream_change(saved: dict, now: dict) -> str | None:
     """None when a stream saved as `saved` continues identically as `now` from the same row; else
     "key (old -> new)" naming the setting that changed it. A setting that changed without changing
     the examples or the layout (e.g. a max_seq_len that cuts nothing, unpacked) is no change."""
+
     def show(key: str) -> str:
         old, new = saved.get(key), now.get(key)
         if isinstance(old, str) and len(old) == 64 and isinstance(new, str) and len(new) == 64:
@@ -101,9 +122,13 @@ def check_resume(meta: dict, where: str, data_stream: dict) -> None:
     position; the message names the setting that changed (old -> new) and how to start over."""
     saved = meta.get("data_stream")
     if saved is None:
-        raise CheckpointError(f"{where}: made by an older jlora that did not record its data stream, so a resume "
-                              f"cannot be checked; start over (jlora-train --overwrite)")
+        raise CheckpointError(
+            f"{where}: made by an older jlora that did not record its data stream, so a resume "
+            f"cannot be checked; start over (jlora-train --overwrite)"
+        )
     change = stream_change(saved, data_stream)
     if change is not None:
-        raise CheckpointError(f"{where}: cannot resume: {change} changed since this checkpoint, and with it the "
-                              f"rows each step trains on; set it back, or start over (jlora-train --overwrite)")
+        raise CheckpointError(
+            f"{where}: cannot resume: {change} changed since this checkpoint, and with it the "
+            f"rows each step trains on; set it back, or start over (jlora-train --overwrite)"
+        )

@@ -11,14 +11,12 @@ strings them together. `run_demo` is the same path for the tests' tiny random mo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
 import pathlib
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -29,17 +27,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jlora.train.config import ConfigError, RunConfig, load
-from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
+from jlora.formats.weights import WeightsError, hub_name, resolve_model_path
 from jlora.infer.generate import Generator
 from jlora.models.family import build_model, init_params
-from jlora.peft.lora import count_params
-from jlora.train.provenance import load_average, provenance
 from jlora.parallel.sharding import make_mesh, shard_params
+from jlora.peft.lora import count_params
 from jlora.train.builders import load_base, load_tok, method_config
+from jlora.train.config import RunConfig
+from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.train.loop import evaluate, train
+from jlora.train.provenance import load_average, provenance
 from jlora.train.step import TrainState, make_eval_step
-from jlora.formats.weights import WeightsError, hub_name, resolve_model_path
 
 DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
 DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
@@ -96,7 +94,7 @@ def eval_items(run: RunConfig, tok, limit: int | None = None) -> list[EvalItem]:
         raise DataError(f"{d.train}: the demo scores answers, so it needs alpaca or chat records, not text")
     records = read_records(d.val or d.train, d.format, d.on_bad_record)
     if not d.val:
-        records = records[len(records) - max(1, round(len(records) * d.val_fraction)):] if d.val_fraction else []
+        records = records[len(records) - max(1, round(len(records) * d.val_fraction)) :] if d.val_fraction else []
     if not records:
         raise DataError(f"{d.train}: no held-out records to evaluate: set data.val or data.val_fraction")
     items = []
@@ -134,8 +132,12 @@ def answers_match(pred: str, ref: str) -> bool:
 def score(model: nn.Module, frozen, trainable, items: list[EvalItem], tok, batch: int = 64) -> tuple[float, list[str]]:
     """(exact-match accuracy, decoded greedy answers) over `items`, generated `batch` prompts at a time."""
     cfg = model.cfg
-    eos = sorted({*(np.atleast_1d(cfg.eos_token_id).tolist() if cfg.eos_token_id is not None else []),
-                  *([tok.eos_id] if tok.eos_id is not None else [])})
+    eos = sorted(
+        {
+            *(np.atleast_1d(cfg.eos_token_id).tolist() if cfg.eos_token_id is not None else []),
+            *([tok.eos_id] if tok.eos_id is not None else []),
+        }
+    )
     longest = max(len(tok.encode(it.reference, add_bos=False)) for it in items)
     room = cfg.max_position_embeddings - max(len(it.prompt_ids) for it in items)
     max_new = max(1, min(longest + 8, room))  # enough for the longest reference, so none is cut short
@@ -144,8 +146,13 @@ def score(model: nn.Module, frozen, trainable, items: list[EvalItem], tok, batch
     # a batch of greedy generations takes minutes on a CPU: the bar says the demo is not stuck
     with tqdm(total=len(items), desc="generating answers", unit="example", dynamic_ncols=True) as bar:
         for i in range(0, len(items), batch):
-            rows = gen.generate([it.prompt_ids for it in items[i:i + batch]], max_new_tokens=max_new,
-                                temperature=0.0, eos_id=eos, pad_id=tok.pad_id or 0)
+            rows = gen.generate(
+                [it.prompt_ids for it in items[i : i + batch]],
+                max_new_tokens=max_new,
+                temperature=0.0,
+                eos_id=eos,
+                pad_id=tok.pad_id or 0,
+            )
             # a model's vocab may be padded past the tokenizer's (the tiny preset): such ids are no text
             outs += [tok.decode([i for i in r if i < tok.vocab_size], skip_special_tokens=True).strip() for r in rows]
             bar.update(len(rows))
@@ -159,8 +166,13 @@ class _WithBar:
         self.batches, self.desc = batches, desc
 
     def one_pass(self):
-        return tqdm(self.batches.one_pass(), total=math.ceil(self.batches.steps_per_epoch), desc=self.desc,
-                    unit="batch", dynamic_ncols=True)
+        return tqdm(
+            self.batches.one_pass(),
+            total=math.ceil(self.batches.steps_per_epoch),
+            desc=self.desc,
+            unit="batch",
+            dynamic_ncols=True,
+        )
 
 
 def held_out_loss(model: nn.Module, state: TrainState, val_it: Batches) -> float:
@@ -179,7 +191,7 @@ def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
         return "loss.png skipped: matplotlib is not installed (pip install 'jlora[plot]')"
     rows = [json.loads(ln) for ln in metrics_file.read_text().splitlines() if ln.strip()]
     starts = [i for i in range(1, len(rows)) if rows[i]["step"] < rows[i - 1]["step"]]  # a restarted run
-    rows = rows[starts[-1] if starts else 0:]
+    rows = rows[starts[-1] if starts else 0 :]
     train_rows = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] is not None]
     val_rows = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -194,8 +206,9 @@ def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
     return f"wrote {out_png}"
 
 
-def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print,
-             command: str = "jlora-demo") -> dict[str, Any]:
+def run_demo(
+    run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print, command: str = "jlora-demo"
+) -> dict[str, Any]:
     """The whole demo for `run`; returns {base, finetuned: {loss, accuracy}, n_eval, peft_dir, ...} and
     writes it, with the `command` and where and when it ran (jlora.train.provenance), to demo_results.json."""
     from jlora.formats.peft_adapter import export_peft
@@ -210,8 +223,14 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
     if val_it is None:
         raise DataError(f"{run.data.train}: no held-out examples: set data.val or data.val_fraction")
     # the loss covers the same (first `eval_limit`) held-out examples as the accuracy
-    val_it = Batches(val_it.examples[:len(items)], global_batch=run.train.micro_batch, seq_len=run.data.max_seq_len,
-                     packing=run.data.packing, shuffle=False, pad_id=tok.pad_id or 0)
+    val_it = Batches(
+        val_it.examples[: len(items)],
+        global_batch=run.train.micro_batch,
+        seq_len=run.data.max_seq_len,
+        packing=run.data.packing,
+        shuffle=False,
+        pad_id=tok.pad_id or 0,
+    )
 
     say(f"Evaluating the base model on {len(items)} held-out examples ...")
     t0 = time.perf_counter()
@@ -240,25 +259,53 @@ def run_demo(run: RunConfig, *, eval_limit: int | None = None, show: int = 3, sa
 
     out_dir = pathlib.Path(run.output_dir)
     peft_dir = out_dir / "peft"
-    export_peft(peft_dir, jax.device_get(state.trainable), method_config(run, cfg), cfg, base_name=hub_name(run.model.path))
+    export_peft(
+        peft_dir, jax.device_get(state.trainable), method_config(run, cfg), cfg, base_name=hub_name(run.model.path)
+    )
     plot_msg = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
-    result = {"bench": "demo", "command": command, **started, "method": run.method,
-              "trainable_params": count_params(state.trainable), "peak_rss_bytes": peak_rss_bytes(),
-              "n_eval": len(items), "base": base, "finetuned": tuned, "train_s": train_s,
-              "train_steps": summary["steps"] - summary["start_step"], "tokens_per_s": summary.get("tokens_per_s"),
-              "peft_dir": str(peft_dir), "adapter_dir": summary["adapter_dir"],
-              "examples": [{"question": it.question, "reference": it.reference, "base": b, "finetuned": t}
-                           for it, b, t in list(zip(items, base_out, tuned_out))[:show]],
-              "wall_s": time.perf_counter() - t_start, "load_average_after": load_average()}
+    result = {
+        "bench": "demo",
+        "command": command,
+        **started,
+        "method": run.method,
+        "trainable_params": count_params(state.trainable),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "n_eval": len(items),
+        "base": base,
+        "finetuned": tuned,
+        "train_s": train_s,
+        "train_steps": summary["steps"] - summary["start_step"],
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "peft_dir": str(peft_dir),
+        "adapter_dir": summary["adapter_dir"],
+        "examples": [
+            {"question": it.question, "reference": it.reference, "base": b, "finetuned": t}
+            for it, b, t in list(zip(items, base_out, tuned_out))[:show]
+        ],
+        "wall_s": time.perf_counter() - t_start,
+        "load_average_after": load_average(),
+    }
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out_dir / "eval_generations.jsonl", "w", encoding="utf-8") as fh:  # every answer, for inspection
         for it, b, t in zip(items, base_out, tuned_out):
-            fh.write(json.dumps({"question": it.question, "reference": it.reference, "base": b, "finetuned": t,
-                                 "base_ok": answers_match(b, it.reference),
-                                 "finetuned_ok": answers_match(t, it.reference)}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "question": it.question,
+                        "reference": it.reference,
+                        "base": b,
+                        "finetuned": t,
+                        "base_ok": answers_match(b, it.reference),
+                        "finetuned_ok": answers_match(t, it.reference),
+                    }
+                )
+                + "\n"
+            )
     say(report(result))
     say(plot_msg)
-    say(f"PEFT adapter: {peft_dir}   jlora adapter: {summary['adapter_dir']}   results: {out_dir / 'demo_results.json'}")
+    say(
+        f"PEFT adapter: {peft_dir}   jlora adapter: {summary['adapter_dir']}   results: {out_dir / 'demo_results.json'}"
+    )
     return result
 
 
@@ -273,17 +320,24 @@ def report(result: dict[str, Any]) -> str:
     b, t = result["base"], result["finetuned"]
     lines = [""]
     for k, ex in enumerate(result["examples"], 1):
-        mark = lambda s: "ok " if answers_match(s, ex["reference"]) else "BAD"  # noqa: E731
-        lines += [f"--- example {k} " + "-" * 50, f"input      : {ex['question'].splitlines()[-1]}",
-                  f"expected   : {ex['reference']}", f"base       : [{mark(ex['base'])}] {_one_line(ex['base'])}",
-                  f"fine-tuned : [{mark(ex['finetuned'])}] {_one_line(ex['finetuned'])}"]
-    acc = lambda x: f"{100 * x['accuracy']:.1f}%"  # noqa: E731
-    lines += ["", f"{'held-out split (' + str(result['n_eval']) + ' examples)':34}{'base':>10}{'fine-tuned':>12}",
-              f"{'  loss (mean per answer token)':34}{b['loss']:>10.4f}{t['loss']:>12.4f}",
-              f"{'  accuracy (exact match)':34}{acc(b):>10}{acc(t):>12}",
-              f"training: {result['train_steps']} steps in {result['train_s']:.0f} s"
-              + (f" ({result['tokens_per_s']:,.0f} tokens/s)" if result.get("tokens_per_s") else "")
-              + f"; demo wall time {result['wall_s']:.0f} s"]
+        mark = lambda s: "ok " if answers_match(s, ex["reference"]) else "BAD"
+        lines += [
+            f"--- example {k} " + "-" * 50,
+            f"input      : {ex['question'].splitlines()[-1]}",
+            f"expected   : {ex['reference']}",
+            f"base       : [{mark(ex['base'])}] {_one_line(ex['base'])}",
+            f"fine-tuned : [{mark(ex['finetuned'])}] {_one_line(ex['finetuned'])}",
+        ]
+    acc = lambda x: f"{100 * x['accuracy']:.1f}%"
+    lines += [
+        "",
+        f"{'held-out split (' + str(result['n_eval']) + ' examples)':34}{'base':>10}{'fine-tuned':>12}",
+        f"{'  loss (mean per answer token)':34}{b['loss']:>10.4f}{t['loss']:>12.4f}",
+        f"{'  accuracy (exact match)':34}{acc(b):>10}{acc(t):>12}",
+        f"training: {result['train_steps']} steps in {result['train_s']:.0f} s"
+        + (f" ({result['tokens_per_s']:,.0f} tokens/s)" if result.get("tokens_per_s") else "")
+        + f"; demo wall time {result['wall_s']:.0f} s",
+    ]
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ jlora.parallel.sharding; files on disk are jlora.checkpoint.store. Only process 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import math
@@ -16,36 +15,45 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jlora.checkpoint import store as ckpt
-from jlora.train.config import ConfigError, RunConfig, load, run_warnings, to_dict
-from jlora.train.data import ByteTokenizer, DataError, make_batches
-from jlora.train.data_stream import check_resume
 from jlora.checkpoint.fingerprint import fingerprint
+from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
+from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
+from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
 from jlora.train.builders import load_base, load_tok, method_config
-from jlora.peft.llama_adapter import AdapterConfigError
-from jlora.peft.lora import LoraError, count_params, describe, pissa_to_lora, unadapted
+from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
+from jlora.train.data import make_batches
+from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
-from jlora.checkpoint.run_dir import RunDirError, claim, os_error_line
-from jlora.parallel.sharding import BATCH_AXES, ShardingError, describe_mesh, make_mesh, param_specs
-from jlora.formats.tokenizer import TokenizerError
-from jlora.train.step import (NonFiniteError, TrainState, check_nonfinite, init_state, make_eval_step, make_optimizer,
-                           make_train_step, put_batch, quantize_frozen)
-from jlora.formats.weights import WeightsError
+from jlora.train.step import (
+    TrainState,
+    check_nonfinite,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    put_batch,
+    quantize_frozen,
+)
 
 log = logging.getLogger(__name__)
 
 # Any of these means a multi-process launch that jax.distributed.initialize() can pick up.
-CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-               "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
 def init_distributed(setting: bool | str = "auto") -> bool:
@@ -59,8 +67,10 @@ def init_distributed(setting: bool | str = "auto") -> bool:
         return False
     kwargs = {}
     if os.environ.get("JAX_NUM_PROCESSES"):
-        kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
-                  "process_id": int(os.environ.get("JAX_PROCESS_ID", "0"))}
+        kwargs = {
+            "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+            "process_id": int(os.environ.get("JAX_PROCESS_ID", "0")),
+        }
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:  # no coordinator found, bad env, timeout: say which setting
@@ -80,8 +90,9 @@ def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[floa
     return total / max(count, 1.0), count
 
 
-def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False,
-          overwrite: bool = False) -> dict[str, Any]:
+def train(
+    run: RunConfig, *, resume: bool | None = None, quiet: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Run a whole training job; returns a summary (steps, losses, val_loss, tokens_per_s, ...).
 
     resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
@@ -89,8 +100,9 @@ def train(run: RunConfig, *, resume: bool | None = None, quiet: bool = False,
     `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir)."""
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
-    with claim(run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0,
-               sync=ckpt.barrier) as aside:
+    with claim(
+        run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=ckpt.barrier
+    ) as aside:
         if aside is not None and not quiet:
             print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
         return _train(run, resume=resume, quiet=quiet)
@@ -106,18 +118,28 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     cfg, params = load_base(run, tok, mesh)
     method = method_config(run, cfg)
-    train_it, val_it, stats = make_batches(run, tok, process_index=jax.process_index(),
-                                           process_count=jax.process_count(), model_vocab=cfg.vocab_size)
+    train_it, val_it, stats = make_batches(
+        run, tok, process_index=jax.process_index(), process_count=jax.process_count(), model_vocab=cfg.vocab_size
+    )
     steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
     rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if run.train.micro_batch % rows:
-        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}",
-                          "train.micro_batch")
+        raise ConfigError(
+            f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}", "train.micro_batch"
+        )
 
     optimizer, schedule = make_optimizer(run.optim, steps, run.train.max_nonfinite)
     key = jax.random.key(run.train.seed)
-    state = init_state(cfg, method, mesh, jax.random.fold_in(key, 0), optimizer, params,
-                       model_key=jax.random.key(run.model.seed), allow_replication=run.mesh.allow_replication)
+    state = init_state(
+        cfg,
+        method,
+        mesh,
+        jax.random.fold_in(key, 0),
+        optimizer,
+        params,
+        model_key=jax.random.key(run.model.seed),
+        allow_replication=run.mesh.allow_replication,
+    )
     # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
     initial = jax.tree.map(jnp.copy, state.trainable) if run.method == "lora" and run.lora.init == "pissa" else None
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
@@ -130,10 +152,21 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
     want_resume = run.checkpoint.resume if resume is None else resume
     if want_resume:
-        abstract = {"trainable": state.trainable, "opt_state": state.opt_state, "step": 0,
-                    "data": train_it.state(), "rng": rng}
-        restored = ckpt.restore_latest(manager, abstract, base=cfg, params=fingerprint_src, lcfg=method,
-                                       check=functools.partial(check_resume, data_stream=train_it.identity))
+        abstract = {
+            "trainable": state.trainable,
+            "opt_state": state.opt_state,
+            "step": 0,
+            "data": train_it.state(),
+            "rng": rng,
+        }
+        restored = ckpt.restore_latest(
+            manager,
+            abstract,
+            base=cfg,
+            params=fingerprint_src,
+            lcfg=method,
+            check=functools.partial(check_resume, data_stream=train_it.identity),
+        )
         if restored is None and resume:
             raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
         if restored is not None:
@@ -145,14 +178,18 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
 
     n_micro = run.train.grad_accum
     tokens_per_step = run.train.global_batch * run.data.max_seq_len
-    say(f"model: {cfg.name}  layers={cfg.num_hidden_layers} d={cfg.hidden_size} vocab={cfg.vocab_size} "
+    say(
+        f"model: {cfg.name}  layers={cfg.num_hidden_layers} d={cfg.hidden_size} vocab={cfg.vocab_size} "
         f"dtype={cfg.dtype} param_dtype={cfg.param_dtype} remat={cfg.remat}  base params "
-        f"{count_params(state.frozen):,}")
+        f"{count_params(state.frozen):,}"
+    )
     say(f"mesh: {describe_mesh(mesh)}  processes: {jax.process_count()}")
     say(describe(state.trainable, state.frozen))
     say(f"data: {stats.summary()}")
-    say(f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
-        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})")
+    say(
+        f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
+        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})"
+    )
     if main_proc:  # on stderr, even when quiet: settings that are valid but almost surely a mistake
         for line in run_warnings(run, steps, train_it.steps_per_epoch * run.train.global_batch):
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -161,8 +198,15 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     step_fn = make_train_step(model, optimizer, state)
     eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
     metrics_log = MetricsLog(out_dir, main_proc)
-    summary: dict[str, Any] = {"steps": steps, "start_step": start, "losses": [], "val_losses": [], "skipped": 0,
-                               "output_dir": str(out_dir), "tokens_per_step": tokens_per_step}
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "start_step": start,
+        "losses": [],
+        "val_losses": [],
+        "skipped": 0,
+        "output_dir": str(out_dir),
+        "tokens_per_step": tokens_per_step,
+    }
     # optimizer updates so far: skipped steps do not advance the schedule
     applied = start - int(jax.device_get(state.opt_state.total_notfinite))
     window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
@@ -174,8 +218,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         if start < steps:
             say(f"step {start + 1}/{steps}: compiling the train step (the first step includes it) ...")
         for step in range(start, steps):
-            state.trainable, state.opt_state, m = step_fn(state.frozen, state.trainable, state.opt_state, batch,
-                                                          jax.random.fold_in(rng, step))
+            state.trainable, state.opt_state, m = step_fn(
+                state.frozen, state.trainable, state.opt_state, batch, jax.random.fold_in(rng, step)
+            )
             step_data_state = data_state
             if step + 1 < steps:  # build the next batch on the host while the device runs this step
                 batch = put_batch(next(train_it), mesh, n_micro)
@@ -201,13 +246,23 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             else:
                 bar.update(1)
             # tok_s from the second step on: the first one's time is mostly compilation
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{lr:.2e}",
-                            **({"tok_s": f"{tps:,.0f}"} if math.isfinite(tps) else {}))
+            bar.set_postfix(
+                loss=f"{float(m['loss']):.4f}",
+                lr=f"{lr:.2e}",
+                **({"tok_s": f"{tps:,.0f}"} if math.isfinite(tps) else {}),
+            )
             if done % run.train.log_interval == 0 or done == steps:
                 finite = [x for x in window["loss"] if math.isfinite(x)]
-                metrics_log.write({"step": done, "loss": float(np.mean(finite)) if finite else float("nan"), "lr": lr,
-                                   "tokens_per_s": tps if math.isfinite(tps) else None,
-                                   "grad_norm": float(m["grad_norm"]), "skipped": window["skipped"]})
+                metrics_log.write(
+                    {
+                        "step": done,
+                        "loss": float(np.mean(finite)) if finite else float("nan"),
+                        "lr": lr,
+                        "tokens_per_s": tps if math.isfinite(tps) else None,
+                        "grad_norm": float(m["grad_norm"]),
+                        "skipped": window["skipped"],
+                    }
+                )
                 if math.isfinite(tps):
                     summary["tokens_per_s"] = tps
                 window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
@@ -217,9 +272,19 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
                 metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
                 if main_proc and not quiet:
                     bar.write(f"step {done}: val_loss {val_loss:.4f}")
-            ckpt.save_checkpoint(manager, done, {"trainable": state.trainable, "opt_state": state.opt_state,
-                                                 "step": done, "data": step_data_state, "rng": rng}, meta,
-                                 force=done == steps)
+            ckpt.save_checkpoint(
+                manager,
+                done,
+                {
+                    "trainable": state.trainable,
+                    "opt_state": state.opt_state,
+                    "step": done,
+                    "data": step_data_state,
+                    "rng": rng,
+                },
+                meta,
+                force=done == steps,
+            )
             t0 = time.perf_counter()  # evaluation and checkpointing are not step time
     finally:
         if bar is not None:
@@ -230,9 +295,11 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
         adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
     ckpt.save_adapter(out_dir / "adapter", adapter, adapter_lcfg, cfg, adapter_print, to_dict(run))
-    summary.update(final_loss=summary["losses"][-1] if summary["losses"] else None,
-                   val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
-                   adapter_dir=str(out_dir / "adapter"))
+    summary.update(
+        final_loss=summary["losses"][-1] if summary["losses"] else None,
+        val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
+        adapter_dir=str(out_dir / "adapter"),
+    )
     final = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     say(f"done: {steps - start} steps, final loss {final}, adapter in {out_dir / 'adapter'}")
     summary["state"] = state

@@ -22,8 +22,15 @@ from jlora.train.config import ConfigError, RunConfig
 # Memory per device as sold (bytes). A run "fits" when it needs at most FIT_MARGIN of it: the
 # runtime, the allocator's fragmentation and the compiler's workspace take the rest.
 ACCELERATORS = {
-    "L4-24GB": 24e9, "H100-80GB": 80e9, "H200-141GB": 141e9, "A100-40GB": 40e9, "A100-80GB": 80e9,
-    "TPU-v4": 32 * 2**30, "TPU-v5e": 16 * 2**30, "TPU-v5p": 95 * 2**30, "TPU-v6e": 32 * 2**30,
+    "L4-24GB": 24e9,
+    "H100-80GB": 80e9,
+    "H200-141GB": 141e9,
+    "A100-40GB": 40e9,
+    "A100-80GB": 80e9,
+    "TPU-v4": 32 * 2**30,
+    "TPU-v5e": 16 * 2**30,
+    "TPU-v5p": 95 * 2**30,
+    "TPU-v6e": 32 * 2**30,
 }
 FIT_MARGIN = 0.9
 
@@ -44,16 +51,18 @@ def plan_devices(run: RunConfig, devices: int | None) -> int:
         run.mesh.resolve(devices)  # a clear error when the mesh does not fit
         return devices
     if -1 in sizes:
-        raise ConfigError(f"mesh (data, fsdp, tensor) = {sizes} has a -1 size: say how many devices to plan "
-                          "for with --devices N", "mesh")
+        raise ConfigError(
+            f"mesh (data, fsdp, tensor) = {sizes} has a -1 size: say how many devices to plan for with --devices N",
+            "mesh",
+        )
     return int(np.prod(sizes))
 
 
 def model_config(run: RunConfig):
     """The base model's config without reading weights: a preset, "tiny", an HF checkpoint's
     config.json (and safetensors headers), or a GGUF file (small models: loaded whole)."""
-    from jlora.train.builders import load_base, load_tok, model_overrides
     from jlora.formats.weights import hf_checkpoint, load_pretrained, resolve_model_path
+    from jlora.train.builders import load_base, load_tok, model_overrides
 
     m = run.model
     if m.path == "tiny" or m.preset:
@@ -61,8 +70,9 @@ def model_config(run: RunConfig):
     try:
         path = pathlib.Path(resolve_model_path(m.path))
     except ValueError as e:
-        raise ConfigError(f"{e}; to plan by shape alone, add --set model.preset=NAME (e.g. llama3-8b)",
-                          "model.path") from None
+        raise ConfigError(
+            f"{e}; to plan by shape alone, add --set model.preset=NAME (e.g. llama3-8b)", "model.path"
+        ) from None
     dtypes = {"dtype": m.dtype, "param_dtype": m.param_dtype}
     cfg = hf_checkpoint(path, dtypes)[0] if path.is_dir() else load_pretrained(path, **dtypes)[0]
     return cfg.replace(**model_overrides(run))
@@ -102,21 +112,23 @@ def compile_step(run: RunConfig, devices: list | None = None):
     import jax
     import jax.numpy as jnp
 
-    from jlora.train.builders import method_config
-
     from jlora.models.family import build_model, param_shapes
     from jlora.parallel.sharding import BATCH_AXES, make_mesh
+    from jlora.train.builders import method_config
     from jlora.train.step import BATCH_KEYS, TrainState, make_optimizer, make_train_step, split_for_training
 
     cfg = model_config(run)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
     rows = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if run.train.micro_batch % rows:
-        raise ConfigError(f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}",
-                          "train.micro_batch")
+        raise ConfigError(
+            f"must be a multiple of mesh data*fsdp = {rows}, got {run.train.micro_batch}", "train.micro_batch"
+        )
     optimizer, _ = make_optimizer(run.optim, run.train.steps or 1000, run.train.max_nonfinite)
     key = jax.random.key(0)
-    frozen, trainable = jax.eval_shape(lambda p, k: split_for_training(p, k, method_config(run, cfg)), param_shapes(cfg), key)
+    frozen, trainable = jax.eval_shape(
+        lambda p, k: split_for_training(p, k, method_config(run, cfg)), param_shapes(cfg), key
+    )
     frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
     shape = (run.train.grad_accum, run.train.micro_batch, run.data.max_seq_len)
@@ -137,8 +149,7 @@ def plan(run: RunConfig) -> dict[str, Any]:
     mem = compiled.memory_analysis()
     stats = hlo_stats.analyze(compiled.as_text())
     tokens = run.train.global_batch * run.data.max_seq_len
-    need = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
+    need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     return {
         "devices": int(mesh.devices.size),
         "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
@@ -184,12 +195,17 @@ def report(p: dict[str, Any]) -> str:
         f"  temp            {_gib(p['temp_bytes'])}  (XLA's workspace: activations, gathered weights, gradients)",
         f"  needs           {_gib(p['device_bytes'])}  (arguments + outputs - donated + temp)",
         f"  dot FLOPs/token {p['flops_per_token'] / 1e9:,.2f} GFLOP (all devices, loop trip counts included)",
-        "  collectives per step: " + (", ".join(f"{k} {_gib(v)} ({p['collective_counts'][k]:,}x)"
-                                               for k, v in p["collective_bytes"].items()) or "none"),
+        "  collectives per step: "
+        + (
+            ", ".join(f"{k} {_gib(v)} ({p['collective_counts'][k]:,}x)" for k, v in p["collective_bytes"].items())
+            or "none"
+        ),
         "fits (needs <= 90% of the memory):",
     ]
-    lines += [f"  {name:<11} {ACCELERATORS[name] / 2**30:6.0f} GiB  {'fits' if ok else 'does NOT fit'}"
-              for name, ok in p["fits"].items()]
+    lines += [
+        f"  {name:<11} {ACCELERATORS[name] / 2**30:6.0f} GiB  {'fits' if ok else 'does NOT fit'}"
+        for name, ok in p["fits"].items()
+    ]
     lines.append("note: compiled for CPU, which computes bf16 in fp32, so temp is an upper bound for accelerators.")
     lines.append("PLAN: " + json.dumps({k: v for k, v in p.items() if k != "mesh_text"}))
     return "\n".join(lines)

@@ -25,8 +25,9 @@ def _commit() -> str:
     """The short commit of the jlora checkout, "+dirty" when tracked files differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:  # no git on this machine
         return "unknown (git not found)"
     if head.returncode:
@@ -39,16 +40,21 @@ def machine(device: str | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     ram = ""
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-        kib = next(int(ln.split()[1]) for ln in pathlib.Path("/proc/meminfo").read_text().splitlines()
-                   if ln.startswith("MemTotal"))
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
+        kib = next(
+            int(ln.split()[1])
+            for ln in pathlib.Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemTotal")
+        )
         ram = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{device + ' with ' if device else ''}{cpu}, {cores} cores{ram}, "
-            f"{platform.system()} {platform.release()}")
+    return f"{device + ' with ' if device else ''}{cpu}, {cores} cores{ram}, {platform.system()} {platform.release()}"
 
 
 def load_average() -> str:
@@ -64,8 +70,13 @@ def provenance(device: str | None = None) -> dict[str, str]:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(device), "load_average": load_average(), "libraries": ", ".join(versions)}
+    return {
+        "commit": _commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "load_average": load_average(),
+        "libraries": ", ".join(versions),
+    }
 
 
 def write_result(path: str | pathlib.Path, started: dict[str, str], result: dict) -> pathlib.Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,17 +25,26 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlora.errors import JloraError
-from jlora.train.config import OptimConfig
-from jlora.models.layers import DTYPES
 from jlora.models.config import ModelConfig
-from jlora.models.family import family_of
-from jlora.models.family import init_params
+from jlora.models.family import family_of, init_params
+from jlora.models.layers import DTYPES
+from jlora.parallel.sharding import (
+    BATCH_AXES,
+    activation_sharding,
+    batch_spec,
+    constrain,
+    opt_state_specs,
+    param_specs,
+    shard_init,
+    shard_params,
+    shards,
+    to_shardings,
+)
 from jlora.peft.lora import LoraConfig, LoraPair, split
+from jlora.peft.placement import shard_trainable, trainable_specs
 from jlora.peft.routing import apply
 from jlora.quant.quantize import dense_value, leaf_encoder
-from jlora.parallel.sharding import (BATCH_AXES, activation_sharding, batch_spec, constrain, opt_state_specs,
-                                     param_specs, shard_init, shard_params, shards, to_shardings)
-from jlora.peft.placement import shard_trainable, trainable_specs
+from jlora.train.config import OptimConfig
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
@@ -80,19 +90,22 @@ def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunked_cross_entropy(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, tied: bool,
-                          chunk: int) -> jax.Array:
+def chunked_cross_entropy(
+    h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, tied: bool, chunk: int
+) -> jax.Array:
     """sum(mask * CE(h @ head, targets)) for hidden h [B,T,D], head w ([V,D] if tied else [D,V]),
     computed `chunk` positions at a time, so the [B,T,V] logits never exist. The gradient (w.r.t. h
     only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D]."""
+
     def body(total, xs):
         hc, tc, mc = xs
         logits = constrain(_chunk_logits(hc, w, tied), "batch", None, "vocab")  # [B,c,V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)  # [B,c]
         return total + jnp.sum(ce * mc), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk),
-                                                               _by_chunk(mask, chunk)))
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+    )
     return total
 
 
@@ -109,8 +122,9 @@ def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
         dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
         return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
 
-    total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk),
-                                                                _by_chunk(mask, chunk)))
+    total, dh = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+    )
     return total, jnp.swapaxes(dh, 0, 1).reshape(h.shape)
 
 
@@ -130,8 +144,7 @@ def _frozen_head(cfg: ModelConfig, frozen, trainable) -> jax.Array | None:
     return traverse_util.flatten_dict(frozen).get(path)
 
 
-def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None,
-               ce_chunk: int | None = None):
+def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None, ce_chunk: int | None = None):
     """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`.
 
     With a frozen output head the loss is `chunked_cross_entropy` over the final hidden states
@@ -163,9 +176,11 @@ def full_batch(batch: dict) -> dict:
         raise ValueError(f"a batch needs {' and '.join(missing)} ([B,T] token ids); it has {sorted(batch)}")
     ids = batch["input_ids"]
     rows, t = ids.shape[:-1], ids.shape[-1]
-    defaults = {"loss_mask": lambda: jnp.ones(ids.shape, jnp.float32),
-                "positions": lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (*rows, t)),
-                "segment_ids": lambda: jnp.ones(ids.shape, jnp.int32)}
+    defaults = {
+        "loss_mask": lambda: jnp.ones(ids.shape, jnp.float32),
+        "positions": lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (*rows, t)),
+        "segment_ids": lambda: jnp.ones(ids.shape, jnp.int32),
+    }
     return {**{k: make() for k, make in defaults.items() if k not in batch}, **batch}
 
 
@@ -194,8 +209,9 @@ def make_schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, ocfg.lr, warm), after], [warm])
 
 
-def make_optimizer(ocfg: OptimConfig, total_steps: int, max_nonfinite: int = 10
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    ocfg: OptimConfig, total_steps: int, max_nonfinite: int = 10
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(apply_if_finite(clip_by_global_norm -> adamw(schedule)), schedule).
 
     apply_if_finite would give up after `max_consecutive_errors` and apply a NaN update; the loop
@@ -230,16 +246,27 @@ class TrainState:
 def split_for_training(params, key: jax.Array, lcfg: LoraConfig):
     """`split`, with fp32 master copies of the parameters trained in full (train_extra), like the adapters."""
     frozen, trainable = split(params, lcfg, key)
-    return frozen, jax.tree.map(lambda x: x if isinstance(x, LoraPair) else x.astype(jnp.float32), trainable,
-                                is_leaf=lambda x: isinstance(x, LoraPair))
+    return frozen, jax.tree.map(
+        lambda x: x if isinstance(x, LoraPair) else x.astype(jnp.float32),
+        trainable,
+        is_leaf=lambda x: isinstance(x, LoraPair),
+    )
 
 
-def init_state(cfg: ModelConfig, lcfg: LoraConfig, mesh: Mesh, key: jax.Array, optimizer: optax.GradientTransformation,
-               params: Any = None, model_key: jax.Array | None = None, allow_replication: bool = False) -> TrainState:
+def init_state(
+    cfg: ModelConfig,
+    lcfg: LoraConfig,
+    mesh: Mesh,
+    key: jax.Array,
+    optimizer: optax.GradientTransformation,
+    params: Any = None,
+    model_key: jax.Array | None = None,
+    allow_replication: bool = False,
+) -> TrainState:
     """Sharded (frozen, trainable, opt_state). params: host (numpy) weights or arrays already on the
     mesh, or None for a random model from `model_key`. Shapes come from eval_shape and every array
     is created in place. allow_replication: see sharding.param_specs."""
-    specs = lambda s: param_specs(s, mesh, allow_replication)  # noqa: E731
+    specs = lambda s: param_specs(s, mesh, allow_replication)
     if params is None:
         params = shard_init(lambda k: init_params(cfg, k), mesh, specs, key if model_key is None else model_key)
     else:
@@ -264,15 +291,17 @@ def quantize_frozen(state: TrainState, method: str, *, double_quant: bool = Fals
         encode = leaf_encoder(path, leaf, method, double_quant=double_quant)
         if encode is None:
             continue
-        specs = lambda s, path=path: traverse_util.flatten_dict(  # noqa: E731
-            param_specs(traverse_util.unflatten_dict({path: s}), state.mesh, state.allow_replication))[path]
+        specs = lambda s, path=path: traverse_util.flatten_dict(
+            param_specs(traverse_util.unflatten_dict({path: s}), state.mesh, state.allow_replication)
+        )[path]
         flat[path] = shard_init(encode, state.mesh, specs, leaf)
         leaf.delete()
     state.frozen = traverse_util.unflatten_dict(flat)
 
 
-def place_state(frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation,
-                allow_replication: bool = False) -> TrainState:
+def place_state(
+    frozen, trainable, mesh: Mesh, optimizer: optax.GradientTransformation, allow_replication: bool = False
+) -> TrainState:
     """A TrainState from existing trees (host numpy or jax arrays, e.g. a loaded adapter): each is
     placed by the rules, and a fresh optimizer state is created sharded."""
     frozen, trainable = shard_params(frozen, mesh, allow_replication), shard_trainable(trainable, mesh)
@@ -289,8 +318,9 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = No
     n_proc = jax.process_count()
     rows_axes = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if rows_axes % n_proc:
-        raise ValueError(f"mesh data*fsdp = {rows_axes} must be a multiple of the {n_proc} processes: "
-                         "each host feeds its own rows")
+        raise ValueError(
+            f"mesh data*fsdp = {rows_axes} must be a multiple of the {n_proc} processes: each host feeds its own rows"
+        )
     out = {}
     for k in BATCH_KEYS:
         x = np.asarray(batch[k])
@@ -310,8 +340,12 @@ def _uses_dropout(trainable) -> bool:
     return any(isinstance(x, LoraPair) and x.dropout > 0 for x in leaves)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state: TrainState | None = None,
-                    compiler_options: dict | None = None) -> Callable:
+def make_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    state: TrainState | None = None,
+    compiler_options: dict | None = None,
+) -> Callable:
     """A jitted `step(frozen, trainable, opt_state, batch, rng=None) -> (trainable, opt_state, metrics)`.
 
     batch holds [B,T] arrays (one micro-batch; `full_batch` fills the optional keys) or [n_micro, micro_B, T]
@@ -320,6 +354,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     opt_state are donated; rng is needed only for LoRA dropout. With a `state` the step is compiled for its
     mesh (explicit shardings, activations pinned); without, jax places it where its inputs are.
     compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU)."""
+
     def step(frozen, trainable, opt_state, batch, rng=None):
         dropout = _uses_dropout(trainable)
         if dropout and rng is None:
@@ -330,7 +365,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 
         def grads_of(mb, i):
             rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
-            fn = lambda t: loss_terms(model, frozen, t, mb, rngs)  # noqa: E731
+            fn = lambda t: loss_terms(model, frozen, t, mb, rngs)
             (lsum, count), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
             return lsum, count, grads
 
@@ -338,6 +373,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         if n_micro == 1:
             lsum, count, grads = grads_of(jax.tree.map(lambda x: x[0], batch), 0)
         else:
+
             def body(carry, xs):
                 mb, i = xs
                 lsum, count, grads = grads_of(mb, i)
@@ -352,8 +388,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         new_trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "loss_tokens": count}
         if isinstance(new_opt, optax.ApplyIfFiniteState):  # make_optimizer's guard: what it skipped
-            metrics.update(skipped=jnp.logical_not(new_opt.last_finite), nonfinite_run=new_opt.notfinite_count,
-                           nonfinite_total=new_opt.total_notfinite)
+            metrics.update(
+                skipped=jnp.logical_not(new_opt.last_finite),
+                nonfinite_run=new_opt.notfinite_count,
+                nonfinite_total=new_opt.total_notfinite,
+            )
         return new_trainable, new_opt, metrics
 
     if state is None:
@@ -361,8 +400,13 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     fsh, tsh, osh = state.shardings(optimizer)
     rep = NamedSharding(state.mesh, P())
     bsh = {k: NamedSharding(state.mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
-    return jax.jit(activation_sharding(state.mesh)(step), in_shardings=(fsh, tsh, osh, bsh, rep),
-                   out_shardings=(tsh, osh, rep), donate_argnums=(1, 2), compiler_options=compiler_options)
+    return jax.jit(
+        activation_sharding(state.mesh)(step),
+        in_shardings=(fsh, tsh, osh, bsh, rep),
+        out_shardings=(tsh, osh, rep),
+        donate_argnums=(1, 2),
+        compiler_options=compiler_options,
+    )
 
 
 def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
@@ -370,13 +414,19 @@ def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict |
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
     rep = NamedSharding(state.mesh, P())
-    return jax.jit(activation_sharding(state.mesh)(lambda f, t, b: loss_terms(model, f, t, b)),
-                   in_shardings=(fsh, tsh, bsh), out_shardings=(rep, rep), compiler_options=compiler_options)
+    return jax.jit(
+        activation_sharding(state.mesh)(lambda f, t, b: loss_terms(model, f, t, b)),
+        in_shardings=(fsh, tsh, bsh),
+        out_shardings=(rep, rep),
+        compiler_options=compiler_options,
+    )
 
 
 def check_nonfinite(metrics: dict, max_nonfinite: int, step: int) -> None:
     """Raise NonFiniteError once `max_nonfinite` steps in a row had non-finite gradients."""
     run = int(metrics["nonfinite_run"])
     if run >= max_nonfinite:
-        raise NonFiniteError(f"step {step}: {run} steps in a row had non-finite gradients (train.max_nonfinite="
-                             f"{max_nonfinite}); stopping. Lower optim.lr, or check the data")
+        raise NonFiniteError(
+            f"step {step}: {run} steps in a row had non-finite gradients (train.max_nonfinite="
+            f"{max_nonfinite}); stopping. Lower optim.lr, or check the data"
+        )

@@ -17,26 +17,30 @@ from jlora.models.llama.model import Llama, init_cache, inv_freq
 # jlora param path, HF tensor name, GGUF tensor name. "{i}" marks a per-layer tensor, which jlora stacks
 # on a leading layer axis. Leaves called "kernel" are [in, out] in jlora and [out, in] on disk.
 WEIGHTS = (
-    ("embed_tokens/embedding",                 "model.embed_tokens.weight",                        "token_embd.weight"),
-    ("norm/weight",                            "model.norm.weight",                                "output_norm.weight"),
-    ("lm_head/kernel",                         "lm_head.weight",                                   "output.weight"),
-    ("layers/input_layernorm/weight",          "model.layers.{i}.input_layernorm.weight",          "blk.{i}.attn_norm.weight"),
-    ("layers/post_attention_layernorm/weight", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    ("layers/self_attn/q_proj/kernel",         "model.layers.{i}.self_attn.q_proj.weight",         "blk.{i}.attn_q.weight"),
-    ("layers/self_attn/q_proj/bias",           "model.layers.{i}.self_attn.q_proj.bias",           "blk.{i}.attn_q.bias"),
-    ("layers/self_attn/k_proj/kernel",         "model.layers.{i}.self_attn.k_proj.weight",         "blk.{i}.attn_k.weight"),
-    ("layers/self_attn/k_proj/bias",           "model.layers.{i}.self_attn.k_proj.bias",           "blk.{i}.attn_k.bias"),
-    ("layers/self_attn/v_proj/kernel",         "model.layers.{i}.self_attn.v_proj.weight",         "blk.{i}.attn_v.weight"),
-    ("layers/self_attn/v_proj/bias",           "model.layers.{i}.self_attn.v_proj.bias",           "blk.{i}.attn_v.bias"),
-    ("layers/self_attn/o_proj/kernel",         "model.layers.{i}.self_attn.o_proj.weight",         "blk.{i}.attn_output.weight"),
-    ("layers/self_attn/o_proj/bias",           "model.layers.{i}.self_attn.o_proj.bias",           "blk.{i}.attn_output.bias"),
-    ("layers/mlp/gate_proj/kernel",            "model.layers.{i}.mlp.gate_proj.weight",            "blk.{i}.ffn_gate.weight"),
-    ("layers/mlp/gate_proj/bias",              "model.layers.{i}.mlp.gate_proj.bias",              "blk.{i}.ffn_gate.bias"),
-    ("layers/mlp/up_proj/kernel",              "model.layers.{i}.mlp.up_proj.weight",              "blk.{i}.ffn_up.weight"),
-    ("layers/mlp/up_proj/bias",                "model.layers.{i}.mlp.up_proj.bias",                "blk.{i}.ffn_up.bias"),
-    ("layers/mlp/down_proj/kernel",            "model.layers.{i}.mlp.down_proj.weight",            "blk.{i}.ffn_down.weight"),
-    ("layers/mlp/down_proj/bias",              "model.layers.{i}.mlp.down_proj.bias",              "blk.{i}.ffn_down.bias"),
-)  # fmt: skip
+    ("embed_tokens/embedding", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm/weight", "model.norm.weight", "output_norm.weight"),
+    ("lm_head/kernel", "lm_head.weight", "output.weight"),
+    ("layers/input_layernorm/weight", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    (
+        "layers/post_attention_layernorm/weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.ffn_norm.weight",
+    ),
+    ("layers/self_attn/q_proj/kernel", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers/self_attn/q_proj/bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
+    ("layers/self_attn/k_proj/kernel", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers/self_attn/k_proj/bias", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
+    ("layers/self_attn/v_proj/kernel", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers/self_attn/v_proj/bias", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
+    ("layers/self_attn/o_proj/kernel", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers/self_attn/o_proj/bias", "model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias"),
+    ("layers/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers/mlp/gate_proj/bias", "model.layers.{i}.mlp.gate_proj.bias", "blk.{i}.ffn_gate.bias"),
+    ("layers/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("layers/mlp/up_proj/bias", "model.layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias"),
+    ("layers/mlp/down_proj/kernel", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    ("layers/mlp/down_proj/bias", "model.layers.{i}.mlp.down_proj.bias", "blk.{i}.ffn_down.bias"),
+)
 
 # Specs of the per-layer leaf; a layer-stacked leaf ([L, ...]) gets leading None for its extra dims.
 # Flax kernels are [in, out]: column-parallel layers split `out` over tensor, row-parallel ones `in`.
@@ -82,34 +86,44 @@ def gguf_fixups(cfg: LlamaConfig, fetch, names: set) -> tuple[LlamaConfig, set]:
     if "rope_freqs.weight" not in names:
         return cfg, names
     factors = np.asarray(fetch("rope_freqs.weight"))
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     candidate = cfg.replace(rope_scaling=tuple(sorted(scaling.items())))
-    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(inv_freq(candidate), inv_freq(cfg) / factors,
-                                                                 rtol=1e-4):
-        raise ModelConfigError("rope_freqs.weight does not match llama3 rope scaling "
-                          "(factor, low 1, high 4, original 8192); this rope is not supported")
+    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(
+        inv_freq(candidate), inv_freq(cfg) / factors, rtol=1e-4
+    ):
+        raise ModelConfigError(
+            "rope_freqs.weight does not match llama3 rope scaling "
+            "(factor, low 1, high 4, original 8192); this rope is not supported"
+        )
     return candidate, names - {"rope_freqs.weight"}
 
 
-FAMILY = register(Family(
-    name="llama",
-    config=LlamaConfig,
-    module=Llama,
-    init_cache=init_cache,
-    hf_model_types=("llama", "mistral"),
-    gguf_architectures=("llama",),
-    weights=WEIGHTS,
-    sharding_rules=SHARDING_RULES,
-    linear=LINEAR,
-    default_targets=("q_proj", "v_proj"),
-    fused={("self_attn", "qkv"): ("q_proj", "k_proj", "v_proj"), ("mlp", "gate_up"): ("gate_proj", "up_proj")},
-    embed=("embed_tokens", "embedding"),
-    head=("lm_head", "kernel"),
-    head_module="head",
-    presets=PRESETS,
-    gguf_rope_heads=gguf_rope_heads,
-    gguf_fixups=gguf_fixups,
-))
+FAMILY = register(
+    Family(
+        name="llama",
+        config=LlamaConfig,
+        module=Llama,
+        init_cache=init_cache,
+        hf_model_types=("llama", "mistral"),
+        gguf_architectures=("llama",),
+        weights=WEIGHTS,
+        sharding_rules=SHARDING_RULES,
+        linear=LINEAR,
+        default_targets=("q_proj", "v_proj"),
+        fused={("self_attn", "qkv"): ("q_proj", "k_proj", "v_proj"), ("mlp", "gate_up"): ("gate_proj", "up_proj")},
+        embed=("embed_tokens", "embedding"),
+        head=("lm_head", "kernel"),
+        head_module="head",
+        presets=PRESETS,
+        gguf_rope_heads=gguf_rope_heads,
+        gguf_fixups=gguf_fixups,
+    )
+)
 
 __all__ = ["FAMILY", "Llama", "LlamaConfig", "PRESETS", "init_cache"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jlora.models.config import RUNTIME_FIELDS, ModelConfigError, ModelConfig
+from jlora.models.config import RUNTIME_FIELDS, ModelConfig, ModelConfigError
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -24,19 +24,22 @@ class LlamaConfig(ModelConfig):
     name: str = "llama"
 
     @classmethod
-    def from_hf_config(cls, hf: dict, **overrides) -> "LlamaConfig":
+    def from_hf_config(cls, hf: dict, **overrides) -> LlamaConfig:
         """Build from the dict of an HF `config.json` (transformers 4 and 5 spellings)."""
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral") or not any(a in SUPPORTED_ARCHS for a in archs):
-            raise ModelConfigError(f"unsupported architecture {archs} (model_type {model_type!r}); "
-                              f"jlora runs LlamaForCausalLM")
+            raise ModelConfigError(
+                f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs LlamaForCausalLM"
+            )
         window = hf.get("sliding_window")
         context = hf.get("max_position_embeddings", cls.max_position_embeddings)
         if window is not None and window < context:  # Mistral v0.1: jlora's attention would see past the window
-            raise ModelConfigError(f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
-                              f"sliding-window attention; up to {window} tokens the model is the same, so set "
-                              f"max_position_embeddings to {window} to use it that far")
+            raise ModelConfigError(
+                f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
+                f"sliding-window attention; up to {window} tokens the model is the same, so set "
+                f"max_position_embeddings to {window} to use it that far"
+            )
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -69,7 +72,7 @@ class LlamaConfig(ModelConfig):
         return out
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict, tensors: frozenset[str] = frozenset(), **overrides) -> "LlamaConfig":
+    def from_gguf_metadata(cls, meta: dict, tensors: frozenset[str] = frozenset(), **overrides) -> LlamaConfig:
         """Build from a GGUF header (keys like `llama.block_count`), values already decoded to Python, and
         the file's tensor names (which say whether the head is tied and which projections have biases)."""
         arch = meta.get("general.architecture")
@@ -105,37 +108,113 @@ class LlamaConfig(ModelConfig):
         )
 
 
-_LLAMA3_ROPE = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+_LLAMA3_ROPE = (
+    ("factor", 32.0),
+    ("high_freq_factor", 4.0),
+    ("low_freq_factor", 1.0),
+    ("original_max_position_embeddings", 8192),
+    ("rope_type", "llama3"),
+)
 PRESETS: dict[str, LlamaConfig] = {
     "llama2-7b": LlamaConfig(name="llama2-7b", rms_norm_eps=1e-5),
-    "llama2-13b": LlamaConfig(name="llama2-13b", hidden_size=5120, intermediate_size=13824,
-                              num_hidden_layers=40, num_attention_heads=40, rms_norm_eps=1e-5),
-    "llama2-70b": LlamaConfig(name="llama2-70b", hidden_size=8192, intermediate_size=28672,
-                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                              rms_norm_eps=1e-5),
-    "llama3-8b": LlamaConfig(name="llama3-8b", vocab_size=128256, intermediate_size=14336,
-                             num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                             rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
-    "llama3-70b": LlamaConfig(name="llama3-70b", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                              rms_norm_eps=1e-5, max_position_embeddings=8192, rope_theta=500000.0,
-                              bos_token_id=128000, eos_token_id=128001),
-    "llama3.2-1b": LlamaConfig(name="llama3.2-1b", vocab_size=128256, hidden_size=2048,
-                               intermediate_size=8192, num_hidden_layers=16, num_key_value_heads=8,
-                               head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                               rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
-                               bos_token_id=128000, eos_token_id=128001),
-    "llama3.2-3b": LlamaConfig(name="llama3.2-3b", vocab_size=128256, hidden_size=3072,
-                               intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                               num_key_value_heads=8, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                               rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
-                               bos_token_id=128000, eos_token_id=128001),
-    "smollm2-135m": LlamaConfig(name="smollm2-135m", vocab_size=49152, hidden_size=576,
-                                intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                                rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "tiny": LlamaConfig(name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        rms_norm_eps=1e-5, max_position_embeddings=512),
+    "llama2-13b": LlamaConfig(
+        name="llama2-13b",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        rms_norm_eps=1e-5,
+    ),
+    "llama2-70b": LlamaConfig(
+        name="llama2-70b",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+    ),
+    "llama3-8b": LlamaConfig(
+        name="llama3-8b",
+        vocab_size=128256,
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama3-70b": LlamaConfig(
+        name="llama3-70b",
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama3.2-1b": LlamaConfig(
+        name="llama3.2-1b",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama3.2-3b": LlamaConfig(
+        name="llama3.2-3b",
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "smollm2-135m": LlamaConfig(
+        name="smollm2-135m",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "tiny": LlamaConfig(
+        name="tiny",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+    ),
 }

@@ -20,7 +20,16 @@ import numpy as np
 
 from jlora.models import attention as attn
 from jlora.models.fused import FusedDense
-from jlora.models.layers import DTYPES, REMAT_POLICIES, RMSNorm, apply_rope, dense, projected, rope_inv_freq, rope_tables
+from jlora.models.layers import (
+    DTYPES,
+    REMAT_POLICIES,
+    RMSNorm,
+    apply_rope,
+    dense,
+    projected,
+    rope_inv_freq,
+    rope_tables,
+)
 from jlora.models.llama.config import LlamaConfig
 from jlora.parallel.sharding import constrain, shards
 
@@ -45,8 +54,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         heads = ("batch", None, "heads")
-        parts = [_dense(cfg, f, cfg.attention_bias, name) for f, name in ((n * h, "q_proj"), (k * h, "k_proj"),
-                                                                          (k * h, "v_proj"))]
+        parts = [
+            _dense(cfg, f, cfg.attention_bias, name)
+            for f, name in ((n * h, "q_proj"), (k * h, "k_proj"), (k * h, "v_proj"))
+        ]
         q, kk, v = (projected(y, *heads) for y in FusedDense(parts, shards("heads") == 1, name="qkv")(x))
         q, kk, v = q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)  # [B,T,N|K,H]
         q, kk = apply_rope(q, rope), apply_rope(kk, rope)
@@ -60,8 +71,10 @@ class Attention(nn.Module):
             cseg, cidx = self.variable("cache", "segment_ids", None), self.variable("cache", "index", None)
             start, slots = cidx.value, cv.value.shape[2]
             if t > slots:  # static: refuse here, before dynamic_update_slice fails deep inside jax
-                raise ValueError(f"decode=True: a call of {t} tokens does not fit a KV cache of {slots} slots; "
-                                 f"make the cache longer (init_cache max_len >= prompt + new tokens)")
+                raise ValueError(
+                    f"decode=True: a call of {t} tokens does not fit a KV cache of {slots} slots; "
+                    f"make the cache longer (init_cache max_len >= prompt + new tokens)"
+                )
             # The cache is kept in the layouts attention reads (keys [B,K,H,S], values [B,K,S,H]): only the
             # call's new keys and values are transposed, not the whole cache in every layer at every token.
             new_k, new_v = kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,H,T], [B,K,T,H]
@@ -138,16 +151,30 @@ class Llama(nn.Module):
     unrolled: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, decode: bool = False,
-                 return_hidden: bool = False, columns: jax.Array | None = None):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        *,
+        decode: bool = False,
+        return_hidden: bool = False,
+        columns: jax.Array | None = None,
+    ):
         cfg, dt, pdt = self.cfg, DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
         b, t = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
-                         embedding_init=nn.initializers.normal(0.02), name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
         x = constrain(embed(input_ids), "batch", None, None)  # [B,T,D]
         rope = rope_tables(inv_freq(cfg), positions)
         if self.unrolled:  # per-layer buffers: slicing stacked weights in a loop copies them every token on XLA:CPU
@@ -160,8 +187,14 @@ class Llama(nn.Module):
             # Every collection is stacked on the layer axis, so extra collections (a KV cache, LoRA
             # pairs routed in from outside) are sliced per layer just like the params. Two layers per
             # loop iteration (unroll=2) made the CPU train step ~3% faster for ~2 s more compile.
-            stack = nn.scan(block, variable_axes={True: 0}, split_rngs={True: True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers, unroll=2)
+            stack = nn.scan(
+                block,
+                variable_axes={True: 0},
+                split_rngs={True: True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                unroll=2,
+            )
             x, _ = stack(cfg, decode, name="layers")(x, rope, segment_ids)  # [B,T,D]
         if columns is not None:
             x = jnp.take_along_axis(x, columns[..., None], axis=1)  # [B,n,D]
@@ -169,7 +202,7 @@ class Llama(nn.Module):
         if return_hidden:
             return x
         if self.unrolled:  # the decode layout always has an explicit [D,V] head: lm_head, or its column blocks
-            logits, = FusedDense((_dense(cfg, cfg.vocab_size, False, "lm_head"),), fuse=False, name="head")(x)
+            (logits,) = FusedDense((_dense(cfg, cfg.vocab_size, False, "lm_head"),), fuse=False, name="head")(x)
         elif cfg.tie_word_embeddings:
             logits = embed.attend(x)  # [B,T,V]
         else:
@@ -182,11 +215,11 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
     layouts `jlora.models.attention.cached_attention` reads as they are: a step writes its new slots in
     place), slot segment ids [L,B,S], fill index [L]."""
     dtype = dtype or DTYPES[cfg.dtype]
-    l, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    n, k, h = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     cache = {
-        "k": jnp.zeros((l, batch, k, h, max_len), dtype),
-        "v": jnp.zeros((l, batch, k, max_len, h), dtype),
-        "segment_ids": jnp.zeros((l, batch, max_len), jnp.int32),
-        "index": jnp.zeros((l,), jnp.int32),
+        "k": jnp.zeros((n, batch, k, h, max_len), dtype),
+        "v": jnp.zeros((n, batch, k, max_len, h), dtype),
+        "segment_ids": jnp.zeros((n, batch, max_len), jnp.int32),
+        "index": jnp.zeros((n,), jnp.int32),
     }
     return {"layers": {"self_attn": cache}}
