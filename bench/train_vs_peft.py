@@ -25,6 +25,7 @@ Usage: python bench/train_vs_peft.py [--steps 6] [--rounds 3] [--rank 8] [--targ
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import pathlib
@@ -36,7 +37,18 @@ import sys
 import tempfile
 import time
 
-from jlora.train.provenance import load_average, provenance, write_result
+
+def jlora_module(path: str, before: str):
+    """A jlora module by its path, or by its path `before` the package layout of the family-seam change: a
+    --baseline checkout may predate it."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError:
+        return importlib.import_module(before)
+
+
+_provenance = jlora_module("jlora.train.provenance", "jlora.provenance")
+load_average, provenance, write_result = _provenance.load_average, _provenance.provenance, _provenance.write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -54,7 +66,12 @@ def random_ids(batch: int, seq: int, vocab: int):
 
 
 def side_prep(hf_dir: str) -> dict:
-    from jlora.formats.weights import load_pretrained, resolve_model_path, save_pretrained
+    weights = jlora_module("jlora.formats.weights", "jlora.weights")
+    load_pretrained, resolve_model_path, save_pretrained = (
+        weights.load_pretrained,
+        weights.resolve_model_path,
+        weights.save_pretrained,
+    )
 
     cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
     save_pretrained(params, cfg, hf_dir)
@@ -66,7 +83,7 @@ def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
 
 
 def side_jlora(a: argparse.Namespace) -> dict:
-    from jlora.formats.weights import load_pretrained
+    load_pretrained = jlora_module("jlora.formats.weights", "jlora.weights").load_pretrained
 
     cfg, params = load_pretrained(a.hf_dir)
     cfg = cfg.replace(remat=a.remat)
@@ -134,10 +151,12 @@ def jlora_state(cfg, params, steps: int, rank: int = RANK, targets: tuple[str, .
     """(TrainState on one device, optimizer): the bench's LoRA (rank, ALPHA, targets) and AdamW on `params`."""
     import jax
 
-    from jlora.parallel.sharding import make_mesh
-    from jlora.peft.lora import LoraConfig
-    from jlora.train.config import OptimConfig
-    from jlora.train.step import init_state, make_optimizer
+    from jlora import LoraConfig
+
+    make_mesh = jlora_module("jlora.parallel.sharding", "jlora.sharding").make_mesh
+    OptimConfig = jlora_module("jlora.train.config", "jlora.config").OptimConfig
+    step = jlora_module("jlora.train.step", "jlora.trainer")
+    init_state, make_optimizer = step.init_state, step.make_optimizer
 
     lcfg = LoraConfig(rank=rank, alpha=ALPHA, targets=targets)
     opt, _ = make_optimizer(OptimConfig(lr=LR, schedule="constant", weight_decay=WD, grad_clip=CLIP), steps + 2)
@@ -161,8 +180,7 @@ def host_batch(batch: int, seq: int, vocab: int) -> dict:
 
 def train_batch(mesh, batch: int, seq: int, vocab: int) -> dict:
     """`host_batch` placed on `mesh` as one micro-batch, the trainer's step input."""
-    from jlora.train.step import put_batch
-
+    put_batch = jlora_module("jlora.train.step", "jlora.trainer").put_batch
     return put_batch(host_batch(batch, seq, vocab), mesh, 1)
 
 
@@ -172,8 +190,9 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
-    from jlora.models.llama import Llama
-    from jlora.train.step import make_train_step
+    from jlora import Llama
+
+    make_train_step = jlora_module("jlora.train.step", "jlora.trainer").make_train_step
 
     batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)
     f, t, o = state.frozen, state.trainable, state.opt_state

@@ -9,6 +9,7 @@ import pytest
 
 from jlora.train import config as C
 from jlora.train import data as D
+from jlora.train import examples as E
 from jlora.train import data_stream
 
 
@@ -108,7 +109,7 @@ def test_chat_trains_only_assistant_turns():
 
 
 def test_chat_with_byte_tokenizer_appends_eos():
-    tok = D.ByteTokenizer()
+    tok = E.ByteTokenizer()
     ex = D.encode_record(
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "chat", tok
     )
@@ -196,7 +197,7 @@ def toy_examples(n=23, seed=0, lo=3, hi=12):
     for _ in range(n):
         ids = rng.integers(3, 200, rng.integers(lo, hi)).astype(np.int32)
         mask = np.arange(len(ids)) >= len(ids) // 2
-        out.append(D.Example(ids, mask))
+        out.append(E.Example(ids, mask))
     return out
 
 
@@ -289,7 +290,7 @@ def test_stream_change_names_the_setting_that_moves_the_rows(monkeypatch):
 
     def ident(**data):
         run = C.load("configs/tiny-cpu.yaml", [f"data.{k}={v}" for k, v in data.items()])
-        return D.make_batches(run, D.ByteTokenizer())[0].identity
+        return D.make_batches(run, E.ByteTokenizer())[0].identity
 
     saved = ident()
     assert data_stream.stream_change(saved, ident()) is None
@@ -332,11 +333,11 @@ def test_one_pass_pads_the_last_batch_with_empty_rows():
 def test_make_batches_for_the_tiny_cpu_config(monkeypatch):
     monkeypatch.chdir(REPO)  # the config's data path is relative to the repo root
     cfg = C.load("configs/tiny-cpu.yaml")
-    train, val, stats = D.make_batches(cfg, D.ByteTokenizer())
+    train, val, stats = D.make_batches(cfg, E.ByteTokenizer())
     assert stats.records == 64 and stats.train_examples == 56 and stats.val_examples == 8
     b = next(train)
     assert b["input_ids"].shape == (cfg.train.global_batch, cfg.data.max_seq_len)
-    assert b["loss_mask"].sum() > 0 and b["input_ids"].max() < D.ByteTokenizer.vocab_size
+    assert b["loss_mask"].sum() > 0 and b["input_ids"].max() < E.ByteTokenizer.vocab_size
     vb = list(val.one_pass())
     assert len(vb) == 1 and vb[0]["input_ids"].shape[0] == cfg.train.micro_batch
 

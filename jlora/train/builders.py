@@ -18,7 +18,7 @@ from jlora.parallel.sharding import param_specs
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 from jlora.train.config import ConfigError, RunConfig
-from jlora.train.data import ByteTokenizer
+from jlora.train.examples import ByteTokenizer
 
 
 def method_config(run: RunConfig, cfg: ModelConfig) -> LoraConfig | AdapterConfig:

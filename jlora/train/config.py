@@ -239,7 +239,7 @@ METHOD_SECTIONS = {"lora": "lora", "llama_adapter": "adapter"}  # each method's 
 @dataclass(frozen=True)
 class RunConfig(_Section):
     """A whole training run. tokenizer: a path, or None for the model's own (for model
-    "tiny", None means jlora.train.data.ByteTokenizer). method: LoRA (the `lora` section) or
+    "tiny", None means jlora.train.examples.ByteTokenizer). method: LoRA (the `lora` section) or
     LLaMA-Adapter (the `adapter` section); the other method's section must stay unset."""
 
     model: ModelConfig

@@ -4,8 +4,8 @@ Owns the record formats (Alpaca JSON/JSONL, chat `messages` JSONL, plain text), 
 masking, explicit truncation, packing with segment ids, deterministic shuffling, a resumable
 row position and each host's slice of the global batch. A stream's identity (what a checkpoint
 records) is jlora.train.data_stream. It does not load tokenizers
-(jlora.formats.tokenizer) or place batches on devices (jlora.train.step). `ByteTokenizer` is the
-tokenizer of the random "tiny" model, which has no tokenizer files.
+(jlora.formats.tokenizer) or place batches on devices (jlora.train.step). Examples and the tokenizer
+interface are jlora.train.examples.
 """
 
 from __future__ import annotations
