@@ -9,8 +9,8 @@ import pytest
 
 from jlora.train import config as C
 from jlora.train import data as D
-from jlora.train import examples as E
 from jlora.train import data_stream
+from jlora.train import examples as E
 
 
 class FakeTok:
