@@ -10,7 +10,7 @@ import pathlib
 import shlex
 import sys
 
-from jlora.cli.run import run_cli
+from jlora.cli.run import add_set_option, run_cli
 from jlora.train.config import ConfigError, load
 from jlora.train.demo import DEFAULT_CONFIG, DEFAULT_EVAL_LIMIT, run_demo
 
@@ -19,14 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
     p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.steps=20 (repeatable)",
-    )
+    add_set_option(p, "train.steps=20")
     p.add_argument(
         "--eval-limit",
         type=int,

@@ -7,6 +7,7 @@ Anything else is a bug in jlora and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,18 @@ from typing import Any
 from jlora.checkpoint.run_dir import os_error_line
 from jlora.errors import JloraError
 from jlora.train.step import NonFiniteError
+
+
+def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """The `--set KEY=VALUE` option (repeatable) that overrides a run config's fields, into `overrides`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field, e.g. --set {example} (repeatable)",
+    )
 
 
 class UsageError(JloraError, ValueError):

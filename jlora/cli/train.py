@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jlora.cli.run import run_cli
+from jlora.cli.run import add_set_option, run_cli
 from jlora.train.config import RunConfig, load
 from jlora.train.loop import train
 
@@ -16,14 +16,7 @@ from jlora.train.loop import train
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
     p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)",
-    )
+    add_set_option(p, "optim.lr=1e-4")
     p.add_argument(
         "--resume",
         action="store_true",

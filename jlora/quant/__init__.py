@@ -1,0 +1,1 @@
+"""Packed frozen kernels for QLoRA (int8, nf4, GGUF blocks) and the matmuls that read them."""

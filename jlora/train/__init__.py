@@ -1,0 +1,1 @@
+"""Training: the run config, data, the loss and the jitted step, the loop, `--plan`, and the demo."""
