@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from jlora.models.config import ModelConfig, ModelConfigError
@@ -144,8 +145,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
 
 def family_of_params(params: dict) -> Family:
     """The family whose weight table names every param of `params` (a params tree of one of its models)."""
-    from flax import traverse_util
-
     paths = set(traverse_util.flatten_dict(params, is_leaf=lambda _, x: not isinstance(x, dict)))
     for fam in families().values():
         if paths and paths <= set(fam.renames):
