@@ -14,12 +14,14 @@ the work is in jlora.checkpoint.store, jlora.formats.peft_adapter, jlora.peft.lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import shutil
 import sys
 
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.checkpoint.store import load_adapter
+from jlora.cli.run import run_cli
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
 from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
@@ -87,15 +89,22 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def _run(parser: argparse.ArgumentParser, argv, body) -> int:
     args = parser.parse_args(argv)
-    try:
+
+    def job() -> None:
         out = check_out_dir(args.out, force=args.force, inputs={"--model": args.model, "--adapter": args.adapter})
-        with replace_dir(out) as partial:
+        with _disk_errors(args.out), replace_dir(out) as partial:
             body(args, partial)
-    except ValueError as e:  # every jlora error is a one-line ValueError
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    except OSError as e:  # a read-only or full disk: the path and the cause
-        parser.exit(2, f"{parser.prog}: error: {e.filename or args.out}: {e.strerror or e}\n")
-    return 0
+
+    return run_cli(parser.prog, job)
+
+
+@contextlib.contextmanager
+def _disk_errors(out: str):
+    """A read-only or full disk as one line naming the path (--out where the OS names none)."""
+    try:
+        yield
+    except OSError as e:
+        raise OutDirError(f"{e.filename or out}: {e.strerror or e}") from None
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -148,16 +157,15 @@ def gguf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the .gguf adapter file to write (new)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
-    try:
+
+    def job() -> None:
         model = resolve_model_path(args.model)  # an alias names the GGUF, which --out must not overwrite
         out = check_out_file(args.out, force=args.force, inputs={"--model": model, "--adapter": args.adapter})
         cfg, params = load_pretrained(args.model)
         lcfg, trainable = load_any_adapter(args.adapter, cfg, params)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        export_gguf_adapter(out, trainable, lcfg, cfg, base_name=hub_name(args.model))
+        with _disk_errors(args.out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            export_gguf_adapter(out, trainable, lcfg, cfg, base_name=hub_name(args.model))
         print(f"wrote {args.out}", file=sys.stderr)
-    except ValueError as e:  # every jlora error is a one-line ValueError
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    except OSError as e:  # a read-only or full disk: the path and the cause
-        parser.exit(2, f"{parser.prog}: error: {e.filename or args.out}: {e.strerror or e}\n")
-    return 0
+
+    return run_cli(parser.prog, job)
