@@ -4,7 +4,7 @@ The public names, gathered from the layers that own them (docs/architecture.md s
 """
 
 from jlora.api import split
-from jlora.checkpoint.store import load_adapter, save_adapter
+from jlora.checkpoint.adapter import load_adapter, save_adapter
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import export_gguf_adapter
 from jlora.formats.peft_adapter import export_peft, import_peft

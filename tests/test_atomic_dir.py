@@ -18,7 +18,7 @@ from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 
 import jlora
-from jlora.checkpoint import store as ck
+from jlora.checkpoint.adapter import load_adapter, save_adapter
 from jlora.formats.weights import save_pretrained
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
@@ -31,7 +31,8 @@ LCFG = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
 # Saves adapters whose every value is i, for i = 0, 1, 2, ... until killed; says when it starts.
 SAVER = """
 import sys, jax, jax.numpy as jnp, jlora
-from jlora.checkpoint import store as ck
+
+from jlora.checkpoint.adapter import save_adapter
 from jlora.models.llama import PRESETS
 from jlora.models.family import param_shapes
 cfg, lcfg = PRESETS["tiny"], jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
@@ -40,14 +41,14 @@ i = int(sys.argv[2])
 while True:
     tree = jax.tree.map(lambda s: jnp.full(s.shape, float(i), s.dtype), shapes)
     print("saving", i, flush=True)
-    ck.save_adapter(sys.argv[1], tree, lcfg, base=cfg)
+    save_adapter(sys.argv[1], tree, lcfg, base=cfg)
     i += 1
 """
 
 
 def _adapter_value(path) -> float:
     """The one value every leaf of the adapter at `path` holds (load_adapter checks it is whole)."""
-    _, tree = ck.load_adapter(path, base=CFG)
+    _, tree = load_adapter(path, base=CFG)
     values = {float(v) for x in jax.tree.leaves(tree) for v in np.unique(np.asarray(x))}
     assert len(values) == 1, f"a mix of two saves: {values}"
     return values.pop()
@@ -56,7 +57,7 @@ def _adapter_value(path) -> float:
 def test_sigkill_during_save_adapter_leaves_one_whole_adapter(tmp_path):
     path = tmp_path / "adapter"
     shapes = jax.eval_shape(lambda p: jlora.split(p, LCFG, jax.random.key(0))[1], param_shapes(CFG))
-    ck.save_adapter(path, jax.tree.map(lambda s: jnp.full(s.shape, -1.0, s.dtype), shapes), LCFG, base=CFG)
+    save_adapter(path, jax.tree.map(lambda s: jnp.full(s.shape, -1.0, s.dtype), shapes), LCFG, base=CFG)
     rng, start, seen = random.Random(0), 0, []
     for _ in range(5):
         proc = subprocess.Popen(
@@ -77,7 +78,7 @@ def test_sigkill_during_save_adapter_leaves_one_whole_adapter(tmp_path):
         seen.append(value)
         start = int(value) + 1000  # the next round's saves are told apart from this one's
     # The next save clears whatever the kills left beside the adapter.
-    ck.save_adapter(path, jax.tree.map(lambda s: jnp.full(s.shape, 7.0, s.dtype), shapes), LCFG, base=CFG)
+    save_adapter(path, jax.tree.map(lambda s: jnp.full(s.shape, 7.0, s.dtype), shapes), LCFG, base=CFG)
     assert _adapter_value(path) == 7.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "strays left beside the adapter"
 
@@ -106,7 +107,7 @@ def _model_and_adapter(tmp_path):
     (tmp_path / "model" / "tokenizer.json").write_text("{}")
     shapes = jax.eval_shape(lambda p: jlora.split(p, LCFG, jax.random.key(0))[1], params)
     trainable = jax.tree.map(lambda s: jnp.asarray(0.1 * rs.standard_normal(s.shape).astype(s.dtype)), shapes)
-    ck.save_adapter(tmp_path / "adapter", trainable, LCFG, base=CFG, params=params)
+    save_adapter(tmp_path / "adapter", trainable, LCFG, base=CFG, params=params)
     return tmp_path / "model", tmp_path / "adapter"
 
 
@@ -121,7 +122,7 @@ def test_merge_refuses_an_out_that_would_destroy_data(tmp_path):
     )
     assert _digest(model) == before, "the base model was changed"
     one_line_error(_cli("jlora-merge", *base, adapter, "--force"), str(adapter), prog="jlora-merge", only_line=True)
-    assert ck.load_adapter(adapter, base=CFG)
+    assert load_adapter(adapter, base=CFG)
 
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -153,7 +154,7 @@ def test_export_peft_out_checks_and_swap(tmp_path):
     )
     assert afile.read_text() == "mine"
     one_line_error(_cli("jlora-export-peft", *base, adapter), str(adapter), prog="jlora-export-peft", only_line=True)
-    assert ck.load_adapter(adapter, base=CFG)
+    assert load_adapter(adapter, base=CFG)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from jlora.checkpoint import store as ck
+from jlora.checkpoint import metadata, train_state
+from jlora.checkpoint.adapter import load_adapter, read_adapter_metadata, save_adapter
 from jlora.checkpoint.tree_storage import is_rng_key
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
@@ -62,50 +63,52 @@ LCFG = jlora.LoraConfig(
 def test_adapter_round_trip(params, tmp_path):
     trainable = random_adapter(params, LCFG, 0)
     frozen = {k: v for k, v in params.items() if k != "norm"}  # the trainer fingerprints its frozen tree
-    ck.save_adapter(tmp_path / "a", trainable, LCFG, base=CFG, params=frozen, run_config={"lr": 1e-3})
-    lcfg, back = ck.load_adapter(tmp_path / "a", base=CFG, params=params, expect=LCFG)  # full params fit too
+    save_adapter(tmp_path / "a", trainable, LCFG, base=CFG, params=frozen, run_config={"lr": 1e-3})
+    lcfg, back = load_adapter(tmp_path / "a", base=CFG, params=params, expect=LCFG)  # full params fit too
     assert lcfg == LCFG
     assert jax.tree.structure(back) == jax.tree.structure(trainable)  # scales, layouts, dropout included
     assert _leaves_equal(back, trainable)
-    meta = ck.read_adapter_metadata(tmp_path / "a")
+    meta = read_adapter_metadata(tmp_path / "a")
     assert meta["run_config"] == {"lr": 1e-3} and meta["jlora_version"] and meta["base"]["config"]["hidden_size"] == 64
     assert set(meta["base"]["fingerprint"]["samples"]) == {".".join(k) for k in traverse_util.flatten_dict(frozen)}
-    ck.save_adapter(tmp_path / "a", trainable, LCFG, base=CFG)  # overwriting an adapter is fine
-    ck.load_adapter(tmp_path / "a", base=CFG)
+    save_adapter(tmp_path / "a", trainable, LCFG, base=CFG)  # overwriting an adapter is fine
+    load_adapter(tmp_path / "a", base=CFG)
 
 
 def test_load_adapter_refuses(params, tmp_path):
     trainable = random_adapter(params, LCFG, 1)
-    ck.save_adapter(tmp_path / "a", trainable, LCFG, base=CFG, params=params)
+    save_adapter(tmp_path / "a", trainable, LCFG, base=CFG, params=params)
     other = CFG.replace(num_hidden_layers=3)
     _one_line_error(
-        lambda: ck.load_adapter(tmp_path / "a", base=other),
-        ck.AdapterError,
+        lambda: load_adapter(tmp_path / "a", base=other),
+        metadata.AdapterError,
         "made for another base model.*num_hidden_layers=2 there, 3 here",
     )
     retrained = jax.tree.map(lambda x: x, params)
     retrained["norm"]["weight"] = retrained["norm"]["weight"] * 1.5
     _one_line_error(
-        lambda: ck.load_adapter(tmp_path / "a", base=CFG, params=retrained),
-        ck.AdapterError,
+        lambda: load_adapter(tmp_path / "a", base=CFG, params=retrained),
+        metadata.AdapterError,
         "made for another base model.*weight norm.weight differs",
     )
     _one_line_error(
-        lambda: ck.load_adapter(tmp_path / "a", base=CFG, expect=LCFG.__class__(rank=8, targets=LCFG.targets)),
-        ck.AdapterError,
+        lambda: load_adapter(tmp_path / "a", base=CFG, expect=LCFG.__class__(rank=8, targets=LCFG.targets)),
+        metadata.AdapterError,
         "adapter has rank=4, expected rank=8",
     )
     with pytest.raises(ValueError):  # AdapterError is a ValueError
-        ck.load_adapter(tmp_path / "nowhere", base=CFG)
+        load_adapter(tmp_path / "nowhere", base=CFG)
     _one_line_error(
-        lambda: ck.save_adapter(tmp_path, trainable, LCFG, base=CFG), ck.AdapterError, "refusing to overwrite"
+        lambda: save_adapter(tmp_path, trainable, LCFG, base=CFG),
+        metadata.AdapterError,
+        "refusing to overwrite",
     )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
 def test_damaged_adapter(params, tmp_path, damage):
     trainable = random_adapter(params, LCFG, 2)
-    ck.save_adapter(tmp_path / "a", trainable, LCFG, base=CFG)
+    save_adapter(tmp_path / "a", trainable, LCFG, base=CFG)
     files = _data_files(tmp_path / "a")
     assert files
     if damage == "truncate":
@@ -116,7 +119,7 @@ def test_damaged_adapter(params, tmp_path, damage):
             f.unlink()
     else:
         (tmp_path / "a" / "metadata" / "metadata").unlink()
-    _one_line_error(lambda: ck.load_adapter(tmp_path / "a", base=CFG), ck.AdapterError, "truncated or corrupt")
+    _one_line_error(lambda: load_adapter(tmp_path / "a", base=CFG), metadata.AdapterError, "truncated or corrupt")
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -139,25 +142,27 @@ def _train_state(params, seed=0):
 
 def test_checkpoint_cycle_and_exact_restore(params, tmp_path):
     state = _train_state(params)
-    meta = ck.make_metadata(LCFG, CFG, params, run_config={"output_dir": str(tmp_path)})
-    manager = ck.open_manager(tmp_path / "ckpt", keep=2, interval=2)
+    meta = metadata.make_metadata(LCFG, CFG, params, run_config={"output_dir": str(tmp_path)})
+    manager = train_state.open_manager(tmp_path / "ckpt", keep=2, interval=2)
     saved = []
     for step in range(1, 6):
         state["step"] = step
         state["rng"] = jax.random.fold_in(state["rng"], step)
-        if ck.save_checkpoint(manager, step, state, meta, force=step == 5):
+        if train_state.save_checkpoint(manager, step, state, meta, force=step == 5):
             saved.append(step)
     assert saved == [2, 4, 5] and manager.all_steps() == [4, 5]
     # A crash mid-save leaves only orbax's tmp dir, which is not a checkpoint.
     (tmp_path / "ckpt" / "9.orbax-checkpoint-tmp-1700000000").mkdir()
     (tmp_path / "ckpt" / "9.orbax-checkpoint-tmp-1700000000" / "junk").write_text("partial")
-    manager = ck.open_manager(tmp_path / "ckpt", keep=2, interval=2)
+    manager = train_state.open_manager(tmp_path / "ckpt", keep=2, interval=2)
     assert manager.latest_step() == 5
 
-    back = ck.restore_latest(manager, state, base=CFG, params=params, lcfg=LCFG)  # the state itself as the target
+    back = train_state.restore_latest(
+        manager, state, base=CFG, params=params, lcfg=LCFG
+    )  # the state itself as the target
     assert back["step"] == 5 and back["data"] == {"epoch": 1, "index": 17} and isinstance(back["step"], int)
     assert jax.tree.structure(back) == jax.tree.structure(state) and _leaves_equal(back, state)
-    assert ck.read_metadata(manager)["trainable"]["pairs"]["lm_head.kernel"]["rank"] == 4
+    assert train_state.read_metadata(manager)["trainable"]["pairs"]["lm_head.kernel"]["rank"] == 4
 
     # Restore onto a mesh: an abstract state from eval_shape, with shardings.
     mesh = jax.make_mesh((8,), ("fsdp",))
@@ -174,38 +179,42 @@ def test_checkpoint_cycle_and_exact_restore(params, tmp_path):
         "trainable": jax.tree.map(shard, abstract["trainable"]),
         "opt_state": jax.tree.map(shard, abstract["opt_state"]),
     }
-    back = ck.restore_latest(manager, abstract)
+    back = train_state.restore_latest(manager, abstract)
     a = back["trainable"]["layers"]["self_attn"]["q_proj"]["kernel"].a  # [L, in, R]
     assert a.sharding == abstract["trainable"]["layers"]["self_attn"]["q_proj"]["kernel"].a.sharding
     assert _leaves_equal(back, state) and jax.random.key_impl(back["rng"]) == jax.random.key_impl(state["rng"])
 
     _one_line_error(
-        lambda: ck.restore_latest(manager, state, lcfg=LCFG.__class__(rank=2, targets=LCFG.targets)),
-        ck.CheckpointError,
+        lambda: train_state.restore_latest(manager, state, lcfg=LCFG.__class__(rank=2, targets=LCFG.targets)),
+        metadata.CheckpointError,
         "adapter has rank=4, expected rank=2",
     )
     _one_line_error(
-        lambda: ck.save_checkpoint(manager, 6, {**state, "frozen": params}, meta), ck.CheckpointError, "holds only"
+        lambda: train_state.save_checkpoint(manager, 6, {**state, "frozen": params}, meta),
+        metadata.CheckpointError,
+        "holds only",
     )
 
 
 def test_damaged_or_mismatched_checkpoint(params, tmp_path):
     state = _train_state(params)
-    manager = ck.open_manager(tmp_path, keep=2, interval=1)
-    ck.save_checkpoint(manager, 1, state, ck.make_metadata(LCFG, CFG))
+    manager = train_state.open_manager(tmp_path, keep=2, interval=1)
+    train_state.save_checkpoint(manager, 1, state, metadata.make_metadata(LCFG, CFG))
     other = jax.tree.map(lambda x: x, state)
     other["trainable"]["lm_head"]["kernel"] = other["trainable"]["lm_head"]["kernel"].replace(
         a=jnp.zeros((64, 2)), b=jnp.zeros((2, 512))
     )
     _one_line_error(
-        lambda: ck.restore_latest(manager, other),
-        ck.CheckpointError,
+        lambda: train_state.restore_latest(manager, other),
+        metadata.CheckpointError,
         r"lm_head/kernel/a has shape \(64, 4\) in the checkpoint, \(64, 2\) in this run",
     )
     for f in _data_files(tmp_path / "1"):
         os.truncate(f, f.stat().st_size // 3)
     _one_line_error(
-        lambda: ck.restore_latest(manager, state), ck.CheckpointError, "1: .*truncated or corrupt checkpoint"
+        lambda: train_state.restore_latest(manager, state),
+        metadata.CheckpointError,
+        "1: .*truncated or corrupt checkpoint",
     )
 
 
@@ -221,8 +230,8 @@ def test_checkpoint_holds_only_the_adapter(tmp_path):
         lambda x: jnp.asarray(rs.standard_normal(x.shape).astype(x.dtype)) if x.ndim else x, opt_state
     )
     state = {"trainable": trainable, "opt_state": opt_state, "step": 10, "data": {"index": 3}, "rng": jax.random.key(0)}
-    manager = ck.open_manager(tmp_path, keep=1, interval=10)
-    assert ck.save_checkpoint(manager, 10, state, ck.make_metadata(lcfg, cfg))
+    manager = train_state.open_manager(tmp_path, keep=1, interval=10)
+    assert train_state.save_checkpoint(manager, 10, state, metadata.make_metadata(lcfg, cfg))
     on_disk = sum(p.stat().st_size for p in (tmp_path / "10").rglob("*") if p.is_file())
     lora = jlora.count_params(trainable)
     expected = 3 * lora * 4  # params + Adam mu + nu, fp32

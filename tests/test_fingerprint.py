@@ -20,7 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
 from jlora.checkpoint import fingerprint as fp
-from jlora.checkpoint import store as ck
+from jlora.checkpoint import metadata
+from jlora.checkpoint.adapter import load_adapter, save_adapter
 from jlora.formats.weights import save_pretrained
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
@@ -117,12 +118,12 @@ def test_a_version_1_adapter_still_loads_onto_its_base(tmp_path):
     params = _random_params()
     lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj",))
     _, trainable = jlora.split(params, lcfg, jax.random.key(0))
-    ck.save_adapter(tmp_path / "a", trainable, lcfg, base=CFG, params=params)
+    save_adapter(tmp_path / "a", trainable, lcfg, base=CFG, params=params)
     meta_file = tmp_path / "a" / "metadata" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["base"]["fingerprint"] = fp._fingerprint_v1(params)  # what the previous jlora wrote
     meta_file.write_text(json.dumps(meta))
-    ck.load_adapter(tmp_path / "a", base=CFG, params=params)
+    load_adapter(tmp_path / "a", base=CFG, params=params)
     other = {**params, "norm": {"weight": params["norm"]["weight"] * 1.5}}
-    with pytest.raises(ck.AdapterError, match="weight norm.weight differs"):
-        ck.load_adapter(tmp_path / "a", base=CFG, params=other)
+    with pytest.raises(metadata.AdapterError, match="weight norm.weight differs"):
+        load_adapter(tmp_path / "a", base=CFG, params=other)

@@ -182,7 +182,7 @@ def _tiny_model_dir(tmp_path, params, cfg=CFG) -> str:
 
 
 def test_cli_streams_text(tiny, adapter, tmp_path):
-    from jlora.checkpoint.store import save_adapter
+    from jlora.checkpoint.adapter import save_adapter
 
     frozen, trainable = adapter
     model_dir = _tiny_model_dir(tmp_path, frozen)
@@ -293,7 +293,7 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
     """`jlora-generate --merge` and `jlora-merge` fold an adapter the same way: on a tied model an
     embed_tokens adapter is refused by both (merged into the shared table it would change the LM head
     too, which the unmerged model does not), while the unmerged run works; an untied adapter merges."""
-    from jlora.checkpoint.store import save_adapter
+    from jlora.checkpoint.adapter import save_adapter
 
     tied = CFG.replace(tie_word_embeddings=True)
     params = {k: v for k, v in tiny[1].items() if k != "lm_head"}

@@ -14,7 +14,7 @@ from flax import traverse_util
 from lora_testing import is_pair, randomize
 
 import jlora
-from jlora.checkpoint.store import save_adapter
+from jlora.checkpoint.adapter import save_adapter
 from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter
 from jlora.models.layers import permute_rope_rows as permute_rows
 from jlora.models.layers import unpermute_rope_rows as _unpermute

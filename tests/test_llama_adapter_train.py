@@ -13,7 +13,8 @@ import pytest
 from cli_testing import kill_at_checkpoint, one_line_error, script
 
 import jlora
-from jlora.checkpoint.store import AdapterError, load_adapter
+from jlora.checkpoint.adapter import load_adapter
+from jlora.checkpoint.metadata import AdapterError
 from jlora.parallel.sharding import make_mesh
 from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig
 from jlora.peft.lora import LoraConfig

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.checkpoint.store import save_adapter
+from jlora.checkpoint.adapter import save_adapter
 from jlora.cli.adapters import export_main, merge_main
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
 from jlora.formats.weights import load_pretrained

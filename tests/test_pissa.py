@@ -24,7 +24,8 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 import jlora
-from jlora.checkpoint.store import AdapterError, load_adapter, save_adapter
+from jlora.checkpoint.adapter import load_adapter, save_adapter
+from jlora.checkpoint.metadata import AdapterError
 from jlora.formats.peft_adapter import PeftError, export_peft
 from jlora.formats.weights import load_pretrained
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from cli_testing import kill_at_checkpoint, script
 
-from jlora.checkpoint.store import load_adapter
+from jlora.checkpoint.adapter import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "import sys; from jlora.cli.train import main; sys.exit(main())"]  # = jlora-train

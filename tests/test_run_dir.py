@@ -14,7 +14,7 @@ import time
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 
-from jlora.checkpoint.store import load_adapter
+from jlora.checkpoint.adapter import load_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

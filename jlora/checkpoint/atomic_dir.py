@@ -6,8 +6,8 @@ with RENAME_EXCHANGE when the target exists), and only then is the old content d
 killed at any moment leaves at `target` either the old directory or the new one, never a
 half-written one. The strays it may leave beside it (`.NAME.partial*`, `.NAME.old`) are removed by
 the next replace of the same target. One writer per target at a time: jlora-train holds a lock on
-its output_dir. This module does not know what goes in the directories (jlora.checkpoint.store and
-jlora.cli.adapters fill them).
+its output_dir. This module does not know what goes in the directories (jlora.checkpoint.train_state,
+jlora.checkpoint.adapter and jlora.cli.adapters fill them).
 """
 
 from __future__ import annotations

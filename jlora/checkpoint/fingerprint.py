@@ -7,7 +7,7 @@ adapts, so a merged base is told from its original. It stays cheap at any size: 
 their sample by a strided read, device arrays by one jitted gather whose output is replicated, so
 every process of a multi-host run gets the same sample of sharded tensors without gathering them.
 `mismatch` compares a saved fingerprint with params; version 1 (norms and embedding rows only, no
-version field) is still understood. Where fingerprints are stored is jlora.checkpoint.store's concern.
+version field) is still understood. Where fingerprints are stored is jlora.checkpoint.metadata's concern.
 """
 
 from __future__ import annotations

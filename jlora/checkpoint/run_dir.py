@@ -9,7 +9,7 @@ checkpoints. By default that is refused, so a later `--resume` cannot continue t
 is deleted, and the dir then holds only the run started last. A disk that fills up mid-run is
 reported here too: `ensure_free_space` refuses a write that cannot fit before it starts, `disk_errors`
 turns orbax's and tensorstore's many forms of ENOSPC into one OSError, and `os_error_line` makes that
-one line. Checkpoint contents are jlora.checkpoint.store's business.
+one line. Checkpoint contents are jlora.checkpoint.train_state's and .adapter's business.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pytrees <-> the nested dicts of arrays that orbax stores, for jlora.checkpoint.store.
+"""Pytrees <-> the nested dicts of arrays that orbax stores (jlora.checkpoint.train_state and .adapter).
 
 Any pytree (optax states, `LoraPair`s, Python scalars, typed rng keys) becomes a nested dict keyed
 by its key paths; rng keys are stored as their raw key data and restored with their impl.

@@ -8,7 +8,7 @@ written as tokenizer.json or tokenizer.model + tokenizer_config.json), so jlora-
 transformers can use the merged dir alone. Both refuse an --out that
 is a file, that is or holds or lies inside --model or --adapter, or (without --force) an existing
 non-empty dir; they build the output beside --out and swap it in whole (jlora.checkpoint.atomic_dir). Thin:
-the work is in jlora.checkpoint.store, jlora.formats.peft_adapter, jlora.peft.lora and jlora.formats.weights.
+the work is in jlora.checkpoint.adapter, jlora.formats.peft_adapter, jlora.peft.lora and jlora.formats.weights.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pathlib
 import shutil
 import sys
 
+from jlora.checkpoint.adapter import load_adapter
 from jlora.checkpoint.atomic_dir import replace_dir
-from jlora.checkpoint.store import load_adapter
 from jlora.cli.run import run_cli
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter

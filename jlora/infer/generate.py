@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.checkpoint.store import load_adapter
+from jlora.checkpoint.adapter import load_adapter
 from jlora.errors import JloraError
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer

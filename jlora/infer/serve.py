@@ -23,7 +23,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from jlora.checkpoint.store import load_adapter
+from jlora.checkpoint.adapter import load_adapter
 from jlora.errors import JloraError
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer

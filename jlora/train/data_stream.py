@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jlora.checkpoint.store import CheckpointError
+from jlora.checkpoint.metadata import CheckpointError
 from jlora.train.config import RunConfig
 from jlora.train.examples import DataError, Example, TokenizerLike
 

@@ -3,7 +3,7 @@
 Owns building a run (jax.distributed, tokenizer, model, per-host data, mesh, sharded state), the
 start-of-run summary, the loop (progress bar, metrics.jsonl + TensorBoard, eval, the non-finite
 guard, periodic checkpoints, resume) and the CLI. The step itself is jlora.train.step; placement is
-jlora.parallel.sharding; files on disk are jlora.checkpoint.store. Only process 0 prints and writes metrics.
+jlora.parallel.sharding; files on disk are jlora.checkpoint. Only process 0 prints and writes metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jlora.checkpoint import store as ckpt
+from jlora.checkpoint import metadata, train_state
+from jlora.checkpoint.adapter import barrier, save_adapter
 from jlora.checkpoint.fingerprint import fingerprint
 from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
@@ -101,7 +102,7 @@ def train(
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
     with claim(
-        run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=ckpt.barrier
+        run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=barrier
     ) as aside:
         if aside is not None and not quiet:
             print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
@@ -148,8 +149,10 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
         fingerprint_src = fingerprint(state.frozen)
         quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
-    meta = ckpt.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
-    manager = ckpt.open_manager(out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval)
+    meta = metadata.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
+    manager = train_state.open_manager(
+        out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval
+    )
     want_resume = run.checkpoint.resume if resume is None else resume
     if want_resume:
         abstract = {
@@ -159,7 +162,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             "data": train_it.state(),
             "rng": rng,
         }
-        restored = ckpt.restore_latest(
+        restored = train_state.restore_latest(
             manager,
             abstract,
             base=cfg,
@@ -168,7 +171,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             check=functools.partial(check_resume, data_stream=train_it.identity),
         )
         if restored is None and resume:
-            raise ckpt.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
+            raise metadata.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
         if restored is not None:
             state.trainable, state.opt_state, rng = restored["trainable"], restored["opt_state"], restored["rng"]
             train_it.restore(restored["data"])
@@ -272,7 +275,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
                 metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
                 if main_proc and not quiet:
                     bar.write(f"step {done}: val_loss {val_loss:.4f}")
-            ckpt.save_checkpoint(
+            train_state.save_checkpoint(
                 manager,
                 done,
                 {
@@ -294,7 +297,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
     if initial is not None:  # the equivalent rank-2r plain LoRA; W_res's adapted kernels are not the base's
         adapter_lcfg, adapter = pissa_to_lora(state.trainable, initial, run.lora)
         adapter_print = None if fingerprint_src is None else unadapted(fingerprint_src, adapter)
-    ckpt.save_adapter(out_dir / "adapter", adapter, adapter_lcfg, cfg, adapter_print, to_dict(run))
+    save_adapter(out_dir / "adapter", adapter, adapter_lcfg, cfg, adapter_print, to_dict(run))
     summary.update(
         final_loss=summary["losses"][-1] if summary["losses"] else None,
         val_loss=summary["val_losses"][-1][1] if summary["val_losses"] else None,
