@@ -1,6 +1,7 @@
-"""jlora.quant.gguf_blocks: GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks kept as QuantizedKernels decode to
-gguf-py's dequantize bit for bit (kernels, embeddings, take_rows), load_pretrained(quantize="gguf") gives
-the dense load's values on a tiny mixed-type file and the real SmolLM2 file, and bad input is one line."""
+"""jlora.quant.gguf_blocks: GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks kept as
+QuantizedKernels decode to gguf-py's dequantize bit for bit (kernels, embeddings, take_rows),
+load_pretrained(quantize="gguf") gives the dense load's values on a tiny mixed-type file and the real SmolLM2
+file, and bad input is one line."""
 
 import os
 
@@ -22,10 +23,10 @@ from jlora.formats.weights import WeightsError, load_pretrained
 from jlora.quant import gguf_blocks
 from jlora.quant.quantize import dequantize, frozen_bytes, is_quantized, take_rows
 
-BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # Where each block's fp16 scales sit (byte offsets), per llama.cpp's block structs; written out here, not
 # taken from gguf_blocks, so random bytes get finite scales exactly where gguf-py reads them.
-FP16_AT = {"Q4_K": (0, 2), "Q6_K": (208,)}
+FP16_AT = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82)}
 
 
 def bits(x) -> np.ndarray:
@@ -42,7 +43,7 @@ def random_fp16(rng, n: int, scale: float) -> np.ndarray:
 def gguf_blocks_for(kind: str, rows: int, cols: int, rng, scale: float = 1.0) -> np.ndarray:
     """Raw GGUF data [rows, bytes] of type `kind`: gguf-py's quantizer where it has one, else random bytes
     with finite fp16 scales."""
-    if kind in ("Q4_0", "Q4_1", "Q8_0", "Q5_0"):
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32) * scale, T[kind])
     block, size = gguf.GGML_QUANT_SIZES[T[kind]]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
@@ -207,12 +208,12 @@ def test_smollm2_gguf_blocks(smollm2_gguf):
 
 
 def test_unsupported_block_type_is_one_line(tmp_path):
-    path = write_tiny_gguf(tmp_path / "q5.gguf", {**TINY_TYPES, "blk.1.attn_v.weight": "Q5_0"})
-    load_pretrained(path)  # dequantized, Q5_0 loads as today
+    path = write_tiny_gguf(tmp_path / "q2.gguf", {**TINY_TYPES, "blk.1.attn_v.weight": "Q2_K"})
+    load_pretrained(path)  # dequantized, Q2_K loads as today
     with pytest.raises(WeightsError) as e:
         load_pretrained(path, quantize="gguf")
     msg = str(e.value)
-    assert "\n" not in msg and str(path) in msg and "blk.1.attn_v.weight" in msg and "Q5_0" in msg, msg
+    assert "\n" not in msg and str(path) in msg and "blk.1.attn_v.weight" in msg and "Q2_K" in msg, msg
 
 
 def test_gguf_quantize_on_hf_dir_is_one_line(tmp_path):

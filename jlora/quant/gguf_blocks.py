@@ -1,4 +1,4 @@
-"""GGUF's own block formats (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) as jlora.quant.quantize Formats.
+"""GGUF's own block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as jlora.quant.quantize Formats.
 
 A GGUF tensor's blocks are kept as they are in the file, only split into their parts (fp16 scales,
 packed quants) so that each part is an array laid out [*stack, A, B, ...] like any QuantizedKernel
@@ -26,8 +26,15 @@ QK_K = 256  # super-block size of the K-quants
 LAYOUTS: dict[str, tuple[int, list[tuple[str, str, int]]]] = {
     "Q4_0": (32, [("d", "float16", 0), ("qs", "uint8", 16)]),
     "Q4_1": (32, [("d", "float16", 0), ("m", "float16", 0), ("qs", "uint8", 16)]),
+    "Q5_0": (32, [("d", "float16", 0), ("qh", "uint8", 4), ("qs", "uint8", 16)]),
+    "Q5_1": (32, [("d", "float16", 0), ("m", "float16", 0), ("qh", "uint8", 4), ("qs", "uint8", 16)]),
     "Q8_0": (32, [("d", "float16", 0), ("qs", "int8", 32)]),
     "Q4_K": (QK_K, [("d", "float16", 0), ("dmin", "float16", 0), ("scales", "uint8", 12), ("qs", "uint8", 128)]),
+    "Q5_K": (
+        QK_K,
+        [("d", "float16", 0), ("dmin", "float16", 0), ("scales", "uint8", 12), ("qh", "uint8", 32)]
+        + [("qs", "uint8", 128)],
+    ),
     "Q6_K": (QK_K, [("ql", "uint8", 128), ("qh", "uint8", 64), ("scales", "int8", 16), ("d", "float16", 0)]),
 }
 
@@ -52,6 +59,28 @@ def _decode_q4_1(f: dict) -> jax.Array:
     return _f32(f["d"])[..., None] * q.astype(jnp.float32) + _f32(f["m"])[..., None]
 
 
+def _fifth_bits(qh: jax.Array) -> jax.Array:
+    """Q5_0 / Q5_1's qh [..., 4] uint8 (one little-endian uint32) -> [..., 32]: bit j of it is value j's bit 4."""
+    qh = jnp.asarray(qh)[..., None] >> jnp.arange(8, dtype=jnp.uint8)  # [..., 4, 8]
+    return (qh & 1).reshape(*qh.shape[:-2], 32)
+
+
+def _q5_values(f: dict) -> jax.Array:
+    """The 5-bit values 0..31 of a Q5_0 / Q5_1 block: [..., 32] uint8."""
+    ql = _nibbles(f["qs"], 1).reshape(*f["qs"].shape[:-1], 32)
+    return ql | (_fifth_bits(f["qh"]) << 4)
+
+
+def _decode_q5_0(f: dict) -> jax.Array:
+    q = (_q5_values(f).astype(jnp.int8) - 16).astype(jnp.float32)  # [..., 32]
+    return _f32(f["d"])[..., None] * q
+
+
+def _decode_q5_1(f: dict) -> jax.Array:
+    q = _q5_values(f).astype(jnp.float32)  # [..., 32]
+    return _f32(f["d"])[..., None] * q + _f32(f["m"])[..., None]
+
+
 def _decode_q8_0(f: dict) -> jax.Array:
     return _f32(f["qs"]) * _f32(f["d"])[..., None]  # [..., 32]
 
@@ -74,6 +103,18 @@ def _decode_q4_k(f: dict) -> jax.Array:
     return (d[..., None] * q - dm[..., None]).reshape(*lead, QK_K)
 
 
+def _decode_q5_k(f: dict) -> jax.Array:
+    lead = f["qs"].shape[:-1]
+    sc, mn = _q4_k_scale_min(f["scales"])
+    d = _f32(f["d"])[..., None] * sc.astype(jnp.float32)  # [..., 8]
+    dm = _f32(f["dmin"])[..., None] * mn.astype(jnp.float32)  # [..., 8]
+    ql = _nibbles(f["qs"], 4).reshape(*lead, 8, 32)  # sub-blocks of 32
+    # bit i of qh's 32 bytes is sub-block i's bit 4
+    qh = jnp.asarray(f["qh"])[..., None, :] >> jnp.arange(8, dtype=jnp.uint8)[:, None]  # [..., 8, 32]
+    q = (ql | ((qh & 1) << 4)).astype(jnp.float32)
+    return (d[..., None] * q - dm[..., None]).reshape(*lead, QK_K)
+
+
 def _decode_q6_k(f: dict) -> jax.Array:
     lead = f["ql"].shape[:-1]
     ql = _nibbles(f["ql"], 2).reshape(*lead, 8, 32)  # [..., 2, 2, 64] -> 8 rows of 32
@@ -87,8 +128,11 @@ def _decode_q6_k(f: dict) -> jax.Array:
 _DECODERS = {
     "Q4_0": _decode_q4_0,
     "Q4_1": _decode_q4_1,
+    "Q5_0": _decode_q5_0,
+    "Q5_1": _decode_q5_1,
     "Q8_0": _decode_q8_0,
     "Q4_K": _decode_q4_k,
+    "Q5_K": _decode_q5_k,
     "Q6_K": _decode_q6_k,
 }
 for _name, (_block, _parts) in LAYOUTS.items():

@@ -2,9 +2,9 @@
 
 `quantize(frozen, "int8" | "nf4")` turns each kernel and embedding leaf into a `QuantizedKernel`, a
 pytree node of packed arrays plus a static format. GGUF files keep their own blocks the same way
-(jlora.quant.gguf_blocks registers Q4_0, Q4_1, Q8_0, Q4_K, Q6_K). A quantized leaf is dequantized inside
-the jitted step right at its matmul (`qmatmul`, routed by `jlora.apply` like LoRA), and its gradient
-dequantizes again instead of saving the dense kernel, so no dense copy outlives its one use. The
+(jlora.quant.gguf_blocks registers Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). A quantized leaf is
+dequantized inside the jitted step right at its matmul (`qmatmul`, routed by `jlora.apply` like LoRA), and its
+gradient dequantizes again instead of saving the dense kernel, so no dense copy outlives its one use. The
 model file knows nothing of this. Plain `model.apply` also works: flax unboxes the leaf (`unbox`).
 
 Every format stores its fields as [*stack, A, B, ...]: the dense kernel [*stack, M, N] cut into
