@@ -10,7 +10,7 @@ from jax.extend.core import jaxprs_in_params
 from lora_testing import randomize
 
 import jlora.infer.decode
-import jlora.models.llama.model
+import jlora.models.decoder
 from jlora import split
 from jlora.infer.decode import forward, init_decode_cache, per_layer
 from jlora.infer.generate import Generator
@@ -64,7 +64,7 @@ def unfused(monkeypatch):
     """Run the model's projections separately, as under tensor parallelism (heads / mlp split over devices)."""
 
     def use():
-        monkeypatch.setattr(jlora.models.llama.model, "shards", lambda dim: 2)
+        monkeypatch.setattr(jlora.models.decoder, "shards", lambda dim: 2)
 
     return use
 

@@ -6,7 +6,7 @@ rows are done. Greedy, temperature, top-k and top-p sampling; stop strings are c
 between chunks, which is also how `Generator.stream` yields tokens as they are produced. An adapter
 runs unmerged (routed through `jlora.peft.routing.apply`) or merged (pass no trainable tree); with a
 `jlora.infer.lora_stack.AdapterStack`, each row runs its own adapter of the stack (or the base) in one batch.
-The model code is `jlora.models.llama.model`'s, and so is the one decode path: the cache layout (`init_cache`), its
+The model code is `jlora.models.decoder`'s, and so is the one decode path: the cache layout (`init_cache`), its
 writes and their bound check (`Attention`). `jlora.infer.decode` lays the weights out for it (layers
 unrolled over per-layer buffers, fused kernels joined once) and compiles the per-token step.
 The cache is sized to the longest prompt + max_new_tokens (rounded up), so generation never runs past it.

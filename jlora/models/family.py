@@ -58,6 +58,11 @@ class Family:
     gguf_rope_heads: Callable[[Any, str], int | None] = lambda cfg, name: None
     # (cfg, gguf tensor name -> array, names) -> (cfg, names left): header fixes read from extra tensors
     gguf_fixups: Callable[[Any, Callable, set], tuple[Any, set]] = lambda cfg, fetch, names: (cfg, names)
+    # (cfg, GGUF tensor name, dense array) -> the array as HF holds it (llama.cpp stores Gemma's norms as 1 + w)
+    gguf_tensor_fix: Callable[[Any, str, Any], Any] = lambda cfg, name, x: x
+    # A multimodal checkpoint's text tower: HF name prefixes that stand for "model." (vision tensors are skipped)
+    hf_text_prefixes: tuple[str, ...] = ()
+    hf_skip_prefixes: tuple[str, ...] = ()
 
     @property
     def renames(self) -> dict[Path, tuple[str, str]]:

@@ -89,15 +89,22 @@ def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis. LLaMA's scales by w in the input dtype (HF casts before the weight);
+    Gemma's (`plus_one`) scales by 1 + w in fp32 and casts after, with w initialised to 0."""
+
     eps: float
     param_dtype: Any = jnp.float32
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(x.dtype) * normed.astype(x.dtype)  # HF casts to input dtype before the weight
+        if self.plus_one:
+            return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def dense(features: int, bias: bool, name: str, dtype: str, param_dtype: str) -> nn.Dense:

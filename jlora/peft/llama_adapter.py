@@ -32,7 +32,7 @@ PROMPT, GATE = "adaption_prompt", "adaption_gate"
 # Prompts [len, D] and gates [1] are small: replicated on every device
 add_rules(((r"\.adaption_prompt$", P(None, None)), (r"\.adaption_gate$", P(None))))
 ATTENTION = ("layers", "self_attn")  # where the scanned attention modules' variables live
-HOOK = "extra_attention"  # the Attention method (jlora.models.llama.model) the routing intercepts
+HOOK = "extra_attention"  # the Attention method (jlora.models.decoder) the routing intercepts
 START_LAYER = 2  # lit-llama's adapter_start_layer: with layers=None every layer from the third on is adapted
 
 

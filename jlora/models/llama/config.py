@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jlora.models.config import RUNTIME_FIELDS, ModelConfig, ModelConfigError
-
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+from jlora.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,94 +16,13 @@ class LlamaConfig(ModelConfig):
 
     family: ClassVar[str] = "llama"
     arch_keys: ClassVar[tuple[str, ...]] = (*ModelConfig.arch_keys, "attention_bias", "mlp_bias")
+    hf_architecture: ClassVar[str] = "LlamaForCausalLM"
+    hf_model_type: ClassVar[str] = "llama"
 
-    attention_bias: bool = False
-    mlp_bias: bool = False
     name: str = "llama"
 
-    @classmethod
-    def from_hf_config(cls, hf: dict, **overrides) -> LlamaConfig:
-        """Build from the dict of an HF `config.json` (transformers 4 and 5 spellings)."""
-        archs = hf.get("architectures") or ["LlamaForCausalLM"]
-        model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "mistral") or not any(a in SUPPORTED_ARCHS for a in archs):
-            raise ModelConfigError(
-                f"unsupported architecture {archs} (model_type {model_type!r}); jlora runs LlamaForCausalLM"
-            )
-        window = hf.get("sliding_window")
-        context = hf.get("max_position_embeddings", cls.max_position_embeddings)
-        if window is not None and window < context:  # Mistral v0.1: jlora's attention would see past the window
-            raise ModelConfigError(
-                f"sliding_window={window} < max_position_embeddings={context}: jlora has no "
-                f"sliding-window attention; up to {window} tokens the model is the same, so set "
-                f"max_position_embeddings to {window} to use it that far"
-            )
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
-            rope = {}
-        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - {"rope_scaling"}
-        kwargs = {k: hf[k] for k in names if k in hf and hf[k] is not None}
-        kwargs.update(rope_theta=float(theta), rope_scaling=tuple(sorted(rope.items())) or None)
-        kwargs["name"] = hf.get("_name_or_path") or model_type
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
     def to_hf_config(self) -> dict:
-        """The config.json dict transformers reads back into the same model."""
-        out = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "initializer_range": 0.02,
-            "torch_dtype": self.param_dtype,
-            "use_cache": True,
-            "pretraining_tp": 1,
-            "attention_dropout": 0.0,
-        }
-        for f in dataclasses.fields(self):
-            if f.name not in (*RUNTIME_FIELDS, "rope_scaling"):
-                out[f.name] = getattr(self, f.name)
-        if isinstance(out["eos_token_id"], tuple):
-            out["eos_token_id"] = list(out["eos_token_id"])
-        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        return out
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict, tensors: frozenset[str] = frozenset(), **overrides) -> LlamaConfig:
-        """Build from a GGUF header (keys like `llama.block_count`), values already decoded to Python, and
-        the file's tensor names (which say whether the head is tied and which projections have biases)."""
-        arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise ModelConfigError(f"unsupported GGUF architecture {arch!r}; jlora runs 'llama'")
-        if tensors:
-            overrides.setdefault("tie_word_embeddings", "output.weight" not in tensors)
-            overrides.setdefault("attention_bias", "blk.0.attn_q.bias" in tensors)
-            overrides.setdefault("mlp_bias", "blk.0.ffn_gate.bias" in tensors)
-        heads = int(meta["llama.attention.head_count"])
-        hidden = int(meta["llama.embedding_length"])
-        vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-        rope = {}
-        if meta.get("llama.rope.scaling.type") == "linear":
-            rope = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
-        return cls(
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(meta["llama.feed_forward_length"]),
-            num_hidden_layers=int(meta["llama.block_count"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-            head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
-            rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            max_position_embeddings=int(meta.get("llama.context_length", 4096)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            rope_scaling=tuple(sorted(rope.items())) or None,
-            tie_word_embeddings=overrides.pop("tie_word_embeddings", True),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-            name=str(meta.get("general.name", "gguf")),
-            **overrides,
-        )
+        return {**super().to_hf_config(), "pretraining_tp": 1}
 
 
 _LLAMA3_ROPE = (
