@@ -85,9 +85,10 @@ def load_pretrained(
     """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
-    the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's Q4_0, Q4_1,
-    Q8_0, Q4_K and Q6_K tensors stay as their own blocks, jlora.quant.quantize.QuantizedKernel leaves that
-    dequantize to exactly the dense load), or "int8" / "nf4" (loaded dense, then jlora.quant.quantize.quantize).
+    the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's tensors in the
+    block types of jlora.quant.gguf_blocks.LAYOUTS stay as their own blocks, jlora.quant.quantize.QuantizedKernel
+    leaves that dequantize to exactly the dense load), or "int8" / "nf4" (loaded dense, then
+    jlora.quant.quantize.quantize).
     """
     path = pathlib.Path(resolve_model_path(path))
     overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
@@ -207,9 +208,9 @@ def _assemble(
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
     Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
-    `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param whose layers all come
-    as one format is stacked per field; one whose layers mix formats (llama.cpp's Q4_K_M gives some layers
-    Q6_K) or mix blocks and dense tensors is dequantized into the dense array.
+    `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param's layers are stacked
+    into one kernel, also where they mix block types (llama.cpp's Q4_K_M gives some layers Q6_K; see
+    gguf_blocks.stack_kernels); one whose layers mix blocks and dense tensors is dequantized into the dense array.
     """
     pdt = np.dtype(DTYPES[cfg.param_dtype])
     used, flat = set(), {}

@@ -6,18 +6,20 @@ field. Nothing is dequantized at load: each format's JAX `decode` reproduces ggu
 `gguf.quants.dequantize` bit for bit (same fp32 op order), inside the jitted step at the matmul.
 Every product there (fp16 scale x small integer, then x quant) is exact in fp32, so at most the
 final `+ m` / `- dmin * m` rounds: a backend that fuses it into an FMA gives the same bits.
+A param whose layers mix block types (llama.cpp's Q4_K_M) is one kernel too, see `stack_kernels`.
 Reading the file and the llama tensor names belong to jlora.formats.weights; this module knows only blocks.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.quant.quantize import Format, QuantizedKernel, QuantizeError, register
+from jlora.quant.quantize import FORMATS, Format, QuantizedKernel, QuantizeError, register
 
 QK_K = 256  # super-block size of the K-quants
 
@@ -200,13 +202,93 @@ def gguf_kernel(
     return QuantizedKernel(fields, name, (c, r), -2, dense_dtype)
 
 
+# ---- one param whose layers mix block types ----
+# Each layer keeps its own blocks, regrouped into cells of the mix's largest block (256 for a K-quant): field
+# "bytes" [*stack, A', B', width] holds a cell's blocks as their raw parts (a Q8_0 layer's 8 blocks of 32 in a
+# 256-cell: 8 fp16 d, then 8 x 32 int8 qs), zero-padded to the widest member; "which" [*stack, 1, 1] names the
+# layer's member. So the param costs its widest member's bytes in every layer, not the sum over members, and
+# like any field "bytes" is laid out [*stack, A, B, ...] (nn.scan slices it, sharding splits A and B).
+# Decoding runs only the layer's own member decoder (jax.lax.switch), on the same bits: bit-exact per layer.
+
+
 def stack_kernels(kernels: list[QuantizedKernel]) -> QuantizedKernel | None:
-    """Per-layer QuantizedKernels of one format stacked per field ([L, A, B, ...]); None if formats differ."""
+    """Per-layer QuantizedKernels [A, B, ...] of one param as one kernel [L, ...], so nn.scan slices it.
+
+    Layers of one format stack per field. Layers that mix GGUF formats (llama.cpp's Q4_K_M gives some layers
+    of a param Q6_K or Q8_0) become one kernel of a `mixed_format`. None where shapes, axes or dtypes differ,
+    or a mix holds a non-GGUF format."""
     first = kernels[0]
-    if any(
-        (k.fmt, k.dense, k.axis, k.dense_dtype) != (first.fmt, first.dense, first.axis, first.dense_dtype)
-        for k in kernels
-    ):
+    same = (first.dense, first.axis, first.dense_dtype, ())
+    if any((k.dense, k.axis, k.dense_dtype, k.stack) != same for k in kernels):
         return None
-    fields = {name: np.stack([np.asarray(k.fields[name]) for k in kernels]) for name in first.fields}
-    return QuantizedKernel(fields, first.fmt, first.dense, first.axis, first.dense_dtype)
+    if all(k.fmt == first.fmt for k in kernels):
+        fields = {name: np.stack([np.asarray(k.fields[name]) for k in kernels]) for name in first.fields}
+        return QuantizedKernel(fields, first.fmt, first.dense, first.axis, first.dense_dtype)
+    members = tuple(name for name in LAYOUTS if any(k.fmt == name for k in kernels))  # in LAYOUTS order
+    if any(k.fmt not in LAYOUTS for k in kernels):
+        return None
+    fmt = mixed_format(members)
+    cells = [_cell_bytes(k, fmt.block) for k in kernels]  # [A', B', its bytes] per layer
+    width = max(c.shape[-1] for c in cells)
+    raw = np.zeros((len(cells), *cells[0].shape[:-1], width), np.uint8)  # [L, A', B', width]: zero-padded
+    for i, c in enumerate(cells):
+        raw[i, ..., : c.shape[-1]] = c
+    which = np.array([members.index(k.fmt) for k in kernels], np.int32).reshape(-1, 1, 1)  # [L, 1, 1]
+    return QuantizedKernel({"bytes": raw, "which": which}, fmt.name, first.dense, first.axis, first.dense_dtype)
+
+
+def mixed_format(members: tuple[str, ...]) -> Format:
+    """The Format of a param whose layers come in the GGUF types `members` (e.g. ("Q4_K", "Q6_K")), registered
+    under the name "Q4_K|Q6_K" on first use."""
+    name = "|".join(members)
+    if len(members) < 2 or any(m not in LAYOUTS for m in members):
+        raise QuantizeError(f"mixed format {name}: needs two or more of {', '.join(LAYOUTS)}")
+    if name in FORMATS:
+        return FORMATS[name]
+    block = max(LAYOUTS[m][0] for m in members)
+    decode = functools.partial(_decode_mixed, members, block)
+    return register(Format(name, block, {"bytes": 1, "which": 0}, decode))
+
+
+def _cell_bytes(k: QuantizedKernel, block: int) -> np.ndarray:
+    """One layer's fields [A, B, ...] as raw bytes per cell of `block` values: [A', B', r * its block's bytes]."""
+    r = block // LAYOUTS[k.fmt][0]  # own blocks per cell
+    parts = []
+    for field, _, _ in LAYOUTS[k.fmt][1]:
+        f = np.asarray(k.fields[field])
+        a, b = f.shape[:2]
+        if k.axis == -2:  # [A, B, c] -> [A/r, r, B, c] -> [A/r, B, r, c]
+            f = np.swapaxes(f.reshape(a // r, r, b, -1), 1, 2)
+        else:  # [A, B, c] -> [A, B/r, r, c]
+            f = f.reshape(a, b // r, r, -1)
+        parts.append(np.ascontiguousarray(f).view(np.uint8).reshape(*f.shape[:2], -1))
+    return np.concatenate(parts, axis=-1)
+
+
+def _unpack_decode(name: str, block: int, raw: jax.Array) -> jax.Array:
+    """raw [..., A', B', >= width] uint8 cells of type `name` -> its values [..., A', B', block] in fp32."""
+    own, parts = LAYOUTS[name]
+    r, lead = block // own, raw.shape[:-1]
+    fields, at = {}, 0
+    for field, dt, count in parts:
+        size, n = np.dtype(dt).itemsize, max(count, 1)
+        part = raw[..., at : at + r * n * size].reshape(*lead, r, n, size)
+        part = jax.lax.bitcast_convert_type(part if size > 1 else part[..., 0], jnp.dtype(dt))  # [..., r, n]
+        fields[field] = part if count else part[..., 0]
+        at += r * n * size
+    return _DECODERS[name](fields).reshape(*lead, block)  # [..., A', B', r, own] -> [..., A', B', block]
+
+
+def _decode_mixed(members: tuple[str, ...], block: int, f: dict) -> jax.Array:
+    """fields {"bytes": [*S, A', B', width], "which": [*S, 1, 1]} -> values [*S, A', B', block] in fp32."""
+    raw, which = jnp.asarray(f["bytes"]), jnp.asarray(f["which"])
+    branches = [functools.partial(_unpack_decode, m, block) for m in members]
+
+    def one(w, x):  # one layer: only its own member's decoder runs
+        return jax.lax.switch(w.reshape(()), branches, x)
+
+    if which.ndim == 2:
+        return one(which, raw)
+    stack = which.shape[:-2]  # a whole stack (a merge, a fingerprint): layer by layer
+    out = jax.lax.map(lambda wx: one(*wx), (which.reshape(-1, 1, 1), raw.reshape(-1, *raw.shape[-3:])))
+    return out.reshape(*stack, *out.shape[1:])
