@@ -256,7 +256,37 @@ def read_error(file: pathlib.Path, name: str, e: Exception) -> WeightsError:
     return WeightsError(file, f"cannot read tensor {name} ({e})")
 
 
-def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict[str, pathlib.Path]]:
+class TensorFiles(dict):
+    """HF tensor name -> the safetensors file holding it; `disk_name(name)` is the name inside that file,
+    which differs where a multimodal checkpoint keeps the text model under its own prefix."""
+
+    def __init__(self, where: dict[str, pathlib.Path], disk: dict[str, str] | None = None):
+        super().__init__(where)
+        self.disk = disk or {}
+
+    def disk_name(self, name: str) -> str:
+        return self.disk.get(name, name)
+
+
+def _text_tower(cfg: ModelConfig, where: dict[str, pathlib.Path]) -> TensorFiles:
+    """A multimodal checkpoint's text model, under the names of the text-only model ("model.layers..."): its
+    text-prefixed tensors renamed, its vision tensors left out (one line says so). Other checkpoints as they are."""
+    fam = family_of(cfg)
+    prefix = next((p for p in fam.hf_text_prefixes if any(n.startswith(p) for n in where)), None)
+    if prefix is None:
+        return TensorFiles(where)
+    renamed, disk, skipped = {}, {}, 0
+    for name, file in where.items():
+        if name.startswith(fam.hf_skip_prefixes):
+            skipped += 1
+            continue
+        new = "model." + name[len(prefix) :] if name.startswith(prefix) else name
+        renamed[new], disk[new] = file, name
+    print(f"jlora: reading the text model of a multimodal {fam.name} checkpoint ({skipped} vision tensors skipped)")
+    return TensorFiles(renamed, disk)
+
+
+def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, TensorFiles]:
     """(config, tensor name -> safetensors file) of an HF checkpoint directory.
 
     Checks config.json, the index, and that every shard opens and holds the tensors the index lists
@@ -279,7 +309,7 @@ def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dic
         where = {name: path / shard for name, shard in weight_map.items()}
     elif single.is_file():
         with open_safetensors(single) as f:
-            return cfg, {name: single for name in f.keys()}
+            return cfg, _text_tower(cfg, {name: single for name in f.keys()})
     else:
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
         hint = f"; found {pickled[0]}, which would need pickle: convert it to safetensors" if pickled else ""
@@ -290,7 +320,7 @@ def hf_checkpoint(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dic
         missing = [n for n, shard in where.items() if shard == file and n not in keys]
         if missing:
             raise WeightsError(file, f"tensor {missing[0]} is listed in the index but not in this shard")
-    return cfg, where
+    return cfg, _text_tower(cfg, where)
 
 
 def check_leftovers(
@@ -338,7 +368,7 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict
 
         def fetch(name: str) -> np.ndarray:
             try:
-                return handles[where[name]].get_tensor(name)
+                return handles[where[name]].get_tensor(where.disk_name(name))
             except SafetensorError as e:
                 raise read_error(where[name], name, e) from None
 
@@ -420,6 +450,7 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
         except ValueError as e:
             raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
+        w = family_of(cfg).gguf_tensor_fix(cfg, name, w)
         heads = _rope_heads(path, cfg, name, w.shape[0])
         return w if heads is None else unpermute_rope_rows(w, heads)
 

@@ -20,6 +20,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
 from jlora.formats.weights import (
+    TensorFiles,
     check_leftovers,
     check_present,
     check_shape,
@@ -71,7 +72,9 @@ def load_pretrained_sharded(
     disk_shapes = {}
     for file in sorted(set(where.values())):
         with open_safetensors(file) as f:  # headers only
-            disk_shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if where.get(n) == file})
+            disk_shapes.update(
+                {n: tuple(f.get_slice(where.disk_name(n)).get_shape()) for n, at in where.items() if at == file}
+            )
     pdt = np.dtype(DTYPES[cfg.param_dtype])
     expected = list(expected_tensors(cfg, 0))
     for _, _, names, want in expected:  # every name and shape is checked before any data is read
@@ -83,7 +86,7 @@ def load_pretrained_sharded(
         rows = np.empty((2, 1, cfg.hidden_size), pdt)  # [head/embedding, 1, D]
         for row in sorted({0, cfg.vocab_size // 2, cfg.vocab_size - 1}):
             for dest, n in zip(rows, (hf_head_name(cfg), hf_embed_name(cfg))):
-                _read_into(dest, where[n], n, (slice(row, row + 1), slice(None)), disk_shapes[n])
+                _read_into(dest, where[n], where.disk_name(n), (slice(row, row + 1), slice(None)), disk_shapes[n])
             if not np.array_equal(rows[0], rows[1]):
                 return False
         return True
@@ -120,7 +123,7 @@ def _block_reader(
     key: tuple[str, ...],
     shape: tuple[int, ...],
     names: list[str],
-    where: dict[str, pathlib.Path],
+    where: TensorFiles,
     want: tuple[int, ...],
     pdt: np.dtype,
 ) -> Callable[[Index], np.ndarray]:
@@ -136,7 +139,7 @@ def _block_reader(
         disk_index = to_disk(key, index[1:] if stacked else index)  # kernels are [out, in] on disk
         for j, i in enumerate(layers):  # a leaf that is not stacked is a stack of one
             dest = to_disk(key, (out if stacked else out[None])[j])  # a disk-layout view into `out`
-            _read_into(dest, where[names[i]], names[i], disk_index, want)
+            _read_into(dest, where[names[i]], where.disk_name(names[i]), disk_index, want)
         return out
 
     return read

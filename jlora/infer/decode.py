@@ -22,7 +22,8 @@ from flax import traverse_util
 
 from jlora.infer.lora_stack import RowAdapters, apply_rows
 from jlora.models.config import ModelConfig
-from jlora.models.family import family_of, init_cache
+from jlora.models.decoder import cache_slots, layer_cache
+from jlora.models.family import family_of
 from jlora.peft.routing import LoraPair
 from jlora.peft.routing import apply as apply_lora
 from jlora.quant.quantize import is_quantized, transposed
@@ -199,7 +200,17 @@ def layout(cfg: ModelConfig, frozen: dict, trainable: dict) -> tuple[dict, dict]
     return prefuse(cfg, layers, routed), routed
 
 
-def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """The family's `init_cache` cut into one buffer per layer, so each layer's update is in place."""
-    stacked = init_cache(cfg, batch, max_len)["layers"]  # inside jit: the zeros are never materialized stacked
-    return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.num_hidden_layers)}
+def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, ring: bool = False) -> dict:
+    """The family's KV cache cut into one buffer per layer, so each layer's update is in place. With `ring`,
+    a local (sliding-window) layer keeps only its window's slots, reused in turn, instead of `max_len`
+    (Gemma 3's local layers then hold 512 slots whatever the context); callers that move slots around
+    themselves (the serving engine) keep every layer linear."""
+    return {
+        f"layer_{i}": {"self_attn": layer_cache(cfg, batch, slots)}
+        for i, slots in enumerate(cache_slots(cfg, max_len, ring))
+    }
+
+
+def cache_bytes(cache: dict) -> int:
+    """Bytes held by a KV cache (any layout)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

@@ -78,7 +78,7 @@ def sample(logits: jax.Array, key, temperature, top_p, mode: tuple) -> jax.Array
 @functools.partial(jax.jit, static_argnames=("dmodel", "max_len"))
 def _prefill(dmodel, frozen, trainable, ids, positions, segment_ids, *, max_len: int):
     """Run the prompts [B,P] through a fresh cache: (last-position logits [B,V], cache)."""
-    cache = init_decode_cache(dmodel.cfg, ids.shape[0], max_len)
+    cache = init_decode_cache(dmodel.cfg, ids.shape[0], max_len, ring=True)
     return forward(dmodel, frozen, trainable, cache, ids, positions, segment_ids, True)
 
 

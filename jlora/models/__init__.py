@@ -1,8 +1,8 @@
-"""Model families: shared layers, the family registry (jlora.models.family), and one folder per family.
+"""Model families: the shared Decoder and layers, the family registry (jlora.models.family), one folder per family.
 
 Importing this package registers the built-in families.
 """
 
-from jlora.models import llama  # registers the LLaMA family
+from jlora.models import gemma, llama, mistral, qwen  # register the built-in families
 
-__all__ = ["llama"]
+__all__ = ["gemma", "llama", "mistral", "qwen"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from jax.sharding import PartitionSpec as P
 
 from jlora.models.config import ModelConfig
-from jlora.models.family import Linear
+from jlora.models.decoder import Decoder, init_cache
+from jlora.models.family import Family, Linear, register
 
 _ATTENTION = (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"))
 _MLP = (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))
@@ -99,3 +100,24 @@ def llamacpp_rope_heads(cfg: ModelConfig, name: str) -> int | None:
     if name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
         return cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
     return None
+
+
+def decoder_family(name: str, config: type[ModelConfig], **fields) -> Family:
+    """A `Family` record of a `Decoder` family: the shared tables, plus the family's own `fields` (HF model
+    types, GGUF architectures, presets, default LoRA targets, GGUF fix-ups ...)."""
+    sandwich, qk_norm = config.sandwich_norms, config.qk_norm
+    shared = dict(
+        name=name,
+        config=config,
+        module=Decoder,
+        init_cache=init_cache,
+        weights=weights(sandwich=sandwich, qk_norm=qk_norm),
+        sharding_rules=SHARDING_RULES,
+        linear=LINEAR,
+        default_targets=("q_proj", "v_proj"),
+        fused=FUSED,
+        embed=("embed_tokens", "embedding"),
+        head=("lm_head", "kernel"),
+        head_module="head",
+    )
+    return register(Family(**{**shared, **fields}))

@@ -12,7 +12,6 @@ import numpy as np
 from jlora.models import tables
 from jlora.models.config import ModelConfigError
 from jlora.models.decoder import Decoder, init_cache, inv_freq
-from jlora.models.family import Family, register
 from jlora.models.llama.config import PRESETS, LlamaConfig
 
 Llama = Decoder  # the module of every family; `jlora.Llama(cfg)` predates the others
@@ -41,26 +40,14 @@ def gguf_fixups(cfg: LlamaConfig, fetch, names: set) -> tuple[LlamaConfig, set]:
     return candidate, names - {"rope_freqs.weight"}
 
 
-FAMILY = register(
-    Family(
-        name="llama",
-        config=LlamaConfig,
-        module=Decoder,
-        init_cache=init_cache,
-        hf_model_types=("llama",),
-        gguf_architectures=("llama",),
-        weights=tables.weights(),
-        sharding_rules=tables.SHARDING_RULES,
-        linear=tables.LINEAR,
-        default_targets=("q_proj", "v_proj"),
-        fused=tables.FUSED,
-        embed=("embed_tokens", "embedding"),
-        head=("lm_head", "kernel"),
-        head_module="head",
-        presets=PRESETS,
-        gguf_rope_heads=tables.llamacpp_rope_heads,
-        gguf_fixups=gguf_fixups,
-    )
+FAMILY = tables.decoder_family(
+    "llama",
+    LlamaConfig,
+    hf_model_types=("llama",),
+    gguf_architectures=("llama",),
+    presets=PRESETS,
+    gguf_rope_heads=tables.llamacpp_rope_heads,
+    gguf_fixups=gguf_fixups,
 )
 
 __all__ = ["FAMILY", "Llama", "LlamaConfig", "PRESETS", "init_cache"]
