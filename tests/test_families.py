@@ -130,3 +130,27 @@ def test_greedy_generation_past_the_window_equals_hf(family, ckpts):
         with torch.inference_mode():
             out = hf.generate(torch.as_tensor([prompt]), max_new_tokens=new, do_sample=False)
         assert got == out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_all_linear_lora_equals_peft_on_the_exported_files(family, ckpts, tmp_path):
+    """A random LoRA on every linear layer, exported with `export_peft`, run by real `peft` on the HF
+    model: the same logits as `jlora.apply`; importing the files back gives the same tree."""
+    from peft import PeftModel
+    from test_peft import random_adapter
+
+    from jlora.formats.peft_adapter import export_peft, import_peft
+
+    path = ckpts(family)
+    cfg, params = jlora.load_pretrained(path)
+    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets="all-linear")
+    frozen, trainable = random_adapter(params, lcfg, 3)
+    ids = random_ids((2, 2 * WINDOW + 3), seed=4)
+    ours = np.asarray(jax.jit(lambda f, t: jlora.apply(jlora.build_model(cfg), f, t, ids))(frozen, trainable))
+    export_peft(tmp_path, trainable, lcfg, cfg)
+    hf = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), tmp_path)
+    ref = hf_logits(hf.eval(), ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    _, back = import_peft(tmp_path, cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(trainable)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(trainable)))

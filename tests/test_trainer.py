@@ -183,17 +183,20 @@ def test_packed_and_unpacked_losses_are_equal(init_trees):
     np.testing.assert_allclose(float(s_p) / float(n_p), float(s_u) / float(n_u), atol=1e-5, rtol=0)
 
 
-def test_chunked_cross_entropy_matches_full_logits():
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_cross_entropy_matches_full_logits(softcap):
+    """The chunked loss and its gradient equal CE over the full logits, soft-capped as Gemma 2's are."""
     rng, (b, t, d, v) = np.random.default_rng(5), (2, 16, 8, 40)
     h, w = rng.normal(size=(b, t, d)).astype(np.float32), rng.normal(size=(v, d)).astype(np.float32)
     targets, mask = rng.integers(0, v, (b, t)), (rng.random((b, t)) > 0.3).astype(np.float32)
+    cap = (lambda x: x) if softcap is None else (lambda x: softcap * jax.numpy.tanh(x / softcap))
 
     @jax.jit
     def losses_and_grads(h):
-        full = lambda h: T.masked_cross_entropy(jax.numpy.einsum("btd,vd->btv", h, w), targets, mask)[0]
+        full = lambda h: T.masked_cross_entropy(cap(jax.numpy.einsum("btd,vd->btv", h, w)), targets, mask)[0]
         out = [jax.value_and_grad(full)(h)]
         for tied in (True, False):  # the head as [V, D] (tied embedding) and as [D, V] (lm_head kernel)
-            chunked = lambda h: 2 * T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4)
+            chunked = lambda h: 2 * T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4, softcap)
             out.append(jax.value_and_grad(chunked)(h))
         return out
 

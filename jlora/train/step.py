@@ -78,9 +78,10 @@ def device_ce_chunk(batch: int, seq: int, vocab: int) -> int:
     return ce_chunk_size(max(batch // shards("batch"), 1), seq, max(vocab // shards("vocab"), 1))
 
 
-def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
+def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool, softcap: float | None = None) -> jax.Array:
     eq = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
-    return jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
+    logits = jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
+    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
 def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
@@ -89,17 +90,24 @@ def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def chunked_cross_entropy(
-    h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, tied: bool, chunk: int
+    h: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    tied: bool,
+    chunk: int,
+    softcap: float | None = None,
 ) -> jax.Array:
     """sum(mask * CE(h @ head, targets)) for hidden h [B,T,D], head w ([V,D] if tied else [D,V]),
     computed `chunk` positions at a time, so the [B,T,V] logits never exist. The gradient (w.r.t. h
-    only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D]."""
+    only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D].
+    `softcap`: the model's final-logit soft-cap (Gemma 2), applied to each chunk's logits as the model does."""
 
     def body(total, xs):
         hc, tc, mc = xs
-        logits = constrain(_chunk_logits(hc, w, tied), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)  # [B,c]
         return total + jnp.sum(ce * mc), None
 
@@ -109,15 +117,17 @@ def chunked_cross_entropy(
     return total
 
 
-def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
+def _chunked_ce_fwd(h, w, targets, mask, tied, chunk, softcap):
     def body(total, xs):
         hc, tc, mc = xs
-        logits = constrain(_chunk_logits(hc, w, tied), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         top = jnp.max(logits, axis=-1, keepdims=True)  # [B,c,1]
         e = jnp.exp(logits - top)  # one exp per logit serves the loss and its gradient
         total_e = jnp.sum(e, axis=-1, keepdims=True)
         ce = (top + jnp.log(total_e))[..., 0] - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [B,c]
         dlogits = (e / total_e - jax.nn.one_hot(tc, logits.shape[-1])) * mc[..., None]
+        if softcap is not None:  # through cap * tanh(raw / cap): times 1 - tanh^2
+            dlogits = dlogits * (1 - jnp.square(logits / softcap))
         eq = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
         dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
         return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
@@ -128,7 +138,7 @@ def _chunked_ce_fwd(h, w, targets, mask, tied, chunk):
     return total, jnp.swapaxes(dh, 0, 1).reshape(h.shape)
 
 
-def _chunked_ce_bwd(tied, chunk, dh, g):
+def _chunked_ce_bwd(tied, chunk, softcap, dh, g):
     return (g * dh).astype(dh.dtype), None, None, None
 
 
@@ -164,7 +174,9 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
     head = dense_value(head, DTYPES[cfg.dtype])
     head = constrain(head, "vocab", None) if cfg.tie_word_embeddings else constrain(head, None, "vocab")
     mask = batch["loss_mask"].astype(jnp.float32)
-    total = chunked_cross_entropy(hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk)
+    total = chunked_cross_entropy(
+        hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk, cfg.final_logit_softcapping
+    )
     return total, jnp.sum(mask)
 
 
