@@ -162,7 +162,44 @@ def _tiny(cls, **kw):
     )
 
 
-PRESETS_GEMMA2: dict[str, Gemma2Config] = {"gemma2-tiny": _tiny(Gemma2Config)}
+def _gemma2(name: str, hidden: int, intermediate: int, layers: int, heads: int, head_dim: int, scalar: int):
+    """A released Gemma 2 model (google/gemma-2-*): the rest of its config.json is Gemma2Config's defaults
+    (256000 tokens, 4096-token windows on alternate layers, soft-caps 50 / 30, 8192 positions)."""
+    return Gemma2Config(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=scalar,
+    )
+
+
+def _gemma3(name: str, hidden: int, intermediate: int, layers: int, heads: int, head_dim: int, scalar: int):
+    """The text model of a released multimodal Gemma 3 (google/gemma-3-{4,12,27}b-pt): its config.json's
+    text_config sets these and 1024-token windows and linear rope scaling x8 on the global layers; the rest
+    is Gemma3TextConfig's defaults (262208 tokens, rope 1e6 global / 1e4 local, 131072 positions)."""
+    return Gemma3Config(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=scalar,
+        sliding_window=1024,
+        rope_scaling=(("factor", 8.0), ("rope_type", "linear")),
+    )
+
+
+PRESETS_GEMMA2: dict[str, Gemma2Config] = {
+    "gemma2-tiny": _tiny(Gemma2Config),
+    "gemma2-9b": _gemma2("gemma2-9b", 3584, 14336, 42, 16, head_dim=256, scalar=256),
+    "gemma2-27b": _gemma2("gemma2-27b", 4608, 36864, 46, 32, head_dim=128, scalar=144),  # scalar: hidden / heads
+}
 PRESETS_GEMMA3: dict[str, Gemma3Config] = {
     "gemma3-tiny": _tiny(Gemma3Config),
     "gemma3-270m": Gemma3Config(
@@ -178,4 +215,21 @@ PRESETS_GEMMA3: dict[str, Gemma3Config] = {
         sliding_window=512,
         query_pre_attn_scalar=256,
     ),
+    # google/gemma-3-1b-pt: text only, no rope scaling
+    "gemma3-1b": Gemma3Config(
+        name="gemma3-1b",
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+    ),
+    "gemma3-4b": _gemma3("gemma3-4b", 2560, 10240, 34, 8, head_dim=256, scalar=256),
+    "gemma3-12b": _gemma3("gemma3-12b", 3840, 15360, 48, 16, head_dim=256, scalar=256),
+    "gemma3-27b": _gemma3("gemma3-27b", 5376, 21504, 62, 32, head_dim=128, scalar=168),  # scalar: hidden / heads
 }

@@ -79,5 +79,46 @@ def _tiny(cls, **kw):
     )
 
 
-PRESETS_QWEN2: dict[str, Qwen2Config] = {"qwen2-tiny": _tiny(Qwen2Config)}
-PRESETS_QWEN3: dict[str, Qwen3Config] = {"qwen3-tiny": _tiny(Qwen3Config)}
+def _qwen3(name: str, hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> Qwen3Config:
+    """A released Qwen3 dense model (Qwen/Qwen3-*, the post-trained checkpoints): what their config.json
+    files share (8 KV heads of 128, rope 1e6, 40960 positions, <|im_end|> as eos) and what differs."""
+    return Qwen3Config(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+
+
+PRESETS_QWEN2: dict[str, Qwen2Config] = {
+    "qwen2-tiny": _tiny(Qwen2Config),
+    # Qwen/Qwen2.5-7B (base): config.json's sliding_window 131072 is off (use_sliding_window false)
+    "qwen2.5-7b": Qwen2Config(
+        name="qwen2.5-7b",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+        rope_theta=1_000_000.0,
+        bos_token_id=151643,
+        eos_token_id=151643,
+    ),
+}
+PRESETS_QWEN3: dict[str, Qwen3Config] = {
+    "qwen3-tiny": _tiny(Qwen3Config),
+    "qwen3-0.6b": _qwen3("qwen3-0.6b", 1024, 3072, 28, 16, tied=True),
+    "qwen3-4b": _qwen3("qwen3-4b", 2560, 9728, 36, 32, tied=True),
+    "qwen3-8b": _qwen3("qwen3-8b", 4096, 12288, 36, 32, tied=False),
+    "qwen3-14b": _qwen3("qwen3-14b", 5120, 17408, 40, 40, tied=False),
+    "qwen3-32b": _qwen3("qwen3-32b", 5120, 25600, 64, 64, tied=False),
+}
