@@ -399,10 +399,15 @@ def test_gguf_pre_tokenizer_splits():
     text = "Hello  123456\n\nworld"
     split = lambda pre: [s for s, _ in gpt2_pre_tokenizer(pre).pre_tokenize_str(text)]
     assert split("llama-bpe") == ["Hello", "Ġ", "Ġ", "123", "456", "ĊĊ", "world"]
+    assert split("qwen2") == ["Hello", "Ġ", "Ġ", "1", "2", "3", "4", "5", "6", "ĊĊ", "world"]
     assert split("smollm") == ["Hello", "ĠĠ", "1", "2", "3", "4", "5", "6", "Ċ", "Ċ", "world"]
-    assert split("gpt2") == ["Hello", "Ġ", "Ġ123456", "Ċ", "Ċ", "world"]
-    with pytest.warns(UserWarning, match="not known"):
-        assert split("some-new-model") == split("gpt2")
+    assert split("gpt2") == split(None) == ["Hello", "Ġ", "Ġ123456", "Ċ", "Ċ", "world"]
+
+
+def test_an_unknown_gguf_pre_tokenizer_is_an_error():
+    """GPT-2's split in place of one jlora does not know would give other ids, and nothing would say so."""
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre='some-new-model' .*knows .*qwen2"):
+        gpt2_pre_tokenizer("some-new-model")
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

@@ -2,22 +2,25 @@
 
 A GGUF carries no tokenizer.json or tokenizer.model: llama.cpp stores the vocabulary as
 `tokenizer.ggml.*` keys. This module reads them with `gguf.GGUFReader` and rebuilds
-- `gpt2` vocabularies (byte-level BPE: SmolLM2, LLaMA 3) as a `tokenizers.Tokenizer`, split
-  the way `tokenizer.ggml.pre` names (the same regexes llama.cpp uses);
-- `llama` vocabularies (SentencePiece: LLaMA 1/2, TinyLlama, Mistral) as a serialized
+- `gpt2` vocabularies (byte-level BPE: SmolLM2, LLaMA 3, Qwen 2/2.5/3, Mistral's Tekken) as a
+  `tokenizers.Tokenizer`, split the way `tokenizer.ggml.pre` names (the same regexes llama.cpp uses);
+  a name jlora does not know is an error, since any other split gives different ids without a sign;
+- `llama` vocabularies (SentencePiece: LLaMA 1/2, TinyLlama, Mistral 7B, Gemma) as a serialized
   SentencePiece `ModelProto` (BPE over the stored scores, which is how llama.cpp encodes them).
+Where llama.cpp and the model's own tokenizer.json part, the ids follow the tokenizer the model was
+trained with: Qwen2's NFC normalization (which llama.cpp and transformers' GGUF loader leave out) is
+applied, so a LoRA trained from a Qwen GGUF sees the ids the base model saw.
 Wrapping either in the common interface is jlora.formats.tokenizer's job, not this module's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import gguf
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 _K = gguf.Keys.Tokenizer
 
@@ -34,7 +37,15 @@ _QWEN2_SPLIT = (
 # llama.cpp's names for each split (llama-vocab.cpp); "ignore_merges" follows its LLaMA 3 flag.
 _REGEX_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")}
 _REGEX_SPLITS |= {name: _QWEN2_SPLIT for name in ("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez")}
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"}
+# Mistral's Tekken (NeMo, Small 3): letters split on case changes, every digit alone, "/" kept with punctuation.
+_REGEX_SPLITS["tekken"] = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "tekken"}
+# Vocabularies whose published tokenizer.json NFC-normalizes before splitting (Qwen2Tokenizer's normalizer).
+_NFC = {"qwen2"}
 # These split every digit off first, then apply GPT-2's regex (SmolLM2's tokenizer.json does the same).
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 _GPT2 = {"gpt2", "default", "mpt", "olmo", "jais"}
@@ -55,8 +66,16 @@ class GGUFVocab:
     chat_template: str | None
 
 
+def known_pre_tokenizers() -> list[str]:
+    """The `tokenizer.ggml.pre` names jlora splits byte-level text for."""
+    return sorted({*_REGEX_SPLITS, *_DIGITS_THEN_GPT2, *_GPT2})
+
+
 def gpt2_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer for a byte-level vocabulary whose `tokenizer.ggml.pre` is `pre`."""
+    """The pre-tokenizer for a byte-level vocabulary whose `tokenizer.ggml.pre` is `pre` (None: GPT-2's).
+
+    A name not in the table raises ValueError: GPT-2's regex in its place would give other ids, and the
+    model would be trained or run on them without any error."""
     if pre in _REGEX_SPLITS:
         return pre_tokenizers.Sequence(
             [
@@ -72,8 +91,8 @@ def gpt2_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
             ]
         )
     if pre not in _GPT2 and pre is not None:
-        warnings.warn(
-            f"GGUF tokenizer.ggml.pre={pre!r} is not known to jlora; splitting with GPT-2's regex", stacklevel=3
+        raise ValueError(
+            f"{_K.PRE}={pre!r} is a split jlora does not know (it knows {', '.join(known_pre_tokenizers())})"
         )
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
@@ -94,6 +113,8 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
     if kind is None or tokens is None:
         raise ValueError(f"{path}: GGUF has no tokenizer ({_K.MODEL} / {_K.LIST} missing)")
     types = get(_K.TOKEN_TYPE) or [gguf.TokenType.NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {_K.TOKEN_TYPE} has {len(types)} entries for {len(tokens)} tokens")
     ids = {
         name: get(key) for name, key in (("bos", _K.BOS_ID), ("eos", _K.EOS_ID), ("pad", _K.PAD_ID), ("unk", _K.UNK_ID))
     }
@@ -104,12 +125,17 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
         merges = get(_K.MERGES)
         if merges is None:
             raise ValueError(f"{path}: byte-level GGUF vocabulary has no {_K.MERGES}")
-        tok, proto = _byte_level_bpe(tokens, types, merges, get(_K.PRE)), None
+        try:
+            tok, proto = _byte_level_bpe(tokens, types, merges, get(_K.PRE)), None
+        except ValueError as e:  # an unknown tokenizer.ggml.pre: name the file as every other error does
+            raise ValueError(f"{path}: {e}") from None
         add_bos_default = False  # as HF's GGUF loader: GPT-2 style vocabularies add no BOS unless told
     elif kind == "llama":
         scores = get(_K.SCORES)
         if scores is None:
             raise ValueError(f"{path}: SentencePiece GGUF vocabulary has no {_K.SCORES}")
+        if len(scores) != len(tokens):
+            raise ValueError(f"{path}: {_K.SCORES} has {len(scores)} entries for {len(tokens)} tokens")
         tok, proto = (
             None,
             _sentencepiece_proto(
@@ -140,10 +166,13 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
 
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` over the stored vocabulary and merges."""
+    split = gpt2_pre_tokenizer(pre)  # first: an unknown name fails before the vocabulary is built
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]  # byte-level spelling has no real spaces
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES))
-    tok.pre_tokenizer = gpt2_pre_tokenizer(pre)
+    tok.pre_tokenizer = split
+    if pre in _NFC:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>) and user-defined ones must stay whole when written in text.
     # A "control" token spelled outside the byte alphabet is a converter mislabel, which HF skips too.
