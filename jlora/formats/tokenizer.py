@@ -105,7 +105,11 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = False, **kwargs: Any
     ) -> str:
-        """Render `messages` with the tokenizer's chat template, as HF's apply_chat_template(tokenize=False)."""
+        """Render `messages` with the tokenizer's chat template, as HF's apply_chat_template(tokenize=False).
+
+        As there, a message key whose value is None is left out (an API's tool-call turn with `"content": None`
+        must read as having no content, which templates test for), `tools` and `documents` are None unless
+        given, and `kwargs` (e.g. Qwen3's enable_thinking) may override the special token strings."""
         if self.chat_template is None:
             raise TokenizerError(f"tokenizer {self.source} has no chat template")
         # HF hands templates its special token strings; pad is the tokenizer's own, without the EOS fallback.
@@ -116,9 +120,11 @@ class Tokenizer:
             "pad_token": self._pad_id,
         }
         variables = {name: self.id_to_token(i) for name, i in ids.items() if i is not None}
+        variables |= {"tools": None, "documents": None, **kwargs}
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         try:
             return _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables, **kwargs
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
             )
         except (TokenizerError, jinja2.TemplateError) as e:  # a template that does not parse, or raise_exception()
             raise TokenizerError(f"{self.source}: chat template: {' '.join(str(e).split())}") from None
@@ -174,8 +180,9 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, run by the sentencepiece library, with HF's handling of special tokens.
 
     Special (control, unknown) and user-defined pieces written in the text are split out first and
-    mapped to their ids. Text at the very start gets SentencePiece's dummy-prefix space; text after a
-    special token does not (HF's LlamaTokenizer with legacy=False, i.e. Metaspace prepend_scheme="first").
+    mapped to their ids. Text at the very start gets SentencePiece's dummy-prefix space if the model has
+    one (Gemma's has not); text after a special token does not (HF's LlamaTokenizer with legacy=False,
+    i.e. Metaspace prepend_scheme="first").
     """
 
     def __init__(self, proto: bytes, source: str, **kw: Any):
@@ -183,6 +190,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             model.ParseFromString(proto)
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
+            self.add_dummy_prefix = bool(model.normalizer_spec.add_dummy_prefix)  # False for Gemma
             model.normalizer_spec.add_dummy_prefix = False
             self._sp_inner = spm.SentencePieceProcessor(model_proto=model.SerializeToString())
         except Exception as e:  # protobuf's DecodeError and sentencepiece's RuntimeError
@@ -290,8 +298,10 @@ def save_hf_files(tok: Tokenizer, out_dir: str | Path) -> list[str]:
         written, config["tokenizer_class"] = ["tokenizer.json"], "PreTrainedTokenizerFast"
     elif isinstance(tok, SentencePieceTokenizer):
         (d / "tokenizer.model").write_bytes(tok._sp.serialized_model_proto())
-        # legacy=False: Metaspace prepend_scheme="first", as SentencePieceTokenizer encodes
+        # legacy=False: Metaspace prepend_scheme="first", as SentencePieceTokenizer encodes. add_prefix_space
+        # carries the model's dummy prefix: LlamaTokenizer assumes one, which Gemma's vocabulary has not.
         written, config["tokenizer_class"], config["legacy"] = ["tokenizer.model"], "LlamaTokenizer", False
+        config["add_prefix_space"] = tok.add_dummy_prefix
     else:
         raise TokenizerError(f"{tok.source}: a {type(tok).__name__} has no HF file form")
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -397,6 +407,22 @@ def _special_ids(strings: dict[str, str], lookup: Callable[[str], int | None], d
     return ids
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """HF's `{% generation %}...{% endgeneration %}`, which marks assistant text for a loss mask: rendered
+    as its body, as HF renders it when no mask is asked for (jlora.train.data finds assistant turns by
+    rendering message prefixes instead). Without it a template that uses the tag does not parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
     """A chat template in the environment HF renders it in: sandboxed, trim_blocks and lstrip_blocks."""
@@ -410,7 +436,9 @@ def _compile_template(source: str) -> jinja2.Template:
         # jinja's own tojson escapes HTML characters, which would change the prompt text.
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
