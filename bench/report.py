@@ -374,6 +374,8 @@ def fit_section(
     ]
     for case in res["cases"]:
         config = case["command"].split("--config ")[1].split()[0]
+        model = case.get("plan", {}).get("model", "")
+        config += f" ({model})" if model and model not in config else ""  # a preset the config's name does not say
         if "error" in case:
             lines.append(f"| {config} | — | — | — | — | — | — | — | failed: {case['error']} |")
             continue
@@ -388,7 +390,15 @@ def fit_section(
             f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
             f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |"
         )
-    return lines + [""] + [f"- `{case['command']}`" for case in res["cases"]]
+    return lines + [""] + [f"- `{case['command']}`{_measured_note(case, res)}" for case in res["cases"]]
+
+
+def _measured_note(case: dict, res: dict) -> str:
+    """Where and when a row was measured, when `will_it_fit.py --merge` kept it from another run than the file's."""
+    m = case.get("measured")
+    if not m or (m.get("commit"), m.get("date")) == (res.get("commit"), res.get("date")):
+        return ""
+    return f" (measured at commit {m['commit']} on {m['date']}, load average {m['load_average']})"
 
 
 def gpu_section(res: dict | str | None) -> list[str]:

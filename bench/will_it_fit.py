@@ -5,8 +5,11 @@ fake CPU devices are fixed at process start) with the base model's shape from a 
 checkpoints are not on this machine. Writes docs/results/will_it_fit.json: the commit, date, machine
 and load average, then per case the command and its PLAN figures; bench/report.py renders it as the
 "Will it fit" section of docs/benchmarks.md.
-Run: python bench/will_it_fit.py            (about 10-20 minutes on 2 CPU cores)
+Run: python bench/will_it_fit.py            (about 20-30 minutes on 2 CPU cores)
      python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json   (the QLoRA cases)
+     python bench/will_it_fit.py --only gemma3-27b --only qwen3-32b --merge   (some rows, keep the rest)
+With --merge the cases run replace those with the same command in the result file and the others stay,
+each with the provenance it was measured under ("measured"), so a few new rows need not recompile all.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import shlex
 import subprocess
 import sys
 
-from jlora.train.provenance import provenance, write_result
+from jlora.train.provenance import load_average, provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "will_it_fit.json"
@@ -45,7 +48,19 @@ CASES = [
         )
         for remat in ("dots_saveable", "full")
     ],
+    # Other families' biggest presets, by shape (the text model of multimodal Gemma 3): on one 8-GPU host
+    # with the 8B config as shipped and with full remat, and on the v5p pod slice of the 70B config.
+    *[
+        (config, devices, preset, extra)
+        for preset in ("gemma3-27b", "qwen3-32b")
+        for config, devices, extra in (
+            ("configs/llama3-8b-lora.yaml", 8, []),
+            ("configs/llama3-8b-lora.yaml", 8, ["train.remat=full"]),
+            ("configs/llama3-70b-tpu-pod.yaml", 64, []),
+        )
+    ],
 ]
+PROVENANCE = ("commit", "date", "machine", "load_average", "load_average_after", "libraries")
 
 
 def run_case(config: str, devices: int, preset: str, extra: list[str], timeout: float) -> dict:
@@ -77,17 +92,36 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--only", help="run only the cases whose --set overrides contain this text (e.g. nf4)")
+    p.add_argument(
+        "--only",
+        action="append",
+        help="run only the cases whose preset or --set overrides contain this text (e.g. nf4, qwen3-32b); repeatable",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the result file's other cases, each with the provenance it was measured under",
+    )
     a = p.parse_args(argv)
     started = provenance()
-    cases = [c for c in CASES if a.only is None or any(a.only in s for s in c[3])]
+    cases = [c for c in CASES if a.only is None or any(o in s for o in a.only for s in (c[2], *c[3]))]
     command = shlex.join(["python", "bench/will_it_fit.py", *(sys.argv[1:] if argv is None else argv)])
-    out = write_result(
-        a.out,
-        started,
-        {"bench": "will_it_fit", "command": command, "cases": [run_case(*case, a.timeout) for case in cases]},
-    )
+    results = [run_case(*case, a.timeout) for case in cases]
+    if a.merge:
+        this_run = {**started, "load_average_after": load_average()}
+        results = merged(pathlib.Path(a.out), [{**c, "measured": this_run} for c in results])
+    out = write_result(a.out, started, {"bench": "will_it_fit", "command": command, "cases": results})
     print(f"wrote {out}")
+
+
+def merged(path: pathlib.Path, new: list[dict]) -> list[dict]:
+    """The result file's cases, each stamped with the provenance it was measured under, with `new` cases
+    replacing those of the same command and the rest appended."""
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"cases": []}
+    stamp = {k: old[k] for k in PROVENANCE if old.get(k)}
+    fresh = {case["command"]: case for case in new}
+    kept = [fresh.pop(case["command"], {**case, "measured": case.get("measured", stamp)}) for case in old["cases"]]
+    return kept + list(fresh.values())
 
 
 if __name__ == "__main__":
