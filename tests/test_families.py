@@ -186,3 +186,34 @@ def test_sharded_train_step_equals_one_device(family, ckpts):
     assert abs(float(metrics["loss"]) - float(loss)) < 1e-5 * max(1.0, float(loss))
     assert_trees_close(gradients_from_update(trainable, jax.device_get(new)), grads, atol=2e-6)
     assert float(optax.tree.norm(grads)) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+def test_llama_adapter_is_refused_in_one_line_where_attention_differs(family, ckpts):
+    """LLaMA-Adapter's prompt attention is LLaMA's; families whose attention has q/k norms, soft-caps or
+    another scale refuse it in one line (the train config path refuses before loading a train state)."""
+    from jlora.peft.llama_adapter import AdapterConfig, AdapterConfigError, check_attention
+
+    cfg, params = jlora.load_pretrained(ckpts(family))
+    with pytest.raises(AdapterConfigError) as e:
+        check_attention(cfg)
+    assert "\n" not in str(e.value) and family in str(e.value) and "method: lora" in str(e.value)
+    frozen, trainable = jlora.split(params, AdapterConfig(len=4, layers=1), jax.random.key(0))
+    with pytest.raises(AdapterConfigError):
+        jlora.apply(jlora.build_model(cfg), frozen, trainable, random_ids((1, 8)))
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_llama_adapter_runs_on_llama_style_attention(family, ckpts):
+    """Mistral and Qwen2 attention is LLaMA's (plus a window or q/k/v biases): LLaMA-Adapter runs, and with
+    a non-zero gate it changes the logits."""
+    from jlora.peft.llama_adapter import AdapterConfig
+
+    cfg, params = jlora.load_pretrained(ckpts(family))
+    frozen, trainable = jlora.split(params, AdapterConfig(len=4, layers=1), jax.random.key(0))
+    trainable = jax.tree.map(lambda x: x + 0.5, trainable)
+    ids = random_ids((1, 8))
+    model = jlora.build_model(cfg)
+    base = np.asarray(model.apply({"params": params}, ids))
+    adapted = np.asarray(jlora.apply(model, frozen, trainable, ids))
+    assert np.isfinite(adapted).all() and np.abs(adapted - base).max() > 1e-3

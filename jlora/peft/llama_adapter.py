@@ -159,6 +159,26 @@ def prompt_attention(q: jax.Array, prompt: jax.Array, gate: jax.Array, key: dict
     return jnp.einsum("btkgp,pkh->btkgh", probs, pv.astype(dt)).reshape(b, t, n, h)  # [B,T,N,H]
 
 
+def check_attention(cfg) -> None:
+    """Refuse, in one line, attention that LLaMA-Adapter's prompt attention (plain softmax(q.k/sqrt(H)) over
+    prompt keys through the frozen k/v projections, as PEFT's AdaptionPrompt computes it) would not match:
+    q/k norms, soft-capped scores or a query_pre_attn_scalar (Qwen3, Gemma 2/3)."""
+    differs = [
+        what
+        for what, on in (
+            ("q/k norms", cfg.qk_norm),
+            ("soft-capped attention scores", cfg.attn_logit_softcapping is not None),
+            ("query_pre_attn_scalar", cfg.query_pre_attn_scalar not in (None, cfg.head_dim)),
+        )
+        if on
+    ]
+    if differs:
+        raise AdapterConfigError(
+            f"LLaMA-Adapter (method: llama_adapter) runs on LLaMA-style attention (llama, mistral, qwen2); "
+            f"this {type(cfg).family} model's attention has {' and '.join(differs)}: use method: lora"
+        )
+
+
 def prompt_interceptor(next_fun, args, kwargs, context):
     """nn.intercept_methods hook: at `Attention.extra_attention` of a layer whose params hold prompts,
     add their gated attention to the output. Every other call runs as it is."""
@@ -175,6 +195,7 @@ def prompt_interceptor(next_fun, args, kwargs, context):
             f"{'/'.join(module.path)}: LLaMA-Adapter needs the layer's key and value "
             f"projections {names or '(the attention module names none)'}"
         )
+    check_attention(module.cfg)
     extra = prompt_attention(q, params[PROMPT], params[GATE], key, value, module.cfg.num_key_value_heads)
     return out + extra.astype(out.dtype)
 

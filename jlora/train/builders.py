@@ -15,7 +15,7 @@ from jlora.formats.weights_sharded import load_pretrained_sharded
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, presets
 from jlora.parallel.sharding import param_specs
-from jlora.peft.llama_adapter import AdapterConfig
+from jlora.peft.llama_adapter import AdapterConfig, check_attention
 from jlora.peft.lora import LoraConfig
 from jlora.train.config import ConfigError, RunConfig
 from jlora.train.examples import ByteTokenizer
@@ -26,6 +26,7 @@ def method_config(run: RunConfig, cfg: ModelConfig) -> LoraConfig | AdapterConfi
     method = run.method_config
     if isinstance(method, LoraConfig):
         return method.with_default_targets(family_of(cfg).default_targets)
+    check_attention(cfg)  # before any weights are read into a train state
     return method
 
 
