@@ -217,3 +217,38 @@ def test_llama_adapter_runs_on_llama_style_attention(family, ckpts):
     base = np.asarray(model.apply({"params": params}, ids))
     adapted = np.asarray(jlora.apply(model, frozen, trainable, ids))
     assert np.isfinite(adapted).all() and np.abs(adapted - base).max() > 1e-3
+
+
+def test_serving_engine_with_adapters_past_the_window_equals_offline(ckpts):
+    """The serving engine on Gemma 3 (local and global layers; its cache keeps every slot and masks the
+    window, since it moves rows' slots itself) with two LoRA adapters and the base, rows joining and
+    leaving: every answer equals offline `generate` (whose local layers keep a ring of window slots)."""
+    import queue
+
+    from test_peft import random_adapter
+
+    from jlora.infer.engine import Engine, Request
+    from jlora.infer.generate import Generator
+    from jlora.infer.lora_stack import AdapterStack
+
+    cfg, params = jlora.load_pretrained(ckpts("gemma3"))
+    model = jlora.build_model(cfg)
+    adapters = {
+        name: random_adapter(params, jlora.LoraConfig(rank=r, alpha=8, targets=t), seed)[1]
+        for name, r, t, seed in (("qv", 4, ("q_proj", "v_proj"), 1), ("all", 8, "all-linear", 2))
+    }
+    stack = AdapterStack(cfg, 2, 8)
+    for name, tree in adapters.items():
+        stack.add(name, tree)
+    jobs = [
+        (random_ids((WINDOW + 2 * i,), seed=10 + i).tolist(), [None, "qv", "all"][i % 3], 2 * WINDOW) for i in range(4)
+    ]
+    want = [
+        generate(model, params, adapters[a] if a else None, [p], max_new_tokens=n, eos_id=())[0] for p, a, n in jobs
+    ]
+    engine = Engine(Generator(model, params, stack=stack), max_batch=2, max_len=96, max_queue=8, eos=[])
+    got, ends = [[] for _ in jobs], queue.Queue()
+    for i, (p, a, n) in enumerate(jobs):
+        engine.submit(Request(p, a, n, lambda new, fin, i=i: (got[i].extend(new), fin and ends.put(fin))))
+    assert [ends.get(timeout=300) for _ in jobs] == ["length"] * len(jobs)
+    assert got == want
