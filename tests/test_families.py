@@ -252,3 +252,90 @@ def test_serving_engine_with_adapters_past_the_window_equals_offline(ckpts):
         engine.submit(Request(p, a, n, lambda new, fin, i=i: (got[i].extend(new), fin and ends.put(fin))))
     assert [ends.get(timeout=300) for _ in jobs] == ["length"] * len(jobs)
     assert got == want
+
+
+GGUF_ARCH = {"mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}
+
+
+def write_gguf_like_llama_cpp(path, model, family: str) -> str:
+    """Write an HF model as llama.cpp's converter would, with names from gguf-py's own tensor-name map:
+    F32 tensors, q/k rows permuted for LLaMA-style archs, Gemma norms stored as 1 + w, and the header keys
+    llama.cpp reads (what it hard-codes, like Gemma's layer pattern, is not written)."""
+    import gguf
+
+    from jlora.models.layers import permute_rope_rows
+
+    c, arch = model.config, GGUF_ARCH[family]
+    # llama.cpp converts Mistral 7B with its LLaMA names; the header says "mistral" here to test that string
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH["LLAMA" if family == "mistral" else arch.upper()], c.num_hidden_layers
+    )
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, key, None):
+            getattr(w, f"add_{key}")(getattr(c, key))
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        stem, suffix = name.rsplit(".", 1)
+        out, x = f"{names.get_name(stem)}.{suffix}", t.float().numpy()
+        if family.startswith("gemma") and stem.endswith("norm"):
+            x = x + 1
+        if family == "mistral" and ".attn_q." in out:
+            x = permute_rope_rows(x, c.num_attention_heads)
+        elif family == "mistral" and ".attn_k." in out:
+            x = permute_rope_rows(x, c.num_key_value_heads)
+        w.add_tensor(out, x.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_ARCH))
+def test_gguf_bases_read_like_their_hf_models(family, tmp_path):
+    """Each family's GGUF architecture string: a tiny HF model written as llama.cpp would, read back by
+    `jlora.load_pretrained`: the same family, the same window layout, and HF's logits past the window.
+    (llama.cpp has no key for Gemma's query_pre_attn_scalar or Qwen2's window: these use the defaults it
+    assumes, head_dim and no window.)"""
+    import gguf  # noqa: F401 - the writer
+
+    config_cls, overrides = FAMILIES[family]
+    overrides = {**overrides, "query_pre_attn_scalar": 16} if family.startswith("gemma") else dict(overrides)
+    if family == "qwen2":
+        overrides.update(use_sliding_window=False)
+    torch.manual_seed(7)
+    config = config_cls(**{**TINY, **overrides}, attn_implementation="eager")
+    model = CAUSAL_LM.get(family, transformers.AutoModelForCausalLM.from_config)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(("norm" in name and not family.startswith("gemma")) + 0.1 * torch.randn_like(p))
+    path = write_gguf_like_llama_cpp(tmp_path / f"{family}.gguf", model, family)
+    cfg, params = jlora.load_pretrained(path)
+    assert type(cfg).family == family
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    want = [window if t == "sliding_attention" else None for t in types] if types else [window] * len(cfg.layer_windows)
+    assert list(cfg.layer_windows) == want
+    ids = random_ids((2, 3 * WINDOW + 5))
+    ours = np.asarray(jax.jit(jlora.build_model(cfg).apply)({"params": params}, ids))
+    ref = hf_logits(model, ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
