@@ -339,3 +339,27 @@ def test_gguf_bases_read_like_their_hf_models(family, tmp_path):
     ours = np.asarray(jax.jit(jlora.build_model(cfg).apply)({"params": params}, ids))
     ref = hf_logits(model, ids)
     np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path, capsys):
+    """A Gemma3ForConditionalGeneration checkpoint (how Gemma 3 4B-27B ship): jlora reads its text model,
+    says in one line that the vision tensors are skipped, and gives the multimodal model's logits on text."""
+    config_cls, overrides = FAMILIES["gemma3"]
+    text = config_cls(**{**TINY, **overrides})
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(3)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    cfg, params = jlora.load_pretrained(tmp_path)
+    said = capsys.readouterr().out
+    assert type(cfg).family == "gemma3" and "multimodal" in said and "vision tensors skipped" in said
+    ids = random_ids((1, 2 * WINDOW + 3))
+    ours = np.asarray(jax.jit(jlora.build_model(cfg).apply)({"params": params}, ids))
+    ref = hf_logits(model, ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
