@@ -363,3 +363,53 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path, capsys):
     ours = np.asarray(jax.jit(jlora.build_model(cfg).apply)({"params": params}, ids))
     ref = hf_logits(model, ids)
     np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def byte_tokenizer_files(path) -> None:
+    """A byte-level tokenizer.json (ids 0-255 = bytes) beside a tiny checkpoint, so the CLIs can run on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(b) if 32 < b < 127 else f"<0x{b:02X}>": b for b in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0x00>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # Gemma's ids: BOS 2, EOS 1
+        f.write('{"bos_token": "<0x02>", "eos_token": "<0x01>"}')
+
+
+def test_cli_train_int8_then_generate_and_export_on_gemma3(ckpts, tmp_path):
+    """The console scripts on a Gemma 3 checkpoint: jlora-train with an int8 base on rows longer than the
+    window, then jlora-generate with the adapter and jlora-export-peft, each exiting 0."""
+    import shutil
+    import subprocess
+
+    from cli_testing import script
+
+    model_dir = tmp_path / "gemma3"
+    shutil.copytree(ckpts("gemma3"), model_dir)
+    byte_tokenizer_files(model_dir)
+    run_dir = tmp_path / "run"
+    sets = {
+        "model.path": model_dir,
+        "model.quantize": "int8",
+        "data.max_seq_len": 256,
+        "train.steps": 3,
+        "train.global_batch": 8,
+        "train.eval_interval": 3,
+        "checkpoint.interval": 0,
+        "output_dir": run_dir,
+    }
+    args = [script("jlora-train"), "--config", "configs/tiny-cpu.yaml"]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run_dir / "adapter").is_dir() and "final loss" in run.stdout
+    gen = [script("jlora-generate"), "--model", str(model_dir), "--adapter", str(run_dir / "adapter")]
+    run = subprocess.run(
+        [*gen, "--prompt", "hello " * 8, "--max-new-tokens", "20"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    export = [script("jlora-export-peft"), "--model", str(model_dir), "--adapter", str(run_dir / "adapter")]
+    run = subprocess.run([*export, "--out", str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
