@@ -1,6 +1,8 @@
-"""GGUF LoRA adapter export (jlora.formats.gguf_adapter, jlora-export-gguf): the file as gguf reads it back, the
-refusals, and llama.cpp itself (llama-cpp-python) running the exported adapter on the SmolLM2 GGUF."""
+"""GGUF LoRA adapter export (jlora.formats.gguf_adapter, jlora-export-gguf): the file as gguf reads it back (every
+family's arch and q/k row order), the refusals, and llama.cpp itself (llama-cpp-python) running the exported
+adapter on the SmolLM2 and Gemma 3 270M GGUFs."""
 
+import dataclasses
 import subprocess
 
 import gguf
@@ -14,8 +16,11 @@ from flax import traverse_util
 from lora_testing import is_pair, randomize
 
 import jlora
+import jlora.formats.gguf_adapter as gguf_adapter
 from jlora.checkpoint.adapter import save_adapter
 from jlora.formats.gguf_adapter import GGUFAdapterError, export_gguf_adapter
+from jlora.models import tables
+from jlora.models.family import family_of
 from jlora.models.layers import permute_rope_rows as permute_rows
 from jlora.models.layers import unpermute_rope_rows as _unpermute
 
@@ -95,6 +100,53 @@ def test_file_reads_back_with_llama_cpp_names_shapes_metadata_and_deltas(tmp_pat
         else:
             assert (a.shape, b.shape) == ((r, rows), (512, r))
             np.testing.assert_allclose(8.0 / r * b @ a, want.T, rtol=1e-5, atol=1e-6)
+
+
+# llama.cpp's arch for each family (its converter writes MistralForCausalLM as llama) and whether it permutes q/k rows
+FAMILY_ARCH = {
+    "tiny": ("llama", True),
+    "mistral-tiny": ("llama", True),
+    "qwen2-tiny": ("qwen2", False),
+    "qwen3-tiny": ("qwen3", False),
+    "gemma2-tiny": ("gemma2", False),
+    "gemma3-tiny": ("gemma3", False),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(FAMILY_ARCH))
+def test_each_family_exports_under_llama_cpps_arch_and_row_order(preset, tmp_path):
+    """llama.cpp refuses an adapter whose arch is not its base's, and only its LLaMA converter permutes q/k rows:
+    a Qwen or Gemma adapter written with LLaMA's permutation loads fine and computes the wrong q/k."""
+    cfg = jlora.PRESETS[preset]
+    arch, permuted = FAMILY_ARCH[preset]
+    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets=ALL)
+    _, trainable = jlora.split(jlora.init_params(cfg, jax.random.key(0)), lcfg, jax.random.key(1))
+    trainable = randomize(trainable)
+    export_gguf_adapter(tmp_path / "a.gguf", trainable, lcfg, cfg)
+    meta, tensors = _read(tmp_path / "a.gguf")
+    assert meta["general.architecture"] == arch and meta["general.type"] == "adapter"
+    layers = range(cfg.num_hidden_layers)
+    assert set(tensors) == {f"blk.{i}.{n}.weight.lora_{ab}" for i in layers for n in GGUF_NAMES for ab in "ab"}
+    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: is_pair(x))
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    for hf, name in zip(ALL, GGUF_NAMES):
+        pair = flat[("layers", "self_attn" if name.startswith("attn") else "mlp", hf, "kernel")]
+        for i in range(cfg.num_hidden_layers):
+            a, b = tensors[f"blk.{i}.{name}.weight.lora_a"], tensors[f"blk.{i}.{name}.weight.lora_b"]
+            want = pair.scale[i] * (np.asarray(pair.a[i]) @ np.asarray(pair.b[i])).T  # [out, in] in HF row order
+            if permuted and name in heads:
+                want = permute_rows(want, heads[name])
+            np.testing.assert_allclose(8.0 / pair.rank * b @ a, want, rtol=1e-5, atol=1e-6, err_msg=f"{name} {i}")
+
+
+def test_a_family_llama_cpp_has_no_arch_for_is_one_line(tmp_path, monkeypatch):
+    cfg = jlora.PRESETS["qwen2-tiny"]
+    monkeypatch.setitem(gguf_adapter.LLAMA_CPP_ARCH, "qwen2", "qwen2-nope")
+    lcfg = jlora.LoraConfig(targets=("q_proj",))
+    _, trainable = jlora.split(jlora.init_params(cfg, jax.random.key(0)), lcfg, jax.random.key(1))
+    with pytest.raises(GGUFAdapterError, match="family qwen2: llama.cpp has no GGUF architecture") as e:
+        export_gguf_adapter(tmp_path / "x.gguf", trainable, lcfg, cfg)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
 
 
 def test_refuses_what_llama_cpp_cannot_run(tmp_path):
@@ -241,3 +293,68 @@ def test_llama_cpp_runs_the_exported_adapter_as_jlora_does(smollm2_gguf, tmp_pat
     worst = np.abs(theirs_logits - ours_logits).max()
     print(f"adapter logits: max |llama.cpp - jlora| {worst:.2f}, relative error of the adapter's change {rel:.3f}")
     assert worst < 4.0 and rel < 0.07, (worst, rel)
+
+
+def _llama_cpp_logits(model_path: str, ids: list[int], lora_path=None) -> np.ndarray:
+    """llama.cpp's logits [T, V] over `ids` (every position's next-token logits), with or without an adapter."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model_path, lora_path=lora_path, n_ctx=32, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_an_exported_gemma3_adapter_as_jlora_does(gemma3_gguf, tmp_path, monkeypatch):
+    """A random LoRA on every linear layer of the real Gemma 3 270M (Q4_K_M), exported, changes llama.cpp's
+    logits as it changes jlora's. The two bases differ by llama.cpp's quantized matmuls (it rounds activations
+    to 8 bits for Q4_K/Q6_K blocks; jlora decodes the blocks to fp32): that base gap G is the noise floor. An
+    exact export leaves (llama.cpp's change) - (jlora's change) = (its adapted error) - (its base error), about
+    G in size each (measured 1.7 G, with an adapted gap 1.4 G), so the bound is 3 G; the adapter moves the
+    logits 14 G. The same adapter with LLaMA's q/k row permutation, a 10% scale error, a dropped rsLoRA fold,
+    gate/up swapped or q left out measured 7-15 G; the permuted export is checked below as the control."""
+    cfg, params = jlora.load_pretrained(gemma3_gguf)  # Q4_K_M blocks dequantized to fp32
+    assert type(cfg).family == "gemma3" and cfg.tie_word_embeddings
+    model = jlora.build_model(cfg)
+    ids = jlora.load_tokenizer(gemma3_gguf).encode("The three primary colors are")  # BOS first
+    assert ids[0] == cfg.bos_token_id
+    # rsLoRA (alpha/sqrt r, which llama.cpp's alpha/r cannot say): the export folds 2^1.5 into every B
+    lcfg = jlora.LoraConfig(rank=8, alpha=16, targets=ALL, use_rslora=True)
+    frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
+    trainable = randomize(trainable, seed=0, std=0.02)  # big enough to move the logits, small enough not to scramble
+    zero = jax.tree.map(lambda p: p.replace(b=jnp.zeros_like(p.b)), trainable, is_leaf=is_pair)  # B = 0: the base
+    forward = jax.jit(lambda tr, ids: jlora.apply(model, frozen, tr, ids)[0])  # one compile for both
+    ours_base, ours = (np.asarray(forward(tr, jnp.asarray([ids]))) for tr in (zero, trainable))  # [T, V]
+
+    out = tmp_path / "gemma3-lora.gguf"
+    export_gguf_adapter(out, trainable, lcfg, cfg)
+    meta, tensors = _read(out)
+    assert meta["general.architecture"] == "gemma3" and len(tensors) == 2 * len(ALL) * cfg.num_hidden_layers
+    theirs_base = _llama_cpp_logits(gemma3_gguf, ids)
+    theirs = _llama_cpp_logits(gemma3_gguf, ids, lora_path=str(out))
+
+    norm = np.linalg.norm
+    gap = norm(theirs_base - ours_base)  # llama.cpp's quantization noise on this prompt
+    change = norm(ours - ours_base)
+    err = norm((theirs - theirs_base) - (ours - ours_base))
+    top = lambda x: np.argsort(-x, -1)[:, :10]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top(ours), top(theirs))])
+    print(
+        f"base gap {gap:.1f} (max {np.abs(theirs_base - ours_base).max():.2f}); "
+        f"adapter change {change / gap:.1f} gaps; change error {err / gap:.2f} gaps ({err / change:.3f} of the "
+        f"change); adapted gap {norm(theirs - ours) / gap:.2f} gaps; top-10 overlap {overlap:.2f}"
+    )
+    assert (theirs_base.argmax(-1) == ours_base.argmax(-1)).all()  # the bases agree before any adapter
+    assert change > 10 * gap, (change, gap)  # the adapter moves the logits far past the noise
+    assert err < 3 * gap, (err, gap)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all() and overlap >= 0.8, (theirs.argmax(-1), ours.argmax(-1))
+    assert (theirs.argmax(-1) != theirs_base.argmax(-1)).any()  # and what agrees is the adapter's
+
+    # the control: Gemma's converter keeps HF's q/k rows, so LLaMA's permutation must show above the bound
+    llama_rows = dataclasses.replace(family_of(cfg), gguf_rope_heads=tables.llamacpp_rope_heads)
+    monkeypatch.setattr(gguf_adapter, "family_of", lambda cfg: llama_rows)
+    export_gguf_adapter(tmp_path / "permuted.gguf", trainable, lcfg, cfg)
+    wrong = _llama_cpp_logits(gemma3_gguf, ids, lora_path=str(tmp_path / "permuted.gguf"))
+    wrong_err = norm((wrong - theirs_base) - (ours - ours_base))
+    print(f"with LLaMA's q/k permutation: change error {wrong_err / gap:.2f} gaps")
+    assert wrong_err > 3 * gap, (wrong_err, gap)

@@ -1,11 +1,14 @@
 """jlora LoRA adapters -> llama.cpp's GGUF LoRA adapter file (what its convert_lora_to_gguf.py writes).
 
-The file carries `general.architecture = llama`, `general.type = adapter`, `adapter.type = lora` and
+The file carries the base's `general.architecture` as llama.cpp names it (llama.cpp refuses an adapter of
+another arch; its converter writes Mistral as `llama`), `general.type = adapter`, `adapter.type = lora` and
 `adapter.lora.alpha`, and for each adapted base tensor `<gguf name>.lora_a` [R, in] and `.lora_b`
 [out, R] (numpy order; ggml's ne is the reverse), in float32. llama.cpp adds `alpha/R * B(A x)`, with
 one alpha per file and R read off each lora_b, so every jlora scale (rsLoRA, alpha or rank patterns,
-per-layer alphas) folds into B exactly. attn_q / attn_k rows of B are permuted as convert_hf_to_gguf
-permutes the base's q/k weights; token_embd's A is [V, R], looked up by rows (llm_build_inp_embd).
+per-layer alphas) folds into B exactly. attn_q / attn_k rows of B are permuted where convert_hf_to_gguf
+permutes the base's q/k weights (LLaMA, Mistral; not Qwen or Gemma: the family's `gguf_rope_heads`);
+token_embd's A is [V, R], looked up by rows (llm_build_inp_embd). Every family's llama.cpp graph has a
+LoRA slot (build_lora_mm) for q/k/v/o, gate/up/down, the untied head and the embedding lookup.
 Layers an adapter leaves out (scale 0) are not written, which llama.cpp accepts. What llama.cpp cannot
 run is refused in one line: DoRA, parameters trained in full (train_extra), an unconverted PiSSA tree,
 and an adapter of the embedding on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT
@@ -32,6 +35,21 @@ class GGUFAdapterError(JloraError, ValueError):
     """An adapter llama.cpp cannot take, or a bad --out; the message is one line."""
 
 
+# families llama.cpp's convert_hf_to_gguf.py writes under another arch (MistralForCausalLM is its LlamaModel)
+LLAMA_CPP_ARCH = {"mistral": "llama"}
+
+
+def llama_cpp_arch(cfg: ModelConfig) -> str:
+    """The `general.architecture` of the base's llama.cpp GGUF, which the adapter must repeat."""
+    from gguf import MODEL_ARCH_NAMES
+
+    fam = family_of(cfg)
+    arch = LLAMA_CPP_ARCH.get(fam.name) or next(iter(fam.gguf_architectures), None)
+    if arch not in MODEL_ARCH_NAMES.values():
+        raise GGUFAdapterError(f"family {fam.name}: llama.cpp has no GGUF architecture for it (got {arch!r})")
+    return arch
+
+
 def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[float, dict[str, np.ndarray]]:
     """(alpha, {gguf tensor name: float32 array}) of `trainable` as llama.cpp applies it: for each pair
     and active layer, `name.lora_a` and `name.lora_b` with B scaled so that alpha/R * B'A = s * (AB)^T."""
@@ -46,6 +64,7 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
             "base on disk; convert it first: lcfg, trainable = jlora.pissa_to_lora(...)"
         )
     alpha = float(lcfg.alpha)
+    arch = llama_cpp_arch(cfg)
     fam = family_of(cfg)
     embed, renames = fam.embed, fam.renames
     tensors = {}
@@ -69,7 +88,7 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
             or leaf.layout.kind not in ("dense", "embed")
             or leaf.layout.stack != int(stacked)
         ):
-            raise GGUFAdapterError(f"{where}: llama.cpp's LLaMA graph has no LoRA slot for this tensor")
+            raise GGUFAdapterError(f"{where}: llama.cpp's {arch} graph has no LoRA slot for this tensor")
         if path == embed and cfg.tie_word_embeddings:
             raise GGUFAdapterError(
                 f"{where}: this base ties its output head to the token embedding, and llama.cpp "
@@ -87,7 +106,7 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
             fold = float(s) * rank / alpha
             lb = lb.T * np.float32(fold) if abs(fold - 1.0) > 1e-7 else lb.T  # [out, R]; exact when s == alpha/R
             name = renames[path][1].format(i=layer)
-            heads = fam.gguf_rope_heads(cfg, name)  # llama.cpp's rope permutation of q/k rows
+            heads = fam.gguf_rope_heads(cfg, name)  # llama.cpp's rope permutation of q/k rows (None: HF order)
             if heads is not None:
                 lb = permute_rope_rows(lb, heads)
             # llama.cpp: y += s * B(Ax) with A [R, in]; token_embd's A is looked up by row instead: [V, R]
@@ -110,8 +129,7 @@ def export_gguf_adapter(
     path = pathlib.Path(path).absolute()
     partial = path.with_name(f".{path.name}.partial")
     try:
-        # llama.cpp refuses an adapter of another arch than its base's
-        writer = GGUFWriter(str(partial), family_of(cfg).gguf_architectures[0])
+        writer = GGUFWriter(str(partial), llama_cpp_arch(cfg))  # llama.cpp refuses another arch than its base's
         writer.add_type(GGUFType.ADAPTER)
         writer.add_name(base_name or cfg.name)
         writer.add_string(Keys.Adapter.TYPE, "lora")
@@ -147,4 +165,4 @@ def check_out_file(out: str | pathlib.Path, *, force: bool, inputs: dict[str, st
     return out
 
 
-__all__ = ["GGUFAdapterError", "export_gguf_adapter", "gguf_lora_tensors", "check_out_file"]
+__all__ = ["GGUFAdapterError", "export_gguf_adapter", "gguf_lora_tensors", "llama_cpp_arch", "check_out_file"]
