@@ -456,6 +456,150 @@ def gpu_section(res: dict | str | None) -> list[str]:
     return lines + (["", f"MFU formula: {res['flops_formula']}"] if res.get("flops_formula") else [])
 
 
+# The two models side by side: (label, train_vs_peft result, generate_vs_hf result)
+TWO_MODELS = (
+    ("SmolLM2-135M", "train_vs_peft", "generate_vs_hf"),
+    ("Gemma 3 270M (base)", "train_vs_peft_gemma3", "generate_vs_hf_gemma3"),
+)
+GEMMA3_RUNS = {  # the Gemma 3 result files, by the bench that writes them
+    "train_vs_peft_gemma3": "python bench/train_vs_peft.py --model gemma3-270m",
+    "generate_vs_hf_gemma3": "python bench/generate_vs_hf.py --model gemma3-270m",
+}
+
+
+def _row(res: dict, metric: str) -> dict | None:
+    """The row of `res` named `metric`, or None."""
+    return next((r for r in res.get("rows", []) if r["metric"] == metric), None)
+
+
+def _vs(row: dict | None) -> str:
+    """ "jlora / peer = ratio" of one row, or a dash where the run has no such row."""
+    if row is None or not row.get("peer_value"):
+        return "— (not in this run)"
+    return f"{_fmt(row['jlora'])} / {_fmt(row['peer_value'])} = {_fmt(row['jlora'] / row['peer_value'])}x"
+
+
+def _where(res: dict) -> str:
+    """A result's commit, date and load average (before / after), for a table cell."""
+    after = res.get("load_average_after", "?")
+    return f"commit {res['commit']}, {res['date'][:10]}, load {res['load_average']} / {after}"
+
+
+def _tokens_agree(res: dict) -> str:
+    """Whether jlora's greedy tokens equal HF's, from the run's first_diff (per row, the first differing token)."""
+    diffs, n = res.get("first_diff"), res.get("config", {}).get("new_tokens")
+    if not diffs:
+        return "— (not recorded by this run)"
+    cells = []
+    for pair, first in diffs.items():
+        if " @ " in pair:  # jlora against its own baseline: not a check against HF
+            continue
+        differing = [i for i in first if i != n]
+        cells.append(f"{pair}: " + ("all equal" if not differing else f"rows differ from token {differing}"))
+    return "; ".join(cells)
+
+
+def two_models_section(results: dict[str, dict | str]) -> list[str]:
+    """SmolLM2-135M and Gemma 3 270M side by side: the train and decode ratios against HF PEFT / HF generate
+    (each model's own train_vs_peft / generate_vs_hf result file) and the KV-cache bytes at a long context with
+    and without the ring buffer for local layers (kv_cache.json)."""
+    lines = [
+        "",
+        "## SmolLM2-135M and Gemma 3 270M side by side",
+        "",
+        "Each model's figures come from its own result files: `python bench/train_vs_peft.py` and "
+        "`python bench/generate_vs_hf.py` (add `--model gemma3-270m` for Gemma 3, whose runs use the arguments "
+        "in their rows' commands below), and `python bench/kv_cache.py`. Ratios are jlora / HF within one "
+        "interleaved run, so runs on different days compare by ratio, not by tokens/s. Gemma 3 270M has a "
+        "262,144-token vocabulary (a tied head that wide) against SmolLM2's 49,152.",
+        "",
+        "Train step (fp32, LoRA on q_proj and v_proj, AdamW, CPU): jlora-train's step against HF PEFT.",
+        "",
+    ]
+    train = [(label, results.get(t), t) for label, t, _ in TWO_MODELS]
+    if not any(isinstance(res, dict) for _, res, _ in train):
+        lines.append(_missing("train_vs_peft", "Run the train commands above."))
+    else:
+        lines += [
+            "| model | batch x seq | tokens/s, jlora / PEFT | peak RSS MB, jlora / PEFT | compile (s) | command "
+            "| measured |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, res, name in train:
+            if not isinstance(res, dict):
+                why = res or f"Not run: {_rel(RESULTS / (name + '.json'))} does not exist"
+                lines.append(f"| {label} | — | — | — | — | — | {why} |")
+                continue
+            c = res.get("config", {})
+            compile_row = _row(res, "jlora-train step: compile")
+            tps, rss = _row(res, "jlora-train step: train tokens/s"), _row(res, "jlora-train step: peak RSS")
+            lines.append(
+                f"| {label} | {c.get('batch', '—')} x {c.get('seq', '—')} | {_vs(tps)} | {_vs(rss)} "
+                f"| {_fmt(compile_row['jlora']) if compile_row else '—'} | `{res['command']}` | {_where(res)} |"
+            )
+    lines += [
+        "",
+        "Greedy decode (fp32, a random r=8 q,v adapter, KV cache, prefill included, CPU): jlora against HF "
+        "`generate` through peft (unmerged) and after merge_and_unload (merged).",
+        "",
+    ]
+    decode = [(label, results.get(g), g) for label, _, g in TWO_MODELS]
+    if not any(isinstance(res, dict) for _, res, _ in decode):
+        lines.append(_missing("generate_vs_hf", "Run the decode commands above."))
+    else:
+        lines += [
+            "| model | new tokens | batch 1 unmerged, tokens/s jlora / HF | batch 1 merged | batch 8 unmerged "
+            "| batch 8 merged | greedy tokens vs HF | command | measured |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, res, name in decode:
+            if not isinstance(res, dict):
+                why = res or f"Not run: {_rel(RESULTS / (name + '.json'))} does not exist"
+                lines.append(f"| {label} | — | — | — | — | — | — | — | {why} |")
+                continue
+            cells = [
+                _vs(_row(res, f"greedy decode, batch {b}, adapter {kind}"))
+                for b in (1, 8)
+                for kind in ("unmerged", "merged")
+            ]
+            lines.append(
+                f"| {label} | {res['config'].get('new_tokens', '—')} | {' | '.join(cells)} | {_tokens_agree(res)} "
+                f"| `{res['command']}` | {_where(res)} |"
+            )
+    return lines + kv_cache_section(results.get("kv_cache"))
+
+
+def kv_cache_section(res: dict | str | None) -> list[str]:
+    """bench/kv_cache.py: each model's KV-cache bytes at one context, every layer linear and with the ring."""
+    lines = [
+        "",
+        "KV cache (bench/kv_cache.py): the bytes of jlora's decode cache (keys, values, slot segment ids, fill "
+        "index) from the preset configs by jax.eval_shape, every layer holding one slot per context token "
+        "(linear) against local layers holding a ring of `sliding_window` slots (what `generate` uses).",
+        "",
+    ]
+    if res is None:
+        return lines + [_missing("kv_cache", "Run `python bench/kv_cache.py`.")]
+    if isinstance(res, str):
+        return lines + [res]
+    c = res["config"]
+    lines += [
+        f"Reproduce: `{res['command']}`. {measured_line(res)}",
+        "",
+        f"| model | layers (local) | window | KV heads x head dim | dtype | linear, batch {c['batch']} x "
+        f"{c['context']} tokens (MiB) | ring (MiB) | ring / linear |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in res["models"].values():
+        lin, ring = m["linear"]["bytes"], m["ring"]["bytes"]
+        lines.append(
+            f"| {m['title']} | {m['layers']} ({m['local_layers']}) | {m['sliding_window'] or '—'} "
+            f"| {m['kv_heads']} x {m['head_dim']} | {m['dtype']} | {lin / 2**20:,.1f} | {ring / 2**20:,.1f} "
+            f"| {ring / lin:.3f}x |"
+        )
+    return lines
+
+
 def render(results: dict[str, dict | str]) -> str:
     """docs/benchmarks.md as text: a function of the result files alone (no date, no machine of its own)."""
     lines = [
@@ -472,6 +616,10 @@ def render(results: dict[str, dict | str]) -> str:
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
             lines += bench_section("train_vs_peft_1thread", results.get("train_vs_peft_1thread"))
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
+    lines += two_models_section(results)
+    for name, command in GEMMA3_RUNS.items():
+        res = results.get(name)
+        lines += bench_section(name, res) if res else ["", f"## {name}", "", _missing(name, f"Run `{command}`.")]
     lines += qlora_section(results.get("qlora_vs_peft"))
     lines += demo_section(results.get("demo"))
     lines += model_demo_section(results)

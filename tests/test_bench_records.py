@@ -41,6 +41,9 @@ def test_without_result_files_every_section_says_not_run():
         "## forward_vs_hf",
         "## train_vs_peft",
         "## generate_vs_hf",
+        "## SmolLM2-135M and Gemma 3 270M side by side",
+        "## train_vs_peft_gemma3",
+        "## generate_vs_hf_gemma3",
         "## The demo fine-tune",
         "## Will it fit?",
         "## GPU",
@@ -94,6 +97,63 @@ def test_a_result_file_is_shown_with_where_and_when_it_was_measured():
     assert "| exact-match accuracy | 10.0% | 70.0% |" in page
     figures = report.demo_figures(demo)
     assert "Some CPU, 2 cores" in figures and "**70%**" in figures and "2 minutes" in figures
+
+
+def test_two_models_side_by_side_take_each_models_own_files():
+    """The side-by-side rows read each model's own train / decode result and kv_cache.json: a model with no
+    file is "Not run" in its row, never another model's figures; greedy tokens vs HF come from first_diff."""
+    report = _module("report")
+    prov = {k: "x" for k in PROVENANCE} | {"commit": "abc1234", "date": "2026-01-02T03:04:05+00:00"}
+    train = {
+        "bench": "train_vs_peft",
+        "command": "python bench/train_vs_peft.py --model gemma3-270m",
+        **prov,
+        "config": {"batch": 4, "seq": 256},
+        "rows": [
+            {"metric": "jlora-train step: train tokens/s", "jlora": 30.0, "peer": "HF PEFT", "peer_value": 20.0},
+            {"metric": "jlora-train step: peak RSS", "jlora": 2000.0, "peer": "HF PEFT", "peer_value": 5000.0},
+            {"metric": "jlora-train step: compile", "jlora": 9.0, "peer": None, "peer_value": None},
+        ],
+    }
+    decode = {
+        "bench": "generate_vs_hf",
+        "command": "python bench/generate_vs_hf.py --model gemma3-270m",
+        **prov,
+        "config": {"new_tokens": 16},
+        "rows": [
+            {"metric": f"greedy decode, batch {b}, adapter {k}", "jlora": 12.0, "peer": "HF", "peer_value": 6.0}
+            for b in (1, 8)
+            for k in ("unmerged", "merged")
+        ],
+        "first_diff": {"jlora unmerged vs HF peft, batch 1": [16], "jlora merged vs HF merged, batch 8": [16, 9]},
+    }
+    kv = {
+        "bench": "kv_cache",
+        "command": "python bench/kv_cache.py",
+        **prov,
+        "config": {"context": 4096, "batch": 1},
+        "models": {
+            "gemma3-270m": {
+                "title": "Gemma 3 270M",
+                "layers": 18,
+                "local_layers": 15,
+                "sliding_window": 512,
+                "kv_heads": 1,
+                "head_dim": 256,
+                "dtype": "float32",
+                "linear": {"bytes": 4 * 2**20},
+                "ring": {"bytes": 2**20},
+            }
+        },
+        "rows": [],
+    }
+    page = report.render({"train_vs_peft_gemma3": train, "generate_vs_hf_gemma3": decode, "kv_cache": kv})
+    body = page.split("## SmolLM2-135M and Gemma 3 270M side by side", 1)[1].split("\n## ", 1)[0]
+    assert "| SmolLM2-135M | — | — | — | — | — | Not run: docs/results/train_vs_peft.json does not exist |" in body
+    assert "| Gemma 3 270M (base) | 4 x 256 | 30 / 20 = 1.5x | 2,000 / 5,000 = 0.4x | 9 |" in body
+    assert "| 12 / 6 = 2x | 12 / 6 = 2x | 12 / 6 = 2x | 12 / 6 = 2x |" in body
+    assert "jlora unmerged vs HF peft, batch 1: all equal; jlora merged vs HF merged, batch 8: rows differ" in body
+    assert "| Gemma 3 270M | 18 (15) | 512 | 1 x 256 | float32 | 4.0 | 1.0 | 0.250x |" in body
 
 
 def test_report_refuses_a_demo_result_without_provenance(tmp_path):
