@@ -128,14 +128,14 @@ def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, rege
 # ---- item 16: Mistral's sliding_window was read and ignored
 
 
-def test_a_sliding_window_config_is_refused(tmp_path):
+def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
     cfg = PRESETS["tiny"].replace(vocab_size=128)
     rs = np.random.RandomState(0)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(cfg))
     model = tmp_path / "mistral"
     save_pretrained(params, cfg, model)
     hf = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": 64}))
+    (model / "config.json").write_text(json.dumps({**hf, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
     tok = _word_tokenizer(tmp_path / "tok")
     run = _train(tmp_path, f"model.path={model}", f"tokenizer={tok}")
-    one_line_error(run, str(model / "config.json"), "sliding_window")
+    one_line_error(run, str(model / "config.json"), "'phi3'", "qwen3", "gemma3_text")

@@ -220,9 +220,9 @@ def test_llama_adapter_runs_on_llama_style_attention(family, ckpts):
 
 
 def test_serving_engine_with_adapters_past_the_window_equals_offline(ckpts):
-    """The serving engine on Gemma 3 (local and global layers; its cache keeps every slot and masks the
-    window, since it moves rows' slots itself) with two LoRA adapters and the base, rows joining and
-    leaving: every answer equals offline `generate` (whose local layers keep a ring of window slots)."""
+    """The serving engine on Gemma 3 (local layers keep a ring of window slots, global ones every slot) with
+    two LoRA adapters and the base, prompts longer than the window, rows joining, leaving and shifted when
+    the cache fills: every answer equals offline `generate`."""
     import queue
 
     from test_peft import random_adapter
@@ -246,7 +246,8 @@ def test_serving_engine_with_adapters_past_the_window_equals_offline(ckpts):
     want = [
         generate(model, params, adapters[a] if a else None, [p], max_new_tokens=n, eos_id=())[0] for p, a, n in jobs
     ]
-    engine = Engine(Generator(model, params, stack=stack), max_batch=2, max_len=96, max_queue=8, eos=[])
+    engine = Engine(Generator(model, params, stack=stack), max_batch=2, max_len=64, max_queue=8, eos=[])
+    assert {s["self_attn"]["k"].shape[-1] for s in engine.cache.values()} == {WINDOW, 64}
     got, ends = [[] for _ in jobs], queue.Queue()
     for i, (p, a, n) in enumerate(jobs):
         engine.submit(Request(p, a, n, lambda new, fin, i=i: (got[i].extend(new), fin and ends.put(fin))))

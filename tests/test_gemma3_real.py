@@ -103,7 +103,7 @@ def test_qlora_steps_on_the_gguf_blocks_leave_them_bit_identical(gemma3_gguf, jl
     fr, tr, os_ = state.frozen, state.trainable, state.opt_state
     losses = []
     for i in range(2):
-        tr, os_, metrics = step(fr, tr, os_, T.put_batch(jax.device_get(batch), state.mesh), jax.random.key(i))
+        tr, os_, metrics = step(fr, tr, os_, T.put_batch(jax.device_get(batch), state.mesh, 1), jax.random.key(i))
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and losses[1] < losses[0]
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(fr)))

@@ -1,10 +1,11 @@
 """Continuous batching over an adapter stack: the engine behind `jlora-serve`.
 
 One thread owns the device. It keeps `max_batch` rows of one KV cache of `max_len` slots with a
-shared fill index. A request joins at the next step: the joining prompts are prefilled packed into
-one row (each with its own adapter) and each is copied into a free row so that it ends at the fill
-index; earlier slots of that row are empty (segment 0), and rope positions are per row, so rows of
-different ages share every decode step, whatever adapter each uses. A row leaves as soon as it is
+shared fill index (a local, sliding-window layer keeps a ring of its window's slots instead). A
+request joins at the next step: the joining prompts are prefilled packed into one row (each with its
+own adapter) and each is copied into a free row so that it ends at the fill index; earlier slots of
+that row are empty (segment 0), and rope positions are per row, so rows of different ages share every
+decode step, whatever adapter each uses. A row leaves as soon as it is
 done. When the fill index reaches the end, every row is shifted left by the oldest live row's start
 (rows never span more than a request's prompt + max_tokens <= max_len, so there is always room).
 Steps are pipelined: each step's sampled tokens stay on the device as the next step's input, and the
@@ -60,17 +61,25 @@ def _prefill_packed(dmodel, frozen, routed: RowAdapters, ids, positions, segment
     return logits[0], cache
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(cache: dict, small: dict, rows, starts, lengths, idx) -> dict:
+def _slot_times(n_slots: int, idx, max_len: int) -> jax.Array:
+    """The time (fill index it was written at) each of a layer's `n_slots` slots holds when the fill index is
+    `idx`: the slot itself in a linear cache of `max_len` slots; in a ring (a local layer's window), the
+    latest time before `idx` that is the slot mod `n_slots` (negative: nothing yet)."""
+    slot = jnp.arange(n_slots)
+    return slot if n_slots == max_len else idx - 1 - (idx - 1 - slot) % n_slots
+
+
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(6,))
+def _insert(cache: dict, small: dict, rows, starts, lengths, idx, max_len: int) -> dict:
     """Copy prompt j, at slots [starts[j], starts[j] + lengths[j]) of a packed prefill cache (one row), into
-    row rows[j] of `cache`, ending at slot `idx`; that row's other slots become empty. A row index past the
-    batch (padding) copies nothing."""
-    slot = jnp.arange(next(iter(cache.values()))["self_attn"]["segment_ids"].shape[1])[None, :]  # [1,S]
-    begin = (idx - lengths)[:, None]  # [n,1]
-    mine = (slot >= begin) & (slot < idx)  # [n,S]
-    src = starts[:, None] + slot - begin  # [n,S], the packed slot each slot copies (where mine)
+    row rows[j] of `cache`, ending at time `idx`; that row's other slots become empty. A row index past the
+    batch (padding) copies nothing. A ring layer keeps the prompt's last `window` times."""
 
     def one(big, part):
+        times = _slot_times(big["segment_ids"].shape[1], idx, max_len)[None, :]  # [1,S]
+        begin = (idx - lengths)[:, None]  # [n,1]
+        mine = (times >= begin) & (times < idx) & (times >= 0)  # [n,S]
+        src = starts[:, None] + times - begin  # [n,S], the packed slot each slot copies (where mine)
         src_ok = jnp.clip(src, 0, part["segment_ids"].shape[1] - 1)
 
         def rows_of(x, axis):  # values [1,K,P,H] or keys [1,K,H,P] -> [n,K,S,H] or [n,K,H,S]; slots on `axis`
@@ -88,23 +97,27 @@ def _insert(cache: dict, small: dict, rows, starts, lengths, idx) -> dict:
     return {name: {"self_attn": one(layer["self_attn"], small[name]["self_attn"])} for name, layer in cache.items()}
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _shift(cache: dict, delta) -> dict:
-    """Every row moved `delta` slots (right if > 0), vacated slots emptied."""
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(3,))
+def _shift(cache: dict, delta, idx, max_len: int) -> dict:
+    """Every row moved `delta` slots (right if > 0), vacated slots emptied; `idx` is the fill index after the
+    move. A ring layer rolls by `delta` (time t + delta lives in slot (t + delta) mod W) and empties the
+    slots whose time is now before 0."""
 
-    def move(x, axis):
+    def move(x, axis, ring):
         s = x.shape[axis]
         both = jnp.concatenate([x, x], axis=axis)
         out = jax.lax.dynamic_slice_in_dim(both, (s - delta) % s, s, axis=axis)  # a roll by delta along slots
-        src = jnp.arange(s) - delta  # where each slot came from
-        keep = ((src >= 0) & (src < s)).reshape((s,) + (1,) * (x.ndim - axis - 1))
+        src = _slot_times(s, idx, max_len) if ring else jnp.arange(s) - delta  # where each slot came from
+        keep = (src >= 0) if ring else (src >= 0) & (src < s)
+        keep = keep.reshape((s,) + (1,) * (x.ndim - axis - 1))
         return jnp.where(keep, out, 0)
 
     def one(a):  # slots are axis 3 of keys [B,K,H,S], 2 of values [B,K,S,H], 1 of segment ids [B,S]
+        ring = a["segment_ids"].shape[1] != max_len
         return {
-            "k": move(a["k"], 3),
-            "v": move(a["v"], 2),
-            "segment_ids": move(a["segment_ids"], 1),
+            "k": move(a["k"], 3, ring),
+            "v": move(a["v"], 2, ring),
+            "segment_ids": move(a["segment_ids"], 1, ring),
             "index": a["index"],
         }
 
@@ -153,7 +166,8 @@ class Engine:
         self.commands: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.idx = 0
-        self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2))(gen.cfg, max_batch, self.max_len)
+        # Local layers keep a ring of their window's slots, global ones every slot up to max_len.
+        self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2, 3))(gen.cfg, max_batch, self.max_len, True)
         self.steps = 0
         self.feed = jnp.zeros((max_batch,), jnp.int32)  # each row's next input token, on the device
         self.pending: tuple | None = None  # (rows, tokens) of the step in flight, not yet read
@@ -276,7 +290,7 @@ class Engine:
         )
         if self.idx < max(lengths):  # room for the prompts before the fill index: move every live row right
             self._move(max(lengths) - self.idx)
-        self.cache = _insert(self.cache, small, dest, starts, lens, np.int32(self.idx))
+        self.cache = _insert(self.cache, small, dest, starts, lens, np.int32(self.idx), self.max_len)
         for row, req in zip(rows, reqs):
             req.start = self.idx - len(req.prompt)
             self.slots[row] = req
@@ -288,7 +302,7 @@ class Engine:
 
     def _move(self, delta: int) -> None:
         self.idx += delta
-        self.cache = _shift(self.cache, jnp.int32(delta))
+        self.cache = _shift(self.cache, jnp.int32(delta), np.int32(self.idx), self.max_len)
         for req in self.slots:
             if req is not None:
                 req.start += delta
