@@ -414,3 +414,24 @@ def test_cli_train_int8_then_generate_and_export_on_gemma3(ckpts, tmp_path):
     run = subprocess.run([*export, "--out", str(tmp_path / "peft")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_sharded_loading_reads_each_devices_slices_like_the_whole_load(family, ckpts):
+    """`load_pretrained_sharded` on 8 devices (fsdp 4 x tensor 2), which reads only each device's slices of
+    each tensor (per host on a pod), gives the arrays `load_pretrained` gives: q/k norms, biases and
+    Gemma's four norms included."""
+    from flax import traverse_util
+
+    from jlora.formats.weights_sharded import load_pretrained_sharded
+    from jlora.parallel.sharding import make_mesh
+
+    path = ckpts(family)
+    cfg, whole = jlora.load_pretrained(path)
+    cfg2, sharded = load_pretrained_sharded(path, make_mesh(1, 4, 2, devices=jax.devices()[:8]))
+    assert cfg2 == cfg
+    flat, flat2 = traverse_util.flatten_dict(whole), traverse_util.flatten_dict(sharded)
+    assert flat.keys() == flat2.keys()
+    for key, x in flat.items():
+        assert np.array_equal(np.asarray(x), np.asarray(flat2[key])), key
+    assert any(len(x.sharding.device_set) > 1 for x in flat2.values())
