@@ -1,5 +1,8 @@
 """Greedy decode throughput, jlora vs HF `generate`, on SmolLM2-135M from its GGUF (fp32, CPU), with a LoRA adapter.
 
+--model gemma3-270m runs the same on Gemma 3 270M (the base model's Q4_K_M GGUF; jlora keeps a ring of 512
+slots for its local layers, HF its own sliding-window cache), writing docs/results/generate_vs_hf_gemma3.json.
+Both sides read the same GGUF: jlora dequantizes it itself, HF through transformers' GGUF loader.
 The adapter is random r=8 on q_proj and v_proj (A and B both nonzero). jlora runs it unmerged (factored,
 through lora_apply) and merged; HF runs the same adapter through `peft` (unmerged) and after
 `merge_and_unload()`. Batch 1 and batch 8 (prompts of different lengths, left-padded), 128 new tokens,
@@ -13,7 +16,8 @@ model and builds its decoders once, and answers one timed decode at a time, so e
 baseline jlora, then HF, and each batch's warm-up (compiling) request is not counted. The table, the result rows
 ("... @ <commit>") and a ratio current / baseline per figure gain the baseline's; without it, jlora runs in
 this process as it always did.
-Usage: python bench/generate_vs_hf.py [--new-tokens 128] [--iters 2] [--baseline DIR] [--out FILE]
+Usage: python bench/generate_vs_hf.py [--model smollm2-135m] [--new-tokens 128] [--iters 2] [--baseline DIR]
+                                     [--out FILE]
 """
 
 import argparse
@@ -50,6 +54,11 @@ except ModuleNotFoundError:  # a --baseline checkout from before it
     from jlora.weights import load_pretrained, resolve_model_path
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
+# --model: resolve_model_path alias -> (what the result calls it, its default result file)
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M (GGUF, dequantized)", "generate_vs_hf.json"),
+    "gemma3-270m": ("Gemma 3 270M base (GGUF Q4_K_M, dequantized)", "generate_vs_hf_gemma3.json"),
+}
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -95,7 +104,7 @@ def to_peft(hf_model, trainable: dict):
 
 def hf_models(path: pathlib.Path, trainable: dict) -> tuple:
     """HF's two models of the adapter from the GGUF: (through peft, merged with merge_and_unload), EOS disabled."""
-    hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     hf.generation_config.eos_token_id = None  # always make n tokens, like jlora's eos_id=()
     hf.generation_config.pad_token_id = 0
     hf_merged = to_peft(copy.deepcopy(hf), trainable).merge_and_unload().eval()
@@ -138,7 +147,7 @@ def hf_thread_probe(model, rows: Tokens) -> tuple[int, dict[int, float]]:
 def jlora_decoders(params: dict, trainable: dict, cfg) -> tuple[dict[str, Generator], float]:
     """jlora's decoders of the adapter, {"unmerged": factored, "merged": folded into the weights}, and the
     one-time weight layout (Generator construction) in seconds per decoder."""
-    model = jlora.Llama(cfg)
+    model = jlora.build_model(cfg) if hasattr(jlora, "build_model") else jlora.Llama(cfg)  # a baseline may predate it
     t0 = time.perf_counter()
     gens = {
         "unmerged": Generator(model, params, trainable),
@@ -177,21 +186,24 @@ def ask_decode(side: SideProcess, decoder: str, n: int, rows: Tokens) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", choices=["jlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m", choices=MODELS, help="the GGUF both sides decode with")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--baseline", help="a jlora checkout to measure too, in the same rounds")
-    parser.add_argument("--out", default=str(RESULTS / "generate_vs_hf.json"), help="the result file")
+    parser.add_argument("--out", help="the result file (default: docs/results/, the --model's file)")
     args = parser.parse_args()
     if args.side:
         serve_side(start_side)
         return
+    title, result_file = MODELS[args.model]
+    args.out = args.out or str(RESULTS / result_file)
     started = provenance()
     n = args.new_tokens
     commit = short_commit(args.baseline) if args.baseline else None
     base = f" @ {commit}" if commit else ""  # the baseline's names: "jlora unmerged @ <commit>"
     tags = ("", base) if commit else ("",)  # this checkout's names, the baseline's
 
-    path = pathlib.Path(resolve_model_path("smollm2-135m"))
+    path = pathlib.Path(resolve_model_path(args.model))
     with ExitStack() as stack:
         sides: dict[str, SideProcess] = {}
         if commit:  # both jlora versions as side processes, started first so that they load while this one does
@@ -231,7 +243,7 @@ def main() -> None:
     rate = {(name, b): b * n / s for (name, b), s in seconds.items()}
 
     print(
-        f"SmolLM2-135M fp32 greedy decode, {n} new tokens (prefill included), random r=8 q,v LoRA, "
+        f"{title.split(' (')[0]} fp32 greedy decode, {n} new tokens (prefill included), random r=8 q,v LoRA, "
         f"CPU ({os.cpu_count()} cores), best of {args.iters}"
     )
     also = f" (jlora{base}: {prep_s[base]:.1f} s)" if base else ""
@@ -250,12 +262,15 @@ def main() -> None:
     for ours, theirs in pairs:
         ratios = "   ".join(f"batch {b}: {rate[ours, b] / rate[theirs, b]:.2f}x" for b in prompts)
         print(f"ratio {ours} / {theirs}: {ratios}")
-    agree = {"HF peft": "HF peft"} | ({f"jlora{base}": f"jlora unmerged{base}"} if base else {})
+    agree = [("jlora unmerged", "HF peft"), ("jlora merged", "HF merged")]
+    agree += [("jlora unmerged", f"jlora unmerged{base}")] if base else []
+    first_diff: dict[str, list[int]] = {}  # "<ours> vs <theirs>, batch <b>": per row, the first differing token
     for b in prompts:  # greedy outputs should agree; a late flip from fp32 rounding is possible
-        for label, other in agree.items():
-            ours, theirs = outputs["jlora unmerged", b], outputs[other, b]
+        for ours_name, other in agree:
+            ours, theirs = outputs[ours_name, b], outputs[other, b]
             first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), n) for x, y in zip(ours, theirs)]
-            print(f"batch {b}: first token where jlora and {label} differ, per row ({n} = none): {first}")
+            first_diff[f"{ours_name} vs {other}, batch {b}"] = first
+            print(f"batch {b}: first token where {ours_name} and {other} differ, per row ({n} = none): {first}")
     rows = [
         {
             "metric": f"greedy decode, batch {b}, {label}{tag}",
@@ -273,7 +288,7 @@ def main() -> None:
         )
     ]
     config = {
-        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "model": title,
         "dtype": "float32",
         "new_tokens": n,
         "lora": "random r=8 q_proj,v_proj",
@@ -284,7 +299,9 @@ def main() -> None:
         config |= {"baseline": commit, "jlora_sides": "side processes, this checkout's and the baseline's"}
     command = shlex.join(["python", "bench/generate_vs_hf.py", *sys.argv[1:]])
     out = write_result(
-        args.out, started, {"bench": "generate_vs_hf", "command": command, "config": config, "rows": rows}
+        args.out,
+        started,
+        {"bench": "generate_vs_hf", "command": command, "config": config, "rows": rows, "first_diff": first_diff},
     )
     print(f"wrote {out}")
 

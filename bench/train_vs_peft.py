@@ -1,9 +1,11 @@
 """LoRA train-step throughput and memory, jlora vs HF PEFT + transformers, on SmolLM2-135M (fp32, CPU).
 
-The GGUF is dequantized once by jlora and written as an HF safetensors checkpoint; every side loads
-that same checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA alpha=16 with
-r=8 on q_proj and v_proj (--rank, --targets; e.g. 16 and all-linear), AdamW (lr 1e-4, weight decay
-0.01) after global-norm clipping at 1.0. The sides (--sides):
+--model gemma3-270m runs the same on Gemma 3 270M (the base model's Q4_K_M GGUF), writing
+docs/results/train_vs_peft_gemma3.json. The GGUF is dequantized once by jlora and written as an HF
+safetensors checkpoint (its config.json names the family's HF class); every side loads that same
+checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA alpha=16 with r=8 on
+q_proj and v_proj (--rank, --targets; e.g. 16 and all-linear), AdamW (lr 1e-4, weight decay 0.01) after
+global-norm clipping at 1.0. The sides (--sides):
   jlora  jlora-train's step (jlora.train.step.make_train_step on a one-device TrainState, --remat);
   api    a user's own loop on the public API, as README shows it: jax.value_and_grad of
          jlora.causal_lm_loss, optax, jax.jit, with the library's default remat;
@@ -18,8 +20,9 @@ each side's figure is its best run (its fastest median; peak RSS: its largest, t
 compile: the fastest). Prints each side, the ratios to PEFT and the compile times, and writes every
 figure (each run's too), with the commit, date, machine and the load average after each run, to
 docs/results/train_vs_peft.json (--out), which bench/report.py renders.
-Usage: python bench/train_vs_peft.py [--steps 6] [--rounds 3] [--rank 8] [--targets q_proj,v_proj]
-                                     [--sides jlora,api,peft] [--baseline DIR] [--out FILE]
+Usage: python bench/train_vs_peft.py [--model smollm2-135m] [--steps 6] [--rounds 3] [--rank 8]
+                                     [--targets q_proj,v_proj] [--sides jlora,api,peft] [--baseline DIR]
+                                     [--out FILE]
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ load_average, provenance, write_result = _provenance.load_average, _provenance.p
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 RANK, ALPHA, TARGETS, LR, WD, CLIP = 8, 16.0, ("q_proj", "v_proj"), 1e-4, 0.01, 1.0
+# --model: resolve_model_path alias -> (what the result calls it, its default result file)
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M (GGUF, dequantized)", "train_vs_peft.json"),
+    "gemma3-270m": ("Gemma 3 270M base (GGUF Q4_K_M, dequantized)", "train_vs_peft_gemma3.json"),
+}
 
 
 def peak_rss_mb() -> float:
@@ -65,7 +73,7 @@ def random_ids(batch: int, seq: int, vocab: int):
     return np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
-def side_prep(hf_dir: str) -> dict:
+def side_prep(hf_dir: str, model: str = "smollm2-135m") -> dict:
     weights = jlora_module("jlora.formats.weights", "jlora.weights")
     load_pretrained, resolve_model_path, save_pretrained = (
         weights.load_pretrained,
@@ -73,9 +81,16 @@ def side_prep(hf_dir: str) -> dict:
         weights.save_pretrained,
     )
 
-    cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
+    cfg, params = load_pretrained(resolve_model_path(model))
     save_pretrained(params, cfg, hf_dir)
     return {"hf_dir": hf_dir}
+
+
+def build_model(cfg):
+    """The flax module of `cfg`'s family (a --baseline checkout from before families has only jlora.Llama)."""
+    import jlora
+
+    return jlora.build_model(cfg) if hasattr(jlora, "build_model") else jlora.Llama(cfg)
 
 
 def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
@@ -106,7 +121,7 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
 
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg, params = jlora.load_pretrained(a.hf_dir)
-    model = jlora.Llama(cfg)
+    model = build_model(cfg)
     frozen, trainable = jlora.split(
         params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)), jax.random.key(0)
     )
@@ -190,14 +205,12 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
-    from jlora import Llama
-
     make_train_step = jlora_module("jlora.train.step", "jlora.trainer").make_train_step
 
     batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)
     f, t, o = state.frozen, state.trainable, state.opt_state
     t0 = time.perf_counter()
-    step = make_train_step(Llama(cfg), opt, state).lower(f, t, o, batch, jax.random.key(0)).compile()
+    step = make_train_step(build_model(cfg), opt, state).lower(f, t, o, batch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
     times, losses = [], []
     for i in range(a.steps + 2):  # two warm-up steps
@@ -218,7 +231,7 @@ def side_peft(a: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
     return time_peft_steps(peft_lora(model, a.rank, targets_of(a)), a)
 
 
@@ -293,6 +306,7 @@ def run_side(
         str(a.steps),
         "--remat",
         a.remat,
+        *(("--model", a.model) if getattr(a, "model", None) else ()),  # qlora_vs_peft's sides take no --model
         *extra,
     ]
     env = {**os.environ, **(SINGLE_THREAD_ENV if a.single_thread and side != "prep" else {})}
@@ -357,6 +371,7 @@ def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=["prep", "jlora", "api", "naive", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--model", default="smollm2-135m", choices=MODELS, help="the GGUF every side trains on")
     p.add_argument("--hf-dir", help="the converted checkpoint (default: a temporary dir)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -373,11 +388,11 @@ def main() -> None:
     p.add_argument("--sides", default="jlora,api,peft", help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--baseline", help="a jlora checkout to measure too (adds jlora@base and naive@base)")
     p.add_argument("--single-thread", action="store_true", help="one compute thread per side")
-    p.add_argument("--out", default=str(RESULTS / "train_vs_peft.json"), help="the result file")
+    p.add_argument("--out", help="the result file (default: docs/results/, the --model's file)")
     a = p.parse_args()
     if a.side:
         out = {
-            "prep": lambda: side_prep(a.hf_dir),
+            "prep": lambda: side_prep(a.hf_dir, a.model),
             "jlora": lambda: side_jlora(a),
             "peft": lambda: side_peft(a),
             "api": lambda: side_loop(a, plain_logits=False),
@@ -398,6 +413,8 @@ def main() -> None:
             ).stdout.strip()
             or a.baseline
         )
+    title, result_file = MODELS[a.model]
+    a.out = a.out or str(RESULTS / result_file)
     started = provenance()
     tmp = None
     if a.hf_dir is None:
@@ -419,9 +436,9 @@ def main() -> None:
     tps = {s: tokens / r["median_step_s"] for s, r in best.items()}
     rss = {s: max(run["rss_mb"] for run in rs) for s, rs in runs.items()}
     print(
-        f"SmolLM2-135M fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), batch {a.batch} x "
-        f"{a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; best of {a.rounds} "
-        f"interleaved runs per side"
+        f"{title.split(' (')[0]} fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), "
+        f"batch {a.batch} x {a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; "
+        f"best of {a.rounds} interleaved runs per side"
     )
     for s, r in best.items():
         medians = ", ".join(f"{run['median_step_s']:.2f}" for run in runs[s])
@@ -434,7 +451,7 @@ def main() -> None:
         )
     print("targets: tokens/s >= 1.2x PEFT, peak RSS <= 0.6x PEFT, compile <= 20 s")
     config = {
-        "model": "SmolLM2-135M (GGUF, dequantized)",
+        "model": title,
         "dtype": "float32",
         "batch": a.batch,
         "seq": a.seq,
