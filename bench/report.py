@@ -600,6 +600,24 @@ def kv_cache_section(res: dict | str | None) -> list[str]:
     return lines
 
 
+def gguf_bytes_section(res: dict | str | None) -> list[str]:
+    """bench/gguf_frozen_bytes.py: Gemma 3 270M's frozen base kept as its GGUF blocks against fp32."""
+    lines = ["", "## gguf_frozen_bytes", ""]
+    if res is None:
+        return lines + [_missing("gguf_frozen_bytes", "Run `python bench/gguf_frozen_bytes.py`.")]
+    if isinstance(res, str):
+        return lines + [res]
+    mixed = ", ".join(f"`{p}` ({res['formats'][p]})" for p in res["mixed_params"]) or "none"
+    return lines + [
+        f"Reproduce: `{res['command']}`. {measured_line(res)}",
+        "",
+        f'`quantize="gguf"` keeps {res["file"]}\'s own blocks ({res["packed_params"]} packed params; mixing '
+        f"block types across layers: {mixed}) and decodes them at the matmul: the frozen base holds "
+        f"**{res['packed_bytes'] / 2**20:,.1f} MiB** against {res['fp32_bytes'] / 2**20:,.1f} MiB dequantized to "
+        f"fp32 (**{res['ratio']:.3f}x**).",
+    ]
+
+
 def render(results: dict[str, dict | str]) -> str:
     """docs/benchmarks.md as text: a function of the result files alone (no date, no machine of its own)."""
     lines = [
@@ -621,6 +639,7 @@ def render(results: dict[str, dict | str]) -> str:
         res = results.get(name)
         lines += bench_section(name, res) if res else ["", f"## {name}", "", _missing(name, f"Run `{command}`.")]
     lines += qlora_section(results.get("qlora_vs_peft"))
+    lines += gguf_bytes_section(results.get("gguf_frozen_bytes"))
     lines += demo_section(results.get("demo"))
     lines += model_demo_section(results)
     lines += qlora_demo_section(results)
