@@ -435,3 +435,26 @@ def test_sharded_loading_reads_each_devices_slices_like_the_whole_load(family, c
     for key, x in flat.items():
         assert np.array_equal(np.asarray(x), np.asarray(flat2[key])), key
     assert any(len(x.sharding.device_set) > 1 for x in flat2.values())
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_scanned_kv_cache_decode_past_the_window_equals_the_full_forward(family, ckpts):
+    """The public decode path on the scanned stack (`jlora.init_cache`, decode=True): a stack that mixes
+    local and global layers reads each layer's kind as a traced flag, and masks the window by it. A prefill
+    then one-token steps past the window give the full forward's logits."""
+    cfg, params = jlora.load_pretrained(ckpts(family))
+    model = jlora.build_model(cfg)
+    ids = random_ids((2, 3 * WINDOW), seed=6).astype(np.int32)
+    full = np.asarray(jax.jit(model.apply)({"params": params}, ids))
+    step = jax.jit(
+        lambda p, cache, x, pos: model.apply({"params": p, "cache": cache}, x, pos, decode=True, mutable=["cache"])
+    )
+    cache = jlora.init_cache(cfg, 2, ids.shape[1])
+    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+    prompt = WINDOW - 3
+    logits, new = step(params, cache, ids[:, :prompt], pos[:, :prompt])
+    chunks = [np.asarray(logits)]
+    for i in range(prompt, ids.shape[1]):
+        logits, new = step(params, new["cache"], ids[:, i : i + 1], pos[:, i : i + 1])
+        chunks.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), full, atol=1e-4 * np.abs(full).max(), rtol=0)
