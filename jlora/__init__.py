@@ -13,8 +13,12 @@ from jlora.formats.weights import load_pretrained, resolve_model_path, save_pret
 from jlora.formats.weights_sharded import load_pretrained_sharded
 from jlora.infer.generate import generate
 from jlora.models.config import ModelConfig
+from jlora.models.decoder import Decoder
 from jlora.models.family import build_model, init_cache, init_params, param_shapes, presets
+from jlora.models.gemma import Gemma2Config, Gemma3Config
 from jlora.models.llama import Llama, LlamaConfig
+from jlora.models.mistral import MistralConfig
+from jlora.models.qwen import Qwen2Config, Qwen3Config
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, unmerge
 from jlora.peft.routing import LoraError, LoraPair, apply, lora_apply, trace_layouts
@@ -26,6 +30,12 @@ PRESETS = presets()  # every family's named configs
 __version__ = "0.1.0"
 
 __all__ = [
+    "Qwen3Config",
+    "Qwen2Config",
+    "MistralConfig",
+    "Gemma3Config",
+    "Gemma2Config",
+    "Decoder",
     "AdapterConfig",
     "apply",
     "build_model",
