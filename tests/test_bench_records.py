@@ -152,7 +152,10 @@ def test_two_models_side_by_side_take_each_models_own_files():
     assert "| SmolLM2-135M | — | — | — | — | — | Not run: docs/results/train_vs_peft.json does not exist |" in body
     assert "| Gemma 3 270M (base) | 4 x 256 | 30 / 20 = 1.5x | 2,000 / 5,000 = 0.4x | 9 |" in body
     assert "| 12 / 6 = 2x | 12 / 6 = 2x | 12 / 6 = 2x | 12 / 6 = 2x |" in body
-    assert "jlora unmerged vs HF peft, batch 1: all equal; jlora merged vs HF merged, batch 8: rows differ" in body
+    assert "| jlora merged vs HF merged, batch 8: rows differ from token [9] |" in body
+    decode["first_diff"]["jlora merged vs HF merged, batch 8"] = [16, 16]
+    page = report.render({"generate_vs_hf_gemma3": decode})
+    assert "| all 16 tokens of every row equal (2 comparisons) |" in page
     assert "| Gemma 3 270M | 18 (15) | 512 | 1 x 256 | float32 | 4.0 | 1.0 | 0.250x |" in body
 
 
