@@ -1,7 +1,7 @@
 """The tokenizer stored in a GGUF file's metadata, rebuilt with the field's own libraries.
 
 A GGUF carries no tokenizer.json or tokenizer.model: llama.cpp stores the vocabulary as
-`tokenizer.ggml.*` keys. This module reads them with `gguf.GGUFReader` and rebuilds
+`tokenizer.ggml.*` keys. This module reads them with jlora.formats.gguf_file and rebuilds
 - `gpt2` vocabularies (byte-level BPE: SmolLM2, LLaMA 3, Qwen 2/2.5/3, Mistral's Tekken) as a
   `tokenizers.Tokenizer`, split the way `tokenizer.ggml.pre` names (the same regexes llama.cpp uses);
   a name jlora does not know is an error, since any other split gives different ids without a sign;
@@ -21,6 +21,8 @@ from typing import Any
 import gguf
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from jlora.formats.gguf_file import GGUFFileError, read_gguf
 
 _K = gguf.Keys.Tokenizer
 
@@ -100,13 +102,11 @@ def gpt2_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
 def read_gguf_vocab(path: str) -> GGUFVocab:
     """Read the tokenizer described by the `tokenizer.ggml.*` keys of the GGUF file at `path`."""
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
+        get = read_gguf(path).metadata.get  # (key, default) -> the plain value
+    except GGUFFileError as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e.problem})") from e
+    except OSError as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-
-    def get(key: str, default: Any = None) -> Any:
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
 
     kind = get(_K.MODEL)
     tokens = get(_K.LIST)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.errors import JloraError
+from jlora.formats.gguf_file import GGUFFileError, GGUFTensor, read_gguf
 from jlora.models.config import ModelConfig, ModelConfigError
 from jlora.models.family import config_from_hf, family_of, family_of_gguf, param_shapes
 from jlora.models.layers import DTYPES, unpermute_rope_rows
@@ -43,12 +44,6 @@ class WeightsError(JloraError, ValueError):
 
 # Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
 _HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-_GGUF_SKIP_FIELDS = (
-    "tokenizer.ggml.tokens",
-    "tokenizer.ggml.merges",
-    "tokenizer.ggml.token_type",
-    "tokenizer.ggml.scores",
-)  # big vocab arrays: only their length matters here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,12 +425,6 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict
     return cfg, params
 
 
-def _gguf_value(field) -> object:
-    if field.name in _GGUF_SKIP_FIELDS:
-        return range(len(field.data))  # only len() is read
-    return field.contents()
-
-
 def _rope_heads(path: pathlib.Path, cfg: ModelConfig, name: str, rows: int) -> int | None:
     """The head count whose llama.cpp rope permutation tensor `name` (with `rows` rows) carries, or None."""
     heads = family_of(cfg).gguf_rope_heads(cfg, name)
@@ -444,7 +433,7 @@ def _rope_heads(path: pathlib.Path, cfg: ModelConfig, name: str, rows: int) -> i
     return heads
 
 
-def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t) -> QuantizedKernel:
+def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t: GGUFTensor) -> QuantizedKernel:
     """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
     kind = t.tensor_type.name
     if not gguf_blocks.supports(kind):
@@ -471,15 +460,16 @@ def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t) -> Quantize
 def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[ModelConfig, dict]:
     """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
     2-D ones kept as QuantizedKernels (see `_gguf_blocks`)."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
-        raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e})") from None
-    tensors = {t.name: t for t in reader.tensors}
-    meta = {name: _gguf_value(f) for name, f in reader.fields.items()}
+        gf = read_gguf(path)
+    except GGUFFileError as e:
+        raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e.problem})") from None
+    except OSError as e:
+        raise WeightsError(path, f"not a readable GGUF file ({e})") from None
+    tensors = {t.name: t for t in gf.tensors}
+    meta = gf.metadata
     try:
         cfg = family_of_gguf(meta).config.from_gguf_metadata(meta, frozenset(tensors), **overrides)
     except ValueError as e:
