@@ -139,3 +139,13 @@ def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
     tok = _word_tokenizer(tmp_path / "tok")
     run = _train(tmp_path, f"model.path={model}", f"tokenizer={tok}")
     one_line_error(run, str(model / "config.json"), "'phi3'", "qwen3", "gemma3_text")
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_output_dir_is_refused_before_anything_is_written(tmp_path, value):
+    """`--set output_dir=` would mean the working directory (here the source tree): refused in one line,
+    and nothing is written there."""
+    before = sorted(p.name for p in ROOT.iterdir())
+    run = _train(tmp_path, f"output_dir={value}")
+    one_line_error(run, "output_dir", "empty")
+    assert sorted(p.name for p in ROOT.iterdir()) == before

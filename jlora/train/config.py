@@ -255,6 +255,8 @@ class RunConfig(_Section):
     output_dir: str = "runs/default"
 
     def _validate(self) -> None:
+        # An empty path would silently mean the working directory (a source tree, say) as the run's home.
+        _check(bool(self.output_dir.strip()), "output_dir", "must name a directory, got an empty value")
         for method, section in METHOD_SECTIONS.items():
             unset = getattr(self, section) == type(getattr(self, section))()
             _check(
