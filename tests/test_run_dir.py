@@ -116,3 +116,26 @@ def test_disk_full_mid_run_then_resume(tmp_path):
         assert f"at step {whole[-1]}" in run.stdout, run.stdout[-2000:]
         assert _steps(out)[-1] == 40
         load_adapter(out / "adapter")
+
+
+def test_a_finished_adapter_without_checkpoints_is_not_replaced(tmp_path):
+    """A finished run whose checkpoints were pruned still counts as a run: a new run there (another lr,
+    resuming by default or with --resume) is refused in one line and leaves the adapter and metrics as they
+    were; --overwrite moves them aside whole, and the new run's metrics are its own."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert _train(out, steps=4).returncode == 0
+    shutil.rmtree(out / "checkpoints")
+    adapter = {p.name: p.read_bytes() for p in (out / "adapter").rglob("*") if p.is_file()}
+    metrics = (out / "metrics.jsonl").read_text()
+    for extra in ((), ("--resume",)):
+        run = _train(out, *extra, "--set", "optim.lr=0.05", steps=2)
+        one_line_error(run, str(out), "adapter", "--overwrite")
+        assert {p.name: p.read_bytes() for p in (out / "adapter").rglob("*") if p.is_file()} == adapter
+        assert (out / "metrics.jsonl").read_text() == metrics
+    run = _train(out, "--overwrite", "--set", "optim.lr=0.05", steps=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert (aside / "metrics.jsonl").read_text() == metrics
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]) == 2

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from jlora.errors import JloraError
 
 LOCK_FILE = ".lock"
+# What a jlora-train run leaves in its output_dir besides checkpoints: a finished adapter, its metrics log.
+RUN_OUTPUTS = ("adapter", "metrics.jsonl")
 
 
 class RunDirError(JloraError, ValueError):
@@ -194,7 +196,9 @@ def claim(
     """Hold `out_dir` for one run; yields where an earlier run was moved (with `overwrite`), else None.
 
     fresh: the run starts over rather than resuming. Then checkpoints already in `out_dir` are a
-    RunDirError, unless `overwrite` moves the earlier run aside. Only the `primary` process locks
+    RunDirError, unless `overwrite` moves the earlier run aside. An earlier run's adapter or metrics
+    with no checkpoint to resume from (a finished run whose checkpoints were pruned) are refused the
+    same way, resuming or not: a new run would replace them. Only the `primary` process locks
     and moves; all of them check, and `sync` (a barrier taking a name) makes the others wait."""
     out = pathlib.Path(out_dir).absolute()
     fd, aside = None, None
@@ -208,6 +212,12 @@ def claim(
                 f"output_dir {out}: holds checkpoints of an earlier run (steps {steps[0]}.."
                 f"{steps[-1]}); pass --resume to continue it, or --overwrite to move it aside and "
                 f"start over"
+            )
+        outputs = [name for name in RUN_OUTPUTS if (out / name).exists()]
+        if not steps and outputs and not overwrite:  # nothing to resume: the new run would replace them
+            raise RunDirError(
+                f"output_dir {out}: holds an earlier run's {' and '.join(outputs)} and no checkpoint to resume "
+                f"from; pass --overwrite to move it aside and start over, or choose another output_dir"
             )
         if primary and fresh and overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
             aside, fd = _move_aside(out, fd)
