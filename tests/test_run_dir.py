@@ -139,3 +139,26 @@ def test_a_finished_adapter_without_checkpoints_is_not_replaced(tmp_path):
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert (aside / "metrics.jsonl").read_text() == metrics
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]) == 2
+
+
+def test_overwrite_moves_only_a_jlora_run(tmp_path):
+    """--overwrite moves aside a recognisable jlora run, nothing else: an output_dir that also holds a
+    model (config.json, weights) or the training file this run reads is refused in one line, and every
+    file in it stays where it was."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    (model / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a run once written into the model dir
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    one_line_error(_train(model, "--overwrite", steps=2), str(model), "config.json", "model.safetensors")
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.name != ".lock"} == before
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+    out = tmp_path / "run"  # an earlier run's dir that now also holds this run's training data
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_bytes((ROOT / "data/tiny/train.jsonl").read_bytes())
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    run = _train(out, "--overwrite", "--set", f"data.train={out / 'data' / 'train.jsonl'}", steps=2)
+    one_line_error(run, str(out), "train.jsonl", "reads")
+    assert (out / "data" / "train.jsonl").is_file() and not [p for p in tmp_path.iterdir() if ".old-" in p.name]

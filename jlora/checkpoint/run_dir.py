@@ -22,13 +22,19 @@ import os
 import pathlib
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from jlora.errors import JloraError
 
 LOCK_FILE = ".lock"
 # What a jlora-train run leaves in its output_dir besides checkpoints: a finished adapter, its metrics log.
 RUN_OUTPUTS = ("adapter", "metrics.jsonl")
+# Every name a jlora-train or jlora-demo run writes at the top of its output_dir: a directory holding
+# anything else is not (only) a jlora run, and --overwrite will not move it aside.
+RUN_ENTRIES = frozenset(
+    (LOCK_FILE, "checkpoints", *RUN_OUTPUTS, "tensorboard", "data", "peft", "loss.png")
+    + ("demo_results.json", "eval_generations.jsonl")
+)
 
 
 class RunDirError(JloraError, ValueError):
@@ -169,6 +175,24 @@ def _aside_path(out: pathlib.Path) -> pathlib.Path:
     return aside
 
 
+def _check_movable(out: pathlib.Path, reads: Sequence[str | pathlib.Path]) -> None:
+    """RunDirError unless `out` holds only what a jlora run writes, and nothing this run reads."""
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise RunDirError(
+            f"output_dir {out}: holds {shown}, which no jlora run writes; --overwrite moves aside only an "
+            f"earlier jlora run: choose another output_dir"
+        )
+    for path in reads:
+        where = pathlib.Path(path).absolute()
+        if where == out or out in where.parents:
+            raise RunDirError(
+                f"output_dir {out}: holds {path}, which this run reads; --overwrite would move it aside with "
+                f"the earlier run: choose another output_dir"
+            )
+
+
 def _move_aside(out: pathlib.Path, fd: int) -> tuple[pathlib.Path, int]:
     """Rename the whole earlier run (we hold its lock) to a sibling; lock a fresh `out`. -> (aside, new fd)."""
     aside = _aside_path(out)
@@ -192,14 +216,17 @@ def claim(
     overwrite: bool = False,
     primary: bool = True,
     sync: Callable[[str], None] = lambda _name: None,
+    reads: Sequence[str | pathlib.Path] = (),
 ) -> Iterator[pathlib.Path | None]:
     """Hold `out_dir` for one run; yields where an earlier run was moved (with `overwrite`), else None.
 
     fresh: the run starts over rather than resuming. Then checkpoints already in `out_dir` are a
     RunDirError, unless `overwrite` moves the earlier run aside. An earlier run's adapter or metrics
     with no checkpoint to resume from (a finished run whose checkpoints were pruned) are refused the
-    same way, resuming or not: a new run would replace them. Only the `primary` process locks
-    and moves; all of them check, and `sync` (a barrier taking a name) makes the others wait."""
+    same way, resuming or not: a new run would replace them. `overwrite` moves only a recognisable
+    jlora run: a dir holding anything a run does not write (a model, say), or any of the files in `reads`
+    (the run's data, model, config), is refused instead. Only the `primary` process locks and moves;
+    all of them check, and `sync` (a barrier taking a name) makes the others wait."""
     out = pathlib.Path(out_dir).absolute()
     fd, aside = None, None
     if primary:
@@ -219,7 +246,8 @@ def claim(
                 f"output_dir {out}: holds an earlier run's {' and '.join(outputs)} and no checkpoint to resume "
                 f"from; pass --overwrite to move it aside and start over, or choose another output_dir"
             )
-        if primary and fresh and overwrite and any(p.name != LOCK_FILE for p in out.iterdir()):
+        if primary and fresh and overwrite and (steps or outputs):
+            _check_movable(out, reads)
             aside, fd = _move_aside(out, fd)
         sync("jlora_run_dir_claimed")
         yield aside

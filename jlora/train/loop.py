@@ -101,8 +101,9 @@ def train(
     `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir)."""
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
+    reads = [p for p in (run.data.train, run.data.val, run.model.path, run.tokenizer) if p]
     with claim(
-        run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=barrier
+        run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=barrier, reads=reads
     ) as aside:
         if aside is not None and not quiet:
             print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
