@@ -141,6 +141,23 @@ def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
     one_line_error(run, str(model / "config.json"), "'phi3'", "qwen3", "gemma3_text")
 
 
+def test_a_config_json_that_lies_about_its_family_is_refused(tmp_path):
+    """Gemma 2 fields (soft-caps, a window, its attention scale) under model_type llama: jlora's LLaMA
+    does not implement them, so training would compute another model. Refused naming the file and key."""
+    cfg = PRESETS["tiny"].replace(vocab_size=128)
+    rs = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(cfg))
+    model = tmp_path / "model"
+    save_pretrained(params, cfg, model)
+    hf = json.loads((model / "config.json").read_text())
+    lies = {"hidden_act": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 256}
+    (model / "config.json").write_text(json.dumps({**hf, **lies}))
+    run = _train(tmp_path, f"model.path={model}", f"tokenizer={_word_tokenizer(tmp_path / 'tok')}")
+    one_line_error(
+        run, str(model / "config.json"), "attn_logit_softcapping=50.0", "query_pre_attn_scalar=256", "'llama'"
+    )
+
+
 @pytest.mark.parametrize("value", ["", "   "])
 def test_an_empty_output_dir_is_refused_before_anything_is_written(tmp_path, value):
     """`--set output_dir=` would mean the working directory (here the source tree): refused in one line,

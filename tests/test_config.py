@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+from jlora.models.config import ModelConfigError
 from jlora.peft.lora import LoraConfig
 from jlora.train import config as C
 
@@ -184,3 +185,37 @@ def test_mesh_resolve():
     for mesh in (C.MeshConfig(data=3, fsdp=-1), C.MeshConfig(data=2, fsdp=2, tensor=1)):
         with pytest.raises(C.ConfigError, match="does not fit 8 devices"):
             mesh.resolve(8)
+
+
+@pytest.mark.parametrize(
+    "model_type, key, value",
+    [
+        ("llama", "sliding_window", 4096),
+        ("llama", "final_logit_softcapping", 30.0),
+        ("llama", "layer_types", ["sliding_attention", "full_attention"]),
+        ("llama", "partial_rotary_factor", 0.5),
+        ("llama", "quantization_config", {"quant_method": "gptq", "bits": 4}),
+        ("mistral", "num_local_experts", 8),
+        ("qwen3", "attn_logit_softcapping", 50.0),
+        ("gemma2", "rope_local_base_freq", 10000.0),
+        ("gemma3_text", "use_bidirectional_attention", True),
+    ],
+)
+def test_config_json_keys_that_change_the_maths_are_read_or_refused(model_type, key, value):
+    """A config.json key that changes the maths and that the family does not implement is refused, naming
+    it; the same key at its neutral value, and every family's own HF defaults, load."""
+    import transformers
+
+    from jlora.models.family import config_from_hf
+
+    hf_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+    }[model_type]
+    hf = hf_class(num_hidden_layers=2).to_dict()
+    assert config_from_hf(hf).hf_model_type == model_type
+    with pytest.raises(ModelConfigError, match=f"^{key}=.*{model_type}"):
+        config_from_hf({**hf, key: value})

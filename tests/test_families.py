@@ -118,6 +118,25 @@ def test_logits_equal_hf(family, ckpts):
     np.testing.assert_allclose(ours, ref, atol=1e-4 * scale, rtol=0)
 
 
+def test_llama_reads_hidden_act_and_mlp_bias_like_hf(tmp_path):
+    """LlamaForCausalLM honours config.json's hidden_act and mlp_bias; so must jlora's LLaMA."""
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        **TINY, num_hidden_layers=2, hidden_act="gelu_pytorch_tanh", mlp_bias=True, attn_implementation="eager"
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    cfg, params = jlora.load_pretrained(tmp_path)
+    assert (cfg.hidden_act, cfg.mlp_bias) == ("gelu_pytorch_tanh", True)
+    ids = random_ids((2, 12))
+    ours = np.asarray(jax.jit(jlora.build_model(cfg).apply)({"params": params}, ids))
+    ref = hf_logits(model, ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_generation_past_the_window_equals_hf(family, ckpts):
     path = ckpts(family)

@@ -25,6 +25,23 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's per-layer `layer_t
 # Feature fields a family without the feature leaves None; config.json gets them only when set.
 OPTIONAL_FEATURES = ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the MLP's gate activation (SwiGLU, GeGLU)
+# config.json keys that change the maths, with the values that leave it unchanged. A family reads those
+# in its `hf_features`; any other one set to another value is a checkpoint jlora would run wrongly (a
+# Gemma config under model_type llama, a quantized or mixture-of-experts checkpoint), refused in one line.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    **{key: (None,) for key in OPTIONAL_FEATURES},
+    "rope_local_base_freq": (None,),
+    "layer_types": (None,),  # or every layer full_attention, see _neutral
+    "partial_rotary_factor": (None, 1, 1.0),
+    "quantization_config": (None,),
+    "num_local_experts": (None, 0, 1),
+    "num_experts": (None, 0, 1),
+    "use_bidirectional_attention": (None, False),
+    "logits_scaling": (None, 1, 1.0),
+    "embedding_multiplier": (None, 1, 1.0),
+    "residual_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,),
+}
 
 
 class ModelConfigError(JloraError, ValueError):
@@ -159,11 +176,23 @@ class ModelConfig:
     # ---- config.json and GGUF metadata ----
     hf_architecture: ClassVar[str] = ""  # what to_hf_config writes as `architectures`
     hf_model_type: ClassVar[str] = ""
+    hf_features: ClassVar[tuple[str, ...]] = ()  # the NEUTRAL_VALUES keys this family implements
 
     @classmethod
     def from_hf_config(cls, hf: dict, **overrides) -> ModelConfig:
         """Build from the dict of an HF `config.json` (transformers 4 and 5 spellings); keys it omits take
-        the family's defaults, which are HF's."""
+        the family's defaults, which are HF's. A key that changes the maths in a way this family does not
+        implement (NEUTRAL_VALUES) is a ModelConfigError naming it."""
+        foreign = [
+            f"{key}={_short(hf[key])}"
+            for key, neutral in NEUTRAL_VALUES.items()
+            if key in hf and key not in cls.hf_features and not _neutral(key, hf[key], neutral)
+        ]
+        if foreign:
+            raise ModelConfigError(
+                f"{', '.join(foreign)}: not implemented for model_type {hf.get('model_type', cls.hf_model_type)!r}; "
+                f"running without {'them' if len(foreign) > 1 else 'it'} would compute another model"
+            )
         special = ("rope_scaling", "rope_theta", "rope_local_base_freq", "layer_types", "hidden_act")
         names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - set(special)
         kwargs = {k: hf[k] for k in names if k in hf and hf[k] is not None}
@@ -251,6 +280,17 @@ class ModelConfig:
     def gguf_fields(cls, meta: dict, kwargs: dict) -> dict:
         """The family's own reading of a GGUF header (what llama.cpp hard-codes for it), on top of `kwargs`."""
         return {}
+
+
+def _neutral(key: str, value: Any, neutral: tuple) -> bool:
+    if key == "layer_types" and isinstance(value, list):
+        return all(t == "full_attention" for t in value)
+    return value in neutral
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _hf_rope(hf: dict, cls: type) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jlora.models.config import ModelConfig, ModelConfigError
+from jlora.models.config import OPTIONAL_FEATURES, ModelConfig, ModelConfigError
 
 
 def pattern(n: int, every: int) -> tuple[str, ...]:
@@ -36,6 +36,7 @@ class Gemma2Config(ModelConfig):
     )
     hf_architecture: ClassVar[str] = "Gemma2ForCausalLM"
     hf_model_type: ClassVar[str] = "gemma2"
+    hf_features: ClassVar[tuple[str, ...]] = (*OPTIONAL_FEATURES, "layer_types")
     norm_plus_one: ClassVar[bool] = True
     sandwich_norms: ClassVar[bool] = True
     scale_embeddings: ClassVar[bool] = True
@@ -100,6 +101,7 @@ class Gemma3Config(Gemma2Config):
     arch_keys: ClassVar[tuple[str, ...]] = (*Gemma2Config.arch_keys, "rope_local_base_freq")
     hf_architecture: ClassVar[str] = "Gemma3ForCausalLM"
     hf_model_type: ClassVar[str] = "gemma3_text"
+    hf_features: ClassVar[tuple[str, ...]] = (*Gemma2Config.hf_features, "rope_local_base_freq")
     qk_norm: ClassVar[bool] = True
     global_every: ClassVar[int] = 6
     layers_27b: ClassVar[int] = 62

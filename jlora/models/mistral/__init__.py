@@ -19,6 +19,7 @@ class MistralConfig(ModelConfig):
     arch_keys: ClassVar[tuple[str, ...]] = (*ModelConfig.arch_keys, "sliding_window")
     hf_architecture: ClassVar[str] = "MistralForCausalLM"
     hf_model_type: ClassVar[str] = "mistral"
+    hf_features: ClassVar[tuple[str, ...]] = ("sliding_window",)
 
     vocab_size: int = 32000
     intermediate_size: int = 14336

@@ -18,6 +18,7 @@ class Qwen2Config(ModelConfig):
     arch_keys: ClassVar[tuple[str, ...]] = (*ModelConfig.arch_keys, "sliding_window", "layer_types")
     hf_architecture: ClassVar[str] = "Qwen2ForCausalLM"
     hf_model_type: ClassVar[str] = "qwen2"
+    hf_features: ClassVar[tuple[str, ...]] = ("sliding_window", "layer_types")
     qkv_bias: ClassVar[bool] = True
 
     vocab_size: int = 151936
