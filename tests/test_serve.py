@@ -53,8 +53,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny, tmp_path_factory):  # noqa: F811
-    """(client, base url, offline reference function) for a live jlora-serve with adapters qv4, all8 and
-    od2 loaded at start (one slot free) and all three in its adapter dir."""
+    """(client, base url, offline reference function, server log path) for a live jlora-serve with adapters
+    qv4, all8 and od2 loaded at start (one slot free) and all three in its adapter dir."""
     model, params, adapters = tiny
     work = tmp_path_factory.mktemp("serve")
     base = _model_dir(work / "base", params)
@@ -108,7 +108,7 @@ def served(tiny, tmp_path_factory):  # noqa: F811
         return tok.decode(out[0], skip_special_tokens=True)
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    yield client, url, offline
+    yield client, url, offline, work / "server.log"
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
@@ -120,12 +120,12 @@ PROMPTS = ["w5 w17 w40", "w400 w22 w9 w13 w77 w5 w6 w301", "w7", "w11 w12 w13 w1
 
 
 def test_models_list(served):
-    client, _, _ = served
+    client, *_ = served
     assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8", "od2"]
 
 
 def test_completions_and_chat_for_base_and_adapters_equal_offline(served):
-    client, _, offline = served
+    client, _, offline, _ = served
     for name in (None, "qv4", "all8"):
         got = [
             client.completions.create(model=name or BASE, prompt=p, max_tokens=8, temperature=0).choices[0].text
@@ -140,7 +140,7 @@ def test_completions_and_chat_for_base_and_adapters_equal_offline(served):
 
 
 def test_streaming_equals_the_whole_answer(served):
-    client, _, offline = served
+    client, _, offline, _ = served
     parts = [
         c.choices[0].text
         for c in client.completions.create(model="all8", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)
@@ -156,7 +156,7 @@ def test_streaming_equals_the_whole_answer(served):
 
 
 def test_16_concurrent_requests_over_3_adapters_equal_offline(served):
-    client, url, offline = served
+    client, url, offline, _ = served
     names = ["qv4", "all8", "od2", "qv4", "all8", "od2", None]  # 3 adapters and the base
     jobs = [(names[i % 7], PROMPTS[i % 5] + f" w{100 + i}", 4 + i % 9) for i in range(16)]
 
@@ -179,7 +179,7 @@ def _raw(url: str, data: bytes, method: str = "POST") -> tuple[int, dict]:
 
 
 def test_bad_requests_get_their_4xx_as_openai_errors(served):
-    client, url, _ = served
+    client, url, *_ = served
     cases = [
         (openai.NotFoundError, dict(model="nope", prompt="w5"), "does not exist"),
         (openai.BadRequestError, dict(model=BASE, prompt="w5 " * 60, max_tokens=8), "context is 64 tokens"),
@@ -199,7 +199,7 @@ def test_bad_requests_get_their_4xx_as_openai_errors(served):
 
 
 def test_hot_load_generate_unload_over_http(served):
-    client, url, offline = served
+    client, url, offline, _ = served
     status, body = _raw(f"{url}/adapters", json.dumps({"name": "od2-copy", "path": "od2"}).encode())
     assert status == 200, body
     assert [m.id for m in client.models.list().data] == [BASE, "qv4", "all8", "od2", "od2-copy"]
@@ -213,7 +213,7 @@ def test_hot_load_generate_unload_over_http(served):
 
 
 def test_a_flood_gets_429_and_the_server_keeps_serving(served):
-    client, _, offline = served
+    client, _, offline, _ = served
 
     def ask(i):
         try:

@@ -6,6 +6,8 @@ Argument parsing only; the server is jlora.infer.serve.
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -13,7 +15,32 @@ import uvicorn
 
 from jlora.cli.run import UsageError, run_cli
 from jlora.infer.lora_stack import name_ok
-from jlora.infer.serve import build_app, build_server
+from jlora.infer.serve import build_app, build_server, log
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before anything loads: a port in use is one line, not a late traceback."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host!r}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a socket in TIME_WAIT is no owner
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def check_adapters(adapters: list[tuple[str, str]]) -> None:
+    """Each --adapter NAME once: a second silently replaced the first."""
+    seen: dict[str, str] = {}
+    for name, path in adapters:
+        if name in seen:
+            raise UsageError(f"--adapter {name} is given twice ({seen[name]} and {path}); give each name once")
+        seen[name] = path
 
 
 def _adapter_arg(text: str) -> tuple[str, str]:
@@ -55,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag in ("max_batch", "max_len", "max_queue", "max_adapters", "max_rank"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+        check_adapters(args.adapter)
+        sock = bind(args.host, args.port)
         server = build_server(
             args.model,
             args.adapter,
@@ -68,8 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             adapter_dir=args.adapter_dir if args.allow_adapter_loading else None,
         )
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("jlora-serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
         print(f"jlora-serve: serving {', '.join(server.names())} on http://{args.host}:{args.port}", file=sys.stderr)
-        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning")
+        config = uvicorn.Config(build_app(server), log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
 
     return run_cli("jlora-serve", job)
 

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.infer.decode import decode_jit, forward, init_decode_cache
-from jlora.infer.generate import BUCKET, Generator, greedy_tokens, sample, stop_cut
+from jlora.infer.generate import BUCKET, Generator, stop_cut
 from jlora.infer.lora_stack import RowAdapters
+from jlora.infer.row_sampling import dense_bias, mode_of, sample_rows, set_rows, top_entries, top_size
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,11 +46,22 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     deadline: float = float("inf")  # time.monotonic() after which it ends with finish "timeout"
     cancelled: bool = False
     out: list[int] = dataclasses.field(default_factory=list)
+    # (logprob, [(id, logprob)] of the `logprobs` most likely) per token of `out`, filled before its emit
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = dataclasses.field(default_factory=list)
     start: int = 0  # the row's first cache slot
     fed: int = 0  # generated tokens given to the model so far (the last of `out` may still be in flight)
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether its logits change before sampling (a bias or a penalty): `row_sampling.Mode.adjust`."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @functools.partial(jax.jit, static_argnames=("dmodel",))
@@ -124,32 +136,27 @@ def _shift(cache: dict, delta, idx, max_len: int) -> dict:
     return {name: {"self_attn": one(layer["self_attn"])} for name, layer in cache.items()}
 
 
-def _pick(logits, seeds, steps, temperature, top_p, mode: str):
-    """Row b's token from logits [B,V]: argmax where temperature[b] == 0, else a draw with
-    fold_in(key(seed[b]), step[b]), the key `jlora.infer.generate` uses for token `step` of a one-row call.
-    mode (static): "greedy" when every row is greedy (no draw is made at all), "sample", or "top_p"."""
-    greedy = greedy_tokens(logits)
-    if mode == "greedy":
-        return greedy
-
-    def one(row, seed, step, temp, tp):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        return sample(row[None], key, jnp.where(temp > 0, temp, 1.0), tp, (False, None, mode == "top_p"))[0]
-
-    drawn = jax.vmap(one)(logits, seeds, steps, temperature, top_p)  # [B]
-    return jnp.where(temperature > 0, drawn, greedy)
-
-
 @decode_jit(static_argnames=("dmodel",), donate_argnames=("cache",))
 def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
     """One decode step for every row: logits [B,V] of tokens [B] at positions [B] written to slot idx, and the cache.
-    Sampling is a separate call (`_sample_rows`), so the model step compiles once whatever the rows ask for."""
+    Sampling is a separate call (`row_sampling.sample_rows`), so the model step compiles once whatever the rows
+    ask for."""
     ids = tokens[:, None]  # [B,1]
     cache = {name: {"self_attn": {**layer["self_attn"], "index": idx}} for name, layer in cache.items()}
     return forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
 
 
-_sample_rows = jax.jit(_pick, static_argnames=("mode",))
+@functools.partial(jax.jit, static_argnames=("dmodel", "top"))
+def _score_prompt(dmodel, frozen, routed: RowAdapters, ids, positions, segment_ids, *, top: int):
+    """Each prompt token's logprob given the tokens before it, for one prompt [1,P]: ([P-1], the `top` most
+    likely tokens' values and ids [P-1,top]) at positions 1..P-1, of the raw logits."""
+    cache = init_decode_cache(dmodel.cfg, 1, ids.shape[1])
+    columns = jnp.arange(ids.shape[1] - 1, dtype=jnp.int32)[None]  # [1,P-1]: each position predicts the next
+    logits, _ = forward(dmodel, frozen, routed, cache, ids, positions, segment_ids, columns)
+    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # [P-1,V]
+    chosen = jnp.take_along_axis(logp, ids[0, 1:, None], axis=-1)[:, 0]  # [P-1]
+    values, top_ids = jax.lax.top_k(logp, top) if top else (logp[:, :0], jnp.zeros((logp.shape[0], 0), jnp.int32))
+    return chosen, values, top_ids
 
 
 class Engine:
@@ -170,7 +177,12 @@ class Engine:
         self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2, 3))(gen.cfg, max_batch, self.max_len, True)
         self.steps = 0
         self.feed = jnp.zeros((max_batch,), jnp.int32)  # each row's next input token, on the device
-        self.pending: tuple | None = None  # (rows, tokens) of the step in flight, not yet read
+        self.pending: tuple | None = None  # (rows, tokens, logprobs) of the step in flight, not yet read
+        # Each row's logit bias and counts of the tokens it generated (row_sampling), and whether its bias
+        # row may be non-zero, so that a joining request that needs neither skips resetting them.
+        vocab = gen.cfg.vocab_size
+        self.bias, self.counts = jnp.zeros((max_batch, vocab), jnp.float32), jnp.zeros((max_batch, vocab), jnp.int32)
+        self.dirty = [False] * max_batch
         self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
         self._thread.start()
 
@@ -182,6 +194,15 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 return False
             self.waiting.append(req)
+            self.cond.notify()
+        return True
+
+    def submit_all(self, reqs: list[Request]) -> bool:
+        """Queue requests together (a request's n choices), or none: False when the queue has no room for all."""
+        with self.cond:
+            if len(self.waiting) + len(reqs) > self.max_queue:
+                return False
+            self.waiting.extend(reqs)
             self.cond.notify()
         return True
 
@@ -202,6 +223,19 @@ class Engine:
             self.cond.notify()
 
     # ---- the engine thread
+
+    def score_prompt(self, prompt: list[int], adapter: str | None, top: int) -> list[tuple | None]:
+        """Each prompt token's (logprob, [(id, logprob)] of the `top` most likely) given the tokens before it
+        (None for the first, which has none), with `adapter`. Run it on the engine thread (`call`)."""
+        p = -(-len(prompt) // BUCKET) * BUCKET
+        ids, positions, segs = (np.zeros((1, p), np.int32) for _ in range(3))
+        ids[0, : len(prompt)], positions[0, : len(prompt)], segs[0, : len(prompt)] = prompt, np.arange(len(prompt)), 1
+        routed = self.stack.rows([adapter])
+        k = top_size(top)
+        out = tuple(
+            np.asarray(x) for x in _score_prompt(self.gen.model, self.gen.frozen, routed, ids, positions, segs, top=k)
+        )
+        return [None] + [top_entries(*out, i, top) for i in range(len(prompt) - 1)]
 
     def _loop(self) -> None:
         while True:
@@ -295,10 +329,27 @@ class Engine:
             req.start = self.idx - len(req.prompt)
             self.slots[row] = req
         padded = reqs + [None] * (n_pad - len(reqs))
-        toks = np.asarray(_sample_rows(logits, *self._sampling(padded), mode=self._mode(padded)))
+        mode = mode_of(padded)
+        vocab = self.bias.shape[1] if mode.adjust else 1  # counts start empty: only the bias matters here
+        bias = dense_bias([r and r.logit_bias for r in padded], vocab)
+        toks, _, lps = sample_rows(
+            logits, *self._sampling(padded), bias, jnp.zeros((n_pad, vocab), jnp.int32), mode=mode
+        )
+        toks = np.asarray(toks)
         self.feed = self.feed.at[np.asarray(rows)].set(toks[: len(rows)])
-        for row, tok in zip(rows, toks):
-            self._accept(row, int(tok))
+        reset = [j for j, (row, req) in enumerate(zip(rows, reqs)) if req.adjusts or self.dirty[row]]
+        if reset:  # the rows' bias and counts become the joining requests' own
+            at = np.full(n_pad, self.max_batch, np.int32)
+            at[: len(reset)] = [rows[j] for j in reset]
+            mine = dense_bias([reqs[j].logit_bias for j in reset] + [None] * (n_pad - len(reset)), self.bias.shape[1])
+            first = np.zeros(n_pad, np.int32)
+            first[: len(reset)] = toks[reset]
+            self.bias, self.counts = set_rows(self.bias, self.counts, at, mine, first)
+            for j in reset:
+                self.dirty[rows[j]] = bool(reqs[j].logit_bias)
+        lps = None if lps is None else tuple(np.asarray(x) for x in lps)
+        for j, (row, tok) in enumerate(zip(rows, toks)):
+            self._accept(row, int(tok), lps, j)
 
     def _move(self, delta: int) -> None:
         self.idx += delta
@@ -308,27 +359,26 @@ class Engine:
                 req.start += delta
 
     @staticmethod
-    def _mode(reqs) -> str:
-        """`_pick`'s mode for these rows (None = an empty row, greedy)."""
-        if all(r is None or r.temperature <= 0 for r in reqs):
-            return "greedy"
-        return "top_p" if any(r is not None and r.temperature > 0 and r.top_p < 1.0 for r in reqs) else "sample"
-
-    @staticmethod
     def _sampling(reqs):
-        """(seeds, steps, temperatures, top_ps) per row, as host arrays (the jitted call takes them over).
-        A row's step is the number of the token being drawn: 0 at the prefill, `fed` after it."""
+        """(seeds, steps, temperatures, top_ps, presence and frequency penalties) per row (None = an empty row),
+        as host arrays (the jitted call takes them over). A row's step is the number of the token being drawn:
+        0 at the prefill, `fed` after it."""
         return (
             np.asarray([r.seed if r else 0 for r in reqs], np.uint32),
             np.asarray([r.fed if r else 0 for r in reqs], np.int32),
             np.asarray([r.temperature if r else 0.0 for r in reqs], np.float32),
             np.asarray([r.top_p if r else 1.0 for r in reqs], np.float32),
+            np.asarray([r.presence_penalty if r else 0.0 for r in reqs], np.float32),
+            np.asarray([r.frequency_penalty if r else 0.0 for r in reqs], np.float32),
         )
 
-    def _accept(self, row: int, tok: int) -> None:
+    def _accept(self, row: int, tok: int, lps: tuple | None = None, at: int | None = None) -> None:
+        """Row `row`'s next token; `lps` the step's log-probabilities on the host, its entry `at` (default: the row)."""
         req = self.slots[row]
         if tok in self.eos:
             return self._finish(row, "stop")
+        if req.logprobs is not None:  # recorded before the emit, so the listener finds it
+            req.token_logprobs.append(top_entries(*lps, row if at is None else at, req.logprobs))
         req.out.append(tok)
         if req.stop and self.tokenizer is not None:
             cut = stop_cut(req.out[:-1], [tok], req.stop, self.tokenizer)
@@ -356,8 +406,10 @@ class Engine:
         )
         self.idx += 1
         self.steps += 1
-        self.feed = _sample_rows(logits, *self._sampling(live), mode=self._mode(live))
-        done, self.pending = self.pending, (live, self.feed)
+        self.feed, self.counts, lps = sample_rows(
+            logits, *self._sampling(live), self.bias, self.counts, mode=mode_of(live)
+        )
+        done, self.pending = self.pending, (live, self.feed, lps)
         self._read(done)
 
     def _collect(self) -> None:
@@ -369,8 +421,9 @@ class Engine:
         """Accept a finished step's tokens for the rows that are still its own."""
         if step is None:
             return
-        live, tokens = step
+        live, tokens, lps = step
         tokens = np.asarray(tokens)
+        lps = None if lps is None else tuple(np.asarray(x) for x in lps)
         for i, req in enumerate(live):
             if req is not None and self.slots[i] is req:
-                self._accept(i, int(tokens[i]))
+                self._accept(i, int(tokens[i]), lps)

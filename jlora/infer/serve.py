@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import pathlib
 import time
 import uuid
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from flax import traverse_util
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -28,32 +31,26 @@ from jlora.errors import JloraError
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.infer.choices import Choice, chat_logprobs, choice_seeds, completion_logprobs, prompt_entries
 from jlora.infer.engine import Engine, Request
 from jlora.infer.generate import Generator, eos_list
-from jlora.infer.lora_stack import AdapterStack, name_ok
+from jlora.infer.lora_stack import AdapterStack, AdapterStackError, name_ok
+from jlora.infer.openai_api import (
+    ApiError,
+    chat_messages,
+    check_fields,
+    check_unicode,
+    parse_params,
+    template_problem,
+)
 from jlora.models.family import build_model
 from jlora.peft.routing import LoraPair
 
+log = logging.getLogger(__name__)
 
-class ApiError(JloraError):
-    """An OpenAI-style error: HTTP status, one-line message, type and code."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
-            status_code=self.status,
-        )
+class ServeError(JloraError, ValueError):
+    """A server that cannot be built as asked (adapter names); one line."""
 
 
 def load_adapter_dir(path: str | pathlib.Path, cfg, params) -> dict:
@@ -87,23 +84,31 @@ class Server:
         self.max_body, self.timeout, self.adapter_dir = max_body, timeout, adapter_dir
         self.created = int(time.time())
 
-    # ---- request reading and validation
+    # ---- request reading
 
     async def body(self, request: HttpRequest) -> dict:
+        """The JSON object of the request's body: 413 over the limit; 400 for bytes that are not UTF-8 JSON, for
+        a lone surrogate in a string, or for anything but an object; 499 when the client leaves mid-upload."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {self.max_body}")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.max_body:
-                raise ApiError(413, f"request body is over the limit of {self.max_body} bytes")
         try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > self.max_body:
+                    raise ApiError(413, f"request body is over the limit of {self.max_body} bytes")
+        except ClientDisconnect:
+            raise ApiError(499, f"the client went away after {len(data)} bytes of the body") from None
+        try:
+            body = json.loads(bytes(data).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"the body is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+        except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        check_unicode(body)
         return body
 
     def adapter_of(self, body: dict) -> str | None:
@@ -124,108 +129,78 @@ class Server:
     def names(self) -> list[str]:
         return [self.base_name, *self.engine.stack.loaded()]
 
-    def sampling(self, body: dict, n_prompt: int, default_max: int | None) -> dict:
-        def number(key, default, lo, hi, lo_open=False):
-            v = body.get(key)
-            if v is None:
-                return default
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo < v if lo_open else lo <= v) or v > hi:
-                raise ApiError(
-                    400, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", param=key
-                )
-            return float(v)
-
-        context = self.engine.max_len
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = default_max if default_max is not None else context - n_prompt
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
-        if n_prompt + max_tokens > context:
-            raise ApiError(
-                400,
-                f"this model's context is {context} tokens, but the prompt has {n_prompt} and "
-                f"max_tokens is {max_tokens}",
-                code="context_length_exceeded",
-                param="max_tokens",
-            )
-        n = body.get("n", 1)
-        if n != 1:
-            raise ApiError(400, f"n must be 1, got {n!r}", param="n")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
-            raise ApiError(400, f"seed must be an integer in [0, 2^32), got {seed!r}", param="seed")
-        stop = body.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
-        return {
-            "max_tokens": max_tokens,
-            "temperature": number("temperature", 1.0, 0.0, 2.0),
-            "top_p": number("top_p", 1.0, 0.0, 1.0, lo_open=True),
-            "seed": seed or 0,
-            "stop": tuple(stop),
-        }
-
-    def encode_prompt(self, body: dict) -> list[int]:
+    def encode_prompt(self, body: dict) -> tuple[list[int], str]:
+        """(token ids, text) of a completions prompt: a string, or one list of token ids."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = prompt
-        elif isinstance(prompt, str) and prompt:
-            ids = self.tok.encode(prompt)
-        else:
-            raise ApiError(400, "prompt must be a non-empty string (or one list of token ids)", param="prompt")
-        if not all(0 <= t < self.cfg.vocab_size for t in ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
-        return ids
+            if not all(0 <= t < self.cfg.vocab_size for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
+            return prompt, self.tok.decode(prompt, skip_special_tokens=True)
+        if isinstance(prompt, str) and prompt:
+            return self.tok.encode(prompt), prompt
+        raise ApiError(400, "prompt must be a non-empty string (or one list of token ids)", param="prompt")
 
-    def encode_chat(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        clean = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must be an object with a string role and content", param="messages")
-            clean.append({"role": m["role"], "content": content})
+    def encode_chat(self, messages: list[dict]) -> list[int]:
         if self.tok.chat_template is None:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
-        try:
-            text = self.tok.apply_chat_template(clean, add_generation_prompt=True)
-        except Exception as e:
-            raise ApiError(
-                400, f"the chat template refused the messages: {' '.join(str(e).split())}", param="messages"
-            ) from None
-        return self.tok.encode(text, add_bos=False)  # the template writes its own special tokens
+        render = lambda ms: self.tok.apply_chat_template(ms, add_generation_prompt=True)
+        problem = template_problem(render, messages)
+        if problem is not None:
+            raise problem
+        return self.tok.encode(render(messages), add_bos=False)  # the template writes its own special tokens
 
     # ---- generation
 
     async def run(self, request: HttpRequest, chat: bool):
-        body = await self.body(request)
+        body = check_fields(await self.body(request), chat)
         adapter = self.adapter_of(body)
-        ids = self.encode_chat(body) if chat else self.encode_prompt(body)
-        opts = self.sampling(body, len(ids), None if chat else 16)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(
-            ids,
-            adapter,
-            opts["max_tokens"],
-            lambda new, fin: loop.call_soon_threadsafe(events.put_nowait, (new, fin)),
-            temperature=opts["temperature"],
-            top_p=opts["top_p"],
-            seed=opts["seed"],
-            stop=opts["stop"],
-            deadline=time.monotonic() + self.timeout,
+        request.scope["jlora"].update(adapter=adapter or "-")
+        if chat:
+            ids, prompt_text = self.encode_chat(chat_messages(body)), ""
+        else:
+            ids, prompt_text = self.encode_prompt(body)
+        p = parse_params(
+            body,
+            chat=chat,
+            n_prompt=len(ids),
+            context=self.engine.max_len,
+            vocab=self.cfg.vocab_size,
+            max_n=max(1, min(128, self.engine.max_queue)),
         )
-        if not self.engine.submit(req):
+        echo = None
+        if p.echo:
+            echo = (prompt_text, [])
+            if p.logprobs is not None:
+                scores = await self.engine_call(lambda: self.engine.score_prompt(ids, adapter, p.logprobs))
+                echo = (prompt_text, prompt_entries(self.tok, ids, scores)[1])
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        deadline = time.monotonic() + self.timeout
+        reqs = [
+            Request(
+                ids,
+                adapter,
+                p.max_tokens,
+                lambda new, fin, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, new, fin)),
+                temperature=p.temperature,
+                top_p=p.top_p,
+                seed=seed,
+                stop=p.stop,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                logit_bias=p.logit_bias,
+                logprobs=p.logprobs,
+                deadline=deadline,
+            )
+            for i, seed in enumerate(choice_seeds(p.seed, p.n))
+        ]
+        choices = [Choice(i, r, self.tok, p.stop, p.logprobs) for i, r in enumerate(reqs)]
+        if p.max_tokens == 0:  # echo alone: the prompt scored, nothing generated
+            reqs = []
+            for c in choices:
+                c.req, c.finish = None, "length"
+        elif not self.engine.submit_all(reqs):
             raise ApiError(
                 429,
                 f"the server is busy: {self.engine.max_queue} requests are already waiting; retry later",
@@ -236,43 +211,66 @@ class Server:
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
             "model": body["model"],
-            "n_prompt": len(ids),
             "chat": chat,
-            "stop": opts["stop"],
+            "n_prompt": len(ids),
+            "echo": echo,
+            "params": p,
+            "log": request.scope["jlora"],
         }
-        if stream:
-            return StreamingResponse(self.sse(req, events, meta), media_type="text/event-stream")
-        out: list[int] = []
+        if p.stream:
+            return StreamingResponse(self.sse(reqs, choices, events, meta), media_type="text/event-stream")
         try:
-            while True:
-                new, fin = await events.get()
-                out += new
-                if fin:
-                    break
+            while not all(c.done for c in choices):
+                i, new, fin = await events.get()
+                choices[i].out += new
+                choices[i].finish = fin
         finally:
-            req.cancelled = True  # a client gone mid-wait frees its row at the next step
-            self.engine.wake()
-        self.check_finish(fin)
-        text, trimmed = self.visible(out, meta["stop"], final=True)
-        finish = "stop" if trimmed else fin
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            if chat
-            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        )
-        return JSONResponse(
-            {
-                "id": meta["id"],
-                "object": "chat.completion" if chat else "text_completion",
-                "created": meta["created"],
-                "model": meta["model"],
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
+            self.release(reqs)
+        for c in choices:
+            self.check_finish(c.finish)
+        objs = [self.choice_object(c, *c.advance(), meta, whole=True) for c in choices]
+        out_tokens = sum(len(c.out) for c in choices)
+        meta["log"].update(tokens=out_tokens)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": out_tokens, "total_tokens": len(ids) + out_tokens}
+        return JSONResponse({**self.head(meta, chunk=False), "choices": objs, "usage": usage})
 
-    def check_finish(self, fin: str) -> None:
+    async def engine_call(self, fn):
+        """fn's result, run on the engine thread; an adapter removed meanwhile is a 404."""
+        try:
+            return await asyncio.wrap_future(self.engine.call(fn))
+        except AdapterStackError as e:
+            raise ApiError(404, str(e), code="model_not_found", param="model") from None
+
+    def release(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            r.cancelled = True  # a client gone mid-wait frees its row at the next step
+        self.engine.wake()
+
+    def head(self, meta: dict, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if meta["chat"] else "text_completion"
+        return {"id": meta["id"], "object": kind, "created": meta["created"], "model": meta["model"]}
+
+    def choice_object(self, c: Choice, text: str, entries: list, meta: dict, *, whole: bool, first=False) -> dict:
+        """Choice c as a whole answer (`whole`) or as a stream chunk of `text` and `entries` (`first`: the
+        chunk that opens it, holding an echoed prompt or the chat role)."""
+        p, finish = meta["params"], (c.finish_reason if c.done else None)
+        want = p.logprobs is not None and (whole or bool(entries))  # a stream chunk without tokens has null
+        if meta["chat"]:
+            logprobs = chat_logprobs(entries) if want else None
+            if whole:
+                message = {"role": "assistant", "content": text}
+                return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        prompt, prompt_lps = meta["echo"] or ("", [])
+        entries = [(piece, len(prompt) + at, lp, alts) for piece, at, lp, alts in entries]  # offsets into all text
+        if meta["echo"] is not None and (whole or first):
+            text, entries = prompt + text, [*prompt_lps, *entries]
+        want = p.logprobs is not None and (whole or bool(entries))
+        logprobs = completion_logprobs(entries) if want else None
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def check_finish(self, fin: str | None) -> None:
         if fin == "timeout":
             raise ApiError(
                 408,
@@ -280,63 +278,50 @@ class Server:
                 type_="timeout",
                 code="timeout",
             )
-        if fin.startswith("error"):
+        if fin is not None and fin.startswith("error"):
             raise ApiError(400, fin.removeprefix("error: "))
 
-    def visible(self, out: list[int], stop: tuple[str, ...], final: bool) -> tuple[str, bool]:
-        """The text of `out` up to the first stop string (not included), and whether one was found. While
-        running, a possible start of a stop string and a half-decoded character are held back."""
-        text = self.tok.decode(out, skip_special_tokens=True)
-        cuts = [text.find(s) for s in stop if s in text]
-        if cuts:
-            return text[: min(cuts)], True
-        if not final:
-            hold = max((len(s) - 1 for s in stop), default=0)
-            text = text[: len(text) - hold] if hold else text
-            text = text.rstrip("\ufffd")
-        return text, False
+    async def sse(self, reqs: list[Request], choices: list[Choice], events: asyncio.Queue, meta: dict):
+        """The answer as server-sent events: each choice's opening chunk, its deltas, its finish; usage
+        (with stream_options.include_usage) and [DONE]."""
 
-    async def sse(self, req: Request, events: asyncio.Queue, meta: dict):
-        chat, out, sent = meta["chat"], [], ""
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d = {"role": "assistant", "content": ""} if first else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            obj = {
-                "id": meta["id"],
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": meta["created"],
-                "model": meta["model"],
-                "choices": [choice],
-            }
-            return f"data: {json.dumps(obj)}\n\n"
+        def event(choice_objs: list[dict], **extra) -> str:
+            return f"data: {json.dumps({**self.head(meta, chunk=True), 'choices': choice_objs, **extra})}\n\n"
 
         try:
-            if chat:
-                yield chunk(None, None, first=True)
-            while True:
-                new, fin = await events.get()
-                out += new
-                text, trimmed = self.visible(out, meta["stop"], final=fin is not None)
-                if text[len(sent) :]:
-                    yield chunk(text[len(sent) :], None)
-                    sent = text
-                if trimmed or fin:
-                    break
-            if fin and (fin == "timeout" or fin.startswith("error")):
-                try:
-                    self.check_finish(fin)
-                except ApiError as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
-                    return
-            yield chunk(None, "stop" if trimmed or fin == "stop" else "length")
+            for c in choices:
+                if meta["chat"] or meta["echo"] is not None:
+                    yield event([self.choice_object(c, "", [], meta, whole=False, first=True)])
+            for c in [c for c in choices if c.req is None]:  # echo alone: done already
+                yield event([self.choice_object(c, "", [], meta, whole=False)])
+            running = {c.index for c in choices if c.req is not None}
+            while running:
+                i, new, fin = await events.get()
+                c = choices[i]
+                if i not in running:  # ended by a stop string already: the engine's own end follows
+                    continue
+                c.out += new
+                c.finish = fin
+                if fin == "timeout" or (fin or "").startswith("error"):
+                    try:
+                        self.check_finish(fin)
+                    except ApiError as e:
+                        error = {"message": e.message, "type": e.type, "code": e.code}
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                        return
+                text, entries = c.advance()
+                if text or entries or c.done:
+                    yield event([self.choice_object(c, text, entries, meta, whole=False)])
+                if c.done:
+                    running.discard(i)
+            n_out = sum(len(c.out) for c in choices)
+            meta["log"].update(tokens=n_out)
+            if meta["params"].include_usage:
+                usage = {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out}
+                yield event([], usage={**usage, "total_tokens": meta["n_prompt"] + n_out})
             yield "data: [DONE]\n\n"
         finally:
-            req.cancelled = True  # finished, stopped by a stop string, or the client went away
-            self.engine.wake()
+            self.release(reqs)  # finished, stopped by a stop string, or the client went away
 
     # ---- routes
 
@@ -360,9 +345,19 @@ class Server:
         return await self.run(request, chat=True)
 
     async def add_adapter(self, request: HttpRequest):
+        """Load {name, path[, replace]}: an adapter already loaded under `name` is replaced only with "replace":
+        true (else 409); the answer says whether it was."""
         self.loading_allowed()
         body = await self.body(request)
-        name, rel = body.get("name"), body.get("path")
+        unknown = sorted(set(body) - {"name", "path", "replace"})
+        if unknown:
+            raise ApiError(
+                400, f"unknown field {unknown[0]!r} for /v1/adapters (name, path, replace)", param=unknown[0]
+            )
+        name, rel, replace = body.get("name"), body.get("path"), body.get("replace", False)
+        request.scope["jlora"].update(adapter=name if isinstance(name, str) else "-")
+        if not isinstance(replace, bool):
+            raise ApiError(400, f"replace must be true or false, got {replace!r}", param="replace")
         if not isinstance(name, str) or not name_ok(name) or name == self.base_name:
             raise ApiError(
                 400,
@@ -378,16 +373,40 @@ class Server:
             )
         if not path.is_dir():
             raise ApiError(404, f"no adapter directory {rel!r} under the adapter directory", param="path")
-        if name in self.engine.stack and self.engine.in_use(name):
-            raise ApiError(409, f"adapter {name!r} is serving requests; retry when they are done", param="name")
+        self.check_replace(name, replace)
         try:
             trainable = await asyncio.to_thread(load_adapter_dir, path, self.cfg, self.params)
-            await asyncio.wrap_future(self.engine.call(lambda: self.engine.stack.add(name, trainable)))
         except (ValueError, FileNotFoundError) as e:
             raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
+
+        def swap() -> bool:  # on the engine thread: nothing can join between the check and the add
+            replaced = name in self.engine.stack
+            self.check_replace(name, replace)
+            self.engine.stack.add(name, trainable)
+            return replaced
+
+        try:
+            replaced = await asyncio.wrap_future(self.engine.call(swap))
+        except AdapterStackError as e:
+            raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
         return JSONResponse(
-            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "jlora", "parent": self.base_name}
+            {
+                "id": name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "jlora",
+                "parent": self.base_name,
+                "replaced": replaced,
+            }
         )
+
+    def check_replace(self, name: str, replace: bool) -> None:
+        if name not in self.engine.stack:
+            return
+        if not replace:
+            raise ApiError(409, f'adapter {name!r} is already loaded; send "replace": true to replace it', param="name")
+        if self.engine.in_use(name):
+            raise ApiError(409, f"adapter {name!r} is serving requests; retry when they are done", param="name")
 
     async def remove_adapter(self, request: HttpRequest):
         self.loading_allowed()
@@ -408,10 +427,38 @@ class Server:
             )
 
 
+class RequestLog:
+    """ASGI middleware: one line per request on the `jlora.infer.serve` logger, e.g.
+    `POST /v1/completions 200 adapter=qv4 tokens=8 41 ms`, with the error's message for a refusal."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, info = time.perf_counter(), scope.setdefault("jlora", {})
+        status = [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            extra = "".join(f" {k}={info[k]}" for k in ("adapter", "tokens") if k in info)
+            error = f" ({info['error']})" if "error" in info else ""
+            log.info(f"{scope['method']} {scope['path']} {status[0]}{extra} {ms:.0f} ms{error}")
+
+
 def build_app(server: Server) -> Starlette:
-    """The Starlette app: routes, and errors as OpenAI JSON (no tracebacks)."""
+    """The Starlette app: routes, errors as OpenAI JSON (no tracebacks), and a log line per request."""
 
     async def api_error(request, e: ApiError):
+        request.scope.setdefault("jlora", {})["error"] = e.message
         return e.response()
 
     async def http_error(request, e: HTTPException):
@@ -428,7 +475,9 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/adapters/{name}", server.remove_adapter, methods=["DELETE"]),
     ]
     return Starlette(
-        routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal}
+        routes=routes,
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal},
+        middleware=[Middleware(RequestLog)],
     )
 
 
@@ -448,6 +497,12 @@ def build_server(
 ) -> Server:
     """A `Server` for base `model` (a path or an alias) with `adapters` [(NAME, DIR)] loaded; with `adapter_dir`,
     adapters may also be hot-loaded from that directory (and only from it)."""
+    base_name = name or pathlib.Path(str(model).rstrip("/")).name
+    names = [n for n, _ in adapters]
+    twice = next((n for i, n in enumerate(names) if n in names[:i] or n == base_name), None)
+    if twice is not None:
+        what = "is the base model's name" if twice == base_name else "is given twice"
+        raise ServeError(f"adapter name {twice!r} {what}")
     path = resolve_model_path(model)
     cfg, params = load_pretrained(path)
     tok = load_tokenizer(path)
@@ -465,7 +520,6 @@ def build_server(
         eos=eos,
         tokenizer=tok,
     )
-    base_name = name or pathlib.Path(str(model).rstrip("/")).name
     return Server(
         engine,
         tok,
