@@ -166,3 +166,105 @@ def test_an_empty_output_dir_is_refused_before_anything_is_written(tmp_path, val
     run = _train(tmp_path, f"output_dir={value}")
     one_line_error(run, "output_dir", "empty")
     assert sorted(p.name for p in ROOT.iterdir()) == before
+
+
+# ---- issue 25, items 9-12: bounds, YAML traps, text that is not Unicode, CLI edge cases
+
+
+def test_max_seq_len_beyond_the_models_context_is_refused(tmp_path):
+    """The tiny model's context is 512 positions: rows of 100,000 tokens ended in an out-of-memory traceback."""
+    one_line_error(_train(tmp_path, "data.max_seq_len=100000", "data.packing=true"), "data.max_seq_len", "512")
+
+
+def test_a_learning_rate_of_1e6_warns_once_and_stops_when_grad_norms_explode(tmp_path):
+    """The loss of the tiny model stays near 5.7 while its grad norm goes from 0.6 to 1e6: the run warns at
+    the start and stops in one line once the grad norm stays 1e4 times its first steps'."""
+    run = _train(tmp_path, "optim.lr=1e6", "train.steps=12", "optim.warmup_steps=0")
+    line = one_line_error(run, "diverged", "optim.lr=1e+06", "divergence_factor")
+    assert run.stdout.count("optim.lr=1e+06 is far above") + run.stderr.count("optim.lr=1e+06 is far above") == 1
+    assert not (tmp_path / "run" / "adapter").exists(), line
+
+
+def test_a_section_written_twice_is_refused_with_both_lines(tmp_path):
+    text = (ROOT / "configs/tiny-cpu.yaml").read_text() + "lora:\n  rank: 8\n"
+    config = tmp_path / "twice.yaml"
+    config.write_text(text)
+    first = next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith("lora:"))
+    last = len(text.splitlines()) - 1
+    run = subprocess.run(
+        [TRAIN, "--config", str(config)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
+    one_line_error(run, f"{config}:{last}", "'lora' is set twice", f"line {first}")
+
+
+def test_val_equal_to_train_and_empty_responses_warn_once_each(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    rows = [json.loads(line) for line in (ROOT / "data/tiny/train.jsonl").read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "output": ""}) + "\n" for r in rows))
+    run = _train(tmp_path, f"data.train={data}", f"data.val={data}", "data.val_fraction=0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert out.count("data.val is data.train") == 1, out[-3000:]
+    assert out.count("every record's response is empty") == 1, out[-3000:]
+
+
+@pytest.mark.parametrize(
+    "content, where, needle",
+    [
+        (b'{"instruction": "hi", "output": "ok"}\n{"instruction": "x\\ud800y", "output": "ok"}\n', 2, "U+D800"),
+        (b'{"instruction": "hi", "output": "ok"}\n\n{"instruction": "caf\xe9", "output": "ok"}\n', 3, "byte 0xe9"),
+    ],
+)
+def test_text_that_is_not_unicode_names_the_file_and_line(tmp_path, content, where, needle):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    one_line_error(_train(tmp_path, f"data.train={data}"), f"{data}:{where}", needle)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--stop", ""], "--stop: an empty stop string"),
+        ([b"--prompt", b"caf\xe9"], "--prompt: not valid UTF-8 text (byte 0xe9"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    ],
+)
+def test_generate_refuses_an_empty_stop_and_a_prompt_that_is_not_utf8(tmp_path, args, needle):
+    """Checked before the model loads: an empty --stop ended generation after one token."""
+    argv = [script("jlora-generate"), "--model", str(tmp_path / "never-read"), "--prompt", "hi", *args]
+    run = subprocess.run(argv, env=ENV, capture_output=True, timeout=600)
+    run = subprocess.CompletedProcess(
+        run.args, run.returncode, run.stdout.decode(), run.stderr.decode(errors="replace")
+    )
+    one_line_error(run, needle, prog="jlora-generate")
+
+
+def test_an_unreadable_tokenizer_says_permission_denied(tmp_path):
+    """Run without root's right to read any file (setpriv drops it), a tokenizer.json owned by another user
+    with mode 600 was called "not a valid tokenizer.json"."""
+    tok = _word_tokenizer(tmp_path / "tok")
+    os.chown(tok / "tokenizer.json", 65534, 65534)
+    os.chmod(tok / "tokenizer.json", 0o600)
+    base = _train(tmp_path, f"tokenizer={tok}").args
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    run = subprocess.run(drop + base, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    line = one_line_error(run, str(tok / "tokenizer.json"), "Permission denied")
+    assert "not a valid" not in line
+
+
+def test_a_peft_alpha_that_is_not_a_number_names_the_file_and_key(tmp_path):
+    import jlora
+    from jlora.formats.peft_adapter import export_peft
+
+    cfg = PRESETS["tiny"].replace(vocab_size=128)
+    params = jlora.init_params(cfg, jax.random.key(0))
+    save_pretrained(params, cfg, tmp_path / "model")
+    _word_tokenizer(tmp_path / "model")
+    lcfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=("q_proj",))
+    _frozen, trainable = jlora.split(params, lcfg, jax.random.key(1))
+    export_peft(tmp_path / "peft", trainable, lcfg, cfg, base_name="tiny")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "sixteen"}))
+    argv = [script("jlora-generate"), "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "peft")]
+    run = subprocess.run([*argv, "--prompt", "w1"], env=ENV, capture_output=True, text=True, timeout=600)
+    one_line_error(run, "adapter_config.json", "lora_alpha='sixteen'", prog="jlora-generate")

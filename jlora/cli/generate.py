@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from jlora.cli.run import run_cli
+from jlora.formats.tokenizer import unicode_error
 from jlora.infer.generate import eos_list, load_for_generation
 
 
@@ -29,6 +30,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     args = ap.parse_args(argv)
+    if any(s == "" for s in args.stop):
+        ap.error("--stop: an empty stop string matches at once; give the text to stop at")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        ap.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    for flag, text in (("--prompt", args.prompt), *(("--stop", s) for s in args.stop)):
+        if (bad := unicode_error(text)) is not None:
+            ap.error(f"{flag}: {bad}")
 
     def job() -> None:
         gen, tok = load_for_generation(args.model, args.adapter, args.merge)

@@ -241,9 +241,45 @@ def read_peft_config(directory: str | pathlib.Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         got = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise PeftError(f"{file}: peft_type is {got!r}; jlora reads only LORA adapters")
+    _check_types(config, file)
     for key, off in _UNSUPPORTED:
         if config.get(key, off) not in (off, [], {}):
             raise PeftError(f"{file}: {key}={config[key]!r} is not supported by jlora (needs {off!r})")
     if isinstance(config.get("target_modules"), str) and config["target_modules"].lower() == "all-linear":
         config["target_modules"] = r".*\.(self_attn|mlp)\.[a-z_]+_proj"  # PEFT: every Linear but the output head
     return config
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# adapter_config.json keys jlora reads, with what each must be (PEFT writes them so; a hand edit may not).
+_TYPES = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "lora_alpha": (lambda v: _number(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (
+        lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "a regex or a list of module names",
+    ),
+    "rank_pattern": (
+        lambda v: (
+            isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())
+        ),
+        "a mapping of module patterns to positive integers",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_number(x) and x > 0 for x in v.values()),
+        "a mapping of module patterns to positive numbers",
+    ),
+}
+
+
+def _check_types(config: dict, file: pathlib.Path) -> None:
+    """PeftError naming the file and key of a value of the wrong type or out of range."""
+    for key, (ok, expected) in _TYPES.items():
+        if key in config and not ok(config[key]):
+            raise PeftError(f"{file}: {key}={config[key]!r}: expected {expected}")

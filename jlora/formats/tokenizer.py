@@ -42,6 +42,19 @@ class TokenizerError(JloraError, ValueError):
     naming the file."""
 
 
+def unicode_error(text: str) -> str | None:
+    """Why `text` is not valid Unicode, or None. Python hands over undecodable bytes (a non-UTF-8 command-line
+    argument) as lone surrogates U+DC80..U+DCFF, and JSON's "\\ud800" escapes decode to lone surrogates too;
+    no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"not valid UTF-8 text ({what} at character {e.start})"
+
+
 class Tokenizer:
     """The common interface. Subclasses supply `_encode_text`, `_decode`, `id_to_token`, `token_to_id`, `vocab_size`."""
 
@@ -86,6 +99,8 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in it (e.g. "<|im_start|>") map to their ids."""
+        if (bad := unicode_error(text)) is not None:
+            raise TokenizerError(f"cannot tokenize: {bad}")
         ids = self._encode_text(text)
         if self.add_bos if add_bos is None else add_bos:
             ids.insert(0, self._need(self._bos_id, "BOS"))
@@ -324,8 +339,9 @@ def _from_gguf(p: Path) -> Tokenizer:
 
 
 def _from_tokenizer_json(p: Path) -> Tokenizer:
+    text = p.read_text(encoding="utf-8", errors="replace")  # an unreadable file: the OSError says why, in one line
     try:
-        tok = _HFTokenizer.from_file(str(p))
+        tok = _HFTokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
         raise ValueError(f"{p}: not a valid tokenizer.json ({e})") from e
     cfg = _read_hf_config(p.parent)

@@ -67,9 +67,10 @@ def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfi
         if m.path == "tiny" and "vocab_size" not in overrides:  # follow the tokenizer, padded to shard evenly
             overrides["vocab_size"] = -(-tok.vocab_size // 64) * 64
         try:
-            return presets()[name].replace(**common, **overrides), None
+            cfg = presets()[name].replace(**common, **overrides)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{e}", "model.overrides") from None
+        return check_context(run, cfg), None
 
     if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
         kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
@@ -82,4 +83,18 @@ def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfi
             param_dtype=m.param_dtype,
             specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication),
         )
-    return cfg.replace(**overrides), params
+    return check_context(run, cfg.replace(**overrides)), params
+
+
+def check_context(run: RunConfig, cfg: ModelConfig) -> ModelConfig:
+    """`cfg`, unless a training row is longer than the model's context: positions past it are ones the model
+    never saw (and a huge max_seq_len ends in an out-of-memory traceback). Extending the context is a
+    choice to make explicitly, with model.overrides."""
+    if run.data.max_seq_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"is {run.data.max_seq_len}, longer than the model's context of {cfg.max_position_embeddings} "
+            f"tokens ({run.model.path}); lower it, or extend the context on purpose with "
+            f"model.overrides: {{max_position_embeddings: {run.data.max_seq_len}}}",
+            "data.max_seq_len",
+        )
+    return cfg

@@ -33,6 +33,22 @@ class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads 1e-4 (no dot) as a float, as YAML 1.2 does."""
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping; a key written twice (two `lora:` sections, say: YAML keeps the last) is an error."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` merges; its keys may repeat
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is set twice (first on line {seen[key] + 1}); keep one", key_node.start_mark
+            )
+        seen.setdefault(key, key_node.start_mark.line)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|\.[0-9_]+[eE][-+]?[0-9]+)$"),
@@ -173,10 +189,12 @@ class TrainConfig(_Section):
     seed: int = 0  # LoRA init, dropout and data order
     remat: Literal["none", "full", "dots_saveable"] = "dots_saveable"  # backward keeps matmul outputs
     max_nonfinite: int = 10  # a non-finite step is skipped; stop after this many in a row
+    # stop once the grad norm is over this many times its first steps' for 3 steps in a row; 0: never
+    divergence_factor: float = 1e4
 
     def _validate(self) -> None:
         _at_least(self, 1, "global_batch", "micro_batch", "max_nonfinite", "log_interval", "steps")
-        _at_least(self, 0, "eval_interval", "eval_batches")
+        _at_least(self, 0, "eval_interval", "eval_batches", "divergence_factor")
         _check(
             self.global_batch % self.micro_batch == 0,
             "micro_batch",
@@ -279,10 +297,18 @@ class RunConfig(_Section):
         return None if self.model.path == "tiny" else self.model.path
 
 
+MAX_USUAL_LR = 0.1  # an AdamW learning rate above this is a typo or a misunderstanding, not a choice
+
+
 def run_warnings(run: RunConfig, steps: int, rows_per_epoch: float) -> list[str]:
     """One line per setting that is valid but almost surely not what the user meant, given the
     run's step count and the training rows in one pass (known only once the data is loaded)."""
     out = []
+    if run.optim.lr > MAX_USUAL_LR:
+        out.append(
+            f"optim.lr={run.optim.lr:g} is far above the rates AdamW fine-tunes with (1e-5 .. 1e-2): the run is "
+            f"likely to diverge, and stops if its grad norms explode (train.divergence_factor)"
+        )
     if run.optim.warmup_steps and run.optim.warmup_steps >= steps:
         out.append(
             f"optim.warmup_steps={run.optim.warmup_steps} is not below the run's {steps} steps: the learning "

@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from jlora.formats.tokenizer import unicode_error
 from jlora.train import data_stream
 from jlora.train.config import DataConfig, RunConfig
 from jlora.train.examples import DataError, Example, TokenizerLike
@@ -47,6 +49,7 @@ class DataStats:
     truncated: int = 0
     dropped_too_long: int = 0  # with truncation="drop"
     dropped_no_target: int = 0  # nothing left to train on (e.g. the prompt fills max_seq_len)
+    empty_responses: int = 0  # records whose response (Alpaca output, assistant turns) is empty
     train_examples: int = 0
     val_examples: int = 0
     train_tokens: int = 0
@@ -66,10 +69,18 @@ def read_records(
     `where` is "file:line"; a malformed record raises DataError naming it, or is skipped and counted."""
     stats = stats if stats is not None else DataStats()
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read data file: {e}") from None
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read data file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
     if fmt == "text" and not path.endswith((".jsonl", ".json")):
         stats.records += bool(text.strip())
         return [(f"{path}:1", {"text": text})] if text.strip() else []
@@ -139,7 +150,28 @@ def _check_record(fmt: str, where: str, obj: Any) -> dict:
         need(any(m["role"] == "assistant" for m in msgs), "chat record has no assistant message")
     else:
         need(isinstance(obj.get("text"), str), "text record needs a string 'text'")
+    for key, text in _texts(fmt, obj):
+        bad = unicode_error(text)
+        need(bad is None, f"{key}: {bad}")
     return obj
+
+
+def _texts(fmt: str, rec: dict) -> list[tuple[str, str]]:
+    """(key, text) of every string a record contributes to the tokens."""
+    if fmt == "alpaca":
+        return [(k, rec[k]) for k in ("instruction", "input", "output") if isinstance(rec.get(k), str)]
+    if fmt == "chat":
+        return [(f"messages[{j}].content", m["content"]) for j, m in enumerate(rec["messages"])]
+    return [("text", rec["text"])]
+
+
+def _response_empty(fmt: str, rec: dict) -> bool:
+    """Whether the record has nothing to learn but the end of its response."""
+    if fmt == "alpaca":
+        return not rec["output"].strip()
+    if fmt == "chat":
+        return all(not m["content"].strip() for m in rec["messages"] if m["role"] == "assistant")
+    return False
 
 
 # ---- tokenization and masking ----
@@ -235,6 +267,7 @@ def _fit(ex: Example, cfg: DataConfig, stats: DataStats) -> list[Example]:
 def _examples(path: str, cfg: DataConfig, tok: TokenizerLike, stats: DataStats) -> list[Example]:
     out = []
     for where, rec in read_records(path, cfg.format, cfg.on_bad_record, stats):
+        stats.empty_responses += _response_empty(cfg.format, rec)
         ex = encode_record(rec, cfg.format, tok, mask_prompt=cfg.mask_prompt, template=cfg.template, where=where)
         out += _fit(ex, cfg, stats)
     return out
@@ -262,6 +295,19 @@ def load_examples(cfg: DataConfig, tok: TokenizerLike) -> tuple[list[Example], l
     stats.train_tokens = sum(len(e.ids) - 1 for e in train)
     stats.train_loss_tokens = sum(int(e.mask[1:].sum()) for e in train)
     return train, val, stats
+
+
+def data_warnings(cfg: DataConfig, stats: DataStats) -> list[str]:
+    """One line per data setup that loads but is almost surely a mistake."""
+    out = []
+    if cfg.val and os.path.realpath(cfg.val) == os.path.realpath(cfg.train):
+        out.append(
+            f"data.val is data.train ({cfg.train}): the held-out loss is measured on the training examples; "
+            f"set data.val to another file, or use data.val_fraction"
+        )
+    if stats.records and stats.empty_responses == stats.records:
+        out.append(f"every record's response is empty ({cfg.train}): the run can only learn to end its answer at once")
+    return out
 
 
 def _tok_name(tok: TokenizerLike) -> str:
