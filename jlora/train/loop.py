@@ -31,11 +31,12 @@ from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
 from jlora.train.builders import load_base, load_tok, method_config
 from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
-from jlora.train.data import make_batches
+from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
 from jlora.train.step import (
     TrainState,
+    DivergenceWatch,
     check_nonfinite,
     init_state,
     make_eval_step,
@@ -195,10 +196,12 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})"
     )
     if main_proc:  # on stderr, even when quiet: settings that are valid but almost surely a mistake
-        for line in run_warnings(run, steps, train_it.steps_per_epoch * run.train.global_batch):
+        rows_per_epoch = train_it.steps_per_epoch * run.train.global_batch
+        for line in run_warnings(run, steps, rows_per_epoch) + data_warnings(run.data, stats):
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
     model = build_model(cfg)
+    diverged = DivergenceWatch(run.train.divergence_factor, run.optim.lr)
     step_fn = make_train_step(model, optimizer, state)
     eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
     metrics_log = MetricsLog(out_dir, main_proc)
@@ -243,6 +246,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             window["loss"].append(float(m["loss"]))
             window["skipped"] += int(bool(m["skipped"]))
             check_nonfinite(m, run.train.max_nonfinite, step + 1)
+            diverged(float(m["grad_norm"]), step + 1)
             tps = tokens_per_step * window["steps"] / window["time"] if window["time"] else float("nan")
             done = step + 1
             if bar is None:
