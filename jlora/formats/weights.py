@@ -3,7 +3,8 @@
 Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
 model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
 quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
-undone either way), and writes HF safetensors checkpoints that transformers loads. The family's one
+undone either way), and writes HF safetensors checkpoints that transformers loads. A tensor holding NaN
+or inf is refused at load, naming it (`check_finite`: a GGUF block tensor by its fp16 scales). The family's one
 weight-name table (jlora.models.family) serves every direction. Never unpickles anything: `.bin`
 checkpoints are refused. Does not own the models (jlora.models), tokenizers (jlora.formats.tokenizer)
 or LoRA adapters (jlora.formats.peft_adapter).
@@ -240,6 +241,57 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
         raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
 
 
+# The largest |value| jlora accepts in an adapter file that carries no checksum (a PEFT adapter): LoRA factors,
+# DoRA magnitudes, adaption prompts. Trained factors stay near their init (A ~ U(+-1/sqrt(in)), B from 0, so
+# |x| < 1 in practice), magnitudes are column norms of the base weight (< 100 even for 8k-wide layers), and a
+# factor of 1e4 would add a delta some 1e8 times a typical weight: no working adapter has one. Corruption that
+# flips one of the top three exponent bits of an fp32 or bf16 value multiplies it by 2^32 or more, far past the
+# bound; fp16's top exponent bit multiplies by 2^16, caught from |x| >= 0.15. A flipped low exponent or mantissa
+# bit gives a value a real adapter could hold, which no range check can tell apart.
+ADAPTER_VALUE_BOUND = 1e4
+
+
+_CHUNK = 1 << 22  # elements per np.isfinite pass: at most a 4 MiB temporary, however large the tensor
+
+
+def value_problem(x, bound: float | None = None) -> str | None:
+    """What is wrong with array `x`'s values, or None: NaN or inf, or (with `bound`) some |value| > bound.
+
+    np.isfinite in chunks: one pass at memory speed for every float dtype (fp16 min/max would be 7x slower),
+    without a bool copy of the whole tensor (a GB for a large embedding)."""
+    x = np.asarray(x)
+    if x.size == 0 or x.dtype.kind in "biu":
+        return None
+    flat = x.reshape(-1)  # a view of a contiguous array
+    if not all(np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK)):
+        x = np.asarray(x, np.float32)  # counted only once the check has failed
+        return f"non-finite values ({int(np.isnan(x).sum())} NaN, {int(np.isinf(x).sum())} inf of {x.size})"
+    if bound is not None:
+        lo, hi = float(x.min()), float(x.max())
+        if max(-lo, hi) > bound:
+            return f"a value of {lo if -lo > hi else hi:.4g}, beyond the |x| <= {bound:g} any adapter plausibly has"
+    return None
+
+
+def adapter_value_problem(tensors: dict[str, np.ndarray], bounded: Callable[[str], bool]) -> str | None:
+    """ "tensor NAME has PROBLEM" for the first tensor (by name) of an adapter file that holds NaN or inf, or
+    where `bounded(name)` (a LoRA factor, not a full weight) a value beyond ADAPTER_VALUE_BOUND; else None."""
+    for name in sorted(tensors):
+        problem = value_problem(tensors[name], ADAPTER_VALUE_BOUND if bounded(name) else None)
+        if problem:
+            return f"tensor {name} has {problem}"
+    return None
+
+
+def check_finite(file: str | pathlib.Path, name: str, x: np.ndarray | QuantizedKernel) -> None:
+    """WeightsError naming tensor `name` unless every value of `x` is finite. A QuantizedKernel (GGUF blocks)
+    is checked by its float fields, the fp16 block scales: its integer quants times finite scales are finite."""
+    for part in x.fields.values() if is_quantized(x) else [x]:
+        problem = value_problem(part)
+        if problem:
+            raise WeightsError(file, f"tensor {name} has {problem}: corrupt weights")
+
+
 _dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
 
 
@@ -413,9 +465,11 @@ def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict
 
         def fetch(name: str) -> np.ndarray:
             try:
-                return handles[where[name]].get_tensor(where.disk_name(name))
+                arr = handles[where[name]].get_tensor(where.disk_name(name))
             except SafetensorError as e:
                 raise read_error(where[name], name, e) from None
+            check_finite(where[name], name, arr)
+            return arr
 
         params, extra = _assemble(cfg, path, set(where), fetch, 0)
         embedding = traverse_util.flatten_dict(params)[family_of(cfg).embed]
@@ -480,7 +534,9 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
     def fetch(name: str) -> np.ndarray | QuantizedKernel:
         t = tensors[name]
         if keep_blocks and len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16"):
-            return _gguf_blocks(path, cfg, name, t)
+            kernel = _gguf_blocks(path, cfg, name, t)
+            check_finite(path, name, kernel)
+            return kernel
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -490,6 +546,7 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
         except ValueError as e:
             raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
+        check_finite(path, name, w)
         w = family_of(cfg).gguf_tensor_fix(cfg, name, w)
         heads = _rope_heads(path, cfg, name, w.shape[0])
         return w if heads is None else unpermute_rope_rows(w, heads)

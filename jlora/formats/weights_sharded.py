@@ -5,8 +5,8 @@ devices, a process reads only that device's block of the on-disk tensors (`safe_
 one layer at a time, transposes it to jlora's layout and places it on the device. A process's peak
 host memory is therefore its share of the model (on CPU, where device buffers are host memory) plus
 one block and a 16 MiB window of the file. Checkpoint discovery, name and shape checks and their
-one-line errors are jlora.formats.weights' own; placement follows `sharding.param_specs`. GGUF files (small
-models) are loaded whole and then sliced.
+one-line errors are jlora.formats.weights' own, and so is the check that every value read is finite;
+placement follows `sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jlora.formats.weights import (
     TensorFiles,
+    check_finite,
     check_leftovers,
     check_present,
     check_shape,
@@ -138,8 +139,10 @@ def _block_reader(
         layers = range(len(names))[index[0]] if stacked else range(1)
         disk_index = to_disk(key, index[1:] if stacked else index)  # kernels are [out, in] on disk
         for j, i in enumerate(layers):  # a leaf that is not stacked is a stack of one
-            dest = to_disk(key, (out if stacked else out[None])[j])  # a disk-layout view into `out`
+            layer = (out if stacked else out[None])[j]
+            dest = to_disk(key, layer)  # a disk-layout view into `out`
             _read_into(dest, where[names[i]], where.disk_name(names[i]), disk_index, want)
+            check_finite(where[names[i]], names[i], layer)  # this process's block: each block is checked once
         return out
 
     return read

@@ -1,0 +1,205 @@
+"""What loads must be what was saved (issue 25, items 5-7): an adapter whose metadata was edited, a NaN in an
+adapter or in base weights, NaN logits while generating, and a bit-flipped PEFT file. Each case drives the
+console script a user would run (jlora-generate, jlora-export-gguf, jlora-merge) where one applies, else the
+public load API, on the tiny 2-layer model; every error is one line naming the file and the key or tensor."""
+
+import json
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+
+import gguf
+import jax
+import numpy as np
+import pytest
+from cli_testing import script
+from jax.sharding import Mesh
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import jlora
+from jlora.checkpoint.adapter import save_adapter
+from jlora.formats.peft_adapter import export_peft
+from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
+from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.models.family import param_shapes
+from jlora.models.llama import PRESETS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}  # one device: quicker
+CFG = PRESETS["tiny"].replace(bos_token_id=1, eos_token_id=2)  # untied, vocab 512, d=64, 2 layers
+LCFG = jlora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))  # scale alpha/rank = 2
+Q = "layers.self_attn.q_proj.kernel"
+PEFT_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+PEFT_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _generate(model: pathlib.Path, adapter: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    extra = ("--adapter", str(adapter)) if adapter else ()
+    return _run(script("jlora-generate"), "--model", str(model), *extra, "--prompt", "w1 w2", "--max-new-tokens", "4")
+
+
+def _model_dir(d: pathlib.Path, params) -> pathlib.Path:
+    """An HF model dir (config.json + model.safetensors) with a word-level tokenizer covering all 512 ids."""
+    save_pretrained(params, CFG, d)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(CFG.vocab_size - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(model dir, params, trainable): random params drawn with numpy, LCFG's pairs with random nonzero A, B."""
+    rng = np.random.default_rng(0)
+    draw = lambda path, s: (
+        np.ones(s.shape, np.float32) if path[-1].key == "weight" else rng.normal(0.0, 0.08, s.shape).astype(np.float32)
+    )
+    params = jax.tree_util.tree_map_with_path(draw, param_shapes(CFG))
+    _, trainable = jlora.split(params, LCFG, jax.random.key(0))
+    fill = lambda p: p.replace(
+        a=0.2 * rng.standard_normal(p.a.shape, np.float32), b=0.2 * rng.standard_normal(p.b.shape, np.float32)
+    )
+    trainable = jax.tree.map(fill, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+    return _model_dir(tmp_path_factory.mktemp("tiny") / "model", params), params, trainable
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+# ---- item 5: adapter metadata is covered by a checksum, and each pair's scale must be what its config gives
+
+
+@pytest.fixture
+def adapter(base, tmp_path) -> pathlib.Path:
+    _, params, trainable = base
+    save_adapter(tmp_path / "adapter", trainable, LCFG, base=CFG, params=params)
+    return tmp_path / "adapter"
+
+
+def _edit_metadata(adapter: pathlib.Path, edit, *, sealed: bool = True) -> str:
+    """Apply `edit` to the adapter's metadata; without `sealed`, as an adapter saved before the checksum."""
+    file = adapter / "metadata" / "metadata"
+    meta = json.loads(file.read_text())
+    edit(meta)
+    if not sealed:
+        meta.pop("metadata_sha256", None)  # (an older jlora wrote none)
+    file.write_text(json.dumps(meta))
+    return str(file)
+
+
+def _set_scale(meta: dict, value: float = 6.0) -> None:
+    meta["trainable"]["pairs"][Q]["scale"][0] = value
+
+
+def _rename_sample(meta: dict) -> None:
+    samples = meta["base"]["fingerprint"]["samples"]
+    samples["layers.mlp.up_proj.weights"] = samples.pop("layers.mlp.up_proj.kernel")
+
+
+# ---- item 6: NaN or inf in an adapter or in base weights is refused at load; NaN logits stop generation
+
+
+def _peft_dir(base, d: pathlib.Path, edit=None) -> pathlib.Path:
+    export_peft(d, base[2], LCFG, CFG)
+    if edit:
+        tensors = load_file(d / "adapter_model.safetensors")
+        edit(tensors)
+        save_file(tensors, d / "adapter_model.safetensors")
+    return d
+
+
+def test_nan_base_weights_are_refused_by_both_loaders(base, tmp_path):
+    model = shutil.copytree(base[0], tmp_path / "model")
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = load_file(model / "model.safetensors")
+    tensors[name][3, 7] = np.nan
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(model)
+    assert f"{model / 'model.safetensors'}: tensor {name} has non-finite values (1 NaN" in str(err.value)
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), ("data", "fsdp", "tensor"))
+    with pytest.raises(WeightsError, match=f"tensor {name} has non-finite values"):
+        load_pretrained_sharded(model, mesh)
+
+
+def _write_gguf(path: pathlib.Path, edit) -> pathlib.Path:
+    """A tiny llama GGUF: F32 tensors, blk.0.attn_v as Q8_0 blocks (llama.cpp's layout); `edit(name, x)` may
+    change a tensor as written (numbers, or a block type's raw bytes)."""
+    rng = np.random.default_rng(1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(CFG.num_hidden_layers)
+    w.add_context_length(CFG.max_position_embeddings)
+    w.add_embedding_length(CFG.hidden_size)
+    w.add_feed_forward_length(CFG.intermediate_size)
+    w.add_head_count(CFG.num_attention_heads)
+    w.add_head_count_kv(CFG.num_key_value_heads)
+    w.add_rope_freq_base(CFG.rope_theta)
+    w.add_layer_norm_rms_eps(CFG.rms_norm_eps)
+    w.add_vocab_size(CFG.vocab_size)
+    for _, _, names, shape in expected_tensors(CFG, 1):
+        for name in names:
+            x = rng.normal(0.0, 0.08, shape).astype(np.float32)
+            if name == "blk.0.attn_v.weight":
+                x = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(name, edit(name, x), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(name, edit(name, x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _nan_scale(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "blk.0.attn_v.weight":  # Q8_0 block: fp16 scale d, then 32 int8 quants
+        x = x.copy()
+        x[1, 34:36] = np.array([np.nan], np.float16).view(np.uint8)  # row 1, second block's d
+    return x
+
+
+def _inf_norm(name: str, x: np.ndarray) -> np.ndarray:
+    return np.where(np.arange(x.size) == 5, np.float32(np.inf), x) if name == "blk.1.ffn_norm.weight" else x
+
+
+@pytest.mark.parametrize(
+    "edit, name, quantize",
+    [
+        (_inf_norm, "blk.1.ffn_norm.weight", "none"),
+        (_nan_scale, "blk.0.attn_v.weight", "none"),  # dequantized: every value of that block is NaN
+        (_nan_scale, "blk.0.attn_v.weight", "gguf"),  # kept as blocks: its fp16 scale is checked
+    ],
+    ids=["f32", "q8_0-dense", "q8_0-blocks"],
+)
+def test_non_finite_gguf_tensors_are_refused(tmp_path, edit, name, quantize):
+    path = _write_gguf(tmp_path / "tiny.gguf", edit)
+    load_pretrained(_write_gguf(tmp_path / "ok.gguf", lambda _, x: x), quantize=quantize)  # the file is sound
+    with pytest.raises(WeightsError, match=f"{path}: tensor {name} has non-finite values"):
+        load_pretrained(path, quantize=quantize)
+
+
+# ---- item 7: a damaged PEFT file (no checksum) is refused before anything is derived from it
+
+
+def _flip_exponent_bit(file: pathlib.Path, key: str) -> float:
+    """Flip the top exponent bit of `key`'s first float32 in the safetensors file, as a bad disk or copy would;
+    return the value it now holds."""
+    raw = bytearray(file.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start = 8 + n + json.loads(raw[8 : 8 + n])[key]["data_offsets"][0]
+    (before,) = struct.unpack("<f", raw[start : start + 4])
+    assert 0 < abs(before) < 2  # its top exponent bit is 0: the flip makes it huge
+    raw[start + 3] ^= 0x40  # bit 30 of the little-endian float32
+    file.write_bytes(bytes(raw))
+    return struct.unpack("<f", raw[start : start + 4])[0]
