@@ -14,18 +14,22 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from cli_testing import script
+from cli_testing import one_line_error, script
+from flax import traverse_util
 from jax.sharding import Mesh
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
 from jlora.checkpoint.adapter import save_adapter
-from jlora.formats.peft_adapter import export_peft
+from jlora.cli.adapters import merge_main
+from jlora.formats.gguf_adapter import GGUFAdapterError, gguf_lora_tensors
+from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
 from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
 from jlora.formats.weights_sharded import load_pretrained_sharded
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
+from jlora.peft.llama_adapter import AdapterConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}  # one device: quicker
@@ -119,6 +123,14 @@ def _peft_dir(base, d: pathlib.Path, edit=None) -> pathlib.Path:
     return d
 
 
+def test_a_nan_in_a_peft_lora_b_is_refused_by_jlora_generate(base, tmp_path):
+    """It used to generate blank text and exit 0."""
+    peft = _peft_dir(base, tmp_path / "peft", lambda t: t[PEFT_B].__setitem__((5, 1), np.nan))
+    run = _generate(base[0], peft)
+    one_line_error(run, str(peft / "adapter_model.safetensors"), PEFT_B, "1 NaN", prog="jlora-generate")
+    assert not run.stdout.strip()
+
+
 def test_nan_base_weights_are_refused_by_both_loaders(base, tmp_path):
     model = shutil.copytree(base[0], tmp_path / "model")
     name = "model.layers.1.mlp.down_proj.weight"
@@ -203,3 +215,51 @@ def _flip_exponent_bit(file: pathlib.Path, key: str) -> float:
     raw[start + 3] ^= 0x40  # bit 30 of the little-endian float32
     file.write_bytes(bytes(raw))
     return struct.unpack("<f", raw[start : start + 4])[0]
+
+
+def test_a_bit_flipped_peft_file_is_not_exported_to_gguf(base, tmp_path):
+    peft = _peft_dir(base, tmp_path / "peft")
+    flipped = _flip_exponent_bit(peft / "adapter_model.safetensors", PEFT_A)
+    assert np.isfinite(flipped) and abs(flipped) > 1e30  # finite: only the range check can catch it
+    out = tmp_path / "out" / "adapter.gguf"
+    run = _run(script("jlora-export-gguf"), "--model", str(base[0]), "--adapter", str(peft), "--out", str(out))
+    one_line_error(run, str(peft / "adapter_model.safetensors"), PEFT_A, "beyond", prog="jlora-export-gguf")
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # nothing written, not even a partial file
+
+
+def test_a_bit_flipped_peft_file_is_not_merged(base, tmp_path, capsys):
+    peft = _peft_dir(base, tmp_path / "peft")
+    _flip_exponent_bit(peft / "adapter_model.safetensors", PEFT_B)
+    out = tmp_path / "merged"
+    assert merge_main(["--model", str(base[0]), "--adapter", str(peft), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jlora-merge: error:") and PEFT_B in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_a_damaged_adaption_prompt_file_is_refused(base, tmp_path):
+    """PEFT's other adapter type (LLaMA-Adapter prompts and gates) is checked the same way."""
+    acfg = AdapterConfig(len=4, layers=1)
+    _, trainable = jlora.split(base[1], acfg, jax.random.key(0))
+    export_peft(tmp_path / "ap", trainable, acfg, CFG)
+    import_peft(tmp_path / "ap", CFG)  # sound as exported
+    tensors = load_file(tmp_path / "ap" / "adapter_model.safetensors")
+    gate = "base_model.model.model.layers.1.self_attn.adaption_gate"
+    tensors[gate][0] = np.nan
+    save_file(tensors, tmp_path / "ap" / "adapter_model.safetensors")
+    with pytest.raises(PeftError, match=f"tensor {gate} has non-finite values"):
+        import_peft(tmp_path / "ap", CFG)
+
+
+def test_gguf_export_refuses_a_tree_that_does_not_fit_or_is_not_finite(base):
+    """Trees made in memory skip the loaders' checks; the llama.cpp export checks shapes and values itself."""
+    trainable = base[2]
+    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, jlora.LoraPair))
+    pair = flat[tuple(Q.split("."))]
+    for leaf, match in [
+        (pair.replace(a=np.zeros((2, 48, 4), np.float32)), "does not fit the base's kernel"),
+        (pair.replace(b=np.full(pair.b.shape, np.nan, np.float32)), "blk.0.attn_q.weight.lora_b has non-finite"),
+    ]:
+        bad = traverse_util.unflatten_dict({**flat, tuple(Q.split(".")): leaf})
+        with pytest.raises(GGUFAdapterError, match=match):
+            gguf_lora_tensors(bad, LCFG, CFG)

@@ -11,8 +11,9 @@ token_embd's A is [V, R], looked up by rows (llm_build_inp_embd). Every family's
 LoRA slot (build_lora_mm) for q/k/v/o, gate/up/down, the untied head and the embedding lookup.
 Layers an adapter leaves out (scale 0) are not written, which llama.cpp accepts. What llama.cpp cannot
 run is refused in one line: DoRA, parameters trained in full (train_extra), an unconverted PiSSA tree,
-and an adapter of the embedding on a tied base. Loading GGUF models is jlora.formats.weights' job, PEFT
-is jlora.formats.peft_adapter's.
+and an adapter of the embedding on a tied base; so is a pair that does not fit the base's kernel, or a tensor
+holding NaN or inf, before anything is written. Loading GGUF models is jlora.formats.weights' job, PEFT
+is jlora.formats.peft_adapter's (which refuses a damaged PEFT file: see its import_peft).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.errors import JloraError
+from jlora.formats.weights import value_problem
 from jlora.models.config import ModelConfig
-from jlora.models.family import family_of
+from jlora.models.family import family_of, param_shapes
 from jlora.models.layers import permute_rope_rows
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import LoraPair
@@ -67,6 +69,7 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
     arch = llama_cpp_arch(cfg)
     fam = family_of(cfg)
     embed, renames = fam.embed, fam.renames
+    kernels = traverse_util.flatten_dict(param_shapes(cfg))
     tensors = {}
     flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
     for path, leaf in flat.items():
@@ -96,6 +99,11 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
                 "GGML_ASSERT ggml_can_mul_mat); jlora applies it to the lookup only: merge it or "
                 f"leave {path[-2]} out"
             )
+        if not leaf.fits(kernels[path].shape):
+            raise GGUFAdapterError(
+                f"{where}: LoRA pair (A {tuple(leaf.a.shape)}, B {tuple(leaf.b.shape)}) does not fit the base's "
+                f"kernel {tuple(kernels[path].shape)}"
+            )
         a, b = np.asarray(leaf.a, np.float32), np.asarray(leaf.b, np.float32)  # [*S, in, R], [*S, R, out]
         rank = leaf.rank
         for j, s in enumerate(leaf.scale_array().reshape(-1)):
@@ -114,6 +122,10 @@ def gguf_lora_tensors(trainable, lcfg: LoraConfig, cfg: ModelConfig) -> tuple[fl
             tensors[name + ".lora_b"] = np.ascontiguousarray(lb)
     if not tensors:
         raise GGUFAdapterError("the trainable tree has no active LoRA pair; a llama.cpp adapter needs at least one")
+    for name, x in tensors.items():  # loading refused NaN/inf already; this also covers trees made in memory
+        problem = value_problem(x)
+        if problem:
+            raise GGUFAdapterError(f"tensor {name} has {problem}; refusing to write an adapter that breaks the model")
     return alpha, tensors
 
 

@@ -3,7 +3,8 @@
 `export_peft` writes `adapter_model.safetensors` + `adapter_config.json` the way `peft`'s
 `save_pretrained` does (per-layer `lora_A` [r, in] / `lora_B` [out, r], DoRA magnitudes, embedding
 `lora_embedding_A/B`, modules_to_save), so PEFT and vLLM load what jlora trains. `import_peft` reads
-such a directory back into stacked (scanned) pairs, checking every key and shape against the base.
+such a directory back into stacked (scanned) pairs, checking every key and shape against the base, and
+every value: no NaN or inf, and no LoRA factor beyond a bound no real adapter reaches (a damaged file).
 HF names come from the family's weight table (jlora.models.family). The `peft` package itself is not needed; no pickle.
 """
 
@@ -33,7 +34,7 @@ from jlora.formats.peft_config import (
     peft_targets,
     read_peft_config,
 )
-from jlora.formats.weights import save_safetensors
+from jlora.formats.weights import adapter_value_problem, save_safetensors
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, param_shapes
 from jlora.peft.llama_adapter import AdapterConfig
@@ -172,6 +173,8 @@ def _load_tensors(directory: pathlib.Path) -> dict:
 def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) -> tuple[LoraConfig, dict]:
     """(LoraConfig, trainable tree) from an HF PEFT LoRA adapter dir, for the base `cfg`.
 
+    Refuses (PeftError, one line naming the file and tensor) an adapter that does not fit the base, and one
+    holding NaN or inf or a LoRA factor beyond jlora.formats.weights.ADAPTER_VALUE_BOUND (a damaged file).
     Per-layer pairs are stacked on the layer axis; a module's layers share the largest rank (smaller
     ones are zero-padded, which changes nothing); layers the adapter lacks get zeros and scale 0.
     DoRA adapters that skip layers need the base `params` (the skipped layers' magnitude is |W|).
@@ -228,6 +231,10 @@ def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) ->
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise PeftError(f"{directory}: adapter does not fit base {cfg.name!r}: {'; '.join(problems[:3])}{more}")
+    # no checksum guards a PEFT file: refuse NaN, inf, and LoRA factors beyond what a flipped exponent bit makes
+    bad = adapter_value_problem(tensors, bounded=lambda key: any(key.endswith("." + s) for s in _SUFFIXES))
+    if bad:
+        raise PeftError(f"{directory / WEIGHTS_FILE}: {bad}: a damaged adapter file")
     return _assemble(pairs, extra, modules, shapes, config, cfg, params, directory)
 
 
