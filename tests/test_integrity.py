@@ -21,7 +21,8 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jlora
-from jlora.checkpoint.adapter import save_adapter
+from jlora.checkpoint.adapter import load_adapter, save_adapter
+from jlora.checkpoint.metadata import AdapterError
 from jlora.cli.adapters import merge_main
 from jlora.formats.gguf_adapter import GGUFAdapterError, gguf_lora_tensors
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
@@ -111,6 +112,58 @@ def _rename_sample(meta: dict) -> None:
     samples["layers.mlp.up_proj.weights"] = samples.pop("layers.mlp.up_proj.kernel")
 
 
+def test_an_edited_scale_is_refused_by_jlora_generate(base, adapter):
+    """The issue's case: one per-layer scale 2.0 -> 6.0 contradicts rank 4 and alpha 8, and used to load."""
+    file = _edit_metadata(adapter, _set_scale)
+    one_line_error(_generate(base[0], adapter), file, f"trainable/pairs/{Q}", "checksum", prog="jlora-generate")
+
+
+@pytest.mark.parametrize(
+    "edit, names",
+    [
+        (_rename_sample, ["base/fingerprint/samples"]),  # a renamed tensor was never compared
+        (lambda m: m["lora_config"].update(alpha=24), ["lora_config/alpha"]),  # contradicts every scale
+        (lambda m: m["lora_config"].update(comment="x"), ["lora_config/comment", "added"]),
+        (lambda m: m["base"].pop("fingerprint"), ["base/fingerprint", "missing"]),  # no base check at all
+    ],
+    ids=["fingerprint-key", "alpha", "added-key", "dropped-fingerprint"],
+)
+def test_edited_metadata_is_refused_naming_the_key(base, adapter, edit, names):
+    _, params, _ = base
+    file = _edit_metadata(adapter, edit)
+    with pytest.raises(AdapterError) as err:
+        load_adapter(adapter, base=CFG, params=params)
+    assert file in str(err.value) and all(n in str(err.value) for n in names) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit, names",
+    [
+        (_set_scale, [f"trainable/pairs/{Q}/scale of layer 0 is 6", "alpha=8", "gives 2"]),
+        (lambda m: m["lora_config"].update(alpha=24), [f"trainable/pairs/{Q}/scale of layer 0 is 2", "gives 6"]),
+        (_rename_sample, ["base/fingerprint/samples names layers.mlp.up_proj.weights", "no tensor"]),
+        (lambda m: m["base"]["fingerprint"]["samples"].pop("norm.weight"), ["norm.weight", "not both"]),
+    ],
+    ids=["scale", "alpha", "fingerprint-key", "dropped-sample"],
+)
+def test_an_adapter_saved_before_the_checksum_is_still_checked(base, adapter, edit, names):
+    """Without the checksum (an older jlora's adapter), scales are derived from rank, alpha and patterns, and the
+    fingerprint may name only the base's tensors, each with a shape and a sample."""
+    _, params, trainable = base
+    _edit_metadata(adapter, edit, sealed=False)
+    with pytest.raises(AdapterError) as err:
+        load_adapter(adapter, base=CFG, params=params)
+    assert all(n in str(err.value) for n in names) and "\n" not in str(err.value), str(err.value)
+
+
+def test_an_unedited_adapter_saved_before_the_checksum_loads_as_saved(base, adapter):
+    _, params, trainable = base
+    _edit_metadata(adapter, lambda m: None, sealed=False)
+    lcfg, back = load_adapter(adapter, base=CFG, params=params, expect=LCFG)
+    assert lcfg == LCFG and _leaves_equal(back, trainable)
+    assert back["layers"]["self_attn"]["q_proj"]["kernel"].scale == (2.0, 2.0)
+
+
 # ---- item 6: NaN or inf in an adapter or in base weights is refused at load; NaN logits stop generation
 
 
@@ -129,6 +182,18 @@ def test_a_nan_in_a_peft_lora_b_is_refused_by_jlora_generate(base, tmp_path):
     run = _generate(base[0], peft)
     one_line_error(run, str(peft / "adapter_model.safetensors"), PEFT_B, "1 NaN", prog="jlora-generate")
     assert not run.stdout.strip()
+
+
+def test_a_nan_in_a_jlora_adapter_is_refused(base, tmp_path):
+    _, params, trainable = base
+    pair = trainable["layers"]["self_attn"]["v_proj"]["kernel"]
+    b = np.asarray(pair.b).copy()
+    b[1, 0, 3] = np.inf
+    bad = jax.tree.map(lambda x: x, trainable, is_leaf=lambda x: isinstance(x, jlora.LoraPair))
+    bad["layers"]["self_attn"]["v_proj"]["kernel"] = pair.replace(b=b)
+    save_adapter(tmp_path / "a", bad, LCFG, base=CFG, params=params)
+    with pytest.raises(AdapterError, match=r"tensor layers/self_attn/v_proj/kernel/b has non-finite values \(0 NaN, 1"):
+        load_adapter(tmp_path / "a", base=CFG, params=params)
 
 
 def test_nan_base_weights_are_refused_by_both_loaders(base, tmp_path):

@@ -1,8 +1,10 @@
 """The adapter a run leaves behind: `save_adapter` / `load_adapter`, orbax, only the trainable tree.
 
 Its metadata (jlora.checkpoint.metadata) names the method, its config and the base model; a load refuses an
-adapter made for another base or rank, or one that is truncated (a content hash). A `LoraPair` is stored as
-{a, b, magnitude}; its static scale and layout live in the metadata. No pickle.
+adapter made for another base or rank, one that is truncated (a content hash over the arrays), one whose
+metadata was edited or damaged (a checksum of each of its parts, and each pair's scales derived again from
+its config), and one holding NaN or inf. A `LoraPair` is stored as {a, b, magnitude}; its static scale and
+layout live in the metadata. No pickle.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from jlora.checkpoint.metadata import (
     AdapterError,
     check_base,
     check_lora_config,
+    check_pairs,
+    check_seal,
     describe_tree,
     guarded,
     make_metadata,
     method_config_from_meta,
     one_line,
+    seal,
 )
 from jlora.checkpoint.run_dir import disk_errors
 from jlora.checkpoint.tree_storage import to_storage
+from jlora.formats.weights import value_problem
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
@@ -80,12 +86,14 @@ def save_adapter(
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not is_adapter_dir(out)):
         raise AdapterError(f"{out}: exists and is not a jlora adapter; refusing to overwrite it")
     stored = to_storage(trainable)
-    meta = {
-        **make_metadata(lcfg, base, params, run_config),
-        "kind": "adapter",
-        "trainable": describe_tree(trainable),
-        "content_sha256": _content_hash(stored),
-    }
+    meta = seal(
+        {
+            **make_metadata(lcfg, base, params, run_config),
+            "kind": "adapter",
+            "trainable": describe_tree(trainable),
+            "content_sha256": _content_hash(stored),
+        }
+    )
     args = ocp.args.Composite(adapter=ocp.args.StandardSave(stored), metadata=ocp.args.JsonSave(meta))
     with disk_errors(out), replace_dir(out, primary=jax.process_index() == 0, sync=barrier) as partial:
         _adapter_checkpointer().save(partial, args=args)
@@ -100,7 +108,8 @@ def barrier(name: str) -> None:
 
 
 def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
-    """The metadata JSON of a jlora adapter dir; AdapterError if it is missing or unreadable."""
+    """The metadata JSON of a jlora adapter dir; AdapterError if it is missing, unreadable, or does not match
+    the checksums it was saved with."""
     where = pathlib.Path(directory)
     if not is_adapter_dir(where):
         peft = (where / "adapter_config.json").is_file()
@@ -115,8 +124,10 @@ def read_adapter_metadata(directory: str | pathlib.Path) -> dict:
         meta = json.loads((where / "metadata" / "metadata").read_text())
     except (OSError, ValueError) as e:
         raise AdapterError(f"{where}/metadata/metadata: truncated or corrupt ({one_line(e)})") from None
-    if meta.get("kind") != "adapter" or "trainable" not in meta:
-        raise AdapterError(f"{where}: metadata does not describe a jlora adapter (kind={meta.get('kind')!r})")
+    if not isinstance(meta, dict) or meta.get("kind") != "adapter" or "trainable" not in meta:
+        kind = meta.get("kind") if isinstance(meta, dict) else None
+        raise AdapterError(f"{where}: metadata does not describe a jlora adapter (kind={kind!r})")
+    check_seal(meta, where=f"{where}/metadata/metadata")
     return meta
 
 
@@ -130,11 +141,14 @@ def load_adapter(
     and prompts / gates for a LLaMA-Adapter).
 
     Refuses (AdapterError) an adapter for another base config, or other weights when `params` is
-    given, one whose LoraConfig differs from `expect` in rank, targets or scale, and a damaged one.
+    given, one whose LoraConfig differs from `expect` in rank, targets or scale, and a damaged one:
+    truncated, its arrays or metadata changed since it was saved, a pair's scale that its own config
+    does not give, or an array holding NaN or inf.
     """
     where = pathlib.Path(directory).absolute()
     meta = read_adapter_metadata(where)
     check_base(meta, base, params, where=str(where))
+    check_pairs(meta, base, where=f"{where}/metadata/metadata")
     if expect is not None:
         check_lora_config(meta, expect, where=str(where))
     ckpt = _adapter_checkpointer()
@@ -155,6 +169,10 @@ def load_adapter(
     )["adapter"]
     if meta.get("content_sha256") and _content_hash(stored) != meta["content_sha256"]:
         raise AdapterError(f"{where}: corrupt adapter: array contents do not match the saved checksum")
+    for path, x in sorted(traverse_util.flatten_dict(stored).items()):  # restored whole, on one device
+        problem = value_problem(x)
+        if problem:
+            raise AdapterError(f"{where}: tensor {'/'.join(path)} has {problem}: a damaged or diverged adapter")
     return method_config_from_meta(meta), _rebuild(stored, meta["trainable"])
 
 

@@ -1,24 +1,34 @@
 """What a checkpoint or adapter says about itself: its method and config, its base model, its trees.
 
 `make_metadata` writes it; `check_base` and `check_lora_config` refuse one made for another base, method or
-config. Also the errors of this package and `guarded`, which turns an orbax read failure into one line.
-Training checkpoints are jlora.checkpoint.train_state, final adapters jlora.checkpoint.adapter.
+config. `seal` adds a checksum of every part of it, which `check_seal` verifies, and `check_pairs` refuses a
+pair whose scale or rank its own LoRA config does not give: the metadata says how the arrays act, so an edit
+to it is as damaging as one to the arrays. Also the errors of this package and `guarded`, which turns an
+orbax read failure into one line. Training checkpoints are jlora.checkpoint.train_state, final adapters
+jlora.checkpoint.adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 
+import jax
+import numpy as np
 from flax import traverse_util
 
 from jlora.checkpoint.fingerprint import fingerprint, mismatch
 from jlora.errors import JloraError
 from jlora.models.config import ModelConfig
+from jlora.models.family import config_from_hf, family_of, param_shapes
 from jlora.peft.llama_adapter import AdapterConfig
-from jlora.peft.lora import LoraConfig
+from jlora.peft.lora import LoraConfig, split
 from jlora.peft.routing import LoraPair
+
+SEAL = "metadata_sha256"  # the key of the checksums `seal` adds
+_SEAL_DEPTH = 3  # parts are summed this deep (base/config/hidden_size), so a mismatch names what changed
 
 SHAPE_KEYS = (
     "rank",
@@ -128,6 +138,8 @@ def check_base(meta: dict, base: ModelConfig | None, params=None, *, where: str)
                 f"{where}: made for another base model ({saved.get('name')!r}): {k}={theirs.get(k)!r} "
                 f"there, {mine.get(k)!r} here ({len(diff)} config field(s) differ)"
             )
+    if base is not None and saved.get("fingerprint"):
+        _check_fingerprint_names(saved["fingerprint"], base, where)
     bad = mismatch(saved["fingerprint"], params) if params is not None and saved.get("fingerprint") else []
     if bad:
         name, kind = bad[0]
@@ -143,6 +155,24 @@ def check_base(meta: dict, base: ModelConfig | None, params=None, *, where: str)
             f"{where}: made for another base model ({saved.get('name')!r}): weight {name} differs "
             f"({kind} fingerprint, {len(bad)} tensor(s)); {why}"
         )
+
+
+def _check_fingerprint_names(saved: dict, base: ModelConfig, where: str) -> None:
+    """A saved fingerprint names only tensors of its base, and (version 2) samples every tensor it gives a
+    shape: `mismatch` compares the tensors both sides have, so a renamed or dropped entry would go unchecked."""
+    names = {".".join(k) for k in traverse_util.flatten_dict(param_shapes(base))}
+    for field in ("shapes", "samples", "sha256"):  # sha256: version 1's samples
+        for name in sorted(set(saved.get(field) or ()) - names)[:1]:
+            raise AdapterError(
+                f"{where}: metadata base/fingerprint/{field} names {name}, which is no tensor of a {base.name} "
+                f"model: edited or corrupt metadata"
+            )
+    if "samples" in saved:
+        for name in sorted(set(saved["samples"]) ^ set(saved.get("shapes") or ()))[:1]:
+            raise AdapterError(
+                f"{where}: metadata base/fingerprint gives {name} a shape or a sample but not both: edited or "
+                f"corrupt metadata"
+            )
 
 
 def check_lora_config(meta: dict, expect: LoraConfig | AdapterConfig, *, where: str) -> None:
@@ -175,6 +205,108 @@ def _norm(v):
     if isinstance(v, dict):
         return sorted((k, _norm(x)) for k, x in v.items())
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _parts(meta: dict, depth: int = _SEAL_DEPTH, prefix: str = "") -> dict[str, object]:
+    """The metadata as {"base/config/hidden_size": value, ...}: dicts opened `depth` levels deep, the seal left out."""
+    out = {}
+    for key, value in meta.items():
+        name = f"{prefix}{key}"
+        if name == SEAL:
+            continue
+        if isinstance(value, dict) and value and depth > 1:
+            out.update(_parts(value, depth - 1, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _digest(value) -> str:
+    """The first 16 hex digits of the sha256 of a JSON value's canonical text. 64 bits: a checksum against
+    corruption and careless edits, which one who rewrites the file could recompute at any length anyway."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def seal(meta: dict) -> dict:
+    """`meta` as JSON reads it back, with SEAL: the checksum of each of its parts (see `_parts`)."""
+    meta = json.loads(json.dumps(meta))  # tuples -> lists: what a reader will see
+    return {**meta, SEAL: {name: _digest(v) for name, v in _parts(meta).items()}}
+
+
+def check_seal(meta: dict, *, where: str) -> None:
+    """Raise AdapterError, naming the part, unless every part of `meta` matches the checksum `seal` gave it.
+
+    Metadata saved before jlora sealed it has no SEAL and is accepted: its pairs' scales are still checked
+    against its config (`check_pairs`), and removing SEAL is an edit no corruption makes."""
+    sums = meta.get(SEAL)
+    if sums is None:
+        return
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise AdapterError(f"{where}: metadata key {SEAL} is not a table of checksums: edited or corrupt metadata")
+    mine = _parts(meta)
+    for name in sorted(sums.keys() | mine.keys()):
+        if name not in mine:
+            raise AdapterError(f"{where}: metadata key {name} is missing: edited or corrupt metadata")
+        if name not in sums:
+            raise AdapterError(f"{where}: metadata key {name} was added after it was saved: edited metadata")
+        if _digest(mine[name]) != sums[name]:
+            raise AdapterError(
+                f"{where}: metadata key {name} does not match its saved checksum: edited or corrupt metadata"
+            )
+
+
+def check_pairs(meta: dict, base: ModelConfig | None = None, *, where: str) -> None:
+    """Raise AdapterError unless each LoRA pair's rank, DoRA flag and scales in `meta` are what its own
+    lora_config gives on its base: `split` is run for shapes only (jax.eval_shape), the one place that
+    turns rank, alpha, rsLoRA, patterns and layers into scales. A layer whose saved scale is 0 while the
+    config gives one is accepted: import_peft leaves out a layer that only some modules skip that way."""
+    pairs = (meta.get("trainable") or {}).get("pairs") or {}
+    if meta.get("method") == "llama_adapter" or not pairs:
+        return
+    try:
+        lcfg = method_config_from_meta(meta)
+        cfg = base or config_from_hf((meta.get("base") or {}).get("config") or {})
+        lcfg = lcfg.with_default_targets(family_of(cfg).default_targets)
+        derived = jax.eval_shape(lambda p: split(p, lcfg, jax.random.key(0))[1], param_shapes(cfg))
+    except (JloraError, TypeError, ValueError, KeyError) as e:
+        raise AdapterError(
+            f"{where}: metadata lora_config does not describe a LoRA of its base ({one_line(e)})"
+        ) from None
+    want = describe_tree(derived)["pairs"]
+    config = f"lora_config (rank={lcfg.rank}, alpha={lcfg.alpha:g}, use_rslora={lcfg.use_rslora}, and its patterns)"
+    for name in sorted(pairs.keys() | want.keys()):
+        if name not in want:
+            raise AdapterError(f"{where}: metadata trainable/pairs has {name}, which its {config} does not adapt")
+        if name not in pairs:
+            raise AdapterError(f"{where}: metadata trainable/pairs lacks {name}, which its {config} adapts")
+        have, give = pairs[name], want[name]
+        for key in ("rank", "dora"):
+            if have.get(key) != give[key]:
+                raise AdapterError(
+                    f"{where}: metadata trainable/pairs/{name}/{key} is {have.get(key)!r}, but its {config} "
+                    f"gives {give[key]!r}"
+                )
+        try:
+            saved = np.asarray(have.get("scale"), np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise AdapterError(
+                f"{where}: metadata trainable/pairs/{name}/scale is {have.get('scale')!r}, not a number or a list"
+            ) from None
+        given = np.asarray(give["scale"], np.float64).reshape(-1)
+        if saved.shape != given.shape:
+            raise AdapterError(
+                f"{where}: metadata trainable/pairs/{name}/scale has {saved.size} layers, its base {given.size}"
+            )
+        # float32 scales (alpha / sqrt(r)) round-trip through JSON as float64: compare to fp32 precision
+        bad = [j for j, (x, y) in enumerate(zip(saved, given)) if x != 0 and not np.isclose(x, y, rtol=1e-6, atol=0)]
+        if bad:
+            j = bad[0]
+            layer = f" of layer {j}" if isinstance(give["scale"], list) else ""
+            raise AdapterError(
+                f"{where}: metadata trainable/pairs/{name}/scale{layer} is {saved[j]:g}, but its {config} "
+                f"gives {given[j]:g}"
+            )
 
 
 def one_line(e: BaseException) -> str:
