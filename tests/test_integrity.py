@@ -28,6 +28,7 @@ from jlora.formats.gguf_adapter import GGUFAdapterError, gguf_lora_tensors
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
 from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
 from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.infer.generate import Generator, NonFiniteLogitsError
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
 from jlora.peft.llama_adapter import AdapterConfig
@@ -182,6 +183,32 @@ def test_a_nan_in_a_peft_lora_b_is_refused_by_jlora_generate(base, tmp_path):
     run = _generate(base[0], peft)
     one_line_error(run, str(peft / "adapter_model.safetensors"), PEFT_B, "1 NaN", prog="jlora-generate")
     assert not run.stdout.strip()
+
+
+def test_nan_logits_stop_jlora_generate_with_an_error(base, tmp_path):
+    """Finite weights (the load check passes) whose logits overflow: the CLI used to print garbage and exit 0."""
+    _, params, _ = base
+    huge = {**params, "lm_head": {"kernel": np.full_like(params["lm_head"]["kernel"], 3e38)}}
+    run = _generate(_model_dir(tmp_path / "overflow", huge))
+    one_line_error(run, "row 0", "NaN or inf logits", "new token 1", prog="jlora-generate")
+    assert not run.stdout.strip()
+
+
+def test_nan_logits_mid_stream_stop_before_the_bad_token(base):
+    """The first token is fine; feeding it back hits a NaN embedding row: the stream yields the first token,
+    then raises for the second, found in the jitted decode loop (not at the prefill)."""
+    _, params, _ = base
+    prompt = [1, 20, 30]
+    model = jlora.Llama(CFG)
+    (first,) = Generator(model, params).generate([prompt], max_new_tokens=1, eos_id=())[0]
+    assert first not in prompt
+    embedding = params["embed_tokens"]["embedding"].copy()
+    embedding[first] = np.nan  # in memory: a file holding it would be refused at load
+    poisoned = {**params, "embed_tokens": {"embedding": embedding}}
+    stream = Generator(model, poisoned).stream([prompt], max_new_tokens=4, eos_id=())
+    assert next(stream) == [[first]]
+    with pytest.raises(NonFiniteLogitsError, match="row 0: the model gave NaN or inf logits for new token 2"):
+        next(stream)
 
 
 def test_a_nan_in_a_jlora_adapter_is_refused(base, tmp_path):

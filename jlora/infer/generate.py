@@ -3,7 +3,8 @@
 `generate` left-pads a batch of prompts, prefills them in one call, then samples with a jitted
 `lax.while_loop` over a preallocated cache, stopping each row at EOS and leaving the loop when all
 rows are done. Greedy, temperature, top-k and top-p sampling; stop strings are checked on the host
-between chunks, which is also how `Generator.stream` yields tokens as they are produced. An adapter
+between chunks, which is also how `Generator.stream` yields tokens as they are produced. A row whose
+logits turn NaN or inf stops, and the host raises NonFiniteLogitsError before yielding that chunk. An adapter
 runs unmerged (routed through `jlora.peft.routing.apply`) or merged (pass no trainable tree); with a
 `jlora.infer.lora_stack.AdapterStack`, each row runs its own adapter of the stack (or the base) in one batch.
 The model code is `jlora.models.decoder`'s, and so is the one decode path: the cache layout (`init_cache`), its
@@ -88,13 +89,15 @@ def _first(logits, cache, lengths, key, temperature, top_p, eos_ids, *, n_new: i
     never recompile the model."""
     tok = sample(logits, jax.random.fold_in(key, 0), temperature, top_p, mode)
     tokens = jnp.zeros((logits.shape[0], n_new), jnp.int32).at[:, 0].set(tok)  # [B,N]
+    broken = ~jnp.all(jnp.isfinite(logits), axis=-1)  # [B]
     return {
         "cache": cache,
         "tokens": tokens,
         "last": tok,
-        "done": jnp.isin(tok, eos_ids),
+        "done": jnp.isin(tok, eos_ids) | broken,
         "step": jnp.ones((), jnp.int32),
         "lengths": lengths,
+        "nonfinite": jnp.where(broken, 0, -1).astype(jnp.int32),  # [B] the first new token with NaN/inf logits
     }
 
 
@@ -112,13 +115,16 @@ def _decode(
         tok = sample(logits, jax.random.fold_in(key, s["step"]), temperature, top_p, mode)
         tok = jnp.where(s["done"], pad_id, tok)  # finished rows emit pad
         tokens = jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, s["step"]))
+        # one [B, V] reduction per token, next to the [D, V] head: a row whose logits turn NaN/inf stops here
+        broken = ~s["done"] & ~jnp.all(jnp.isfinite(logits), axis=-1)  # [B]
         return {
             **s,
             "cache": cache,
             "tokens": tokens,
             "last": tok,
-            "done": s["done"] | jnp.isin(tok, eos_ids),
+            "done": s["done"] | jnp.isin(tok, eos_ids) | broken,
             "step": s["step"] + 1,
+            "nonfinite": jnp.where(broken & (s["nonfinite"] < 0), s["step"], s["nonfinite"]),
         }
 
     return jax.lax.while_loop(lambda s: (s["step"] < stop_at) & ~jnp.all(s["done"]), body, state)
@@ -226,6 +232,7 @@ class Generator:
         out: list[list[int]] = [[] for _ in rows]
         finished, emitted, step = [False] * b, 0, 1
         while True:
+            _check_finite_logits(np.asarray(state["nonfinite"]), finished)
             fresh, stopped = np.asarray(state["tokens"])[:, emitted:step], []
             new: list[list[int]] = [[] for _ in rows]
             for i in range(b):
@@ -283,6 +290,21 @@ class Generator:
         for new in self.stream(prompt_ids, **kwargs):
             rows = new if rows is None else [r + n for r, n in zip(rows, new)]
         return rows or []
+
+
+class NonFiniteLogitsError(GenerateError):
+    """The model gave NaN or inf logits: broken weights or adapter, whose tokens would be garbage or blank."""
+
+
+def _check_finite_logits(nonfinite: np.ndarray, finished: list[bool]) -> None:
+    """NonFiniteLogitsError for the first row still running whose logits were NaN/inf (`nonfinite` [B]: the
+    new token's index, -1 where none), before any token of that chunk is yielded."""
+    for i, step in enumerate(nonfinite.tolist()):
+        if step >= 0 and not finished[i]:
+            raise NonFiniteLogitsError(
+                f"row {i}: the model gave NaN or inf logits for new token {step + 1}; its weights or adapter "
+                f"overflow (values far out of range?): stopping instead of emitting garbage"
+            )
 
 
 def _check(rows, n_new, cfg: ModelConfig, temperature, top_k, top_p, chunk, pad_id) -> None:
