@@ -4,7 +4,9 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 
 def script(name: str) -> str:
@@ -39,3 +41,35 @@ def kill_at_checkpoint(args: list[str], run_dir: pathlib.Path, step: int, **pope
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "adapter").exists(), "the run finished before SIGKILL: nothing was interrupted"
+
+
+class Background:
+    """A console script running in the background, its stderr collected line by line as it comes (tqdm's
+    carriage returns end lines too), so a test can act on what it has printed or written so far."""
+
+    def __init__(self, args: list[str], **popen):
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_until(self, done: Callable[[], bool], what: str) -> None:
+        """Poll `done` until it holds; fails if the script ends first (or after 10 minutes)."""
+        deadline = time.monotonic() + 600
+        while not done():
+            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.stderr()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what}"
+            time.sleep(0.02)
+
+    def finish(self) -> int:
+        """Wait for the script to end; its exit code."""
+        self.proc.wait(timeout=600)
+        self._reader.join(timeout=60)
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return "".join(self.lines)

@@ -36,18 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_limit < 0:
         p.error(f"--eval-limit must be >= 0, got {a.eval_limit}")
 
+    command = shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)])
+
     def job():
         if not pathlib.Path(a.config).is_file():
             raise ConfigError(
                 f"{a.config}: no such config file (run jlora-demo from the jlora repository root, or pass --config)"
             )
-        run_demo(
-            load(a.config, a.overrides),
-            eval_limit=a.eval_limit or None,
-            command=shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)]),
-        )
+        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None, command=command)
 
-    return run_cli("jlora-demo", job)
+    # stopped mid-training by a signal, the same command resumes (checkpoint.resume is on by default)
+    return run_cli("jlora-demo", job, resume=command)
 
 
 if __name__ == "__main__":

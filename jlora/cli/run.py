@@ -2,6 +2,8 @@
 
 A `JloraError` (bad input: a config, data, weights, an adapter, a mesh) is one line on stderr and exit 2,
 as is a failed file operation (a full or read-only disk); a diverged run (`NonFiniteError`) exits 1.
+A run stopped by SIGTERM or SIGINT (jlora.train.preemption.Stopped) is one line saying where its checkpoint
+is and how to resume, and exits 128 + the signal (143, 130); a Ctrl-C anywhere else is one line and 130.
 Anything else is a bug in jlora and keeps its traceback.
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from jlora.checkpoint.run_dir import os_error_line
 from jlora.errors import JloraError
+from jlora.train.preemption import Stopped, exit_at_once_on_sigint
 from jlora.train.step import NonFiniteError
 
 
@@ -33,10 +36,19 @@ class UsageError(JloraError, ValueError):
     """Command-line arguments that do not go together; one line."""
 
 
-def run_cli(prog: str, job: Callable[[], Any]) -> int:
-    """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr for a bad input."""
+def run_cli(prog: str, job: Callable[[], Any], *, resume: str | None = None) -> int:
+    """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr for a bad input;
+    128 + the signal when a signal stopped it (the line names `resume`, the command that resumes the run)."""
     try:
         job()
+    except Stopped as e:
+        exit_at_once_on_sigint()  # the process is ending: a further Ctrl-C need not wait for jax to shut down
+        print(f"{prog}: {e.line(resume)}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing was under way that a stop could save
+        exit_at_once_on_sigint()
+        print(f"{prog}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
     except NonFiniteError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1

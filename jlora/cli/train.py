@@ -6,6 +6,7 @@ Argument parsing only; the run is jlora.train.loop.train and the plan jlora.trai
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from jlora.cli.run import add_set_option, run_cli
@@ -65,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
     resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
+    # what resumes this run if a signal stops it: the same config and overrides, with --resume
+    again = ["jlora-train", "--config", args.config, *[a for s in args.overrides for a in ("--set", s)], "--resume"]
     return run_cli(
-        "jlora-train", lambda: train(load(args.config, args.overrides), resume=resume, overwrite=args.overwrite)
+        "jlora-train",
+        lambda: train(load(args.config, args.overrides), resume=resume, overwrite=args.overwrite),
+        resume=shlex.join(again),
     )
 
 

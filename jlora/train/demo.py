@@ -39,6 +39,7 @@ from jlora.train.builders import load_base, load_tok, method_config
 from jlora.train.config import RunConfig
 from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.train.loop import evaluate, train
+from jlora.train.preemption import StopSignals
 from jlora.train.provenance import load_average, provenance
 from jlora.train.step import TrainState, make_eval_step
 
@@ -257,7 +258,18 @@ def run_demo(
     run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print, command: str = "jlora-demo"
 ) -> dict[str, Any]:
     """The whole demo for `run`; returns {base, finetuned: {loss, accuracy}, n_eval, peft_dir, ...} and
-    writes it, with the `command` and where and when it ran (jlora.train.provenance), to demo_results.json."""
+    writes it, with the `command` and where and when it ran (jlora.train.provenance), to demo_results.json.
+
+    SIGTERM or SIGINT stops it as it stops jlora-train (jlora.train.preemption): mid-training the step under
+    way is saved, and running `command` again resumes; before or after training nothing is left unsaved."""
+    with StopSignals("before fine-tuning started: nothing to save yet") as stop:
+        return _run_demo(run, eval_limit=eval_limit, show=show, say=say, command=command, stop=stop)
+
+
+def _run_demo(
+    run: RunConfig, *, eval_limit: int | None, show: int, say, command: str, stop: StopSignals
+) -> dict[str, Any]:
+    """run_demo's body, run while SIGTERM and SIGINT stop it cleanly."""
     from jlora.formats.peft_adapter import export_peft
 
     t_start = time.perf_counter()
@@ -296,7 +308,9 @@ def run_demo(
 
     say(f"Fine-tuning ({run.output_dir}) ...")
     t_train = time.perf_counter()
+    stop.check()  # a signal whose exception was lost while evaluating the base model
     summary = train(run)
+    stop.what = f"after fine-tuning: the adapter is saved in {summary['adapter_dir']}"
     train_s = time.perf_counter() - t_train
     state: TrainState = summary["state"]
     say("Evaluating the fine-tuned model ...")

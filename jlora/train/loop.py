@@ -2,8 +2,9 @@
 
 Owns building a run (jax.distributed, tokenizer, model, per-host data, mesh, sharded state), the
 start-of-run summary, the loop (progress bar, metrics.jsonl + TensorBoard, eval, the non-finite
-guard, periodic checkpoints, resume) and the CLI. The step itself is jlora.train.step; placement is
-jlora.parallel.sharding; files on disk are jlora.checkpoint. Only process 0 prints and writes metrics.
+guard, periodic checkpoints, resume, a checkpoint on SIGTERM / SIGINT) and the CLI. The step itself is
+jlora.train.step; placement is jlora.parallel.sharding; files on disk are jlora.checkpoint; signals are
+jlora.train.preemption. Only process 0 prints and writes metrics.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
 from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
+from jlora.train.preemption import Stopped, StopSignals
 from jlora.train.step import (
-    TrainState,
     DivergenceWatch,
+    TrainState,
     check_nonfinite,
     init_state,
     make_eval_step,
@@ -99,19 +101,23 @@ def train(
 
     resume: None follows run.checkpoint.resume (continue if output_dir holds a checkpoint); True
     requires one; False starts over, which an output_dir holding checkpoints refuses unless
-    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir)."""
+    `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir).
+
+    SIGTERM or SIGINT (jlora.train.preemption): before the first step, raises `Stopped` at once; later,
+    the step under way finishes, a checkpoint is saved on every process, then `Stopped` says where."""
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
     reads = [p for p in (run.data.train, run.data.val, run.model.path, run.tokenizer) if p]
-    with claim(
+    claimed = claim(
         run.output_dir, fresh=fresh, overwrite=overwrite, primary=jax.process_index() == 0, sync=barrier, reads=reads
-    ) as aside:
+    )
+    with StopSignals() as stop, claimed as aside:  # the handlers first: a signal while claiming stops cleanly
         if aside is not None and not quiet:
             print(f"moved the earlier run in {run.output_dir} to {aside}", flush=True)
-        return _train(run, resume=resume, quiet=quiet)
+        return _train(run, resume=resume, quiet=quiet, stop=stop)
 
 
-def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any]:
+def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignals) -> dict[str, Any]:
     """train()'s body, run while the output_dir is claimed."""
     init_distributed(run.mesh.distributed)
     main_proc = jax.process_index() == 0
@@ -224,7 +230,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
         t0 = time.perf_counter()
         if start < steps:
             say(f"step {start + 1}/{steps}: compiling the train step (the first step includes it) ...")
+        stop.start_training()  # from here a signal lets the step under way finish, then saves it
         for step in range(start, steps):
+            stop.step = step + 1
             state.trainable, state.opt_state, m = step_fn(
                 state.frozen, state.trainable, state.opt_state, batch, jax.random.fold_in(rng, step)
             )
@@ -251,6 +259,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
             done = step + 1
             if bar is None:
                 bar = tqdm(total=steps, initial=done, disable=quiet or not main_proc, unit="step", dynamic_ncols=True)
+                stop.mid_line = not bar.disable
             else:
                 bar.update(1)
             # tok_s from the second step on: the first one's time is mostly compilation
@@ -280,6 +289,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
                 metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
                 if main_proc and not quiet:
                     bar.write(f"step {done}: val_loss {val_loss:.4f}")
+            # every process asks after every step, so all of them stop after the same one
+            signum = stop.stop_at(done, manager.reached_preemption) if done < steps else 0
             train_state.save_checkpoint(
                 manager,
                 done,
@@ -291,8 +302,10 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool) -> dict[str, Any
                     "rng": rng,
                 },
                 meta,
-                force=done == steps,
+                force=done == steps or bool(signum),
             )
+            if signum:
+                raise Stopped(signum, step=done, steps=steps, checkpoint=pathlib.Path(manager.directory) / str(done))
             t0 = time.perf_counter()  # evaluation and checkpointing are not step time
     finally:
         if bar is not None:
