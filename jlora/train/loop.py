@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jlora.checkpoint import metadata, train_state
@@ -81,6 +82,13 @@ def init_distributed(setting: bool | str = "auto") -> bool:
         msg = " ".join(str(e).split())[:300]
         raise ConfigError(f"jax.distributed.initialize() failed: {msg}", "mesh.distributed") from None
     return True
+
+
+def replicated_key(key: jax.Array, mesh) -> jax.Array:
+    """`key` replicated over the mesh, as the step takes it: a checkpoint of a single-device array fails on
+    several hosts. Placed from host data, which device_put spreads over every process's devices."""
+    data = jax.device_put(np.asarray(jax.random.key_data(key)), NamedSharding(mesh, PartitionSpec()))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
 def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, float]:
@@ -152,7 +160,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     # PiSSA trains on W_res = W - s*A0@B0: keep the split's (A0, B0) to save the run for the base on disk
     initial = jax.tree.map(jnp.copy, state.trainable) if run.method == "lora" and run.lora.init == "pissa" else None
     host_params, params = params, None  # the host copy is only needed for the fingerprint below
-    rng, start = jax.random.fold_in(key, 1), 0
+    rng, start = replicated_key(jax.random.fold_in(key, 1), mesh), 0
     fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
     if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
         fingerprint_src = fingerprint(state.frozen)
