@@ -10,6 +10,7 @@ import pathlib
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 
@@ -35,10 +36,16 @@ def _sets(out_dir) -> list[str]:
     return ["--config", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)]]
 
 
-def _start(argv: list[str], tmp_path) -> Background:
+def _start(argv: list[str], tmp_path, **env: str) -> Background:
     """`argv` (jlora-train's) in the background, on one CPU device. The runs of a test share compiled programs
     through jax's persistent cache, which gives back the very executables, so their losses compare exactly."""
-    return Background(argv, cwd=ROOT, env={**ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")})
+    return Background(argv, cwd=ROOT, env={**ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), **env})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def _losses(out_dir) -> dict[int, float]:
@@ -82,18 +89,20 @@ def _stopped(run: Background, out_dir, signame: str) -> tuple[int, list[str]]:
 
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_gives_the_straight_runs_losses(tmp_path):
     straight_dir, out = tmp_path / "straight", tmp_path / "stopped"
-    straight = _start(
-        [TRAIN, *_sets(straight_dir)], tmp_path
-    )  # alongside the stopped runs: the machine has time to spare
+    straight = _start([TRAIN, *_sets(straight_dir)], tmp_path)  # alongside the runs stopped below
 
     run = _start([TRAIN, *_sets(out)], tmp_path)
     _signal_after(run, out, 3, signal.SIGTERM)
     step, resume = _stopped(run, out, "SIGTERM")
     assert step >= 3
 
-    run = _start(resume, tmp_path)
+    # under jax.distributed (one process here): jax's preemption service holds SIGTERM, a Ctrl-C is handed to it,
+    # and the run stops at the step the service names to every host (orbax's reached_preemption)
+    cluster = {"JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
+    run = _start(resume, tmp_path, **cluster)
     _signal_after(run, out, step + 2, signal.SIGINT)
     step, resume = _stopped(run, out, "SIGINT")
+    assert "preemption sync point" in run.stderr()  # orbax's log line: the step came from the service
 
     # a second Ctrl-C while the first one's checkpoint is under way: out at once, the step unsaved
     run = _start(resume, tmp_path)
@@ -115,13 +124,16 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_and_resume_gives_the_straight_runs
 
 def test_a_signal_before_training_stops_at_once_with_one_line(tmp_path):
     """While the run loads and builds (it holds output_dir's lock by then), there is nothing to save."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    runs = {signum: _start([TRAIN, *_sets(tmp_path / signum.name)], tmp_path) for signum in signals}
+    for signum, run in runs.items():
         out = tmp_path / signum.name
-        run = _start([TRAIN, *_sets(out)], tmp_path)
-        run.wait_until(lambda: (out / ".lock").exists(), "lock on output_dir")
+        run.wait_until((out / ".lock").exists, "lock on output_dir")
         run.proc.send_signal(signum)
+    for signum, run in runs.items():
         last = _last_line(run, 128 + signum)
         assert last == f"jlora-train: stopped by {signum.name} before training started: nothing to save yet", last
+        out = tmp_path / signum.name
         assert not (out / "checkpoints").exists() or not _checkpoints(out)
 
 
