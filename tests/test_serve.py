@@ -4,6 +4,7 @@ streaming, 16 concurrent requests over 3 adapters (each equal to offline `jlora.
 request with its status, hot-loading over HTTP, and 429 under a flood with the server serving after."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ TEMPLATE = (
 )
 
 
-def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
+def _model_dir(path: pathlib.Path, params, template: str = TEMPLATE) -> pathlib.Path:
     """The tiny model as an HF dir with a word-level tokenizer over all 512 ids and a chat template."""
     jlora.save_pretrained(params, CFG, path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, CFG.vocab_size)}}
@@ -40,7 +41,7 @@ def _model_dir(path: pathlib.Path, params) -> pathlib.Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": TEMPLATE})
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template})
     )
     return path
 
@@ -51,41 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory):  # noqa: F811
-    """(client, base url, offline reference function, server log path) for a live jlora-serve with adapters
-    qv4, all8 and od2 loaded at start (one slot free) and all three in its adapter dir."""
-    model, params, adapters = tiny
-    work = tmp_path_factory.mktemp("serve")
-    base = _model_dir(work / "base", params)
+@contextlib.contextmanager
+def live_server(work: pathlib.Path, params, adapters: dict, *args, template: str = TEMPLATE):
+    """A jlora-serve subprocess on a free port for the tiny model (saved under work/base with `template`), with
+    `adapters` {name: tree} saved under work/adapters and loaded, and `args` added. Yields (url, port, log path);
+    on exit it stops the server and checks that its log holds no traceback."""
+    base = _model_dir(work / "base", params, template)
     for name, tree in adapters.items():
         jlora.save_adapter(work / "adapters" / name, tree, LCFGS[name], base=CFG)
     port = _free_port()
-    cmd = [
-        script("jlora-serve"),
-        "--model",
-        base,
-        "--name",
-        BASE,
-        "--port",
-        port,
-        "--max-batch",
-        16,
-        "--max-queue",
-        16,
-        "--max-len",
-        64,
-        "--max-adapters",
-        4,
-        "--max-rank",
-        8,
-        "--max-body-bytes",
-        20000,
-        "--allow-adapter-loading",
-        "--adapter-dir",
-        work / "adapters",
-    ]
-    for name in ("qv4", "all8", "od2"):
+    cmd = [script("jlora-serve"), "--model", base, "--name", BASE, "--port", port, *args]
+    for name in adapters:
         cmd += ["--adapter", f"{name}={work / 'adapters' / name}"]
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(
@@ -99,21 +76,44 @@ def served(tiny, tmp_path_factory):  # noqa: F811
         except OSError:
             assert proc.poll() is None, (work / "server.log").read_text()
             time.sleep(0.2)
-    tok = jlora.load_tokenizer(base)
-
-    def offline(name, prompt, max_tokens=8, chat=False):  # one row per call: one compiled size per adapter
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = tok.encode(text, add_bos=False) if chat else tok.encode(prompt)
-        out = generate(model, params, adapters[name] if name else None, [ids], max_new_tokens=max_tokens, eos_id=[2])
-        return tok.decode(out[0], skip_special_tokens=True)
-
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    yield client, url, offline, work / "server.log"
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    try:
+        yield url, port, work / "server.log"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
     text = (work / "server.log").read_text()
     assert "Traceback" not in text, text
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):  # noqa: F811
+    """(client, base url, offline reference function, server log path) for a live jlora-serve with adapters
+    qv4, all8 and od2 loaded at start (one slot free) and all three in its adapter dir."""
+    model, params, adapters = tiny
+    work = tmp_path_factory.mktemp("serve")
+    limits = ["--max-batch", 16, "--max-queue", 16, "--max-len", 64, "--max-adapters", 4, "--max-rank", 8]
+    with live_server(
+        work,
+        params,
+        adapters,
+        *limits,
+        "--max-body-bytes",
+        20000,
+        "--allow-adapter-loading",
+        "--adapter-dir",
+        work / "adapters",
+    ) as (url, _, log):
+        tok = jlora.load_tokenizer(work / "base")
+
+        def offline(name, prompt, max_tokens=8, chat=False):  # one row per call: one compiled size per adapter
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tok.encode(text, add_bos=False) if chat else tok.encode(prompt)
+            tree = adapters[name] if name else None
+            out = generate(model, params, tree, [ids], max_new_tokens=max_tokens, eos_id=[2])
+            return tok.decode(out[0], skip_special_tokens=True)
+
+        yield openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120), url, offline, log
 
 
 PROMPTS = ["w5 w17 w40", "w400 w22 w9 w13 w77 w5 w6 w301", "w7", "w11 w12 w13 w14 w15", "w300 w200"]
