@@ -1,5 +1,5 @@
 """One choice of a completion as it grows: its visible text (cut before a stop string) and its tokens'
-log-probabilities, as the OpenAI response objects carry them, whole or as stream deltas.
+log-probabilities, and the OpenAI response objects that carry them (`Answer`), whole or as stream deltas.
 
 A token's text is its share of the text of all the tokens so far, decoded together (`TokenTexts`), so the
 pieces join to the answer's text and `text_offset` points into it. A token that ends mid-character gets ""
@@ -9,6 +9,8 @@ out with it. No HTTP and no model here: `jlora.infer.serve` feeds it the engine'
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -143,3 +145,39 @@ def choice_seeds(seed: int | None, n: int) -> list[int]:
     if seed is None:
         return [int(s) for s in np.random.SeedSequence().generate_state(n)]
     return [seed] + [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in range(1, n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What every object of one response shares: its id, time, model, kind (chat or completions), whether
+    logprobs were asked for, and the echoed prompt (text, entries) of a completions request with echo."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+    logprobs: bool
+    echo: tuple[str, list] | None = None
+
+    def head(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def choice(self, c: Choice, text: str, entries: list, *, whole: bool, first: bool = False) -> dict:
+        """Choice c as a whole answer (`whole`) or as a stream chunk of `text` and `entries` (`first`: the chunk
+        that opens it, holding the chat role or the echoed prompt). A stream chunk without tokens has null
+        logprobs."""
+        finish = c.finish_reason if c.done else None
+        if self.chat:
+            logprobs = chat_logprobs(entries) if self.logprobs and (whole or entries) else None
+            if whole:
+                message = {"role": "assistant", "content": text}
+                return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        prompt, prompt_lps = self.echo or ("", [])
+        entries = [(piece, len(prompt) + at, lp, alts) for piece, at, lp, alts in entries]  # offsets into all text
+        if self.echo is not None and (whole or first):
+            text, entries = prompt + text, [*prompt_lps, *entries]
+        logprobs = completion_logprobs(entries) if self.logprobs and (whole or entries) else None
+        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -11,6 +11,10 @@ done. When the fill index reaches the end, every row is shifted left by the olde
 Steps are pipelined: each step's sampled tokens stay on the device as the next step's input, and the
 host reads them (emits, checks EOS and stop strings) while that next step runs, so the device never
 waits on Python. A row that ended at step t has run one step more, whose token is dropped.
+Each row samples with its own request's settings (`jlora.infer.row_sampling`): seed, temperature, top-p,
+logit bias and penalties, whose per-row state ([B,V] bias and generated-token counts) stays on the device
+with the rows, and the log-probabilities it asked for, read with its tokens. `score_prompt` gives a
+prompt's own log-probabilities (echo).
 HTTP, tokenization and text live in `jlora.infer.serve`; the model code is `jlora.infer.generate`'s.
 """
 

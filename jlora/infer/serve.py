@@ -1,10 +1,12 @@
 """`jlora-serve`: an OpenAI-compatible HTTP server for one base model and many LoRA adapters.
 
-Starlette + uvicorn. `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (with
-`stream` as server-sent events), and, with --allow-adapter-loading, `POST /v1/adapters` and
-`DELETE /v1/adapters/{name}` for directories under --adapter-dir. Requests for any adapter share
-decode steps through `jlora.infer.engine.Engine`; this module owns HTTP, validation, tokenization and
-text. Every refusal is an OpenAI-style JSON error with its 4xx status; the queue is bounded (429).
+Starlette + uvicorn. `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (with `stream` as
+server-sent events), and, with --allow-adapter-loading, the adapter routes of `jlora.infer.adapter_routes`.
+Requests for any adapter share decode steps through `jlora.infer.engine.Engine`; a request's n choices are n
+engine requests. This module owns HTTP: reading bodies (413, 400 for bytes that are not UTF-8 JSON, 499 for a
+client gone mid-upload), tokenization, the flow of a request and its stream, and one log line per request.
+The fields a request may hold are `jlora.infer.openai_api`'s, the answer's objects `jlora.infer.choices`'.
+Every refusal is an OpenAI-style JSON error with its 4xx status; the queue is bounded (429).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from flax import traverse_util
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,15 +27,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from jlora.checkpoint.adapter import load_adapter
 from jlora.errors import JloraError
-from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import load_pretrained, resolve_model_path
-from jlora.infer.choices import Choice, chat_logprobs, choice_seeds, completion_logprobs, prompt_entries
+from jlora.infer.adapter_routes import AdapterRoutes, load_adapter_dir, max_rank_of
+from jlora.infer.choices import Answer, Choice, choice_seeds, prompt_entries
 from jlora.infer.engine import Engine, Request
 from jlora.infer.generate import Generator, eos_list
-from jlora.infer.lora_stack import AdapterStack, AdapterStackError, name_ok
+from jlora.infer.lora_stack import AdapterStack, AdapterStackError
 from jlora.infer.openai_api import (
     ApiError,
     chat_messages,
@@ -44,25 +44,12 @@ from jlora.infer.openai_api import (
     template_problem,
 )
 from jlora.models.family import build_model
-from jlora.peft.routing import LoraPair
 
 log = logging.getLogger(__name__)
 
 
 class ServeError(JloraError, ValueError):
     """A server that cannot be built as asked (adapter names); one line."""
-
-
-def load_adapter_dir(path: str | pathlib.Path, cfg, params) -> dict:
-    """A jlora adapter dir or an HF PEFT one (adapter_config.json) as a trainable tree for this base."""
-    if (pathlib.Path(path) / "adapter_config.json").is_file():
-        return import_peft(path, cfg, params)[1]
-    return load_adapter(path, base=cfg, params=params)[1]
-
-
-def max_rank_of(trainable: dict) -> int:
-    flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
-    return max((x.rank for x in flat.values() if isinstance(x, LoraPair)), default=1)
 
 
 class Server:
@@ -81,7 +68,8 @@ class Server:
         adapter_dir: pathlib.Path | None,
     ):
         self.engine, self.tok, self.base_name, self.cfg, self.params = engine, tokenizer, base_name, cfg, params
-        self.max_body, self.timeout, self.adapter_dir = max_body, timeout, adapter_dir
+        self.max_body, self.timeout = max_body, timeout
+        self.adapters = AdapterRoutes(engine, base_name, cfg, params, adapter_dir, self.body)
         self.created = int(time.time())
 
     # ---- request reading
@@ -207,18 +195,18 @@ class Server:
                 type_="rate_limit_error",
                 code="rate_limit_exceeded",
             )
-        meta = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "created": int(time.time()),
-            "model": body["model"],
-            "chat": chat,
-            "n_prompt": len(ids),
-            "echo": echo,
-            "params": p,
-            "log": request.scope["jlora"],
-        }
+        answer = Answer(
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            int(time.time()),
+            body["model"],
+            chat,
+            p.logprobs is not None,
+            echo,
+        )
+        log = request.scope["jlora"]
         if p.stream:
-            return StreamingResponse(self.sse(reqs, choices, events, meta), media_type="text/event-stream")
+            stream = self.sse(reqs, choices, events, answer, len(ids), p.include_usage, log)
+            return StreamingResponse(stream, media_type="text/event-stream")
         try:
             while not all(c.done for c in choices):
                 i, new, fin = await events.get()
@@ -228,11 +216,11 @@ class Server:
             self.release(reqs)
         for c in choices:
             self.check_finish(c.finish)
-        objs = [self.choice_object(c, *c.advance(), meta, whole=True) for c in choices]
+        objs = [answer.choice(c, *c.advance(), whole=True) for c in choices]
         out_tokens = sum(len(c.out) for c in choices)
-        meta["log"].update(tokens=out_tokens)
+        log.update(tokens=out_tokens)
         usage = {"prompt_tokens": len(ids), "completion_tokens": out_tokens, "total_tokens": len(ids) + out_tokens}
-        return JSONResponse({**self.head(meta, chunk=False), "choices": objs, "usage": usage})
+        return JSONResponse({**answer.head(chunk=False), "choices": objs, "usage": usage})
 
     async def engine_call(self, fn):
         """fn's result, run on the engine thread; an adapter removed meanwhile is a 404."""
@@ -246,30 +234,6 @@ class Server:
             r.cancelled = True  # a client gone mid-wait frees its row at the next step
         self.engine.wake()
 
-    def head(self, meta: dict, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if meta["chat"] else "text_completion"
-        return {"id": meta["id"], "object": kind, "created": meta["created"], "model": meta["model"]}
-
-    def choice_object(self, c: Choice, text: str, entries: list, meta: dict, *, whole: bool, first=False) -> dict:
-        """Choice c as a whole answer (`whole`) or as a stream chunk of `text` and `entries` (`first`: the
-        chunk that opens it, holding an echoed prompt or the chat role)."""
-        p, finish = meta["params"], (c.finish_reason if c.done else None)
-        want = p.logprobs is not None and (whole or bool(entries))  # a stream chunk without tokens has null
-        if meta["chat"]:
-            logprobs = chat_logprobs(entries) if want else None
-            if whole:
-                message = {"role": "assistant", "content": text}
-                return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            return {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        prompt, prompt_lps = meta["echo"] or ("", [])
-        entries = [(piece, len(prompt) + at, lp, alts) for piece, at, lp, alts in entries]  # offsets into all text
-        if meta["echo"] is not None and (whole or first):
-            text, entries = prompt + text, [*prompt_lps, *entries]
-        want = p.logprobs is not None and (whole or bool(entries))
-        logprobs = completion_logprobs(entries) if want else None
-        return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
     def check_finish(self, fin: str | None) -> None:
         if fin == "timeout":
             raise ApiError(
@@ -281,19 +245,19 @@ class Server:
         if fin is not None and fin.startswith("error"):
             raise ApiError(400, fin.removeprefix("error: "))
 
-    async def sse(self, reqs: list[Request], choices: list[Choice], events: asyncio.Queue, meta: dict):
-        """The answer as server-sent events: each choice's opening chunk, its deltas, its finish; usage
+    async def sse(self, reqs, choices: list[Choice], events, answer: Answer, n_prompt: int, usage: bool, log: dict):
+        """The answer as server-sent events: each choice's opening chunk, its deltas, its finish; the usage
         (with stream_options.include_usage) and [DONE]."""
 
         def event(choice_objs: list[dict], **extra) -> str:
-            return f"data: {json.dumps({**self.head(meta, chunk=True), 'choices': choice_objs, **extra})}\n\n"
+            return f"data: {json.dumps({**answer.head(chunk=True), 'choices': choice_objs, **extra})}\n\n"
 
         try:
             for c in choices:
-                if meta["chat"] or meta["echo"] is not None:
-                    yield event([self.choice_object(c, "", [], meta, whole=False, first=True)])
+                if answer.chat or answer.echo is not None:
+                    yield event([answer.choice(c, "", [], whole=False, first=True)])
             for c in [c for c in choices if c.req is None]:  # echo alone: done already
-                yield event([self.choice_object(c, "", [], meta, whole=False)])
+                yield event([answer.choice(c, "", [], whole=False)])
             running = {c.index for c in choices if c.req is not None}
             while running:
                 i, new, fin = await events.get()
@@ -311,14 +275,14 @@ class Server:
                         return
                 text, entries = c.advance()
                 if text or entries or c.done:
-                    yield event([self.choice_object(c, text, entries, meta, whole=False)])
+                    yield event([answer.choice(c, text, entries, whole=False)])
                 if c.done:
                     running.discard(i)
             n_out = sum(len(c.out) for c in choices)
-            meta["log"].update(tokens=n_out)
-            if meta["params"].include_usage:
-                usage = {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out}
-                yield event([], usage={**usage, "total_tokens": meta["n_prompt"] + n_out})
+            log.update(tokens=n_out)
+            if usage:
+                counts = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+                yield event([], usage=counts)
             yield "data: [DONE]\n\n"
         finally:
             self.release(reqs)  # finished, stopped by a stop string, or the client went away
@@ -343,88 +307,6 @@ class Server:
 
     async def chat(self, request: HttpRequest):
         return await self.run(request, chat=True)
-
-    async def add_adapter(self, request: HttpRequest):
-        """Load {name, path[, replace]}: an adapter already loaded under `name` is replaced only with "replace":
-        true (else 409); the answer says whether it was."""
-        self.loading_allowed()
-        body = await self.body(request)
-        unknown = sorted(set(body) - {"name", "path", "replace"})
-        if unknown:
-            raise ApiError(
-                400, f"unknown field {unknown[0]!r} for /v1/adapters (name, path, replace)", param=unknown[0]
-            )
-        name, rel, replace = body.get("name"), body.get("path"), body.get("replace", False)
-        request.scope["jlora"].update(adapter=name if isinstance(name, str) else "-")
-        if not isinstance(replace, bool):
-            raise ApiError(400, f"replace must be true or false, got {replace!r}", param="replace")
-        if not isinstance(name, str) or not name_ok(name) or name == self.base_name:
-            raise ApiError(
-                400,
-                f"name must be 1-64 letters, digits, '.', '_', '-' or ':', and not the base model's name, got {name!r}",
-                param="name",
-            )
-        if not isinstance(rel, str) or not rel:
-            raise ApiError(400, "path must be a directory under the server's --adapter-dir", param="path")
-        path = (self.adapter_dir / rel).resolve()
-        if not path.is_relative_to(self.adapter_dir):
-            raise ApiError(
-                403, f"path {rel!r} is outside the adapter directory", type_="permission_error", param="path"
-            )
-        if not path.is_dir():
-            raise ApiError(404, f"no adapter directory {rel!r} under the adapter directory", param="path")
-        self.check_replace(name, replace)
-        try:
-            trainable = await asyncio.to_thread(load_adapter_dir, path, self.cfg, self.params)
-        except (ValueError, FileNotFoundError) as e:
-            raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
-
-        def swap() -> bool:  # on the engine thread: nothing can join between the check and the add
-            replaced = name in self.engine.stack
-            self.check_replace(name, replace)
-            self.engine.stack.add(name, trainable)
-            return replaced
-
-        try:
-            replaced = await asyncio.wrap_future(self.engine.call(swap))
-        except AdapterStackError as e:
-            raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
-        return JSONResponse(
-            {
-                "id": name,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "jlora",
-                "parent": self.base_name,
-                "replaced": replaced,
-            }
-        )
-
-    def check_replace(self, name: str, replace: bool) -> None:
-        if name not in self.engine.stack:
-            return
-        if not replace:
-            raise ApiError(409, f'adapter {name!r} is already loaded; send "replace": true to replace it', param="name")
-        if self.engine.in_use(name):
-            raise ApiError(409, f"adapter {name!r} is serving requests; retry when they are done", param="name")
-
-    async def remove_adapter(self, request: HttpRequest):
-        self.loading_allowed()
-        name = request.path_params["name"]
-        if name not in self.engine.stack:
-            raise ApiError(404, f"no adapter named {name!r}", code="model_not_found")
-        if self.engine.in_use(name):
-            raise ApiError(409, f"adapter {name!r} is serving requests; retry when they are done")
-        await asyncio.wrap_future(self.engine.call(lambda: self.engine.stack.remove(name)))
-        return JSONResponse({"id": name, "object": "model", "deleted": True})
-
-    def loading_allowed(self) -> None:
-        if self.adapter_dir is None:
-            raise ApiError(
-                403,
-                "adapter loading is off: start jlora-serve with --allow-adapter-loading --adapter-dir DIR",
-                type_="permission_error",
-            )
 
 
 class RequestLog:
@@ -471,8 +353,8 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat, methods=["POST"]),
-        Route("/v1/adapters", server.add_adapter, methods=["POST"]),
-        Route("/v1/adapters/{name}", server.remove_adapter, methods=["DELETE"]),
+        Route("/v1/adapters", server.adapters.add, methods=["POST"]),
+        Route("/v1/adapters/{name}", server.adapters.remove, methods=["DELETE"]),
     ]
     return Starlette(
         routes=routes,
