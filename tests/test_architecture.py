@@ -31,29 +31,25 @@ def _llama_names() -> set[str]:
     return names - {"layers", "self_attn", "mlp", "norm"}
 
 
-_DOCSTRINGS: set[int] = set()
-
-
-def _is_docstring(node: ast.Constant) -> bool:
-    return id(node) in _DOCSTRINGS
-
-
-def _mark_docstrings(tree: ast.AST) -> None:
-    """Docstrings may mention a family as an example; code and other strings may not."""
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of `tree` (alive while `tree` is): docstrings may mention a family as an
+    example; code and other strings may not."""
+    out = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                _DOCSTRINGS.add(id(first.value))
+                out.add(id(first.value))
+    return out
 
 
 def _check(source: str) -> list[str]:
     tree = ast.parse(source)
-    _mark_docstrings(tree)
+    docstrings = _docstrings(tree)
     found, names = [], _llama_names()
     pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not _is_docstring(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             hit = pattern.search(node.value)
             if hit:
                 found.append(f"{node.lineno}: {hit.group(1)!r} in a string")
