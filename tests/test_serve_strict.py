@@ -359,3 +359,30 @@ def test_a_row_keeps_no_bias_from_its_last_request(tiny):  # noqa: F811
     assert run(Request(prompt, None, 6, print, logit_bias={77: 100.0})) == [[77] * 6]  # row 0 holds the bias
     got = run(Request(prompt, None, 6, print), Request(prompt, None, 6, print, presence_penalty=1.0))
     assert got[0] == plain  # row 0 again, in a batch that adjusts (row 1's penalty)
+
+
+def test_a_row_whose_logits_turn_nan_ends_with_an_error_and_the_others_go_on(tiny):  # noqa: F811
+    """Weights can be finite and still give NaN logits (a NaN reached mid-generation, here a poisoned embedding
+    row of the first new token): that row ends with "failed: ..." (the server's 500) instead of emitting tokens
+    drawn from NaN, and a row sharing its steps still equals offline generation."""
+    model, params, _ = tiny
+    prompt, other = [1, 20, 30], [5, 6, 7, 8]
+    (first,) = Generator(model, params).generate([prompt], max_new_tokens=1, eos_id=())[0]
+    embedding = np.asarray(params["embed_tokens"]["embedding"]).copy()
+    embedding[first] = np.nan
+    poisoned = {**params, "embed_tokens": {"embedding": embedding}}
+    want = Generator(model, poisoned).generate([other], max_new_tokens=6, eos_id=())[0]
+    assert first not in want, "the other row must not meet the poisoned token"
+    engine = Engine(
+        Generator(model, poisoned, stack=AdapterStack(CFG, 1, 2)), max_batch=2, max_len=32, max_queue=4, eos=[]
+    )
+    got = {0: ([], queue.Queue()), 1: ([], queue.Queue())}
+    for i, ids in enumerate((prompt, other)):
+        out, ends = got[i]
+        engine.submit_all(
+            [Request(ids, None, 6, lambda new, fin, out=out, ends=ends: (out.extend(new), fin and ends.put(fin)))]
+        )
+    bad = got[0][1].get(timeout=60)
+    assert bad.startswith("failed: the model gave NaN or inf logits for new token 2"), bad
+    assert got[0][0] == [first]
+    assert got[1][1].get(timeout=60) == "length" and got[1][0] == want

@@ -71,7 +71,7 @@ class Choice:
         self.out: list[int] = []
         self.texts = TokenTexts(tok) if logprobs is not None else None
         self.sent, self.sent_tokens = "", 0
-        self.finish: str | None = None  # the engine's: stop, length, timeout, error: ...
+        self.finish: str | None = None  # the engine's: stop, length, timeout, error: ... (400), failed: ... (500)
         self.trimmed = False  # ended by a stop string
 
     @property

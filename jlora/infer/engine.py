@@ -150,6 +150,12 @@ def _step(dmodel, frozen, routed: RowAdapters, cache, tokens, positions, idx):
     return forward(dmodel, frozen, routed, cache, ids, positions[:, None], jnp.ones_like(ids), False)
 
 
+@jax.jit
+def _finite_rows(logits: jax.Array) -> jax.Array:
+    """[B] whether each row's logits [B,V] are all finite: a row that turns NaN or inf ends with an error."""
+    return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("dmodel", "top"))
 def _score_prompt(dmodel, frozen, routed: RowAdapters, ids, positions, segment_ids, *, top: int):
     """Each prompt token's logprob given the tokens before it, for one prompt [1,P]: ([P-1], the `top` most
@@ -181,7 +187,7 @@ class Engine:
         self.cache = jax.jit(init_decode_cache, static_argnums=(0, 1, 2, 3))(gen.cfg, max_batch, self.max_len, True)
         self.steps = 0
         self.feed = jnp.zeros((max_batch,), jnp.int32)  # each row's next input token, on the device
-        self.pending: tuple | None = None  # (rows, tokens, logprobs) of the step in flight, not yet read
+        self.pending: tuple | None = None  # (rows, tokens, logprobs, finite) of the step in flight, not yet read
         # Each row's logit bias and counts of the tokens it generated (row_sampling), and whether its bias
         # row may be non-zero, so that a joining request that needs neither skips resetting them.
         vocab = gen.cfg.vocab_size
@@ -339,7 +345,7 @@ class Engine:
         toks, _, lps = sample_rows(
             logits, *self._sampling(padded), bias, jnp.zeros((n_pad, vocab), jnp.int32), mode=mode
         )
-        toks = np.asarray(toks)
+        toks, finite = np.asarray(toks), np.asarray(_finite_rows(logits))
         self.feed = self.feed.at[np.asarray(rows)].set(toks[: len(rows)])
         reset = [j for j, (row, req) in enumerate(zip(rows, reqs)) if req.adjusts or self.dirty[row]]
         if reset:  # the rows' bias and counts become the joining requests' own
@@ -353,7 +359,10 @@ class Engine:
                 self.dirty[rows[j]] = bool(reqs[j].logit_bias)
         lps = None if lps is None else tuple(np.asarray(x) for x in lps)
         for j, (row, tok) in enumerate(zip(rows, toks)):
-            self._accept(row, int(tok), lps, j)
+            if finite[j]:
+                self._accept(row, int(tok), lps, j)
+            else:
+                self._nonfinite(row)
 
     def _move(self, delta: int) -> None:
         self.idx += delta
@@ -413,7 +422,7 @@ class Engine:
         self.feed, self.counts, lps = sample_rows(
             logits, *self._sampling(live), self.bias, self.counts, mode=mode_of(live)
         )
-        done, self.pending = self.pending, (live, self.feed, lps)
+        done, self.pending = self.pending, (live, self.feed, lps, _finite_rows(logits))
         self._read(done)
 
     def _collect(self) -> None:
@@ -425,9 +434,22 @@ class Engine:
         """Accept a finished step's tokens for the rows that are still its own."""
         if step is None:
             return
-        live, tokens, lps = step
-        tokens = np.asarray(tokens)
+        live, tokens, lps, finite = step
+        tokens, finite = np.asarray(tokens), np.asarray(finite)
         lps = None if lps is None else tuple(np.asarray(x) for x in lps)
         for i, req in enumerate(live):
             if req is not None and self.slots[i] is req:
-                self._accept(i, int(tokens[i]), lps)
+                if finite[i]:
+                    self._accept(i, int(tokens[i]), lps)
+                else:
+                    self._nonfinite(i)
+
+    def _nonfinite(self, row: int) -> None:
+        """End row `row`, whose logits turned NaN or inf (a token drawn from them would be garbage): the
+        server answers 500 with this line, and the other rows go on."""
+        req = self.slots[row]
+        self._finish(
+            row,
+            f"failed: the model gave NaN or inf logits for new token {len(req.out) + 1} "
+            f"(adapter {req.adapter or 'none'}); check the base weights and the adapter",
+        )

@@ -244,6 +244,8 @@ class Server:
             )
         if fin is not None and fin.startswith("error"):
             raise ApiError(400, fin.removeprefix("error: "))
+        if fin is not None and fin.startswith("failed"):  # the model, not the request: NaN logits
+            raise ApiError(500, fin.removeprefix("failed: "), type_="server_error", code="nonfinite_logits")
 
     async def sse(self, reqs, choices: list[Choice], events, answer: Answer, n_prompt: int, usage: bool, log: dict):
         """The answer as server-sent events: each choice's opening chunk, its deltas, its finish; the usage
@@ -266,7 +268,7 @@ class Server:
                     continue
                 c.out += new
                 c.finish = fin
-                if fin == "timeout" or (fin or "").startswith("error"):
+                if fin == "timeout" or (fin or "").startswith(("error", "failed")):
                     try:
                         self.check_finish(fin)
                     except ApiError as e:
