@@ -46,25 +46,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="with --plan: devices to plan for (default: the mesh's product)",
     )
+    p.add_argument(
+        "--devices-per-host",
+        type=int,
+        default=8,
+        metavar="N",
+        help="with --plan: devices one host drives, for the host memory of the load (default 8; a TPU v5p host: 4)",
+    )
     args = p.parse_args(argv)
+    if args.devices_per_host < 1:
+        p.error(f"--devices-per-host must be >= 1, got {args.devices_per_host}")
     if args.resume and (args.no_resume or args.overwrite):
         p.error("--resume continues the run in output_dir; it cannot go with --no-resume or --overwrite")
     return args
 
 
-def plan_main(run: RunConfig, devices: int | None) -> None:
+def plan_main(run: RunConfig, devices: int | None, devices_per_host: int = 8) -> None:
     """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices."""
     from jlora.train import plan
 
     plan.use_fake_devices(plan.plan_devices(run, devices))
-    print(plan.report(plan.plan(run)), flush=True)
+    print(plan.report(plan.plan(run, devices_per_host)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
     args = parse_args(argv)
     if args.plan:
-        return run_cli("jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices))
+        return run_cli(
+            "jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices, args.devices_per_host)
+        )
     resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
     # what resumes this run if a signal stops it: the same config and overrides, with --resume
     again = ["jlora-train", "--config", args.config, *[a for s in args.overrides for a in ("--set", s)], "--resume"]

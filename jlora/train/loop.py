@@ -36,6 +36,7 @@ from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
 from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
+from jlora.train.plan import check_load_fits
 from jlora.train.preemption import Stopped, StopSignals
 from jlora.train.step import (
     DivergenceWatch,
@@ -133,6 +134,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     out_dir = pathlib.Path(run.output_dir)
     tok = load_tok(run)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    check_load_fits(run, mesh)  # before any weight is read or made
     cfg, params = load_base(run, tok, mesh)
     method = method_config(run, cfg)
     train_it, val_it, stats = make_batches(
