@@ -125,9 +125,14 @@ def test_yaml_mappings_become_pairs_and_round_trip(tmp_path):
             "train.micro_batch: must divide train.global_batch (10), got 4",
         ),
         (
-            BASE + "data: {train: x, format: xml}\n",
+            "model: {path: tiny}\ndata: {train: x, format: xml}\n",
             [],
             "data.format: must be one of 'alpaca' | 'chat' | 'text', got 'xml'",
+        ),
+        (
+            BASE + "data: {train: x, format: text}\n",  # a section written twice: YAML would keep the last
+            [],
+            "3: invalid YAML: 'data' is set twice (first on line 2); keep one",
         ),
         (
             BASE + "data: {train: x, val: v, val_fraction: 0.1}\n",
