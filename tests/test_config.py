@@ -135,12 +135,12 @@ def test_yaml_mappings_become_pairs_and_round_trip(tmp_path):
             "3: invalid YAML: 'data' is set twice (first on line 2); keep one",
         ),
         (
-            BASE + "data: {train: x, val: v, val_fraction: 0.1}\n",
+            "model: {path: tiny}\ndata: {train: x, val: v, val_fraction: 0.1}\n",
             [],
             "data.val_fraction: set data.val or data.val_fraction, not both",
         ),
         (
-            BASE + "model: {path: tiny, dtype: fp16}\n",
+            "data: {train: data/tiny/train.jsonl}\nmodel: {path: tiny, dtype: fp16}\n",
             [],
             "model.dtype: must be one of 'float32' | 'bfloat16', got 'fp16'",
         ),
