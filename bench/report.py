@@ -390,7 +390,9 @@ def fit_section(
         "train step is compiled for N fake CPU devices and read back: per-device memory from the shardings "
         "and `memory_analysis()`, collectives and dot FLOPs from the partitioned HLO with every loop weighted "
         "by its trip count. A CPU compile computes bf16 in fp32, so temp is an upper bound for accelerators. "
-        '"Fits" means the need is at most 90% of the memory.',
+        "The load peak is the base as stored plus one dense tensor being read, per device; per host, that "
+        "tensor's slices for the host's devices (8 by default). \"Fits\" means the larger of the step's need and "
+        "the load peak is at most 90% of the memory (rows measured before the load was counted show —).",
         "",
     ]
     if res is None:
@@ -402,28 +404,70 @@ def fit_section(
         "",
         "| config | devices (data, fsdp, tensor) | micro-batch x seq | frozen / adapters / optimizer per device "
         "(GiB) | temp per device (GiB) | needs per device (GiB) | dot GFLOP per token | collectives per step "
-        "per device (GiB) | fits |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "per device (GiB) | load peak per device / per host (GiB) | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in res["cases"]:
         config = case["command"].split("--config ")[1].split()[0]
         model = case.get("plan", {}).get("model", "")
         config += f" ({model})" if model and model not in config else ""  # a preset the config's name does not say
         if "error" in case:
-            lines.append(f"| {config} | — | — | — | — | — | — | — | failed: {case['error']} |")
+            lines.append(f"| {config} | — | — | — | — | — | — | — | — | failed: {case['error']} |")
             continue
         p = case["plan"]
         mesh = p["mesh"]
-        coll = ", ".join(f"{k} {_gib(v)}" for k, v in p["collective_bytes"].items())
+        coll = ", ".join(f"{k} {_gib(v)}" for k, v in p["collective_bytes"].items()) or "none"
         fits = ", ".join(k for k, ok in p["fits"].items() if ok) or "none listed"
+        load = (
+            f"{_gib(p['load_bytes_per_device'])} / {_gib(p['load_bytes_per_host'])}"
+            if "load_bytes_per_device" in p
+            else "—"
+        )
         lines.append(
             f"| {config} | {p['devices']} ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | "
             f"{p['micro_batch']} x {p['seq']} (x{p['grad_accum']} accum, remat {p.get('remat', '?')}) | "
             f"{_gib(p['param_bytes'])} / "
             f"{_gib(p['adapter_bytes'])} / {_gib(p['opt_bytes'])} | {_gib(p['temp_bytes'])} | "
-            f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {fits} |"
+            f"{_gib(p['device_bytes'])} | {p['flops_per_token'] / 1e9:,.1f} | {coll} | {load} | {fits} |"
         )
     return lines + [""] + [f"- `{case['command']}`{_measured_note(case, res)}" for case in res["cases"]]
+
+
+def qlora_70b_notes(res: dict | str | None) -> list[str]:
+    """What the 70B QLoRA rows say beyond the table: how much of the CPU compile's temp is bf16 computed in
+    fp32 (the fp32 cross-check rows), and what a 48 GB card lacks at 512 tokens."""
+    if not isinstance(res, dict):
+        return []
+    rows = {}
+    for case in res["cases"]:
+        cmd, p = case["command"], case.get("plan")
+        if p and "llama3-70b-qlora" in cmd:
+            rows[(p["seq"], "float32" in cmd)] = p
+    lines = []
+    if {(512, False), (512, True), (256, True)} <= rows.keys():
+        bf16, fp32, half = rows[(512, False)], rows[(512, True)], rows[(256, True)]
+        fixed = 2 * half["temp_bytes"] - fp32["temp_bytes"]  # temp = fixed + per-token part, from two lengths
+        lines.append(
+            f"- The CPU compile's bf16 temp at 512 tokens is {_gib(bf16['temp_bytes'])} GiB against "
+            f"{_gib(fp32['temp_bytes'])} GiB for the same step in fp32 "
+            f"({bf16['temp_bytes'] / fp32['temp_bytes']:.0%}): nearly all of it is computed in fp32. In fp32 at "
+            f"256 tokens it is {_gib(half['temp_bytes'])} GiB, so about {_gib(fixed)} GiB of it does not grow "
+            "with the sequence (dequantized layer kernels, the output head dequantized for the loss, the "
+            "optimizer update) and saved activations are a small part."
+        )
+        cap = 0.9 * 48e9
+        base = bf16["param_bytes"] + bf16["adapter_bytes"] + bf16["opt_bytes"]
+        need = max(bf16["device_bytes"], bf16.get("load_bytes_per_device", 0))
+        lines.append(
+            f"- A 48 GB card at 512 tokens: the step needs {_gib(need)} GiB on the CPU compile against "
+            f"{_gib(cap)} GiB usable (90%), {_gib(need - cap)} GiB short. The packed base, adapters and Adam state "
+            f"take {_gib(base)} GiB, leaving {_gib(cap - base)} GiB for temp; a bf16 device would need about half "
+            f"the CPU temp ({_gib(bf16['temp_bytes'] / 2)} GiB), still {_gib(base + bf16['temp_bytes'] / 2 - cap)} GiB "
+            "short. Offloading saved activations to host memory cannot close that gap (with full remat they are "
+            "one [T, D] row per layer); what is missing is decoding the int8 output head chunk by chunk in the "
+            "loss instead of whole, and Adam moments smaller than fp32 (or a smaller rank)."
+        )
+    return lines
 
 
 def _measured_note(case: dict, res: dict) -> str:
@@ -648,9 +692,10 @@ def render(results: dict[str, dict | str]) -> str:
     lines += fit_section(
         results.get("qlora_plan"),
         "qlora_plan",
-        "QLoRA: LLaMA-3-8B in nf4 on one device, one 2048-token row (`jlora-train --plan`)",
+        "QLoRA on one device: LLaMA-3-8B and LLaMA-3-70B in nf4, one row per step (`jlora-train --plan`)",
         "python bench/will_it_fit.py --only nf4 --out docs/results/qlora_plan.json",
     )
+    lines += qlora_70b_notes(results.get("qlora_plan"))
     lines += gpu_section(results.get("gpu_train"))
     return "\n".join(lines) + "\n"
 

@@ -26,6 +26,7 @@ from jlora.train.provenance import load_average, provenance, write_result
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "results" / "will_it_fit.json"
 
+FP32 = ["model.dtype=float32", "model.param_dtype=float32"]
 # (config, devices, preset, extra --set overrides)
 CASES = [
     ("configs/llama2-7b-lora.yaml", 8, "llama2-7b", []),
@@ -48,6 +49,13 @@ CASES = [
         )
         for remat in ("dots_saveable", "full")
     ],
+    # QLoRA's own setting, the 70B base on ONE device: nf4 with double_quant, remat full, one row per step;
+    # seq 2048 for an 80 GB GPU (and a v5p chip), seq 512 for a 48 GB one (L40S / A6000)
+    ("configs/llama3-70b-qlora.yaml", 1, "llama3-70b", []),
+    ("configs/llama3-70b-qlora.yaml", 1, "llama3-70b", ["data.max_seq_len=512"]),
+    # the CPU compile computes bf16 in fp32: the same step in fp32 (equal temp: all of it is upcast), and in fp32
+    # at half the sequence (what the activations of a bf16 device come to)
+    *[("configs/llama3-70b-qlora.yaml", 1, "llama3-70b", [f"data.max_seq_len={seq}", *FP32]) for seq in (512, 256)],
     # Other families' biggest presets, by shape (the text model of multimodal Gemma 3): on one 8-GPU host
     # with the 8B config as shipped and with full remat, and on the v5p pod slice of the 70B config.
     *[
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--only",
         action="append",
-        help="run only the cases whose preset or --set overrides contain this text (e.g. nf4, qwen3-32b); repeatable",
+        help="run only the cases whose config, preset or --set overrides contain this text (e.g. nf4, qwen3-32b); "
+        "repeatable",
     )
     p.add_argument(
         "--merge",
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     started = provenance()
-    cases = [c for c in CASES if a.only is None or any(o in s for o in a.only for s in (c[2], *c[3]))]
+    cases = [c for c in CASES if a.only is None or any(o in s for o in a.only for s in (c[0], c[2], *c[3]))]
     command = shlex.join(["python", "bench/will_it_fit.py", *(sys.argv[1:] if argv is None else argv)])
     results = [run_case(*case, a.timeout) for case in cases]
     if a.merge:

@@ -27,6 +27,7 @@ ACCELERATORS = {
     "L4-24GB": 24e9,
     "H100-80GB": 80e9,
     "H200-141GB": 141e9,
+    "L40S-48GB": 48e9,  # and the RTX A6000's 48 GB
     "A100-40GB": 40e9,
     "A100-80GB": 80e9,
     "TPU-v4": 32 * 2**30,
