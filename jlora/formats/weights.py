@@ -33,6 +33,7 @@ from jlora.models.config import ModelConfig, ModelConfigError
 from jlora.models.family import config_from_hf, family_of, family_of_gguf, param_shapes
 from jlora.models.layers import DTYPES, unpermute_rope_rows
 from jlora.quant import gguf_blocks
+from jlora.quant.packing import LeafPacker, Packing
 from jlora.quant.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
 
 
@@ -125,21 +126,35 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     return str(name_or_path)
 
 
+# on_dense(param key, the leaf's dense shape, layer index or None, dense array): each dense piece (one layer
+# of a stacked leaf, or the whole leaf: None) of a leaf that is packed as it loads, before it is packed
+OnDense = Callable[[tuple, tuple, "int | None", object], None]
+
+
 def load_pretrained(
-    path: str | pathlib.Path, *, dtype: str | None = None, param_dtype: str | None = None, quantize: str = "none"
+    path: str | pathlib.Path,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    quantize: str = "none",
+    double_quant: bool = False,
+    skip: Callable[[str], bool] | None = None,
+    on_dense: OnDense | None = None,
 ) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
     the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's tensors in the
     block types of jlora.quant.gguf_blocks.LAYOUTS stay as their own blocks, jlora.quant.quantize.QuantizedKernel
-    leaves that dequantize to exactly the dense load), or "int8" / "nf4" (loaded dense, then
-    jlora.quant.quantize.quantize).
+    leaves that dequantize to exactly the dense load), or "int8" / "nf4" (with `double_quant`: nf4's block
+    scales in 8 bits too), packed as they are read, bit for bit as jlora.quant.quantize.quantize would pack
+    the dense load, with numpy fields: one tensor (one layer of a stacked leaf) is dense at a time, so the
+    peak is the packed base plus that tensor. `skip(dotted_path)` keeps a leaf dense; `on_dense` (see OnDense)
+    sees each dense piece of a packed leaf before it is packed.
     """
     path = pathlib.Path(resolve_model_path(path))
     overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
-    if quantize not in METHODS:
-        raise ValueError(f"load_pretrained(quantize={quantize!r}): expected one of {', '.join(METHODS)}")
+    packing = packing_for("load_pretrained", quantize, double_quant, skip)
     if path.is_dir():
         if quantize == "gguf":
             raise WeightsError(
@@ -147,16 +162,21 @@ def load_pretrained(
                 "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
                 "use quantize='int8' or 'nf4' for other checkpoints",
             )
-        cfg, params = _load_hf_dir(path, overrides)
-    elif path.suffix == ".gguf":
-        cfg, params = _load_gguf(path, overrides, keep_blocks=quantize == "gguf")
-    else:
-        raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
-    if quantize in ("int8", "nf4"):
-        from jlora.quant.quantize import quantize as quantize_tree
+        return _load_hf_dir(path, overrides, packing, on_dense)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, overrides, keep_blocks=quantize == "gguf", packing=packing, on_dense=on_dense)
+    raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
 
-        params = quantize_tree(params, quantize)
-    return cfg, params
+
+def packing_for(
+    caller: str, quantize: str, double_quant: bool = False, skip: Callable[[str], bool] | None = None
+) -> Packing | None:
+    """The Packing that loads with `quantize` "int8" / "nf4" (None for "none" and "gguf"), arguments checked."""
+    if quantize not in METHODS:
+        raise ValueError(f"{caller}(quantize={quantize!r}): expected one of {', '.join(METHODS)}")
+    if double_quant and quantize != "nf4":
+        raise ValueError(f"{caller}(double_quant=True) quantizes nf4 block scales; it needs quantize='nf4'")
+    return Packing(quantize, double_quant, skip) if quantize in ("int8", "nf4") else None
 
 
 def dtype_overrides(caller: str, dtype: str | None, param_dtype: str | None) -> dict[str, str]:
@@ -251,6 +271,7 @@ def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...
 ADAPTER_VALUE_BOUND = 1e4
 
 
+_ROWS_SPAN = 16 << 20  # bytes of rows compared at once by _same_values
 _CHUNK = 1 << 22  # elements per np.isfinite pass: at most a 4 MiB temporary, however large the tensor
 
 
@@ -301,18 +322,37 @@ def _assemble(
     names: set[str],
     fetch: Callable[[str], np.ndarray | QuantizedKernel],
     fmt: int,
+    packing: Packing | None = None,
+    on_dense: OnDense | None = None,
 ) -> tuple[dict, set[str]]:
     """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
 
     Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
-    `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param's layers are stacked
-    into one kernel, also where they mix block types (llama.cpp's Q4_K_M gives some layers Q6_K; see
-    gguf_blocks.stack_kernels); one whose layers mix blocks and dense tensors is dequantized into the dense array.
+    With `packing`, a leaf it packs is packed layer by layer instead (jlora.quant.packing.LeafPacker), each
+    layer dropped once packed. `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param's
+    layers are stacked into one kernel, also where they mix block types (llama.cpp's Q4_K_M gives some layers
+    Q6_K; see gguf_blocks.stack_kernels); one whose layers mix blocks and dense tensors is dequantized into the
+    dense array.
     """
     pdt = np.dtype(DTYPES[cfg.param_dtype])
     used, flat = set(), {}
     for key, spec, layer_names, want in expected_tensors(cfg, fmt):
         stacked = len(spec.shape) > len(want)
+        encode = packing.encoder(key, spec) if packing else None
+        if encode is not None:
+            packer = LeafPacker(encode, jax.ShapeDtypeStruct(spec.shape, pdt), stacked)
+            for i, name in enumerate(layer_names):
+                check_present(file, name, names, want)
+                arr = fetch(name)
+                check_shape(file, name, arr.shape, want)
+                w = np.asarray(to_disk(key, arr), pdt)  # [M, N]: one layer, in jlora layout
+                if on_dense is not None:
+                    on_dense(key, spec.shape, i if stacked else None, w)
+                packer.add(i if stacked else None, w)
+                used.add(name)
+                del arr, w  # before the next layer is read
+            flat[key] = packer.result()
+            continue
         out, held = None, {}
         for i, name in enumerate(layer_names):
             check_present(file, name, names, want)
@@ -456,27 +496,54 @@ def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
         raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
 
 
-def _load_hf_dir(path: pathlib.Path, overrides: dict) -> tuple[ModelConfig, dict]:
+def _load_hf_dir(
+    path: pathlib.Path, overrides: dict, packing: Packing | None = None, on_dense: OnDense | None = None
+) -> tuple[ModelConfig, dict]:
     from safetensors import SafetensorError
 
     cfg, where = hf_checkpoint(path, overrides)
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(open_safetensors(file)) for file in set(where.values())}
+        # Packing, each read opens its file anew: a handle keeps every page it has read in RSS until it closes,
+        # which would add the whole checkpoint to the peak that packing keeps down.
+        handles = {} if packing else {file: stack.enter_context(open_safetensors(file)) for file in set(where.values())}
 
         def fetch(name: str) -> np.ndarray:
-            try:
-                arr = handles[where[name]].get_tensor(where.disk_name(name))
-            except SafetensorError as e:
-                raise read_error(where[name], name, e) from None
-            check_finite(where[name], name, arr)
+            file = where[name]
+            with contextlib.nullcontext(handles[file]) if handles else open_safetensors(file) as f:
+                try:
+                    arr = f.get_tensor(where.disk_name(name))
+                except SafetensorError as e:
+                    raise read_error(file, name, e) from None
+            check_finite(file, name, arr)
             return arr
 
-        params, extra = _assemble(cfg, path, set(where), fetch, 0)
-        embedding = traverse_util.flatten_dict(params)[family_of(cfg).embed]
+        params, extra = _assemble(cfg, path, set(where), fetch, 0, packing, on_dense)
+        pdt = np.dtype(DTYPES[cfg.param_dtype])
         check_leftovers(
-            cfg, path, where, extra, lambda: np.array_equal(fetch(hf_head_name(cfg)).astype(embedding.dtype), embedding)
+            cfg, path, where, extra, lambda: _same_values(where, hf_head_name(cfg), hf_embed_name(cfg), pdt)
         )
     return cfg, params
+
+
+def _same_values(where: TensorFiles, a: str, b: str, dtype: np.dtype) -> bool:
+    """Whether HF tensors `a` and `b` have one shape and, in `dtype`, the same values; compared a few MiB of
+    rows at a time, each read opening its file anew (see _load_hf_dir), so neither is ever whole in memory."""
+    from safetensors import SafetensorError
+
+    def rows(name: str, start: int | None = None, stop: int | None = None):
+        with open_safetensors(where[name]) as f:
+            try:
+                part = f.get_slice(where.disk_name(name))
+                return tuple(part.get_shape()) if start is None else np.asarray(part[start:stop], dtype)
+            except SafetensorError as e:
+                raise read_error(where[name], name, e) from None
+
+    shape = rows(a)
+    if shape != rows(b):
+        return False
+    step = max(1, _ROWS_SPAN // (4 * int(np.prod(shape[1:], dtype=np.int64))))  # 4: fp32, the widest
+    spans = [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+    return all(np.array_equal(rows(a, *span), rows(b, *span)) for span in spans)
 
 
 def _rope_heads(path: pathlib.Path, cfg: ModelConfig, name: str, rows: int) -> int | None:
@@ -511,9 +578,15 @@ def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t: GGUFTensor)
         raise WeightsError(path, f"tensor {name}: {e}") from None
 
 
-def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -> tuple[ModelConfig, dict]:
+def _load_gguf(
+    path: pathlib.Path,
+    overrides: dict,
+    keep_blocks: bool = False,
+    packing: Packing | None = None,
+    on_dense: OnDense | None = None,
+) -> tuple[ModelConfig, dict]:
     """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
-    2-D ones kept as QuantizedKernels (see `_gguf_blocks`)."""
+    2-D ones kept as QuantizedKernels (see `_gguf_blocks`), or with `packing` packed as they are dequantized."""
     from gguf.quants import dequantize
 
     try:
@@ -555,6 +628,6 @@ def _load_gguf(path: pathlib.Path, overrides: dict, keep_blocks: bool = False) -
         cfg, names = family_of(cfg).gguf_fixups(cfg, fetch, set(tensors))
     except ModelConfigError as e:
         raise WeightsError(path, e) from None
-    params, extra = _assemble(cfg, path, names, fetch, 1)
+    params, extra = _assemble(cfg, path, names, fetch, 1, packing, on_dense)
     _refuse_extra(path, extra)
     return cfg, params

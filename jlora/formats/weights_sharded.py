@@ -4,9 +4,11 @@
 devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
 one layer at a time, transposes it to jlora's layout and places it on the device. A process's peak
 host memory is therefore its share of the model (on CPU, where device buffers are host memory) plus
-one block and a 16 MiB window of the file. Checkpoint discovery, name and shape checks and their
-one-line errors are jlora.formats.weights' own, and so is the check that every value read is finite;
-placement follows `sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
+one block and a 16 MiB window of the file. With quantize int8 / nf4 a leaf is placed one layer at a time
+(a stacked leaf) or whole, packed on the devices and freed before the next is read, so the model is its
+packed share plus one dense tensor's. Checkpoint discovery, name and shape checks and their one-line
+errors are jlora.formats.weights' own, and so is the check that every value read is finite; placement
+follows `sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.formats.weights import (
+    OnDense,
     TensorFiles,
     check_finite,
     check_leftovers,
@@ -32,6 +35,7 @@ from jlora.formats.weights import (
     hf_head_name,
     load_pretrained,
     open_safetensors,
+    packing_for,
     read_error,
     resolve_model_path,
     to_disk,
@@ -40,6 +44,8 @@ from jlora.models.config import ModelConfig
 from jlora.models.family import param_shapes
 from jlora.models.layers import DTYPES
 from jlora.parallel.sharding import param_specs, to_shardings
+from jlora.quant.packing import LeafPacker
+from jlora.quant.quantize import QuantizedKernel
 
 Index = tuple[slice, ...]  # one device's block of a global array, as jax.sharding hands it out
 _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
@@ -52,22 +58,33 @@ def load_pretrained_sharded(
     dtype: str | None = None,
     param_dtype: str | None = None,
     specs_fn: Callable[[dict], dict] | None = None,
+    quantize: str = "none",
+    double_quant: bool = False,
+    skip: Callable[[str], bool] | None = None,
+    on_dense: OnDense | None = None,
 ) -> tuple[ModelConfig, dict]:
     """Like `load_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
 
     `specs_fn(shapes)` maps the ShapeDtypeStruct tree to PartitionSpecs (default
-    `param_specs(shapes, mesh)`). On several hosts every process calls this; each reads only the
-    blocks its addressable devices hold. A tied checkpoint that also stores its head is checked
+    `param_specs(shapes, mesh)`), packed leaves included. On several hosts every process calls this; each
+    reads only the blocks its addressable devices hold. A tied checkpoint that also stores its head is checked
     cheaply: three rows (first, middle, last) must equal the embedding's, not the whole matrix.
+
+    `quantize`, `double_quant`, `skip`: as load_pretrained's. With "int8" / "nf4" each leaf it packs is placed
+    dense one layer at a time (a stacked leaf whose layer dim is not split) or whole, packed on the devices
+    into fields placed by `specs_fn`, and freed before the next is read: the values are
+    jlora.quant.quantize.quantize's bit for bit. `on_dense` sees each dense piece first (see OnDense).
     """
     path = pathlib.Path(resolve_model_path(path))
     overrides = dtype_overrides("load_pretrained_sharded", dtype, param_dtype)
+    packing = packing_for("load_pretrained_sharded", quantize, double_quant, skip)
     specs_fn = specs_fn or (lambda shapes: param_specs(shapes, mesh))
-    if not path.is_dir():  # GGUF: small models, dequantized whole; load_pretrained also refuses other files
-        cfg, params = load_pretrained(path, **overrides)
-        shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
-        flat = {k: _place(x.shape, shardings[k], x.__getitem__) for k, x in traverse_util.flatten_dict(params).items()}
-        return cfg, traverse_util.unflatten_dict(flat)
+    if not path.is_dir():  # GGUF: small models; load_pretrained also refuses other files, and packs as it reads
+        kept = {"quantize": quantize, "double_quant": double_quant, "skip": skip} if quantize != "none" else {}
+        cfg, params = load_pretrained(path, **overrides, **kept, on_dense=on_dense)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        shardings = to_shardings(mesh, specs_fn(shapes))
+        return cfg, jax.tree.map(lambda x, sh: _place(x.shape, sh, x.__getitem__), params, shardings)
 
     cfg, where = hf_checkpoint(path, overrides)
     disk_shapes = {}
@@ -93,12 +110,55 @@ def load_pretrained_sharded(
         return True
 
     check_leftovers(cfg, path, where, set(where).difference(*(names for _, _, names, _ in expected)), head_is_embedding)
-    shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(param_shapes(cfg))))
-    flat = {
-        key: _place(spec.shape, shardings[key], _block_reader(key, spec.shape, names, where, want, pdt))
-        for key, spec, names, want in expected
-    }
+    shapes = param_shapes(cfg)
+    shardings = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(shapes)))
+    packed = None
+    if packing is not None:  # the packed leaves' placement, from their packed shapes
+        packed = traverse_util.flatten_dict(to_shardings(mesh, specs_fn(packing.shapes(shapes))))
+    flat = {}
+    for key, spec, names, want in expected:
+        read = _block_reader(key, spec.shape, names, where, want, pdt)
+        encode = packing.encoder(key, spec) if packing else None
+        if encode is None:
+            flat[key] = _place(spec.shape, shardings[key], read)
+        else:
+            stacked = len(spec.shape) > len(want)
+            flat[key] = _pack(
+                key, jax.ShapeDtypeStruct(spec.shape, pdt), stacked, encode, shardings[key], packed[key], read, on_dense
+            )
     return cfg, traverse_util.unflatten_dict(flat)
+
+
+def _pack(
+    key: tuple[str, ...],
+    spec: jax.ShapeDtypeStruct,
+    stacked: bool,
+    encode: Callable,
+    sharding: NamedSharding,
+    packed: QuantizedKernel,
+    read: Callable[[Index], np.ndarray],
+    on_dense: OnDense | None,
+):
+    """Param `key` packed on the devices from dense blocks `read(index)` placed by `sharding`: one layer at a
+    time for a `stacked` leaf whose layer dim is not split, else whole; each piece is freed once packed."""
+    spec_dims = tuple(sharding.spec) + (None,) * (len(spec.shape) - len(sharding.spec))
+    by_layer = stacked and spec_dims[0] is None
+    packer = LeafPacker(encode, spec, by_layer, packed)
+    if not by_layer:
+        pieces = [(None, spec.shape, sharding, read)]
+    else:
+        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec_dims[1:]))
+        pieces = [
+            (i, spec.shape[1:], layer_sharding, lambda index, i=i: read((slice(i, i + 1), *index))[0])
+            for i in range(spec.shape[0])
+        ]
+    for index, shape, piece_sharding, read_piece in pieces:
+        dense = _place(shape, piece_sharding, read_piece)
+        if on_dense is not None:
+            on_dense(key, spec.shape, index, dense)
+        packer.add(index, dense)
+        dense.delete()  # before the next piece is read
+    return packer.result()
 
 
 def _place(shape: tuple[int, ...], sharding: NamedSharding, read: Callable[[Index], np.ndarray]) -> jax.Array:

@@ -298,7 +298,8 @@ def quantize_axis(path: tuple, leaf) -> int | None:
     return {"kernel": -2, "embedding": -1}.get(path[-1])
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """QuantizeError unless `method` is one `quantize` packs (int8, nf4)."""
     if method not in ("int8", "nf4"):
         raise QuantizeError(
             f"quantize method {method!r}: expected one of int8, nf4 "
@@ -320,7 +321,7 @@ def quantize_leaf(w, method: str, axis: int, *, double_quant: bool = False, name
             )
         fields, fmt = _encode_nf4(jnp.asarray(w), axis, double_quant), "nf4-dq" if double_quant else "nf4"
     else:
-        _check_method(method)
+        check_method(method)
     return QuantizedKernel(fields, fmt, (int(m), int(n)), axis, np.dtype(w.dtype).name)
 
 
@@ -363,8 +364,8 @@ def quantize(
     One leaf at a time: the device holds one leaf's dense and packed copies at once."""
     if method == "none":
         return frozen
-    _check_method(method)
-    _check_method(head)
+    check_method(method)
+    check_method(head)
     out = {}
     for path, leaf in traverse_util.flatten_dict(frozen).items():
         encode = leaf_encoder(path, leaf, method, double_quant=double_quant, head=head)

@@ -1,16 +1,23 @@
 """What a run builds from its config before the step: the tokenizer, the base model and the method.
 
 Shared by the training loop (jlora.train.loop) and `--plan` (jlora.train.plan), which compiles the same
-step without running it; neither imports the other.
+step without running it; neither imports the other. A QLoRA base (int8 / nf4) of a checkpoint is packed
+as it loads (`packing_keywords`); `DenseFingerprint` samples its dense values on the way, for the adapter.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
-from jax.sharding import Mesh
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.checkpoint.fingerprint import fingerprint, sample_positions
+from jlora.formats.weights import OnDense, load_pretrained, resolve_model_path
 from jlora.formats.weights_sharded import load_pretrained_sharded
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, presets
@@ -53,10 +60,13 @@ def model_overrides(run: RunConfig) -> dict[str, Any]:
     return overrides
 
 
-def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfig, Any]:
+def load_base(
+    run: RunConfig, tok, mesh: Mesh | None = None, on_dense: OnDense | None = None
+) -> tuple[ModelConfig, Any]:
     """(config, params) of the base model, or (config, None) for a random preset ("tiny"). With a
     `mesh`, an HF checkpoint is read per host straight onto it (each process reads only its share);
-    otherwise params are host numpy arrays."""
+    otherwise params are host numpy arrays. QLoRA's base is packed as it loads (see `packing_keywords`);
+    `on_dense` sees each dense piece of it first (jlora.formats.weights.OnDense)."""
     m = run.model
     overrides = model_overrides(run)
     common = {"dtype": m.dtype, "param_dtype": m.param_dtype}
@@ -72,9 +82,10 @@ def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfi
             raise ConfigError(f"{e}", "model.overrides") from None
         return check_context(run, cfg), None
 
+    packing = packing_keywords(run)
     if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
-        kept = {"quantize": "gguf"} if m.quantize == "gguf" else {}
-        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept)
+        kept = {"quantize": "gguf"} if m.quantize == "gguf" else packing
+        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept, on_dense=on_dense)
     else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
         cfg, params = load_pretrained_sharded(
             m.path,
@@ -82,8 +93,81 @@ def load_base(run: RunConfig, tok, mesh: Mesh | None = None) -> tuple[ModelConfi
             dtype=m.dtype,
             param_dtype=m.param_dtype,
             specs_fn=lambda s: param_specs(s, mesh, run.mesh.allow_replication),
+            **packing,
+            on_dense=on_dense,
         )
     return check_context(run, cfg.replace(**overrides)), params
+
+
+def packing_keywords(run: RunConfig) -> dict[str, Any]:
+    """The loaders' quantize keywords for a base packed as it loads ({} for one loaded as stored): QLoRA (int8 /
+    nf4), unless the LoRA init is PiSSA, whose split rewrites the dense kernels (that base is packed after the
+    split, jlora.train.step.quantize_frozen). A leaf `lora.train_extra` matches stays dense: it is trained in full."""
+    m = run.model
+    lora = run.lora if run.method == "lora" else None
+    if m.quantize not in ("int8", "nf4") or (lora is not None and lora.init == "pissa"):
+        return {}
+    extra = lora.train_extra if lora is not None else None
+    skip = (lambda name: re.search(extra, name) is not None) if extra else None
+    return {"quantize": m.quantize, "double_quant": m.double_quant, "skip": skip}
+
+
+class DenseFingerprint:
+    """The fingerprint (jlora.checkpoint.fingerprint) of a base that was packed as it loaded, taken from its dense
+    pieces as they passed: pass it as load_base's `on_dense`. A QLoRA adapter records the dense base it applies to,
+    though that base never existed whole. True once it has seen a piece, i.e. the base arrived packed.
+
+    Each piece gives the elements of the fingerprint's sample that fall in it: a fixed-size gather (one compile
+    per leaf shape) whose output is replicated, so every process of a multi-host run gets the same sample."""
+
+    def __init__(self):
+        self.samples: dict[str, np.ndarray] = {}  # dotted name -> the leaf's sample, filled piece by piece
+
+    def __bool__(self) -> bool:
+        return bool(self.samples)
+
+    def __call__(self, key: tuple, shape: tuple, layer: int | None, piece) -> None:
+        positions = sample_positions(tuple(shape))
+        values = _gather(piece, positions if layer is None else positions[1:])
+        sample = self.samples.setdefault(".".join(key), np.empty(len(positions[0]), values.dtype))
+        if layer is None:
+            sample[:] = values
+        else:
+            sample[positions[0] == layer] = values[positions[0] == layer]
+
+    def fingerprint(self, frozen) -> dict:
+        """fingerprint(frozen) as of its dense values: a packed leaf by the sample of its dense pieces."""
+        flat = traverse_util.flatten_dict(frozen)
+        sampled = {
+            k: _Sampled(v.shape, self.samples[".".join(k)]) for k, v in flat.items() if ".".join(k) in self.samples
+        }
+        return fingerprint(traverse_util.unflatten_dict({**flat, **sampled}))
+
+
+def _gather(piece, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """piece[index] on the host: a jax.Array by a jitted gather replicated over its devices."""
+    if not isinstance(piece, jax.Array):
+        return np.asarray(piece[index])
+    out = NamedSharding(piece.sharding.mesh, PartitionSpec()) if isinstance(piece.sharding, NamedSharding) else None
+    return np.asarray(_take(out)(piece, *index))
+
+
+@functools.cache
+def _take(out: NamedSharding | None):
+    return jax.jit(lambda x, *index: x[index], out_shardings=out)
+
+
+class _Sampled:
+    """A leaf known by its fingerprint sample alone: what `fingerprint` reads of a host array,
+    x[sample_positions(x.shape)], and nothing else."""
+
+    def __init__(self, shape: tuple, sample: np.ndarray):
+        self.shape, self.sample = tuple(shape), sample
+
+    def __getitem__(self, index):
+        if not all(np.array_equal(a, b) for a, b in zip(index, sample_positions(self.shape), strict=True)):
+            raise IndexError("a sampled leaf gives its fingerprint sample only")
+        return self.sample
 
 
 def check_context(run: RunConfig, cfg: ModelConfig) -> ModelConfig:

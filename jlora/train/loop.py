@@ -31,7 +31,7 @@ from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
 from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
-from jlora.train.builders import load_base, load_tok, method_config
+from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config
 from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
 from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
@@ -135,7 +135,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     tok = load_tok(run)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     check_load_fits(run, mesh)  # before any weight is read or made
-    cfg, params = load_base(run, tok, mesh)
+    dense_print = DenseFingerprint()  # a QLoRA base packed as it loads is sampled dense on the way
+    cfg, params = load_base(run, tok, mesh, on_dense=dense_print)
     method = method_config(run, cfg)
     train_it, val_it, stats = make_batches(
         run, tok, process_index=jax.process_index(), process_count=jax.process_count(), model_vocab=cfg.vocab_size
@@ -165,8 +166,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     rng, start = replicated_key(jax.random.fold_in(key, 1), mesh), 0
     fingerprint_src = state.frozen  # sampled by a jitted gather that every process runs alike
     if run.model.quantize in ("int8", "nf4"):  # QLoRA; the adapter records the dense base it applies to
-        fingerprint_src = fingerprint(state.frozen)
-        quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
+        fingerprint_src = dense_print.fingerprint(state.frozen) if dense_print else fingerprint(state.frozen)
+        if not dense_print:  # a random preset, or PiSSA's split: the base arrived dense, packed only now
+            quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
     meta = metadata.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     manager = train_state.open_manager(
         out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval
