@@ -11,13 +11,14 @@ layer on its own. Reading the pieces and placing them is the loaders' concern (j
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.quant.quantize import QuantizedKernel, check_method, leaf_encoder, quantize
+from jlora.quant.quantize import LeafEncoder, QuantizedKernel, check_method, leaf_encoder, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Packing:
         """The tree of ShapeDtypeStructs `shapes` as packed: QuantizedKernels of ShapeDtypeStructs where packed."""
         return quantize(shapes, self.method, double_quant=self.double_quant, skip=self.skip)
 
-    def encoder(self, path: tuple, spec: jax.ShapeDtypeStruct) -> Callable | None:
+    def encoder(self, path: tuple, spec: jax.ShapeDtypeStruct) -> LeafEncoder | None:
         """`w -> QuantizedKernel` for the leaf at `path` (also for one layer of it), or None where it stays dense."""
         if self.skip is not None and self.skip(".".join(map(str, path))):
             return None
@@ -55,7 +56,7 @@ class LeafPacker:
 
     def __init__(
         self,
-        encode: Callable,
+        encode: LeafEncoder,
         spec: jax.ShapeDtypeStruct,
         stacked: bool,
         shardings: QuantizedKernel | None = None,
@@ -63,34 +64,48 @@ class LeafPacker:
         self.packed = jax.eval_shape(encode, spec)  # QuantizedKernel of ShapeDtypeStructs
         self.encode, self.stacked, self.shardings = encode, stacked, shardings
         self.fields = None
-        if shardings is None:
-            if self.stacked:
-                self.fields = {k: np.empty(s.shape, s.dtype) for k, s in self.packed.fields.items()}
-            self._encode = jax.jit(encode)
-        elif self.stacked:
-            zeros = lambda: {k: jnp.zeros(s.shape, s.dtype) for k, s in self.packed.fields.items()}
-            self.fields = jax.jit(zeros, out_shardings=shardings.fields)()
-            self._put_layer = jax.jit(_put_layer, static_argnums=0, donate_argnums=1, out_shardings=shardings.fields)
+        if stacked and shardings is None:
+            self.fields = {k: np.empty(s.shape, s.dtype) for k, s in self.packed.fields.items()}
+        elif stacked:
+            self.fields = {
+                k: jnp.zeros(s.shape, s.dtype, device=shardings.fields[k]) for k, s in self.packed.fields.items()
+            }
 
     def add(self, index: int | None, w) -> None:
         if (index is None) == self.stacked:
             raise ValueError(f"LeafPacker.add: index {index} for a {'stacked' if self.stacked else 'whole'} leaf")
         if self.shardings is None:
-            fields = {k: np.asarray(f) for k, f in self._encode(w).fields.items()}
+            fields = {k: np.asarray(f) for k, f in _encoder(self.encode)(w).items()}
             if not self.stacked:
                 self.fields = fields
             for k, f in fields.items() if self.stacked else ():
                 self.fields[k][index] = f
         elif self.stacked:
-            self.fields = self._put_layer(self.encode, self.fields, index, w)
+            self.fields = _layer_writer(self.encode, _items(self.shardings.fields))(self.fields, index, w)
         else:
-            self.fields = jax.jit(self.encode, out_shardings=self.shardings)(w).fields
+            self.fields = _encoder(self.encode, _items(self.shardings.fields))(w)
 
     def result(self) -> QuantizedKernel:
         return self.packed.replace(fields=self.fields)
 
 
-def _put_layer(encode: Callable, fields: dict, index: jax.Array, w: jax.Array) -> dict:
-    """`fields` [L, ...] with layer `index` set to encode(w)'s fields."""
-    layer = encode(w).fields
-    return {k: f.at[index].set(layer[k]) for k, f in fields.items()}
+def _items(shardings: dict) -> tuple:
+    return tuple(sorted(shardings.items()))  # hashable, for the caches below
+
+
+# Each compiled once per encoder, shapes and placement: equal encoders (like leaves) share them.
+@functools.lru_cache(maxsize=64)
+def _encoder(encode: LeafEncoder, out: tuple = ()) -> Callable:
+    """jit of w -> encode(w)'s fields, each placed by `out` ((field, sharding), ...) if given."""
+    return jax.jit(lambda w: encode(w).fields, out_shardings=dict(out) if out else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_writer(encode: LeafEncoder, out: tuple) -> Callable:
+    """jit of (fields [L, ...], index, w) -> fields with layer `index` set to encode(w)'s, in place (donated)."""
+
+    def put(fields: dict, index: jax.Array, w: jax.Array) -> dict:
+        layer = encode(w).fields
+        return {k: f.at[index].set(layer[k]) for k, f in fields.items()}
+
+    return jax.jit(put, donate_argnums=0, out_shardings=dict(out))

@@ -376,19 +376,29 @@ def quantize(
     return traverse_util.unflatten_dict(out)
 
 
-def leaf_encoder(path: tuple, leaf, method: str, *, double_quant: bool = False, head: str = "int8") -> Callable | None:
+def leaf_encoder(
+    path: tuple, leaf, method: str, *, double_quant: bool = False, head: str = "int8"
+) -> LeafEncoder | None:
     """`w -> QuantizedKernel` for the leaf at `path` (its method by `leaf_method`, its blocked axis by
     `quantize_axis`), or None for a leaf that stays as it is."""
     axis = quantize_axis(path, leaf)
     if axis is None:
         return None
-    return functools.partial(
-        quantize_leaf,
-        method=leaf_method(path, method, head),
-        axis=axis,
-        double_quant=double_quant,
-        name=".".join(map(str, path)),
-    )
+    return LeafEncoder(leaf_method(path, method, head), axis, double_quant, ".".join(map(str, path)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafEncoder:
+    """`quantize_leaf` with its arguments bound, for one leaf. Encoders equal but for the leaf's name (used in
+    messages only) are equal, so a jit that takes one as a static argument compiles once for all such leaves."""
+
+    method: str
+    axis: int
+    double_quant: bool = False
+    name: str = dataclasses.field(default="", compare=False)
+
+    def __call__(self, w) -> QuantizedKernel:
+        return quantize_leaf(w, self.method, self.axis, double_quant=self.double_quant, name=self.name)
 
 
 def frozen_bytes(tree) -> int:
