@@ -3,11 +3,12 @@
 Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
 model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
 quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
-undone either way), and writes HF safetensors checkpoints that transformers loads. A tensor holding NaN
-or inf is refused at load, naming it (`check_finite`: a GGUF block tensor by its fp16 scales). The family's one
-weight-name table (jlora.models.family) serves every direction. Never unpickles anything: `.bin`
-checkpoints are refused. Does not own the models (jlora.models), tokenizers (jlora.formats.tokenizer)
-or LoRA adapters (jlora.formats.peft_adapter).
+undone either way); with quantize="int8" / "nf4" either is packed tensor by tensor as it is read
+(jlora.quant.packing), never whole and dense. Writes HF safetensors checkpoints that transformers loads.
+A tensor holding NaN or inf is refused at load, naming it (`check_finite`: a GGUF block tensor by its fp16
+scales). The family's one weight-name table (jlora.models.family) serves every direction. Never unpickles
+anything: `.bin` checkpoints are refused. Does not own the models (jlora.models), tokenizers
+(jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
 """
 
 from __future__ import annotations

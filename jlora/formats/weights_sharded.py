@@ -45,7 +45,7 @@ from jlora.models.family import param_shapes
 from jlora.models.layers import DTYPES
 from jlora.parallel.sharding import param_specs, to_shardings
 from jlora.quant.packing import LeafPacker
-from jlora.quant.quantize import QuantizedKernel
+from jlora.quant.quantize import LeafEncoder, QuantizedKernel
 
 Index = tuple[slice, ...]  # one device's block of a global array, as jax.sharding hands it out
 _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
@@ -133,7 +133,7 @@ def _pack(
     key: tuple[str, ...],
     spec: jax.ShapeDtypeStruct,
     stacked: bool,
-    encode: Callable,
+    encode: LeafEncoder,
     sharding: NamedSharding,
     packed: QuantizedKernel,
     read: Callable[[Index], np.ndarray],

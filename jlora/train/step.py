@@ -297,7 +297,9 @@ def init_state(
 
 def quantize_frozen(state: TrainState, method: str, *, double_quant: bool = False) -> None:
     """Quantize `state.frozen` in place on its mesh (jlora.quant.quantize, "int8" or "nf4"), one leaf at a
-    time: each dense leaf is freed as soon as its packed form is placed by the rules."""
+    time: each dense leaf is freed as soon as its packed form is placed by the rules. For a base that is
+    dense on the devices (a random preset, a PiSSA split); a checkpoint loads packed instead
+    (jlora.train.builders.packing_keywords), never whole and dense."""
     flat = traverse_util.flatten_dict(state.frozen)
     state.frozen = None
     for path, leaf in flat.items():
