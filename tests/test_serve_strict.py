@@ -319,9 +319,13 @@ def test_replacing_an_adapter_needs_the_flag(live):
 
 
 def test_each_request_is_one_log_line(live):
+    """The server writes the line once the response is sent, so the client may read the log before it lands."""
     live.complete(model="qv4", max_tokens=3)
-    lines = live.log.read_text().splitlines()
-    assert any(re.fullmatch(r"jlora-serve: POST /v1/completions 200 adapter=qv4 tokens=3 \d+ ms", x) for x in lines)
+    line = re.compile(r"jlora-serve: POST /v1/completions 200 adapter=qv4 tokens=3 \d+ ms")
+    deadline = time.monotonic() + 30
+    while not any(line.fullmatch(x) for x in live.log.read_text().splitlines()):
+        assert time.monotonic() < deadline, live.log.read_text()[-2000:]
+        time.sleep(0.05)
 
 
 def test_a_port_in_use_or_a_repeated_adapter_fails_in_one_line_before_serving(live, capsys):
