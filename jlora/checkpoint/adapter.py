@@ -34,7 +34,7 @@ from jlora.checkpoint.metadata import (
 )
 from jlora.checkpoint.run_dir import disk_errors
 from jlora.checkpoint.tree_storage import to_storage
-from jlora.formats.weights import value_problem
+from jlora.formats.tensor_values import value_problem
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig

@@ -25,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from jlora.errors import JloraError
-from jlora.formats.weights import value_problem
+from jlora.formats.tensor_values import value_problem
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, param_shapes
 from jlora.models.layers import permute_rope_rows

@@ -34,7 +34,8 @@ from jlora.formats.peft_config import (
     peft_targets,
     read_peft_config,
 )
-from jlora.formats.weights import adapter_value_problem, save_safetensors
+from jlora.formats.tensor_values import adapter_value_problem
+from jlora.formats.weights import save_safetensors
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, param_shapes
 from jlora.peft.llama_adapter import AdapterConfig
@@ -174,7 +175,7 @@ def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) ->
     """(LoraConfig, trainable tree) from an HF PEFT LoRA adapter dir, for the base `cfg`.
 
     Refuses (PeftError, one line naming the file and tensor) an adapter that does not fit the base, and one
-    holding NaN or inf or a LoRA factor beyond jlora.formats.weights.ADAPTER_VALUE_BOUND (a damaged file).
+    holding NaN or inf or a LoRA factor beyond jlora.formats.tensor_values.ADAPTER_VALUE_BOUND (a damaged file).
     Per-layer pairs are stacked on the layer axis; a module's layers share the largest rank (smaller
     ones are zero-padded, which changes nothing); layers the adapter lacks get zeros and scale 0.
     DoRA adapters that skip layers need the base `params` (the skipped layers' magnitude is |W|).

@@ -4,7 +4,7 @@ PEFT keeps, for each of the top `adapter_layers` layers i, `base_model.model.mod
 adaption_prompt` [1, len, D] and `.adaption_gate` [1]; jlora stacks them as [A, len, D] and [A, 1]
 (jlora.peft.llama_adapter). `export_adaption_prompt` writes adapter_config.json + adapter_model.safetensors
 as `peft`'s save_pretrained does; `import_adaption_prompt` reads them back, checking every key and shape
-against the base, and every value (finite, within jlora.formats.weights.ADAPTER_VALUE_BOUND).
+against the base, and every value (finite, within jlora.formats.tensor_values.ADAPTER_VALUE_BOUND).
 jlora.formats.peft_adapter's export_peft / import_peft dispatch here. No pickle, no `peft` needed.
 PEFT supports it for llama / mistral model types, GQA included (its k/v heads repeat per query group).
 """
@@ -17,7 +17,8 @@ import pathlib
 import numpy as np
 
 from jlora.formats.peft_config import CONFIG_FILE, PeftError
-from jlora.formats.weights import adapter_value_problem, save_safetensors
+from jlora.formats.tensor_values import adapter_value_problem
+from jlora.formats.weights import save_safetensors
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError, adapted_layers, is_adapter_tree
 
