@@ -128,14 +128,19 @@ def test_an_invalid_regex_names_the_key_and_the_regex(tmp_path, key, value, rege
 # ---- item 16: Mistral's sliding_window was read and ignored
 
 
-def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
+def _model_with_config(path: pathlib.Path, **changes) -> pathlib.Path:
+    """The tiny LLaMA (vocab 128) as an HF dir whose config.json has `changes` written over it."""
     cfg = PRESETS["tiny"].replace(vocab_size=128)
     rs = np.random.RandomState(0)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(cfg))
-    model = tmp_path / "mistral"
-    save_pretrained(params, cfg, model)
-    hf = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**hf, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    save_pretrained(params, cfg, path)
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, **changes}))
+    return path
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
+    model = _model_with_config(tmp_path / "mistral", model_type="phi3", architectures=["Phi3ForCausalLM"])
     tok = _word_tokenizer(tmp_path / "tok")
     run = _train(tmp_path, f"model.path={model}", f"tokenizer={tok}")
     one_line_error(run, str(model / "config.json"), "'phi3'", "qwen3", "gemma3_text")
@@ -144,14 +149,8 @@ def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
 def test_a_config_json_that_lies_about_its_family_is_refused(tmp_path):
     """Gemma 2 fields (soft-caps, a window, its attention scale) under model_type llama: jlora's LLaMA
     does not implement them, so training would compute another model. Refused naming the file and key."""
-    cfg = PRESETS["tiny"].replace(vocab_size=128)
-    rs = np.random.RandomState(0)
-    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rs.standard_normal(s.shape).astype(s.dtype)), param_shapes(cfg))
-    model = tmp_path / "model"
-    save_pretrained(params, cfg, model)
-    hf = json.loads((model / "config.json").read_text())
     lies = {"hidden_act": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 256}
-    (model / "config.json").write_text(json.dumps({**hf, **lies}))
+    model = _model_with_config(tmp_path / "model", **lies)
     run = _train(tmp_path, f"model.path={model}", f"tokenizer={_word_tokenizer(tmp_path / 'tok')}")
     one_line_error(
         run, str(model / "config.json"), "attn_logit_softcapping=50.0", "query_pre_attn_scalar=256", "'llama'"
