@@ -1,14 +1,28 @@
-"""Test setup: 8 fake CPU devices (so sharding runs on a real mesh), fp32 matmuls, shared fixtures."""
+"""Test setup: 8 fake CPU devices (so sharding runs on a real mesh), fp32 matmuls, shared fixtures.
 
+The persistent compilation cache points at one temporary directory per test session, through the variable
+the console scripts read (`jlora.cli.compile_cache`), so the CLIs the tests start as subprocesses share it and
+never write the user's cache; this process uses it too, as a CLI run in-process would turn it on anyway.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["JLORA_COMPILE_CACHE_DIR"] = _COMPILE_CACHE = tempfile.mkdtemp(prefix="jlora-test-xla-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from jlora.cli.compile_cache import enable_compile_cache
+
+enable_compile_cache()
 
 import glob
 import importlib.util

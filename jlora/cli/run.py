@@ -4,7 +4,8 @@ A `JloraError` (bad input: a config, data, weights, an adapter, a mesh) is one l
 as is a failed file operation (a full or read-only disk); a diverged run (`NonFiniteError`) exits 1.
 A run stopped by SIGTERM or SIGINT (jlora.train.preemption.Stopped) is one line saying where its checkpoint
 is and how to resume, and exits 128 + the signal (143, 130); a Ctrl-C anywhere else is one line and 130.
-Anything else is a bug in jlora and keeps its traceback.
+Anything else is a bug in jlora and keeps its traceback. Every job runs with jax's persistent compilation
+cache on (`jlora.cli.compile_cache`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jlora.checkpoint.run_dir import os_error_line
+from jlora.cli.compile_cache import enable_compile_cache
 from jlora.errors import JloraError
 from jlora.train.preemption import Stopped, exit_at_once_on_sigint
 from jlora.train.step import NonFiniteError
@@ -38,7 +40,9 @@ class UsageError(JloraError, ValueError):
 
 def run_cli(prog: str, job: Callable[[], Any], *, resume: str | None = None) -> int:
     """Runs a console script's job: exit 0; 1 when training diverged; 2 with one line on stderr for a bad input;
-    128 + the signal when a signal stopped it (the line names `resume`, the command that resumes the run)."""
+    128 + the signal when a signal stopped it (the line names `resume`, the command that resumes the run).
+    The persistent compilation cache is on for the job (`jlora.cli.compile_cache`)."""
+    enable_compile_cache()
     try:
         job()
     except Stopped as e:
