@@ -9,8 +9,8 @@ from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import export_gguf_adapter
 from jlora.formats.peft_adapter import export_peft, import_peft
 from jlora.formats.tokenizer import load_tokenizer
-from jlora.formats.weights import load_pretrained, resolve_model_path, save_pretrained
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import read_pretrained, resolve_model_path, save_pretrained
+from jlora.formats.weights_on_device import load_pretrained, load_pretrained_sharded
 from jlora.infer.generate import generate
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import Decoder
@@ -56,6 +56,7 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_sharded",
     "load_tokenizer",
+    "read_pretrained",
     "lora_apply",
     "LoraConfig",
     "LoraError",

@@ -442,7 +442,7 @@ def test_sharded_loading_reads_each_devices_slices_like_the_whole_load(family, c
     Gemma's four norms included."""
     from flax import traverse_util
 
-    from jlora.formats.weights_sharded import load_pretrained_sharded
+    from jlora.formats.weights_on_device import load_pretrained_sharded
     from jlora.parallel.sharding import make_mesh
 
     path = ckpts(family)

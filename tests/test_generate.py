@@ -241,9 +241,9 @@ def test_greedy_matches_hf_generate_on_smollm2(smollm2_gguf, tmp_path):
     import torch
     import transformers
 
-    from jlora.formats.weights import load_pretrained, save_pretrained
+    from jlora.formats.weights import read_pretrained, save_pretrained
 
-    cfg, params = load_pretrained(smollm2_gguf)
+    cfg, params = read_pretrained(smollm2_gguf)
     ours = Generator(jlora.Llama(cfg), params).generate(HF_PROMPTS, max_new_tokens=20)
     save_pretrained(params, cfg, tmp_path)
     del params

@@ -1,6 +1,6 @@
 """jlora.quant.gguf_blocks: GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks kept as
 QuantizedKernels decode to gguf-py's dequantize bit for bit (kernels, embeddings, take_rows), also a param whose
-layers mix block types, stacked as one kernel; load_pretrained(quantize="gguf") gives the dense load's values on
+layers mix block types, stacked as one kernel; read_pretrained(quantize="gguf") gives the dense load's values on
 a tiny mixed-type file (forward, generation, training that leaves the blocks as they are) and the real SmolLM2
 file, and bad input is one line."""
 
@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from lora_testing import save_tiny_hf_llama
 
 import jlora
-from jlora.formats.weights import WeightsError, load_pretrained
+from jlora.formats.weights import WeightsError, read_pretrained
 from jlora.quant import gguf_blocks
 from jlora.quant.quantize import (
     QuantizeError,
@@ -212,8 +212,8 @@ def test_tiny_gguf_blocks_equal_dense_load(tmp_path):
     where a param's layers mix block types; logits through jlora.apply (nn.scan slices the stack) and greedy
     tokens from jlora.generate (decoding slices it per layer) equal the dense model's."""
     path = write_tiny_gguf(tmp_path / "tiny.gguf", TINY_TYPES)
-    cfg, dense = load_pretrained(path)
-    qcfg, quant = load_pretrained(path, quantize="gguf")
+    cfg, dense = read_pretrained(path)
+    qcfg, quant = read_pretrained(path, quantize="gguf")
     assert qcfg == cfg
     flat_d, flat_q = traverse_util.flatten_dict(dense), traverse_util.flatten_dict(quant)
     assert flat_d.keys() == flat_q.keys()
@@ -272,7 +272,7 @@ def test_tiny_gguf_mixed_blocks_train_frozen(tmp_path):
     from jlora.train.config import OptimConfig
     from jlora.train.step import make_optimizer, make_train_step, place_state
 
-    cfg, quant = load_pretrained(write_tiny_gguf(tmp_path / "tiny.gguf", TINY_TYPES), quantize="gguf")
+    cfg, quant = read_pretrained(write_tiny_gguf(tmp_path / "tiny.gguf", TINY_TYPES), quantize="gguf")
     unmix = lambda x: np.asarray(dequantize(x)) if is_quantized(x) and "|" in x.fmt else x
     mesh = make_mesh(data=2, fsdp=4)
     optimizer, _ = make_optimizer(OptimConfig(lr=1e-3), total_steps=10)
@@ -314,8 +314,8 @@ def test_tiny_gguf_mixed_blocks_train_frozen(tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_blocks(smollm2_gguf):
     """The real Q4_1 file (Q8_0 embedding): logits equal the dense fp32 load's, at <= 0.2x its bytes."""
-    cfg, dense = load_pretrained(jlora.resolve_model_path("smollm2-135m"))
-    _, quant = load_pretrained(smollm2_gguf, quantize="gguf")
+    cfg, dense = read_pretrained(jlora.resolve_model_path("smollm2-135m"))
+    _, quant = read_pretrained(smollm2_gguf, quantize="gguf")
     fmts = {"/".join(k): v.fmt for k, v in traverse_util.flatten_dict(quant).items() if is_quantized(v)}
     assert fmts["embed_tokens/embedding"] == "Q8_0" and len(fmts) == 8
     assert {v for k, v in fmts.items() if k.startswith("layers/")} == {"Q4_1"}
@@ -333,9 +333,9 @@ def test_smollm2_gguf_blocks(smollm2_gguf):
 
 def test_unsupported_block_type_is_one_line(tmp_path):
     path = write_tiny_gguf(tmp_path / "q2.gguf", {**TINY_TYPES, "blk.1.attn_v.weight": "Q2_K"})
-    load_pretrained(path)  # dequantized, Q2_K loads as today
+    read_pretrained(path)  # dequantized, Q2_K loads as today
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path, quantize="gguf")
+        read_pretrained(path, quantize="gguf")
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "blk.1.attn_v.weight" in msg and "Q2_K" in msg, msg
 
@@ -343,11 +343,11 @@ def test_unsupported_block_type_is_one_line(tmp_path):
 def test_gguf_quantize_on_hf_dir_is_one_line(tmp_path):
     path = save_tiny_hf_llama(tmp_path / "hf")
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path, quantize="gguf")
+        read_pretrained(path, quantize="gguf")
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "int8" in msg and "nf4" in msg, msg
     # what the message offers works: nf4 quantizes the dense load
-    _, params = load_pretrained(path, quantize="nf4")
+    _, params = read_pretrained(path, quantize="nf4")
     assert params["layers"]["self_attn"]["q_proj"]["kernel"].fmt == "nf4"
     with pytest.raises(ValueError, match="quantize='q4'"):
-        load_pretrained(path, quantize="q4")
+        read_pretrained(path, quantize="q4")

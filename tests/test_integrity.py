@@ -26,8 +26,8 @@ from jlora.checkpoint.metadata import AdapterError
 from jlora.cli.adapters import merge_main
 from jlora.formats.gguf_adapter import GGUFAdapterError, gguf_lora_tensors
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
-from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import WeightsError, expected_tensors, read_pretrained, save_pretrained
+from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.infer.generate import Generator, NonFiniteLogitsError
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS
@@ -230,7 +230,7 @@ def test_nan_base_weights_are_refused_by_both_loaders(base, tmp_path):
     tensors[name][3, 7] = np.nan
     save_file(tensors, model / "model.safetensors")
     with pytest.raises(WeightsError) as err:
-        load_pretrained(model)
+        read_pretrained(model)
     assert f"{model / 'model.safetensors'}: tensor {name} has non-finite values (1 NaN" in str(err.value)
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), ("data", "fsdp", "tensor"))
     with pytest.raises(WeightsError, match=f"tensor {name} has non-finite values"):
@@ -288,9 +288,9 @@ def _inf_norm(name: str, x: np.ndarray) -> np.ndarray:
 )
 def test_non_finite_gguf_tensors_are_refused(tmp_path, edit, name, quantize):
     path = _write_gguf(tmp_path / "tiny.gguf", edit)
-    load_pretrained(_write_gguf(tmp_path / "ok.gguf", lambda _, x: x), quantize=quantize)  # the file is sound
+    read_pretrained(_write_gguf(tmp_path / "ok.gguf", lambda _, x: x), quantize=quantize)  # the file is sound
     with pytest.raises(WeightsError, match=f"{path}: tensor {name} has non-finite values"):
-        load_pretrained(path, quantize=quantize)
+        read_pretrained(path, quantize=quantize)
 
 
 # ---- item 7: a damaged PEFT file (no checksum) is refused before anything is derived from it

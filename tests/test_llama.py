@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from jlora.formats.weights import load_pretrained
+from jlora.formats.weights import read_pretrained
 from jlora.models.attention import attention, causal_attention
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS, Llama, LlamaConfig, init_cache
@@ -78,7 +78,7 @@ def test_logits_match_hf_on_tiny_checkpoints(case, tmp_path):
     files = {p.name for p in tmp_path.iterdir()}
     assert ("model.safetensors.index.json" in files) == sharded, files
 
-    cfg, params = load_pretrained(tmp_path)
+    cfg, params = read_pretrained(tmp_path)
     assert cfg.tie_word_embeddings == model.config.tie_word_embeddings
     assert ("lm_head" in params) != cfg.tie_word_embeddings
     assert cfg.num_key_value_heads == model.config.num_key_value_heads
@@ -96,7 +96,7 @@ def tiny_gqa(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_gqa")
     model = tiny_hf_model(seed=1, num_key_value_heads=2)
     model.save_pretrained(path)
-    return (model, *load_pretrained(path))
+    return (model, *read_pretrained(path))
 
 
 def padded_batch():
@@ -267,7 +267,7 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def jlora_smollm2(smollm2_gguf):
-    return load_pretrained(smollm2_gguf)
+    return read_pretrained(smollm2_gguf)
 
 
 @pytest.mark.slow

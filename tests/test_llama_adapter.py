@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 import jlora
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
-from jlora.formats.weights import load_pretrained
+from jlora.formats.weights import read_pretrained
 from jlora.infer.generate import generate
 from jlora.peft.llama_adapter import GATE, PROMPT, AdapterConfig, AdapterConfigError
 
@@ -41,7 +41,7 @@ def _hf_base(path, kv_heads: int):
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
 def base(request, tmp_path_factory):
     path = _hf_base(tmp_path_factory.mktemp(f"base{request.param}"), request.param)
-    cfg, params = load_pretrained(path)
+    cfg, params = read_pretrained(path)
     return path, cfg, params
 
 
@@ -111,7 +111,7 @@ def test_logits_equal_peft_on_smollm2(smollm2_gguf):
     """SmolLM2 (GQA: 9 query heads over 3 kv heads), lit-llama's layers (all but the first two)."""
     import pathlib
 
-    cfg, params = load_pretrained(smollm2_gguf)
+    cfg, params = read_pretrained(smollm2_gguf)
     frozen, trainable = jlora.split(params, AdapterConfig(len=10), jax.random.key(0))
     assert trainable["layers"]["self_attn"][PROMPT].shape == (cfg.num_hidden_layers - 2, 10, cfg.hidden_size)
     trainable = _random(trainable, gate_std=0.2)

@@ -24,7 +24,7 @@ from lora_testing import is_pair, randomize
 
 import jlora
 from jlora import split
-from jlora.formats.weights import load_pretrained
+from jlora.formats.weights import read_pretrained
 from jlora.models.family import param_shapes
 from jlora.models.llama import PRESETS, Llama, LlamaConfig
 from jlora.peft.lora import LoraConfig, LoraError, count_params, describe, merge, unmerge
@@ -85,7 +85,7 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = tiny_hf()
     model.save_pretrained(path)
-    cfg, params = load_pretrained(path)
+    cfg, params = read_pretrained(path)
     return cfg, jax.tree.map(jnp.asarray, params), torch_logits(model)
 
 

@@ -17,7 +17,7 @@ import jlora
 from jlora.checkpoint.adapter import save_adapter
 from jlora.cli.adapters import export_main, merge_main
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
-from jlora.formats.weights import load_pretrained
+from jlora.formats.weights import read_pretrained
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 
@@ -25,7 +25,7 @@ IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     path = save_tiny_hf_llama(tmp_path_factory.mktemp("base"))
-    cfg, params = load_pretrained(path)
+    cfg, params = read_pretrained(path)
     model = jlora.Llama(cfg)
     logits = jax.jit(lambda fr, tr: jlora.apply(model, fr, tr, jnp.asarray(IDS)))
     return path, cfg, params, logits

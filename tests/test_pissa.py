@@ -27,7 +27,7 @@ import jlora
 from jlora.checkpoint.adapter import load_adapter, save_adapter
 from jlora.checkpoint.metadata import AdapterError
 from jlora.formats.peft_adapter import PeftError, export_peft
-from jlora.formats.weights import load_pretrained
+from jlora.formats.weights import read_pretrained
 
 IDS = np.random.RandomState(0).randint(0, 128, (2, 9))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _trained_pissa(params, cfg, lcfg):
 
 
 def test_pissa_adapter_saved_loaded_merged_and_exported_gives_the_training_logits(base, tmp_path):
-    cfg, params = load_pretrained(base)
+    cfg, params = read_pretrained(base)
     lcfg = jlora.LoraConfig(
         rank=4,
         alpha=8,
@@ -95,7 +95,7 @@ def test_pissa_adapter_saved_loaded_merged_and_exported_gives_the_training_logit
     lcfg2, adapter = jlora.pissa_to_lora(trainable, initial, lcfg)
     assert lcfg2.init == "lora" and lcfg2.rank == 8 and dict(lcfg2.rank_pattern) == {"v_proj": 4}
     save_adapter(tmp_path / "adapter", adapter, lcfg2, base=cfg, params=params)
-    _, fresh = load_pretrained(base)  # a freshly loaded base: W as on disk, not W_res
+    _, fresh = read_pretrained(base)  # a freshly loaded base: W as on disk, not W_res
     _, loaded = load_adapter(tmp_path / "adapter", base=cfg, params=fresh)
     got = np.asarray(jlora.apply(jlora.Llama(cfg), fresh, loaded, jnp.asarray(IDS)))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

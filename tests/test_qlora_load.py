@@ -2,7 +2,7 @@
 leaf) at a time, packed, and only the packed form is kept, so the dense base never exists whole on a device or
 on the host.
 
-Checked here: the packed leaves equal `quantize(load_pretrained(dense))` bit for bit, placed by the rules, on the
+Checked here: the packed leaves equal `quantize(read_pretrained(dense))` bit for bit, placed by the rules, on the
 host, one device and a mesh; train steps and jlora-train's adapter (its dense-base fingerprint) equal the path
 that quantized the placed dense base; the devices' live bytes during a load stay within the packed base plus
 one dense piece; and (slow) the peak RSS of one jlora-train step on a 0.47B checkpoint that transformers
@@ -24,8 +24,8 @@ from flax import traverse_util
 import jlora
 from jlora.checkpoint.adapter import read_adapter_metadata
 from jlora.checkpoint.fingerprint import fingerprint
-from jlora.formats.weights import load_pretrained, save_pretrained
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import read_pretrained, save_pretrained
+from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.models.llama import PRESETS
 from jlora.parallel.sharding import make_mesh, param_specs
 from jlora.quant.quantize import is_quantized, quantize
@@ -89,12 +89,12 @@ def _assert_same_leaves(got, ref, mesh=None) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_load_equals_quantizing_the_dense_load(checkpoint, method):
-    """load_pretrained(quantize=...) on the host, and load_pretrained_sharded on one device and on 8 (fsdp x
-    tensor), give quantize(load_pretrained(dense)) bit for bit, each field placed by the rules."""
-    _, dense = load_pretrained(checkpoint)
+    """read_pretrained(quantize=...) on the host, and load_pretrained_sharded on one device and on 8 (fsdp x
+    tensor), give quantize(read_pretrained(dense)) bit for bit, each field placed by the rules."""
+    _, dense = read_pretrained(checkpoint)
     ref = quantize(dense, METHODS[method]["quantize"], double_quant=METHODS[method].get("double_quant", False))
     assert any(is_quantized(x) for x in jax.tree.leaves(ref, is_leaf=is_quantized))
-    _, got = load_pretrained(checkpoint, **METHODS[method])
+    _, got = read_pretrained(checkpoint, **METHODS[method])
     _assert_same_leaves(got, ref)
     for name in MESHES:
         mesh = _mesh(name)
@@ -105,7 +105,7 @@ def test_packed_load_equals_quantizing_the_dense_load(checkpoint, method):
 def test_packed_bf16_load_and_a_kept_dense_leaf(checkpoint):
     """In param_dtype bfloat16 the packed leaves remember it (dequantize gives bf16), as quantize's do; `skip`
     keeps a leaf dense, as quantize's does."""
-    _, dense = load_pretrained(checkpoint, param_dtype="bfloat16")
+    _, dense = read_pretrained(checkpoint, param_dtype="bfloat16")
     skip = lambda name: name.startswith("lm_head")
     ref = quantize(dense, "nf4", skip=skip)
     _, got = load_pretrained_sharded(
@@ -158,7 +158,7 @@ def test_jlora_train_on_the_packed_base_equals_the_path_before(checkpoint, tmp_p
     for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(now[1]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "lm_head" in now[1][1] and "lm_head" not in now[1][0]  # trained in full: never packed
-    cfg, dense = load_pretrained(checkpoint)
+    cfg, dense = read_pretrained(checkpoint)
     frozen = {k: v for k, v in dense.items() if k != "lm_head"}
     assert now[2]["base"]["fingerprint"] == before[2]["base"]["fingerprint"] == fingerprint(frozen)
     jlora.load_adapter(tmp_path / "now" / "adapter", base=cfg, params=dense)

@@ -1,4 +1,4 @@
-"""jlora.formats.weights_sharded: per-host sharded loading equals load_pretrained leaf for leaf, lands on param_specs'
+"""jlora.formats.weights_on_device: per-host sharded loading equals load_pretrained leaf for leaf, lands on param_specs'
 shardings, keeps load_pretrained's one-line errors, and (2 processes x 4 CPU devices, jax.distributed) keeps
 each process's peak RSS growth near its own share of a 0.5 GB checkpoint."""
 
@@ -13,8 +13,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 from test_trainer import run_two_processes
 
-from jlora.formats.weights import WeightsError, expected_tensors, load_pretrained, save_pretrained
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import WeightsError, expected_tensors, read_pretrained, save_pretrained
+from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.models.family import init_params
 from jlora.models.llama import PRESETS
 from jlora.parallel.sharding import make_mesh, param_specs
@@ -48,7 +48,7 @@ def checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def _assert_loaded_like_whole(path: pathlib.Path, mesh, **dtypes) -> None:
-    cfg_ref, ref = load_pretrained(path, **dtypes)
+    cfg_ref, ref = read_pretrained(path, **dtypes)
     cfg, got = load_pretrained_sharded(path, mesh, **dtypes)
     assert cfg == cfg_ref
     specs = traverse_util.flatten_dict(param_specs(got, mesh))
@@ -100,7 +100,7 @@ BROKEN = {  # checkpoint edits that both loaders must refuse with the same one-l
 def test_sharded_load_gives_the_same_one_line_errors(checkpoints, tmp_path, problem):
     path = _edited(checkpoints["single"], tmp_path / "c", BROKEN[problem])
     with pytest.raises(WeightsError) as whole:
-        load_pretrained(path)
+        read_pretrained(path)
     with pytest.raises(WeightsError) as sharded:
         load_pretrained_sharded(path, make_mesh(1, 8, 1))
     assert str(sharded.value) == str(whole.value) and "\n" not in str(whole.value)
@@ -158,8 +158,8 @@ from flax import traverse_util
 from jlora.models.llama import LlamaConfig
 from jlora.models.family import param_shapes
 from jlora.parallel.sharding import make_mesh, param_specs
-from jlora.formats.weights import load_pretrained
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import read_pretrained
+from jlora.formats.weights_on_device import load_pretrained_sharded
 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
@@ -178,7 +178,7 @@ jax.block_until_ready(params)
 growth, cold_growth = status("VmHWM") - before, status("VmHWM") - cold
 flat = traverse_util.flatten_dict(params)
 held = sum(s.data.nbytes for leaf in flat.values() for s in leaf.addressable_shards)
-ref = traverse_util.flatten_dict(load_pretrained(sys.argv[1])[1])  # the single-process load, after the measurement
+ref = traverse_util.flatten_dict(read_pretrained(sys.argv[1])[1])  # the single-process load, after the measurement
 specs = traverse_util.flatten_dict(param_specs(params, mesh))
 same = all(leaf.sharding.spec == specs[k] and all(np.array_equal(np.asarray(s.data), ref[k][s.index])
                                                   for s in leaf.addressable_shards) for k, leaf in flat.items())

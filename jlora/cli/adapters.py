@@ -26,7 +26,7 @@ from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
 from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
 from jlora.formats.tokenizer import load_tokenizer, save_hf_files
-from jlora.formats.weights import hub_name, load_pretrained, resolve_model_path, save_pretrained
+from jlora.formats.weights import hub_name, read_pretrained, resolve_model_path, save_pretrained
 from jlora.models.config import ModelConfig
 from jlora.peft.lora import LoraConfig, merge_for_inference
 
@@ -116,7 +116,7 @@ def export_main(argv: list[str] | None = None) -> int:
     )
 
     def body(args, partial: pathlib.Path):
-        cfg, params = load_pretrained(args.model)
+        cfg, params = read_pretrained(args.model)
         lcfg, trainable = load_adapter(args.adapter, base=cfg, params=params)
         export_peft(partial, trainable, lcfg, cfg, base_name=args.base_name or hub_name(args.model))
         print(f"wrote {pathlib.Path(args.out) / 'adapter_model.safetensors'} and adapter_config.json", file=sys.stderr)
@@ -129,7 +129,7 @@ def merge_main(argv: list[str] | None = None) -> int:
     parser = _parser("jlora-merge", "Merge an adapter into its base model; write an HF safetensors checkpoint.")
 
     def body(args, partial: pathlib.Path):
-        cfg, params = load_pretrained(args.model)
+        cfg, params = read_pretrained(args.model)
         _, trainable = load_any_adapter(args.adapter, cfg, params)
         merged = merge_for_inference(params, trainable, tie_word_embeddings=cfg.tie_word_embeddings)
         save_pretrained(merged, cfg, partial)
@@ -161,7 +161,7 @@ def gguf_main(argv: list[str] | None = None) -> int:
     def job() -> None:
         model = resolve_model_path(args.model)  # an alias names the GGUF, which --out must not overwrite
         out = check_out_file(args.out, force=args.force, inputs={"--model": model, "--adapter": args.adapter})
-        cfg, params = load_pretrained(args.model)
+        cfg, params = read_pretrained(args.model)
         lcfg, trainable = load_any_adapter(args.adapter, cfg, params)
         with _disk_errors(args.out):
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,7 +133,7 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
 OnDense = Callable[[tuple, tuple, "int | None", object], None]
 
 
-def load_pretrained(
+def read_pretrained(
     path: str | pathlib.Path,
     *,
     dtype: str | None = None,
@@ -143,7 +143,8 @@ def load_pretrained(
     skip: Callable[[str], bool] | None = None,
     on_dense: OnDense | None = None,
 ) -> tuple[ModelConfig, dict]:
-    """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params).
+    """Read an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) into host memory as
+    (config, params); jlora.load_pretrained places the same params on devices.
 
     Params are numpy arrays in `param_dtype` (default float32, whatever the checkpoint stores); `dtype` sets
     the compute dtype in the returned config. `quantize`: "none" (dense), "gguf" (a GGUF file's tensors in the
@@ -155,8 +156,8 @@ def load_pretrained(
     sees each dense piece of a packed leaf before it is packed.
     """
     path = pathlib.Path(resolve_model_path(path))
-    overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
-    packing = packing_for("load_pretrained", quantize, double_quant, skip)
+    overrides = dtype_overrides("read_pretrained", dtype, param_dtype)
+    packing = packing_for("read_pretrained", quantize, double_quant, skip)
     if path.is_dir():
         if quantize == "gguf":
             raise WeightsError(

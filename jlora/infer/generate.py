@@ -29,7 +29,8 @@ from jlora.checkpoint.adapter import load_adapter
 from jlora.errors import JloraError
 from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
-from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.formats.weights import resolve_model_path
+from jlora.formats.weights_on_device import load_pretrained
 from jlora.infer.decode import decode_jit, decode_model, forward, init_decode_cache, layout
 from jlora.infer.lora_stack import AdapterStack
 from jlora.models.config import ModelConfig

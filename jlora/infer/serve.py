@@ -29,7 +29,8 @@ from starlette.routing import Route
 
 from jlora.errors import JloraError
 from jlora.formats.tokenizer import load_tokenizer
-from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.formats.weights import resolve_model_path
+from jlora.formats.weights_on_device import load_pretrained
 from jlora.infer.adapter_routes import AdapterRoutes, load_adapter_dir, max_rank_of
 from jlora.infer.choices import Answer, Choice, choice_seeds, prompt_entries
 from jlora.infer.engine import Engine, Request

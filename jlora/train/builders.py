@@ -17,8 +17,8 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora.checkpoint.fingerprint import fingerprint, sample_positions
-from jlora.formats.weights import OnDense, load_pretrained, resolve_model_path
-from jlora.formats.weights_sharded import load_pretrained_sharded
+from jlora.formats.weights import OnDense, read_pretrained, resolve_model_path
+from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.models.config import ModelConfig
 from jlora.models.family import family_of, presets
 from jlora.parallel.sharding import param_specs
@@ -85,7 +85,7 @@ def load_base(
     packing = packing_keywords(run)
     if mesh is None or m.quantize == "gguf":  # a GGUF file's blocks are placed by init_state like host arrays
         kept = {"quantize": "gguf"} if m.quantize == "gguf" else packing
-        cfg, params = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept, on_dense=on_dense)
+        cfg, params = read_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, **kept, on_dense=on_dense)
     else:  # placed by the same specs init_state uses, so it keeps these arrays as they are
         cfg, params = load_pretrained_sharded(
             m.path,

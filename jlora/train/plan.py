@@ -65,7 +65,7 @@ def plan_devices(run: RunConfig, devices: int | None) -> int:
 def model_config(run: RunConfig):
     """The base model's config without reading weights: a preset, "tiny", an HF checkpoint's
     config.json (and safetensors headers), or a GGUF file (small models: loaded whole)."""
-    from jlora.formats.weights import hf_checkpoint, load_pretrained, resolve_model_path
+    from jlora.formats.weights import hf_checkpoint, read_pretrained, resolve_model_path
     from jlora.train.builders import load_base, load_tok, model_overrides
 
     m = run.model
@@ -78,7 +78,7 @@ def model_config(run: RunConfig):
             f"{e}; to plan by shape alone, add --set model.preset=NAME (e.g. llama3-8b)", "model.path"
         ) from None
     dtypes = {"dtype": m.dtype, "param_dtype": m.param_dtype}
-    cfg = hf_checkpoint(path, dtypes)[0] if path.is_dir() else load_pretrained(path, **dtypes)[0]
+    cfg = hf_checkpoint(path, dtypes)[0] if path.is_dir() else read_pretrained(path, **dtypes)[0]
     return cfg.replace(**model_overrides(run))
 
 
@@ -102,9 +102,9 @@ def quantized_shapes(run: RunConfig, frozen):
     import jax
     from flax import traverse_util
 
-    from jlora.formats.weights import load_pretrained, resolve_model_path
+    from jlora.formats.weights import read_pretrained, resolve_model_path
 
-    loaded = traverse_util.flatten_dict(load_pretrained(resolve_model_path(m.path), quantize="gguf")[1])
+    loaded = traverse_util.flatten_dict(read_pretrained(resolve_model_path(m.path), quantize="gguf")[1])
     flat = traverse_util.flatten_dict(frozen)
     return traverse_util.unflatten_dict({k: jax.eval_shape(lambda x: x, loaded[k]) for k in flat})
 

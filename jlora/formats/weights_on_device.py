@@ -1,4 +1,8 @@
-"""Per-host sharded loading: an HF safetensors checkpoint read straight into a mesh's device buffers.
+"""Loading a model onto devices: `load_pretrained` (the default device, or a mesh) and `load_pretrained_sharded`.
+
+`load_pretrained` without a mesh reads the checkpoint to host (jlora.formats.weights.read_pretrained) and
+moves it to the default device leaf by leaf, dropping each host leaf as it goes, so host memory never holds
+two copies; a jitted step then reads the frozen tree where it lies instead of copying it in at every call.
 
 `load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own
 devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
@@ -33,10 +37,10 @@ from jlora.formats.weights import (
     hf_checkpoint,
     hf_embed_name,
     hf_head_name,
-    load_pretrained,
     open_safetensors,
     packing_for,
     read_error,
+    read_pretrained,
     resolve_model_path,
     to_disk,
 )
@@ -51,6 +55,40 @@ Index = tuple[slice, ...]  # one device's block of a global array, as jax.shardi
 _READ_SPAN = 16 << 20  # bytes of a file mapped at once by one read
 
 
+def load_pretrained(
+    path: str | pathlib.Path,
+    *,
+    mesh: Mesh | None = None,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    quantize: str = "none",
+    double_quant: bool = False,
+    skip: Callable[[str], bool] | None = None,
+    on_dense: OnDense | None = None,
+) -> tuple[ModelConfig, dict]:
+    """Load an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) as (config, params),
+    params as jax.Arrays: on the default device, or with `mesh` sharded by `param_specs` (load_pretrained_sharded).
+
+    Keywords as jlora.formats.weights.read_pretrained's (which returns the same params as host numpy arrays,
+    for converters and tools that never run the model). Without a mesh the host tree is moved leaf by leaf,
+    each host leaf dropped once placed, so the peak is the model plus one leaf, never two copies.
+    """
+    overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
+    kept = {"quantize": quantize, "double_quant": double_quant, "skip": skip}
+    packing_for("load_pretrained", quantize, double_quant, skip)  # checked here, so errors name this function
+    if mesh is not None:
+        return load_pretrained_sharded(path, mesh, **overrides, **kept, on_dense=on_dense)
+    cfg, params = read_pretrained(path, **overrides, **kept, on_dense=on_dense)
+    return cfg, _to_default_device(params)
+
+
+def _to_default_device(tree: dict) -> dict:
+    """`tree`'s leaves moved to the default device in place, each host leaf released before the next is moved."""
+    for key, value in tree.items():
+        tree[key] = _to_default_device(value) if isinstance(value, dict) else jax.device_put(value)
+    return tree
+
+
 def load_pretrained_sharded(
     path: str | pathlib.Path,
     mesh: Mesh,
@@ -63,14 +101,14 @@ def load_pretrained_sharded(
     skip: Callable[[str], bool] | None = None,
     on_dense: OnDense | None = None,
 ) -> tuple[ModelConfig, dict]:
-    """Like `load_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
+    """Like `read_pretrained`, but params come back as jax.Arrays already placed on `mesh`.
 
     `specs_fn(shapes)` maps the ShapeDtypeStruct tree to PartitionSpecs (default
     `param_specs(shapes, mesh)`), packed leaves included. On several hosts every process calls this; each
     reads only the blocks its addressable devices hold. A tied checkpoint that also stores its head is checked
     cheaply: three rows (first, middle, last) must equal the embedding's, not the whole matrix.
 
-    `quantize`, `double_quant`, `skip`: as load_pretrained's. With "int8" / "nf4" each leaf it packs is placed
+    `quantize`, `double_quant`, `skip`: as read_pretrained's. With "int8" / "nf4" each leaf it packs is placed
     dense one layer at a time (a stacked leaf whose layer dim is not split) or whole, packed on the devices
     into fields placed by `specs_fn`, and freed before the next is read: the values are
     jlora.quant.quantize.quantize's bit for bit. `on_dense` sees each dense piece first (see OnDense).
@@ -79,9 +117,9 @@ def load_pretrained_sharded(
     overrides = dtype_overrides("load_pretrained_sharded", dtype, param_dtype)
     packing = packing_for("load_pretrained_sharded", quantize, double_quant, skip)
     specs_fn = specs_fn or (lambda shapes: param_specs(shapes, mesh))
-    if not path.is_dir():  # GGUF: small models; load_pretrained also refuses other files, and packs as it reads
+    if not path.is_dir():  # GGUF: small models; read_pretrained also refuses other files, and packs as it reads
         kept = {"quantize": quantize, "double_quant": double_quant, "skip": skip} if quantize != "none" else {}
-        cfg, params = load_pretrained(path, **overrides, **kept, on_dense=on_dense)
+        cfg, params = read_pretrained(path, **overrides, **kept, on_dense=on_dense)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         shardings = to_shardings(mesh, specs_fn(shapes))
         return cfg, jax.tree.map(lambda x, sh: _place(x.shape, sh, x.__getitem__), params, shardings)
