@@ -32,7 +32,7 @@ import transformers
 
 import jlora
 from jlora.formats.peft_adapter import export_peft
-from jlora.formats.weights import load_pretrained, resolve_model_path
+from jlora.formats.weights import read_pretrained, resolve_model_path
 from jlora.models.llama import Llama
 from jlora.train.provenance import provenance, write_result
 
@@ -73,7 +73,7 @@ def main() -> None:
     started = provenance()
 
     path = pathlib.Path(resolve_model_path("smollm2-135m"))
-    cfg, params = load_pretrained(path)
+    cfg, params = read_pretrained(path)
     params = jax.device_put(params)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq

@@ -43,8 +43,8 @@ from baseline_side import Handler, SideProcess, serve_side, short_commit
 import jlora
 
 try:  # the package layout since 760039e
+    from jlora import load_pretrained, resolve_model_path
     from jlora.formats.tokenizer import load_tokenizer
-    from jlora.formats.weights import load_pretrained, resolve_model_path
     from jlora.infer.generate import Generator
     from jlora.train.provenance import provenance, write_result
 except ModuleNotFoundError:  # a --baseline checkout from before it

@@ -90,11 +90,11 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from jlora.formats.weights import load_pretrained, resolve_model_path
+    from jlora.formats.weights import read_pretrained, resolve_model_path
     from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
 
-    cfg, params = load_pretrained(resolve_model_path("smollm2-135m"))
+    cfg, params = read_pretrained(resolve_model_path("smollm2-135m"))
     cfg = cfg.replace(remat=a.remat)
     state, opt = jlora_state(cfg, params, a.steps + 2, rank=a.rank, targets=tuple(a.targets.split(",")))
     del params

@@ -6,7 +6,7 @@ ones. Sides, each in its own subprocess (so each peak RSS, getrusage ru_maxrss, 
 loading included):
   jlora none   fp32 dense base, from the GGUF dequantized to an HF checkpoint (as train_vs_peft does);
   jlora int8 / nf4   the same dense load, init_state, then trainer.quantize_frozen(state, method);
-  jlora gguf   load_pretrained(gguf, quantize="gguf"): the file's own Q4_1 / Q8_0 blocks;
+  jlora gguf   read_pretrained(gguf, quantize="gguf"): the file's own Q4_1 / Q8_0 blocks;
   PEFT bnb nf4   transformers + BitsAndBytesConfig(load_in_4bit, nf4, fp32 compute) on CPU, then
                  peft.prepare_model_for_kbit_training (no gradient checkpointing) and get_peft_model;
   PEFT fp32    plain PEFT on the fp32 checkpoint, for reference.
@@ -51,14 +51,14 @@ MB = 2**20
 
 def side_jlora(method: str, a: argparse.Namespace) -> dict:
     """A jlora side: the frozen base held as `method`, then train_vs_peft's timed steps."""
-    from jlora.formats.weights import load_pretrained, resolve_model_path
+    from jlora.formats.weights import read_pretrained, resolve_model_path
     from jlora.quant.quantize import frozen_bytes
     from jlora.train.step import quantize_frozen
 
     if method == "gguf":
-        cfg, params = load_pretrained(resolve_model_path("smollm2-135m"), quantize="gguf")
+        cfg, params = read_pretrained(resolve_model_path("smollm2-135m"), quantize="gguf")
     else:
-        cfg, params = load_pretrained(a.hf_dir)
+        cfg, params = read_pretrained(a.hf_dir)
     cfg = cfg.replace(remat=a.remat)
     state, opt = base.jlora_state(cfg, params, a.steps)
     del params

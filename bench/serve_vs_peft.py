@@ -47,8 +47,8 @@ from baseline_side import Handler, SideProcess, serve_side, short_commit
 import jlora
 
 try:  # the package layout since 760039e
+    from jlora import load_pretrained, resolve_model_path
     from jlora.formats.tokenizer import load_tokenizer
-    from jlora.formats.weights import load_pretrained, resolve_model_path
     from jlora.infer.decode import decode_compiler_options
     from jlora.infer.engine import Engine, Request
     from jlora.infer.generate import Generator

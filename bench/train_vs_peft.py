@@ -73,10 +73,16 @@ def random_ids(batch: int, seq: int, vocab: int):
     return np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
+def host_reader(weights):
+    """The loader that returns host (numpy) params: read_pretrained, or load_pretrained in a --baseline checkout
+    from before load_pretrained placed its params on the device."""
+    return getattr(weights, "read_pretrained", None) or weights.load_pretrained
+
+
 def side_prep(hf_dir: str, model: str = "smollm2-135m") -> dict:
     weights = jlora_module("jlora.formats.weights", "jlora.weights")
     load_pretrained, resolve_model_path, save_pretrained = (
-        weights.load_pretrained,
+        host_reader(weights),
         weights.resolve_model_path,
         weights.save_pretrained,
     )
@@ -98,7 +104,7 @@ def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
 
 
 def side_jlora(a: argparse.Namespace) -> dict:
-    load_pretrained = jlora_module("jlora.formats.weights", "jlora.weights").load_pretrained
+    load_pretrained = host_reader(jlora_module("jlora.formats.weights", "jlora.weights"))
 
     cfg, params = load_pretrained(a.hf_dir)
     cfg = cfg.replace(remat=a.remat)
@@ -126,7 +132,6 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
         params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)), jax.random.key(0)
     )
     del params
-    frozen = jax.device_put(frozen)  # as README: placed once, else each step would copy the numpy tree in
     optimizer = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=WD))
     opt_state = optimizer.init(trainable)
     batch = {k: jnp.asarray(v) for k, v in host_batch(a.batch, a.seq, cfg.vocab_size).items()}
