@@ -11,10 +11,12 @@ import signal
 import subprocess
 import time
 
+import pytest
 from cli_testing import one_line_error, script
 from fs_testing import tmpfs
 
 from jlora.checkpoint.adapter import load_adapter
+from jlora.checkpoint.run_dir import RunDirError, claim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -69,14 +71,17 @@ def test_no_resume_refuses_checkpoints_overwrite_moves_the_old_run_aside(tmp_pat
     assert _steps(out) == [2, 4]
     old_metrics = (out / "metrics.jsonl").read_text()
 
+    assert not (out / ".lock").exists(), "a finished run left its lock file"
     one_line_error(_train(out, "--no-resume", steps=6), str(out), "--overwrite", "--resume")
     assert _steps(out) == [2, 4] and (out / "metrics.jsonl").read_text() == old_metrics
+    assert not (out / ".lock").exists(), "a refused run left its lock file"
 
     run = _train(out, "--no-resume", "--overwrite", steps=6)
     assert run.returncode == 0, run.stderr[-3000:]
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1, "the old run was not moved aside"
     assert _steps(aside[0]) == [2, 4] and (aside[0] / "metrics.jsonl").read_text() == old_metrics
+    assert not (out / ".lock").exists() and not (aside[0] / ".lock").exists()
     load_adapter(aside[0] / "adapter")
     assert _steps(out) == [2, 4, 6]
     logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -162,3 +167,44 @@ def test_overwrite_moves_only_a_jlora_run(tmp_path):
     run = _train(out, "--overwrite", "--set", f"data.train={out / 'data' / 'train.jsonl'}", steps=2)
     one_line_error(run, str(out), "train.jsonl", "reads")
     assert (out / "data" / "train.jsonl").is_file() and not [p for p in tmp_path.iterdir() if ".old-" in p.name]
+
+
+def test_the_lock_file_is_removed_however_claim_ends(tmp_path):
+    """claim() holds output_dir/.lock (a second claim is refused, naming our pid) and removes it on the way out:
+    after the run, after an error in it, and after --overwrite moved an earlier run (and its lock) aside."""
+    out = tmp_path / "run"
+    with claim(out, fresh=True):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
+            with claim(out, fresh=True):
+                pass
+        assert (out / ".lock").exists(), "a refused claim removed the holder's lock"
+    assert not (out / ".lock").exists()
+    with pytest.raises(KeyError), claim(out, fresh=True):
+        raise KeyError("a run that fails")
+    assert not (out / ".lock").exists()
+    (out / "checkpoints" / "2").mkdir(parents=True)
+    with claim(out, fresh=True, overwrite=True) as aside:
+        assert (out / ".lock").exists() and not (aside / ".lock").exists()
+    assert not (out / ".lock").exists()
+
+
+def test_a_run_stopped_by_sigterm_leaves_no_lock_file(tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        _args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline, "the run never started training"
+            time.sleep(0.1)
+        assert (out / ".lock").exists()
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 143, run.stderr.read()
+    finally:
+        run.kill()
+        run.wait()
+    assert _steps(out), "the stopped run saved no checkpoint"
+    assert not (out / ".lock").exists(), "a run stopped by SIGTERM left its lock file"

@@ -3,13 +3,14 @@
 `claim(out_dir, fresh=..., overwrite=...)` is held for a jlora-train run's lifetime. It checks that
 output_dir is (or can become) a directory we can write to. It takes an exclusive fcntl lock on
 `output_dir/.lock` and writes our pid there, so a second run on the same dir stops at once and names
-the holder. And it decides what happens when a run starts over (`fresh`) where an earlier run left
-checkpoints. By default that is refused, so a later `--resume` cannot continue the wrong run. With
-`overwrite`, the earlier run is moved aside whole, in one rename, to `<dir>.old-<timestamp>`. Nothing
-is deleted, and the dir then holds only the run started last. A disk that fills up mid-run is
-reported here too: `ensure_free_space` refuses a write that cannot fit before it starts, `disk_errors`
-turns orbax's and tensorstore's many forms of ENOSPC into one OSError, and `os_error_line` makes that
-one line. Checkpoint contents are jlora.checkpoint.train_state's and .adapter's business.
+the holder; the file is removed when the run ends, however it ends (but by SIGKILL). And it decides what
+happens when a run starts over (`fresh`) where an earlier run left checkpoints. By default that is refused,
+so a later `--resume` cannot continue the wrong run. With `overwrite`, the earlier run is moved aside whole,
+in one rename, to `<dir>.old-<timestamp>`. Nothing is deleted, and the dir then holds only the run started
+last. A disk that fills up mid-run is reported here too: `ensure_free_space` refuses a write that cannot
+fit before it starts, `disk_errors` turns orbax's and tensorstore's many forms of ENOSPC into one OSError,
+and `os_error_line` makes that one line. Checkpoint contents are jlora.checkpoint.train_state's and
+.adapter's business.
 """
 
 from __future__ import annotations
@@ -141,21 +142,25 @@ def _usable_dir(out: pathlib.Path) -> None:
 def _lock(out: pathlib.Path) -> int:
     """An fd holding the exclusive lock on out/.lock, with our pid written in it."""
     path = out / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise RunDirError(
-            f"output_dir {out}: not writable ({e.strerror}); set output_dir to a writable directory"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunDirError(
-            f"output_dir {out}: in use by another jlora-train run (pid {holder}); wait for it to "
-            f"end, or choose another output_dir"
-        ) from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(
+                f"output_dir {out}: not writable ({e.strerror}); set output_dir to a writable directory"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(
+                f"output_dir {out}: in use by another jlora-train run (pid {holder}); wait for it to "
+                f"end, or choose another output_dir"
+            ) from None
+        if _is_file_of(fd, path):
+            break
+        os.close(fd)  # a run that just ended removed the file we opened: lock the one at the path now
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -165,6 +170,23 @@ def _lock(out: pathlib.Path) -> int:
             f"output_dir {out}: cannot write {LOCK_FILE} ({e.strerror}); free space or choose another output_dir"
         ) from None
     return fd
+
+
+def _is_file_of(fd: int, path: pathlib.Path) -> bool:
+    """Whether `fd` is the file at `path` (not one unlinked since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _unlock(fd: int, path: pathlib.Path) -> None:
+    """Remove the lock file we hold, then release it: a finished run leaves no .lock behind. Removed first,
+    while still held, so a run that opened it meanwhile sees it is gone (`_lock`) and locks a fresh one."""
+    with contextlib.suppress(OSError):
+        if _is_file_of(fd, path):
+            os.unlink(path)
+    os.close(fd)
 
 
 def _aside_path(out: pathlib.Path) -> pathlib.Path:
@@ -204,7 +226,7 @@ def _move_aside(out: pathlib.Path, fd: int) -> tuple[pathlib.Path, int]:
         ) from None
     _usable_dir(out)
     new_fd = _lock(out)
-    os.close(fd)  # the old lock went along with the old run
+    _unlock(fd, aside / LOCK_FILE)  # the old lock went along with the old run: it is no run's now
     return aside, new_fd
 
 
@@ -251,6 +273,6 @@ def claim(
             aside, fd = _move_aside(out, fd)
         sync("jlora_run_dir_claimed")
         yield aside
-    finally:
+    finally:  # on success, an error or a signal's Stopped alike; only SIGKILL leaves the file (unlocked)
         if fd is not None:
-            os.close(fd)  # closing the fd releases the lock; the file stays, a later run reuses it
+            _unlock(fd, out / LOCK_FILE)
