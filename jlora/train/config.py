@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -25,6 +26,7 @@ import yaml
 from jlora.errors import JloraError
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
+from jlora.train.config_files import ConfigFileError, find_config, resolve_inputs
 
 Dtype = Literal["float32", "bfloat16"]
 
@@ -461,7 +463,15 @@ def from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply `--set` style overrides ("optim.lr=1e-4")."""
+    """Read a YAML run config and apply `--set` style overrides ("optim.lr=1e-4").
+
+    `path` is a file, or a shipped config's name (jlora.train.config_files.find_config). The input paths the
+    file writes relative are relative to its directory; output_dir and `--set` values stay as given, relative
+    to the working directory (config_files says why)."""
+    try:
+        path = find_config(path)
+    except ConfigFileError as e:
+        raise ConfigError(str(e)) from None
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.load(fh, Loader=_Loader)
@@ -474,7 +484,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     if not isinstance(raw := {} if raw is None else raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return from_dict(raw, overrides)
+        return from_dict(resolve_inputs(raw, os.path.dirname(path)), overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -1,7 +1,7 @@
 """`jlora-demo`: fine-tune a small model on the shipped demo task and show the gain, on a CPU.
 
-One command after `pip install -e .`: installs the demo model if missing (any alias of
-jlora.formats.weights.MODEL_ALIASES), fine-tunes with configs/smollm2-135m-demo.yaml (SmolLM2-135M-Instruct,
+One command after `pip install jlora`, from any directory: installs the demo model if missing (any alias of
+jlora.formats.weights.MODEL_ALIASES), fine-tunes with the shipped smollm2-135m-demo config (SmolLM2-135M-Instruct,
 chat format) or another config such as configs/gemma3-270m-demo.yaml (the Gemma 3 270M base model: the same
 records through the plain Alpaca prompt, see `chat_as_alpaca`) with jlora.train.loop.train and its progress
 bar, evaluates the base
@@ -37,14 +37,15 @@ from jlora.parallel.sharding import make_mesh, shard_params
 from jlora.peft.lora import count_params
 from jlora.train.builders import load_base, load_tok, method_config
 from jlora.train.config import RunConfig
+from jlora.train.config_files import check_inputs
 from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.train.loop import evaluate, train
 from jlora.train.preemption import StopSignals
 from jlora.train.provenance import load_average, provenance
 from jlora.train.step import TrainState, make_eval_step
 
-DEFAULT_CONFIG = "configs/smollm2-135m-demo.yaml"
-DEFAULT_EVAL_LIMIT = 100  # held-out examples scored: two evaluations of 100 take ~3 of the demo's ~10 minutes
+DEFAULT_CONFIG = "smollm2-135m-demo"  # the shipped config (jlora/configs/, the repository's configs/)
+DEFAULT_EVAL_LIMIT = 100  # held-out examples scored, before and after fine-tuning
 
 
 @dataclasses.dataclass
@@ -76,13 +77,18 @@ def ensure_model(run: RunConfig, say=print) -> None:
     resolve_model_path(run.model.path)  # assembles a chunked GGUF now, so the first load is not the slow one
 
 
+def has_maker(path: str) -> bool:
+    """Whether a data file has a `make.py` beside it that ensure_data writes it with (data/demo/make.py)."""
+    return (pathlib.Path(path).parent / "make.py").is_file()
+
+
 def ensure_data(run: RunConfig, say=print) -> None:
     """Write missing data files with the `make.py` beside them (data/demo/make.py) when there is one."""
     for path in (run.data.train, run.data.val):
         if path is None or pathlib.Path(path).exists():
             continue
         maker = pathlib.Path(path).parent / "make.py"
-        if not maker.is_file():
+        if not has_maker(path):
             raise DataError(f"{path}: no such data file")
         say(f"{path} is missing: writing the demo data with {maker}")
         spec = importlib.util.spec_from_file_location("jlora_demo_data", maker)
@@ -225,7 +231,7 @@ class _WithBar:
 
 def held_out_loss(model: nn.Module, state: TrainState, val_it: Batches) -> float:
     """Mean loss per trained token over all batches of `val_it` (the trainer's own eval step)."""
-    return evaluate(make_eval_step(model, state), state, _WithBar(val_it, "held-out loss"), 0)[0]
+    return evaluate(make_eval_step(model, state), state, _WithBar(val_it, "held-out loss (all examples)"), 0)[0]
 
 
 def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
@@ -274,8 +280,9 @@ def _run_demo(
 
     t_start = time.perf_counter()
     started = provenance()  # where and when: bench/report.py shows only results that say so
-    ensure_model(run, say)
     ensure_data(run, say)
+    check_inputs(run)  # every file the run reads is here before the model's wheels are downloaded
+    ensure_model(run, say)
     run = chat_as_alpaca(run, say)
     tok = load_tok(run)
     items = eval_items(run, tok, eval_limit)
@@ -304,7 +311,10 @@ def _run_demo(
     base["accuracy"], base_out = score(model, base_state.frozen, None, items, tok)
     del params, base_state
     base["eval_s"] = time.perf_counter() - t0
-    say(f"base: held-out loss {base['loss']:.4f}, accuracy {100 * base['accuracy']:.1f}% ({base['eval_s']:.0f} s)")
+    say(
+        f"base, on the {len(items)} held-out examples: loss {base['loss']:.4f} (mean per answer token), accuracy "
+        f"{100 * base['accuracy']:.1f}% ({base['eval_s']:.0f} s)"
+    )
 
     say(f"Fine-tuning ({run.output_dir}) ...")
     t_train = time.perf_counter()

@@ -33,6 +33,7 @@ from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
 from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config
 from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
+from jlora.train.config_files import check_inputs, checkpoint_over_preset
 from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
@@ -113,7 +114,12 @@ def train(
     `overwrite` moves the earlier run aside. The run holds a lock on output_dir (jlora.checkpoint.run_dir).
 
     SIGTERM or SIGINT (jlora.train.preemption): before the first step, raises `Stopped` at once; later,
-    the step under way finishes, a checkpoint is saved on every process, then `Stopped` says where."""
+    the step under way finishes, a checkpoint is saved on every process, then `Stopped` says where.
+
+    The files the run reads are checked first (jlora.train.config_files.check_inputs); model.preset beside a
+    model.path only names the checkpoint's shape (for --plan), so the checkpoint is what trains."""
+    check_inputs(run)
+    run = checkpoint_over_preset(run)
     init_distributed(run.mesh.distributed)
     fresh = not (run.checkpoint.resume if resume is None else resume)
     reads = [p for p in (run.data.train, run.data.val, run.model.path, run.tokenizer) if p]
@@ -300,7 +306,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
                 summary["val_losses"].append((done, val_loss))
                 metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
                 if main_proc and not quiet:
-                    bar.write(f"step {done}: val_loss {val_loss:.4f}")
+                    n = run.train.eval_batches or "all"  # what it covers: a few batches are not the whole split
+                    bar.write(f"step {done}: val_loss {val_loss:.4f} ({n} val batches, {val_tokens:,.0f} tokens)")
             # every process asks after every step, so all of them stop after the same one
             signum = stop.stop_at(done, manager.reached_preemption) if done < steps else 0
             train_state.save_checkpoint(
