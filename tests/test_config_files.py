@@ -168,3 +168,18 @@ def test_help_shows_the_defaults(main, default, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and default in text, text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("main", ["merge_main", "export_main", "gguf_main"])
+def test_the_adapter_commands_check_their_inputs_before_reading_a_weight(main, tmp_path, capsys):
+    from jlora.cli import adapters
+
+    out = tmp_path / ("out.gguf" if main == "gguf_main" else "out")
+    run = getattr(adapters, main)
+    assert run(["--model", "tiny-cpu.gguf", "--adapter", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--adapter {tmp_path}/nowhere: no such directory" in err, err
+    assert run(["--model", str(tmp_path / "no-model"), "--adapter", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/no-model" in err and "no such file" in err, err
+    assert not out.exists()

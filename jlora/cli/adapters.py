@@ -21,6 +21,7 @@ import sys
 
 from jlora.checkpoint.adapter import load_adapter
 from jlora.checkpoint.atomic_dir import replace_dir
+from jlora.cli.help_format import DefaultsHelpFormatter
 from jlora.cli.run import run_cli
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
@@ -78,8 +79,21 @@ def check_out_dir(out: str | pathlib.Path, *, force: bool, inputs: dict[str, str
     return out
 
 
+class InputError(JloraError, ValueError):
+    """An --adapter that is not there; one line."""
+
+
+def check_inputs(model: str, adapter: str) -> str:
+    """The --model's path (an installable name resolved, a path checked) once --adapter is known to be a
+    directory: a missing input is one line before any weight is read."""
+    if not pathlib.Path(adapter).is_dir():
+        why = "not a directory" if pathlib.Path(adapter).exists() else "no such directory"
+        raise InputError(f"--adapter {adapter}: {why}; pass a jlora adapter dir (<output_dir>/adapter) or a PEFT dir")
+    return resolve_model_path(model)
+
+
 def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
     p.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT for jlora-merge)")
     p.add_argument("--out", required=True, help="output directory (new, or empty)")
@@ -91,6 +105,7 @@ def _run(parser: argparse.ArgumentParser, argv, body) -> int:
     args = parser.parse_args(argv)
 
     def job() -> None:
+        check_inputs(args.model, args.adapter)
         out = check_out_dir(args.out, force=args.force, inputs={"--model": args.model, "--adapter": args.adapter})
         with _disk_errors(args.out), replace_dir(out) as partial:
             body(args, partial)
@@ -151,6 +166,7 @@ def gguf_main(argv: list[str] | None = None) -> int:
         prog="jlora-export-gguf",
         description="Write an adapter (jlora or HF PEFT) "
         "as a llama.cpp GGUF LoRA adapter file (llama-cli --lora FILE).",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="base model: an HF dir or a .gguf file")
     parser.add_argument("--adapter", required=True, help="adapter dir (jlora, or HF PEFT)")
@@ -159,7 +175,7 @@ def gguf_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def job() -> None:
-        model = resolve_model_path(args.model)  # an alias names the GGUF, which --out must not overwrite
+        model = check_inputs(args.model, args.adapter)  # an alias names the GGUF, which --out must not overwrite
         out = check_out_file(args.out, force=args.force, inputs={"--model": model, "--adapter": args.adapter})
         cfg, params = read_pretrained(args.model)
         lcfg, trainable = load_any_adapter(args.adapter, cfg, params)
