@@ -315,3 +315,86 @@ def test_merge_for_inference_is_one_path_for_generate_and_jlora_merge(tiny, tmp_
         assert done[name].returncode == 2 and len(err.splitlines()) == 1, (name, err[-2000:])
         assert "embed_tokens" in err and "tied" in err and "unmerged" in err, (name, err)
     assert done["generate"].returncode == 0, done["generate"].stderr[-2000:]
+
+
+# a template whose generation prompt opens the assistant turn, as real ones do (training locates answers by it)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def test_cli_prompts_and_answers_as_training_and_the_demo_eval(tmp_path):
+    """`jlora-generate --system S --chat --prompt P` feeds the ids the training pipeline builds before the
+    answer of the record (system S, user P, assistant A): the demo's own eval_items; its greedy answer with an
+    adapter is the demo's `score` for it. `--config` of an Alpaca run (Gemma 3's demo) takes S as the
+    instruction and P as the input, as that run's records were built."""
+    from test_adapter_stack import CFG as STACK_CFG
+    from test_adapter_stack import LCFGS, randomize
+    from test_serve import _model_dir
+
+    from jlora.train.config import load
+    from jlora.train.demo import eval_items, score
+
+    rng = np.random.default_rng(0)
+    draw = lambda path, s: (
+        np.ones(s.shape, np.float32) if path[-1].key == "weight" else rng.normal(0.0, 0.08, s.shape).astype(np.float32)
+    )
+    params = jax.tree_util.tree_map_with_path(draw, jlora.models.family.param_shapes(STACK_CFG))
+    model_dir = _model_dir(tmp_path / "base", params, CHAT_TEMPLATE)
+    trainable = randomize(jlora.split(params, LCFGS["qv4"], jax.random.key(0))[1], seed=0, std=0.3)
+    jlora.save_adapter(tmp_path / "adapter", trainable, LCFGS["qv4"], base=STACK_CFG)
+    system, user, answer = "w11 w12 w13", "w40 w41 w42 w43", "w7 w8"
+    records = {
+        "chat": {
+            "messages": [
+                {"role": r, "content": c} for r, c in zip(("system", "user", "assistant"), (system, user, answer))
+            ]
+        },
+        "alpaca": {"instruction": system, "input": user, "output": answer},
+    }
+    runs = {}
+    for fmt, rec in records.items():
+        (tmp_path / f"{fmt}.jsonl").write_text(json.dumps(rec) + "\n")
+        (tmp_path / f"{fmt}.yaml").write_text(
+            f"model:\n  path: {model_dir}\ndata:\n  format: {fmt}\n  train: {tmp_path / f'{fmt}.jsonl'}\n"
+            f"  val: {tmp_path / f'{fmt}.jsonl'}\noutput_dir: {tmp_path / 'run'}\n"
+        )
+        runs[fmt] = load(str(tmp_path / f"{fmt}.yaml"))
+    tok = jlora.load_tokenizer(model_dir)
+    items = {fmt: eval_items(run, tok) for fmt, run in runs.items()}
+    room = STACK_CFG.max_position_embeddings - len(items["chat"][0].prompt_ids)
+    max_new = max(1, min(len(tok.encode(answer, add_bos=False)) + 8, room))  # as score sizes it
+    _, (expected,) = score(jlora.Llama(STACK_CFG), params, trainable, items["chat"], tok)
+
+    cli = [sys.executable, "-c", "import sys; from jlora.cli.generate import main; sys.exit(main())"]  # jlora-generate
+    common = ["--system", system, "--prompt", user, "--show-prompt-ids"]
+    chat = [*cli, "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--chat", *common]
+    alpaca = [*cli, "--config", str(tmp_path / "alpaca.yaml"), *common, "--max-new-tokens", "1"]
+    done = {
+        name: subprocess.run(args, capture_output=True, text=True, timeout=240)
+        for name, args in (("chat", [*chat, "--max-new-tokens", str(max_new)]), ("alpaca", alpaca))
+    }
+    for fmt, run in done.items():
+        assert run.returncode == 0, run.stderr[-2000:]
+        fed = json.loads(run.stderr.split("prompt ids: ", 1)[1].splitlines()[0])
+        assert fed == items[fmt][0].prompt_ids, fmt
+    assert done["chat"].stdout.strip() == expected and expected
+
+
+def test_prompt_lengths_share_power_of_two_buckets_and_keep_greedy_outputs(tiny, monkeypatch):
+    """Prompts of 40, 60, 90 and 120 tokens compile two prefills (64, 128), not one per multiple of 16, and
+    their greedy answers equal those of prefills sized to each prompt's multiple of 16 (the path before)."""
+    import jlora.infer.generate as generate_module
+
+    model, params = tiny
+    cfg = CFG.replace(max_position_embeddings=160)  # a model no other test compiles for
+    gen = Generator(jlora.Llama(cfg), params)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (40, 60, 90, 120)]
+    before = generate_module._prefill._cache_size()
+    bucketed = [gen.generate([p], max_new_tokens=8, eos_id=())[0] for p in prompts]
+    assert generate_module._prefill._cache_size() - before == 2
+    monkeypatch.setattr(generate_module, "bucket", lambda n, cap: -(-n // 16) * 16)
+    assert [gen.generate([p], max_new_tokens=8, eos_id=())[0] for p in prompts] == bucketed
+    assert generate_module._prefill._cache_size() - before == 4  # 48 and 96 besides: the sizes above were others

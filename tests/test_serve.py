@@ -268,3 +268,25 @@ def test_rows_join_and_leave_mid_flight_equal_offline(tiny):  # noqa: F811
         "stop" if len(w) < n else "length" for w, (_, _, n) in zip(want, jobs)
     )
     assert got == want
+
+
+def test_warm_up_compiles_every_prompt_size_before_the_first_request(tiny):  # noqa: F811
+    """After `Engine.warm_up`, requests of any prompt length up to the context (one at a time, greedy or
+    sampled, with an adapter) compile no new prefill, cache insert or sampling program."""
+    from jlora.infer import engine as engine_module
+    from jlora.infer import row_sampling
+
+    model, params, adapters = tiny
+    cfg = CFG.replace(max_position_embeddings=96)  # a model no other test compiles for
+    stack = AdapterStack(cfg, 1, 8)
+    stack.add("qv4", adapters["qv4"])
+    engine = Engine(Generator(jlora.Llama(cfg), params, stack=stack), max_batch=4, max_len=96, max_queue=8, eos=[])
+    assert engine.warm_up() == len([16, 32, 64, 128])  # 94 tokens, the longest prompt warmed, pack into 128
+    jitted = (engine_module._prefill_packed, engine_module._insert, row_sampling.sample_rows)
+    programs = lambda: [f._cache_size() for f in jitted]
+    compiled = programs()
+    ends = queue.Queue()
+    for n, temperature in ((3, 0.0), (20, 1.0), (45, 0.0), (70, 0.7), (90, 0.0)):
+        engine.submit(Request([5] * n, "qv4", 4, lambda new, fin: fin and ends.put(fin), temperature=temperature))
+        assert ends.get(timeout=120) == "length"
+    assert programs() == compiled

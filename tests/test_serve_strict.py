@@ -321,7 +321,10 @@ def test_replacing_an_adapter_needs_the_flag(live):
 def test_each_request_is_one_log_line(live):
     """The server writes the line once the response is sent, so the client may read the log before it lands."""
     live.complete(model="qv4", max_tokens=3)
-    line = re.compile(r"jlora-serve: POST /v1/completions 200 adapter=qv4 tokens=3 \d+ ms")
+    n_prompt = len(ids_of(live, PROMPT))
+    line = re.compile(
+        rf"jlora-serve: POST /v1/completions 200 adapter=qv4 prompt_tokens={n_prompt} new_tokens=3 \d+ ms"
+    )
     deadline = time.monotonic() + 30
     while not any(line.fullmatch(x) for x in live.log.read_text().splitlines()):
         assert time.monotonic() < deadline, live.log.read_text()[-2000:]

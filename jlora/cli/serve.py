@@ -1,6 +1,7 @@
 """`jlora-serve`: an OpenAI-compatible HTTP server for one base model and many adapters.
 
-Argument parsing only; the server is jlora.infer.serve.
+Argument parsing, compiling the step shapes before the ready line (`Engine.warm_up`); the server is
+jlora.infer.serve.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import argparse
 import logging
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import uvicorn
 
-from jlora.cli.run import UsageError, run_cli
+from jlora.cli.run import DefaultsHelpFormatter, UsageError, run_cli
 from jlora.infer.lora_stack import name_ok
 from jlora.infer.serve import build_app, build_server, log
 
@@ -52,7 +54,11 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`jlora-serve`: load the base and adapters, then serve until interrupted."""
-    ap = argparse.ArgumentParser(prog="jlora-serve", description="OpenAI-compatible server: one base, many adapters.")
+    ap = argparse.ArgumentParser(
+        prog="jlora-serve",
+        description="OpenAI-compatible server: one base, many adapters.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     ap.add_argument("--model", required=True, help='HF checkpoint dir, .gguf file, or "smollm2-135m"')
     ap.add_argument(
         "--adapter",
@@ -63,15 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an adapter to serve as model NAME (jlora or HF PEFT dir; repeatable)",
     )
     ap.add_argument("--name", help="the base model's name in the API (default: the model path's name)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on")
     ap.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
     ap.add_argument("--max-len", type=int, default=1024, help="context per row: prompt + max_tokens (KV cache slots)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 429")
     ap.add_argument("--max-adapters", type=int, default=8, help="adapter slots (hot-loading fills free ones)")
     ap.add_argument("--max-rank", type=int, default=16, help="largest adapter rank the slots hold")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
-    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; more get HTTP 413")
     ap.add_argument("--allow-adapter-loading", action="store_true", help="enable POST/DELETE /v1/adapters")
     ap.add_argument("--adapter-dir", help="the only directory adapters may be hot-loaded from")
     args = ap.parse_args(argv)
@@ -102,7 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-        print(f"jlora-serve: serving {', '.join(server.names())} on http://{args.host}:{args.port}", file=sys.stderr)
+        start = time.perf_counter()
+        sizes = server.engine.warm_up()  # the first request runs compiled code, as every later one
+        secs = time.perf_counter() - start
+        sock.listen(2048)  # from here a client is queued, not refused, until uvicorn accepts (as uvicorn's backlog)
+        print(
+            f"jlora-serve: ready on http://{args.host}:{args.port}: serving {', '.join(server.names())} "
+            f"(compiled {sizes} prompt sizes up to {server.engine.max_len} tokens in {secs:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         config = uvicorn.Config(build_app(server), log_level="warning")
         uvicorn.Server(config).run(sockets=[sock])
 

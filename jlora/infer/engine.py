@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.infer.decode import decode_jit, forward, init_decode_cache
-from jlora.infer.generate import BUCKET, Generator, stop_cut
+from jlora.infer.generate import BUCKET, GenerateError, Generator, bucket, stop_cut
 from jlora.infer.lora_stack import RowAdapters
 from jlora.infer.row_sampling import dense_bias, mode_of, sample_rows, set_rows, top_entries, top_size
 
@@ -232,12 +232,40 @@ class Engine:
         with self.cond:
             self.cond.notify()
 
+    def warm_up(self) -> int:
+        """Compile what requests run before the first one comes: one greedy request per prompt `bucket` up to
+        max_len (each alone, so its packed prefill and cache insert are that bucket's), then one sampled request
+        (temperature 1, the API's default). Each runs two tokens, so the decode step and the row sampling compile
+        too. EOS is ignored meanwhile (a first token of EOS would skip the step). Call it before serving; it
+        returns the number of prompt sizes compiled."""
+        sizes = sorted({self._packed_size(n) for n in range(1, self.max_len - 1)})
+        jobs = [(min(size, self.max_len - 2), 0.0) for size in sizes] + [(1, 1.0)]
+        eos, self.eos = self.eos, set()
+        try:
+            for n, temperature in jobs:
+                done, finish = threading.Event(), []
+
+                def emit(_new: list[int], fin: str | None, done=done, finish=finish) -> None:
+                    if fin is not None:
+                        finish.append(fin)
+                        done.set()
+
+                with self.cond:  # past the queue's limit, which is for clients
+                    self.waiting.append(Request([0] * n, None, 2, emit, temperature=temperature))
+                    self.cond.notify()
+                done.wait()
+                if finish[0] != "length":  # the model cannot run: say so before serving
+                    raise GenerateError(f"warming up a prompt of {n} tokens: {finish[0]}")
+        finally:
+            self.eos = eos
+        return len(sizes)
+
     # ---- the engine thread
 
     def score_prompt(self, prompt: list[int], adapter: str | None, top: int) -> list[tuple | None]:
         """Each prompt token's (logprob, [(id, logprob)] of the `top` most likely) given the tokens before it
         (None for the first, which has none), with `adapter`. Run it on the engine thread (`call`)."""
-        p = -(-len(prompt) // BUCKET) * BUCKET
+        p = bucket(len(prompt), self.max_len)
         ids, positions, segs = (np.zeros((1, p), np.int32) for _ in range(3))
         ids[0, : len(prompt)], positions[0, : len(prompt)], segs[0, : len(prompt)] = prompt, np.arange(len(prompt)), 1
         routed = self.stack.rows([adapter])
@@ -314,7 +342,7 @@ class Engine:
         prompts' own tokens: left-padded to the longest, 16 short prompts were ~70% padding."""
         lengths = [len(r.prompt) for r in reqs]
         n_pad = 1 << (len(reqs) - 1).bit_length()  # compiled sizes: powers of 2 requests, bucketed lengths
-        p = -(-sum(lengths) // BUCKET) * BUCKET
+        p = self._packed_size(sum(lengths))
         ids, positions, segs, adapters = (np.zeros((1, p), np.int32) for _ in range(4))
         adapters -= 1  # padding: the base
         starts, lens, dest = (
@@ -363,6 +391,10 @@ class Engine:
                 self._accept(row, int(tok), lps, j)
             else:
                 self._nonfinite(row)
+
+    def _packed_size(self, total: int) -> int:
+        """The compiled length of a packed prefill of `total` prompt tokens (`bucket`: a power of two)."""
+        return bucket(total, self.max_len * self.max_batch)
 
     def _move(self, delta: int) -> None:
         self.idx += delta

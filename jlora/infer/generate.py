@@ -10,7 +10,8 @@ runs unmerged (routed through `jlora.peft.routing.apply`) or merged (pass no tra
 The model code is `jlora.models.decoder`'s, and so is the one decode path: the cache layout (`init_cache`), its
 writes and their bound check (`Attention`). `jlora.infer.decode` lays the weights out for it (layers
 unrolled over per-layer buffers, fused kernels joined once) and compiles the per-token step.
-The cache is sized to the longest prompt + max_new_tokens (rounded up), so generation never runs past it.
+The cache is sized to the longest prompt + max_new_tokens, each rounded up to its `bucket` (a power of two), so
+generation never runs past it and new prompt lengths reuse the programs compiled for their bucket.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ from jlora.peft.llama_adapter import expand as expand_prompts
 from jlora.peft.lora import merge_for_inference
 from jlora.peft.routing import LoraPair
 
-BUCKET = 16  # prompt lengths and max_new_tokens round up to this, so nearby sizes share compiled code
+BUCKET = 16  # the smallest compiled size of a prompt or of max_new_tokens
+
+
+def bucket(n: int, cap: int) -> int:
+    """The compiled size for `n` tokens: the next power of two (at least BUCKET), so that every new length
+    reuses one of a few compiled programs (log2 of the context of them); past `cap` (the context), `cap` or
+    `n` rounded up to a multiple of BUCKET. Padding slots are masked out of attention."""
+    size = max(BUCKET, 1 << max(0, n - 1).bit_length())
+    return size if size <= cap else -(-max(n, cap) // BUCKET) * BUCKET
 
 
 class GenerateError(JloraError, ValueError):
@@ -209,7 +218,7 @@ class Generator:
         greedy = temperature == 0.0
         mode = (greedy, None if greedy else top_k, not greedy and top_p is not None and top_p < 1.0)
         b, n_max = len(rows), max(len(r) for r in rows)
-        p, n_buf = (-(-n // BUCKET) * BUCKET for n in (n_max, n_new))
+        p, n_buf = (bucket(n, cfg.max_position_embeddings) for n in (n_max, n_new))
         ids = np.zeros((b, p), np.int32)  # pad slots hold a valid id: a NaN there would leak through 0 * NaN
         positions, segs = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):  # left-pad: every row's last prompt token sits in the last column

@@ -150,6 +150,7 @@ class Server:
             ids, prompt_text = self.encode_chat(chat_messages(body)), ""
         else:
             ids, prompt_text = self.encode_prompt(body)
+        request.scope["jlora"].update(prompt_tokens=len(ids))
         p = parse_params(
             body,
             chat=chat,
@@ -219,7 +220,7 @@ class Server:
             self.check_finish(c.finish)
         objs = [answer.choice(c, *c.advance(), whole=True) for c in choices]
         out_tokens = sum(len(c.out) for c in choices)
-        log.update(tokens=out_tokens)
+        log.update(new_tokens=out_tokens)
         usage = {"prompt_tokens": len(ids), "completion_tokens": out_tokens, "total_tokens": len(ids) + out_tokens}
         return JSONResponse({**answer.head(chunk=False), "choices": objs, "usage": usage})
 
@@ -282,7 +283,7 @@ class Server:
                 if c.done:
                     running.discard(i)
             n_out = sum(len(c.out) for c in choices)
-            log.update(tokens=n_out)
+            log.update(new_tokens=n_out)
             if usage:
                 counts = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
                 yield event([], usage=counts)
@@ -314,7 +315,8 @@ class Server:
 
 class RequestLog:
     """ASGI middleware: one line per request on the `jlora.infer.serve` logger, e.g.
-    `POST /v1/completions 200 adapter=qv4 tokens=8 41 ms`, with the error's message for a refusal."""
+    `POST /v1/completions 200 adapter=qv4 prompt_tokens=12 new_tokens=8 41 ms` (status, adapter, prompt and
+    generated tokens, latency), with the error's message for a refusal."""
 
     def __init__(self, app):
         self.app = app
@@ -334,7 +336,7 @@ class RequestLog:
             await self.app(scope, receive, send_status)
         finally:
             ms = (time.perf_counter() - start) * 1000
-            extra = "".join(f" {k}={info[k]}" for k in ("adapter", "tokens") if k in info)
+            extra = "".join(f" {k}={info[k]}" for k in ("adapter", "prompt_tokens", "new_tokens") if k in info)
             error = f" ({info['error']})" if "error" in info else ""
             log.info(f"{scope['method']} {scope['path']} {status[0]}{extra} {ms:.0f} ms{error}")
 
