@@ -12,7 +12,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jlora.cli.run import DefaultsHelpFormatter, UsageError, run_cli
+from jlora.cli.help_format import DefaultsHelpFormatter
+from jlora.cli.run import UsageError, run_cli
 from jlora.formats.tokenizer import unicode_error
 from jlora.infer.generate import eos_list, load_for_generation
 from jlora.train.config import load

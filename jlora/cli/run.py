@@ -34,16 +34,6 @@ def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` that shows each option's default where it has one (not None, False or an empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        d = action.default
-        if action.required or d is None or d is False or (isinstance(d, list) and not d):
-            return action.help
-        return super()._get_help_string(action)
-
-
 class UsageError(JloraError, ValueError):
     """Command-line arguments that do not go together; one line."""
 

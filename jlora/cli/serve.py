@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from jlora.cli.run import DefaultsHelpFormatter, UsageError, run_cli
+from jlora.cli.help_format import DefaultsHelpFormatter
+from jlora.cli.run import UsageError, run_cli
 from jlora.infer.lora_stack import name_ok
 from jlora.infer.serve import build_app, build_server, log
 
