@@ -236,8 +236,9 @@ def demo_figures(demo: dict | str | None) -> str:
         f"Measured on {demo['machine']} (commit {demo['commit']}, {demo['date'][:10]}, load average "
         f"{demo['load_average']}): the base model gets **{100 * b['accuracy']:.0f}%** of {demo['n_eval']} "
         f"held-out examples exactly right; after {demo['train_steps']} LoRA steps ({demo['train_s'] / 60:.0f} "
-        f"minutes) it gets **{100 * t['accuracy']:.0f}%**, and the held-out loss falls from {b['loss']:.2f} to "
-        f"{t['loss']:.2f}. The whole command took {demo['wall_s'] / 60:.0f} minutes."
+        f"minutes) it gets **{100 * t['accuracy']:.0f}%**, and its loss on those {demo['n_eval']} examples (mean per "
+        f"answer token) falls from {b['loss']:.2f} to {t['loss']:.2f}. The whole command took "
+        f"{demo['wall_s'] / 60:.0f} minutes."
     )
 
 

@@ -93,12 +93,15 @@ def _at_least(obj: Any, lo: float, *names: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    """The frozen base model. path: an HF dir (config.json + *.safetensors), a .gguf file, a name
-    the weights loader resolves (e.g. "smollm2-135m"), or "tiny": a random model built in-process
-    from the "tiny" preset with `seed` (its vocab_size follows the tokenizer unless overridden)."""
+    """The frozen base model. path: an HF dir (config.json + *.safetensors), a .gguf file (relative to the
+    config file's directory), a name the weights loader resolves (e.g. "smollm2-135m"), or "tiny": a random
+    model built in-process from the "tiny" preset with `seed` (its vocab_size follows the tokenizer unless
+    overridden)."""
 
     path: str
-    preset: str | None = None  # a preset name (jlora.PRESETS): a random model of that shape
+    # a jlora.PRESETS name: with path "tiny", a random model of that shape; beside a checkpoint's path, that
+    # checkpoint's shape, so --plan works before the download (training reads the checkpoint; config_files)
+    preset: str | None = None
     overrides: tuple[tuple[str, bool | int | float | str], ...] = ()  # model config fields, YAML {k: v}
     seed: int = 0  # init of a random model
     dtype: Dtype = "float32"  # compute
@@ -136,7 +139,7 @@ class DataConfig(_Section):
     are context only. When false every token is trained. Plain text is always all trained.
     """
 
-    train: str  # a .json / .jsonl / text file
+    train: str  # a .json / .jsonl / text file; relative to the config file's directory, as val is
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     val: str | None = None  # a validation file, or else:
     val_fraction: float = 0.0  # the last fraction of the training examples (deterministic)
@@ -272,7 +275,7 @@ class RunConfig(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # where the run writes: relative to the working directory, not the config
 
     def _validate(self) -> None:
         # An empty path would silently mean the working directory (a source tree, say) as the run's home.
