@@ -178,7 +178,7 @@ def test_the_adapter_commands_check_their_inputs_before_reading_a_weight(main, t
     run = getattr(adapters, main)
     assert run(["--model", "tiny-cpu.gguf", "--adapter", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--adapter {tmp_path}/nowhere: no such directory" in err, err
+    assert err.count("\n") == 1 and f"--adapter {tmp_path}/nowhere: no such adapter directory" in err, err
     assert run(["--model", str(tmp_path / "no-model"), "--adapter", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path}/no-model" in err and "no such file" in err, err

@@ -87,7 +87,7 @@ def check_inputs(model: str, adapter: str) -> str:
     """The --model's path (an installable name resolved, a path checked) once --adapter is known to be a
     directory: a missing input is one line before any weight is read."""
     if not pathlib.Path(adapter).is_dir():
-        why = "not a directory" if pathlib.Path(adapter).exists() else "no such directory"
+        why = "not an adapter directory" if pathlib.Path(adapter).exists() else "no such adapter directory"
         raise InputError(f"--adapter {adapter}: {why}; pass a jlora adapter dir (<output_dir>/adapter) or a PEFT dir")
     return resolve_model_path(model)
 
