@@ -26,7 +26,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 import jlora
-from jlora.parallel.sharding import activation_sharding, batch_spec, make_mesh
+from jlora.parallel.sharding import activation_sharding, batch_spec, make_mesh, shard_params
+from jlora.peft.placement import shard_trainable
 from jlora.train.examples import DataError
 from jlora.train.preference import PreferenceError, compute_reference_logps, preference_loss, token_logps
 from jlora.train.preference_data import collate_pairs, load_pairs, preference_warning
@@ -111,13 +112,17 @@ CHAT_PAIRS = [
         "rejected": assistant("in the sky."),
     },
 ]
+MERGING_PAIRS = [  # the prompt ends inside a word: its last tokens merge with the response's, differently in each
+    {"prompt": "the sky is bl", "chosen": "ue.", "rejected": "ack."},
+    {"prompt": "alice lives in pa", "chosen": "ris.", "rejected": "ra."},
+]
 IMPLICIT_PAIRS = [
     {"chosen": user("two plus two?") + assistant("four."), "rejected": user("two plus two?") + assistant("five.")},
     {"chosen": "the sky is blue.", "rejected": "the sky is green."},
 ]
 
 
-@pytest.mark.parametrize("records", [TEXT_PAIRS, CHAT_PAIRS, IMPLICIT_PAIRS[:1], IMPLICIT_PAIRS[1:]])
+@pytest.mark.parametrize("records", [TEXT_PAIRS, MERGING_PAIRS, CHAT_PAIRS, IMPLICIT_PAIRS[:1], IMPLICIT_PAIRS[1:]])
 def test_tokenization_matches_trl(tiny, tmp_path, records):
     path, cfg, params, model, tok, hf_tok = tiny
     pairs, stats = load_pairs(write_jsonl(tmp_path / "p.jsonl", records), tok, max_seq_len=256)
@@ -195,7 +200,7 @@ def lora(tiny, tmp_path_factory):
     return frozen, trainable, str(peft_dir), pairs, collate_pairs(pairs, 32, tok.pad_id)
 
 
-def trl_trainer(objective, path, peft_dir, hf_tok, tmp_path):
+def trl_trainer(objective, path, peft_dir, hf_tok, tmp_path, loss_type=None, label_smoothing=0.0):
     """TRL's trainer making a new PEFT adapter (so its reference is the base with adapters disabled; handed an
     existing PeftModel, TRL would copy the adapter as the reference), then given jlora's adapter weights."""
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -205,8 +210,15 @@ def trl_trainer(objective, path, peft_dir, hf_tok, tmp_path):
         args = ORPOConfig(output_dir=str(tmp_path / "orpo"), beta=BETA, max_length=64, **TRL_ARGS)
         trainer = ORPOTrainer(model=model, args=args, train_dataset=records, processing_class=hf_tok, peft_config=peft)
     else:
-        loss_type = {"dpo": "sigmoid", "ipo": "ipo"}[objective]
-        args = DPOConfig(output_dir=str(tmp_path / "dpo"), beta=BETA, loss_type=[loss_type], max_length=64, **TRL_ARGS)
+        loss_type = loss_type or {"dpo": "sigmoid", "ipo": "ipo"}[objective]
+        args = DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            beta=BETA,
+            loss_type=[loss_type],
+            label_smoothing=label_smoothing,
+            max_length=64,
+            **TRL_ARGS,
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=records, processing_class=hf_tok, peft_config=peft)
     result = set_peft_model_state_dict(trainer.model, load_torch_file(f"{peft_dir}/adapter_model.safetensors"))
     assert not result.unexpected_keys
@@ -251,7 +263,8 @@ def as_peft_tensors(tree, cfg, tmp_path) -> dict[str, np.ndarray]:
 
 
 def peft_name(name: str) -> str:
-    return name.replace(".default", "").replace("base_model.model.", "base_model.model.", 1)
+    """A PEFT model's parameter name as its adapter file spells it (no adapter name)."""
+    return name.replace(".default", "")
 
 
 METRICS = (
@@ -308,6 +321,25 @@ def test_loss_gradients_and_adamw_match_trl(tiny, lora, tmp_path, objective):
         np.testing.assert_allclose(after[peft_name(name)], p.detach().numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_cdpo_label_smoothing_matches_trl(tiny, lora, tmp_path):
+    """TRL 1.16's sigmoid loss ignores label_smoothing; its `aot` loss on a one-pair batch (the sort is then the
+    identity) is exactly cDPO, -(1 - e) log s(b D) - e log s(-b D), so it is the oracle here."""
+    path, cfg, params, model, tok, hf_tok = tiny
+    frozen, trainable, peft_dir, pairs, batch = lora
+    trainer = trl_trainer("dpo", path, peft_dir, hf_tok, tmp_path, loss_type="aot", label_smoothing=0.2)
+    one = {k: v[:2] for k, v in batch.items()}
+    loss_fn = lambda t: preference_loss(model, frozen, t, one, "dpo", BETA, label_smoothing=0.2)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
+    ref_loss, _ = trl_loss(trainer, "dpo", trl_batch(trainer, "dpo", pairs[:1]))
+    ref_loss.backward()
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(preference_loss(model, frozen, trainable, one, "dpo", BETA)[0])) > 1e-4
+    ours = as_peft_tensors(grads, cfg, tmp_path / "grads")
+    for name, p in lora_params(trainer.model).items():
+        g = p.grad.numpy()
+        np.testing.assert_allclose(ours[peft_name(name)], g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=name)
+
+
 # ---- the reference is the base, for free ------------------------------------------------------------------
 
 
@@ -332,18 +364,13 @@ def test_reference_is_the_base_for_lora_and_llama_adapter(tiny, lora):
     path, cfg, params, model, tok, hf_tok = tiny
     frozen, trainable, _, _, batch = lora
     base = base_row_logps(model, params, batch)
-    policy = np.asarray(jnp.sum(token_logps(model, frozen, trainable, batch) * batch["loss_mask"], -1))
-    assert np.abs(policy - base).max() > 1e-2  # the adapter does change the policy
-    np.testing.assert_allclose(
-        np.asarray(compute_reference_logps(model, frozen, trainable, batch)), base, rtol=1e-6, atol=1e-5
-    )
+    policy_of = jax.jit(lambda f, t: jnp.sum(token_logps(model, f, t, batch) * batch["loss_mask"], -1))
+    reference_of = jax.jit(lambda f, t: compute_reference_logps(model, f, t, batch))
     a_frozen, a_trainable = jlora.split(params, jlora.AdapterConfig(len=3, layers=1), jax.random.key(1))
     a_trainable["layers"]["self_attn"]["adaption_gate"] = jnp.full((1, 1), 0.5)  # an adapter that acts
-    policy = np.asarray(jnp.sum(token_logps(model, a_frozen, a_trainable, batch) * batch["loss_mask"], -1))
-    assert np.abs(policy - base).max() > 1e-3
-    np.testing.assert_allclose(
-        np.asarray(compute_reference_logps(model, a_frozen, a_trainable, batch)), base, rtol=1e-6, atol=1e-5
-    )
+    for f, t in ((frozen, trainable), (a_frozen, a_trainable)):
+        assert np.abs(np.asarray(policy_of(f, t)) - base).max() > 1e-3  # the adapter does change the policy
+        np.testing.assert_allclose(np.asarray(reference_of(f, t)), base, rtol=1e-6, atol=1e-5)
 
 
 def test_precomputed_reference_skips_the_reference_forward(tiny, lora):
@@ -372,16 +399,17 @@ def test_full_trained_leaves_need_a_precomputed_reference(tiny, lora):
 
 
 def test_sharded_loss_equals_unsharded(tiny, lora):
-    """Under the (data, fsdp, tensor) mesh with pair rows over data, the loss and gradients are the same."""
+    """On a (data, fsdp, tensor) = (2, 2, 2) mesh, weights placed by the rules and pair rows over data x fsdp,
+    the loss and gradients are the unsharded ones."""
     path, cfg, params, model, tok, hf_tok = tiny
     frozen, trainable, _, _, batch = lora
-    batch = {k: np.concatenate([v, v]) for k, v in batch.items()}  # 16 rows: 2 per device
     fn = lambda f, t, b: jax.value_and_grad(lambda t: preference_loss(model, f, t, b, "dpo", BETA), has_aux=True)(t)
     (loss, _), grads = jax.jit(fn)(frozen, trainable, batch)
-    mesh = make_mesh(4, 2, 1, devices=jax.devices()[:8])
+    mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
     rows = jax.sharding.NamedSharding(mesh, batch_spec(2, 0))
+    placed = (shard_params(frozen, mesh), shard_trainable(trainable, mesh))
     sharded_batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
-    (s_loss, _), s_grads = jax.jit(activation_sharding(mesh)(fn))(frozen, trainable, sharded_batch)
+    (s_loss, _), s_grads = jax.jit(activation_sharding(mesh)(fn))(*placed, sharded_batch)
     np.testing.assert_allclose(float(s_loss), float(loss), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
