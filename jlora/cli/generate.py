@@ -17,6 +17,7 @@ from jlora.cli.run import UsageError, run_cli
 from jlora.formats.tokenizer import unicode_error
 from jlora.infer.generate import eos_list, load_for_generation
 from jlora.train.config import load
+from jlora.train.config_files import find_config, shipped_configs
 from jlora.train.prompt import prompt_ids
 
 
@@ -32,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
     ap.add_argument(
         "--config",
-        help="a run's YAML config: its model and its prompt format (chat, or the Alpaca prompt and template), so "
-        "the prompt is built as that run's training data were",
+        help="a run's YAML config, or a shipped config's name (" + ", ".join(shipped_configs()) + "): its model and "
+        "its prompt format (chat, or the Alpaca prompt and template), so the prompt is built as its training data were",
     )
     ap.add_argument("--prompt", required=True, help="the question (a chat's user turn, an Alpaca record's input)")
     ap.add_argument("--system", help="a system prompt (a chat's system turn, an Alpaca record's instruction)")
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def job() -> None:
         model, fmt, template = args.model, "chat" if args.chat else "text", "alpaca"
         if args.config is not None:  # checked before any weight is read
-            run = load(args.config)
+            run = load(find_config(args.config))
             model = model or run.model.path
             fmt, template = "chat" if args.chat else run.data.format, run.data.template
         if args.system is not None and fmt == "text":
