@@ -277,12 +277,11 @@ def time_peft_steps(model, a: argparse.Namespace) -> dict:
     }
 
 
-# One thread each (the JAX FAQ's XLA flags; torch reads OMP_NUM_THREADS): a fairer comparison on a
-# shared machine, where multi-threaded steps stall on preempted threads.
-SINGLE_THREAD_ENV = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-    "OMP_NUM_THREADS": "1",
-}
+def pin_to_one_core() -> None:
+    """Run this process on one CPU core: XLA sizes its thread pools by the cores it may run on, and torch
+    reads OMP_NUM_THREADS (set beside this). XLA's old `--xla_cpu_multi_thread_eigen=false` flag no longer
+    keeps its matmuls on one thread, so a one-core row pins the process instead of passing flags."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def run_side(
@@ -292,10 +291,12 @@ def run_side(
     extra: tuple[str, ...] = (),
     check: bool = True,
     jlora_from: str | None = None,
+    one_core: bool | None = None,
 ) -> dict:
     """Run `script --side SIDE` in its own process and return the JSON its "SIDE: " line carries. A side that
     fails exits this process, or with check=False gives {"error": its exit status and last stderr line}.
-    jlora_from: a checkout whose jlora the side imports instead of this one's."""
+    jlora_from: a checkout whose jlora the side imports instead of this one's. one_core (default:
+    a.single_thread): the side runs on one core with one torch thread (pin_to_one_core)."""
     cmd = [
         sys.executable,
         script,
@@ -314,10 +315,13 @@ def run_side(
         *(("--model", a.model) if getattr(a, "model", None) else ()),  # qlora_vs_peft's sides take no --model
         *extra,
     ]
-    env = {**os.environ, **(SINGLE_THREAD_ENV if a.single_thread and side != "prep" else {})}
+    one_core = getattr(a, "single_thread", False) if one_core is None else one_core
+    one_core = one_core and side != "prep"
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_core else {})}
     if jlora_from:
         env["PYTHONPATH"] = os.pathsep.join([jlora_from, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    pin = pin_to_one_core if one_core else None
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, preexec_fn=pin)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SIDE: ")]
     if proc.returncode or not lines:
         if not check:
@@ -339,11 +343,13 @@ SIDES = {
 }
 
 
-def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[dict]:
-    """Result rows: each jlora side's tokens/s and peak RSS against PEFT's, and its compile time."""
+def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace, threads: str, flops: float | None) -> list[dict]:
+    """Result rows of one thread mode: each jlora side's tokens/s and peak RSS against PEFT's, its compile time,
+    and (given the model FLOPs per token) the GFLOP/s every side achieves."""
     rows = []
+    mode = "" if threads == "default" else " (one core)"
     for s in (s for s in SIDES if s in runs and s != "peft"):
-        label = f"{SIDES[s]}{' @ ' + a.baseline_commit if s.endswith('@base') else ''}"
+        label = f"{SIDES[s]}{' @ ' + a.baseline_commit if s.endswith('@base') else ''}{mode}"
         rows += [
             {
                 "metric": f"{label}: train tokens/s",
@@ -361,21 +367,85 @@ def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace) -> list[d
                 "peer_value": rss.get("peft"),
                 "better": "lower",
             },
-            {
-                "metric": f"{label}: compile",
-                "unit": "s",
-                "jlora": min(r["compile_s"] for r in runs[s]),
-                "peer": None,
-                "peer_value": None,
-                "better": "lower",
-            },
         ]
+        if threads == "default":
+            rows.append(
+                {
+                    "metric": f"{label}: compile",
+                    "unit": "s",
+                    "jlora": min(r["compile_s"] for r in runs[s]),
+                    "peer": None,
+                    "peer_value": None,
+                    "better": "lower",
+                }
+            )
+        if flops:
+            rows.append(
+                {
+                    "metric": f"{label}: model GFLOP/s",
+                    "unit": "GFLOP/s",
+                    "jlora": tps[s] * flops / 1e9,
+                    "peer": "HF PEFT",
+                    "peer_value": tps["peft"] * flops / 1e9 if "peft" in tps else None,
+                    "better": "higher",
+                }
+            )
     return rows
+
+
+def side_peak(a: argparse.Namespace) -> dict:
+    """The fp32 matmul rate this process gets (GFLOP/s, best of 5 after a warm-up) from jax and from torch, at
+    the step's own GEMM shapes ([batch*seq, hidden] times each frozen projection, and the output head) and at
+    2048^3: the ceiling a matmul-bound train step runs under with these threads."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    cfg = json.loads((pathlib.Path(a.hf_dir) / "config.json").read_text())
+    m, d, f, v = a.batch * a.seq, cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    shapes = [(m, d, d), (m, d, f), (m, f, d), (m, d, v), (2048, 2048, 2048)]
+
+    def best(run, n: int) -> float:
+        run()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return n / min(times) / 1e9
+
+    out = {"shapes": shapes, "jax": [], "torch": []}
+    for mm, k, n in shapes:
+        x, w = jnp.ones((mm, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        f_jax = jax.jit(lambda x, w: x @ w)
+        out["jax"].append(best(lambda: f_jax(x, w).block_until_ready(), 2 * mm * k * n))
+        tx, tw = torch.ones(mm, k), torch.ones(k, n)
+        out["torch"].append(best(lambda: tx @ tw, 2 * mm * k * n))
+    out["jax_peak"], out["torch_peak"] = max(out["jax"]), max(out["torch"])
+    return out
+
+
+def model_flops_per_token(hf_dir: str, a: argparse.Namespace) -> float:
+    """Model FLOPs per trained token of the bench's step, by bench/gpu_train.py's formula (remat not counted)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_train import step_flops
+
+    from jlora.formats.weights import hf_checkpoint
+
+    cfg = hf_checkpoint(pathlib.Path(hf_dir), {})[0]
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+    dims |= {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    targets = targets_of(a)
+    n_lora = cfg.num_hidden_layers * a.rank * sum(sum(dims[t]) for t in (dims if targets == "all-linear" else targets))
+    return step_flops(cfg, n_lora, a.batch, a.seq) / (a.batch * a.seq)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--side", choices=["prep", "jlora", "api", "naive", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["prep", "peak", "jlora", "api", "naive", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--model", default="smollm2-135m", choices=MODELS, help="the GGUF every side trains on")
     p.add_argument("--hf-dir", help="the converted checkpoint (default: a temporary dir)")
     p.add_argument("--batch", type=int, default=4)
@@ -390,14 +460,20 @@ def main() -> None:
         choices=["none", "full", "dots_saveable"],
         help="the jlora side's remat policy (api / naive use the library's default)",
     )
-    p.add_argument("--sides", default="jlora,api,peft", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--sides", default="jlora,api,naive,peft", help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--baseline", help="a jlora checkout to measure too (adds jlora@base and naive@base)")
-    p.add_argument("--single-thread", action="store_true", help="one compute thread per side")
+    p.add_argument(
+        "--threads",
+        default="default,one-core",
+        help="thread modes, comma-separated: default (as a user runs it: the headline) and one-core "
+        "(each side pinned to one core, one torch thread)",
+    )
     p.add_argument("--out", help="the result file (default: docs/results/, the --model's file)")
     a = p.parse_args()
     if a.side:
         out = {
             "prep": lambda: side_prep(a.hf_dir, a.model),
+            "peak": lambda: side_peak(a),
             "jlora": lambda: side_jlora(a),
             "peft": lambda: side_peft(a),
             "api": lambda: side_loop(a, plain_logits=False),
@@ -408,8 +484,12 @@ def main() -> None:
 
     sides = a.sides.split(",") + (["jlora@base", "naive@base"] if a.baseline else [])
     unknown = [s for s in sides if s not in SIDES]
-    if a.rounds < 1 or a.steps < 1 or unknown:
-        p.error(f"--rounds and --steps must be >= 1; --sides takes {', '.join(SIDES)} (got {unknown})")
+    modes = a.threads.split(",")
+    if a.rounds < 1 or a.steps < 1 or unknown or not set(modes) <= {"default", "one-core"}:
+        p.error(
+            f"--rounds and --steps must be >= 1; --sides takes {', '.join(SIDES)} (got {unknown}); "
+            f"--threads takes default and one-core"
+        )
     a.baseline_commit = None
     if a.baseline:
         a.baseline_commit = (
@@ -428,33 +508,58 @@ def main() -> None:
     if not (pathlib.Path(a.hf_dir) / "config.json").exists():
         run_side("prep", a)
     extra = ("--rank", str(a.rank), "--targets", a.targets)
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(a.rounds):  # interleaved: every side once per round
-        for s in sides:
-            print(f"[train_vs_peft] round {r + 1}/{a.rounds}: {s}", file=sys.stderr, flush=True)
-            run = run_side(s.split("@")[0], a, extra=extra, jlora_from=a.baseline if s.endswith("@base") else None)
-            run["median_step_s"] = statistics.median(run["step_s"])
-            run["load_average_after"] = load_average()
-            runs[s].append(run)
-    best = {s: min(rs, key=lambda run: run["median_step_s"]) for s, rs in runs.items()}
+    runs = {m: {s: [] for s in [*sides, "peak"]} for m in modes}
+    for r in range(a.rounds):  # interleaved: every side in every thread mode once per round
+        for m in modes:
+            for s in [*sides, "peak"]:
+                print(f"[train_vs_peft] round {r + 1}/{a.rounds}, {m}: {s}", file=sys.stderr, flush=True)
+                base = a.baseline if s.endswith("@base") else None
+                run = run_side(s.split("@")[0], a, extra=extra, jlora_from=base, one_core=m == "one-core")
+                if s != "peak":
+                    run["median_step_s"] = statistics.median(run["step_s"])
+                run["load_average_after"] = load_average()
+                runs[m][s].append(run)
     tokens = a.batch * a.seq
-    tps = {s: tokens / r["median_step_s"] for s, r in best.items()}
-    rss = {s: max(run["rss_mb"] for run in rs) for s, rs in runs.items()}
+    flops = model_flops_per_token(a.hf_dir, a)
+    rows, summary = [], {}
     print(
         f"{title.split(' (')[0]} fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), "
-        f"batch {a.batch} x {a.seq}, CPU{' (1 thread per side)' * a.single_thread}; jlora-train remat={a.remat}; "
-        f"best of {a.rounds} interleaved runs per side"
+        f"batch {a.batch} x {a.seq}, CPU; jlora-train remat={a.remat}; best of {a.rounds} interleaved runs per "
+        f"side; model FLOPs {flops / 1e9:.3f} GFLOP/token"
     )
-    for s, r in best.items():
-        medians = ", ".join(f"{run['median_step_s']:.2f}" for run in runs[s])
-        vs = f" = {tps[s] / tps['peft']:.2f}x PEFT, RSS {rss[s] / rss['peft']:.2f}x" if "peft" in tps else ""
-        compile_s = f"  compile {min(x['compile_s'] for x in runs[s]):.1f} s" if "compile_s" in r else ""
+    for m in modes:
+        best = {s: min(rs, key=lambda run: run["median_step_s"]) for s, rs in runs[m].items() if s != "peak"}
+        tps = {s: tokens / r["median_step_s"] for s, r in best.items()}
+        rss = {s: max(run["rss_mb"] for run in rs) for s, rs in runs[m].items() if s != "peak"}
+        peak = {k: max(run[f"{k}_peak"] for run in runs[m]["peak"]) for k in ("jax", "torch")}
+        summary[m] = {"tokens_per_s": tps, "peak_rss_mb": rss, "matmul_peak_gflops": peak}
         print(
-            f"{s:11s} {tps[s]:6,.0f} tokens/s{vs} (best run's median step {r['median_step_s']:.2f} s; each "
-            f"run's: {medians})  peak RSS {rss[s]:,.0f} MB{compile_s}  losses {r['losses'][0]:.3f} -> "
-            f"{r['losses'][-1]:.3f}"
+            f"-- threads: {m}; measured fp32 matmul peak: jax {peak['jax']:.0f} GFLOP/s, "
+            f"torch {peak['torch']:.0f} GFLOP/s"
         )
-    print("targets: tokens/s >= 1.2x PEFT, peak RSS <= 0.6x PEFT, compile <= 20 s")
+        for s, r in best.items():
+            medians = ", ".join(f"{run['median_step_s']:.2f}" for run in runs[m][s])
+            vs = f" = {tps[s] / tps['peft']:.2f}x PEFT, RSS {rss[s] / rss['peft']:.2f}x" if "peft" in tps else ""
+            compile_s = f"  compile {min(x['compile_s'] for x in runs[m][s]):.1f} s" if "compile_s" in r else ""
+            lib_peak = peak["torch"] if s == "peft" else peak["jax"]
+            print(
+                f"{s:11s} {tps[s]:6,.0f} tokens/s{vs}; {tps[s] * flops / 1e9:.0f} GFLOP/s = "
+                f"{100 * tps[s] * flops / 1e9 / lib_peak:.0f}% of its library's matmul peak (best run's median "
+                f"step {r['median_step_s']:.2f} s; each run's: {medians})  peak RSS {rss[s]:,.0f} MB{compile_s}  "
+                f"losses {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+            )
+        rows += side_rows(runs[m], tps, rss, a, m, flops)
+        rows += [
+            {
+                "metric": f"fp32 matmul peak{'' if m == 'default' else ' (one core)'}",
+                "unit": "GFLOP/s",
+                "jlora": peak["jax"],
+                "peer": "torch",
+                "peer_value": peak["torch"],
+                "better": "higher",
+            }
+        ]
+    print("targets (issue 26): default threads, tokens/s >= 1.3x PEFT; the custom loop >= 1.2x and RSS <= 0.6x")
     config = {
         "model": title,
         "dtype": "float32",
@@ -464,9 +569,10 @@ def main() -> None:
         "remat": a.remat,
         "timed_steps": a.steps,
         "best_of": a.rounds,
-        "threads": 1 if a.single_thread else "default",
+        "threads": modes,
         "sides": sides,
         "baseline": a.baseline_commit,
+        "model_flops_per_token": flops,
     }
     command = shlex.join(["python", "bench/train_vs_peft.py", *sys.argv[1:]])
     out = write_result(
@@ -476,7 +582,8 @@ def main() -> None:
             "bench": "train_vs_peft",
             "command": command,
             "config": config,
-            "rows": side_rows(runs, tps, rss, a),
+            "rows": rows,
+            "summary": summary,
             "runs": runs,
         },
     )

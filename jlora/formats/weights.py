@@ -131,6 +131,8 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
 # on_dense(param key, the leaf's dense shape, layer index or None, dense array): each dense piece (one layer
 # of a stacked leaf, or the whole leaf: None) of a leaf that is packed as it loads, before it is packed
 OnDense = Callable[[tuple, tuple, "int | None", object], None]
+# place(leaf) -> what the params hold instead: a whole leaf (array or QuantizedKernel) as soon as it is read
+Place = Callable[[object], object]
 
 
 def read_pretrained(
@@ -142,6 +144,7 @@ def read_pretrained(
     double_quant: bool = False,
     skip: Callable[[str], bool] | None = None,
     on_dense: OnDense | None = None,
+    place: Place | None = None,
 ) -> tuple[ModelConfig, dict]:
     """Read an HF checkpoint directory, a .gguf file or an alias (see resolve_model_path) into host memory as
     (config, params); jlora.load_pretrained places the same params on devices.
@@ -153,7 +156,9 @@ def read_pretrained(
     scales in 8 bits too), packed as they are read, bit for bit as jlora.quant.quantize.quantize would pack
     the dense load, with numpy fields: one tensor (one layer of a stacked leaf) is dense at a time, so the
     peak is the packed base plus that tensor. `skip(dotted_path)` keeps a leaf dense; `on_dense` (see OnDense)
-    sees each dense piece of a packed leaf before it is packed.
+    sees each dense piece of a packed leaf before it is packed. `place(leaf)` replaces each leaf as soon as it
+    is whole (jlora.load_pretrained moves it to the device), and a safetensors file is then opened for each
+    read, so the host holds one leaf, not the model, on top of what `place` keeps.
     """
     path = pathlib.Path(resolve_model_path(path))
     overrides = dtype_overrides("read_pretrained", dtype, param_dtype)
@@ -165,9 +170,9 @@ def read_pretrained(
                 "quantize='gguf' keeps a GGUF file's own blocks; this is not a GGUF file: "
                 "use quantize='int8' or 'nf4' for other checkpoints",
             )
-        return _load_hf_dir(path, overrides, packing, on_dense)
+        return _load_hf_dir(path, overrides, packing, on_dense, place)
     if path.suffix == ".gguf":
-        return _load_gguf(path, overrides, keep_blocks=quantize == "gguf", packing=packing, on_dense=on_dense)
+        return _load_gguf(path, overrides, quantize == "gguf", packing, on_dense, place)
     raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
 
 
@@ -287,8 +292,10 @@ def _assemble(
     fmt: int,
     packing: Packing | None = None,
     on_dense: OnDense | None = None,
+    place: Place | None = None,
 ) -> tuple[dict, set[str]]:
-    """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes.
+    """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes; `place`
+    (see read_pretrained) takes each leaf once it is whole.
 
     Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
     With `packing`, a leaf it packs is packed layer by layer instead (jlora.quant.packing.LeafPacker), each
@@ -314,7 +321,7 @@ def _assemble(
                 packer.add(i if stacked else None, w)
                 used.add(name)
                 del arr, w  # before the next layer is read
-            flat[key] = packer.result()
+            flat[key] = place(packer.result()) if place else packer.result()
             continue
         out, held = None, {}
         for i, name in enumerate(layer_names):
@@ -331,12 +338,13 @@ def _assemble(
         if held and out is None:
             whole = gguf_blocks.stack_kernels(list(held.values())) if stacked else held[0]
             if whole is not None:
-                flat[key] = whole
+                flat[key] = place(whole) if place else whole
                 continue
         out = np.empty(spec.shape, pdt) if out is None else out
         for i, q in held.items():
             out[i if stacked else ...] = np.asarray(_dequantize_jit(q, pdt))
-        flat[key] = out
+        flat[key] = place(out) if place else out
+        del out
     return traverse_util.unflatten_dict(flat), names - used
 
 
@@ -460,15 +468,20 @@ def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
 
 
 def _load_hf_dir(
-    path: pathlib.Path, overrides: dict, packing: Packing | None = None, on_dense: OnDense | None = None
+    path: pathlib.Path,
+    overrides: dict,
+    packing: Packing | None = None,
+    on_dense: OnDense | None = None,
+    place: Place | None = None,
 ) -> tuple[ModelConfig, dict]:
     from safetensors import SafetensorError
 
     cfg, where = hf_checkpoint(path, overrides)
     with contextlib.ExitStack() as stack:
-        # Packing, each read opens its file anew: a handle keeps every page it has read in RSS until it closes,
-        # which would add the whole checkpoint to the peak that packing keeps down.
-        handles = {} if packing else {file: stack.enter_context(open_safetensors(file)) for file in set(where.values())}
+        # Packing or placing, each read opens its file anew: a handle keeps every page it has read in RSS until it
+        # closes, which would add the whole checkpoint to the peak that packing and placing keep down.
+        per_read = packing or place
+        handles = {} if per_read else {f: stack.enter_context(open_safetensors(f)) for f in set(where.values())}
 
         def fetch(name: str) -> np.ndarray:
             file = where[name]
@@ -480,7 +493,7 @@ def _load_hf_dir(
             check_finite(file, name, arr)
             return arr
 
-        params, extra = _assemble(cfg, path, set(where), fetch, 0, packing, on_dense)
+        params, extra = _assemble(cfg, path, set(where), fetch, 0, packing, on_dense, place)
         pdt = np.dtype(DTYPES[cfg.param_dtype])
         check_leftovers(
             cfg, path, where, extra, lambda: _same_values(where, hf_head_name(cfg), hf_embed_name(cfg), pdt)
@@ -547,6 +560,7 @@ def _load_gguf(
     keep_blocks: bool = False,
     packing: Packing | None = None,
     on_dense: OnDense | None = None,
+    place: Place | None = None,
 ) -> tuple[ModelConfig, dict]:
     """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
     2-D ones kept as QuantizedKernels (see `_gguf_blocks`), or with `packing` packed as they are dequantized."""
@@ -591,6 +605,6 @@ def _load_gguf(
         cfg, names = family_of(cfg).gguf_fixups(cfg, fetch, set(tensors))
     except ModelConfigError as e:
         raise WeightsError(path, e) from None
-    params, extra = _assemble(cfg, path, names, fetch, 1, packing, on_dense)
+    params, extra = _assemble(cfg, path, names, fetch, 1, packing, on_dense, place)
     _refuse_extra(path, extra)
     return cfg, params

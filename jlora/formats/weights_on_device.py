@@ -1,8 +1,8 @@
 """Loading a model onto devices: `load_pretrained` (the default device, or a mesh) and `load_pretrained_sharded`.
 
-`load_pretrained` without a mesh reads the checkpoint to host (jlora.formats.weights.read_pretrained) and
-moves it to the default device leaf by leaf, dropping each host leaf as it goes, so host memory never holds
-two copies; a jitted step then reads the frozen tree where it lies instead of copying it in at every call.
+`load_pretrained` without a mesh reads the checkpoint (jlora.formats.weights.read_pretrained) and moves each
+leaf to the default device as soon as it is whole, so the host holds one leaf beside the placed model, never a
+second copy; a jitted step then reads the frozen tree where it lies instead of copying it in at every call.
 
 `load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own
 devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
@@ -70,23 +70,15 @@ def load_pretrained(
     params as jax.Arrays: on the default device, or with `mesh` sharded by `param_specs` (load_pretrained_sharded).
 
     Keywords as jlora.formats.weights.read_pretrained's (which returns the same params as host numpy arrays,
-    for converters and tools that never run the model). Without a mesh the host tree is moved leaf by leaf,
-    each host leaf dropped once placed, so the peak is the model plus one leaf, never two copies.
+    for converters and tools that never run the model). Without a mesh each leaf is placed as soon as it is
+    read, so the peak is the placed model plus one leaf, never two copies.
     """
     overrides = dtype_overrides("load_pretrained", dtype, param_dtype)
     kept = {"quantize": quantize, "double_quant": double_quant, "skip": skip}
     packing_for("load_pretrained", quantize, double_quant, skip)  # checked here, so errors name this function
     if mesh is not None:
         return load_pretrained_sharded(path, mesh, **overrides, **kept, on_dense=on_dense)
-    cfg, params = read_pretrained(path, **overrides, **kept, on_dense=on_dense)
-    return cfg, _to_default_device(params)
-
-
-def _to_default_device(tree: dict) -> dict:
-    """`tree`'s leaves moved to the default device in place, each host leaf released before the next is moved."""
-    for key, value in tree.items():
-        tree[key] = _to_default_device(value) if isinstance(value, dict) else jax.device_put(value)
-    return tree
+    return read_pretrained(path, **overrides, **kept, on_dense=on_dense, place=jax.device_put)
 
 
 def load_pretrained_sharded(
