@@ -85,7 +85,7 @@ def read_records(
         stats.records += bool(text.strip())
         return [(f"{path}:1", {"text": text})] if text.strip() else []
     out = []
-    for where, obj in _json_items(path, text):
+    for where, obj in json_items(path, text):
         try:
             if isinstance(obj, Exception):
                 raise DataError(f"{where}: invalid JSON: {obj}")
@@ -98,7 +98,7 @@ def read_records(
     return out
 
 
-def _json_items(path: str, text: str) -> Iterator[tuple[str, Any]]:
+def json_items(path: str, text: str) -> Iterator[tuple[str, Any]]:
     """(where, object or the parse error) for each element of a JSON array or line of JSONL."""
     if path.endswith(".json") and text.lstrip().startswith("["):
         dec, pos, seen, line = json.JSONDecoder(), text.index("[") + 1, 0, 1

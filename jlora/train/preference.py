@@ -24,7 +24,7 @@ from jlora.parallel.sharding import constrain
 from jlora.peft import llama_adapter
 from jlora.peft.routing import LoraPair, apply
 from jlora.quant.quantize import dense_value
-from jlora.train.step import _by_chunk, _chunk_logits, _frozen_head, device_ce_chunk, full_batch
+from jlora.train.step import by_chunk, chunk_logits, device_ce_chunk, frozen_head, full_batch
 
 OBJECTIVES = ("dpo", "ipo", "orpo")
 REFERENCE_FREE = ("orpo",)  # objectives that need no reference log-probs
@@ -57,23 +57,23 @@ def chunked_token_logps(
 
     def body(_, xs):
         hc, tc = xs
-        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         return None, _logps_and_grad(logits, tc, softcap)[0]
 
-    _, logps = jax.lax.scan(body, None, (_by_chunk(h, chunk), _by_chunk(targets, chunk)))  # [T/c, B, c]
+    _, logps = jax.lax.scan(body, None, (by_chunk(h, chunk), by_chunk(targets, chunk)))  # [T/c, B, c]
     return jnp.swapaxes(logps, 0, 1).reshape(targets.shape)
 
 
 def _token_logps_fwd(h, w, targets, tied, chunk, softcap):
     def body(_, xs):
         hc, tc = xs
-        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         logps, dlogits = _logps_and_grad(logits, tc, softcap)
         eq = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
         dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
         return None, (logps, dh.astype(hc.dtype))  # [B,c], [B,c,D]
 
-    _, (logps, dh) = jax.lax.scan(body, None, (_by_chunk(h, chunk), _by_chunk(targets, chunk)))
+    _, (logps, dh) = jax.lax.scan(body, None, (by_chunk(h, chunk), by_chunk(targets, chunk)))
     unchunk = lambda x: jnp.swapaxes(x, 0, 1).reshape(*targets.shape, *x.shape[3:])
     return unchunk(logps), unchunk(dh)
 
@@ -95,7 +95,7 @@ def token_logps(
     batch = full_batch(batch)
     args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
     cfg = model.cfg
-    head = _frozen_head(cfg, frozen, trainable)
+    head = frozen_head(cfg, frozen, trainable)
     if head is None:
         logits = constrain(apply(model, frozen, trainable, *args, rngs=rngs), "batch", None, "vocab")  # [B,T,V]
         logps = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jlora.formats.tokenizer import TokenizerError, unicode_error
-from jlora.train.data import CHAT_ROLES, _json_items
+from jlora.train.data import CHAT_ROLES, json_items
 from jlora.train.examples import DataError, Example, TokenizerLike
 
 
@@ -63,7 +63,7 @@ def _read_items(path: str):
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8") from None
-    return _json_items(path, text)
+    return json_items(path, text)
 
 
 def _is_messages(x: Any) -> bool:

@@ -79,13 +79,13 @@ def device_ce_chunk(batch: int, seq: int, vocab: int) -> int:
     return ce_chunk_size(max(batch // shards("batch"), 1), seq, max(vocab // shards("vocab"), 1))
 
 
-def _chunk_logits(h: jax.Array, w: jax.Array, tied: bool, softcap: float | None = None) -> jax.Array:
+def chunk_logits(h: jax.Array, w: jax.Array, tied: bool, softcap: float | None = None) -> jax.Array:
     eq = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
     logits = jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
     return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
 
 
-def _by_chunk(x: jax.Array, chunk: int) -> jax.Array:
+def by_chunk(x: jax.Array, chunk: int) -> jax.Array:
     """[B,T,...] -> [T/c, B, c, ...]: scan over sequence chunks, rows stay sharded."""
     b, t = x.shape[:2]
     return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
@@ -108,12 +108,12 @@ def chunked_cross_entropy(
 
     def body(total, xs):
         hc, tc, mc = xs
-        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)  # [B,c]
         return total + jnp.sum(ce * mc), None
 
     total, _ = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+        body, jnp.zeros((), jnp.float32), (by_chunk(h, chunk), by_chunk(targets, chunk), by_chunk(mask, chunk))
     )
     return total
 
@@ -121,7 +121,7 @@ def chunked_cross_entropy(
 def _chunked_ce_fwd(h, w, targets, mask, tied, chunk, softcap):
     def body(total, xs):
         hc, tc, mc = xs
-        logits = constrain(_chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
+        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
         top = jnp.max(logits, axis=-1, keepdims=True)  # [B,c,1]
         e = jnp.exp(logits - top)  # one exp per logit serves the loss and its gradient
         total_e = jnp.sum(e, axis=-1, keepdims=True)
@@ -134,7 +134,7 @@ def _chunked_ce_fwd(h, w, targets, mask, tied, chunk, softcap):
         return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
 
     total, dh = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (_by_chunk(h, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk))
+        body, jnp.zeros((), jnp.float32), (by_chunk(h, chunk), by_chunk(targets, chunk), by_chunk(mask, chunk))
     )
     return total, jnp.swapaxes(dh, 0, 1).reshape(h.shape)
 
@@ -146,7 +146,7 @@ def _chunked_ce_bwd(tied, chunk, softcap, dh, g):
 chunked_cross_entropy.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def _frozen_head(cfg: ModelConfig, frozen, trainable) -> jax.Array | None:
+def frozen_head(cfg: ModelConfig, frozen, trainable) -> jax.Array | None:
     """The output projection, if it is frozen and not adapted (else None: the plain logits path)."""
     path = family_of(cfg).head_path(cfg)
     flat_t = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
@@ -163,7 +163,7 @@ def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | No
     and vocab entries one device holds under `activation_sharding`), else CE over full fp32 logits."""
     args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
     cfg = model.cfg
-    head = _frozen_head(cfg, frozen, trainable)
+    head = frozen_head(cfg, frozen, trainable)
     if head is None:
         logits = constrain(apply(model, frozen, trainable, *args, rngs=rngs), "batch", None, "vocab")  # [B,T,V] fp32
         return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
