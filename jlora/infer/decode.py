@@ -93,24 +93,35 @@ def forward(dmodel: nn.Module, frozen: dict, trainable, cache: dict, ids, positi
     return pick(logits), new["cache"]
 
 
+def host_view(x):
+    """`x` as a numpy array where it lives in host memory (a numpy array, or a jax array on the CPU: no copy),
+    else as it is. `layout` cuts and joins weights there and places them all in one `jax.device_put`: as eager
+    jax ops, each distinct slice or concatenation compiled a program and each cut was a dispatch, and a
+    30-layer model's layout took ~1.2 s of a start."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()):
+        return np.asarray(x)
+    return x
+
+
 def per_layer(tree: dict, n_layers: int) -> dict:
     """{"layers": stacked leaves} -> {"layer_i": leaves of layer i}; LoRA pairs keep their per-layer scale."""
     is_pair = lambda x: isinstance(x, LoraPair)
-    out = {k: jax.tree.map(jnp.asarray, v) for k, v in tree.items() if k != "layers"}
+    out = {k: jax.tree.map(host_view, v) for k, v in tree.items() if k != "layers"}
     flat = traverse_util.flatten_dict(tree.get("layers", {}), is_leaf=lambda _, x: is_pair(x))
     for i in range(n_layers):
         layer = {}
         for path, leaf in flat.items():
             if not is_pair(leaf):
-                layer[path] = jax.tree.map(lambda x: jnp.asarray(x[i]), leaf)  # an array or a QuantizedKernel
+                layer[path] = jax.tree.map(lambda x: host_view(x)[i], leaf)  # an array or a QuantizedKernel
                 continue
             scales = np.asarray(leaf.scale, np.float32).reshape(-1)
             scale = float(scales[i] if scales.size > 1 else scales[0])
             if scale == 0.0:  # a layer the adapter leaves alone (LoraConfig.layers)
                 continue
-            mag = None if leaf.magnitude is None else jnp.asarray(leaf.magnitude[i])
+            cut = lambda x: host_view(x)[i]
+            mag = None if leaf.magnitude is None else cut(leaf.magnitude)
             layout = dataclasses.replace(leaf.layout, stack=leaf.layout.stack - 1)
-            layer[path] = LoraPair(jnp.asarray(leaf.a[i]), jnp.asarray(leaf.b[i]), mag, scale, layout, 0.0)
+            layer[path] = LoraPair(cut(leaf.a), cut(leaf.b), mag, scale, layout, 0.0)
         if layer:
             out[f"layer_{i}"] = traverse_util.unflatten_dict(layer)
     return out
@@ -130,6 +141,7 @@ def column_blocks(w: jax.Array) -> jax.Array | list[jax.Array]:
     if jax.default_backend() != "cpu" or n < 2048 or blocks < 2:
         return w
     edges = np.linspace(0, n, blocks + 1).astype(int)
+    w = host_view(w)
     return [w[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
 
@@ -147,7 +159,7 @@ def prefuse(cfg: ModelConfig, frozen: dict, trainable: dict) -> dict:
     head_module = fam.head[:-1]
     out = dict(frozen)
     head = _get(frozen, fam.head)
-    if isinstance(head, jax.Array) and not _get(trainable, head_module):
+    if isinstance(head, (jax.Array, np.ndarray)) and not _get(trainable, head_module):
         _pop(out, head_module)
         out[fam.head_module] = {"kernel": column_blocks(head)}
     for layer, params in frozen.items():
@@ -158,13 +170,21 @@ def prefuse(cfg: ModelConfig, frozen: dict, trainable: dict) -> dict:
             parent = _get(params, group[:-1]) or {}
             if _get(trainable.get(layer, {}), group[:-1]):
                 continue
-            if not all(isinstance(parent.get(p, {}).get("kernel"), jax.Array) for p in parts):
+            if not all(isinstance(parent.get(p, {}).get("kernel"), (jax.Array, np.ndarray)) for p in parts):
                 continue
             split = [parent.pop(p) for p in parts]
-            joined = {k: jnp.concatenate([m[k] for m in split], axis=-1) for k in split[0]}  # kernel [D, sum out]
+            joined = {k: _concatenate([m[k] for m in split]) for k in split[0]}  # kernel [D, sum out]
             joined["kernel"] = column_blocks(joined["kernel"])
             parent[group[-1]] = joined
     return out
+
+
+def _concatenate(parts: list) -> jax.Array:
+    """`parts` joined on the last axis: on the host where they all live there (`host_view`), else by jax."""
+    host = [host_view(x) for x in parts]
+    if all(isinstance(x, np.ndarray) for x in host):
+        return np.concatenate(host, axis=-1)
+    return jnp.concatenate(parts, axis=-1)
 
 
 def _get(tree: dict, path: tuple):
@@ -187,7 +207,7 @@ def _pop(tree: dict, path: tuple) -> None:
 def layout(cfg: ModelConfig, frozen: dict, trainable: dict) -> tuple[dict, dict]:
     """(frozen, trainable) laid out for a `decode_model`: per-layer buffers (`per_layer`), an explicit [D,V]
     head (a tied embedding transposed once: attending to [V,D] would transpose it every token), and fused
-    groups joined (`prefuse`)."""
+    groups joined (`prefuse`). Weights in host memory are cut and joined there (`host_view`), then placed at once."""
     fam = family_of(cfg)
     n = cfg.num_hidden_layers
     routed = per_layer(trainable, n)
@@ -195,9 +215,13 @@ def layout(cfg: ModelConfig, frozen: dict, trainable: dict) -> tuple[dict, dict]
     if cfg.tie_word_embeddings:
         emb = _get(trainable, fam.embed)
         emb = _get(frozen, fam.embed) if emb is None or isinstance(emb, LoraPair) else emb
-        head = transposed(emb) if is_quantized(emb) else jnp.transpose(jnp.asarray(emb))
+        if is_quantized(emb):
+            head = transposed(emb)
+        else:
+            head = host_view(emb)
+            head = head.T if isinstance(head, np.ndarray) else jnp.transpose(head)
         layers[fam.head[0]] = traverse_util.unflatten_dict({fam.head[1:]: head})
-    return prefuse(cfg, layers, routed), routed
+    return jax.device_put((prefuse(cfg, layers, routed), routed))  # one call places every piece cut on the host
 
 
 def init_decode_cache(cfg: ModelConfig, batch: int, max_len: int, ring: bool = False) -> dict:
