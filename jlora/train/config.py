@@ -1,6 +1,6 @@
 """The run config: frozen, typed dataclasses, and `load(path, overrides)` from YAML.
 
-Owns the schema of a training run (model, tokenizer, method, lora | adapter, data, optim,
+Owns the schema of a training run (model, tokenizer, method, objective, preference, lora | adapter, data, optim,
 train, mesh, checkpoint, output_dir), its defaults and validation, and the generic conversion of
 YAML values and `--set a.b=value` strings to each field's declared type. It does not
 build models, meshes or datasets: other modules read these objects.
@@ -182,7 +182,8 @@ class OptimConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     """The loop. Both batch sizes count rows over all hosts and devices; a micro-batch is
-    sharded over the (data, fsdp) mesh axes, so it must divide by their size."""
+    sharded over the (data, fsdp) mesh axes, so it must divide by their size. With a preference objective
+    they count (chosen, rejected) pairs, as TRL's batch sizes do: a pair is two rows, kept on one device."""
 
     global_batch: int = 8  # rows per optimizer step
     micro_batch: int = 8  # rows per forward/backward; grad_accum = global_batch // micro_batch
@@ -256,6 +257,24 @@ class CheckpointConfig(_Section):
         _at_least(self, 1, "keep")
 
 
+@dataclass(frozen=True)
+class PreferenceConfig(_Section):
+    """The preference objectives' settings (objective: dpo | ipo | orpo), as TRL names them. beta: the KL
+    weight (ORPO: the odds-ratio weight); label_smoothing: cDPO, DPO only; max_prompt_len: a prompt keeps
+    its last this many tokens (None: only max_seq_len cuts); precompute_reference: compute the reference
+    log-probs once before training, cached in output_dir, so the step runs no reference forward."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    max_prompt_len: int | None = None
+    precompute_reference: bool = False
+
+    def _validate(self) -> None:
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        _at_least(self, 1, "max_prompt_len")
+
+
 METHOD_SECTIONS = {"lora": "lora", "llama_adapter": "adapter"}  # each method's own config section
 
 
@@ -269,6 +288,9 @@ class RunConfig(_Section):
     data: DataConfig
     tokenizer: str | None = None
     method: Literal["lora", "llama_adapter"] = "lora"
+    # sft: the token-mean cross-entropy; dpo / ipo / orpo: preference pairs (the `preference` section)
+    objective: Literal["sft", "dpo", "ipo", "orpo"] = "sft"
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -278,6 +300,7 @@ class RunConfig(_Section):
     output_dir: str = "runs/default"  # where the run writes: relative to the working directory, not the config
 
     def _validate(self) -> None:
+        self._validate_preference()
         # An empty path would silently mean the working directory (a source tree, say) as the run's home.
         _check(bool(self.output_dir.strip()), "output_dir", "must name a directory, got an empty value")
         for method, section in METHOD_SECTIONS.items():
@@ -288,6 +311,38 @@ class RunConfig(_Section):
                 f"is for method: {method}, but this run has method: {self.method}; drop the {section} section "
                 f"or set method: {method}",
             )
+
+    def _validate_preference(self) -> None:
+        p = self.preference
+        if self.objective == "sft":
+            _check(
+                p == PreferenceConfig(),
+                "preference",
+                "is for objective: dpo | ipo | orpo, but this run has objective: sft; drop the preference "
+                "section or set objective",
+            )
+            return
+        _check(
+            not p.label_smoothing or self.objective == "dpo",
+            "preference.label_smoothing",
+            f"is DPO's (cDPO); objective {self.objective} has none",
+        )
+        _check(
+            p.max_prompt_len is None or p.max_prompt_len <= self.data.max_seq_len,
+            "preference.max_prompt_len",
+            f"must be in [1, data.max_seq_len={self.data.max_seq_len}] so that every response keeps a token, "
+            f"got {p.max_prompt_len}",
+        )
+        _check(
+            not self.data.packing,
+            "data.packing",
+            f"packs SFT examples; objective {self.objective} trains whole (chosen, rejected) pairs, one per row",
+        )
+        _check(
+            not p.precompute_reference or self.objective != "orpo",
+            "preference.precompute_reference",
+            "ORPO has no reference model; drop it",
+        )
 
     @property
     def method_config(self) -> LoraConfig | AdapterConfig:

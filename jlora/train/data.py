@@ -481,7 +481,8 @@ def make_batches(
     model_vocab: int | None = None,
 ) -> tuple[Batches, Batches | None, DataStats]:
     """(train stream of global_batch rows, val batches of micro_batch rows or None, stats) for a run.
-    model_vocab: the model's vocab_size; the tokenizer and every token id must fit it."""
+    model_vocab: the model's vocab_size; the tokenizer and every token id must fit it. (A preference
+    objective's streams of pairs: jlora.train.preference_data.make_pair_batches.)"""
     train, val, stats = load_examples(cfg.data, tok)
     if model_vocab is not None:
         check_vocab(tok, model_vocab, [(cfg.data.train, train), (cfg.data.val or cfg.data.train, val)])

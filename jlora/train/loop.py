@@ -31,6 +31,7 @@ from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
 from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
+from jlora.train import preference_cache
 from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config
 from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
 from jlora.train.config_files import check_inputs, checkpoint_over_preset
@@ -39,8 +40,11 @@ from jlora.train.data_stream import check_resume
 from jlora.train.metrics_log import MetricsLog
 from jlora.train.plan import check_load_fits
 from jlora.train.preemption import Stopped, StopSignals
+from jlora.train.preference import REFERENCE_FREE
+from jlora.train.preference_data import make_pair_batches
 from jlora.train.step import (
     DivergenceWatch,
+    Objective,
     TrainState,
     check_nonfinite,
     init_state,
@@ -104,6 +108,28 @@ def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[floa
     return total / max(count, 1.0), count
 
 
+def evaluate_pairs(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[float, dict[str, float], float]:
+    """(mean validation loss, mean metrics, pairs) of a preference objective over the first `n_batches`
+    batches (0: all) of one pass: each batch's means weighted by its real pairs."""
+    total, sums, count = 0.0, {}, 0.0
+    for i, batch in enumerate(val_it.one_pass()):
+        if n_batches and i >= n_batches:
+            break
+        loss, metrics, n = jax.device_get(eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh)))
+        total, count = total + float(loss) * float(n), count + float(n)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * float(n)
+    return total / max(count, 1.0), {k: v / max(count, 1.0) for k, v in sums.items()}, count
+
+
+def objective_of(run: RunConfig) -> Objective:
+    """The step's objective from the run config."""
+    p = run.preference
+    if run.objective == "sft":
+        return Objective()
+    return Objective(run.objective, p.beta, p.label_smoothing, p.precompute_reference)
+
+
 def train(
     run: RunConfig, *, resume: bool | None = None, quiet: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -132,6 +158,18 @@ def train(
         return _train(run, resume=resume, quiet=quiet, stop=stop)
 
 
+PREFERENCE_EXTRA = ("nll_loss", "log_odds_ratio", "log_odds_chosen")  # ORPO's, beside rewards/* and logps/*
+
+
+def window_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over a logging window's steps (their finite values)."""
+    out = {}
+    for k in rows[0] if rows else ():
+        finite = [r[k] for r in rows if math.isfinite(r[k])]
+        out[k] = float(np.mean(finite)) if finite else float("nan")
+    return out
+
+
 def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignals) -> dict[str, Any]:
     """train()'s body, run while the output_dir is claimed."""
     init_distributed(run.mesh.distributed)
@@ -144,7 +182,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     dense_print = DenseFingerprint()  # a QLoRA base packed as it loads is sampled dense on the way
     cfg, params = load_base(run, tok, mesh, on_dense=dense_print)
     method = method_config(run, cfg)
-    train_it, val_it, stats = make_batches(
+    objective = objective_of(run)
+    pairs = run.objective != "sft"  # a preference objective: batch sizes count (chosen, rejected) pairs
+    train_it, val_it, stats = (make_pair_batches if pairs else make_batches)(
         run, tok, process_index=jax.process_index(), process_count=jax.process_count(), model_vocab=cfg.vocab_size
     )
     steps = run.train.steps or math.ceil(run.train.epochs * train_it.steps_per_epoch)
@@ -176,6 +216,20 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         if not dense_print:  # a random preset, or PiSSA's split: the base arrived dense, packed only now
             quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
     meta = metadata.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
+    model = build_model(cfg)
+    if objective.precomputed:  # before the restore: a cache of other data is refused first, in its own words
+        train_it.reference, cached = preference_cache.load_or_compute(
+            out_dir,
+            preference_cache.cache_key(train_it.identity, fingerprint_src),
+            lambda: preference_cache.compute(model, state, train_it, run.train.micro_batch),
+            len(train_it.pairs),
+            write=main_proc,
+        )
+        summary_reference = "cached" if cached else "computed"
+        where = out_dir / preference_cache.CACHE
+        say(f"reference log-probs of {len(train_it.pairs)} pairs: {summary_reference} ({where})")
+    else:
+        summary_reference = "in the step" if pairs and run.objective not in REFERENCE_FREE else None
     manager = train_state.open_manager(
         out_dir / "checkpoints", keep=run.checkpoint.keep, interval=run.checkpoint.interval
     )
@@ -206,7 +260,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     del host_params
 
     n_micro = run.train.grad_accum
-    tokens_per_step = run.train.global_batch * run.data.max_seq_len
+    rows_per_step = run.train.global_batch * (2 if pairs else 1)
+    tokens_per_step = rows_per_step * run.data.max_seq_len
     say(
         f"model: {cfg.name}  layers={cfg.num_hidden_layers} d={cfg.hidden_size} vocab={cfg.vocab_size} "
         f"dtype={cfg.dtype} param_dtype={cfg.param_dtype} remat={cfg.remat}  base params "
@@ -216,18 +271,21 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     say(describe(state.trainable, state.frozen))
     say(f"data: {stats.summary()}")
     say(
-        f"steps: {steps}  tokens/step: {tokens_per_step:,} ({run.train.global_batch} rows x "
-        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch})"
+        f"steps: {steps}  tokens/step: {tokens_per_step:,} ({rows_per_step} rows x "
+        f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch}"
+        f"{' pairs' if pairs else ''})"
+        + (f"  objective: {run.objective} (beta {run.preference.beta:g})" if pairs else "")
     )
     if main_proc:  # on stderr, even when quiet: settings that are valid but almost surely a mistake
         rows_per_epoch = train_it.steps_per_epoch * run.train.global_batch
-        for line in run_warnings(run, steps, rows_per_epoch) + data_warnings(run.data, stats):
+        lines = run_warnings(run, steps, rows_per_epoch) + data_warnings(run.data, stats)
+        for line in lines + getattr(train_it, "warnings", []):
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    model = build_model(cfg)
     diverged = DivergenceWatch(run.train.divergence_factor, run.optim.lr)
-    step_fn = make_train_step(model, optimizer, state)
-    eval_fn = make_eval_step(model, state) if val_it is not None and run.train.eval_interval else None
+    step_fn = make_train_step(model, optimizer, state, objective=objective)
+    eval_on = val_it is not None and run.train.eval_interval
+    eval_fn = make_eval_step(model, state, objective=objective) if eval_on else None
     metrics_log = MetricsLog(out_dir, main_proc)
     summary: dict[str, Any] = {
         "steps": steps,
@@ -237,10 +295,11 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         "skipped": 0,
         "output_dir": str(out_dir),
         "tokens_per_step": tokens_per_step,
+        "reference": summary_reference,  # preference runs: where the reference log-probs came from
     }
     # optimizer updates so far: skipped steps do not advance the schedule
     applied = start - int(jax.device_get(state.opt_state.total_notfinite))
-    window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+    window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0, "pref": []}
     bar = None  # made after the first step, so its rate and ETA leave the compile out
     try:
         batch = put_batch(next(train_it), mesh, n_micro) if start < steps else None
@@ -270,6 +329,8 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
             summary["losses"].append(float(m["loss"]))
             summary["skipped"] = int(m["nonfinite_total"])
             window["loss"].append(float(m["loss"]))
+            pref = {k: float(v) for k, v in m.items() if "/" in k or k in PREFERENCE_EXTRA}  # TRL's names
+            window["pref"].append(pref)
             window["skipped"] += int(bool(m["skipped"]))
             check_nonfinite(m, run.train.max_nonfinite, step + 1)
             diverged(float(m["grad_norm"]), step + 1)
@@ -283,6 +344,11 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
             # tok_s from the second step on: the first one's time is mostly compilation
             bar.set_postfix(
                 loss=f"{float(m['loss']):.4f}",
+                **(
+                    {"acc": f"{pref['rewards/accuracies']:.2f}", "margin": f"{pref['rewards/margins']:.3f}"}
+                    if pref
+                    else {}
+                ),
                 lr=f"{lr:.2e}",
                 **({"tok_s": f"{tps:,.0f}"} if math.isfinite(tps) else {}),
             )
@@ -296,18 +362,29 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
                         "tokens_per_s": tps if math.isfinite(tps) else None,
                         "grad_norm": float(m["grad_norm"]),
                         "skipped": window["skipped"],
+                        **window_means(window["pref"]),
                     }
                 )
                 if math.isfinite(tps):
                     summary["tokens_per_s"] = tps
-                window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0}
+                window = {"loss": [], "skipped": 0, "time": 0.0, "steps": 0, "pref": []}
             if eval_fn is not None and (done % run.train.eval_interval == 0 or done == steps):
-                val_loss, val_tokens = evaluate(eval_fn, state, val_it, run.train.eval_batches)
+                n = run.train.eval_batches or "all"  # what it covers: a few batches are not the whole split
+                if pairs:
+                    val_loss, val_m, val_pairs = evaluate_pairs(eval_fn, state, val_it, run.train.eval_batches)
+                    row = {"val_loss": val_loss, **{f"val_{k}": v for k, v in val_m.items()}, "val_pairs": val_pairs}
+                    covers = f"{n} val batches, {val_pairs:,.0f} pairs; accuracy {val_m['rewards/accuracies']:.3f}"
+                else:
+                    val_loss, val_tokens = evaluate(eval_fn, state, val_it, run.train.eval_batches)
+                    row, covers = (
+                        {"val_loss": val_loss, "val_tokens": val_tokens},
+                        f"{n} val batches, {val_tokens:,.0f} tokens",
+                    )
                 summary["val_losses"].append((done, val_loss))
-                metrics_log.write({"step": done, "val_loss": val_loss, "val_tokens": val_tokens})
+                summary.setdefault("val_metrics", []).append((done, row))
+                metrics_log.write({"step": done, **row})
                 if main_proc and not quiet:
-                    n = run.train.eval_batches or "all"  # what it covers: a few batches are not the whole split
-                    bar.write(f"step {done}: val_loss {val_loss:.4f} ({n} val batches, {val_tokens:,.0f} tokens)")
+                    bar.write(f"step {done}: val_loss {val_loss:.4f} ({covers})")
             # every process asks after every step, so all of them stop after the same one
             signum = stop.stop_at(done, manager.reached_preemption) if done < steps else 0
             train_state.save_checkpoint(

@@ -24,7 +24,7 @@ from jlora.parallel.sharding import constrain
 from jlora.peft import llama_adapter
 from jlora.peft.routing import LoraPair, apply
 from jlora.quant.quantize import dense_value
-from jlora.train.step import by_chunk, chunk_logits, device_ce_chunk, frozen_head, full_batch
+from jlora.train.loss import by_chunk, chunk_logits, device_ce_chunk, frozen_head, full_batch
 
 OBJECTIVES = ("dpo", "ipo", "orpo")
 REFERENCE_FREE = ("orpo",)  # objectives that need no reference log-probs
@@ -53,7 +53,7 @@ def chunked_token_logps(
 ) -> jax.Array:
     """log p(targets) [B,T] fp32 under logits h @ head, for hidden h [B,T,D] and the frozen head w ([V,D] if
     tied else [D,V]), `chunk` positions at a time: the [B,T,V] logits never exist. Under differentiation the
-    gradient (w.r.t. h only) is formed in the same pass, as `jlora.train.step.chunked_cross_entropy` does."""
+    gradient (w.r.t. h only) is formed in the same pass, as `jlora.train.loss.chunked_cross_entropy` does."""
 
     def body(_, xs):
         hc, tc = xs
@@ -154,14 +154,24 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(low, jnp.log1p(-jnp.exp(jnp.where(low, x, t))), jnp.log(-jnp.expm1(jnp.where(low, t, x))))
 
 
-def _reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, jax.Array]:
+def real_pairs(mask: jax.Array) -> jax.Array:
+    """[P] 1.0 where a pair has response tokens, 0.0 for an empty pair (the padding of a last eval batch)."""
+    return (jnp.sum(_pairs(mask)[0], axis=-1) > 0).astype(jnp.float32)
+
+
+def _mean(x: jax.Array, real: jax.Array) -> jax.Array:
+    """The mean of per-pair x [P] over the real pairs: with no padding pairs, jnp.mean as TRL takes it."""
+    return jnp.sum(jnp.where(real > 0, x, 0.0)) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def _reward_metrics(real, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, jax.Array]:
     return {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(chosen_logps),
-        "logps/rejected": jnp.mean(rejected_logps),
+        "rewards/chosen": _mean(chosen_rewards, real),
+        "rewards/rejected": _mean(rejected_rewards, real),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).astype(jnp.float32), real),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards, real),
+        "logps/chosen": _mean(chosen_logps, real),
+        "logps/rejected": _mean(rejected_logps, real),
     }
 
 
@@ -206,9 +216,10 @@ def preference_loss(
     if rows % 2:
         raise PreferenceError(f"a preference batch holds (chosen, rejected) row pairs; it has {rows} rows")
     mask = batch["loss_mask"].astype(jnp.float32)
+    real = real_pairs(mask)  # [P]; all ones in a training batch
     logps = token_logps(model, frozen, trainable, batch, rngs, ce_chunk)  # [2P,T]
     if objective == "orpo":
-        return _orpo(logps, mask, batch["segment_ids"], beta)
+        return _orpo(logps, mask, batch["segment_ids"], beta, real)
     seq = sequence_logps(logps, mask)  # [2P]
     if reference_logps is None:
         reference_logps = compute_reference_logps(model, frozen, trainable, batch, ce_chunk)
@@ -222,20 +233,20 @@ def preference_loss(
         n_chosen, n_rejected = (jnp.maximum(n, 1.0) for n in _pairs(jnp.sum(mask, axis=-1)))
         losses = jnp.square(chosen_ratio / n_chosen - rejected_ratio / n_rejected - 1 / (2 * beta))
     rewards = [jax.lax.stop_gradient(beta * r) for r in (chosen_ratio, rejected_ratio)]
-    return jnp.mean(losses), _reward_metrics(*rewards, *(jax.lax.stop_gradient(x) for x in (chosen, rejected)))
+    return _mean(losses, real), _reward_metrics(real, *rewards, *(jax.lax.stop_gradient(x) for x in (chosen, rejected)))
 
 
-def _orpo(logps: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float):
+def _orpo(logps: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float, real: jax.Array):
     """TRL's ORPOTrainer.get_batch_loss_metrics, from token log-probs [2P,T]."""
     real = (segment_ids != 0).astype(jnp.float32)  # TRL's NLL covers every real target, prompt included
     (chosen_lp, _), (chosen_real, _) = _pairs(logps), _pairs(real)
     nll = -jnp.sum(chosen_lp * chosen_real) / jnp.maximum(jnp.sum(chosen_real), 1.0)
-    mean_logps = sequence_logps(logps, mask) / jnp.sum(mask, axis=-1)  # [2P]; TRL's average_log_prob=True
+    mean_logps = sequence_logps(logps, mask) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)  # [2P]; TRL's average
     chosen, rejected = _pairs(mean_logps)
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # [P]
     ratio = jax.nn.log_sigmoid(log_odds)
-    loss = nll - jnp.mean(beta * ratio)
+    loss = nll - _mean(beta * ratio, real)
     chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
-    metrics = _reward_metrics(beta * chosen, beta * rejected, chosen, rejected)
-    metrics |= {"nll_loss": nll, "log_odds_ratio": jnp.mean(ratio), "log_odds_chosen": jnp.mean(log_odds)}
+    metrics = _reward_metrics(real, beta * chosen, beta * rejected, chosen, rejected)
+    metrics |= {"nll_loss": nll, "log_odds_ratio": _mean(ratio, real), "log_odds_chosen": _mean(log_odds, real)}
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -5,19 +5,23 @@ message lists (rendered by the tokenizer's chat template), and `{"chosen", "reje
 is their common prefix (TRL's `extract_prompt`). Tokenizes as TRL's DPOTrainer does (EOS appended to text
 responses, the response starting where prompt and prompt+response encodings part), truncates (the prompt
 keeps its end, max_prompt_len; each sequence its start, max_seq_len) and lays pairs out as interleaved
-batch rows for jlora.train.preference. A bad pair is a one-line DataError naming file:line. It does not
-shuffle, shard or place batches (jlora.train.data and jlora.train.step do).
+batch rows for jlora.train.preference. A bad pair is a one-line DataError naming file:line. `PairBatches`
+is jlora.train.data's stream with a pair where it has an example (shuffled, sliced per host and resumed as
+whole pairs); placing batches is jlora.train.step's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jlora.formats.tokenizer import TokenizerError, unicode_error
-from jlora.train.data import CHAT_ROLES, json_items
+from jlora.train import data_stream
+from jlora.train.config import RunConfig
+from jlora.train.data import CHAT_ROLES, Batches, DataStats, check_vocab, json_items
 from jlora.train.examples import DataError, Example, TokenizerLike
 
 
@@ -149,9 +153,12 @@ def encode_pair(rec: dict, tok: TokenizerLike, where: str = "") -> PreferencePai
         else:
             if tok.eos_id is None:
                 raise DataError(f"{where}: the tokenizer has no EOS token to end responses with")
-            eos = tok.id_to_token(tok.eos_id)
             prompt_ids = tok.encode(prompt)
-            full = [tok.encode(prompt + r + ("" if r.endswith(eos) else eos)) for r in (chosen, rejected)]
+            if hasattr(tok, "id_to_token"):  # TRL appends the EOS token's text, then encodes
+                eos = tok.id_to_token(tok.eos_id)
+                full = [tok.encode(prompt + r + ("" if r.endswith(eos) else eos)) for r in (chosen, rejected)]
+            else:  # a tokenizer without token texts (ByteTokenizer): the EOS id itself
+                full = [tok.encode(prompt + r) + [tok.eos_id] for r in (chosen, rejected)]
     except (TokenizerError, ValueError) as e:  # e.g. the template's raise_exception("roles must alternate")
         if isinstance(e, DataError):
             raise
@@ -222,10 +229,12 @@ def preference_warning(stats: PreferenceStats, max_seq_len: int, max_prompt_len:
 # ---- batches ----
 
 
-def collate_pairs(pairs: list[PreferencePair], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate_pairs(pairs: list[PreferencePair | None], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """[2P, seq_len] numpy rows, chosen at 2i and rejected at 2i+1, with the SFT batch keys (input_ids,
-    targets, loss_mask on the response targets, positions, segment_ids 1 on real tokens and 0 on padding)."""
-    rows = [ex for pair in pairs for ex in pair.examples()]
+    targets, loss_mask on the response targets, positions, segment_ids 1 on real tokens and 0 on padding).
+    A None pair is two padding rows (what fills a last eval batch; the loss leaves such pairs out)."""
+    empty = Example(np.zeros(1, np.int32), np.zeros(1, bool))
+    rows = [ex for pair in pairs for ex in (pair.examples() if pair is not None else (empty, empty))]
     out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
     out["input_ids"][:] = out["targets"][:] = pad_id
     out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
@@ -238,3 +247,77 @@ def collate_pairs(pairs: list[PreferencePair], seq_len: int, pad_id: int) -> dic
         out["positions"][r, :n] = np.arange(n)
         out["segment_ids"][r, :n] = 1
     return out
+
+
+# ---- streams ----
+
+
+class PairBatches(Batches):
+    """`Batches` of preference pairs: the stream, its shuffle, positions, host slices and resume are Batches',
+    with one pair where Batches has one example, so global_batch counts pairs and each pair yields two
+    adjacent rows (chosen at 2i, rejected at 2i+1; jlora.train.preference_data.collate_pairs). A host's
+    rows, and a contiguous split of them into micro-batches, hold whole pairs. `reference`: each pair's
+    precomputed reference log-probs [num_pairs, 2], added to every batch as reference_logps [rows]."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], **kwargs):
+        self.pairs = list(pairs)
+        self.reference: np.ndarray | None = None
+        self.warnings: list[str] = []  # printed once by the loop
+        super().__init__([pair.examples()[0] for pair in self.pairs], **kwargs)
+
+    def _batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        chosen = [self.pairs[row[0]] if row else None for row in rows]  # an empty row: a padding pair
+        out = collate_pairs(chosen, self.seq_len, self.pad_id)
+        if self.reference is not None:
+            ref = [self.reference[row[0]] if row else np.zeros(2, np.float32) for row in rows]
+            out["reference_logps"] = np.concatenate(ref).astype(np.float32) if ref else np.zeros(0, np.float32)
+        return out
+
+
+def _pair_examples(pairs: Sequence[PreferencePair]) -> list[Example]:
+    return [ex for pair in pairs for ex in pair.examples()]
+
+
+def make_pair_batches(
+    cfg: RunConfig,
+    tok: TokenizerLike,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    model_vocab: int | None = None,
+) -> tuple[PairBatches, PairBatches | None, DataStats]:
+    """make_batches for a preference objective: data.train / data.val read by `load_pairs` (TRL's formats),
+    global_batch pairs per step; the val stream yields micro_batch pairs per batch."""
+    d, p = cfg.data, cfg.preference
+    train, pstats = load_pairs(d.train, tok, d.max_seq_len, p.max_prompt_len, d.on_bad_record)
+    val, vstats = load_pairs(d.val, tok, d.max_seq_len, p.max_prompt_len, d.on_bad_record) if d.val else ([], None)
+    if d.val_fraction:
+        n_val = max(1, round(len(train) * d.val_fraction))
+        if n_val >= len(train):
+            raise DataError(f"{d.train}: data.val_fraction={d.val_fraction} leaves no training pairs")
+        train, val = train[:-n_val], train[-n_val:]
+    if model_vocab is not None:
+        check_vocab(tok, model_vocab, [(d.train, _pair_examples(train)), (d.val or d.train, _pair_examples(val))])
+    stats = DataStats(
+        records=pstats.records + (vstats.records if vstats else 0),
+        skipped_bad=pstats.skipped_bad + (vstats.skipped_bad if vstats else 0),
+        truncated=pstats.truncated + (vstats.truncated if vstats else 0),
+        dropped_no_target=pstats.dropped_prompt_fills + (vstats.dropped_prompt_fills if vstats else 0),
+        train_examples=len(train),
+        val_examples=len(val),
+    )
+    rows = _pair_examples(train)
+    stats.train_tokens = sum(len(e.ids) - 1 for e in rows)
+    stats.train_loss_tokens = sum(int(e.mask[1:].sum()) for e in rows)
+    common = dict(
+        seq_len=d.max_seq_len, process_index=process_index, process_count=process_count, pad_id=tok.pad_id or 0
+    )
+    train_it = PairBatches(train, global_batch=cfg.train.global_batch, shuffle=d.shuffle, seed=cfg.train.seed, **common)
+    val_it = PairBatches(val, global_batch=cfg.train.micro_batch, shuffle=False, **common) if val else None
+    train_it.identity = data_stream.stream_identity(cfg, tok, rows, _pair_examples(val))
+    train_it.identity["preference.max_prompt_len"] = p.max_prompt_len  # its effect is in the examples' hash
+    for s in (pstats, vstats):
+        line = s and preference_warning(s, d.max_seq_len, p.max_prompt_len)
+        if line:
+            train_it.warnings.append(line.removeprefix("warning: "))
+    return train_it, val_it, stats

@@ -27,185 +27,41 @@ from jax.sharding import PartitionSpec as P
 
 from jlora.errors import JloraError
 from jlora.models.config import ModelConfig
-from jlora.models.family import family_of, init_params
-from jlora.models.layers import DTYPES
+from jlora.models.family import init_params
 from jlora.parallel.sharding import (
     BATCH_AXES,
     activation_sharding,
     batch_spec,
-    constrain,
     opt_state_specs,
     param_specs,
     shard_init,
     shard_params,
-    shards,
     to_shardings,
 )
 from jlora.peft.lora import LoraConfig, LoraPair, split
 from jlora.peft.placement import shard_trainable, trainable_specs
-from jlora.peft.routing import apply
-from jlora.quant.quantize import dense_value, leaf_encoder
+from jlora.quant.quantize import leaf_encoder
+from jlora.train import preference
 from jlora.train.config import OptimConfig
+from jlora.train.loss import (  # noqa: F401 (re-exported: the step's loss, as it was before loss.py)
+    CE_CHUNK_ELEMENTS,
+    by_chunk,
+    causal_lm_loss,
+    ce_chunk_size,
+    chunk_logits,
+    chunked_cross_entropy,
+    device_ce_chunk,
+    frozen_head,
+    full_batch,
+    loss_terms,
+    masked_cross_entropy,
+)
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 
 
 class NonFiniteError(JloraError, RuntimeError):
     """Too many non-finite steps in a row: training diverged."""
-
-
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses where mask, number of such tokens) for logits [B,T,V], targets/mask [B,T].
-
-    Sums, not a mean, so micro-batches and hosts add up to the exact mean of the global batch."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B,T]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
-
-
-# Logits of one CE chunk stay under this many elements (64 MB in fp32).
-CE_CHUNK_ELEMENTS = 1 << 24
-
-
-def ce_chunk_size(batch: int, seq: int, vocab: int, max_elements: int = CE_CHUNK_ELEMENTS) -> int:
-    """The largest divisor c of seq with batch * c * vocab <= max_elements (at least 1)."""
-    fits = [c for c in range(1, seq + 1) if seq % c == 0 and batch * c * vocab <= max_elements]
-    return max(fits, default=1)
-
-
-def device_ce_chunk(batch: int, seq: int, vocab: int) -> int:
-    """`ce_chunk_size` for the rows and vocab entries ONE device holds under the current
-    `activation_sharding`: sized from the global batch, 70B on 64 chips got 2-position chunks."""
-    return ce_chunk_size(max(batch // shards("batch"), 1), seq, max(vocab // shards("vocab"), 1))
-
-
-def chunk_logits(h: jax.Array, w: jax.Array, tied: bool, softcap: float | None = None) -> jax.Array:
-    eq = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
-    logits = jnp.einsum(eq, h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V] fp32
-    return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
-
-
-def by_chunk(x: jax.Array, chunk: int) -> jax.Array:
-    """[B,T,...] -> [T/c, B, c, ...]: scan over sequence chunks, rows stay sharded."""
-    b, t = x.shape[:2]
-    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def chunked_cross_entropy(
-    h: jax.Array,
-    w: jax.Array,
-    targets: jax.Array,
-    mask: jax.Array,
-    tied: bool,
-    chunk: int,
-    softcap: float | None = None,
-) -> jax.Array:
-    """sum(mask * CE(h @ head, targets)) for hidden h [B,T,D], head w ([V,D] if tied else [D,V]),
-    computed `chunk` positions at a time, so the [B,T,V] logits never exist. The gradient (w.r.t. h
-    only: the head is frozen) is formed in the same pass, chunk by chunk, and kept as [B,T,D].
-    `softcap`: the model's final-logit soft-cap (Gemma 2), applied to each chunk's logits as the model does."""
-
-    def body(total, xs):
-        hc, tc, mc = xs
-        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tc)  # [B,c]
-        return total + jnp.sum(ce * mc), None
-
-    total, _ = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (by_chunk(h, chunk), by_chunk(targets, chunk), by_chunk(mask, chunk))
-    )
-    return total
-
-
-def _chunked_ce_fwd(h, w, targets, mask, tied, chunk, softcap):
-    def body(total, xs):
-        hc, tc, mc = xs
-        logits = constrain(chunk_logits(hc, w, tied, softcap), "batch", None, "vocab")  # [B,c,V]
-        top = jnp.max(logits, axis=-1, keepdims=True)  # [B,c,1]
-        e = jnp.exp(logits - top)  # one exp per logit serves the loss and its gradient
-        total_e = jnp.sum(e, axis=-1, keepdims=True)
-        ce = (top + jnp.log(total_e))[..., 0] - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [B,c]
-        dlogits = (e / total_e - jax.nn.one_hot(tc, logits.shape[-1])) * mc[..., None]
-        if softcap is not None:  # through cap * tanh(raw / cap): times 1 - tanh^2
-            dlogits = dlogits * (1 - jnp.square(logits / softcap))
-        eq = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
-        dh = jnp.einsum(eq, dlogits.astype(hc.dtype), w.astype(hc.dtype), preferred_element_type=jnp.float32)
-        return total + jnp.sum(ce * mc), dh.astype(hc.dtype)  # [B,c,D]
-
-    total, dh = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (by_chunk(h, chunk), by_chunk(targets, chunk), by_chunk(mask, chunk))
-    )
-    return total, jnp.swapaxes(dh, 0, 1).reshape(h.shape)
-
-
-def _chunked_ce_bwd(tied, chunk, softcap, dh, g):
-    return (g * dh).astype(dh.dtype), None, None, None
-
-
-chunked_cross_entropy.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
-
-
-def frozen_head(cfg: ModelConfig, frozen, trainable) -> jax.Array | None:
-    """The output projection, if it is frozen and not adapted (else None: the plain logits path)."""
-    path = family_of(cfg).head_path(cfg)
-    flat_t = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, LoraPair))
-    if path in flat_t:
-        return None
-    return traverse_util.flatten_dict(frozen).get(path)
-
-
-def loss_terms(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None, ce_chunk: int | None = None):
-    """(loss sum, token count) of one batch of [B,T] arrays, LoRA routed in by `jlora.apply`.
-
-    With a frozen output head the loss is `chunked_cross_entropy` over the final hidden states
-    (ce_chunk positions at a time; default: CE_CHUNK_ELEMENTS of logits on each device, from the rows
-    and vocab entries one device holds under `activation_sharding`), else CE over full fp32 logits."""
-    args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
-    cfg = model.cfg
-    head = frozen_head(cfg, frozen, trainable)
-    if head is None:
-        logits = constrain(apply(model, frozen, trainable, *args, rngs=rngs), "batch", None, "vocab")  # [B,T,V] fp32
-        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    b, t = batch["input_ids"].shape
-    chunk = ce_chunk or device_ce_chunk(b, t, cfg.vocab_size)
-    hidden = apply(model, frozen, trainable, *args, rngs=rngs, return_hidden=True)  # [B,T,D]
-    # Gather the head's fsdp shards once here, not in every chunk of the scan; vocab stays split over tensor.
-    # A quantized head is dequantized once for the whole loss (its gradient is not needed).
-    head = dense_value(head, DTYPES[cfg.dtype])
-    head = constrain(head, "vocab", None) if cfg.tie_word_embeddings else constrain(head, None, "vocab")
-    mask = batch["loss_mask"].astype(jnp.float32)
-    total = chunked_cross_entropy(
-        hidden, head, batch["targets"], mask, cfg.tie_word_embeddings, chunk, cfg.final_logit_softcapping
-    )
-    return total, jnp.sum(mask)
-
-
-def full_batch(batch: dict) -> dict:
-    """`batch` with the optional keys filled in: every token trained (loss_mask), positions 0..T-1 and one
-    segment per row. input_ids and targets [B,T] are required."""
-    missing = [k for k in ("input_ids", "targets") if k not in batch]
-    if missing:
-        raise ValueError(f"a batch needs {' and '.join(missing)} ([B,T] token ids); it has {sorted(batch)}")
-    ids = batch["input_ids"]
-    rows, t = ids.shape[:-1], ids.shape[-1]
-    defaults = {
-        "loss_mask": lambda: jnp.ones(ids.shape, jnp.float32),
-        "positions": lambda: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (*rows, t)),
-        "segment_ids": lambda: jnp.ones(ids.shape, jnp.int32),
-    }
-    return {**{k: make() for k, make in defaults.items() if k not in batch}, **batch}
-
-
-def causal_lm_loss(model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None) -> jax.Array:
-    """The mean next-token cross-entropy of `batch` over its loss_mask tokens, LoRA routed in: what
-    jlora-train minimises, for a custom loop (`jax.value_and_grad` w.r.t. trainable).
-
-    batch: input_ids and targets [B,T], optional loss_mask, positions and segment_ids (`full_batch`).
-    With a frozen output head the [B,T,V] logits are never formed (`chunked_cross_entropy`).
-    rngs={"dropout": key} turns on LoRA dropout."""
-    total, count = loss_terms(model, frozen, trainable, full_batch(batch), rngs)
-    return total / jnp.maximum(count, 1.0)
 
 
 def make_schedule(ocfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -325,11 +181,15 @@ def place_state(
     return TrainState(frozen, trainable, opt_state, mesh, allow_replication)
 
 
+REFERENCE_KEY = "reference_logps"  # a preference batch's precomputed reference log-probs [rows]
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = None) -> dict[str, jax.Array]:
     """Host rows [L,T] (this process's share) -> global arrays, rows over ('data', 'fsdp').
 
     With n_micro, the result is [n_micro, micro_B, T]: every micro-batch takes L/n_micro rows of
-    each host, so all hosts' devices work on every micro-batch."""
+    each host, so all hosts' devices work on every micro-batch. A preference batch's `reference_logps`
+    [L] goes along the same way ([n_micro, micro_B]): a contiguous split keeps pairs whole."""
     n_proc = jax.process_count()
     rows_axes = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if rows_axes % n_proc:
@@ -337,15 +197,15 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, n_micro: int | None = No
             f"mesh data*fsdp = {rows_axes} must be a multiple of the {n_proc} processes: each host feeds its own rows"
         )
     out = {}
-    for k in BATCH_KEYS:
+    for k in BATCH_KEYS + ((REFERENCE_KEY,) if REFERENCE_KEY in batch else ()):
         x = np.asarray(batch[k])
         if n_micro is None:
-            sh, gshape = NamedSharding(mesh, batch_spec(2, 0)), (x.shape[0] * n_proc, x.shape[1])
+            sh, gshape = NamedSharding(mesh, batch_spec(x.ndim, 0)), (x.shape[0] * n_proc, *x.shape[1:])
         else:
             if x.shape[0] % n_micro:
                 raise ValueError(f"{x.shape[0]} rows per host do not split into {n_micro} micro-batches")
-            x = x.reshape(n_micro, x.shape[0] // n_micro, x.shape[1])
-            sh, gshape = NamedSharding(mesh, batch_spec(3, 1)), (n_micro, x.shape[1] * n_proc, x.shape[2])
+            x = x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:])
+            sh, gshape = NamedSharding(mesh, batch_spec(x.ndim, 1)), (n_micro, x.shape[1] * n_proc, *x.shape[2:])
         out[k] = jax.make_array_from_process_local_data(sh, x, gshape)
     return out
 
@@ -355,11 +215,53 @@ def _uses_dropout(trainable) -> bool:
     return any(isinstance(x, LoraPair) and x.dropout > 0 for x in leaves)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a step minimises: "sft" (the token-mean cross-entropy) or a preference objective of
+    jlora.train.preference ("dpo", "ipo", "orpo") with its beta and label smoothing. precomputed: the
+    batches carry `reference_logps` (`make_reference_step`), so the step runs no reference forward."""
+
+    name: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    precomputed: bool = False
+
+    def __post_init__(self):
+        if self.name != "sft":
+            preference.check_objective(self.name, self.beta, self.label_smoothing)
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return BATCH_KEYS + ((REFERENCE_KEY,) if self.precomputed else ())
+
+    def terms(self, model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None):
+        """(value, weight, metrics) of one micro-batch: SFT sums token losses over a token count (weight);
+        a preference loss is already a mean over the micro-batch's pairs (weight 1: equal micro-batches
+        average), as TRL's loss is; its metrics are means too."""
+        if self.name == "sft":
+            lsum, count = loss_terms(model, frozen, trainable, batch, rngs)
+            return lsum, count, {}
+        loss, metrics = preference.preference_loss(
+            model,
+            frozen,
+            trainable,
+            batch,
+            self.name,
+            self.beta,
+            self.label_smoothing,
+            reference_logps=batch.get(REFERENCE_KEY),
+            rngs=rngs,
+        )
+        return loss, jnp.ones((), jnp.float32), metrics
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     state: TrainState | None = None,
     compiler_options: dict | None = None,
+    *,
+    objective: str | Objective = "sft",
 ) -> Callable:
     """A jitted `step(frozen, trainable, opt_state, batch, rng=None) -> (trainable, opt_state, metrics)`.
 
@@ -368,7 +270,12 @@ def make_train_step(
     global count of loss tokens once, so the result equals one pass over the whole batch. trainable and
     opt_state are donated; rng is needed only for LoRA dropout. With a `state` the step is compiled for its
     mesh (explicit shardings, activations pinned); without, jax places it where its inputs are.
-    compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU)."""
+    compiler_options go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
+
+    objective: "sft", or "dpo" / "ipo" / "orpo" (beta 0.1), or an `Objective`. A preference batch holds whole
+    pairs (rows 2i chosen, 2i+1 rejected) in every micro-batch; the loss and gradients are the mean of the
+    micro-batches' (each a mean over its pairs), and the metrics add TRL's rewards/* and logps/*."""
+    obj = objective if isinstance(objective, Objective) else Objective(objective)
 
     def step(frozen, trainable, opt_state, batch, rng=None):
         dropout = _uses_dropout(trainable)
@@ -380,28 +287,31 @@ def make_train_step(
 
         def grads_of(mb, i):
             rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
-            fn = lambda t: loss_terms(model, frozen, t, mb, rngs)
-            (lsum, count), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
-            return lsum, count, grads
+            fn = lambda t: (lambda v, w, m: (v, (w, m)))(*obj.terms(model, frozen, t, mb, rngs))
+            (value, (weight, aux)), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
+            return value, weight, aux, grads
 
         n_micro = batch["input_ids"].shape[0]
         if n_micro == 1:
-            lsum, count, grads = grads_of(jax.tree.map(lambda x: x[0], batch), 0)
+            value, weight, aux, grads = grads_of(jax.tree.map(lambda x: x[0], batch), 0)
         else:
 
             def body(carry, xs):
                 mb, i = xs
-                lsum, count, grads = grads_of(mb, i)
-                acc_l, acc_n, acc_g = carry
-                return (acc_l + lsum, acc_n + count, jax.tree.map(jnp.add, acc_g, grads)), None
+                new = grads_of(mb, i)
+                return jax.tree.map(jnp.add, carry, new), None
 
-            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-            (lsum, count, grads), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(n_micro)))
-        denom = jnp.maximum(count, 1.0)
+            first = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], batch), 0)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+            (value, weight, aux, grads), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "loss_tokens": count}
+        metrics = {"loss": value / denom, "grad_norm": optax.tree.norm(grads)}
+        if obj.name == "sft":
+            metrics["loss_tokens"] = weight
+        metrics |= {k: v / denom for k, v in aux.items()}
         if isinstance(new_opt, optax.ApplyIfFiniteState):  # make_optimizer's guard: what it skipped
             metrics.update(
                 skipped=jnp.logical_not(new_opt.last_finite),
@@ -414,7 +324,7 @@ def make_train_step(
         return jax.jit(step, donate_argnums=(1, 2), compiler_options=compiler_options)
     fsh, tsh, osh = state.shardings(optimizer)
     rep = NamedSharding(state.mesh, P())
-    bsh = {k: NamedSharding(state.mesh, batch_spec(3, 1)) for k in BATCH_KEYS}
+    bsh = {k: NamedSharding(state.mesh, batch_spec(2 if k == REFERENCE_KEY else 3, 1)) for k in obj.batch_keys}
     return jax.jit(
         activation_sharding(state.mesh)(step),
         in_shardings=(fsh, tsh, osh, bsh, rep),
@@ -424,15 +334,44 @@ def make_train_step(
     )
 
 
-def make_eval_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
-    """A jitted `eval_step(frozen, trainable, batch) -> (loss sum, token count)` over [B,T] rows."""
+def make_eval_step(
+    model: nn.Module, state: TrainState, compiler_options: dict | None = None, *, objective: str | Objective = "sft"
+) -> Callable:
+    """A jitted `eval_step(frozen, trainable, batch)` over [B,T] rows: (loss sum, token count) for SFT; for a
+    preference objective (loss, metrics, real pairs), the loss and metrics means over the batch's real pairs
+    (a last batch's padding pairs count for nothing), the reference run in the same step."""
+    obj = objective if isinstance(objective, Objective) else Objective(objective)
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
     rep = NamedSharding(state.mesh, P())
+    if obj.name == "sft":
+        fn, out = (lambda f, t, b: loss_terms(model, f, t, b)), (rep, rep)
+    else:
+        obj = dataclasses.replace(obj, precomputed=False)
+
+        def fn(f, t, b):
+            loss, metrics, _ = obj.terms(model, f, t, b)
+            return loss, metrics, jnp.sum(preference.real_pairs(b["loss_mask"]))
+
+        out = (rep, rep, rep)
     return jax.jit(
-        activation_sharding(state.mesh)(lambda f, t, b: loss_terms(model, f, t, b)),
+        activation_sharding(state.mesh)(fn),
         in_shardings=(fsh, tsh, bsh),
-        out_shardings=(rep, rep),
+        out_shardings=out,
+        compiler_options=compiler_options,
+    )
+
+
+def make_reference_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
+    """A jitted `reference_step(frozen, trainable, batch) -> [B]`: each row's response log-probs under the base
+    (the adapter off), replicated: what `precompute_reference` computes once before training."""
+    fsh, tsh, _ = state.shardings()
+    bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
+    fn = lambda f, t, b: preference.compute_reference_logps(model, f, t, b)
+    return jax.jit(
+        activation_sharding(state.mesh)(fn),
+        in_shardings=(fsh, tsh, bsh),
+        out_shardings=NamedSharding(state.mesh, P()),
         compiler_options=compiler_options,
     )
 
