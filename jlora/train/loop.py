@@ -122,14 +122,6 @@ def evaluate_pairs(eval_step, state: TrainState, val_it, n_batches: int) -> tupl
     return total / max(count, 1.0), {k: v / max(count, 1.0) for k, v in sums.items()}, count
 
 
-def objective_of(run: RunConfig) -> Objective:
-    """The step's objective from the run config."""
-    p = run.preference
-    if run.objective == "sft":
-        return Objective()
-    return Objective(run.objective, p.beta, p.label_smoothing, p.precompute_reference)
-
-
 def train(
     run: RunConfig, *, resume: bool | None = None, quiet: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -182,7 +174,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     dense_print = DenseFingerprint()  # a QLoRA base packed as it loads is sampled dense on the way
     cfg, params = load_base(run, tok, mesh, on_dense=dense_print)
     method = method_config(run, cfg)
-    objective = objective_of(run)
+    objective = Objective.of_run(run)
     pairs = run.objective != "sft"  # a preference objective: batch sizes count (chosen, rejected) pairs
     train_it, val_it, stats = (make_pair_batches if pairs else make_batches)(
         run, tok, process_index=jax.process_index(), process_count=jax.process_count(), model_vocab=cfg.vocab_size

@@ -214,7 +214,7 @@ def compile_step(run: RunConfig, devices: list | None = None):
 
     from jlora.models.family import build_model
     from jlora.parallel.sharding import BATCH_AXES, make_mesh
-    from jlora.train.step import BATCH_KEYS, TrainState, make_optimizer, make_train_step
+    from jlora.train.step import REFERENCE_KEY, Objective, TrainState, make_optimizer, make_train_step
 
     cfg = model_config(run)
     mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor, devices=devices)
@@ -228,9 +228,11 @@ def compile_step(run: RunConfig, devices: list | None = None):
     frozen, trainable = split_shapes(run, cfg)
     frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
-    shape = (run.train.grad_accum, run.train.micro_batch, run.data.max_seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
-    step = make_train_step(build_model(cfg), optimizer, state)
+    objective = Objective.of_run(run)  # a preference micro-batch of P pairs is 2P rows; its reference runs in it
+    shape = (run.train.grad_accum, run.train.micro_batch * (1 if run.objective == "sft" else 2), run.data.max_seq_len)
+    dtype = lambda k: jnp.float32 if k in ("loss_mask", REFERENCE_KEY) else jnp.int32
+    batch = {k: jax.ShapeDtypeStruct(shape[: 2 if k == REFERENCE_KEY else 3], dtype(k)) for k in objective.batch_keys}
+    step = make_train_step(build_model(cfg), optimizer, state, objective=objective)
     compiled = step.lower(frozen, trainable, state.opt_state, batch, key).compile()
     return compiled, state, cfg, optimizer
 
@@ -248,7 +250,7 @@ def plan(run: RunConfig, devices_per_host: int = DEVICES_PER_HOST, devices: list
     mesh = state.mesh
     mem = compiled.memory_analysis()
     stats = hlo_stats.analyze(compiled.as_text())
-    tokens = run.train.global_batch * run.data.max_seq_len
+    tokens = run.train.global_batch * (1 if run.objective == "sft" else 2) * run.data.max_seq_len
     need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     load, piece = load_bytes(dense_frozen, state.frozen, mesh, run.mesh.allow_replication)
     per_host = min(devices_per_host, mesh.devices.size)
@@ -263,6 +265,7 @@ def plan(run: RunConfig, devices_per_host: int = DEVICES_PER_HOST, devices: list
         "remat": cfg.remat,
         "quantize": run.model.quantize + ("+dq" if run.model.double_quant else ""),
         "micro_batch": run.train.micro_batch,
+        "objective": run.objective,
         "grad_accum": run.train.grad_accum,
         "seq": run.data.max_seq_len,
         "param_bytes": _device_bytes(state.frozen, fsh),
@@ -294,7 +297,9 @@ def report(p: dict[str, Any]) -> str:
         f"plan: {p['model']} (dtype={p['dtype']} param_dtype={p['param_dtype']} remat={p['remat']} "
         f"quantize={p.get('quantize', 'none')}), "
         f"mesh {p['mesh_text']}",
-        f"  step: {p['grad_accum']} micro-batch(es) of {p['micro_batch']} rows x {p['seq']} tokens",
+        f"  step: {p['grad_accum']} micro-batch(es) of {p['micro_batch']} "
+        + ("rows" if p.get("objective", "sft") == "sft" else f"pairs ({p['objective']}: 2 rows each)")
+        + f" x {p['seq']} tokens",
         "per device:",
         f"  frozen params   {_gib(p['param_bytes'])}",
         f"  adapters        {_gib(p['adapter_bytes'])}",

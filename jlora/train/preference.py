@@ -236,7 +236,7 @@ def preference_loss(
     return _mean(losses, real), _reward_metrics(real, *rewards, *(jax.lax.stop_gradient(x) for x in (chosen, rejected)))
 
 
-def _orpo(logps: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float, real: jax.Array):
+def _orpo(logps: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float, pairs_real: jax.Array):
     """TRL's ORPOTrainer.get_batch_loss_metrics, from token log-probs [2P,T]."""
     real = (segment_ids != 0).astype(jnp.float32)  # TRL's NLL covers every real target, prompt included
     (chosen_lp, _), (chosen_real, _) = _pairs(logps), _pairs(real)
@@ -245,8 +245,12 @@ def _orpo(logps: jax.Array, mask: jax.Array, segment_ids: jax.Array, beta: float
     chosen, rejected = _pairs(mean_logps)
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # [P]
     ratio = jax.nn.log_sigmoid(log_odds)
-    loss = nll - _mean(beta * ratio, real)
+    loss = nll - _mean(beta * ratio, pairs_real)
     chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
-    metrics = _reward_metrics(real, beta * chosen, beta * rejected, chosen, rejected)
-    metrics |= {"nll_loss": nll, "log_odds_ratio": _mean(ratio, real), "log_odds_chosen": _mean(log_odds, real)}
+    metrics = _reward_metrics(pairs_real, beta * chosen, beta * rejected, chosen, rejected)
+    metrics |= {
+        "nll_loss": nll,
+        "log_odds_ratio": _mean(ratio, pairs_real),
+        "log_odds_chosen": _mean(log_odds, pairs_real),
+    }
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -42,7 +42,7 @@ from jlora.peft.lora import LoraConfig, LoraPair, split
 from jlora.peft.placement import shard_trainable, trainable_specs
 from jlora.quant.quantize import leaf_encoder
 from jlora.train import preference
-from jlora.train.config import OptimConfig
+from jlora.train.config import OptimConfig, RunConfig
 from jlora.train.loss import (  # noqa: F401 (re-exported: the step's loss, as it was before loss.py)
     CE_CHUNK_ELEMENTS,
     by_chunk,
@@ -230,6 +230,14 @@ class Objective:
         if self.name != "sft":
             preference.check_objective(self.name, self.beta, self.label_smoothing)
 
+    @classmethod
+    def of_run(cls, run: RunConfig) -> Objective:
+        """The objective of a run config (its `objective` and `preference` section)."""
+        p = run.preference
+        return (
+            cls() if run.objective == "sft" else cls(run.objective, p.beta, p.label_smoothing, p.precompute_reference)
+        )
+
     @property
     def batch_keys(self) -> tuple[str, ...]:
         return BATCH_KEYS + ((REFERENCE_KEY,) if self.precomputed else ())
@@ -350,7 +358,7 @@ def make_eval_step(
         obj = dataclasses.replace(obj, precomputed=False)
 
         def fn(f, t, b):
-            loss, metrics, _ = obj.terms(model, f, t, b)
+            loss, _, metrics = obj.terms(model, f, t, b)
             return loss, metrics, jnp.sum(preference.real_pairs(b["loss_mask"]))
 
         out = (rep, rep, rep)

@@ -1,0 +1,175 @@
+"""jlora-train with a preference objective (issue 24): TRL's metric names in metrics.jsonl, the zero-init start
+at ln 2, precomputed reference log-probs (equal losses, a cache reused on resume and refused for other data),
+resume continuing the pair stream, the (2, 2, 2) mesh, --plan without the reference forward, one-line errors."""
+
+import json
+import math
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from jlora.cli.train import main as train_main
+from jlora.parallel import hlo_stats
+from jlora.parallel.sharding import make_mesh
+from jlora.train import config as C
+from jlora.train import loop
+from jlora.train.examples import DataError
+from jlora.train.loop import train
+from jlora.train.plan import compile_step
+
+TRL_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+STEPS = 4
+
+
+def _write_pairs(path, n: int, seed: int) -> None:
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = r.randint(1, 50), r.randint(1, 50)
+            wrong = a + b + r.randint(1, 9)
+            f.write(json.dumps({"prompt": f"What is {a}+{b}? ", "chosen": f"{a + b}.", "rejected": f"{wrong}."}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    _write_pairs(d / "train.jsonl", 40, 0)
+    _write_pairs(d / "val.jsonl", 6, 1)  # 6 pairs in batches of 4: the last one is half padding
+    return d
+
+
+def _run(files, out, *sets, resume=None, train_file=None):
+    raw = {
+        "model": {"path": "tiny"},
+        "data": {"train": str(train_file or files / "train.jsonl"), "val": str(files / "val.jsonl"), "max_seq_len": 32},
+        "objective": "dpo",
+        "train": {
+            "global_batch": 8,
+            "micro_batch": 4,  # 2 micro-batches of 4 pairs (8 rows) per step
+            "steps": STEPS,
+            "log_interval": 1,
+            "eval_interval": STEPS,
+            "eval_batches": 0,
+        },
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-4},
+        "mesh": {"data": 1},
+        "checkpoint": {"interval": 2},
+        "output_dir": str(out),
+    }
+    with pytest.MonkeyPatch.context() as mp:  # the mesh's own devices, not all 8 of conftest's
+        mp.setattr(loop, "make_mesh", lambda *sizes: make_mesh(*sizes, devices=jax.devices()[: math.prod(sizes)]))
+        return train(C.from_dict(raw, sets), resume=resume, quiet=True)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(files, tmp_path_factory):
+    """A 4-step DPO run on one device, the reference run in the step."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = _run(files, out)
+    return summary, _rows(out)
+
+
+def test_dpo_run_logs_trl_metrics_from_ln2(straight):
+    summary, rows = straight
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
+    assert all(set(TRL_NAMES) <= set(r) for r in train_rows)
+    first = train_rows[0]  # zero-init B: the policy is the reference, so every reward is 0 and the loss ln 2
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert all(abs(first[k]) < 1e-6 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+    assert train_rows[-1]["loss"] < math.log(2)  # it learns: lr 1e-2 on 40 pairs
+    assert summary["reference"] == "in the step"
+    (val,) = [r for r in rows if "val_loss" in r]
+    assert val["val_pairs"] == 6  # the padding pairs of the last val batch count for nothing
+    assert all(f"val_{k}" in val for k in TRL_NAMES) and 0 <= val["val_rewards/accuracies"] <= 1
+
+
+def test_precomputed_reference_equals_in_step_is_cached_on_resume_and_refused_for_other_data(files, straight, tmp_path):
+    """Stopped after 2 steps and resumed to 4, the precomputed run's losses equal the straight in-step run's:
+    the same reference log-probs in the same pair order, and the resume continues the pair stream."""
+    want = {r["step"]: r["loss"] for r in straight[1] if "loss" in r}
+    data = tmp_path / "train.jsonl"
+    data.write_bytes((files / "train.jsonl").read_bytes())
+    out = tmp_path / "pre"
+    first = _run(files, out, "preference.precompute_reference=true", f"train.steps={STEPS // 2}", train_file=data)
+    assert first["reference"] == "computed" and (out / "reference_logps.npy").is_file()
+    again = _run(files, out, "preference.precompute_reference=true", resume=True, train_file=data)
+    assert again["reference"] == "cached" and again["start_step"] == STEPS // 2
+    got = {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=0, atol=1e-6)
+
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same pairs, in another order
+    with pytest.raises(DataError) as e:
+        _run(
+            files, out, "preference.precompute_reference=true", f"train.steps={STEPS + 2}", resume=True, train_file=data
+        )
+    msg = str(e.value)
+    assert "\n" not in msg and "reference_logps.npy" in msg and "data.train" in msg and "--overwrite" in msg
+
+
+def test_mesh_222_equals_one_device(files, straight, tmp_path):
+    want = [r["loss"] for r in straight[1] if "loss" in r][:2]
+    _run(files, tmp_path / "m", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=2")
+    got = [r["loss"] for r in _rows(tmp_path / "m") if "loss" in r]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_plan_counts_the_reference_forward():
+    """--plan compiles the real step: the in-step reference is one more forward than a precomputed one."""
+    raw = {
+        "model": {"path": "tiny"},
+        "data": {"train": "x.jsonl", "max_seq_len": 32},
+        "objective": "dpo",
+        "train": {"global_batch": 8, "micro_batch": 8},
+        "mesh": {"data": 8},
+    }
+    flops = {}
+    for pre in ("false", "true"):
+        compiled = compile_step(C.from_dict(raw, [f"preference.precompute_reference={pre}"]))[0]
+        flops[pre] = hlo_stats.analyze(compiled.as_text()).dot_flops
+    # forward + backward is ~3 forwards; the reference adds a fourth
+    assert 1.2 < flops["false"] / flops["true"] < 1.5
+
+
+@pytest.mark.parametrize(
+    "sets, line",
+    [
+        (["objective=dpx"], "objective: must be one of 'sft' | 'dpo' | 'ipo' | 'orpo', got 'dpx'"),
+        (["objective=dpo", "preference.beta=0"], "preference.beta: must be > 0, got 0.0"),
+        (["objective=ipo", "preference.label_smoothing=0.1"], "preference.label_smoothing: is DPO's (cDPO)"),
+        (["objective=dpo", "preference.label_smoothing=0.5"], "preference.label_smoothing: must be in [0, 0.5)"),
+        (["objective=dpo", "preference.max_prompt_len=300"], "preference.max_prompt_len: must be in [1, data.max"),
+        (["objective=dpo", "preference.max_prompt_len=0"], "preference.max_prompt_len: must be >= 1"),
+        (["preference.beta=0.2"], "preference: is for objective: dpo | ipo | orpo, but this run has objective: sft"),
+        (["objective=dpo", "preference.bta=1"], "unknown key 'preference.bta' (did you mean 'preference.beta'?)"),
+        (["objective=dpo", "data.packing=true"], "data.packing: packs SFT examples"),
+        (["objective=orpo", "preference.precompute_reference=true"], "preference.precompute_reference: ORPO has"),
+    ],
+)
+def test_bad_preference_settings_are_one_line(sets, line, capsys):
+    argv = [
+        "--config",
+        "configs/tiny-cpu.yaml",
+        *[a for s in sets for a in ("--set", s)],
+        "--set",
+        "output_dir=/nonexistent/x",
+    ]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0], err
