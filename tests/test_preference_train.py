@@ -173,3 +173,19 @@ def test_bad_preference_settings_are_one_line(sets, line, capsys):
     assert train_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [["method=llama_adapter", "adapter.layers=1", "adapter.len=4"], ["model.quantize=nf4"]],
+    ids=["llama_adapter", "qlora_nf4"],
+)
+def test_llama_adapter_and_qlora_runs_start_at_ln2_and_learn(files, sets, tmp_path):
+    """The reference is the base with the adapter off: a zero gate (LLaMA-Adapter) or zero B over the packed
+    blocks (QLoRA) makes the policy the reference at step 1; later steps move away from it."""
+    summary = _run(files, tmp_path / "r", *sets, "train.steps=3", "train.eval_interval=0", "optim.lr=5e-2")
+    assert abs(summary["losses"][0] - math.log(2)) < 1e-6
+    rows = [r for r in _rows(tmp_path / "r") if "loss" in r]
+    assert (
+        rows[0]["grad_norm"] > 0 and rows[-1]["rewards/margins"] != 0 and summary["losses"][-1] != summary["losses"][0]
+    )
