@@ -189,3 +189,39 @@ def test_llama_adapter_and_qlora_runs_start_at_ln2_and_learn(files, sets, tmp_pa
     assert (
         rows[0]["grad_norm"] > 0 and rows[-1]["rewards/margins"] != 0 and summary["losses"][-1] != summary["losses"][0]
     )
+
+
+def test_public_make_train_step_accumulates_whole_pairs_to_the_full_batch_mean():
+    """jlora.make_train_step(objective="dpo") on plain batches: 2 micro-batches of 4 pairs give the loss, the
+    metrics and (through SGD at lr 1) the gradients of preference_loss over all 8 pairs at once."""
+    import jax.numpy as jnp
+    import optax
+    from lora_testing import randomize
+
+    import jlora
+    from jlora.models.llama import PRESETS
+
+    cfg = PRESETS["tiny"]
+    frozen, trainable = jlora.split(
+        jlora.init_params(cfg, jax.random.key(0)), jlora.LoraConfig(rank=4, alpha=8.0), jax.random.key(1)
+    )
+    trainable = randomize(trainable, seed=3)  # B != 0: the policy is not the reference
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (16, 17)).astype(np.int32)
+    mask = np.zeros((16, 16), np.float32)
+    mask[:, 6:] = 1.0  # a 6-token prompt, then the response
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
+    model = jlora.Llama(cfg)
+    (want, want_m), grads = jax.jit(
+        jax.value_and_grad(lambda t: jlora.preference_loss(model, frozen, t, batch, "dpo"), has_aux=True)
+    )(trainable)
+    step = jlora.make_train_step(model, optax.sgd(1.0), objective="dpo")
+    micro = jax.tree.map(lambda x: x.reshape(2, 8, *x.shape[1:]), batch)  # rows 0-7 and 8-15: whole pairs
+    before = jax.device_get(trainable)
+    new, _, m = step(frozen, jax.tree.map(jnp.array, trainable), optax.sgd(1.0).init(trainable), micro)
+    assert abs(float(m["loss"]) - float(want)) < 1e-6
+    for k, v in want_m.items():
+        assert abs(float(m[k]) - float(v)) < 1e-5, k
+    got = jax.tree.map(lambda b, a: np.asarray(b) - np.asarray(a), before, jax.device_get(new))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, np.asarray(b), atol=1e-6, rtol=1e-4)
