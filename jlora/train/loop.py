@@ -4,7 +4,9 @@ Owns building a run (jax.distributed, tokenizer, model, per-host data, mesh, sha
 start-of-run summary, the loop (progress bar, metrics.jsonl + TensorBoard, eval, the non-finite
 guard, periodic checkpoints, resume, a checkpoint on SIGTERM / SIGINT) and the CLI. The step itself is
 jlora.train.step; placement is jlora.parallel.sharding; files on disk are jlora.checkpoint; signals are
-jlora.train.preemption. Only process 0 prints and writes metrics.
+jlora.train.preemption. A preference objective (dpo | ipo | orpo) trains on streams of pairs
+(jlora.train.preference_data), logs TRL's metric names, and may read its reference log-probs from a cache
+(jlora.train.preference_cache). Only process 0 prints and writes metrics.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
     )
     say(f"mesh: {describe_mesh(mesh)}  processes: {jax.process_count()}")
     say(describe(state.trainable, state.frozen))
-    say(f"data: {stats.summary()}")
+    say(f"data: {stats.summary()}" + ("  (examples: preference pairs)" if pairs else ""))
     say(
         f"steps: {steps}  tokens/step: {tokens_per_step:,} ({rows_per_step} rows x "
         f"{run.data.max_seq_len}, {n_micro} micro-batch{'es' * (n_micro > 1)} of {run.train.micro_batch}"

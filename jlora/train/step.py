@@ -1,7 +1,9 @@
 """The LoRA train step: loss, optimizer, sharded state init, the jitted train and eval steps.
 
-Owns the masked mean cross-entropy, the optax chain (clip, then AdamW on a warmup + constant /
-linear / cosine schedule, inside `apply_if_finite`: a non-finite step is skipped and counted),
+Owns the objective (the token-mean cross-entropy of jlora.train.loss, or a preference loss of
+jlora.train.preference, and a reference step that precomputes its log-probs), the optax chain (clip,
+then AdamW on a warmup + constant / linear / cosine schedule, inside `apply_if_finite`: a non-finite
+step is skipped and counted),
 sharded init of (frozen, trainable, optimizer state), placing host batches on the mesh, and one
 jitted call per global step that accumulates gradients over micro-batches with `lax.scan`.
 Gradients are taken w.r.t. the trainable tree only; the frozen tree is an input that is never
