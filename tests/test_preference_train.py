@@ -105,9 +105,10 @@ def test_precomputed_reference_equals_in_step_is_cached_on_resume_and_refused_fo
     data = tmp_path / "train.jsonl"
     data.write_bytes((files / "train.jsonl").read_bytes())
     out = tmp_path / "pre"
-    first = _run(files, out, "preference.precompute_reference=true", f"train.steps={STEPS // 2}", train_file=data)
+    pre = ("preference.precompute_reference=true", "train.eval_interval=0")
+    first = _run(files, out, *pre, f"train.steps={STEPS // 2}", train_file=data)
     assert first["reference"] == "computed" and (out / "reference_logps.npy").is_file()
-    again = _run(files, out, "preference.precompute_reference=true", resume=True, train_file=data)
+    again = _run(files, out, *pre, resume=True, train_file=data)
     assert again["reference"] == "cached" and again["start_step"] == STEPS // 2
     got = {r["step"]: r["loss"] for r in _rows(out) if "loss" in r}
     assert sorted(got) == sorted(want)
@@ -116,16 +117,14 @@ def test_precomputed_reference_equals_in_step_is_cached_on_resume_and_refused_fo
     lines = data.read_text().splitlines()
     data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same pairs, in another order
     with pytest.raises(DataError) as e:
-        _run(
-            files, out, "preference.precompute_reference=true", f"train.steps={STEPS + 2}", resume=True, train_file=data
-        )
+        _run(files, out, *pre, f"train.steps={STEPS + 2}", resume=True, train_file=data)
     msg = str(e.value)
     assert "\n" not in msg and "reference_logps.npy" in msg and "data.train" in msg and "--overwrite" in msg
 
 
 def test_mesh_222_equals_one_device(files, straight, tmp_path):
     want = [r["loss"] for r in straight[1] if "loss" in r][:2]
-    _run(files, tmp_path / "m", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=2")
+    _run(files, tmp_path / "m", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=2", "train.eval_interval=0")
     got = [r["loss"] for r in _rows(tmp_path / "m") if "loss" in r]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
@@ -212,10 +211,12 @@ def test_public_make_train_step_accumulates_whole_pairs_to_the_full_batch_mean()
     mask[:, 6:] = 1.0  # a 6-token prompt, then the response
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
     model = jlora.Llama(cfg)
+    fast = {"xla_backend_optimization_level": 0}  # LLVM -O0: the same numbers, half the compile time
     (want, want_m), grads = jax.jit(
-        jax.value_and_grad(lambda t: jlora.preference_loss(model, frozen, t, batch, "dpo"), has_aux=True)
+        jax.value_and_grad(lambda t: jlora.preference_loss(model, frozen, t, batch, "dpo"), has_aux=True),
+        compiler_options=fast,
     )(trainable)
-    step = jlora.make_train_step(model, optax.sgd(1.0), objective="dpo")
+    step = jlora.make_train_step(model, optax.sgd(1.0), compiler_options=fast, objective="dpo")
     micro = jax.tree.map(lambda x: x.reshape(2, 8, *x.shape[1:]), batch)  # rows 0-7 and 8-15: whole pairs
     before = jax.device_get(trainable)
     new, _, m = step(frozen, jax.tree.map(jnp.array, trainable), optax.sgd(1.0).init(trainable), micro)
