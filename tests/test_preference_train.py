@@ -123,8 +123,11 @@ def test_precomputed_reference_equals_in_step_is_cached_on_resume_and_refused_fo
 
 
 def test_mesh_222_equals_one_device(files, straight, tmp_path):
+    """Pairs sharded over data x fsdp = 4 devices (2 micro-batches of 4 pairs: one pair per device), the model over
+    tensor; the reference log-probs precomputed on the mesh and fed as a batch key."""
     want = [r["loss"] for r in straight[1] if "loss" in r][:2]
-    _run(files, tmp_path / "m", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=2", "train.eval_interval=0")
+    mesh = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    _run(files, tmp_path / "m", *mesh, "preference.precompute_reference=true", "train.steps=2", "train.eval_interval=0")
     got = [r["loss"] for r in _rows(tmp_path / "m") if "loss" in r]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
