@@ -162,6 +162,7 @@ def test_plan_counts_the_reference_forward():
         (["objective=dpo", "preference.bta=1"], "unknown key 'preference.bta' (did you mean 'preference.beta'?)"),
         (["objective=dpo", "data.packing=true"], "data.packing: packs SFT examples"),
         (["objective=orpo", "preference.precompute_reference=true"], "preference.precompute_reference: ORPO has"),
+        (["objective=dpo", "lora.train_extra=^norm\\."], "lora.train_extra: trains base parameters in full"),
     ],
 )
 def test_bad_preference_settings_are_one_line(sets, line, capsys):
@@ -179,12 +180,17 @@ def test_bad_preference_settings_are_one_line(sets, line, capsys):
 
 @pytest.mark.parametrize(
     "sets",
-    [["method=llama_adapter", "adapter.layers=1", "adapter.len=4"], ["model.quantize=nf4"]],
-    ids=["llama_adapter", "qlora_nf4"],
+    [
+        ["method=llama_adapter", "adapter.layers=1", "adapter.len=4"],
+        ["model.quantize=nf4"],
+        ["lora.train_extra=^norm\\.", "preference.precompute_reference=true"],
+    ],
+    ids=["llama_adapter", "qlora_nf4", "train_extra_precomputed"],
 )
 def test_llama_adapter_and_qlora_runs_start_at_ln2_and_learn(files, sets, tmp_path):
     """The reference is the base with the adapter off: a zero gate (LLaMA-Adapter) or zero B over the packed
-    blocks (QLoRA) makes the policy the reference at step 1; later steps move away from it."""
+    blocks (QLoRA) makes the policy the reference at step 1; later steps move away from it. A parameter trained
+    in full is the base's only before the first update: its reference is precomputed then."""
     summary = _run(files, tmp_path / "r", *sets, "train.steps=3", "train.eval_interval=0", "optim.lr=5e-2")
     assert abs(summary["losses"][0] - math.log(2)) < 1e-6
     rows = [r for r in _rows(tmp_path / "r") if "loss" in r]

@@ -339,6 +339,12 @@ class RunConfig(_Section):
             f"packs SFT examples; objective {self.objective} trains whole (chosen, rejected) pairs, one per row",
         )
         _check(
+            self.objective == "orpo" or p.precompute_reference or self.method != "lora" or not self.lora.train_extra,
+            "lora.train_extra",
+            f"trains base parameters in full, so the base with the adapter off is no longer the {self.objective} "
+            "reference; set preference.precompute_reference: true (computed before the first update)",
+        )
+        _check(
             not p.precompute_reference or self.objective != "orpo",
             "preference.precompute_reference",
             "ORPO has no reference model; drop it",

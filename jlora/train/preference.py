@@ -110,14 +110,17 @@ def token_logps(
     )
 
 
-def adapter_off(trainable):
+def adapter_off(trainable, keep_full: bool = False):
     """The trainable tree with the adapter off, i.e. what makes `jlora.apply` run the frozen base: no LoRA /
     DoRA / rsLoRA pair, no LLaMA-Adapter prompt (a zero gate adds exactly nothing, so dropping them is the
     base at no cost). Parameters trained in full (train_extra) were moved out of the frozen tree, so the base
-    no longer holds them: that is an error here; precompute the reference log-probs instead."""
+    no longer holds them: that is an error here, unless `keep_full` keeps them, which is the base only before
+    the first update (precomputing the reference log-probs)."""
     is_leaf = lambda _, x: isinstance(x, LoraPair)
     flat = traverse_util.flatten_dict(trainable or {}, is_leaf=is_leaf)
     full = [p for p, x in flat.items() if not isinstance(x, LoraPair) and not llama_adapter.is_adapter_leaf(p)]
+    if full and keep_full:
+        return traverse_util.unflatten_dict({p: flat[p] for p in full})
     if full:
         raise PreferenceError(
             f"the reference model is the base with the adapter off, but {'.'.join(full[0])} (and "
@@ -132,11 +135,14 @@ def sequence_logps(logps: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(logps * mask.astype(jnp.float32), axis=-1)
 
 
-def compute_reference_logps(model: nn.Module, frozen, trainable, batch: dict, ce_chunk: int | None = None) -> jax.Array:
+def compute_reference_logps(
+    model: nn.Module, frozen, trainable, batch: dict, ce_chunk: int | None = None, *, before_training: bool = False
+) -> jax.Array:
     """The reference policy's per-row response log-probs [2P] (the base: `adapter_off`), without gradient.
-    What `preference_loss(..., reference_logps=...)` takes when they are computed once before training."""
+    What `preference_loss(..., reference_logps=...)` takes when they are computed once before training;
+    `before_training`: `trainable` is not updated yet, so its parameters trained in full are still the base's."""
     batch = full_batch(batch)
-    logps = token_logps(model, frozen, adapter_off(trainable), batch, ce_chunk=ce_chunk)
+    logps = token_logps(model, frozen, adapter_off(trainable, before_training), batch, ce_chunk=ce_chunk)
     return jax.lax.stop_gradient(sequence_logps(logps, batch["loss_mask"]))
 
 

@@ -374,10 +374,11 @@ def make_eval_step(
 
 def make_reference_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
     """A jitted `reference_step(frozen, trainable, batch) -> [B]`: each row's response log-probs under the base
-    (the adapter off), replicated: what `precompute_reference` computes once before training."""
+    (the adapter off), replicated: what `precompute_reference` computes once, before the first update (so
+    parameters trained in full are still the base's)."""
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
-    fn = lambda f, t, b: preference.compute_reference_logps(model, f, t, b)
+    fn = lambda f, t, b: preference.compute_reference_logps(model, f, t, b, before_training=True)
     return jax.jit(
         activation_sharding(state.mesh)(fn),
         in_shardings=(fsh, tsh, bsh),
