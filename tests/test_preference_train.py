@@ -9,6 +9,7 @@ import random
 import jax
 import numpy as np
 import pytest
+from test_preference import METRICS
 
 from jlora.cli.train import main as train_main
 from jlora.parallel import hlo_stats
@@ -19,14 +20,7 @@ from jlora.train.examples import DataError
 from jlora.train.loop import train
 from jlora.train.plan import compile_step
 
-TRL_NAMES = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+TRL_NAMES = METRICS  # TRL's metric names
 STEPS = 4
 
 

@@ -62,25 +62,30 @@ class DataStats:
 # ---- records ----
 
 
-def read_records(
-    path: str, fmt: str, on_bad_record: str = "error", stats: DataStats | None = None
-) -> list[tuple[str, dict]]:
-    """[(where, record)] from a .json array, a JSONL file, or (format "text") a whole plain-text file.
-    `where` is "file:line"; a malformed record raises DataError naming it, or is skipped and counted."""
-    stats = stats if stats is not None else DataStats()
+def read_text(path: str) -> str:
+    """A data file's text; one DataError line when it cannot be read or is not UTF-8 (naming line and column)."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read data file: {e.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise DataError(
             f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
         ) from None
+
+
+def read_records(
+    path: str, fmt: str, on_bad_record: str = "error", stats: DataStats | None = None
+) -> list[tuple[str, dict]]:
+    """[(where, record)] from a .json array, a JSONL file, or (format "text") a whole plain-text file.
+    `where` is "file:line"; a malformed record raises DataError naming it, or is skipped and counted."""
+    stats = stats if stats is not None else DataStats()
+    text = read_text(path)
     if fmt == "text" and not path.endswith((".jsonl", ".json")):
         stats.records += bool(text.strip())
         return [(f"{path}:1", {"text": text})] if text.strip() else []

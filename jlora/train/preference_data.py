@@ -21,7 +21,7 @@ import numpy as np
 from jlora.formats.tokenizer import TokenizerError, unicode_error
 from jlora.train import data_stream
 from jlora.train.config import RunConfig
-from jlora.train.data import CHAT_ROLES, Batches, DataStats, check_vocab, json_items
+from jlora.train.data import CHAT_ROLES, Batches, DataStats, check_vocab, json_items, read_text
 from jlora.train.examples import DataError, Example, TokenizerLike
 
 
@@ -57,17 +57,7 @@ class PreferenceStats:
 
 def _read_items(path: str):
     """(where, object or its JSON error) per record of a .json array or JSONL file (jlora.train.data's reader)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read data file: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8") from None
-    return json_items(path, text)
+    return json_items(path, read_text(path))
 
 
 def _is_messages(x: Any) -> bool:
