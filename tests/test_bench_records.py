@@ -256,12 +256,14 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
         "naive@base": [0.9, 0.8, 0.7],
     }
 
-    def fake_side(side, a, extra, jlora_from):
+    def fake_side(side, a, extra, jlora_from, one_core):
         name = side + ("@base" if jlora_from else "")
         assert jlora_from in (None, str(tmp_path)) and extra == ("--rank", "8", "--targets", "q_proj,v_proj")
-        k = sum(c == name for c in calls)
-        calls.append(name)
-        step = medians[name][k]
+        calls.append((name, one_core))
+        if side == "peak":
+            return {"jax_peak": 200.0 - 100 * one_core, "torch_peak": 150.0 - 75 * one_core}
+        k = sum(c == (name, one_core) for c in calls) - 1
+        step = medians[name][k] * (2 if one_core else 1)
         return {
             "step_s": [step * 1.1, step, step * 0.9 + 0.1 * step],
             "losses": [2.0, 1.9],
@@ -271,6 +273,7 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
         }
 
     monkeypatch.setattr(bench, "run_side", fake_side)
+    monkeypatch.setattr(bench, "model_flops_per_token", lambda hf_dir, a: 0.5e9)
     out = tmp_path / "train_vs_peft.json"
     monkeypatch.setattr(
         sys,
@@ -289,13 +292,16 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
             "10",
             "--baseline",
             str(tmp_path),
+            "--sides",
+            "jlora,api,peft",
         ],
     )
     bench.main()
-    assert calls == ["jlora", "api", "peft", "jlora@base", "naive@base"] * 3
+    one_round = ["jlora", "api", "peft", "jlora@base", "naive@base", "peak"]
+    assert calls == [(s, core) for core in (False, True) for s in one_round] * 3  # interleaved, both thread modes
     res = json.loads(out.read_text())
     assert all(res[k] for k in PROVENANCE) and res["config"]["best_of"] == 3
-    assert [r["load_average_after"] for r in res["runs"]["jlora"]]
+    assert [r["load_average_after"] for r in res["runs"]["default"]["jlora"]]
     rows = {r["metric"]: r for r in res["rows"]}
     step = rows["jlora-train step: train tokens/s"]
     assert step["jlora"] == pytest.approx(10 / 0.3)  # each side's fastest run's median
@@ -305,3 +311,8 @@ def test_train_vs_peft_interleaves_the_sides_and_takes_each_ones_best_run(tmp_pa
     assert base["jlora"] == pytest.approx(10 / 0.7)
     assert rows["jlora-train step: peak RSS"]["jlora"] == 1200.0
     assert rows["jlora-train step: compile"]["jlora"] == 3.0
+    one_core = rows["jlora-train step (one core): train tokens/s"]  # the second row: each side pinned to a core
+    assert one_core["jlora"] == pytest.approx(10 / 0.6) and one_core["peer_value"] == pytest.approx(10 / 0.9)
+    gflops = rows["jlora-train step: model GFLOP/s"]  # tokens/s x the model FLOPs per token
+    assert gflops["jlora"] == pytest.approx(10 / 0.3 * 0.5) and gflops["peer_value"] == pytest.approx(10 / 0.45 * 0.5)
+    assert rows["fp32 matmul peak"]["jlora"] == 200.0 and rows["fp32 matmul peak (one core)"]["peer_value"] == 75.0
