@@ -677,8 +677,8 @@ def render(results: dict[str, dict | str]) -> str:
         lines += bench_section(name, results.get(name))
         if name == "train_vs_peft":
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
-            lines += bench_section("train_vs_peft_1thread", results.get("train_vs_peft_1thread"))
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
+    lines += bench_section("cold_start", results.get("cold_start"))
     lines += two_models_section(results)
     for name, command in GEMMA3_RUNS.items():
         res = results.get(name)
