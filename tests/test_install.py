@@ -42,12 +42,13 @@ def _source_tree(dst: pathlib.Path) -> None:
 def test_the_wheel_runs_a_shipped_config_by_name_from_an_empty_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["JAX_PLATFORMS"] = "cpu"
-    src, wheels, venv, empty = (tmp_path / name for name in ("src", "wheels", "venv", "empty"))
+    src, wheels, fresh, empty = (tmp_path / name for name in ("src", "wheels", "fresh-env", "empty"))
     _source_tree(src)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, src], src, env)
     (wheel,) = wheels.glob("jlora-*.whl")
-    _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)
-    python = venv / "bin" / "python"
+    _run([sys.executable, "-m", "venv", "--without-pip", fresh], tmp_path, env)
+    scripts = fresh / "bin"
+    python = scripts / "python"
     _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], tmp_path, env)
     site = pathlib.Path(
         _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).stdout.strip()
@@ -56,15 +57,13 @@ def test_the_wheel_runs_a_shipped_config_by_name_from_an_empty_directory(tmp_pat
 
     empty.mkdir()
     where = _run([python, "-c", "import importlib.util; print(importlib.util.find_spec('jlora').origin)"], empty, env)
-    assert pathlib.Path(where.stdout.strip()).is_relative_to(venv), f"not the wheel's jlora: {where.stdout}"
+    assert pathlib.Path(where.stdout.strip()).is_relative_to(fresh), f"not the wheel's jlora: {where.stdout}"
 
     sets = ["train.steps=2", "train.eval_interval=0", "checkpoint.interval=0"]
-    run = _run(
-        [venv / "bin" / "jlora-train", "--config", "tiny-cpu", *[a for s in sets for a in ("--set", s)]], empty, env
-    )
+    run = _run([scripts / "jlora-train", "--config", "tiny-cpu", *[a for s in sets for a in ("--set", s)]], empty, env)
     assert "done: 2 steps" in run.stdout, run.stdout[-2000:]
     assert (empty / "runs" / "tiny-cpu" / "adapter").is_dir(), sorted(p.name for p in empty.rglob("*"))
     assert not any(site.rglob("runs")), "the run wrote inside the installed package"
 
-    demo = _run([venv / "bin" / "jlora-demo", "--help"], empty, env)
+    demo = _run([scripts / "jlora-demo", "--help"], empty, env)
     assert "default: smollm2-135m-demo" in " ".join(demo.stdout.split()), demo.stdout
