@@ -323,8 +323,9 @@ def test_llama_cpp_runs_an_exported_gemma3_adapter_as_jlora_does(gemma3_gguf, tm
     frozen, trainable = jlora.split(params, lcfg, jax.random.key(0))
     trainable = randomize(trainable, seed=0, std=0.02)  # big enough to move the logits, small enough not to scramble
     zero = jax.tree.map(lambda p: p.replace(b=jnp.zeros_like(p.b)), trainable, is_leaf=is_pair)  # B = 0: the base
-    forward = jax.jit(lambda tr, ids: jlora.apply(model, frozen, tr, ids)[0])  # one compile for both
-    ours_base, ours = (np.asarray(forward(tr, jnp.asarray([ids]))) for tr in (zero, trainable))  # [T, V]
+    # one compile for both; frozen is an argument: closed over, XLA would constant-fold the 270M weights
+    forward = jax.jit(lambda fr, tr, ids: jlora.apply(model, fr, tr, ids)[0])
+    ours_base, ours = (np.asarray(forward(frozen, tr, jnp.asarray([ids]))) for tr in (zero, trainable))  # [T, V]
 
     out = tmp_path / "gemma3-lora.gguf"
     export_gguf_adapter(out, trainable, lcfg, cfg)
