@@ -19,6 +19,7 @@ from jlora.train import loop
 from jlora.train.examples import DataError
 from jlora.train.loop import train
 from jlora.train.plan import compile_step
+from jlora.train.step import Objective
 
 TRL_NAMES = METRICS  # TRL's metric names
 STEPS = 4
@@ -141,6 +142,26 @@ def test_plan_counts_the_reference_forward():
         flops[pre] = hlo_stats.analyze(compiled.as_text()).dot_flops
     # forward + backward is ~3 forwards; the reference adds a fourth
     assert 1.2 < flops["false"] / flops["true"] < 1.5
+
+
+def test_the_reference_is_no_second_copy_of_the_base():
+    """The compiled DPO step's argument bytes (memory_analysis, per device) are the SFT step's plus the rejected
+    half of the batch and nothing else: the reference reads the same frozen tree, it brings no weights of its own.
+    8 pairs on 8 devices: each device holds 1 more row of 32 positions in each of the 5 batch arrays (4 bytes)."""
+    raw = {
+        "model": {"path": "tiny"},
+        "data": {"train": "x.jsonl", "max_seq_len": 32},
+        "train": {"global_batch": 8, "micro_batch": 8},
+        "mesh": {"data": 8},
+    }
+    sft = compile_step(C.from_dict(raw))[0].memory_analysis()
+    dpo_run = C.from_dict({**raw, "objective": "dpo"})
+    dpo = compile_step(dpo_run)[0].memory_analysis()
+    keys = Objective.of_run(dpo_run).batch_keys
+    assert len(keys) == 5 and keys == Objective.of_run(C.from_dict(raw)).batch_keys
+    rejected_half = 1 * 32 * 4 * len(keys)
+    assert dpo.argument_size_in_bytes - sft.argument_size_in_bytes == rejected_half
+    assert sft.argument_size_in_bytes > 100 * rejected_half  # a copy of the tiny base would be far more
 
 
 @pytest.mark.parametrize(
