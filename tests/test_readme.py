@@ -38,6 +38,7 @@ def test_readme_python_api_snippet_runs_as_written(smollm2_gguf, tmp_path):
         "export_peft",
         "import_peft",
         "generate",
+        "preference_loss",
     ):  # the README's API (docs/architecture.md)
         assert f"jlora.{name}(" in code, name
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TMPDIR": str(tmp_path)}
@@ -48,3 +49,4 @@ def test_readme_python_api_snippet_runs_as_written(smollm2_gguf, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert "q_proj" in proc.stdout and lines[-1].strip(), proc.stdout  # describe(), then the generated text
+    assert "'rewards/margins'" in proc.stdout and "'logps/rejected'" in proc.stdout, proc.stdout  # the DPO step's
