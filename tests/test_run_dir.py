@@ -44,17 +44,24 @@ def _steps(out_dir) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
 
 
+def _start_long_run(out) -> subprocess.Popen:
+    """A jlora-train run on `out` that trains on until killed, returned once it has logged its first step."""
+    run = subprocess.Popen(
+        _args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"the run never started training: {run.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    return run
+
+
 def test_second_run_on_one_output_dir_stops_at_once(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        _args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    first = _start_long_run(out)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-            assert first.poll() is None, "the first run ended early"
-            assert time.monotonic() < deadline, "the first run never started training"
-            time.sleep(0.1)
         t0 = time.monotonic()
         second = _train(out)
         err = one_line_error(second, str(out), f"pid {first.pid}", "in use")
@@ -191,15 +198,8 @@ def test_the_lock_file_is_removed_however_claim_ends(tmp_path):
 
 def test_a_run_stopped_by_sigterm_leaves_no_lock_file(tmp_path):
     out = tmp_path / "run"
-    run = subprocess.Popen(
-        _args(out, steps=100000, interval=0), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    run = _start_long_run(out)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-            assert run.poll() is None, run.stderr.read()
-            assert time.monotonic() < deadline, "the run never started training"
-            time.sleep(0.1)
         assert (out / ".lock").exists()
         run.send_signal(signal.SIGTERM)
         assert run.wait(timeout=120) == 143, run.stderr.read()
