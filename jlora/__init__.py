@@ -23,8 +23,9 @@ from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig, count_params, describe, merge, merge_for_inference, pissa_to_lora, unmerge
 from jlora.peft.routing import LoraError, LoraPair, apply, lora_apply, trace_layouts
 from jlora.quant.quantize import QuantizedKernel, dequantize, quantize
+from jlora.train.loss import causal_lm_loss
 from jlora.train.preference import preference_loss
-from jlora.train.step import causal_lm_loss, make_train_step
+from jlora.train.step import make_train_step
 
 PRESETS = presets()  # every family's named configs
 

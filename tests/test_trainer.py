@@ -17,6 +17,7 @@ from jlora.models.llama import PRESETS, Llama
 from jlora.parallel.sharding import make_mesh
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import LoraPair
+from jlora.train import loss as L
 from jlora.train import step as T
 from jlora.train.config import OptimConfig
 from jlora.train.data import Batches, Example
@@ -193,10 +194,10 @@ def test_chunked_cross_entropy_matches_full_logits(softcap):
 
     @jax.jit
     def losses_and_grads(h):
-        full = lambda h: T.masked_cross_entropy(cap(jax.numpy.einsum("btd,vd->btv", h, w)), targets, mask)[0]
+        full = lambda h: L.masked_cross_entropy(cap(jax.numpy.einsum("btd,vd->btv", h, w)), targets, mask)[0]
         out = [jax.value_and_grad(full)(h)]
         for tied in (True, False):  # the head as [V, D] (tied embedding) and as [D, V] (lm_head kernel)
-            chunked = lambda h: 2 * T.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4, softcap)
+            chunked = lambda h: 2 * L.chunked_cross_entropy(h, w if tied else w.T, targets, mask, tied, 4, softcap)
             out.append(jax.value_and_grad(chunked)(h))
         return out
 
@@ -204,7 +205,7 @@ def test_chunked_cross_entropy_matches_full_logits(softcap):
     for value, grad in rest:
         np.testing.assert_allclose(value, 2 * ref, rtol=1e-6)
         np.testing.assert_allclose(grad, 2 * g_ref, atol=1e-5)
-    assert T.ce_chunk_size(4, 256, 49152) == 64 and T.ce_chunk_size(8, 32, 512) == 32
+    assert L.ce_chunk_size(4, 256, 49152) == 64 and L.ce_chunk_size(8, 32, 512) == 32
 
 
 def test_bf16_base_trains_fp32_adapters_through_the_chunked_loss(init_trees):
@@ -220,7 +221,7 @@ def test_bf16_base_trains_fp32_adapters_through_the_chunked_loss(init_trees):
     @functools.partial(jax.jit, compiler_options=FAST)
     def both(t):
         def mean_loss(model, f, t):
-            s, n = T.loss_terms(model, f, t, batch, ce_chunk=8)  # 4 chunks of the 32 positions
+            s, n = L.loss_terms(model, f, t, batch, ce_chunk=8)  # 4 chunks of the 32 positions
             return s / n
 
         return (
@@ -260,7 +261,7 @@ def test_bf16_adapter_gradients_match_fp32_within_tolerance(init_trees):
     @functools.partial(jax.jit, compiler_options=FAST)
     def grads(t):
         def mean_loss(model, f, t):
-            s, n = T.loss_terms(model, f, t, batch)
+            s, n = L.loss_terms(model, f, t, batch)
             return s / n
 
         return jax.grad(lambda t: mean_loss(Llama(CFG), frozen, t))(t), jax.grad(
@@ -420,8 +421,8 @@ def test_ce_chunks_are_sized_from_the_rows_one_device_holds():
     CE_CHUNK_ELEMENTS per device; sized from all 8 rows they would be 8x shorter."""
     from jlora.parallel.sharding import activation_sharding
 
-    assert T.device_ce_chunk(8, 2048, 128256) == 16  # no mesh: the whole batch on one device
+    assert L.device_ce_chunk(8, 2048, 128256) == 16  # no mesh: the whole batch on one device
     with activation_sharding(make_mesh(1, 8, 1)):
-        assert T.device_ce_chunk(8, 2048, 128256) == 128
+        assert L.device_ce_chunk(8, 2048, 128256) == 128
     with activation_sharding(make_mesh(1, 4, 2)):  # 2 rows each, the vocab split over tensor=2
-        assert T.device_ce_chunk(8, 2048, 128256) == 128
+        assert L.device_ce_chunk(8, 2048, 128256) == 128

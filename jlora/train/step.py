@@ -45,18 +45,9 @@ from jlora.peft.placement import shard_trainable, trainable_specs
 from jlora.quant.quantize import leaf_encoder
 from jlora.train import preference
 from jlora.train.config import OptimConfig, RunConfig
-from jlora.train.loss import (  # noqa: F401 (re-exported: the step's loss, as it was before loss.py)
-    CE_CHUNK_ELEMENTS,
-    by_chunk,
-    causal_lm_loss,
-    ce_chunk_size,
-    chunk_logits,
-    chunked_cross_entropy,
-    device_ce_chunk,
-    frozen_head,
+from jlora.train.loss import (
     full_batch,
     loss_terms,
-    masked_cross_entropy,
 )
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
