@@ -250,3 +250,59 @@ def test_public_make_train_step_accumulates_whole_pairs_to_the_full_batch_mean()
     got = jax.tree.map(lambda b, a: np.asarray(b) - np.asarray(a), before, jax.device_get(new))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def test_dpo_from_a_trained_adapter_has_it_as_reference(files, straight, tmp_path):
+    """init_adapter: the run starts from the straight run's adapter (B != 0) and that adapter is the reference,
+    so step 1 is at ln 2 with zero rewards again, while its log-probs are the adapter's, not the base's. The
+    precomputed reference (cached with the adapter's hash) gives the same losses as the in-step one."""
+    adapter = straight[0]["adapter_dir"]
+    base_first = [r for r in straight[1] if "loss" in r][0]
+    losses = {}
+    for pre in ("false", "true"):
+        out = tmp_path / pre
+        sets = (f"init_adapter={adapter}", f"preference.precompute_reference={pre}", "train.steps=2")
+        summary = _run(files, out, *sets, "train.eval_interval=2")
+        first = [r for r in _rows(out) if "loss" in r][0]
+        assert abs(first["loss"] - math.log(2)) < 1e-6
+        assert all(abs(first[k]) < 1e-6 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
+        assert abs(first["logps/chosen"] - base_first["logps/chosen"]) > 1e-3  # the policy is not the base
+        losses[pre] = summary["losses"]
+    np.testing.assert_allclose(losses["true"], losses["false"], rtol=0, atol=1e-6)
+    assert losses["false"][1] != losses["false"][0]
+    key = json.loads((tmp_path / "true" / "reference_logps.json").read_text())
+    assert key["init_adapter"] and len(key["init_adapter"]) == 64
+
+
+def test_start_from_adapter_places_two_copies_and_refuses_another_rank(straight, tmp_path):
+    """The loaded adapter replaces the fresh tree leaf for leaf (shardings and dtypes kept), and the reference
+    is its own copy: donating the trainable tree (as the step does) leaves it intact. An adapter of another
+    rank is refused in one line that names it."""
+    from jlora.checkpoint.adapter import AdapterError, load_adapter, read_adapter_metadata
+    from jlora.models.family import config_from_hf, init_params
+    from jlora.peft.lora import LoraConfig
+    from jlora.train.builders import start_from_adapter
+    from jlora.train.step import split_for_training
+
+    adapter = straight[0]["adapter_dir"]
+    lcfg, saved = load_adapter(adapter)
+    cfg = config_from_hf(read_adapter_metadata(adapter)["base"]["config"])
+    params = init_params(cfg, jax.random.key(0))
+    fresh = split_for_training(params, jax.random.key(1), lcfg)[1]
+    trainable, reference = start_from_adapter(adapter, fresh, cfg, lcfg, None)
+    for got, want in zip(jax.tree.leaves(trainable), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(trainable)
+    for got, want in zip(jax.tree.leaves(reference), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    other = LoraConfig(rank=lcfg.rank * 2, alpha=lcfg.alpha, targets=lcfg.targets)
+    with pytest.raises(AdapterError) as e:
+        start_from_adapter(adapter, split_for_training(params, jax.random.key(1), other)[1], cfg, other, None)
+    assert "\n" not in str(e.value) and str(adapter) in str(e.value) and "rank" in str(e.value)
+
+
+def test_a_missing_init_adapter_is_one_line_before_anything_loads(capsys, tmp_path):
+    argv = ["--config", "configs/tiny-cpu.yaml", "--set", f"init_adapter={tmp_path}/nope"]
+    assert train_main(argv + ["--set", f"output_dir={tmp_path}/out"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"init_adapter: {tmp_path}/nope: no such adapter directory" in line

@@ -182,3 +182,23 @@ def check_context(run: RunConfig, cfg: ModelConfig) -> ModelConfig:
             "data.max_seq_len",
         )
     return cfg
+
+
+def start_from_adapter(path: str, trainable, base: ModelConfig, method, base_fingerprint) -> tuple[Any, Any]:
+    """(trainable, reference): the adapter saved in `path` (run.init_adapter) laid out as the fresh `trainable`
+    it replaces (same leaves, dtypes and shardings), and a second copy of it that training does not touch (the
+    preference reference: the model the run starts from). The adapter must be a jlora one for this base
+    (`base_fingerprint`, as the run's checkpoints are checked) with the run's `method` settings: rank,
+    targets and scale; else AdapterError, one line naming `path`."""
+    from jlora.checkpoint.adapter import AdapterError, load_adapter
+
+    _, loaded = load_adapter(path, base=base, params=base_fingerprint, expect=method)
+    fresh, treedef = jax.tree.flatten(trainable)
+    leaves = jax.tree.leaves(loaded)
+    shapes = [tuple(x.shape) for x in fresh], [tuple(x.shape) for x in leaves]
+    if shapes[0] != shapes[1]:
+        raise AdapterError(f"{path}: its arrays do not match this run's trainable tree ({len(leaves)} vs {len(fresh)})")
+    place = lambda: treedef.unflatten(
+        [jax.device_put(x.astype(f.dtype), f.sharding, may_alias=False) for f, x in zip(fresh, leaves)]
+    )
+    return place(), place()

@@ -282,12 +282,17 @@ METHOD_SECTIONS = {"lora": "lora", "llama_adapter": "adapter"}  # each method's 
 class RunConfig(_Section):
     """A whole training run. tokenizer: a path, or None for the model's own (for model
     "tiny", None means jlora.train.examples.ByteTokenizer). method: LoRA (the `lora` section) or
-    LLaMA-Adapter (the `adapter` section); the other method's section must stay unset."""
+    LLaMA-Adapter (the `adapter` section); the other method's section must stay unset. init_adapter: a
+    jlora adapter directory (another run's output, e.g. an SFT run's `adapter`) the trainable tree starts
+    from instead of its fresh init; it must have this run's method settings and base. A resumed run continues
+    from its checkpoint instead. With objective dpo or ipo it is also the reference: the model the run starts
+    from."""
 
     model: ModelConfig
     data: DataConfig
     tokenizer: str | None = None
     method: Literal["lora", "llama_adapter"] = "lora"
+    init_adapter: str | None = None  # relative to the working directory, like output_dir: a run's output
     # sft: the token-mean cross-entropy; dpo / ipo / orpo: preference pairs (the `preference` section)
     objective: Literal["sft", "dpo", "ipo", "orpo"] = "sft"
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
@@ -303,6 +308,16 @@ class RunConfig(_Section):
         self._validate_preference()
         # An empty path would silently mean the working directory (a source tree, say) as the run's home.
         _check(bool(self.output_dir.strip()), "output_dir", "must name a directory, got an empty value")
+        _check(
+            self.init_adapter is None or bool(self.init_adapter.strip()),
+            "init_adapter",
+            "must name an adapter directory, or be left out",
+        )
+        _check(
+            not self.init_adapter or self.method != "lora" or self.lora.init != "pissa",
+            "init_adapter",
+            "starts from a saved adapter, but lora.init: pissa makes its own from the base; use one of them",
+        )
         for method, section in METHOD_SECTIONS.items():
             unset = getattr(self, section) == type(getattr(self, section))()
             _check(
@@ -339,7 +354,11 @@ class RunConfig(_Section):
             f"packs SFT examples; objective {self.objective} trains whole (chosen, rejected) pairs, one per row",
         )
         _check(
-            self.objective == "orpo" or p.precompute_reference or self.method != "lora" or not self.lora.train_extra,
+            self.objective == "orpo"
+            or p.precompute_reference
+            or self.init_adapter  # the reference is the adapter the run starts from, extras included
+            or self.method != "lora"
+            or not self.lora.train_extra,
             "lora.train_extra",
             f"trains base parameters in full, so the base with the adapter off is no longer the {self.objective} "
             "reference; set preference.precompute_reference: true (computed before the first update)",

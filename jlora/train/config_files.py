@@ -110,6 +110,13 @@ def check_inputs(
                 f"working directory: write {os.path.abspath(raw)} in the config, or pass --set {key}={raw})"
             )
         raise ConfigFileError(line)
+    init = getattr(run, "init_adapter", None)  # another run's output: relative to the working directory
+    if init and not os.path.isdir(init):
+        where = f"{config}: " if config else ""
+        raise ConfigFileError(
+            f"{where}init_adapter: {init}: no such adapter directory (relative to the working directory, "
+            "like output_dir)"
+        )
 
 
 def _read_raw(config: str) -> Mapping:

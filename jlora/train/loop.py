@@ -34,7 +34,7 @@ from jlora.models.family import build_model
 from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
 from jlora.train import preference_cache
-from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config
+from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config, start_from_adapter
 from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
 from jlora.train.config_files import check_inputs, checkpoint_over_preset
 from jlora.train.data import data_warnings, make_batches
@@ -105,7 +105,7 @@ def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[floa
     for i, batch in enumerate(val_it.one_pass()):
         if n_batches and i >= n_batches:
             break
-        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh))
+        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh), state.reference)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0), count
 
@@ -117,7 +117,8 @@ def evaluate_pairs(eval_step, state: TrainState, val_it, n_batches: int) -> tupl
     for i, batch in enumerate(val_it.one_pass()):
         if n_batches and i >= n_batches:
             break
-        loss, metrics, n = jax.device_get(eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh)))
+        b = put_batch(batch, state.mesh)
+        loss, metrics, n = jax.device_get(eval_step(state.frozen, state.trainable, b, state.reference))
         total, count = total + float(loss) * float(n), count + float(n)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * float(n)
@@ -211,10 +212,15 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
             quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
     meta = metadata.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     model = build_model(cfg)
+    if run.init_adapter:  # before the restore, which continues from the run's own checkpoint instead
+        state.trainable, reference = start_from_adapter(run.init_adapter, state.trainable, cfg, method, fingerprint_src)
+        if pairs and run.objective not in REFERENCE_FREE:
+            state.reference = reference  # the model the run starts from; a copy of the adapter only
+        say(f"starting from the adapter in {run.init_adapter}" + (" (the reference)" if state.reference else ""))
     if objective.precomputed:  # before the restore: a cache of other data is refused first, in its own words
         train_it.reference, cached = preference_cache.load_or_compute(
             out_dir,
-            preference_cache.cache_key(train_it.identity, fingerprint_src),
+            preference_cache.cache_key(train_it.identity, fingerprint_src, run.init_adapter),
             lambda: preference_cache.compute(model, state, train_it, run.train.micro_batch),
             len(train_it.pairs),
             write=main_proc,
@@ -305,7 +311,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         for step in range(start, steps):
             stop.step = step + 1
             state.trainable, state.opt_state, m = step_fn(
-                state.frozen, state.trainable, state.opt_state, batch, jax.random.fold_in(rng, step)
+                state.frozen, state.trainable, state.opt_state, batch, jax.random.fold_in(rng, step), state.reference
             )
             step_data_state = data_state
             if step + 1 < steps:  # build the next batch on the host while the device runs this step

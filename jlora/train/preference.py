@@ -4,6 +4,8 @@ A batch holds pairs as interleaved rows, chosen at 2i and rejected at 2i+1 (jlor
 builds them), with the SFT batch's keys, so both halves run in one forward pass, and a contiguous split of
 the rows (hosts, micro-batches) never separates a pair. The reference policy of DPO and IPO is the frozen
 tree with the adapter off: the same arrays, no second copy, run under stop_gradient in the same function.
+A run that starts from an adapter (run.init_adapter, e.g. an SFT one) has that adapter as its reference: the
+model it starts from, as TRL's is; only the adapter's small copy is added, never the base's.
 Per-token log-probs come from the final hidden states a chunk of positions at a time, so no [B,T,V]
 logits are formed when the head is frozen. Owns the losses and their TRL-named metrics; not the data,
 the optimizer or the step (jlora.train.step).
@@ -136,13 +138,22 @@ def sequence_logps(logps: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def compute_reference_logps(
-    model: nn.Module, frozen, trainable, batch: dict, ce_chunk: int | None = None, *, before_training: bool = False
+    model: nn.Module,
+    frozen,
+    trainable,
+    batch: dict,
+    ce_chunk: int | None = None,
+    *,
+    before_training: bool = False,
+    reference=None,
 ) -> jax.Array:
-    """The reference policy's per-row response log-probs [2P] (the base: `adapter_off`), without gradient.
+    """The reference policy's per-row response log-probs [2P], without gradient: the base (`adapter_off`), or
+    with `reference` (a trainable tree: the adapter a run started from) the base with that adapter.
     What `preference_loss(..., reference_logps=...)` takes when they are computed once before training;
     `before_training`: `trainable` is not updated yet, so its parameters trained in full are still the base's."""
     batch = full_batch(batch)
-    logps = token_logps(model, frozen, adapter_off(trainable, before_training), batch, ce_chunk=ce_chunk)
+    tree = adapter_off(trainable, before_training) if reference is None else reference
+    logps = token_logps(model, frozen, tree, batch, ce_chunk=ce_chunk)
     return jax.lax.stop_gradient(sequence_logps(logps, batch["loss_mask"]))
 
 
@@ -203,6 +214,7 @@ def preference_loss(
     label_smoothing: float = 0.0,
     *,
     reference_logps: jax.Array | None = None,
+    reference_adapter=None,
     rngs: dict | None = None,
     ce_chunk: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -213,9 +225,11 @@ def preference_loss(
     objective: "dpo" (TRL's sigmoid loss; label_smoothing > 0 is cDPO), "ipo" (TRL's length-normalised IPO),
     or "orpo" (TRL's ORPOTrainer: NLL of the chosen rows over prompt and response, minus beta times the
     log-sigmoid of the odds ratio of their mean log-probs; no reference). reference_logps [2P]: the
-    reference's per-row log-probs computed earlier (`compute_reference_logps`); without them DPO and IPO run the base
-    (the frozen tree, adapter off) in the same function, under stop_gradient. Metrics are means over the pairs
-    under TRL's names (rewards/*, logps/*; ORPO adds nll_loss, log_odds_ratio and log_odds_chosen)."""
+    reference's per-row log-probs computed earlier (`compute_reference_logps`); without them DPO and IPO run
+    the base (the frozen tree, adapter off; with `reference_adapter`, a trainable tree such as the adapter
+    training started from, the base with that adapter) in the same function, under stop_gradient. Metrics are
+    means over the pairs under TRL's names (rewards/*, logps/*; ORPO adds nll_loss, log_odds_ratio and
+    log_odds_chosen)."""
     check_objective(objective, beta, label_smoothing)
     batch = full_batch(batch)
     rows = batch["input_ids"].shape[0]
@@ -228,7 +242,9 @@ def preference_loss(
         return _orpo(logps, mask, batch["segment_ids"], beta, real)
     seq = sequence_logps(logps, mask)  # [2P]
     if reference_logps is None:
-        reference_logps = compute_reference_logps(model, frozen, trainable, batch, ce_chunk)
+        reference_logps = compute_reference_logps(
+            model, frozen, trainable, batch, ce_chunk, reference=reference_adapter
+        )
     ref = jax.lax.stop_gradient(jnp.asarray(reference_logps, jnp.float32))
     (chosen, rejected), (ref_chosen, ref_rejected) = _pairs(seq), _pairs(ref)
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected  # [P]

@@ -1,11 +1,12 @@
 """The reference log-probs of `preference.precompute_reference`: computed once before training, cached in the
 output dir.
 
-Owns computing each training pair's reference log-probs (the base, adapter off: jlora.train.step's
-`make_reference_step`) in pair order, and the cache file beside the run's checkpoints, keyed by what they
-depend on: the data file's and the tokenized pairs' hashes (the run's data fingerprint, jlora.train.data_stream)
-and the base's fingerprint. A resume reads the cache; a cache of other data or another base is refused in one
-line. It does not batch pairs (jlora.train.preference_data) or run the loop (jlora.train.loop).
+Owns computing each training pair's reference log-probs (the base, adapter off, or the adapter the run starts
+from: jlora.train.step's `make_reference_step`) in pair order, and the cache file beside the run's checkpoints,
+keyed by what they depend on: the data file's and the tokenized pairs' hashes (the run's data fingerprint,
+jlora.train.data_stream), the base's fingerprint and the starting adapter's content hash (run.init_adapter).
+A resume reads the cache; a cache of other data, base or starting adapter is refused in one line. It does
+not batch pairs (jlora.train.preference_data) or run the loop (jlora.train.loop).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jlora.checkpoint.adapter import read_adapter_metadata
 from jlora.train.examples import DataError
 from jlora.train.preference_data import PairBatches
 from jlora.train.step import TrainState, make_reference_step, put_batch
@@ -26,10 +28,14 @@ CACHE = "reference_logps.npy"  # [num_pairs, 2] float32: (chosen, rejected) of e
 KEY = "reference_logps.json"  # what the cache was computed from
 
 
-def cache_key(identity: dict, base_fingerprint) -> dict:
-    """What the reference log-probs depend on: the training data (file and tokenized pairs) and the base."""
+def cache_key(identity: dict, base_fingerprint, init_adapter: str | None = None) -> dict:
+    """What the reference log-probs depend on: the training data (file and tokenized pairs), the base and
+    the adapter the run starts from (run.init_adapter: its saved content hash), which is the reference."""
     base = hashlib.sha256(json.dumps(base_fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-    return {"data.train": identity["data.train"], "train_examples": identity["train_examples"], "base": base}
+    key = {"data.train": identity["data.train"], "train_examples": identity["train_examples"], "base": base}
+    if init_adapter:
+        key["init_adapter"] = read_adapter_metadata(init_adapter).get("content_sha256") or ""
+    return key
 
 
 def compute(model, state: TrainState, train_it: PairBatches, micro_batch: int) -> np.ndarray:
@@ -44,7 +50,10 @@ def compute(model, state: TrainState, train_it: PairBatches, micro_batch: int) -
         pad_id=train_it.pad_id,
     )
     step = make_reference_step(model, state)
-    out = [np.asarray(step(state.frozen, state.trainable, put_batch(b, state.mesh))) for b in pairs.one_pass()]
+    out = [
+        np.asarray(step(state.frozen, state.trainable, put_batch(b, state.mesh), state.reference))
+        for b in pairs.one_pass()
+    ]
     return np.concatenate(out).reshape(-1, 2)[: len(train_it.pairs)].astype(np.float32)
 
 

@@ -86,13 +86,16 @@ def make_optimizer(
 
 @dataclasses.dataclass
 class TrainState:
-    """The arrays of a run, all placed on `mesh`. opt_state is None until `init_opt_state`."""
+    """The arrays of a run, all placed on `mesh`. opt_state is None until `init_opt_state`. reference: a
+    preference run's reference adapter when it is not "the adapter off": the adapter the run started from
+    (run.init_adapter), a copy that training leaves alone, laid out as `trainable`."""
 
     frozen: Any
     trainable: Any
     opt_state: Any
     mesh: Mesh
     allow_replication: bool = False  # mesh.allow_replication: big frozen leaves may be replicated
+    reference: Any = None
 
     def shardings(self, optimizer: optax.GradientTransformation | None = None):
         """(frozen, trainable, opt_state) NamedSharding trees, from the rules table."""
@@ -235,10 +238,10 @@ class Objective:
     def batch_keys(self) -> tuple[str, ...]:
         return BATCH_KEYS + ((REFERENCE_KEY,) if self.precomputed else ())
 
-    def terms(self, model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None):
+    def terms(self, model: nn.Module, frozen, trainable, batch: dict, rngs: dict | None = None, reference=None):
         """(value, weight, metrics) of one micro-batch: SFT sums token losses over a token count (weight);
         a preference loss is already a mean over the micro-batch's pairs (weight 1: equal micro-batches
-        average), as TRL's loss is; its metrics are means too."""
+        average), as TRL's loss is; its metrics are means too. reference: TrainState.reference."""
         if self.name == "sft":
             lsum, count = loss_terms(model, frozen, trainable, batch, rngs)
             return lsum, count, {}
@@ -251,6 +254,7 @@ class Objective:
             self.beta,
             self.label_smoothing,
             reference_logps=batch.get(REFERENCE_KEY),
+            reference_adapter=reference,
             rngs=rngs,
         )
         return loss, jnp.ones((), jnp.float32), metrics
@@ -264,7 +268,8 @@ def make_train_step(
     *,
     objective: str | Objective = "sft",
 ) -> Callable:
-    """A jitted `step(frozen, trainable, opt_state, batch, rng=None) -> (trainable, opt_state, metrics)`.
+    """A jitted `step(frozen, trainable, opt_state, batch, rng=None, reference=None) -> (trainable, opt_state,
+    metrics)`; reference: the state's reference adapter (`TrainState.reference`), for a preference objective.
 
     batch holds [B,T] arrays (one micro-batch; `full_batch` fills the optional keys) or [n_micro, micro_B, T]
     ones (`put_batch(..., n_micro)`); gradients are summed over micro-batches in a lax.scan and divided by the
@@ -278,7 +283,7 @@ def make_train_step(
     micro-batches' (each a mean over its pairs), and the metrics add TRL's rewards/* and logps/*."""
     obj = objective if isinstance(objective, Objective) else Objective(objective)
 
-    def step(frozen, trainable, opt_state, batch, rng=None):
+    def step(frozen, trainable, opt_state, batch, rng=None, reference=None):
         dropout = _uses_dropout(trainable)
         if dropout and rng is None:
             raise ValueError("the adapters use LoRA dropout: pass step(..., rng=jax.random.key(step_number))")
@@ -288,7 +293,7 @@ def make_train_step(
 
         def grads_of(mb, i):
             rngs = {"dropout": jax.random.fold_in(rng, i)} if dropout else None
-            fn = lambda t: (lambda v, w, m: (v, (w, m)))(*obj.terms(model, frozen, t, mb, rngs))
+            fn = lambda t: (lambda v, w, m: (v, (w, m)))(*obj.terms(model, frozen, t, mb, rngs, reference))
             (value, (weight, aux)), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
             return value, weight, aux, grads
 
@@ -328,7 +333,7 @@ def make_train_step(
     bsh = {k: NamedSharding(state.mesh, batch_spec(2 if k == REFERENCE_KEY else 3, 1)) for k in obj.batch_keys}
     return jax.jit(
         activation_sharding(state.mesh)(step),
-        in_shardings=(fsh, tsh, osh, bsh, rep),
+        in_shardings=(fsh, tsh, osh, bsh, rep, rep if state.reference is None else tsh),
         out_shardings=(tsh, osh, rep),
         donate_argnums=(1, 2),
         compiler_options=compiler_options,
@@ -338,42 +343,45 @@ def make_train_step(
 def make_eval_step(
     model: nn.Module, state: TrainState, compiler_options: dict | None = None, *, objective: str | Objective = "sft"
 ) -> Callable:
-    """A jitted `eval_step(frozen, trainable, batch)` over [B,T] rows: (loss sum, token count) for SFT; for a
-    preference objective (loss, metrics, real pairs), the loss and metrics means over the batch's real pairs
-    (a last batch's padding pairs count for nothing), the reference run in the same step."""
+    """A jitted `eval_step(frozen, trainable, batch, reference=None)` over [B,T] rows: (loss sum, token count)
+    for SFT; for a preference objective (loss, metrics, real pairs), the loss and metrics means over the batch's
+    real pairs (a last batch's padding pairs count for nothing), the reference (`state.reference`, else the
+    adapter off) run in the same step."""
     obj = objective if isinstance(objective, Objective) else Objective(objective)
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
     rep = NamedSharding(state.mesh, P())
     if obj.name == "sft":
-        fn, out = (lambda f, t, b: loss_terms(model, f, t, b)), (rep, rep)
+        fn, out = (lambda f, t, b, r=None: loss_terms(model, f, t, b)), (rep, rep)
     else:
         obj = dataclasses.replace(obj, precomputed=False)
 
-        def fn(f, t, b):
-            loss, _, metrics = obj.terms(model, f, t, b)
+        def fn(f, t, b, r=None):
+            loss, _, metrics = obj.terms(model, f, t, b, reference=r)
             return loss, metrics, jnp.sum(preference.real_pairs(b["loss_mask"]))
 
         out = (rep, rep, rep)
     return jax.jit(
         activation_sharding(state.mesh)(fn),
-        in_shardings=(fsh, tsh, bsh),
+        in_shardings=(fsh, tsh, bsh, rep if state.reference is None else tsh),
         out_shardings=out,
         compiler_options=compiler_options,
     )
 
 
 def make_reference_step(model: nn.Module, state: TrainState, compiler_options: dict | None = None) -> Callable:
-    """A jitted `reference_step(frozen, trainable, batch) -> [B]`: each row's response log-probs under the base
-    (the adapter off), replicated: what `precompute_reference` computes once, before the first update (so
-    parameters trained in full are still the base's)."""
+    """A jitted `reference_step(frozen, trainable, batch, reference=None) -> [B]`: each row's response log-probs
+    under the reference (`state.reference`, else the base: the adapter off), replicated: what
+    `precompute_reference` computes once, before the first update (so parameters trained in full are still
+    the base's)."""
     fsh, tsh, _ = state.shardings()
     bsh = {k: NamedSharding(state.mesh, batch_spec(2, 0)) for k in BATCH_KEYS}
-    fn = lambda f, t, b: preference.compute_reference_logps(model, f, t, b, before_training=True)
+    rep = NamedSharding(state.mesh, P())
+    fn = lambda f, t, b, r=None: preference.compute_reference_logps(model, f, t, b, before_training=True, reference=r)
     return jax.jit(
         activation_sharding(state.mesh)(fn),
-        in_shardings=(fsh, tsh, bsh),
-        out_shardings=NamedSharding(state.mesh, P()),
+        in_shardings=(fsh, tsh, bsh, rep if state.reference is None else tsh),
+        out_shardings=rep,
         compiler_options=compiler_options,
     )
 
