@@ -1,8 +1,9 @@
 """Builds docs/benchmarks.md, and the README's demo figures, from the result files in docs/results/ alone.
 
 Every bench script (bench/forward_vs_hf.py, train_vs_peft.py, generate_vs_hf.py, qlora_vs_peft.py,
-gpu_train.py, will_it_fit.py) writes docs/results/<bench>.json itself: {"bench", "command", "commit", "date",
-"machine", "load_average", "load_average_after", "libraries", "config", "rows": [ROW, ...]}, where ROW is
+dpo_vs_trl.py, gpu_train.py, will_it_fit.py) writes docs/results/<bench>.json itself: {"bench", "command",
+"commit", "date", "machine", "load_average", "load_average_after", "libraries", "config", "rows": [ROW, ...]},
+where ROW is
     {"metric": str, "unit": str, "jlora": float, "peer": str | null, "peer_value": float | null,
      "better": "higher" | "lower"}
 (peer null: a figure with nothing to compare against, e.g. compile time); this script computes
@@ -31,7 +32,8 @@ RESULTS = ROOT / "docs" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 BENCHES = ("forward_vs_hf", "train_vs_peft", "generate_vs_hf", "serve_vs_peft")
-RUNNABLE = (*BENCHES, "qlora_vs_peft", "will_it_fit")  # what --run may start here (gpu_train needs a GPU machine)
+# what --run may start here (gpu_train needs a GPU machine)
+RUNNABLE = (*BENCHES, "qlora_vs_peft", "dpo_vs_trl", "will_it_fit")
 QLORA_DEMOS = ("demo_nf4", "demo_gguf")  # jlora-demo --set model.quantize=nf4 / gguf, added with --add
 METHOD_DEMOS = ("demo_llama_adapter",)  # jlora-demo --config configs/smollm2-135m-demo-adapter.yaml, with --add
 # jlora-demo on another model than SmolLM2 (a result's "model"), added with --add: where its file goes
@@ -183,6 +185,19 @@ def qlora_section(res: dict | str | None) -> list[str]:
             f"| {_fmt(f['rss_mb'])} | {_fmt(f['compile_s'])} | {_fmt(f['first_step_s'])} "
             f"| {f['loss_first']:.3f} -> {f['loss_last']:.3f} |"
         )
+    return lines
+
+
+def dpo_section(res: dict | str | None) -> list[str]:
+    """bench/dpo_vs_trl.py: the comparison rows, then each side's runs (their medians, the best run's losses)."""
+    lines = bench_section("dpo_vs_trl", res)
+    if not isinstance(res, dict):
+        return lines
+    lines += ["", "| side | median step of each run (s) | best run's loss, first -> last step |", "|---|---|---|"]
+    for side, runs in res["runs"].items():
+        best = min(runs, key=lambda r: r["median_step_s"])
+        medians = ", ".join(f"{r['median_step_s']:.2f}" for r in runs)
+        lines.append(f"| {side} | {medians} | {best['losses'][0]:.3f} -> {best['losses'][-1]:.3f} |")
     return lines
 
 
@@ -679,6 +694,7 @@ def render(results: dict[str, dict | str]) -> str:
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += bench_section("cold_start", results.get("cold_start"))
+    lines += dpo_section(results.get("dpo_vs_trl"))
     lines += two_models_section(results)
     for name, command in GEMMA3_RUNS.items():
         res = results.get(name)

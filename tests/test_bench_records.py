@@ -41,6 +41,7 @@ def test_without_result_files_every_section_says_not_run():
         "## forward_vs_hf",
         "## train_vs_peft",
         "## generate_vs_hf",
+        "## dpo_vs_trl",
         "## SmolLM2-135M and Gemma 3 270M side by side",
         "## train_vs_peft_gemma3",
         "## generate_vs_hf_gemma3",
