@@ -84,15 +84,15 @@ def side_jlora(a: argparse.Namespace) -> dict:
     pairs = [PreferencePair(*map(tuple, ids)) for ids in pair_ids(a.batch, a.seq, cfg.vocab_size)]
     host = collate_pairs(pairs, a.seq, EOS)  # [2 x batch, seq]: each sequence's seq - 1 positions, one padding
     batch = put_batch(host, state.mesh, 1)
-    f, t, o, ref = state.frozen, state.trainable, state.opt_state, state.reference  # ref None: the adapter off
+    f, t, o, ref = state.frozen, state.trainable, state.opt_state, state.reference_args()  # (): the adapter off
     t0 = time.perf_counter()
     step = make_train_step(base.build_model(cfg), opt, state, objective="dpo")
-    step = step.lower(f, t, o, batch, jax.random.key(0), ref).compile()
+    step = step.lower(f, t, o, batch, jax.random.key(0), *ref).compile()
     compile_s = time.perf_counter() - t0
     times, losses = [], []
     for i in range(a.steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
-        t, o, m = step(f, t, o, batch, jax.random.key(i), ref)
+        t, o, m = step(f, t, o, batch, jax.random.key(i), *ref)
         losses.append(float(m["loss"]))  # blocks
         times.append(time.perf_counter() - t0)
     return {

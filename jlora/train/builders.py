@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -198,7 +199,6 @@ def start_from_adapter(path: str, trainable, base: ModelConfig, method, base_fin
     shapes = [tuple(x.shape) for x in fresh], [tuple(x.shape) for x in leaves]
     if shapes[0] != shapes[1]:
         raise AdapterError(f"{path}: its arrays do not match this run's trainable tree ({len(leaves)} vs {len(fresh)})")
-    place = lambda: treedef.unflatten(
-        [jax.device_put(x.astype(f.dtype), f.sharding, may_alias=False) for f, x in zip(fresh, leaves)]
-    )
-    return place(), place()
+    placed = treedef.unflatten([jax.device_put(x.astype(f.dtype), f.sharding) for f, x in zip(fresh, leaves)])
+    # computed copies: a device_put may hand the same buffer to both trees, and the step donates the trainable one
+    return placed, jax.tree.map(jnp.copy, placed)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from jlora.formats.model_aliases import hub_name, model_alias
 from jlora.formats.weights import WeightsError, resolve_model_path
 from jlora.infer.generate import Generator
+from jlora.models.config import ModelConfig
 from jlora.models.family import build_model, init_params
 from jlora.parallel.sharding import make_mesh, shard_params
 from jlora.peft.lora import count_params
@@ -261,6 +262,16 @@ def plot_losses(metrics_file: pathlib.Path, out_png: pathlib.Path) -> str:
     return f"wrote {out_png}"
 
 
+def load_base_state(run: RunConfig, tok) -> tuple[ModelConfig, nn.Module, TrainState]:
+    """(config, model, a TrainState of the base alone, placed on the run's mesh): what the demo scores before
+    training; a random preset gets the weights the run's init_state makes from the same seed."""
+    cfg, params = load_base(run, tok)
+    if params is None:
+        params = init_params(cfg, jax.random.key(run.model.seed))
+    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    return cfg, build_model(cfg), TrainState(shard_params(params, mesh), {}, None, mesh)
+
+
 def run_demo(
     run: RunConfig, *, eval_limit: int | None = None, show: int = 3, say=print, command: str = "jlora-demo"
 ) -> dict[str, Any]:
@@ -302,15 +313,10 @@ def _run_demo(
 
     say(f"Evaluating the base model on {len(items)} held-out examples ...")
     t0 = time.perf_counter()
-    cfg, params = load_base(run, tok)
-    if params is None:  # a random preset: the weights init_state makes from the same seed
-        params = init_params(cfg, jax.random.key(run.model.seed))
-    model = build_model(cfg)
-    mesh = make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
-    base_state = TrainState(shard_params(params, mesh), {}, None, mesh)
+    cfg, model, base_state = load_base_state(run, tok)
     base = {"loss": held_out_loss(model, base_state, val_it)}
     base["accuracy"], base_out = score(model, base_state.frozen, None, items, tok)
-    del params, base_state
+    del base_state
     base["eval_s"] = time.perf_counter() - t0
     say(
         f"base, on the {len(items)} held-out examples: loss {base['loss']:.4f} (mean per answer token), accuracy "

@@ -105,7 +105,7 @@ def evaluate(eval_step, state: TrainState, val_it, n_batches: int) -> tuple[floa
     for i, batch in enumerate(val_it.one_pass()):
         if n_batches and i >= n_batches:
             break
-        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh), state.reference)
+        s, n = eval_step(state.frozen, state.trainable, put_batch(batch, state.mesh), *state.reference_args())
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0), count
 
@@ -118,7 +118,7 @@ def evaluate_pairs(eval_step, state: TrainState, val_it, n_batches: int) -> tupl
         if n_batches and i >= n_batches:
             break
         b = put_batch(batch, state.mesh)
-        loss, metrics, n = jax.device_get(eval_step(state.frozen, state.trainable, b, state.reference))
+        loss, metrics, n = jax.device_get(eval_step(state.frozen, state.trainable, b, *state.reference_args()))
         total, count = total + float(loss) * float(n), count + float(n)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * float(n)
@@ -311,7 +311,12 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         for step in range(start, steps):
             stop.step = step + 1
             state.trainable, state.opt_state, m = step_fn(
-                state.frozen, state.trainable, state.opt_state, batch, jax.random.fold_in(rng, step), state.reference
+                state.frozen,
+                state.trainable,
+                state.opt_state,
+                batch,
+                jax.random.fold_in(rng, step),
+                *state.reference_args(),
             )
             step_data_state = data_state
             if step + 1 < steps:  # build the next batch on the host while the device runs this step

@@ -235,7 +235,7 @@ def compile_step(run: RunConfig, devices: list | None = None):
     dtype = lambda k: jnp.float32 if k in ("loss_mask", REFERENCE_KEY) else jnp.int32
     batch = {k: jax.ShapeDtypeStruct(shape[: 2 if k == REFERENCE_KEY else 3], dtype(k)) for k in objective.batch_keys}
     step = make_train_step(build_model(cfg), optimizer, state, objective=objective)
-    compiled = step.lower(frozen, trainable, state.opt_state, batch, key, state.reference).compile()
+    compiled = step.lower(frozen, trainable, state.opt_state, batch, key, *state.reference_args()).compile()
     return compiled, state, cfg, optimizer
 
 

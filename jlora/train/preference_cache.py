@@ -51,7 +51,7 @@ def compute(model, state: TrainState, train_it: PairBatches, micro_batch: int) -
     )
     step = make_reference_step(model, state)
     out = [
-        np.asarray(step(state.frozen, state.trainable, put_batch(b, state.mesh), state.reference))
+        np.asarray(step(state.frozen, state.trainable, put_batch(b, state.mesh), *state.reference_args()))
         for b in pairs.one_pass()
     ]
     return np.concatenate(out).reshape(-1, 2)[: len(train_it.pairs)].astype(np.float32)

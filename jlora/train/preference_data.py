@@ -55,7 +55,7 @@ class PreferenceStats:
 # ---- records ----
 
 
-def _read_items(path: str):
+def read_items(path: str):
     """(where, object or its JSON error) per record of a .json array or JSONL file (jlora.train.data's reader)."""
     return json_items(path, read_text(path))
 
@@ -183,7 +183,7 @@ def load_pairs(
             "so that every response keeps a token"
         )
     stats, pairs = PreferenceStats(), []
-    for where, obj in _read_items(path):
+    for where, obj in read_items(path):
         try:
             if isinstance(obj, Exception):
                 raise DataError(f"{where}: invalid JSON: {obj}")

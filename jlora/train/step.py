@@ -97,6 +97,11 @@ class TrainState:
     allow_replication: bool = False  # mesh.allow_replication: big frozen leaves may be replicated
     reference: Any = None
 
+    def reference_args(self) -> tuple:
+        """What the compiled steps of this state take after their usual arguments: (reference,) when it has
+        one, else nothing (so a step of a state without one keeps its signature)."""
+        return () if self.reference is None else (self.reference,)
+
     def shardings(self, optimizer: optax.GradientTransformation | None = None):
         """(frozen, trainable, opt_state) NamedSharding trees, from the rules table."""
         t_specs = trainable_specs(self.trainable, self.mesh)
@@ -333,7 +338,7 @@ def make_train_step(
     bsh = {k: NamedSharding(state.mesh, batch_spec(2 if k == REFERENCE_KEY else 3, 1)) for k in obj.batch_keys}
     return jax.jit(
         activation_sharding(state.mesh)(step),
-        in_shardings=(fsh, tsh, osh, bsh, rep, rep if state.reference is None else tsh),
+        in_shardings=(fsh, tsh, osh, bsh, rep, *((tsh,) if state.reference is not None else ())),
         out_shardings=(tsh, osh, rep),
         donate_argnums=(1, 2),
         compiler_options=compiler_options,
@@ -363,7 +368,7 @@ def make_eval_step(
         out = (rep, rep, rep)
     return jax.jit(
         activation_sharding(state.mesh)(fn),
-        in_shardings=(fsh, tsh, bsh, rep if state.reference is None else tsh),
+        in_shardings=(fsh, tsh, bsh, *((tsh,) if state.reference is not None else ())),
         out_shardings=out,
         compiler_options=compiler_options,
     )
@@ -380,7 +385,7 @@ def make_reference_step(model: nn.Module, state: TrainState, compiler_options: d
     fn = lambda f, t, b, r=None: preference.compute_reference_logps(model, f, t, b, before_training=True, reference=r)
     return jax.jit(
         activation_sharding(state.mesh)(fn),
-        in_shardings=(fsh, tsh, bsh, rep if state.reference is None else tsh),
+        in_shardings=(fsh, tsh, bsh, *((tsh,) if state.reference is not None else ())),
         out_shardings=rep,
         compiler_options=compiler_options,
     )

@@ -6,6 +6,12 @@ task) and answer with a compact JSON object
 (some sentences also name a home town, as a distractor). Sentences come from 24 phrasings.
 The records are a pure function of the seed. The two splits share phrasings and jobs but no
 first name, surname or city, so a held-out answer can never be copied from a training one.
+
+The preference version of the same records (train_pairs.jsonl, val_pairs.jsonl: TRL's conversational
+{"prompt", "chosen", "rejected"} form, for the DPO demo) keeps each record's answer as `chosen` and makes
+`rejected` a plausible wrong answer, one of the mistakes a fine-tuned small model makes on this task: the
+home town given as the city (when the sentence names one; half of those records), an age off by 1-12
+years, another job, another city, or the name's parts swapped.
 Run: python data/demo/make.py [--out data/demo] [--seed 0] [--train 1200] [--val 200]
 """
 
@@ -125,16 +131,55 @@ def make(seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[list[dic
     return train, val
 
 
-def write(
-    out: str | pathlib.Path, seed: int = 0, n_train: int = 1200, n_val: int = 200
-) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write train.jsonl and val.jsonl under `out`; returns their paths."""
+def wrong_answer(rng: random.Random, record: dict, cities: list[str]) -> str:
+    """A plausible wrong answer to `record`: its compact JSON with one mistake (see the module docstring)."""
+    sentence = record["messages"][1]["content"]
+    facts = json.loads(record["messages"][2]["content"])
+    home = [c for c in CITIES if c != facts["city"] and c in sentence]
+    kind = "home" if home and rng.random() < 0.5 else rng.choice(("age", "job", "city", "name"))
+    if kind == "home":
+        facts["city"] = home[0]
+    elif kind == "age":
+        facts["age"] = max(18, facts["age"] + rng.choice((-1, 1)) * rng.randint(1, 12))
+    elif kind == "job":
+        facts["job"] = rng.choice([j for j in sorted(JOBS) if j != facts["job"]])
+    elif kind == "city":
+        facts["city"] = rng.choice([c for c in cities if c not in sentence])
+    else:
+        first, last = facts["name"].split()
+        facts["name"] = f"{last} {first}"
+    return json.dumps(facts, separators=(",", ":"))
+
+
+def as_pairs(records: list[dict], cities: list[str], seed: int) -> list[dict]:
+    """Each chat record as a TRL conversational preference record: its answer chosen, a wrong one rejected."""
+    rng = random.Random(f"pairs-{seed}")
+    return [
+        {
+            "prompt": r["messages"][:2],
+            "chosen": [r["messages"][2]],
+            "rejected": [{"role": "assistant", "content": wrong_answer(rng, r, cities)}],
+        }
+        for r in records
+    ]
+
+
+def write(out: str | pathlib.Path, seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[pathlib.Path, ...]:
+    """Write train.jsonl, val.jsonl, train_pairs.jsonl and val_pairs.jsonl under `out`; returns their paths."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = out / "train.jsonl", out / "val.jsonl"
-    for path, records in zip(paths, make(seed, n_train, n_val)):
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return paths
+    train, val = make(seed, n_train, n_val)
+    city_tr, city_va = _split(CITIES, 8)
+    files = {
+        "train.jsonl": train,
+        "val.jsonl": val,
+        "train_pairs.jsonl": as_pairs(train, city_tr, seed),
+        "val_pairs.jsonl": as_pairs(val, city_va, seed + 1),
+    }
+    for name, records in files.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        (out / name).write_text(text, encoding="utf-8")
+    return tuple(out / name for name in files)
 
 
 def main() -> None:
