@@ -38,6 +38,8 @@ QLORA_DEMOS = ("demo_nf4", "demo_gguf")  # jlora-demo --set model.quantize=nf4 /
 METHOD_DEMOS = ("demo_llama_adapter",)  # jlora-demo --config configs/smollm2-135m-demo-adapter.yaml, with --add
 # jlora-demo on another model than SmolLM2 (a result's "model"), added with --add: where its file goes
 MODEL_DEMOS = {"gemma3-270m": "demo_gemma3"}  # jlora-demo --config configs/gemma3-270m-demo.yaml
+# jlora-demo with a preference objective (a result's "objective"), added with --add: where its file goes
+OBJECTIVE_DEMOS = {"dpo": "demo_dpo"}  # jlora-demo --config configs/smollm2-135m-demo-dpo.yaml
 README_BEGIN = "<!-- demo figures: written by bench/report.py from docs/results/demo.json -->"
 README_END = "<!-- end of demo figures -->"
 
@@ -83,13 +85,19 @@ def add_result(src: pathlib.Path, results: pathlib.Path = RESULTS) -> pathlib.Pa
     other_model = MODEL_DEMOS.get(str(record.get("model", "")).lower()) if name == "demo" else None
     if other_model and ((quantized and quantized.group(1) != "none") or record.get("method", "lora") != "lora"):
         raise ReportError(f"{src}: {record['model']} has a row for its fp32 LoRA demo only, not this variant")
-    if other_model:  # another model's demo sits beside SmolLM2's
+    objective = record.get("objective", "sft") if name == "demo" else "sft"
+    if objective != "sft":  # a preference demo has its own before / after
+        if objective not in OBJECTIVE_DEMOS or other_model:
+            raise ReportError(f"{src}: no row for a {objective} demo of {record.get('model')}")
+        name = OBJECTIVE_DEMOS[objective]
+    elif other_model:  # another model's demo sits beside SmolLM2's
         name = other_model
     elif name == "demo" and quantized and quantized.group(1) != "none":  # a QLoRA demo sits beside the fp32 one
         name = f"demo_{quantized.group(1)}"
     elif name == "demo" and record.get("method", "lora") != "lora":  # another method beside the LoRA demo
         name = f"demo_{record['method']}"
-    if name not in (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS, *METHOD_DEMOS, *MODEL_DEMOS.values()):
+    known = (*RUNNABLE, "gpu_train", "demo", *QLORA_DEMOS, *METHOD_DEMOS, *MODEL_DEMOS.values())
+    if name not in (*known, *OBJECTIVE_DEMOS.values()):
         raise ReportError(f"{src}: no known 'bench' name in it (got {name!r})")
     if record.get("smoke"):
         raise ReportError(f"{src}: a --smoke run checks the script; its figures are not a benchmark")
@@ -363,6 +371,36 @@ def method_demo_section(results: dict[str, dict | str]) -> list[str]:
     for name, label in (("demo", "LoRA"), ("demo_llama_adapter", "LLaMA-Adapter")):
         lines.append("| " + " | ".join([label, *_method_column(results.get(name), name)]) + " |")
     return lines
+
+
+def preference_demo_section(res: dict | str | None, name: str = "demo_dpo") -> list[str]:
+    """The DPO demo (docs/results/demo_dpo.json): preference accuracy and exact match, before and after."""
+    lines = [
+        "",
+        "## DPO on the demo task, from the SFT demo's adapter",
+        "",
+        "Command: `jlora-demo` (the SFT adapter), then `jlora-demo --config smollm2-135m-demo-dpo`, then "
+        "`python bench/report.py --add runs/smollm2-135m-demo-dpo/demo_results.json`. Chosen: the correct JSON; "
+        "rejected: one plausible mistake (data/demo/make.py). The reference is the model the run starts from. "
+        "Preference accuracy: how often the chosen answer's summed log-prob beats the rejected one's; exact "
+        "match: greedy generations against the chosen answer. Both on the held-out pairs.",
+        "",
+    ]
+    if not isinstance(res, dict):
+        return lines + [_missing(name, "Run the commands above.") if res is None else res]
+    b, a = res["before"], res["after"]
+    pct = lambda x: f"{100 * x:.0f}%"
+    return lines + [
+        "| model | preference accuracy | exact match |",
+        "|---|---|---|",
+        f"| {b['model']} | {pct(b['preference_accuracy'])} | {pct(b['accuracy'])} |",
+        f"| {a['model']} | {pct(a['preference_accuracy'])} | {pct(a['accuracy'])} |",
+        "",
+        f"{res['n_eval']} held-out pairs; {res['objective']} beta {res['beta']:g}, {res['train_steps']} steps of "
+        f"{res['train_pairs'] // max(res['train_steps'], 1)} pairs in {res['train_s']:.0f} s; peak RSS "
+        f"{res['peak_rss_bytes'] / 2**20:,.0f} MB; commit {res['commit']}, {res['date'][:10]}, load "
+        f"{res['load_average']} / {res['load_average_after']}.",
+    ]
 
 
 def model_demo_section(results: dict[str, dict | str]) -> list[str]:
@@ -705,6 +743,7 @@ def render(results: dict[str, dict | str]) -> str:
     lines += model_demo_section(results)
     lines += qlora_demo_section(results)
     lines += method_demo_section(results)
+    lines += preference_demo_section(results.get("demo_dpo"))
     lines += fit_section(results.get("will_it_fit"))
     lines += fit_section(
         results.get("qlora_plan"),

@@ -222,6 +222,37 @@ def test_method_comparison_takes_each_methods_demo_from_its_own_file(tmp_path):
     )
 
 
+def test_a_dpo_demo_result_goes_to_demo_dpo_and_shows_both_sides(tmp_path):
+    """jlora-demo with objective dpo: its demo_results.json is filed as demo_dpo.json, not over the SFT demo's
+    demo.json, and its section shows the starting adapter's and the DPO adapter's figures from that file."""
+    report = _module("report")
+    prov = {k: "x" for k in PROVENANCE} | {"commit": "abc1234", "date": "2026-01-02T03:04:05+00:00"}
+    res = {
+        "bench": "demo",
+        "command": "jlora-demo --config smollm2-135m-demo-dpo",
+        **prov,
+        "model": "smollm2-135m",
+        "objective": "dpo",
+        "beta": 0.5,
+        "n_eval": 100,
+        "train_steps": 30,
+        "train_pairs": 240,
+        "train_s": 500.0,
+        "peak_rss_bytes": 3 * 2**30,
+        "before": {"model": "SFT adapter", "preference_accuracy": 0.93, "accuracy": 0.71},
+        "after": {"model": "SFT adapter + DPO", "preference_accuracy": 0.99, "accuracy": 0.75},
+    }
+    src = tmp_path / "demo_results.json"
+    src.write_text(json.dumps(res))
+    assert report.add_result(src, tmp_path / "results").name == "demo_dpo.json"
+    body = report.render({"demo_dpo": res}).split("## DPO on the demo task", 1)[1]
+    assert "| SFT adapter | 93% | 71% |" in body and "| SFT adapter + DPO | 99% | 75% |" in body
+    assert "30 steps of 8 pairs in 500 s" in body and "commit abc1234" in body
+    src.write_text(json.dumps(res | {"objective": "kto"}))
+    with pytest.raises(report.ReportError, match="no row for a kto demo"):
+        report.add_result(src, tmp_path / "results")
+
+
 def test_gpu_train_smoke_writes_a_result_file_with_provenance(tmp_path):
     out = tmp_path / "gpu_train.json"
     proc = subprocess.run(
