@@ -162,6 +162,14 @@ def test_the_reference_is_no_second_copy_of_the_base():
     rejected_half = 1 * 32 * 4 * len(keys)
     assert dpo.argument_size_in_bytes - sft.argument_size_in_bytes == rejected_half
     assert sft.argument_size_in_bytes > 100 * rejected_half  # a copy of the tiny base would be far more
+    # a run from a saved adapter brings one more argument, that adapter's copy, and the count sees exactly it
+    compiled, state, _, optimizer = compile_step(C.from_dict({**raw, "objective": "dpo", "init_adapter": "sft"}))
+    tsh = state.shardings(optimizer)[1]
+    adapter = sum(
+        math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+        for x, sh in zip(jax.tree.leaves(state.reference), jax.tree.leaves(tsh))
+    )
+    assert 0 < adapter and compiled.memory_analysis().argument_size_in_bytes - dpo.argument_size_in_bytes == adapter
 
 
 @pytest.mark.parametrize(
