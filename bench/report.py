@@ -381,9 +381,9 @@ def preference_demo_section(res: dict | str | None, name: str = "demo_dpo") -> l
         "",
         "Command: `jlora-demo` (the SFT adapter), then `jlora-demo --config smollm2-135m-demo-dpo`, then "
         "`python bench/report.py --add runs/smollm2-135m-demo-dpo/demo_results.json`. Chosen: the correct JSON; "
-        "rejected: one plausible mistake (data/demo/make.py). The reference is the model the run starts from. "
-        "Preference accuracy: how often the chosen answer's summed log-prob beats the rejected one's; exact "
-        "match: greedy generations against the chosen answer. Both on the held-out pairs.",
+        "rejected: the SFT adapter's kind of mistake (data/demo/make.py). The reference is the model the run "
+        "starts from. Preference accuracy: how often the chosen answer's summed log-prob beats the rejected "
+        "one's; exact match: greedy generations against the chosen answer. Both on the held-out pairs.",
         "",
     ]
     if not isinstance(res, dict):

@@ -2,7 +2,7 @@
 
 The run starts from the SFT demo's adapter (the config's init_adapter, written by a plain `jlora-demo`), or
 from the base model when that adapter is not there. Chosen answers are the task's correct JSON, rejected
-ones a plausible wrong answer (data/demo/make.py). Before and after the run, on the held-out pairs: the
+ones the SFT adapter's kind of mistake (data/demo/make.py). Before and after the run, on the held-out pairs: the
 preference accuracy (how often the model gives the chosen answer a higher log-prob than the rejected one)
 and the exact-match accuracy of greedy generations, i.e. the starting adapter (SFT only) against the DPO
 one. Training, generation and scoring are the library's own functions (jlora.train.loop, jlora.train.demo's

@@ -9,9 +9,8 @@ first name, surname or city, so a held-out answer can never be copied from a tra
 
 The preference version of the same records (train_pairs.jsonl, val_pairs.jsonl: TRL's conversational
 {"prompt", "chosen", "rejected"} form, for the DPO demo) keeps each record's answer as `chosen` and makes
-`rejected` a plausible wrong answer, one of the mistakes a fine-tuned small model makes on this task: the
-home town given as the city (when the sentence names one; half of those records), an age off by 1-12
-years, another job, another city, or the name's parts swapped.
+`rejected` the kind of wrong answer the SFT demo's adapter gives: a job named after the work the sentence
+describes ("defender" for one who defends clients in court; JOB_GUESSES), or the home town as the city.
 Run: python data/demo/make.py [--out data/demo] [--seed 0] [--train 1200] [--val 200]
 """
 
@@ -131,34 +130,54 @@ def make(seed: int = 0, n_train: int = 1200, n_val: int = 200) -> tuple[list[dic
     return train, val
 
 
-def wrong_answer(rng: random.Random, record: dict, cities: list[str]) -> str:
-    """A plausible wrong answer to `record`: its compact JSON with one mistake (see the module docstring)."""
+# The job a small model names from the work a sentence describes, instead of the job itself: the SFT demo's
+# adapter wrote "defender", "furniture builder", "writer", "engineer", "electrical engineer" and "designer".
+JOB_GUESSES = {
+    "nurse": "caregiver",
+    "teacher": "school worker",
+    "baker": "cook",
+    "pilot": "flight attendant",
+    "architect": "designer",
+    "plumber": "engineer",
+    "chef": "cook",
+    "journalist": "writer",
+    "electrician": "electrical engineer",
+    "dentist": "doctor",
+    "librarian": "library manager",
+    "carpenter": "furniture builder",
+    "pharmacist": "shop assistant",
+    "farmer": "goat keeper",
+    "mechanic": "engineer",
+    "translator": "writer",
+    "photographer": "artist",
+    "lawyer": "defender",
+    "gardener": "park keeper",
+    "accountant": "bookkeeper",
+}
+
+
+def wrong_answer(rng: random.Random, record: dict) -> str:
+    """The answer to `record` with the mistake the SFT adapter makes (the module docstring), as compact JSON:
+    the job guessed from the work where the sentence does not name it, or the home town where it has one."""
     sentence = record["messages"][1]["content"]
     facts = json.loads(record["messages"][2]["content"])
     home = [c for c in CITIES if c != facts["city"] and c in sentence]
-    kind = "home" if home and rng.random() < 0.5 else rng.choice(("age", "job", "city", "name"))
-    if kind == "home":
+    kinds = (["job"] if facts["job"] not in sentence else []) + (["home"] if home else [])
+    if rng.choice(kinds or ["job"]) == "home":
         facts["city"] = home[0]
-    elif kind == "age":
-        facts["age"] = max(18, facts["age"] + rng.choice((-1, 1)) * rng.randint(1, 12))
-    elif kind == "job":
-        facts["job"] = rng.choice([j for j in sorted(JOBS) if j != facts["job"]])
-    elif kind == "city":
-        facts["city"] = rng.choice([c for c in cities if c not in sentence])
     else:
-        first, last = facts["name"].split()
-        facts["name"] = f"{last} {first}"
+        facts["job"] = JOB_GUESSES[facts["job"]]
     return json.dumps(facts, separators=(",", ":"))
 
 
-def as_pairs(records: list[dict], cities: list[str], seed: int) -> list[dict]:
+def as_pairs(records: list[dict], seed: int) -> list[dict]:
     """Each chat record as a TRL conversational preference record: its answer chosen, a wrong one rejected."""
     rng = random.Random(f"pairs-{seed}")
     return [
         {
             "prompt": r["messages"][:2],
             "chosen": [r["messages"][2]],
-            "rejected": [{"role": "assistant", "content": wrong_answer(rng, r, cities)}],
+            "rejected": [{"role": "assistant", "content": wrong_answer(rng, r)}],
         }
         for r in records
     ]
@@ -169,12 +188,11 @@ def write(out: str | pathlib.Path, seed: int = 0, n_train: int = 1200, n_val: in
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, val = make(seed, n_train, n_val)
-    city_tr, city_va = _split(CITIES, 8)
     files = {
         "train.jsonl": train,
         "val.jsonl": val,
-        "train_pairs.jsonl": as_pairs(train, city_tr, seed),
-        "val_pairs.jsonl": as_pairs(val, city_va, seed + 1),
+        "train_pairs.jsonl": as_pairs(train, seed),
+        "val_pairs.jsonl": as_pairs(val, seed + 1),
     }
     for name, records in files.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
