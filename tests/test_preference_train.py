@@ -314,3 +314,24 @@ def test_a_missing_init_adapter_is_one_line_before_anything_loads(capsys, tmp_pa
     assert train_main(argv + ["--set", f"output_dir={tmp_path}/out"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"init_adapter: {tmp_path}/nope: no such adapter directory" in line
+
+
+def test_a_resume_refuses_a_changed_reference_adapter(files, straight, tmp_path):
+    """A DPO run from an adapter, stopped after 1 step, resumes while that adapter is unchanged and is refused
+    in one line once another adapter lies at its path (the reference the checkpoint was trained against)."""
+    import shutil
+
+    from jlora.checkpoint.metadata import CheckpointError
+
+    start = tmp_path / "start"
+    shutil.copytree(straight[0]["adapter_dir"], start)
+    out = tmp_path / "run"
+    sets = (f"init_adapter={start}", "train.eval_interval=0", "checkpoint.interval=1")
+    first = _run(files, out, *sets, "train.steps=1")
+    assert _run(files, out, *sets, "train.steps=2", resume=True)["start_step"] == 1
+    shutil.rmtree(start)
+    shutil.copytree(first["adapter_dir"], start)  # another adapter at the same path
+    with pytest.raises(CheckpointError) as e:
+        _run(files, out, *sets, "train.steps=3", resume=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "reference adapter (init_adapter) changed" in msg and str(start) in msg

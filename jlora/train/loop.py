@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jlora.checkpoint import metadata, train_state
-from jlora.checkpoint.adapter import barrier, save_adapter
+from jlora.checkpoint.adapter import barrier, read_adapter_metadata, save_adapter
 from jlora.checkpoint.fingerprint import fingerprint
 from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
@@ -125,6 +125,21 @@ def evaluate_pairs(eval_step, state: TrainState, val_it, n_batches: int) -> tupl
     return total / max(count, 1.0), {k: v / max(count, 1.0) for k, v in sums.items()}, count
 
 
+def check_continues(saved: dict, where: str, data_stream: dict, reference: dict | None) -> None:
+    """CheckpointError unless the checkpoint's run continues as this one: the same data stream
+    (jlora.train.data_stream.check_resume) and the same reference adapter (run.init_adapter, by content) of a
+    preference run, since a changed one would change the loss the resumed steps minimise."""
+    check_resume(saved, where, data_stream)
+    old, now = saved.get("reference_adapter"), reference
+    if (old or {}).get("content_sha256") == (now or {}).get("content_sha256"):
+        return
+    what = lambda r: f"sha256 {str(r['content_sha256'])[:12]} in {r['path']}" if r else "none"
+    raise metadata.CheckpointError(
+        f"{where}: cannot resume: the reference adapter (init_adapter) changed since this checkpoint "
+        f"({what(old)} -> {what(now)}); set it back, or start over (jlora-train --overwrite)"
+    )
+
+
 def train(
     run: RunConfig, *, resume: bool | None = None, quiet: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -216,6 +231,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         state.trainable, reference = start_from_adapter(run.init_adapter, state.trainable, cfg, method, fingerprint_src)
         if pairs and run.objective not in REFERENCE_FREE:
             state.reference = reference  # the model the run starts from; a copy of the adapter only
+            # a resume reloads it: what the checkpoint was trained against must still be what is on disk
+            sha = read_adapter_metadata(run.init_adapter).get("content_sha256")
+            meta["reference_adapter"] = {"path": run.init_adapter, "content_sha256": sha}
         say(f"starting from the adapter in {run.init_adapter}" + (" (the reference)" if state.reference else ""))
     if objective.precomputed:  # before the restore: a cache of other data is refused first, in its own words
         train_it.reference, cached = preference_cache.load_or_compute(
@@ -248,7 +266,9 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
             base=cfg,
             params=fingerprint_src,
             lcfg=method,
-            check=functools.partial(check_resume, data_stream=train_it.identity),
+            check=functools.partial(
+                check_continues, data_stream=train_it.identity, reference=meta.get("reference_adapter")
+            ),
         )
         if restored is None and resume:
             raise metadata.CheckpointError(f"{out_dir / 'checkpoints'}: --resume, but there is no checkpoint")
