@@ -32,7 +32,7 @@ def _answers(path: pathlib.Path) -> list[dict]:
 
 def test_shipped_data_is_what_the_script_writes(tmp_path):
     make = _module(DEMO_DATA / "make.py", "demo_make")
-    train, val = make.write(tmp_path)
+    train, val, *_ = make.write(tmp_path)  # then the pairs: tests/test_demo_preference.py
     assert train.read_bytes() == (DEMO_DATA / "train.jsonl").read_bytes()
     assert val.read_bytes() == (DEMO_DATA / "val.jsonl").read_bytes()
 
