@@ -5,6 +5,7 @@ TRL's DPOTrainer / ORPOTrainer with a PEFT model; TRL's own compute_loss / get_b
 the loss, torch autograd the LoRA gradients, and torch's AdamW the steps optax's adamw must track.
 """
 
+import dataclasses
 import json
 import math
 
@@ -360,7 +361,7 @@ def base_row_logps(model, params, batch):
     return np.asarray(jnp.sum(logps * batch["loss_mask"], -1))
 
 
-def test_reference_is_the_base_for_lora_and_llama_adapter(tiny, lora):
+def test_reference_is_the_base_for_lora_dora_rslora_and_llama_adapter(tiny, lora):
     path, cfg, params, model, tok, hf_tok = tiny
     frozen, trainable, _, _, batch = lora
     base = base_row_logps(model, params, batch)
@@ -368,7 +369,11 @@ def test_reference_is_the_base_for_lora_and_llama_adapter(tiny, lora):
     reference_of = jax.jit(lambda f, t: compute_reference_logps(model, f, t, batch))
     a_frozen, a_trainable = jlora.split(params, jlora.AdapterConfig(len=3, layers=1), jax.random.key(1))
     a_trainable["layers"]["self_attn"]["adaption_gate"] = jnp.full((1, 1), 0.5)  # an adapter that acts
-    for f, t in ((frozen, trainable), (a_frozen, a_trainable)):
+    trees = [(frozen, trainable), (a_frozen, a_trainable)]
+    for variant in ({"use_dora": True}, {"use_rslora": True}):
+        v_frozen, v_trainable = jlora.split(params, dataclasses.replace(LCFG, **variant), jax.random.key(2))
+        trees.append((v_frozen, randomize(v_trainable, seed=3, std=0.3)))
+    for f, t in trees:
         assert np.abs(np.asarray(policy_of(f, t)) - base).max() > 1e-3  # the adapter does change the policy
         np.testing.assert_allclose(np.asarray(reference_of(f, t)), base, rtol=1e-6, atol=1e-5)
 
