@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import pathlib
 import shlex
 import statistics
 import sys
@@ -249,12 +248,7 @@ def main() -> None:
         p.error("--rounds, --steps and --batch must be >= 1, --seq >= 4")
     a.out = a.out or str(base.RESULTS / "dpo_vs_trl.json")
     started = provenance()
-    tmp = None
-    if a.hf_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlora-bench-")
-        a.hf_dir = tmp.name
-    if not (pathlib.Path(a.hf_dir) / "config.json").exists():
-        base.run_side("prep", a)  # train_vs_peft's: the GGUF dequantized, saved as an HF checkpoint
+    tmp = base.ensure_hf_dir(a)  # the GGUF dequantized, saved as an HF checkpoint, unless --hf-dir has one
     extra = ("--trl-checkpointing",) if a.trl_checkpointing else ()
     runs = {s: [] for s in SIDES}
     for r in range(a.rounds):  # interleaved: each side once per round

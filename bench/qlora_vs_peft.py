@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import shlex
 import statistics
 import sys
-import tempfile
 import traceback
 
 import train_vs_peft as base  # bench/ is on sys.path when this runs as a script
@@ -273,12 +271,7 @@ def main() -> None:
     if unknown or a.rounds < 1 or a.steps < 1:
         p.error(f"--sides must name some of {','.join(SIDES)} (got {unknown}); --rounds and --steps must be >= 1")
     started = provenance()
-    tmp = None
-    if a.hf_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlora-bench-")
-        a.hf_dir = tmp.name
-    if not (pathlib.Path(a.hf_dir) / "config.json").exists():
-        base.run_side("prep", a)
+    tmp = base.ensure_hf_dir(a)  # the GGUF dequantized, saved as an HF checkpoint, unless --hf-dir has one
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(a.rounds):  # interleaved: every side once per round
         for s in sides:

@@ -284,6 +284,18 @@ def pin_to_one_core() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+def ensure_hf_dir(a: argparse.Namespace) -> tempfile.TemporaryDirectory | None:
+    """Make a.hf_dir hold the bench model as an HF checkpoint (the `prep` side: the GGUF dequantized and saved)
+    unless it already does; without --hf-dir, in a temporary directory, returned for the caller to clean up."""
+    tmp = None
+    if a.hf_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="jlora-bench-")
+        a.hf_dir = tmp.name
+    if not (pathlib.Path(a.hf_dir) / "config.json").exists():
+        run_side("prep", a)
+    return tmp
+
+
 def run_side(
     side: str,
     a: argparse.Namespace,
@@ -501,12 +513,7 @@ def main() -> None:
     title, result_file = MODELS[a.model]
     a.out = a.out or str(RESULTS / result_file)
     started = provenance()
-    tmp = None
-    if a.hf_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="jlora-bench-")
-        a.hf_dir = tmp.name
-    if not (pathlib.Path(a.hf_dir) / "config.json").exists():
-        run_side("prep", a)
+    tmp = ensure_hf_dir(a)  # the GGUF dequantized, saved as an HF checkpoint, unless --hf-dir has one
     extra = ("--rank", str(a.rank), "--targets", a.targets)
     runs = {m: {s: [] for s in [*sides, "peak"]} for m in modes}
     for r in range(a.rounds):  # interleaved: every side in every thread mode once per round
