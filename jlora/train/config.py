@@ -375,6 +375,12 @@ class RunConfig(_Section):
         return getattr(self, METHOD_SECTIONS[self.method])
 
     @property
+    def reference_adapter(self) -> str | None:
+        """The adapter that is the preference reference: init_adapter under dpo / ipo (ORPO has no reference,
+        SFT no preference); None when the reference is the base with the adapter off."""
+        return self.init_adapter if self.objective in ("dpo", "ipo") else None
+
+    @property
     def tokenizer_path(self) -> str | None:
         """Where the tokenizer comes from: `tokenizer`, else the model path (None for "tiny")."""
         if self.tokenizer is not None:

@@ -227,18 +227,19 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
             quantize_frozen(state, run.model.quantize, double_quant=run.model.double_quant)
     meta = metadata.make_metadata(method, cfg, fingerprint_src, to_dict(run), data_stream=train_it.identity)
     model = build_model(cfg)
+    reference_sha = None  # the reference adapter's content hash, when the reference is an adapter
     if run.init_adapter:  # before the restore, which continues from the run's own checkpoint instead
         state.trainable, reference = start_from_adapter(run.init_adapter, state.trainable, cfg, method, fingerprint_src)
-        if pairs and run.objective not in REFERENCE_FREE:
+        if run.reference_adapter:
             state.reference = reference  # the model the run starts from; a copy of the adapter only
             # a resume reloads it: what the checkpoint was trained against must still be what is on disk
-            sha = read_adapter_metadata(run.init_adapter).get("content_sha256")
-            meta["reference_adapter"] = {"path": run.init_adapter, "content_sha256": sha}
+            reference_sha = read_adapter_metadata(run.init_adapter).get("content_sha256") or ""
+            meta["reference_adapter"] = {"path": run.init_adapter, "content_sha256": reference_sha}
         say(f"starting from the adapter in {run.init_adapter}" + (" (the reference)" if state.reference else ""))
     if objective.precomputed:  # before the restore: a cache of other data is refused first, in its own words
         train_it.reference, cached = preference_cache.load_or_compute(
             out_dir,
-            preference_cache.cache_key(train_it.identity, fingerprint_src, run.init_adapter),
+            preference_cache.cache_key(train_it.identity, fingerprint_src, reference_sha),
             lambda: preference_cache.compute(model, state, train_it, run.train.micro_batch),
             len(train_it.pairs),
             write=main_proc,

@@ -229,8 +229,8 @@ def compile_step(run: RunConfig, devices: list | None = None):
     frozen = quantized_shapes(run, frozen)
     state = TrainState(frozen, trainable, jax.eval_shape(optimizer.init, trainable), mesh, run.mesh.allow_replication)
     objective = Objective.of_run(run)  # a preference micro-batch of P pairs is 2P rows; its reference runs in it
-    if run.init_adapter and run.objective not in ("sft", "orpo") and not objective.precomputed:
-        state.reference = trainable  # the adapter the run starts from is the reference: its copy is counted
+    if run.reference_adapter:  # the adapter the run starts from is the reference: its copy is counted
+        state.reference = trainable
     shape = (run.train.grad_accum, run.train.micro_batch * (1 if run.objective == "sft" else 2), run.data.max_seq_len)
     dtype = lambda k: jnp.float32 if k in ("loss_mask", REFERENCE_KEY) else jnp.int32
     batch = {k: jax.ShapeDtypeStruct(shape[: 2 if k == REFERENCE_KEY else 3], dtype(k)) for k in objective.batch_keys}

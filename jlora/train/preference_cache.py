@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jlora.checkpoint.adapter import read_adapter_metadata
 from jlora.train.examples import DataError
 from jlora.train.preference_data import PairBatches
 from jlora.train.step import TrainState, make_reference_step, put_batch
@@ -28,13 +27,13 @@ CACHE = "reference_logps.npy"  # [num_pairs, 2] float32: (chosen, rejected) of e
 KEY = "reference_logps.json"  # what the cache was computed from
 
 
-def cache_key(identity: dict, base_fingerprint, init_adapter: str | None = None) -> dict:
-    """What the reference log-probs depend on: the training data (file and tokenized pairs), the base and
-    the adapter the run starts from (run.init_adapter: its saved content hash), which is the reference."""
+def cache_key(identity: dict, base_fingerprint, reference_sha: str | None = None) -> dict:
+    """What the reference log-probs depend on: the training data (file and tokenized pairs), the base and,
+    when the reference is the adapter the run starts from (run.init_adapter), that adapter's content hash."""
     base = hashlib.sha256(json.dumps(base_fingerprint, sort_keys=True, default=str).encode()).hexdigest()
     key = {"data.train": identity["data.train"], "train_examples": identity["train_examples"], "base": base}
-    if init_adapter:
-        key["init_adapter"] = read_adapter_metadata(init_adapter).get("content_sha256") or ""
+    if reference_sha is not None:
+        key["init_adapter"] = reference_sha
     return key
 
 
