@@ -20,6 +20,8 @@ import jax.extend.backend
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jlora.matmul import LOW_PRECISION
+
 SAVE_NAME = "attention_residual"  # the tensors the backward pass needs, for `jax.checkpoint` policies
 MASKED = -1e30  # score of a masked key: exp underflows to exactly 0, and a fully masked row stays finite
 
@@ -58,14 +60,17 @@ def _attention_bwd(softcap, res, d_out):
     raw = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)  # [B,K,G,T,S]
     capped = _capped(raw, softcap)
     p = jnp.exp(jnp.where(mask, capped, MASKED) - lse[..., None])  # [B,K,G,T,S] fp32
-    d_out32 = d_out.astype(jnp.float32)
-    dv = jnp.einsum("bkgts,bkgth->bksh", p, d_out32)
-    dp = jnp.einsum("bkgth,bksh->bkgts", d_out, v, preferred_element_type=jnp.float32)
-    ds = p * (dp - jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1)[..., None])
+    # The products take p and ds in the compute dtype, accumulating in fp32 (as FlashAttention's backward does
+    # in bf16): in bf16 they run at XLA:CPU's bf16 GEMM rate, ~1.8x its fp32 one. In fp32 nothing is rounded.
+    cd = q.dtype if q.dtype in LOW_PRECISION else jnp.float32
+    f32 = {"preferred_element_type": jnp.float32}
+    dv = jnp.einsum("bkgts,bkgth->bksh", p.astype(cd), d_out.astype(cd), **f32)
+    dp = jnp.einsum("bkgth,bksh->bkgts", d_out, v, **f32)
+    ds = p * (dp - jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[..., None])
     if softcap is not None:  # d(cap * tanh(s / cap)) / ds = 1 - tanh^2
         ds = ds * (1 - jnp.square(capped / softcap))
-    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k.astype(jnp.float32))
-    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q.astype(jnp.float32))
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds.astype(cd), k.astype(cd), **f32)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds.astype(cd), q.astype(cd), **f32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
+from jlora.matmul import matmul
+
 
 class FusedDense(nn.Module):
     """`parts` (nn.Dense of the caller, same input) as one matmul; returns one output per part.
@@ -62,7 +64,7 @@ class FusedDense(nn.Module):
         )
         w = joined("kernel")  # [D, sum out_i], or its column blocks
         x, *blocks = promote_dtype(x, *(w if isinstance(w, (list, tuple)) else [w]), dtype=self.parts[0].dtype)
-        ys = [jnp.einsum("...d,do->...o", x, b) for b in blocks]
+        ys = [matmul(x, b) for b in blocks]
         y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)  # [..., sum out_i]
         if self.parts[0].use_bias:
             y = y + joined("bias").astype(y.dtype)

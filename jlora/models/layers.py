@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jlora.matmul import dense_dot_general
 from jlora.models import attention as attn
 from jlora.parallel.sharding import constrain
 
@@ -108,13 +109,14 @@ class RMSNorm(nn.Module):
 
 
 def dense(features: int, bias: bool, name: str, dtype: str, param_dtype: str) -> nn.Dense:
-    """An nn.Dense with HF's normal(0.02) init, in the config's compute and param dtypes."""
+    """An nn.Dense with HF's normal(0.02) init, in the config's compute and param dtypes; its product is `matmul`."""
     return nn.Dense(
         features,
         use_bias=bias,
         dtype=DTYPES[dtype],
         param_dtype=DTYPES[param_dtype],
         kernel_init=nn.initializers.normal(0.02),
+        dot_general=dense_dot_general,
         name=name,
     )
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from jlora.errors import JloraError
+from jlora.matmul import matmul
 from jlora.peft import llama_adapter
 from jlora.quant.quantize import dense_value, quantized_call
 
@@ -132,13 +133,12 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
 
     The association is fixed, so neither this nor its gradient ever forms an [in, out] matrix.
     """
-    xa = jnp.einsum("...i,ir->...r", x, a)  # [..., R]
-    return jnp.einsum("...r,ro->...o", xa, b) * jnp.asarray(scale, x.dtype)  # [..., out]
+    return matmul(matmul(x, a), b) * jnp.asarray(scale, x.dtype)  # ([..., in] @ [in, R]) @ [R, out]
 
 
 def lora_apply(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale, x_lora: jax.Array | None = None):
     """x @ w + scale * ((x @ a) @ b), without forming w + a@b. x_lora is x after LoRA dropout, if any."""
-    return jnp.einsum("...i,io->...o", x, w) + lora_delta(x if x_lora is None else x_lora, a, b, scale)
+    return matmul(x, w) + lora_delta(x if x_lora is None else x_lora, a, b, scale)
 
 
 def dora_column_norm(w: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
@@ -292,7 +292,7 @@ def _make_interceptor(statics: dict, training: bool):
         norm = jax.lax.stop_gradient(dora_column_norm(kernel, a, b, scale))  # [out]; PEFT detaches it too
         mns = module.get_variable(COLLECTION, "magnitude").astype(jnp.float32) / norm  # [out]
         mns = jnp.where(scale != 0, mns, 1.0).astype(y.dtype)  # a layer left out by `layers`: no change, no gradient
-        base_l = rows_l @ kernel.astype(y.dtype)
+        base_l = matmul(rows_l, kernel.astype(y.dtype))
         return y + unrows((mns - 1) * base_l + mns * lora_delta(rows_l, a, b, scale))
 
     return route
