@@ -83,18 +83,20 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute and frozen dtype")
     p.add_argument("--remat", default="dots_saveable", choices=["none", "full", "dots_saveable"])
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "profile_step.json"))
     a = p.parse_args()
     started = provenance()
     import jax
 
-    jax.config.update("jax_default_matmul_precision", "highest")
+    if a.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")
     from jlora.formats.weights import read_pretrained, resolve_model_path
     from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
 
-    cfg, params = read_pretrained(resolve_model_path("smollm2-135m"))
+    cfg, params = read_pretrained(resolve_model_path("smollm2-135m"), dtype=a.dtype, param_dtype=a.dtype)
     cfg = cfg.replace(remat=a.remat)
     state, opt = jlora_state(cfg, params, a.steps + 2, rank=a.rank, targets=tuple(a.targets.split(",")))
     del params
@@ -125,7 +127,7 @@ def main() -> None:
         rows.append({"part": part, "share": share, **{f"{k}_ms": x for k, x in ms.items()}})
     config = {
         "model": "SmolLM2-135M (GGUF, dequantized)",
-        "dtype": "float32",
+        "dtype": a.dtype,
         "batch": a.batch,
         "seq": a.seq,
         "lora": f"r={a.rank} {a.targets}",

@@ -5,7 +5,8 @@ docs/results/train_vs_peft_gemma3.json. The GGUF is dequantized once by jlora an
 safetensors checkpoint (its config.json names the family's HF class); every side loads that same
 checkpoint. Workload: batch 4 x 256 random tokens, every token trained, LoRA alpha=16 with r=8 on
 q_proj and v_proj (--rank, --targets; e.g. 16 and all-linear), AdamW (lr 1e-4, weight decay 0.01) after
-global-norm clipping at 1.0. The sides (--sides):
+global-norm clipping at 1.0. --dtype bfloat16 runs every side in bf16 (the frozen weights and the compute; the
+adapters stay fp32 on both sides) and writes the model's result file with a _bf16 suffix. The sides (--sides):
   jlora  jlora-train's step (jlora.train.step.make_train_step on a one-device TrainState, --remat);
   api    a user's own loop on the public API, as README shows it: jax.value_and_grad of
          jlora.causal_lm_loss, optax, jax.jit, with the library's default remat;
@@ -92,6 +93,11 @@ def side_prep(hf_dir: str, model: str = "smollm2-135m") -> dict:
     return {"hf_dir": hf_dir}
 
 
+def jlora_dtypes(a: argparse.Namespace) -> dict:
+    """The loader's dtype keywords for --dtype (none in fp32, so a --baseline checkout need not know them)."""
+    return {} if a.dtype == "float32" else {"dtype": a.dtype, "param_dtype": a.dtype}
+
+
 def build_model(cfg):
     """The flax module of `cfg`'s family (a --baseline checkout from before families has only jlora.Llama)."""
     import jlora
@@ -103,10 +109,18 @@ def targets_of(a: argparse.Namespace) -> tuple[str, ...] | str:
     return "all-linear" if a.targets == "all-linear" else tuple(a.targets.split(","))
 
 
+def fp32_matmuls(a: argparse.Namespace) -> None:
+    """In fp32, true fp32 matmuls on any backend, like torch's; a bf16 run keeps jax's default."""
+    import jax
+
+    if a.dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
 def side_jlora(a: argparse.Namespace) -> dict:
     load_pretrained = host_reader(jlora_module("jlora.formats.weights", "jlora.weights"))
 
-    cfg, params = load_pretrained(a.hf_dir)
+    cfg, params = load_pretrained(a.hf_dir, **jlora_dtypes(a))
     cfg = cfg.replace(remat=a.remat)
     state, opt = jlora_state(cfg, params, a.steps, a.rank, targets_of(a))
     del params
@@ -125,8 +139,8 @@ def side_loop(a: argparse.Namespace, plain_logits: bool) -> dict:
 
     import jlora
 
-    jax.config.update("jax_default_matmul_precision", "highest")
-    cfg, params = jlora.load_pretrained(a.hf_dir)
+    fp32_matmuls(a)
+    cfg, params = jlora.load_pretrained(a.hf_dir, **jlora_dtypes(a))
     model = build_model(cfg)
     frozen, trainable = jlora.split(
         params, jlora.LoraConfig(rank=a.rank, alpha=ALPHA, targets=targets_of(a)), jax.random.key(0)
@@ -209,7 +223,7 @@ def time_jlora_steps(cfg, state, opt, a: argparse.Namespace) -> dict:
     tokens [a.batch, a.seq]; the side's figures (compile, first step, step times, losses, peak RSS)."""
     import jax
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 matmuls, like torch
+    fp32_matmuls(a)
     make_train_step = jlora_module("jlora.train.step", "jlora.trainer").make_train_step
 
     batch = train_batch(state.mesh, a.batch, a.seq, cfg.vocab_size)
@@ -236,7 +250,7 @@ def side_peft(a: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=getattr(torch, a.dtype))
     return time_peft_steps(peft_lora(model, a.rank, targets_of(a)), a)
 
 
@@ -324,6 +338,7 @@ def run_side(
         str(a.steps),
         "--remat",
         a.remat,
+        *(("--dtype", a.dtype) if getattr(a, "dtype", None) else ()),  # qlora_vs_peft's / dpo_vs_trl's take none
         *(("--model", a.model) if getattr(a, "model", None) else ()),  # qlora_vs_peft's sides take no --model
         *extra,
     ]
@@ -406,14 +421,17 @@ def side_rows(runs: dict, tps: dict, rss: dict, a: argparse.Namespace, threads: 
 
 
 def side_peak(a: argparse.Namespace) -> dict:
-    """The fp32 matmul rate this process gets (GFLOP/s, best of 5 after a warm-up) from jax and from torch, at
-    the step's own GEMM shapes ([batch*seq, hidden] times each frozen projection, and the output head) and at
-    2048^3: the ceiling a matmul-bound train step runs under with these threads."""
+    """The matmul rate this process gets at --dtype (GFLOP/s, best of 5 after a warm-up) from jax and from torch,
+    at the step's own GEMM shapes ([batch*seq, hidden] times each frozen projection, and the output head) and at
+    2048^3: the ceiling a matmul-bound train step runs under with these threads. In bf16, jax's is bf16 x bf16
+    summed into fp32 (jlora.matmul's product) and torch's its bf16 matmul."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    jax.config.update("jax_default_matmul_precision", "highest")
+    fp32_matmuls(a)
+    jdt, tdt = getattr(jnp, a.dtype), getattr(torch, a.dtype)
+    acc = jnp.float32 if a.dtype != "float32" else None
     cfg = json.loads((pathlib.Path(a.hf_dir) / "config.json").read_text())
     m, d, f, v = a.batch * a.seq, cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     shapes = [(m, d, d), (m, d, f), (m, f, d), (m, d, v), (2048, 2048, 2048)]
@@ -429,10 +447,10 @@ def side_peak(a: argparse.Namespace) -> dict:
 
     out = {"shapes": shapes, "jax": [], "torch": []}
     for mm, k, n in shapes:
-        x, w = jnp.ones((mm, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        f_jax = jax.jit(lambda x, w: x @ w)
+        x, w = jnp.ones((mm, k), jdt), jnp.ones((k, n), jdt)
+        f_jax = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=acc))
         out["jax"].append(best(lambda: f_jax(x, w).block_until_ready(), 2 * mm * k * n))
-        tx, tw = torch.ones(mm, k), torch.ones(k, n)
+        tx, tw = torch.ones(mm, k, dtype=tdt), torch.ones(k, n, dtype=tdt)
         out["torch"].append(best(lambda: tx @ tw, 2 * mm * k * n))
     out["jax_peak"], out["torch_peak"] = max(out["jax"]), max(out["torch"])
     return out
@@ -472,6 +490,7 @@ def main() -> None:
         choices=["none", "full", "dots_saveable"],
         help="the jlora side's remat policy (api / naive use the library's default)",
     )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every side's dtype")
     p.add_argument("--sides", default="jlora,api,naive,peft", help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--baseline", help="a jlora checkout to measure too (adds jlora@base and naive@base)")
     p.add_argument(
@@ -511,10 +530,13 @@ def main() -> None:
             or a.baseline
         )
     title, result_file = MODELS[a.model]
+    if a.dtype != "float32":
+        result_file = result_file.replace(".json", "_bf16.json")
     a.out = a.out or str(RESULTS / result_file)
     started = provenance()
     tmp = ensure_hf_dir(a)  # the GGUF dequantized, saved as an HF checkpoint, unless --hf-dir has one
     extra = ("--rank", str(a.rank), "--targets", a.targets)
+    dt = {"float32": "fp32", "bfloat16": "bf16"}[a.dtype]
     runs = {m: {s: [] for s in [*sides, "peak"]} for m in modes}
     for r in range(a.rounds):  # interleaved: every side in every thread mode once per round
         for m in modes:
@@ -530,7 +552,7 @@ def main() -> None:
     flops = model_flops_per_token(a.hf_dir, a)
     rows, summary = [], {}
     print(
-        f"{title.split(' (')[0]} fp32 LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), "
+        f"{title.split(' (')[0]} {dt} LoRA train step (r={a.rank}, alpha={ALPHA:g}, {a.targets}, AdamW), "
         f"batch {a.batch} x {a.seq}, CPU; jlora-train remat={a.remat}; best of {a.rounds} interleaved runs per "
         f"side; model FLOPs {flops / 1e9:.3f} GFLOP/token"
     )
@@ -541,7 +563,7 @@ def main() -> None:
         peak = {k: max(run[f"{k}_peak"] for run in runs[m]["peak"]) for k in ("jax", "torch")}
         summary[m] = {"tokens_per_s": tps, "peak_rss_mb": rss, "matmul_peak_gflops": peak}
         print(
-            f"-- threads: {m}; measured fp32 matmul peak: jax {peak['jax']:.0f} GFLOP/s, "
+            f"-- threads: {m}; measured {dt} matmul peak: jax {peak['jax']:.0f} GFLOP/s, "
             f"torch {peak['torch']:.0f} GFLOP/s"
         )
         for s, r in best.items():
@@ -558,7 +580,7 @@ def main() -> None:
         rows += side_rows(runs[m], tps, rss, a, m, flops)
         rows += [
             {
-                "metric": f"fp32 matmul peak{'' if m == 'default' else ' (one core)'}",
+                "metric": f"{dt} matmul peak{'' if m == 'default' else ' (one core)'}",
                 "unit": "GFLOP/s",
                 "jlora": peak["jax"],
                 "peer": "torch",
@@ -569,7 +591,7 @@ def main() -> None:
     print("targets (issue 26): default threads, tokens/s >= 1.3x PEFT; the custom loop >= 1.2x and RSS <= 0.6x")
     config = {
         "model": title,
-        "dtype": "float32",
+        "dtype": a.dtype,
         "batch": a.batch,
         "seq": a.seq,
         "lora": f"r={a.rank} alpha={ALPHA:g} {a.targets}",
