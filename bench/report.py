@@ -730,6 +730,7 @@ def render(results: dict[str, dict | str]) -> str:
         lines += bench_section(name, results.get(name))
         if name == "train_vs_peft":
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
+            lines += bench_section("train_vs_peft_bf16", results.get("train_vs_peft_bf16"))
             lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
     lines += bench_section("cold_start", results.get("cold_start"))
     lines += dpo_section(results.get("dpo_vs_trl"))
