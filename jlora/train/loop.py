@@ -35,7 +35,7 @@ from jlora.parallel.sharding import BATCH_AXES, describe_mesh, make_mesh
 from jlora.peft.lora import count_params, describe, pissa_to_lora, unadapted
 from jlora.train import preference_cache
 from jlora.train.builders import DenseFingerprint, load_base, load_tok, method_config, start_from_adapter
-from jlora.train.config import ConfigError, RunConfig, run_warnings, to_dict
+from jlora.train.config import ConfigError, RunConfig, run_warnings
 from jlora.train.config_files import check_inputs, checkpoint_over_preset
 from jlora.train.data import data_warnings, make_batches
 from jlora.train.data_stream import check_resume
@@ -56,6 +56,7 @@ from jlora.train.step import (
     put_batch,
     quantize_frozen,
 )
+from jlora.train.typed_yaml import to_dict
 
 log = logging.getLogger(__name__)
 
