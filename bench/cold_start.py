@@ -164,9 +164,6 @@ def serve_once(cache: pathlib.Path, warm_requests: int) -> dict:
 
 
 def main() -> None:
-    # imported here, not at the top: a `--side phases` process times its own import of jlora
-    from jlora.train.provenance import load_average, provenance, write_result
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--serve-rounds", type=int, default=2)
@@ -177,6 +174,9 @@ def main() -> None:
     if a.side:
         print("SIDE: " + json.dumps(side_phases()), flush=True)
         return
+    # imported here, not at the top: a `--side phases` process times its own import of jlora
+    from jlora.train.provenance import load_average, provenance, write_result
+
     started = provenance()
     gen, serve, loads, phases = {"cold": [], "warm": []}, {"cold": [], "warm": []}, [], []
     for r in range(a.rounds):
