@@ -43,6 +43,7 @@ from jlora.train.config_files import check_inputs
 from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
 from jlora.train.loop import evaluate, train
 from jlora.train.preemption import StopSignals
+from jlora.train.prompt import alpaca_record
 from jlora.train.provenance import load_average, provenance
 from jlora.train.step import TrainState, make_eval_step
 
@@ -119,9 +120,7 @@ def chat_as_alpaca(run: RunConfig, say=print) -> RunConfig:
             turns = {m["role"]: m["content"] for m in rec["messages"]}
             if [m["role"] for m in rec["messages"]] not in (["system", "user", "assistant"], ["user", "assistant"]):
                 raise DataError(f"{where}: only a (system,) user, assistant record has an Alpaca form")
-            alpaca = {"instruction": turns.get("system", ""), "input": turns["user"], "output": turns["assistant"]}
-            if not alpaca["instruction"]:  # Alpaca needs an instruction: the question is it
-                alpaca["instruction"], alpaca["input"] = alpaca["input"], ""
+            alpaca = alpaca_record(turns.get("system"), turns["user"], turns["assistant"])
             lines.append(json.dumps(alpaca, ensure_ascii=False) + "\n")
         text = "".join(lines)
         if not dst.is_file() or dst.read_text(encoding="utf-8") != text:  # unchanged: a resumed run's data stays

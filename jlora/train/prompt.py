@@ -18,18 +18,24 @@ PROMPT_FORMATS = ("chat", "alpaca", "text")
 
 def prompt_record(fmt: str, prompt: str, system: str | None = None) -> dict:
     """The record of `fmt` whose answer is still to come. A chat gets a system turn when `system` is given; an
-    Alpaca record takes `system` as its instruction and `prompt` as its input, or `prompt` as the instruction
-    when there is no system text (`jlora.train.demo.chat_as_alpaca`'s reading of the demo's chat records)."""
+    Alpaca record is `alpaca_record(system, prompt, "")`, as `jlora.train.demo.chat_as_alpaca` reads the demo's
+    chat records."""
     if fmt == "chat":
         turns = [{"role": "system", "content": system}] if system is not None else []
         return {"messages": [*turns, {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
     if fmt == "alpaca":
-        if system:
-            return {"instruction": system, "input": prompt, "output": ""}
-        return {"instruction": prompt, "input": "", "output": ""}
+        return alpaca_record(system, prompt, "")
     if system is not None:
         raise DataError("a system prompt needs a chat or Alpaca prompt (--chat, or a run config of that format)")
     return {"text": prompt}
+
+
+def alpaca_record(system: str | None, user: str, answer: str) -> dict:
+    """A chat's (system, user, assistant) turns as one Alpaca record: the system text is the instruction and the
+    user's turn its input; without system text the user's turn is the instruction (Alpaca needs one)."""
+    if system:
+        return {"instruction": system, "input": user, "output": answer}
+    return {"instruction": user, "input": "", "output": answer}
 
 
 def prompt_ids(
