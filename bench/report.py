@@ -209,40 +209,44 @@ def dpo_section(res: dict | str | None) -> list[str]:
     return lines
 
 
-def profile_section(before: dict | str | None, after: dict | str | None) -> list[str]:
-    """bench/profile_step.py run on a baseline checkout (profile_step_before) and on this one (profile_step)."""
-    lines = ["", "## Where the train step's time goes (bench/profile_step.py)", ""]
-    runs = {"before": before, "after": after}
-    for label, res in runs.items():
-        name = "profile_step" + ("_before" if label == "before" else "")
+def profile_section(title: str, runs: dict[str, tuple[str, dict | str | None]]) -> list[str]:
+    """bench/profile_step.py results side by side: `runs` maps a column label to (result name, result)."""
+    lines = ["", f"## {title} (bench/profile_step.py)", ""]
+    for label, (name, res) in runs.items():
         if not isinstance(res, dict):
             return lines + [
                 res or _missing(name, f"Run `python bench/profile_step.py --out {_rel(RESULTS / (name + '.json'))}`.")
             ]
         lines += [f"- {label}: `{res['command']}`. {measured_line(res)} Traced step {res['step_s']:.2f} s."]
-    parts = {r["part"]: {} for res in runs.values() for r in res["parts"]}
-    for label, res in runs.items():
+    results = {label: res for label, (_, res) in runs.items()}
+    parts = {r["part"]: {} for res in results.values() for r in res["parts"]}
+    for label, res in results.items():
         for r in res["parts"]:
             parts[r["part"]][label] = r
+    first = next(iter(results))
     lines += [
         "",
         "Op time per step (summed over the threads that ran ops), forward + backward:",
         "",
-        "| part | before (ms) | share | after (ms) | share |",
-        "|---|---|---|---|---|",
+        "| part | " + " | ".join(f"{label} (ms) | share" for label in results) + " |",
+        "|---|" + "---|---|" * len(results),
     ]
-    for part, by in sorted(parts.items(), key=lambda kv: -kv[1].get("before", {}).get("share", 0)):
+    for part, by in sorted(parts.items(), key=lambda kv: -kv[1].get(first, {}).get("share", 0)):
         cells = []
-        for label in runs:
+        for label in results:
             r = by.get(label, {})
             ms = sum(v for k, v in r.items() if k.endswith("_ms"))
             cells += [_fmt(ms) if r else "—", f"{r['share']:.1%}" if r else "—"]
         lines.append(f"| {part} | {' | '.join(cells)} |")
-    totals = [_fmt(res["op_ms_per_step"]) for res in runs.values()]
+    totals = " | ".join(f"{_fmt(res['op_ms_per_step'])} | 100%" for res in results.values())
+    # ops the compiled HLO names no source op for: XLA's own converts, copies and broadcasts
+    unnamed = " | ".join(f"{_fmt(res.get('unnamed_ms_per_step', 0))} | —" for res in results.values())
+    last = list(results.values())[-1]
     return lines + [
-        f"| all ops | {totals[0]} | 100% | {totals[1]} | 100% |",
+        f"| all ops | {totals} |",
+        f"| besides: ops XLA inserted (converts, copies; no source op) | {unnamed} |",
         "",
-        "Setup: " + ", ".join(f"{k}={v}" for k, v in after["config"].items()),
+        "Setup: " + ", ".join(f"{k}={v}" for k, v in last["config"].items()),
     ]
 
 
@@ -731,7 +735,12 @@ def render(results: dict[str, dict | str]) -> str:
         if name == "train_vs_peft":
             lines += bench_section("train_vs_peft_r16", results.get("train_vs_peft_r16"))
             lines += bench_section("train_vs_peft_bf16", results.get("train_vs_peft_bf16"))
-            lines += profile_section(results.get("profile_step_before"), results.get("profile_step"))
+            lines += profile_section(
+                "Where the train step's time goes",
+                {n: (f, results.get(f)) for n, f in (("before", "profile_step_before"), ("after", "profile_step"))},
+            )
+            bf16 = {"bf16": ("profile_step_bf16", results.get("profile_step_bf16"))}
+            lines += profile_section("Where the bf16 train step's time goes", bf16)
     lines += bench_section("cold_start", results.get("cold_start"))
     lines += dpo_section(results.get("dpo_vs_trl"))
     lines += two_models_section(results)

@@ -133,7 +133,8 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
 
     The association is fixed, so neither this nor its gradient ever forms an [in, out] matrix.
     """
-    return matmul(matmul(x, a), b) * jnp.asarray(scale, x.dtype)  # ([..., in] @ [in, R]) @ [R, out]
+    with jax.named_scope("lora"):  # names its ops for profiles (bench/profile_step.py's "LoRA A/B")
+        return matmul(matmul(x, a), b) * jnp.asarray(scale, x.dtype)  # ([..., in] @ [in, R]) @ [R, out]
 
 
 def lora_apply(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale, x_lora: jax.Array | None = None):
