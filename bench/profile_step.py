@@ -29,7 +29,7 @@ from jlora.train.provenance import provenance, write_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from train_vs_peft import jlora_state, train_batch
+from train_vs_peft import fp32_matmuls, jlora_dtypes, jlora_state, train_batch
 
 # (part, pattern over an op's op_name), first match wins. An XLA fusion carries the op_name of its root.
 PARTS = (
@@ -90,13 +90,12 @@ def main() -> None:
     started = provenance()
     import jax
 
-    if a.dtype == "float32":
-        jax.config.update("jax_default_matmul_precision", "highest")
+    fp32_matmuls(a)
     from jlora.formats.weights import read_pretrained, resolve_model_path
     from jlora.models.llama import Llama
     from jlora.train.step import make_train_step
 
-    cfg, params = read_pretrained(resolve_model_path("smollm2-135m"), dtype=a.dtype, param_dtype=a.dtype)
+    cfg, params = read_pretrained(resolve_model_path("smollm2-135m"), **jlora_dtypes(a))
     cfg = cfg.replace(remat=a.remat)
     state, opt = jlora_state(cfg, params, a.steps + 2, rank=a.rank, targets=tuple(a.targets.split(",")))
     del params
