@@ -1,5 +1,6 @@
 """The product every projection runs: x [..., I] @ w [I, O] (`matmul`), and nn.Dense's `dot_general` that routes
-its product here. The models' projections, LoRA's deltas and quantized kernels all multiply through it.
+its product here. The models' projections and LoRA's deltas multiply through it; quantized kernels, which own
+their gradient, through its `product`.
 
 In bf16 / fp16 the product and both of its gradient products accumulate in fp32 and round once to the compute
 dtype, as a bf16 GEMM does on a GPU or TPU. That is the same arithmetic a plain bf16 dot does, but XLA:CPU runs
@@ -16,14 +17,15 @@ import jax.numpy as jnp
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the compute dtypes accumulated in fp32
 
 
-def _dot32(x: jax.Array, w: jax.Array, contract: int) -> jax.Array:
-    """x [..., I] times w over w's axis `contract` (0: w [I, O]; 1: w [O, I], i.e. times w.T), in fp32."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+def product(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` in x's dtype, summed in fp32 when that is bf16 / fp16 (rounded once at the end)."""
+    low = x.dtype in LOW_PRECISION
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
 
 
 @jax.custom_vjp
 def _low_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _dot32(x, w, 0).astype(x.dtype)
+    return product("...i,io->...o", x, w)
 
 
 def _low_matmul_fwd(x, w):
@@ -33,10 +35,8 @@ def _low_matmul_fwd(x, w):
 
 def _low_matmul_bwd(res, g):
     x, w = res
-    dx = None if w is None else _dot32(g, w, 1).astype(g.dtype)  # g [..., O] @ w.T
-    dw = None
-    if x is not None:
-        dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32).astype(g.dtype)
+    dx = None if w is None else product("...o,io->...i", g, w)  # g [..., O] @ w.T
+    dw = None if x is None else product("...i,...o->io", x, g)
     return dx, dw
 
 

@@ -26,7 +26,7 @@ from flax import struct, traverse_util
 from flax.core import meta
 
 from jlora.errors import JloraError
-from jlora.matmul import LOW_PRECISION
+from jlora.matmul import product
 
 METHODS = ("none", "int8", "nf4", "gguf")
 NF4_BLOCK = 64
@@ -169,12 +169,6 @@ def _zero_cotangent(q: QuantizedKernel) -> QuantizedKernel:
     return jax.tree.map(zero, q)
 
 
-def _product(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
-    """einsum `spec` of x and w in x's dtype, accumulated in fp32 where that is bf16 / fp16 (see jlora.matmul)."""
-    low = x.dtype in LOW_PRECISION
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32 if low else None).astype(x.dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def qmatmul(x: jax.Array, q: QuantizedKernel, transpose: bool = False) -> jax.Array:
     """x [..., M] @ W [M, N] (or x [..., N] @ W.T with `transpose`) for a quantized, frozen W.
@@ -182,7 +176,7 @@ def qmatmul(x: jax.Array, q: QuantizedKernel, transpose: bool = False) -> jax.Ar
     The backward pass saves only the packed `q` and dequantizes it again: the dense W lives for one
     matmul. W takes no gradient (it is frozen)."""
     w = dequantize(q, x.dtype)
-    return _product(x, w, "...n,mn->...m" if transpose else "...m,mn->...n")
+    return product("...n,mn->...m" if transpose else "...m,mn->...n", x, w)
 
 
 def _qmatmul_fwd(x, q, transpose):
@@ -191,7 +185,7 @@ def _qmatmul_fwd(x, q, transpose):
 
 def _qmatmul_bwd(transpose, q, dy):
     w = dequantize(q, dy.dtype)
-    dx = _product(dy, w, "...m,mn->...n" if transpose else "...n,mn->...m")
+    dx = product("...m,mn->...n" if transpose else "...n,mn->...m", dy, w)
     return dx, _zero_cotangent(q)
 
 
