@@ -21,7 +21,9 @@ from jlora.train.preemption import Stopped, StopSignals
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = script("jlora-train")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-STEPS = 20
+# room for the stops below: under jax.distributed the preemption service names a step some way past the signal
+# (its notice goes round the coordination service while steps go on: asked at 6, one run here stopped at 17)
+STEPS = 60
 
 
 def _sets(out_dir) -> list[str]:
@@ -29,7 +31,7 @@ def _sets(out_dir) -> list[str]:
         f"train.steps={STEPS}",
         "train.log_interval=1",
         "train.eval_interval=0",
-        "checkpoint.interval=4",
+        "checkpoint.interval=10",
         "checkpoint.keep=2",
         f"output_dir={out_dir}",
     ]
