@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jlora.matmul import dense_dot_general, matmul
-from jlora.models.layers import dense
+from jlora.models.layers import Embed, dense
 
 
 def _operands(dtype, shape=(3, 5, 64), out=48):
@@ -92,3 +92,15 @@ def test_other_dot_generals_pass_through():
     dims = (((2,), (1,)), ((0,), (0,)))  # batched: not nn.Dense's plain product
     np.testing.assert_array_equal(dense_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))
     assert isinstance(dense(3, False, "p", "float32", "float32"), nn.Dense)
+
+
+def test_a_tied_head_multiplies_through_matmul():
+    """The tied output head (`Embed.attend`, x @ table.T) is a bf16 x bf16 -> fp32 product too, forward and back."""
+    x, table = _operands(jnp.bfloat16, (4, 64), 48)
+    table = table.T  # [V=48, D=64]
+    embed = Embed(48, 64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    head = lambda x, table: embed.apply({"params": {"embedding": table}}, x, method="attend")
+    np.testing.assert_array_equal(np.asarray(head(x, table), np.float32), np.asarray(matmul(x, table.T), np.float32))
+    loss = lambda x, table: head(x, table).astype(jnp.float32).sum()
+    dots = _dots(jax.value_and_grad(loss, argnums=(0, 1)), x, table)  # the head, and both its gradients
+    assert len(dots) == 3 and all(_bf16_into_fp32(d) for d in dots), dots

@@ -33,6 +33,7 @@ from jlora.models.fused import FusedDense
 from jlora.models.layers import (
     DTYPES,
     REMAT_POLICIES,
+    Embed,
     RMSNorm,
     apply_rope,
     dense,
@@ -253,7 +254,7 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        embed = nn.Embed(
+        embed = Embed(
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=dt,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jlora.matmul import dense_dot_general
+from jlora.matmul import dense_dot_general, matmul
 from jlora.models import attention as attn
 from jlora.parallel.sharding import constrain
 
@@ -119,6 +119,15 @@ def dense(features: int, bias: bool, name: str, dtype: str, param_dtype: str) ->
         dot_general=dense_dot_general,
         name=name,
     )
+
+
+class Embed(nn.Embed):
+    """nn.Embed whose `attend` (a tied output head, x [..., D] @ table.T) is a `matmul`, as nn.Dense's product is:
+    flax's own is a plain dot, which in bf16 runs at XLA:CPU's fp32 rate or below."""
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        query, table = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return matmul(query, table.T)
 
 
 def projected(y: jax.Array, *dims: str | None) -> jax.Array:
