@@ -25,8 +25,9 @@ from jlora.checkpoint.adapter import load_adapter, save_adapter
 from jlora.checkpoint.metadata import AdapterError
 from jlora.cli.adapters import merge_main
 from jlora.formats.gguf_adapter import GGUFAdapterError, gguf_lora_tensors
+from jlora.formats.param_assembly import expected_tensors
 from jlora.formats.peft_adapter import PeftError, export_peft, import_peft
-from jlora.formats.weights import WeightsError, expected_tensors, read_pretrained, save_pretrained
+from jlora.formats.weights import WeightsError, read_pretrained, save_pretrained
 from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.infer.generate import Generator, NonFiniteLogitsError
 from jlora.models.family import param_shapes

@@ -13,7 +13,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 from test_trainer import run_two_processes
 
-from jlora.formats.weights import WeightsError, expected_tensors, read_pretrained, save_pretrained
+from jlora.formats.param_assembly import expected_tensors
+from jlora.formats.weights import WeightsError, read_pretrained, save_pretrained
 from jlora.formats.weights_on_device import load_pretrained_sharded
 from jlora.models.family import init_params
 from jlora.models.llama import PRESETS

@@ -1,15 +1,13 @@
 """Pretrained weights on disk <-> jlora params (plain nested dicts, kernels [in, out], layers stacked).
 
-Reads HF checkpoint directories (config.json + model.safetensors, or sharded with
-model.safetensors.index.json) and GGUF files (dequantized with the `gguf` package, or with
-quantize="gguf" kept as their own blocks via jlora.quant.gguf_blocks; llama.cpp's q/k rope permutation
-undone either way); with quantize="int8" / "nf4" either is packed tensor by tensor as it is read
-(jlora.quant.packing), never whole and dense. Writes HF safetensors checkpoints that transformers loads.
-A tensor holding NaN or inf is refused at load, naming it (`check_finite`: a GGUF block tensor by its fp16
-scales). The family's one weight-name table (jlora.models.family) serves every direction. Never unpickles
-anything: `.bin` checkpoints are refused. Does not own the models (jlora.models), tokenizers
-(jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter).
-"""
+`read_pretrained` reads a model alias, an HF checkpoint directory (config.json + model.safetensors, or
+sharded with model.safetensors.index.json; read here) or a GGUF file (jlora.formats.gguf_weights) to host
+numpy; with quantize="int8" / "nf4" either is packed tensor by tensor as it is read (jlora.quant.packing),
+never whole and dense. `save_pretrained` writes HF safetensors checkpoints that transformers loads. Every
+reader checks names, shapes and finite values and assembles the params the same way
+(jlora.formats.param_assembly), through the family's one weight-name table (jlora.models.family). Never
+unpickles anything: `.bin` checkpoints are refused. Does not own the models (jlora.models), tokenizers
+(jlora.formats.tokenizer) or LoRA adapters (jlora.formats.peft_adapter)."""
 
 from __future__ import annotations
 
@@ -23,28 +21,25 @@ import pathlib
 import re
 from collections.abc import Callable
 
-import jax
 import numpy as np
 from flax import traverse_util
 
-from jlora.errors import JloraError
-from jlora.formats.gguf_file import GGUFFileError, GGUFTensor, read_gguf
+from jlora.formats.gguf_weights import load_gguf
 from jlora.formats.model_aliases import model_alias
-from jlora.formats.tensor_values import value_problem
-from jlora.models.config import ModelConfig, ModelConfigError
-from jlora.models.family import config_from_hf, family_of, family_of_gguf, param_shapes
-from jlora.models.layers import DTYPES, unpermute_rope_rows
-from jlora.quant import gguf_blocks
-from jlora.quant.packing import LeafPacker, Packing
-from jlora.quant.quantize import METHODS, QuantizedKernel, QuantizeError, dequantize, is_quantized
-
-
-class WeightsError(JloraError, ValueError):
-    """A checkpoint that cannot be loaded or written; the message is one line naming the file."""
-
-    def __init__(self, file: str | pathlib.Path, problem: object):
-        super().__init__(f"{file}: {' '.join(str(problem).split())}")  # always one line
-
+from jlora.formats.param_assembly import (
+    OnDense,
+    Place,
+    WeightsError,
+    assemble,
+    check_finite,
+    refuse_extra,
+    to_disk,
+)
+from jlora.models.config import ModelConfig
+from jlora.models.family import config_from_hf, family_of, param_shapes
+from jlora.models.layers import DTYPES
+from jlora.quant.packing import Packing
+from jlora.quant.quantize import METHODS
 
 # Tensors some checkpoints carry that the model recomputes; anything else unknown is an error.
 _HARMLESS_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -80,13 +75,6 @@ def resolve_model_path(name_or_path: str | pathlib.Path) -> str:
     if not pathlib.Path(name_or_path).exists():
         raise WeightsError(name_or_path, "no such file or directory")
     return str(name_or_path)
-
-
-# on_dense(param key, the leaf's dense shape, layer index or None, dense array): each dense piece (one layer
-# of a stacked leaf, or the whole leaf: None) of a leaf that is packed as it loads, before it is packed
-OnDense = Callable[[tuple, tuple, "int | None", object], None]
-# place(leaf) -> what the params hold instead: a whole leaf (array or QuantizedKernel) as soon as it is read
-Place = Callable[[object], object]
 
 
 def read_pretrained(
@@ -126,7 +114,7 @@ def read_pretrained(
             )
         return _load_hf_dir(path, overrides, packing, on_dense, place)
     if path.suffix == ".gguf":
-        return _load_gguf(path, overrides, quantize == "gguf", packing, on_dense, place)
+        return load_gguf(path, overrides, quantize == "gguf", packing, on_dense, place)
     raise WeightsError(path, "expected an HF checkpoint directory (config.json + *.safetensors) or a .gguf file")
 
 
@@ -188,118 +176,6 @@ def save_pretrained(params: dict, cfg: ModelConfig, out_dir: str | pathlib.Path)
             tensors[hf_name] = np.ascontiguousarray(to_disk(key, leaf))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     save_safetensors(tensors, out / "model.safetensors")
-
-
-def to_disk(key: tuple[str, ...], x):
-    """A leaf of param `key` (or a per-dim tuple such as a block index) in disk layout: kernels transposed.
-    The transpose is its own inverse, so this also maps disk layout back to jlora's."""
-    if key[-1] != "kernel":
-        return x
-    return x[::-1] if isinstance(x, tuple) else x.T
-
-
-def expected_tensors(cfg: ModelConfig, fmt: int):
-    """Yield (param key, ShapeDtypeStruct, disk names, disk shape of one name) for every param of `cfg`.
-
-    `fmt` picks the HF (0) or GGUF (1) name in the family's weight table. A layer-stacked leaf [L, ...] has L names,
-    one per layer; any other leaf has one. Disk shapes are per name, kernels transposed ([out, in]).
-    """
-    renames = family_of(cfg).renames
-    for key, spec in traverse_util.flatten_dict(param_shapes(cfg)).items():
-        pattern = renames[key][fmt]
-        stacked = "{i}" in pattern
-        names = [pattern.format(i=i) for i in range(cfg.num_hidden_layers)] if stacked else [pattern]
-        want = to_disk(key, np.empty(spec.shape[1:] if stacked else spec.shape, bool)).shape
-        yield key, spec, names, want
-
-
-def check_present(file: str | pathlib.Path, name: str, names, want: tuple[int, ...]) -> None:
-    if name not in names:
-        raise WeightsError(file, f"tensor {name} is missing (expected shape {want})")
-
-
-def check_shape(file: str | pathlib.Path, name: str, shape, want: tuple[int, ...]) -> None:
-    if tuple(shape) != want:
-        raise WeightsError(file, f"tensor {name} has shape {tuple(shape)}, expected {want}")
-
-
-_ROWS_SPAN = 16 << 20  # bytes of rows compared at once by _same_values
-
-
-def check_finite(file: str | pathlib.Path, name: str, x: np.ndarray | QuantizedKernel) -> None:
-    """WeightsError naming tensor `name` unless every value of `x` is finite. A QuantizedKernel (GGUF blocks)
-    is checked by its float fields, the fp16 block scales: its integer quants times finite scales are finite."""
-    for part in x.fields.values() if is_quantized(x) else [x]:
-        problem = value_problem(part)
-        if problem:
-            raise WeightsError(file, f"tensor {name} has {problem}: corrupt weights")
-
-
-_dequantize_jit = jax.jit(dequantize, static_argnums=1)  # one compiled decode, not an eager op per step
-
-
-def _assemble(
-    cfg: ModelConfig,
-    file: pathlib.Path,
-    names: set[str],
-    fetch: Callable[[str], np.ndarray | QuantizedKernel],
-    fmt: int,
-    packing: Packing | None = None,
-    on_dense: OnDense | None = None,
-    place: Place | None = None,
-) -> tuple[dict, set[str]]:
-    """Fill every param of `cfg` from `fetch(name)` (a disk-layout array), checking names and shapes; `place`
-    (see read_pretrained) takes each leaf once it is whole.
-
-    Layers go straight into a preallocated stacked array, so the peak is one checkpoint-sized copy, not two.
-    With `packing`, a leaf it packs is packed layer by layer instead (jlora.quant.packing.LeafPacker), each
-    layer dropped once packed. `fetch` may instead give a QuantizedKernel (jlora layout, GGUF blocks): a param's
-    layers are stacked into one kernel, also where they mix block types (llama.cpp's Q4_K_M gives some layers
-    Q6_K; see gguf_blocks.stack_kernels); one whose layers mix blocks and dense tensors is dequantized into the
-    dense array.
-    """
-    pdt = np.dtype(DTYPES[cfg.param_dtype])
-    used, flat = set(), {}
-    for key, spec, layer_names, want in expected_tensors(cfg, fmt):
-        stacked = len(spec.shape) > len(want)
-        encode = packing.encoder(key, spec) if packing else None
-        if encode is not None:
-            packer = LeafPacker(encode, jax.ShapeDtypeStruct(spec.shape, pdt), stacked)
-            for i, name in enumerate(layer_names):
-                check_present(file, name, names, want)
-                arr = fetch(name)
-                check_shape(file, name, arr.shape, want)
-                w = np.asarray(to_disk(key, arr), pdt)  # [M, N]: one layer, in jlora layout
-                if on_dense is not None:
-                    on_dense(key, spec.shape, i if stacked else None, w)
-                packer.add(i if stacked else None, w)
-                used.add(name)
-                del arr, w  # before the next layer is read
-            flat[key] = place(packer.result()) if place else packer.result()
-            continue
-        out, held = None, {}
-        for i, name in enumerate(layer_names):
-            check_present(file, name, names, want)
-            arr = fetch(name)
-            if is_quantized(arr):
-                check_shape(file, name, to_disk(key, arr.shape), want)
-                held[i] = arr
-            else:
-                check_shape(file, name, arr.shape, want)
-                out = np.empty(spec.shape, pdt) if out is None else out
-                out[i if stacked else ...] = to_disk(key, arr)
-            used.add(name)
-        if held and out is None:
-            whole = gguf_blocks.stack_kernels(list(held.values())) if stacked else held[0]
-            if whole is not None:
-                flat[key] = place(whole) if place else whole
-                continue
-        out = np.empty(spec.shape, pdt) if out is None else out
-        for i, q in held.items():
-            out[i if stacked else ...] = np.asarray(_dequantize_jit(q, pdt))
-        flat[key] = place(out) if place else out
-        del out
-    return traverse_util.unflatten_dict(flat), names - used
 
 
 def open_safetensors(file: pathlib.Path):
@@ -402,7 +278,7 @@ def check_leftovers(
                 where[head], f"{head} differs from the embedding but config.json says tie_word_embeddings=true"
             )
         extra.discard(head)
-    _refuse_extra(path, extra)
+    refuse_extra(path, extra)
 
 
 def hf_head_name(cfg: ModelConfig) -> str:
@@ -414,11 +290,6 @@ def hf_head_name(cfg: ModelConfig) -> str:
 def hf_embed_name(cfg: ModelConfig) -> str:
     fam = family_of(cfg)
     return fam.renames[fam.embed][0]
-
-
-def _refuse_extra(path: pathlib.Path, extra: set[str]) -> None:
-    if extra:
-        raise WeightsError(path, f"unexpected tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
 
 
 def _load_hf_dir(
@@ -447,12 +318,15 @@ def _load_hf_dir(
             check_finite(file, name, arr)
             return arr
 
-        params, extra = _assemble(cfg, path, set(where), fetch, 0, packing, on_dense, place)
+        params, extra = assemble(cfg, path, set(where), fetch, 0, packing, on_dense, place)
         pdt = np.dtype(DTYPES[cfg.param_dtype])
         check_leftovers(
             cfg, path, where, extra, lambda: _same_values(where, hf_head_name(cfg), hf_embed_name(cfg), pdt)
         )
     return cfg, params
+
+
+_ROWS_SPAN = 16 << 20  # bytes of rows compared at once by _same_values
 
 
 def _same_values(where: TensorFiles, a: str, b: str, dtype: np.dtype) -> bool:
@@ -474,91 +348,3 @@ def _same_values(where: TensorFiles, a: str, b: str, dtype: np.dtype) -> bool:
     step = max(1, _ROWS_SPAN // (4 * int(np.prod(shape[1:], dtype=np.int64))))  # 4: fp32, the widest
     spans = [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
     return all(np.array_equal(rows(a, *span), rows(b, *span)) for span in spans)
-
-
-def _rope_heads(path: pathlib.Path, cfg: ModelConfig, name: str, rows: int) -> int | None:
-    """The head count whose llama.cpp rope permutation tensor `name` (with `rows` rows) carries, or None."""
-    heads = family_of(cfg).gguf_rope_heads(cfg, name)
-    if heads is not None and rows != heads * cfg.head_dim:
-        raise WeightsError(path, f"tensor {name} has {rows} rows, expected {heads * cfg.head_dim}")
-    return heads
-
-
-def _gguf_blocks(path: pathlib.Path, cfg: ModelConfig, name: str, t: GGUFTensor) -> QuantizedKernel:
-    """GGUF tensor `t` (2-D, block-quantized) as a QuantizedKernel of its own blocks, rows un-permuted."""
-    kind = t.tensor_type.name
-    if not gguf_blocks.supports(kind):
-        raise WeightsError(
-            path,
-            f"tensor {name} has GGML type {kind}, which quantize='gguf' cannot keep "
-            f"(supported: {', '.join(gguf_blocks.LAYOUTS)}); load it with quantize='none', "
-            f"'int8' or 'nf4'",
-        )
-    raw = np.asarray(t.data)  # [rows, bytes]
-    heads = _rope_heads(path, cfg, name, raw.shape[0])
-    try:
-        return gguf_blocks.gguf_kernel(
-            raw,
-            kind,
-            embedding=name == "token_embd.weight",
-            dense_dtype=cfg.param_dtype,
-            rows=None if heads is None else (lambda f: unpermute_rope_rows(f, heads)),
-        )
-    except QuantizeError as e:
-        raise WeightsError(path, f"tensor {name}: {e}") from None
-
-
-def _load_gguf(
-    path: pathlib.Path,
-    overrides: dict,
-    keep_blocks: bool = False,
-    packing: Packing | None = None,
-    on_dense: OnDense | None = None,
-    place: Place | None = None,
-) -> tuple[ModelConfig, dict]:
-    """(config, params) of a GGUF file: every tensor dequantized, or with `keep_blocks` the block-quantized
-    2-D ones kept as QuantizedKernels (see `_gguf_blocks`), or with `packing` packed as they are dequantized."""
-    from gguf.quants import dequantize
-
-    try:
-        gf = read_gguf(path)
-    except GGUFFileError as e:
-        raise WeightsError(path, f"not a readable GGUF file, truncated or corrupt ({e.problem})") from None
-    except OSError as e:
-        raise WeightsError(path, f"not a readable GGUF file ({e})") from None
-    tensors = {t.name: t for t in gf.tensors}
-    meta = gf.metadata
-    try:
-        cfg = family_of_gguf(meta).config.from_gguf_metadata(meta, frozenset(tensors), **overrides)
-    except ValueError as e:
-        raise WeightsError(path, e) from None
-    except KeyError as e:
-        raise WeightsError(path, f"GGUF header lacks the key {e}") from None
-
-    def fetch(name: str) -> np.ndarray | QuantizedKernel:
-        t = tensors[name]
-        if keep_blocks and len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16"):
-            kernel = _gguf_blocks(path, cfg, name, t)
-            check_finite(path, name, kernel)
-            return kernel
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise WeightsError(
-                path, f"tensor {name} has GGML type {t.tensor_type.name}, which gguf.quants cannot dequantize"
-            ) from None
-        except ValueError as e:
-            raise WeightsError(path, f"cannot dequantize tensor {name} ({e})") from None
-        w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF dims are reversed
-        check_finite(path, name, w)
-        w = family_of(cfg).gguf_tensor_fix(cfg, name, w)
-        heads = _rope_heads(path, cfg, name, w.shape[0])
-        return w if heads is None else unpermute_rope_rows(w, heads)
-
-    try:
-        cfg, names = family_of(cfg).gguf_fixups(cfg, fetch, set(tensors))
-    except ModelConfigError as e:
-        raise WeightsError(path, e) from None
-    params, extra = _assemble(cfg, path, names, fetch, 1, packing, on_dense, place)
-    _refuse_extra(path, extra)
-    return cfg, params

@@ -4,15 +4,15 @@
 leaf to the default device as soon as it is whole, so the host holds one leaf beside the placed model, never a
 second copy; a jitted step then reads the frozen tree where it lies instead of copying it in at every call.
 
-`load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own
-devices, a process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`),
-one layer at a time, transposes it to jlora's layout and places it on the device. A process's peak
-host memory is therefore its share of the model (on CPU, where device buffers are host memory) plus
-one block and a 16 MiB window of the file. With quantize int8 / nf4 a leaf is placed one layer at a time
-(a stacked leaf) or whole, packed on the devices and freed before the next is read, so the model is its
-packed share plus one dense tensor's. Checkpoint discovery, name and shape checks and their one-line
-errors are jlora.formats.weights' own, and so is the check that every value read is finite; placement
-follows `sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
+`load_pretrained_sharded` never assembles the model in host RAM. For each param and each of its own devices, a
+process reads only that device's block of the on-disk tensors (`safe_open(...).get_slice`), one layer at a
+time, transposes it to jlora's layout and places it on the device. A process's peak host memory is therefore
+its share of the model (on CPU, where device buffers are host memory) plus one block and a 16 MiB window of
+the file. With quantize int8 / nf4 a leaf is placed one layer at a time (a stacked leaf) or whole, packed on
+the devices and freed before the next is read, so the model is its packed share plus one dense tensor's.
+Checkpoint discovery, name and shape checks and their one-line errors are jlora.formats.weights' and
+jlora.formats.param_assembly's, and so is the check that every value read is finite; placement follows
+`sharding.param_specs`. GGUF files (small models) are loaded whole and then sliced.
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlora.formats.param_assembly import OnDense, check_finite, check_present, check_shape, expected_tensors, to_disk
 from jlora.formats.weights import (
-    OnDense,
     TensorFiles,
-    check_finite,
     check_leftovers,
-    check_present,
-    check_shape,
     dtype_overrides,
-    expected_tensors,
     hf_checkpoint,
     hf_embed_name,
     hf_head_name,
@@ -42,7 +38,6 @@ from jlora.formats.weights import (
     read_error,
     read_pretrained,
     resolve_model_path,
-    to_disk,
 )
 from jlora.models.config import ModelConfig
 from jlora.models.family import param_shapes
