@@ -11,6 +11,7 @@ from jlora.train import config as C
 from jlora.train import data as D
 from jlora.train import data_stream
 from jlora.train import examples as E
+from jlora.train.batches import Batches
 
 
 class FakeTok:
@@ -222,7 +223,7 @@ def expected(e):
 
 def test_batch_shapes_and_unpacked_rows():
     exs = toy_examples()
-    it = D.Batches(exs, global_batch=4, seq_len=16, seed=1)
+    it = Batches(exs, global_batch=4, seq_len=16, seed=1)
     b = next(it)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
         "input_ids": ((4, 16), np.int32),
@@ -238,8 +239,8 @@ def test_batch_shapes_and_unpacked_rows():
 
 def test_packing_keeps_each_example_intact():
     exs = toy_examples()
-    packed = D.Batches(exs, global_batch=2, seq_len=24, packing=True, shuffle=False)
-    plain = D.Batches(exs, global_batch=2, seq_len=24, packing=False, shuffle=False)
+    packed = Batches(exs, global_batch=2, seq_len=24, packing=True, shuffle=False)
+    plain = Batches(exs, global_batch=2, seq_len=24, packing=False, shuffle=False)
     got = [s for b in packed.one_pass() for s in segments(b)]
     assert got == [s for b in plain.one_pass() for s in segments(b)] == [expected(e) for e in exs]
     assert packed.steps_per_epoch < plain.steps_per_epoch  # several examples share a row
@@ -248,7 +249,7 @@ def test_packing_keeps_each_example_intact():
 
 def test_shuffle_is_deterministic_by_seed():
     def run(seed):
-        it = D.Batches(toy_examples(), global_batch=4, seq_len=16, seed=seed)
+        it = Batches(toy_examples(), global_batch=4, seq_len=16, seed=seed)
         return np.stack([next(it)["input_ids"] for _ in range(6)])
 
     assert (run(3) == run(3)).all() and not (run(3) == run(4)).all()
@@ -258,25 +259,25 @@ def test_shuffle_is_deterministic_by_seed():
 def test_resume_yields_the_same_following_batches(packing):
     exs = toy_examples(n=9)  # small, so the stream crosses several epochs
     kw = dict(global_batch=4, seq_len=16, packing=packing, seed=7)
-    it = D.Batches(exs, **kw)
+    it = Batches(exs, **kw)
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(it.state()))  # plain ints
     want = [next(it) for _ in range(6)]
-    fresh = D.Batches(exs, **kw)
+    fresh = Batches(exs, **kw)
     fresh.restore(state)
     for a, b in zip(want, [next(fresh) for _ in range(6)]):
         assert all((a[k] == b[k]).all() for k in a)
     with pytest.raises(D.DataError, match="num_examples was 9 at save, is 8 now"):
-        D.Batches(exs[:8], **kw).restore(state)
+        Batches(exs[:8], **kw).restore(state)
 
 
 def test_resume_after_a_global_batch_change_continues_at_the_next_row():
     exs = toy_examples(n=9)
-    it = D.Batches(exs, global_batch=4, seq_len=16, seed=7)
+    it = Batches(exs, global_batch=4, seq_len=16, seed=7)
     rows = np.concatenate([next(it)["input_ids"] for _ in range(3)])  # rows 0..11
     rows = np.concatenate([rows, next(it)["input_ids"]])  # rows 12..15
-    wide = D.Batches(exs, global_batch=8, seq_len=16, seed=7)
+    wide = Batches(exs, global_batch=8, seq_len=16, seed=7)
     state = {**it.state(), "row": 8}  # saved after two steps of 4 rows, resumed with 8-row steps
     wide.restore(state)
     assert (next(wide)["input_ids"] == rows[8:16]).all()
@@ -310,8 +311,8 @@ def test_stream_change_names_the_setting_that_moves_the_rows(monkeypatch):
 def test_host_shares_partition_the_global_batch(packing, hosts):
     exs = toy_examples()
     kw = dict(global_batch=8, seq_len=16, packing=packing, seed=5)
-    whole = D.Batches(exs, **kw)
-    shards = [D.Batches(exs, process_index=p, process_count=hosts, **kw) for p in range(hosts)]
+    whole = Batches(exs, **kw)
+    shards = [Batches(exs, process_index=p, process_count=hosts, **kw) for p in range(hosts)]
     for _ in range(7):
         g, parts = next(whole), [next(s) for s in shards]
         assert all(p["input_ids"].shape == (8 // hosts, 16) for p in parts)
@@ -320,12 +321,12 @@ def test_host_shares_partition_the_global_batch(packing, hosts):
     for g, *parts in zip(whole.one_pass(), *(s.one_pass() for s in shards)):
         assert all((np.concatenate([p[k] for p in parts]) == g[k]).all() for k in g)
     with pytest.raises(D.DataError, match="cannot be split over 3 processes"):
-        D.Batches(exs, process_index=0, process_count=3, **kw)
+        Batches(exs, process_index=0, process_count=3, **kw)
 
 
 def test_one_pass_pads_the_last_batch_with_empty_rows():
     exs = toy_examples(n=5)
-    batches = list(D.Batches(exs, global_batch=4, seq_len=16, shuffle=False).one_pass())
+    batches = list(Batches(exs, global_batch=4, seq_len=16, shuffle=False).one_pass())
     assert len(batches) == 2 and (batches[1]["segment_ids"][1:] == 0).all()
     assert (batches[1]["loss_mask"][1:] == 0).all()
 

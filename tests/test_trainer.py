@@ -19,8 +19,9 @@ from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import LoraPair
 from jlora.train import loss as L
 from jlora.train import step as T
+from jlora.train.batches import Batches
 from jlora.train.config import OptimConfig
-from jlora.train.data import Batches, Example
+from jlora.train.examples import Example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = PRESETS["tiny"]

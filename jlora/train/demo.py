@@ -37,10 +37,11 @@ from jlora.models.config import ModelConfig
 from jlora.models.family import build_model, init_params
 from jlora.parallel.sharding import make_mesh, shard_params
 from jlora.peft.lora import count_params
+from jlora.train.batches import Batches
 from jlora.train.builders import load_base, load_tok, method_config
 from jlora.train.config import RunConfig
 from jlora.train.config_files import check_inputs
-from jlora.train.data import Batches, DataError, encode_record, make_batches, read_records
+from jlora.train.data import DataError, encode_record, make_batches, read_records
 from jlora.train.loop import evaluate, train
 from jlora.train.preemption import StopSignals
 from jlora.train.prompt import alpaca_record

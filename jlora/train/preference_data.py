@@ -20,8 +20,9 @@ import numpy as np
 
 from jlora.formats.tokenizer import TokenizerError, unicode_error
 from jlora.train import data_stream
+from jlora.train.batches import Batches
 from jlora.train.config import RunConfig
-from jlora.train.data import CHAT_ROLES, Batches, DataStats, check_vocab, json_items, read_text
+from jlora.train.data import CHAT_ROLES, DataStats, check_vocab, json_items, read_text
 from jlora.train.examples import DataError, Example, TokenizerLike
 
 
