@@ -309,6 +309,69 @@ def test_start_from_adapter_places_two_copies_and_refuses_another_rank(straight,
     assert "\n" not in str(e.value) and str(adapter) in str(e.value) and "rank" in str(e.value)
 
 
+def _as_peft(adapter, out):
+    """The jlora adapter in `adapter` exported as an HF PEFT adapter dir `out`; (cfg, lcfg) of it."""
+    from jlora.checkpoint.adapter import load_adapter, read_adapter_metadata
+    from jlora.formats.peft_adapter import export_peft
+    from jlora.models.family import config_from_hf
+
+    lcfg, saved = load_adapter(adapter)
+    cfg = config_from_hf(read_adapter_metadata(adapter)["base"]["config"])
+    export_peft(out, saved, lcfg, cfg)
+    return cfg, lcfg
+
+
+def test_dpo_from_a_peft_adapter_equals_dpo_from_the_jlora_adapter_it_was_exported_from(files, straight, tmp_path):
+    """init_adapter takes an HF PEFT dir as well (an SFT adapter trained with PEFT): the straight run's adapter
+    exported to PEFT gives the same DPO losses as the jlora adapter itself, and its reference cache key is
+    the PEFT files' hash."""
+    adapter = straight[0]["adapter_dir"]
+    _as_peft(adapter, tmp_path / "peft")
+    losses = {}
+    for name, start in (("jlora", adapter), ("peft", tmp_path / "peft")):
+        sets = (f"init_adapter={start}", "preference.precompute_reference=true", "train.steps=2")
+        losses[name] = _run(files, tmp_path / name, *sets, "train.eval_interval=0")["losses"]
+    np.testing.assert_allclose(losses["peft"], losses["jlora"], rtol=0, atol=1e-6)
+    keys = [json.loads((tmp_path / n / "reference_logps.json").read_text())["init_adapter"] for n in losses]
+    assert len(keys[1]) == 64 and keys[1] != keys[0]
+
+
+def test_a_peft_init_adapter_must_adapt_what_the_run_adapts_with_its_scales(straight, tmp_path):
+    """A PEFT adapter has no jlora metadata to compare: its imported tree is compared with the run's. One with
+    another lora_alpha (so another scale) is refused in one line naming the module and the scales, and so is
+    one that does not adapt a module the run adapts; any change to its files changes its content hash."""
+    import dataclasses
+
+    from jlora.checkpoint.adapter import AdapterError, adapter_content_sha256
+    from jlora.models.family import init_params
+    from jlora.train.builders import start_from_adapter
+    from jlora.train.step import split_for_training
+
+    peft = tmp_path / "peft"
+    cfg, lcfg = _as_peft(straight[0]["adapter_dir"], peft)
+    params = init_params(cfg, jax.random.key(0))
+    fresh = split_for_training(params, jax.random.key(1), lcfg)[1]
+    start_from_adapter(str(peft), fresh, cfg, lcfg, None)  # accepted as exported
+    config_file, sha = peft / "adapter_config.json", adapter_content_sha256(peft)
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    assert adapter_content_sha256(peft) != sha  # what a resume compares
+    with pytest.raises(AdapterError) as e:
+        start_from_adapter(str(peft), fresh, cfg, lcfg, None)
+    scale = lcfg.alpha / lcfg.rank
+    assert str(e.value) == (
+        f"{peft}: layers/self_attn/{lcfg.targets[0]}/kernel has scale {2 * scale:g}, this run's is {scale:g} "
+        "(lora.alpha / alpha_pattern / use_rslora)"
+    )
+    config_file.write_text(json.dumps(config))
+    more = dataclasses.replace(lcfg, targets=(*lcfg.targets, "o_proj"))
+    with pytest.raises(AdapterError) as e:
+        start_from_adapter(str(peft), split_for_training(params, jax.random.key(1), more)[1], cfg, more, None)
+    assert str(e.value) == f"{peft}: it does not adapt layers/self_attn/o_proj/kernel, which this run adapts " + (
+        "(lora.targets / layers)"
+    )
+
+
 def test_a_missing_init_adapter_is_one_line_before_anything_loads(capsys, tmp_path):
     argv = ["--config", "configs/tiny-cpu.yaml", "--set", f"init_adapter={tmp_path}/nope"]
     assert train_main(argv + ["--set", f"output_dir={tmp_path}/out"]) == 2

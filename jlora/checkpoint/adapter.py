@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jlora.checkpoint.atomic_dir import replace_dir
+from jlora.checkpoint.fingerprint import is_fingerprint
 from jlora.checkpoint.metadata import (
     AdapterError,
     check_base,
@@ -34,6 +35,8 @@ from jlora.checkpoint.metadata import (
 )
 from jlora.checkpoint.run_dir import disk_errors
 from jlora.checkpoint.tree_storage import to_storage
+from jlora.formats.peft_adapter import WEIGHTS_FILE, import_peft
+from jlora.formats.peft_config import CONFIG_FILE
 from jlora.formats.tensor_values import value_problem
 from jlora.models.config import ModelConfig
 from jlora.peft.llama_adapter import AdapterConfig
@@ -174,6 +177,43 @@ def load_adapter(
         if problem:
             raise AdapterError(f"{where}: tensor {'/'.join(path)} has {problem}: a damaged or diverged adapter")
     return method_config_from_meta(meta), _rebuild(stored, meta["trainable"])
+
+
+def is_peft_dir(directory: str | pathlib.Path) -> bool:
+    """Whether `directory` holds an HF PEFT adapter (its adapter_config.json)."""
+    return (pathlib.Path(directory) / CONFIG_FILE).is_file()
+
+
+def load_any_adapter(
+    directory: str | pathlib.Path,
+    base: ModelConfig,
+    params=None,
+    expect: LoraConfig | AdapterConfig | None = None,
+) -> tuple[LoraConfig | AdapterConfig, dict]:
+    """`load_adapter` for a jlora adapter dir, or jlora.formats.peft_adapter.import_peft for an HF PEFT one.
+
+    A PEFT adapter carries no fingerprint of its base: it is checked against `base`'s shapes, and `params`
+    (the base's arrays) only fill a DoRA adapter's skipped layers. `expect` is checked on jlora adapters;
+    a caller that needs a PEFT one to match its own method compares the trees (as jlora.train.builders'
+    `start_from_adapter` does)."""
+    if is_peft_dir(directory):
+        return import_peft(directory, base, None if is_fingerprint(params) else params)
+    return load_adapter(directory, base=base, params=params, expect=expect)
+
+
+def adapter_content_sha256(directory: str | pathlib.Path) -> str:
+    """What identifies an adapter's contents: a jlora adapter's saved content hash, or a PEFT adapter's
+    config and weights files hashed together (a resume checks that its starting adapter is unchanged)."""
+    where = pathlib.Path(directory)
+    if not is_peft_dir(where):
+        return read_adapter_metadata(where).get("content_sha256") or ""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            digest.update((where / name).read_bytes())
+        except OSError as e:
+            raise AdapterError(f"{where / name}: cannot read ({one_line(e)})") from None
+    return digest.hexdigest()
 
 
 def _check_described(desc: dict, flat: dict, where: str) -> None:

@@ -19,18 +19,17 @@ import pathlib
 import shutil
 import sys
 
-from jlora.checkpoint.adapter import load_adapter
+from jlora.checkpoint.adapter import load_adapter, load_any_adapter
 from jlora.checkpoint.atomic_dir import replace_dir
 from jlora.cli.help_format import DefaultsHelpFormatter
 from jlora.cli.run import run_cli
 from jlora.errors import JloraError
 from jlora.formats.gguf_adapter import check_out_file, export_gguf_adapter
 from jlora.formats.model_aliases import hub_name
-from jlora.formats.peft_adapter import CONFIG_FILE, export_peft, import_peft
+from jlora.formats.peft_adapter import export_peft
 from jlora.formats.tokenizer import load_tokenizer, save_hf_files
 from jlora.formats.weights import read_pretrained, resolve_model_path, save_pretrained
-from jlora.models.config import ModelConfig
-from jlora.peft.lora import LoraConfig, merge_for_inference
+from jlora.peft.lora import merge_for_inference
 
 # What an HF model dir carries besides weights that a merged copy should keep.
 _TOKENIZER_FILES = (
@@ -43,13 +42,6 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-
-
-def load_any_adapter(path: str | pathlib.Path, cfg: ModelConfig, params=None) -> tuple[LoraConfig, dict]:
-    """A jlora adapter dir or an HF PEFT dir (it has adapter_config.json), checked against the base."""
-    if (pathlib.Path(path) / CONFIG_FILE).is_file():
-        return import_peft(path, cfg, params)
-    return load_adapter(path, base=cfg, params=params)
 
 
 class OutDirError(JloraError, ValueError):

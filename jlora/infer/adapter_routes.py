@@ -1,7 +1,7 @@
 """Adapters over HTTP: `POST /v1/adapters` loads one from a directory under the server's --adapter-dir (a
 jlora adapter or an HF PEFT one), replacing one of that name only when asked ("replace": true), and
 `DELETE /v1/adapters/{name}` unloads one; neither while requests use it (409). The stack change runs on the
-engine thread between decode steps. Also the loader the server starts with (`load_adapter_dir`).
+engine thread between decode steps; an adapter is read by jlora.checkpoint.adapter.load_any_adapter.
 """
 
 from __future__ import annotations
@@ -15,19 +15,11 @@ from flax import traverse_util
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 
-from jlora.checkpoint.adapter import load_adapter
-from jlora.formats.peft_adapter import import_peft
+from jlora.checkpoint.adapter import load_any_adapter
 from jlora.infer.engine import Engine
 from jlora.infer.lora_stack import AdapterStackError, name_ok
 from jlora.infer.openai_api import ApiError
 from jlora.peft.routing import LoraPair
-
-
-def load_adapter_dir(path: str | pathlib.Path, cfg, params) -> dict:
-    """A jlora adapter dir or an HF PEFT one (adapter_config.json) as a trainable tree for this base."""
-    if (pathlib.Path(path) / "adapter_config.json").is_file():
-        return import_peft(path, cfg, params)[1]
-    return load_adapter(path, base=cfg, params=params)[1]
 
 
 def max_rank_of(trainable: dict) -> int:
@@ -81,7 +73,7 @@ class AdapterRoutes:
             raise ApiError(404, f"no adapter directory {rel!r} under the adapter directory", param="path")
         self.check_replace(name, replace)
         try:
-            trainable = await asyncio.to_thread(load_adapter_dir, path, self.cfg, self.params)
+            trainable = (await asyncio.to_thread(load_any_adapter, path, self.cfg, self.params))[1]
         except (ValueError, FileNotFoundError) as e:
             raise ApiError(400, f"{rel}: {' '.join(str(e).split())}", param="path") from None
 

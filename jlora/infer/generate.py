@@ -17,7 +17,6 @@ generation never runs past it and new prompt lengths reuse the programs compiled
 from __future__ import annotations
 
 import functools
-import pathlib
 from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
@@ -26,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jlora.checkpoint.adapter import load_adapter
+from jlora.checkpoint.adapter import load_any_adapter
 from jlora.errors import JloraError
-from jlora.formats.peft_adapter import import_peft
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import resolve_model_path
 from jlora.formats.weights_on_device import load_pretrained
@@ -406,10 +404,7 @@ def load_for_generation(model_path: str, adapter: str | None = None, merge: bool
     cfg, params = load_pretrained(path)
     trainable = None
     if adapter:
-        if (pathlib.Path(adapter) / "adapter_config.json").is_file():
-            _, trainable = import_peft(adapter, cfg, params)
-        else:  # refuses an adapter made for other base weights
-            _, trainable = load_adapter(adapter, base=cfg, params=params)
+        _, trainable = load_any_adapter(adapter, cfg, params)  # a jlora one made for other base weights is refused
         if merge:
             tied = cfg.tie_word_embeddings
             params, trainable = merge_for_inference(params, trainable, tie_word_embeddings=tied), None

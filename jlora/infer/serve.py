@@ -27,11 +27,12 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from jlora.checkpoint.adapter import load_any_adapter
 from jlora.errors import JloraError
 from jlora.formats.tokenizer import load_tokenizer
 from jlora.formats.weights import resolve_model_path
 from jlora.formats.weights_on_device import load_pretrained
-from jlora.infer.adapter_routes import AdapterRoutes, load_adapter_dir, max_rank_of
+from jlora.infer.adapter_routes import AdapterRoutes, max_rank_of
 from jlora.infer.choices import Answer, Choice, choice_seeds, prompt_entries
 from jlora.infer.engine import Engine, Request
 from jlora.infer.generate import Generator, eos_list
@@ -393,7 +394,7 @@ def build_server(
     path = resolve_model_path(model)
     cfg, params = load_pretrained(path)
     tok = load_tokenizer(path)
-    loaded = {n: load_adapter_dir(d, cfg, params) for n, d in adapters}
+    loaded = {n: load_any_adapter(d, cfg, params)[1] for n, d in adapters}
     rank = max([max_rank, *(max_rank_of(t) for t in loaded.values())])
     stack = AdapterStack(cfg, max(max_adapters, len(loaded)), rank)
     for n, tree in loaded.items():

@@ -25,6 +25,7 @@ from jlora.models.family import family_of, presets
 from jlora.parallel.sharding import param_specs
 from jlora.peft.llama_adapter import AdapterConfig, check_attention
 from jlora.peft.lora import LoraConfig
+from jlora.peft.routing import LoraPair
 from jlora.train.config import ConfigError, RunConfig
 from jlora.train.examples import ByteTokenizer
 
@@ -186,19 +187,57 @@ def check_context(run: RunConfig, cfg: ModelConfig) -> ModelConfig:
 
 
 def start_from_adapter(path: str, trainable, base: ModelConfig, method, base_fingerprint) -> tuple[Any, Any]:
-    """(trainable, reference): the adapter saved in `path` (run.init_adapter) laid out as the fresh `trainable`
-    it replaces (same leaves, dtypes and shardings), and a second copy of it that training does not touch (the
-    preference reference: the model the run starts from). The adapter must be a jlora one for this base
-    (`base_fingerprint`, as the run's checkpoints are checked) with the run's `method` settings: rank,
-    targets and scale; else AdapterError, one line naming `path`."""
-    from jlora.checkpoint.adapter import AdapterError, load_adapter
+    """(trainable, reference): the adapter in `path` (run.init_adapter) laid out as the fresh `trainable` it
+    replaces (same leaves, dtypes and shardings), and a second copy of it that training does not touch (the
+    preference reference: the model the run starts from). A jlora adapter must be one for this base
+    (`base_fingerprint`, as the run's checkpoints are checked) with the run's `method` settings; an HF PEFT
+    one (adapter_config.json) must fit the base's shapes. Either must adapt what the run adapts, with its
+    ranks, scales and DoRA magnitudes (`layout_problem`); else AdapterError, one line naming `path`."""
+    from jlora.checkpoint.adapter import AdapterError, load_any_adapter
 
-    _, loaded = load_adapter(path, base=base, params=base_fingerprint, expect=method)
+    _, loaded = load_any_adapter(path, base, base_fingerprint, expect=method)
+    problem = layout_problem(trainable, loaded)
+    if problem:
+        raise AdapterError(f"{path}: {problem}")
     fresh, treedef = jax.tree.flatten(trainable)
     leaves = jax.tree.leaves(loaded)
-    shapes = [tuple(x.shape) for x in fresh], [tuple(x.shape) for x in leaves]
-    if shapes[0] != shapes[1]:
-        raise AdapterError(f"{path}: its arrays do not match this run's trainable tree ({len(leaves)} vs {len(fresh)})")
     placed = treedef.unflatten([jax.device_put(x.astype(f.dtype), f.sharding) for f, x in zip(fresh, leaves)])
     # computed copies: a device_put may hand the same buffer to both trees, and the step donates the trainable one
     return placed, jax.tree.map(jnp.copy, placed)
+
+
+def layout_problem(trainable, adapter) -> str | None:
+    """What keeps `adapter` from standing in for the fresh `trainable` tree, in a few words naming the first
+    param that differs (adapted or not, rank, scale, DoRA magnitude, shape), or None. Dropout and dtypes may
+    differ: they are the run's to choose."""
+    is_pair = lambda _, x: isinstance(x, LoraPair)
+    want, got = (traverse_util.flatten_dict(t, is_leaf=is_pair) for t in (trainable, adapter))
+    for key in sorted(want.keys() | got.keys()):
+        name, mine, theirs = "/".join(key), want.get(key), got.get(key)
+        if theirs is None:
+            return f"it does not adapt {name}, which this run adapts (lora.targets / layers)"
+        if mine is None:
+            return f"it adapts {name}, which this run does not (lora.targets / layers)"
+        if isinstance(mine, LoraPair) != isinstance(theirs, LoraPair):
+            return f"{name} is a LoRA pair in one of the adapter and this run, a trained array in the other"
+        if isinstance(mine, LoraPair):
+            if theirs.rank != mine.rank:
+                return f"{name} has rank {theirs.rank}, this run's is {mine.rank} (lora.rank / rank_pattern)"
+            if (theirs.magnitude is None) != (mine.magnitude is None):
+                return f"{name} {'has' if theirs.magnitude is not None else 'lacks'} a DoRA magnitude (lora.use_dora)"
+            if not np.allclose(theirs.scale_array(), mine.scale_array(), rtol=1e-6, atol=0):
+                return (
+                    f"{name} has scale {_scales(theirs)}, this run's is {_scales(mine)} "
+                    "(lora.alpha / alpha_pattern / use_rslora)"
+                )
+            if theirs.layout != mine.layout:
+                return f"{name} is laid out as {theirs.layout}, this run as {mine.layout}"
+        shapes = [tuple(x.shape) for x in jax.tree.leaves(theirs)], [tuple(x.shape) for x in jax.tree.leaves(mine)]
+        if shapes[0] != shapes[1]:
+            return f"{name} has shapes {shapes[0]}, this run's are {shapes[1]}"
+    return None
+
+
+def _scales(pair: LoraPair) -> str:
+    values = sorted({round(float(v), 6) for v in np.ravel(pair.scale_array())})
+    return f"{values[0]:g}" if len(values) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"

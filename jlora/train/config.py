@@ -245,8 +245,9 @@ class RunConfig(_Section):
     """A whole training run. tokenizer: a path, or None for the model's own (for model
     "tiny", None means jlora.train.examples.ByteTokenizer). method: LoRA (the `lora` section) or
     LLaMA-Adapter (the `adapter` section); the other method's section must stay unset. init_adapter: a
-    jlora adapter directory (another run's output, e.g. an SFT run's `adapter`) the trainable tree starts
-    from instead of its fresh init; it must have this run's method settings and base. A resumed run continues
+    jlora adapter directory (another run's output, e.g. an SFT run's `adapter`) or an HF PEFT one the trainable
+    tree starts from instead of its fresh init; it must adapt what this run adapts, with its ranks and scales,
+    for this base. A resumed run continues
     from its checkpoint instead. With objective dpo or ipo it is also the reference: the model the run starts
     from."""
 

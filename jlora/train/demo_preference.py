@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jlora.checkpoint.adapter import load_adapter
+from jlora.checkpoint.adapter import load_any_adapter
 from jlora.formats.model_aliases import hub_name
 from jlora.formats.peft_adapter import export_peft
 from jlora.peft.lora import count_params
@@ -133,7 +133,7 @@ def _run(run: RunConfig, *, eval_limit, show, say, command, stop) -> dict[str, A
     cfg, model, base = load_base_state(run, tok)
     start_adapter = None
     if run.init_adapter:  # placed as training places it, beside the base on the run's mesh
-        start_adapter = shard_trainable(load_adapter(run.init_adapter, base=cfg, params=base.frozen)[1], base.mesh)
+        start_adapter = shard_trainable(load_any_adapter(run.init_adapter, cfg, base.frozen)[1], base.mesh)
     before = {"model": start_name, "adapter": run.init_adapter}
     before["preference_accuracy"] = preference_accuracy(model, base.frozen, start_adapter, pairs)
     before["accuracy"], before_out = score(model, base.frozen, start_adapter, items, tok)

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jlora.checkpoint import metadata, train_state
-from jlora.checkpoint.adapter import barrier, read_adapter_metadata, save_adapter
+from jlora.checkpoint.adapter import adapter_content_sha256, barrier, save_adapter
 from jlora.checkpoint.fingerprint import fingerprint
 from jlora.checkpoint.run_dir import claim
 from jlora.models.family import build_model
@@ -234,7 +234,7 @@ def _train(run: RunConfig, *, resume: bool | None, quiet: bool, stop: StopSignal
         if run.reference_adapter:
             state.reference = reference  # the model the run starts from; a copy of the adapter only
             # a resume reloads it: what the checkpoint was trained against must still be what is on disk
-            reference_sha = read_adapter_metadata(run.init_adapter).get("content_sha256") or ""
+            reference_sha = adapter_content_sha256(run.init_adapter)
             meta["reference_adapter"] = {"path": run.init_adapter, "content_sha256": reference_sha}
         say(f"starting from the adapter in {run.init_adapter}" + (" (the reference)" if state.reference else ""))
     if objective.precomputed:  # before the restore: a cache of other data is refused first, in its own words
