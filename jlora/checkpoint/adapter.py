@@ -4,7 +4,7 @@ Its metadata (jlora.checkpoint.metadata) names the method, its config and the ba
 adapter made for another base or rank, one that is truncated (a content hash over the arrays), one whose
 metadata was edited or damaged (a checksum of each of its parts, and each pair's scales derived again from
 its config), and one holding NaN or inf. A `LoraPair` is stored as {a, b, magnitude}; its static scale and
-layout live in the metadata. No pickle.
+layout live in the metadata. No pickle. `load_any_adapter` reads either this or an HF PEFT adapter dir.
 """
 
 from __future__ import annotations
