@@ -123,6 +123,13 @@ def test_export_dora_layer_subset(base, tmp_path):
         np.asarray(logits(frozen, trainable2)), np.asarray(logits(frozen, trainable)), atol=1e-5, rtol=0
     )
 
+    # onto a QLoRA base: a skipped layer's magnitude is |W| of the kernel as it is used, dequantized
+    packed = jlora.quantize(frozen, "int8")
+    _, trainable3 = import_peft(tmp_path, cfg, packed)
+    q = trainable3["layers"]["self_attn"]["q_proj"]["kernel"]
+    used = np.asarray(jlora.dequantize(packed["layers"]["self_attn"]["q_proj"]["kernel"], jnp.float32))[0]
+    np.testing.assert_allclose(np.asarray(q.magnitude)[0], np.linalg.norm(used, axis=0), rtol=1e-6)
+
 
 def test_import_peft_made_adapter(base, tmp_path):
     path, cfg, params, logits = base

@@ -41,6 +41,7 @@ from jlora.models.family import family_of, param_shapes
 from jlora.peft.llama_adapter import AdapterConfig
 from jlora.peft.lora import LoraConfig
 from jlora.peft.routing import KernelLayout, LoraPair
+from jlora.quant.quantize import dense_value
 
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> LlamaForCausalLM
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -178,7 +179,8 @@ def import_peft(directory: str | pathlib.Path, cfg: ModelConfig, params=None) ->
     holding NaN or inf or a LoRA factor beyond jlora.formats.tensor_values.ADAPTER_VALUE_BOUND (a damaged file).
     Per-layer pairs are stacked on the layer axis; a module's layers share the largest rank (smaller
     ones are zero-padded, which changes nothing); layers the adapter lacks get zeros and scale 0.
-    DoRA adapters that skip layers need the base `params` (the skipped layers' magnitude is |W|).
+    DoRA adapters that skip layers need the base `params` (the skipped layers' magnitude is |W|, of the
+    dequantized kernel where the base is packed).
     The returned LoraConfig, given to `split`, builds a tree of the same shapes and scales. An
     ADAPTION_PROMPT adapter comes back as (AdapterConfig, LLaMA-Adapter tree) (jlora.formats.peft_adaption).
     """
@@ -297,6 +299,7 @@ def _assemble(
         mag, scales = np.zeros((len(idx), n_out), dt) if dora else None, np.zeros(len(idx), np.float32)
         if dora and path[-1] != "kernel":
             raise PeftError(f"{directory}: DoRA on {'.'.join(path[:-1])} (an embedding) is not supported by jlora")
+        base = None
         for j, i in enumerate(idx):
             if i in layers:
                 la, lb, lm, r, alpha = layers[i]
@@ -307,7 +310,9 @@ def _assemble(
                     f"the base params to fill that layer's magnitude (|W|)"
                 )
             elif dora:
-                lm = np.linalg.norm(np.asarray(traverse_util.flatten_dict(params)[path][i], np.float32), axis=0)
+                if base is None:  # the base kernel dense once (a QLoRA base's is packed), not per skipped layer
+                    base = np.asarray(dense_value(traverse_util.flatten_dict(params)[path], jnp.float32))
+                lm = np.linalg.norm(base[i], axis=0)
             if dora:
                 mag[j] = lm
         one = (lambda x: x) if stacked else (lambda x: x[0])
